@@ -1,0 +1,1 @@
+"""HTTP edge: ASGI apps for the client, federation and metrics listeners."""

@@ -1,0 +1,43 @@
+"""The client listener: health and readiness (client-server endpoints come with peeking).
+
+* ``GET /health`` — liveness: ``200 {"status": "ok"}`` while the process serves requests.
+* ``GET /ready`` — readiness: ``200`` when the database answers and the signing key is
+  loaded, else ``503 M_UNKNOWN``.
+* Anything else — ``404``/``405`` ``M_UNRECOGNIZED``.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from peekproxy.api.errors import MatrixError, exception_handlers
+from peekproxy.metrics import RequestMetrics
+from peekproxy.store import Store
+
+__all__ = ["client_app"]
+
+
+def client_app(*, store: Store) -> RequestMetrics:
+    """Build the client ASGI app over the daemon's store."""
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        try:
+            await store.read(lambda c: c.execute("SELECT 1").fetchone())
+        except Exception as e:
+            raise MatrixError(503, "M_UNKNOWN", f"database not ready: {e}") from None
+        return JSONResponse({"status": "ready"})
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
+        ],
+        exception_handlers=exception_handlers(),
+    )
+    return RequestMetrics(app, "client")

@@ -1,0 +1,145 @@
+"""Command line: ``peekproxy run | check-config | generate-config | generate-signing-key``.
+
+Exit codes: 0 success; 1 runtime failure (unusable database, key or listener);
+2 bad usage or an invalid config (one line per problem on stderr, each naming the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from peekproxy import __version__
+from peekproxy.config import ConfigError, load_config
+from peekproxy.identifiers import InvalidIdentifier, ServerName
+
+__all__ = ["main", "render_config"]
+
+log = logging.getLogger("peekproxy")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _default_config_path() -> str:
+    return os.environ.get("PEEKPROXY_CONFIG", "config.toml")
+
+
+def render_config(server_name: str) -> str:
+    """The commented example config for ``server_name`` (what ``generate-config`` writes)."""
+    template = resources.files("peekproxy").joinpath("data/config.toml").read_text("utf-8")
+    return template.replace("@SERVER_NAME@", server_name)
+
+
+def _print_problems(problems: Sequence[str]) -> None:
+    for problem in problems:
+        print(problem, file=sys.stderr)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.config)
+    except ConfigError as e:
+        _print_problems(e.problems)
+        return EXIT_USAGE
+    print(f"{args.config}: OK")
+    return EXIT_OK
+
+
+def _cmd_generate_config(args: argparse.Namespace) -> int:
+    try:
+        ServerName.parse(args.server_name)
+    except InvalidIdentifier as e:
+        print(f"--server-name: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    text = render_config(args.server_name)
+    if args.output is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        with open(args.output, "x", encoding="utf-8") as stream:
+            stream.write(text)
+    except FileExistsError:
+        print(f"{args.output} already exists; refusing to overwrite it", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as e:
+        print(f"cannot write {args.output}: {e.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"wrote {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_generate_signing_key(args: argparse.Namespace) -> int:
+    from peekproxy.federation.signing_key import SigningKeyError, key_id, write_new_signing_key
+
+    try:
+        signing_key = write_new_signing_key(Path(args.path))
+    except SigningKeyError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"wrote {key_id(signing_key)} to {args.path}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from peekproxy.daemon import DaemonError, run_daemon
+    from peekproxy.federation.signing_key import SigningKeyError
+    from peekproxy.logs import setup_logging
+    from peekproxy.store import StoreError
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        _print_problems(e.problems)
+        return EXIT_USAGE
+    setup_logging(config.logging.level, config.logging.format, access_log=config.logging.access_log)
+    failure: str | None = None
+    try:
+        trio.run(run_daemon, config)
+    except* (SigningKeyError, StoreError, DaemonError) as group:
+        failure = "; ".join(str(e) for e in group.exceptions)
+    if failure:
+        log.error("cannot start: %s", failure)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peekproxy",
+        description="Room peeking for Matrix homeservers (MSC2753 over MSC2444).",
+    )
+    parser.add_argument("--version", action="version", version=f"peekproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config_help = "config file (default: $PEEKPROXY_CONFIG or ./config.toml)"
+    run = commands.add_parser("run", help="run the daemon")
+    run.add_argument("-c", "--config", default=_default_config_path(), help=config_help)
+    run.set_defaults(func=_cmd_run)
+
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("-c", "--config", default=_default_config_path(), help=config_help)
+    check.set_defaults(func=_cmd_check_config)
+
+    gen = commands.add_parser("generate-config", help="write a complete, commented config")
+    gen.add_argument("--server-name", required=True, help="peekproxy's own server name")
+    gen.add_argument("-o", "--output", help="file to create (default: standard output)")
+    gen.set_defaults(func=_cmd_generate_config)
+
+    key = commands.add_parser("generate-signing-key", help="create an ed25519 signing key file")
+    key.add_argument("path", help="file to create (mode 0600; never overwritten)")
+    key.set_defaults(func=_cmd_generate_signing_key)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``peekproxy`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code

@@ -1,0 +1,377 @@
+"""Configuration: a TOML file validated by a strict schema, with environment overrides.
+
+* The file is read with :mod:`tomllib` and never rewritten.
+* Unknown keys are errors; every problem is reported as ``<dotted.key>: <message>``.
+* ``PEEKPROXY_<SECTION>__<KEY>=value`` (more ``__`` for deeper tables) overrides a key.
+  The value is read as a TOML value when it parses as one (``8448``, ``true``,
+  ``["a", "b"]``) and as a plain string otherwise.
+* Relative paths are resolved against the directory of the config file.
+* Durations are a number of seconds or a string with a unit: ``"500ms"``, ``"30s"``,
+  ``"10m"``, ``"2h"``, ``"1d"``. In the parsed config they are ``float`` seconds.
+* Secrets are never in the file itself: they are read from ``*_file`` keys.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from peekproxy.identifiers import InvalidIdentifier, ServerName
+
+__all__ = [
+    "DEFAULT_IP_RANGE_BLACKLIST",
+    "ENV_PREFIX",
+    "Config",
+    "ConfigError",
+    "load_config",
+    "parse_duration",
+]
+
+ENV_PREFIX = "PEEKPROXY_"
+
+#: Ranges refused for outbound federation by default: the private, loopback,
+#: link-local, CGNAT, multicast and documentation ranges Synapse blocks.
+DEFAULT_IP_RANGE_BLACKLIST: tuple[str, ...] = (
+    "0.0.0.0/8",
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "192.0.0.0/24",
+    "169.254.0.0/16",
+    "192.88.99.0/24",
+    "198.18.0.0/15",
+    "192.0.2.0/24",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "::1/128",
+    "fe80::/10",
+    "fc00::/7",
+    "2001:db8::/32",
+    "ff00::/8",
+    "fec0::/10",
+)
+
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class ConfigError(Exception):
+    """The configuration is unusable. ``problems`` holds one line per problem,
+    each starting with the dotted key (or the file) it concerns."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def parse_duration(value: object) -> float:
+    """Parse a duration into seconds.
+
+    Accepts a non-negative number (seconds) or a string ``<number><unit>`` with unit
+    ``ms``, ``s``, ``m``, ``h`` or ``d`` (no unit means seconds).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30, \"30s\", \"10m\" or \"500ms\"")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError("expected a duration such as 30, \"30s\", \"10m\" or \"500ms\"")
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    path = value.expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path
+
+
+def _existing_file(value: Path, info: ValidationInfo) -> Path:
+    if (info.context or {}).get("check_files", True) and not value.is_file():
+        raise ValueError(f"file not found: {value}")
+    return value
+
+
+def _server_name(value: str) -> str:
+    try:
+        ServerName.parse(value)
+    except InvalidIdentifier as e:
+        raise ValueError(str(e)) from e
+    return value
+
+
+def _bind(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise ValueError(f"expected HOST:PORT, e.g. 127.0.0.1:8008 or [::1]:8008, got {value!r}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"unterminated IPv6 literal in {value!r}")
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError as e:
+            raise ValueError(f"bad IPv6 address in {value!r}") from e
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+ExistingFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_existing_file)]
+Bind = Annotated[str, AfterValidator(_bind)]
+IPNetwork = Annotated[
+    ipaddress.IPv4Network | ipaddress.IPv6Network,
+    BeforeValidator(lambda v: ipaddress.ip_network(v, strict=False) if isinstance(v, str) else v),
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OldVerifyKey(_Section):
+    """A retired public key still published in ``old_verify_keys``."""
+
+    key: str = Field(description="unpadded base64 ed25519 public key")
+    expired_ts: int = Field(ge=0, description="ms since the epoch when the key was retired")
+
+
+class ServerSection(_Section):
+    server_name: Annotated[str, AfterValidator(_server_name)]
+    signing_key_file: ExistingFile
+    data_dir: ConfigPath = Path("data")
+    key_valid_for: Duration = Field(default=86400.0, gt=3600.0)
+    old_verify_keys: dict[str, OldVerifyKey] = Field(default_factory=dict)
+    shutdown_grace: Duration = Field(default=3.0, le=60.0)
+
+    @field_validator("old_verify_keys")
+    @classmethod
+    def _key_ids(cls, value: dict[str, OldVerifyKey]) -> dict[str, OldVerifyKey]:
+        for key_id in value:
+            if not re.fullmatch(r"ed25519:[a-zA-Z0-9_]+", key_id):
+                raise ValueError(f"key ID {key_id!r} is not of the form ed25519:<version>")
+        return value
+
+
+class ClientListener(_Section):
+    bind: Bind = "127.0.0.1:8008"
+
+
+class FederationListener(_Section):
+    bind: Bind = "127.0.0.1:8448"
+    tls_certificate_file: ExistingFile | None = None
+    tls_private_key_file: ExistingFile | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> FederationListener:
+        if (self.tls_certificate_file is None) != (self.tls_private_key_file is None):
+            raise ValueError(
+                "tls_certificate_file and tls_private_key_file must be set together"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_certificate_file is not None
+
+
+class MetricsListener(_Section):
+    enabled: bool = True
+    bind: Bind = "127.0.0.1:9108"
+
+
+class ListenersSection(_Section):
+    client: ClientListener = ClientListener()
+    federation: FederationListener = FederationListener()
+    metrics: MetricsListener = MetricsListener()
+
+
+class StoreSection(_Section):
+    sqlite_path: ConfigPath | None = None
+    postgres: dict[str, Any] | None = None
+
+    @field_validator("postgres")
+    @classmethod
+    def _no_postgres(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            raise ValueError("PostgreSQL storage is reserved for a later release; remove it")
+        return value
+
+
+class FederationSection(_Section):
+    ip_range_blacklist: list[IPNetwork] = Field(
+        default_factory=lambda: [ipaddress.ip_network(n) for n in DEFAULT_IP_RANGE_BLACKLIST]
+    )
+    ip_range_whitelist: list[IPNetwork] = Field(default_factory=list)
+    dns_nameservers: list[Bind] = Field(default_factory=list)
+    default_port: int = Field(default=8448, ge=1, le=65535)
+    connect_timeout: Duration = Field(default=10.0, gt=0)
+    request_timeout: Duration = Field(default=60.0, gt=0)
+    verify_tls: bool = True
+    tls_ca_file: ExistingFile | None = None
+
+
+class PeeksSection(_Section):
+    idle_timeout: Duration = Field(default=600.0, gt=0)
+    linger: Duration = Field(default=60.0, ge=0)
+    renewal_interval_max: Duration = Field(default=1800.0, ge=1.0)
+    max_peeks_per_device: int = Field(default=100, ge=1)
+    max_remote_peeks: int = Field(default=10000, ge=1)
+    rate_limit_per_second: float = Field(default=1.0, gt=0)
+    rate_limit_burst: int = Field(default=10, ge=1)
+    sync_section: Literal["peek", "peeking"] = "peek"
+
+
+class UpstreamSection(_Section):
+    homeserver_url: str | None = None
+
+    @field_validator("homeserver_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value
+
+
+class DelegationSection(_Section):
+    shared_secret_file: ExistingFile | None = None
+
+
+class LoggingSection(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+    access_log: bool = True
+
+
+class Config(_Section):
+    """The whole validated configuration (one attribute per TOML section)."""
+
+    server: ServerSection
+    listeners: ListenersSection = ListenersSection()
+    store: StoreSection = StoreSection()
+    federation: FederationSection = FederationSection()
+    peeks: PeeksSection = PeeksSection()
+    upstream: UpstreamSection = UpstreamSection()
+    delegation: DelegationSection = DelegationSection()
+    logging: LoggingSection = LoggingSection()
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite database file (``store.sqlite_path``, else ``<data_dir>/peekproxy.db``)."""
+        return self.store.sqlite_path or self.server.data_dir / "peekproxy.db"
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, Any]]:
+    overrides: dict[tuple[str, ...], tuple[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = tuple(p.lower() for p in name[len(ENV_PREFIX) :].split("__"))
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        overrides[parts] = (name, value)
+    return overrides
+
+
+def _apply(data: dict[str, Any], parts: tuple[str, ...], value: Any) -> str | None:
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            return ".".join(parts[: i + 1]) + " is not a table"
+        node = child
+    node[parts[-1]] = value
+    return None
+
+
+def _describe(error: Mapping[str, Any], env_names: Mapping[tuple[str, ...], str]) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    key = ".".join(loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "missing":
+        message = "required key is missing"
+    else:
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if kind not in ("value_error", "assertion_error") and "input" in error:
+            shown = repr(error["input"])
+            message += f" (got {shown[:60]})"
+    source = env_names.get(loc)
+    return f"{key}: {message}" + (f" (from {source})" if source else "")
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    check_files: bool = True,
+) -> Config:
+    """Read, override and validate the config file at ``path``.
+
+    Args:
+        path: the TOML file.
+        environ: where ``PEEKPROXY_*`` overrides come from (default ``os.environ``).
+        check_files: also require that every configured file exists.
+
+    Raises:
+        ConfigError: with one line per problem, each naming the key.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: config file not found"]) from None
+    except OSError as e:
+        raise ConfigError([f"{file}: cannot read config file: {e.strerror}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{file}: invalid TOML: {e}"]) from None
+
+    env_names: dict[tuple[str, ...], str] = {}
+    problems: list[str] = []
+    for parts, (name, value) in _env_overrides(os.environ if environ is None else environ).items():
+        trouble = _apply(data, parts, value)
+        if trouble:
+            problems.append(f"{'.'.join(parts)}: {trouble} (from {name})")
+        env_names[parts] = name
+    try:
+        config = Config.model_validate(
+            data, context={"base_dir": file.resolve().parent, "check_files": check_files}
+        )
+    except ValidationError as e:
+        problems.extend(_describe(err, env_names) for err in e.errors())
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config

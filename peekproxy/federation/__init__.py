@@ -1,0 +1,1 @@
+"""Federation: signing keys, key documents, discovery, X-Matrix, PDU checks."""

@@ -1,0 +1,49 @@
+"""Prometheus metrics (``peekproxy_`` prefix), served on the metrics listener."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Histogram, make_asgi_app
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["HTTP_REQUESTS", "HTTP_REQUEST_SECONDS", "RequestMetrics", "metrics_app"]
+
+HTTP_REQUESTS = Counter(
+    "peekproxy_http_requests",
+    "HTTP requests answered, by listener, method and status code",
+    ["listener", "method", "code"],
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    "peekproxy_http_request_duration_seconds",
+    "Time from request start to response start, by listener",
+    ["listener"],
+)
+
+
+class RequestMetrics:
+    """Pure ASGI middleware that counts requests and times them (no path labels)."""
+
+    def __init__(self, app: ASGIApp, listener: str) -> None:
+        self.app = app
+        self.listener = listener
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+
+        async def send_and_count(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                HTTP_REQUESTS.labels(self.listener, scope["method"], str(message["status"])).inc()
+                HTTP_REQUEST_SECONDS.labels(self.listener).observe(time.perf_counter() - start)
+            await send(message)
+
+        await self.app(scope, receive, send_and_count)
+
+
+def metrics_app() -> ASGIApp:
+    """The ASGI app for ``GET /metrics`` (Prometheus text format)."""
+    app: ASGIApp = make_asgi_app()
+    return app

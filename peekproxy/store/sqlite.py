@@ -1,0 +1,140 @@
+"""SQLite storage shell: stdlib :mod:`sqlite3` run in worker threads via :mod:`trio.to_thread`.
+
+* One writer connection behind a ``CapacityLimiter(1)``; each :meth:`Store.write` call is one
+  ``BEGIN IMMEDIATE`` ... ``COMMIT`` transaction, so whatever it returns has been stored.
+* One reader connection (WAL lets it read while the writer writes).
+* ``journal_mode=WAL``, ``synchronous=FULL``: a committed write survives a crash of the process
+  and of the machine.
+* Schema migrations run on open; a database from a newer peekproxy is refused, and so is a
+  database created for another server name.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from peekproxy.store.migrations import apply_migrations, available_migrations, schema_version
+
+__all__ = ["Store", "StoreError", "StoreVersionError"]
+
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The database cannot be used."""
+
+
+class StoreVersionError(StoreError):
+    """The database was written by a newer peekproxy (its schema version is too high)."""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def _open_sync(path: Path, server_name: str) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        writer = _connect(path)
+        mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"cannot open database {path}: {e}") from None
+    try:
+        if str(mode).lower() != "wal":
+            raise StoreError(f"cannot switch database {path} to WAL mode (got {mode})")
+        writer.execute("PRAGMA synchronous = FULL")
+        migrations = available_migrations()
+        newest = migrations[-1].version
+        current = schema_version(writer)
+        if current > newest:
+            raise StoreVersionError(
+                f"database {path} has schema version {current}, but this peekproxy only knows "
+                f"versions up to {newest}: it was written by a newer peekproxy. Run that newer "
+                "version, or restore a backup made before the upgrade."
+            )
+        apply_migrations(writer, migrations)
+        row = writer.execute("SELECT value FROM server_info WHERE key = 'server_name'").fetchone()
+        if row is None:
+            writer.execute("BEGIN IMMEDIATE")
+            writer.executemany(
+                "INSERT INTO server_info (key, value) VALUES (?, ?)",
+                [("server_name", server_name), ("created_ts", str(int(time.time() * 1000)))],
+            )
+            writer.execute("COMMIT")
+        elif row[0] != server_name:
+            raise StoreError(
+                f"database {path} belongs to server name {row[0]!r}, but the config says "
+                f"{server_name!r}; a server name cannot change (use a new data_dir)"
+            )
+    except BaseException:
+        writer.close()
+        raise
+    reader = _connect(path)
+    reader.execute("PRAGMA query_only = ON")
+    return writer, reader
+
+
+class Store:
+    """The daemon's database. Open with :meth:`open`; close with :meth:`aclose`."""
+
+    def __init__(self, path: Path, writer: sqlite3.Connection, reader: sqlite3.Connection):
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._write_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(cls, path: Path, server_name: str) -> Store:
+        """Open (creating and migrating as needed) the database at ``path``.
+
+        Raises:
+            StoreVersionError: the database is newer than this peekproxy.
+            StoreError: unusable file, or a database created for another server name.
+        """
+        writer, reader = await trio.to_thread.run_sync(_open_sync, path, server_name)
+        return cls(path, writer, reader)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` in one write transaction and return its result once committed.
+
+        Not abandoned on cancellation: a write that started is finished or rolled back.
+        """
+
+        def run() -> T:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self._writer)
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
+            return result
+
+        return await trio.to_thread.run_sync(run, limiter=self._write_limiter)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on the read-only connection and return its result."""
+        return await trio.to_thread.run_sync(fn, self._reader, limiter=self._read_limiter)
+
+    async def server_info(self) -> dict[str, str]:
+        """The ``server_info`` facts (``server_name``, ``created_ts`` in ms)."""
+        rows = await self.read(lambda c: c.execute("SELECT key, value FROM server_info").fetchall())
+        return {str(k): str(v) for k, v in rows}
+
+    async def aclose(self) -> None:
+        async with self._write_limiter, self._read_limiter:
+            await trio.to_thread.run_sync(self._close_sync)
+
+    def _close_sync(self) -> None:
+        self._reader.close()
+        self._writer.close()
