@@ -103,11 +103,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         trio.run(run_daemon, config)
     except* (SigningKeyError, StoreError, DaemonError) as group:
-        failure = "; ".join(str(e) for e in group.exceptions)
+        failure = "; ".join(str(e) for e in _leaves(group))
     if failure:
         log.error("cannot start: %s", failure)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 def build_parser() -> argparse.ArgumentParser:

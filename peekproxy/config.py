@@ -94,7 +94,7 @@ def parse_duration(value: object) -> float:
         ValueError: anything else.
     """
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30, \"30s\", \"10m\" or \"500ms\"")
+        raise ValueError('expected a duration such as 30, "30s", "10m" or "500ms"')
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
@@ -103,7 +103,7 @@ def parse_duration(value: object) -> float:
         match = _DURATION.match(value)
         if match:
             return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    raise ValueError("expected a duration such as 30, \"30s\", \"10m\" or \"500ms\"")
+    raise ValueError('expected a duration such as 30, "30s", "10m" or "500ms"')
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
@@ -153,7 +153,7 @@ IPNetwork = Annotated[
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class OldVerifyKey(_Section):
@@ -192,9 +192,7 @@ class FederationListener(_Section):
     @model_validator(mode="after")
     def _both_or_neither(self) -> FederationListener:
         if (self.tls_certificate_file is None) != (self.tls_private_key_file is None):
-            raise ValueError(
-                "tls_certificate_file and tls_private_key_file must be set together"
-            )
+            raise ValueError("tls_certificate_file and tls_private_key_file must be set together")
         return self
 
     @property
@@ -326,7 +324,9 @@ def _describe(error: Mapping[str, Any], env_names: Mapping[tuple[str, ...], str]
         if kind not in ("value_error", "assertion_error") and "input" in error:
             shown = repr(error["input"])
             message += f" (got {shown[:60]})"
-    source = env_names.get(loc)
+    source = env_names.get(loc) or next(
+        (name for parts, name in env_names.items() if parts[: len(loc)] == loc), None
+    )
     return f"{key}: {message}" + (f" (from {source})" if source else "")
 
 

@@ -14,6 +14,7 @@ import signal
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -98,9 +99,10 @@ async def _start_listener(
     config: HypercornConfig,
     shutdown: trio.Event,
 ) -> str:
+    framework: Any = app  # hypercorn's own ASGI type aliases are narrower than Starlette's
     try:
         binds: list[str] = await nursery.start(
-            partial(serve, app, config, shutdown_trigger=shutdown.wait)
+            partial(serve, framework, config, shutdown_trigger=shutdown.wait)
         )
     except* OSError as group:
         first = group.exceptions[0]
@@ -136,7 +138,8 @@ async def run_daemon(
         StoreError: the database cannot be used (StoreVersionError: it is too new).
         DaemonError: a listener cannot bind (inside an ExceptionGroup).
     """
-    shutdown = shutdown or trio.Event()
+    if shutdown is None:
+        shutdown = trio.Event()
     server = config.server
     signing_key = load_signing_key(server.signing_key_file)
     store = await Store.open(config.sqlite_path, server.server_name)

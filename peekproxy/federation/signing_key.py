@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nacl.signing import SigningKey
 from signedjson.key import (
     encode_verify_key_base64,
     generate_signing_key,
@@ -23,6 +22,7 @@ from signedjson.key import (
     write_signing_keys,
 )
 from signedjson.sign import sign_json
+from signedjson.types import SigningKey
 
 __all__ = [
     "SigningKeyError",
