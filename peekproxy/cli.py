@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from peekproxy import __version__
-from peekproxy.config import ConfigError, load_config
+from peekproxy.config import Config, ConfigError, load_config
 from peekproxy.identifiers import InvalidIdentifier, ServerName
 
 __all__ = ["main", "render_config"]
@@ -40,11 +40,55 @@ def _print_problems(problems: Sequence[str]) -> None:
         print(problem, file=sys.stderr)
 
 
-def _cmd_check_config(args: argparse.Namespace) -> int:
+def preflight(config: Config) -> list[str]:
+    """Problems that only show when the config is used: an unreadable signing key, a data
+    directory that cannot be one, two listeners on one address. One line per problem."""
+    from peekproxy.federation.signing_key import SigningKeyError, load_signing_key
+
+    problems = []
     try:
-        load_config(args.config)
+        load_signing_key(config.server.signing_key_file)
+    except SigningKeyError as e:
+        problems.append(f"server.signing_key_file: {e}")
+    data_dir = config.sqlite_path.parent
+    key = "store.sqlite_path" if config.store.sqlite_path else "server.data_dir"
+    existing = next((p for p in (data_dir, *data_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        problems.append(f"{key}: {existing} is not a directory")
+    elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        problems.append(f"{key}: {existing} is not writable")
+    binds: dict[str, str] = {}
+    listeners = config.listeners
+    for name, bind, enabled in (
+        ("client", listeners.client.bind, True),
+        ("federation", listeners.federation.bind, True),
+        ("metrics", listeners.metrics.bind, listeners.metrics.enabled),
+    ):
+        if not enabled or bind.endswith(":0"):
+            continue
+        if bind in binds:
+            problems.append(
+                f"listeners.{name}.bind: {bind} is already used by listeners.{binds[bind]}.bind"
+            )
+        binds[bind] = name
+    return problems
+
+
+def _load_checked(path: str) -> Config | None:
+    try:
+        config = load_config(path)
     except ConfigError as e:
         _print_problems(e.problems)
+        return None
+    problems = preflight(config)
+    if problems:
+        _print_problems(problems)
+        return None
+    return config
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    if _load_checked(args.config) is None:
         return EXIT_USAGE
     print(f"{args.config}: OK")
     return EXIT_OK
@@ -93,10 +137,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from peekproxy.logs import setup_logging
     from peekproxy.store import StoreError
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        _print_problems(e.problems)
+    config = _load_checked(args.config)
+    if config is None:
         return EXIT_USAGE
     setup_logging(config.logging.level, config.logging.format, access_log=config.logging.access_log)
     failure: str | None = None

@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -71,6 +73,7 @@ DEFAULT_IP_RANGE_BLACKLIST: tuple[str, ...] = (
     "fec0::/10",
 )
 
+MAX_DURATION_S = 10 * 365 * 86400.0
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -93,17 +96,23 @@ def parse_duration(value: object) -> float:
     Raises:
         ValueError: anything else.
     """
+    message = 'expected a duration such as 30, "30s", "10m" or "500ms"'
+    seconds: float | None = None
     if isinstance(value, bool):
-        raise ValueError('expected a duration such as 30, "30s", "10m" or "500ms"')
+        raise ValueError(message)
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    raise ValueError('expected a duration such as 30, "30s", "10m" or "500ms"')
+            seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds is None or not math.isfinite(seconds):
+        raise ValueError(message)
+    if seconds > MAX_DURATION_S:
+        raise ValueError("a duration cannot exceed 10 years")
+    return seconds
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
@@ -143,8 +152,10 @@ def _bind(value: str) -> str:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
-ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
-ExistingFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_existing_file)]
+ConfigPath = Annotated[Path, Field(strict=False), AfterValidator(_resolve_path)]
+ExistingFile = Annotated[
+    Path, Field(strict=False), AfterValidator(_resolve_path), AfterValidator(_existing_file)
+]
 Bind = Annotated[str, AfterValidator(_bind)]
 IPNetwork = Annotated[
     ipaddress.IPv4Network | ipaddress.IPv6Network,
@@ -153,7 +164,7 @@ IPNetwork = Annotated[
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
 
 class OldVerifyKey(_Section):
@@ -162,12 +173,25 @@ class OldVerifyKey(_Section):
     key: str = Field(description="unpadded base64 ed25519 public key")
     expired_ts: int = Field(ge=0, description="ms since the epoch when the key was retired")
 
+    @field_validator("key")
+    @classmethod
+    def _ed25519(cls, value: str) -> str:
+        from unpaddedbase64 import decode_base64
+
+        try:
+            raw = decode_base64(value)
+        except Exception:
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError("expected the unpadded base64 of a 32-byte ed25519 public key")
+        return value
+
 
 class ServerSection(_Section):
     server_name: Annotated[str, AfterValidator(_server_name)]
     signing_key_file: ExistingFile
     data_dir: ConfigPath = Path("data")
-    key_valid_for: Duration = Field(default=86400.0, gt=3600.0)
+    key_valid_for: Duration = Field(default=86400.0, gt=3600.0, le=30 * 86400.0)
     old_verify_keys: dict[str, OldVerifyKey] = Field(default_factory=dict)
     shutdown_grace: Duration = Field(default=3.0, le=60.0)
 
@@ -190,9 +214,19 @@ class FederationListener(_Section):
     tls_private_key_file: ExistingFile | None = None
 
     @model_validator(mode="after")
-    def _both_or_neither(self) -> FederationListener:
+    def _both_or_neither(self, info: ValidationInfo) -> FederationListener:
         if (self.tls_certificate_file is None) != (self.tls_private_key_file is None):
             raise ValueError("tls_certificate_file and tls_private_key_file must be set together")
+        checking = (info.context or {}).get("check_files", True)
+        if checking and self.tls_certificate_file and self.tls_private_key_file:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                context.load_cert_chain(self.tls_certificate_file, self.tls_private_key_file)
+            except (ssl.SSLError, OSError) as e:
+                raise ValueError(
+                    "cannot use tls_certificate_file/tls_private_key_file: "
+                    f"{getattr(e, 'reason', None) or e}"
+                ) from None
         return self
 
     @property
@@ -223,6 +257,16 @@ class StoreSection(_Section):
         return value
 
 
+class TrustedKeyServer(_Section):
+    """A notary asked for other servers' keys when they cannot be fetched directly."""
+
+    server_name: Annotated[str, AfterValidator(_server_name)]
+    verify_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="key ID -> unpadded base64 public key; empty: fetch from the notary itself",
+    )
+
+
 class FederationSection(_Section):
     ip_range_blacklist: list[IPNetwork] = Field(
         default_factory=lambda: [ipaddress.ip_network(n) for n in DEFAULT_IP_RANGE_BLACKLIST]
@@ -234,6 +278,10 @@ class FederationSection(_Section):
     request_timeout: Duration = Field(default=60.0, gt=0)
     verify_tls: bool = True
     tls_ca_file: ExistingFile | None = None
+    max_response_size: int = Field(default=64 * 1024 * 1024, ge=65536)
+    backoff_initial: Duration = Field(default=2.0, gt=0)
+    backoff_max: Duration = Field(default=600.0, gt=0)
+    trusted_key_servers: list[TrustedKeyServer] = Field(default_factory=list)
 
 
 class PeeksSection(_Section):
@@ -292,6 +340,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[st
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         parts = tuple(p.lower() for p in name[len(ENV_PREFIX) :].split("__"))
+        if not all(parts):
+            parts = (f"({name})",)
         try:
             value: Any = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
@@ -325,7 +375,12 @@ def _describe(error: Mapping[str, Any], env_names: Mapping[tuple[str, ...], str]
             shown = repr(error["input"])
             message += f" (got {shown[:60]})"
     source = env_names.get(loc) or next(
-        (name for parts, name in env_names.items() if parts[: len(loc)] == loc), None
+        (
+            name
+            for parts, name in env_names.items()
+            if parts[: len(loc)] == loc or loc[: len(parts)] == parts
+        ),
+        None,
     )
     return f"{key}: {message}" + (f" (from {source})" if source else "")
 
@@ -351,6 +406,8 @@ def load_config(
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{file}: config file not found"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{file}: not UTF-8 text (byte {e.start})"]) from None
     except OSError as e:
         raise ConfigError([f"{file}: cannot read config file: {e.strerror}"]) from None
     try:

@@ -26,6 +26,8 @@ from peekproxy.api.client import client_app
 from peekproxy.api.errors import matrix_error_response
 from peekproxy.api.federation import federation_app
 from peekproxy.config import Config
+from peekproxy.federation.client import FederationClient
+from peekproxy.federation.keyring import Keyring, TrustedNotary
 from peekproxy.federation.signing_key import key_id, load_signing_key
 from peekproxy.logs import ACCESS_LOG_FORMAT
 from peekproxy.metrics import metrics_app
@@ -65,7 +67,11 @@ class _MetricsOnly:
                 if kind == "shutdown":
                     return
         if scope["type"] == "http" and scope["path"] == "/metrics":
-            await self._metrics(scope, receive, send)
+            if scope["method"] in ("GET", "HEAD"):
+                await self._metrics(scope, receive, send)
+                return
+            response = matrix_error_response(405, "M_UNRECOGNIZED", "Unrecognized request")
+            await response(scope, receive, send)
             return
         response = matrix_error_response(404, "M_UNRECOGNIZED", "Unrecognized request")
         await response(scope, receive, send)
@@ -105,10 +111,16 @@ async def _start_listener(
             partial(serve, framework, config, shutdown_trigger=shutdown.wait)
         )
     except* OSError as group:
-        first = group.exceptions[0]
+        first = _leaves(group)[0]
         reason = first.strerror if isinstance(first, OSError) and first.strerror else str(first)
         raise DaemonError(f"{key}: cannot listen on {config.bind[0]}: {reason}") from None
     return binds[0]
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 async def _watch_signals(shutdown: trio.Event, cancel_scope: trio.CancelScope) -> None:
@@ -143,6 +155,19 @@ async def run_daemon(
     server = config.server
     signing_key = load_signing_key(server.signing_key_file)
     store = await Store.open(config.sqlite_path, server.server_name)
+    federation = FederationClient.from_config(
+        config.federation, server_name=server.server_name, signing_key=signing_key
+    )
+    keyring = Keyring(
+        federation,
+        store,
+        [
+            TrustedNotary(n.server_name, n.verify_keys)
+            for n in config.federation.trusted_key_servers
+        ],
+    )
+    await keyring.load()
+    started = False
     grace = server.shutdown_grace
     access_log = config.logging.access_log
     listeners = config.listeners
@@ -162,6 +187,7 @@ async def run_daemon(
                             kid: (old.key, old.expired_ts)
                             for kid, old in server.old_verify_keys.items()
                         },
+                        keyring=keyring,
                     ),
                     _hypercorn_config(
                         listeners.federation.bind,
@@ -198,14 +224,17 @@ async def run_daemon(
                     client_url,
                     federation_url,
                     federation_url,
-                    metrics_url and f"{metrics_url}/metrics",
+                    f"{metrics_url}/metrics" if metrics_url else "disabled",
                 )
                 sd_notify("READY=1")
+                started = True
                 task_status.started(listening)
                 await shutdown.wait()
                 sd_notify("STOPPING=1")
             outer.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
+            await federation.aclose()
             await store.aclose()
-        log.info("peekproxy stopped")
+        if started:
+            log.info("peekproxy stopped")

@@ -19,9 +19,10 @@ from signedjson.sign import verify_signed_json
 from unpaddedbase64 import decode_base64
 
 from peekproxy.config import ConfigError, load_config
-from peekproxy.daemon import Listening, run_daemon
-from peekproxy.federation.signing_key import write_new_signing_key
+from peekproxy.daemon import DaemonError, Listening, _leaves, run_daemon
+from peekproxy.federation.signing_key import SigningKeyError, write_new_signing_key
 from peekproxy.logs import setup_logging
+from peekproxy.store import StoreError
 
 
 async def _demo(config_path: str, once: bool) -> int:
@@ -64,11 +65,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(e.problems), file=sys.stderr)
         return 2
     key_file = config.server.signing_key_file
-    if not key_file.exists():
-        write_new_signing_key(key_file)
-        print(f"created signing key {key_file}")
-    setup_logging("WARNING")
-    return trio.run(_demo, args.config, args.once)
+    failed = False
+    try:
+        if not key_file.exists():
+            write_new_signing_key(key_file)
+            print(f"created signing key {key_file}")
+        setup_logging("WARNING")
+        trio.run(_demo, args.config, args.once)
+    except* (ConfigError, SigningKeyError, StoreError, DaemonError, OSError) as group:
+        for error in _leaves(group):
+            lines = error.problems if isinstance(error, ConfigError) else [str(error)]
+            print("\n".join(f"demo: {line}" for line in lines), file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Literal
 __all__ = ["ACCESS_LOG_FORMAT", "JsonFormatter", "setup_logging"]
 
 #: hypercorn access-log atoms: client, "METHOD PATH PROTO" (no query), status, bytes, seconds.
-ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss'
+ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s HTTP/%(H)s" %(s)s %(b)s %(L)ss'
 
 
 class JsonFormatter(logging.Formatter):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -25,14 +28,23 @@ def write_config(
     *,
     server_name: str = "localhost:8448",
     extra: dict[str, str] | None = None,
+    binds: dict[str, str] | None = None,
 ) -> Path:
-    """Write the generated example config, bound to ephemeral loopback ports.
+    """Write the generated example config, bound to ephemeral loopback ports
+    (``binds`` maps a listener name to another bind address).
 
     ``extra`` maps a TOML ``[section]`` header (e.g. ``"listeners.federation"``) to lines
     appended to that section.
     """
     text = render_config(server_name)
     text = re.sub(r'^bind = "127\.0\.0\.1:\d+"$', 'bind = "127.0.0.1:0"', text, flags=re.M)
+    for listener, bind in (binds or {}).items():
+        text, count = re.subn(
+            rf'(\[listeners\.{listener}\]\n(?:#.*\n|enabled.*\n)*)bind = "[^"]*"',
+            rf'\g<1>bind = "{bind}"',
+            text,
+        )
+        assert count == 1, listener
     for section, lines in (extra or {}).items():
         header = f"[{section}]\n"
         assert header in text, section
@@ -122,3 +134,79 @@ async def start_daemon(
         for name in ("client", "federation", "metrics", "key"):
             setattr(daemon, name, match.group(name).decode())
     return daemon
+
+
+async def serve_app(
+    nursery: trio.Nursery,
+    app: Any,
+    *,
+    bind: str = "127.0.0.1:0",
+    tls: tuple[Path, Path] | None = None,
+) -> str:
+    """Serve an ASGI ``app`` with hypercorn in ``nursery``; returns its base URL."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve
+
+    config = HypercornConfig()
+    config.bind = [bind]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 0.1
+    if tls is not None:
+        config.certfile, config.keyfile = str(tls[0]), str(tls[1])
+    binds: list[str] = await nursery.start(partial(serve, app, config))
+    return binds[0]
+
+
+def issue_cert(ca: Any, directory: Path, *names: str) -> tuple[Path, Path]:
+    """A trustme certificate for exactly ``names``: (chain file, key file)."""
+    cert = ca.issue_cert(*names)
+    stem = re.sub(r"[^A-Za-z0-9.]", "_", names[0])
+    chain, key = directory / f"{stem}.crt", directory / f"{stem}.key"
+    cert.private_key_pem.write_to_path(str(key))
+    with open(chain, "wb") as out:
+        for blob in cert.cert_chain_pems:
+            out.write(blob.bytes())
+    return chain, key
+
+
+class JsonApp:
+    """A tiny ASGI app: ``routes`` maps (method, path) to an async handler
+    ``(scope, body) -> (status, json_body)``; anything else is 404."""
+
+    def __init__(self, routes: dict[tuple[str, str], Any]) -> None:
+        self.routes = routes
+        self.requests: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                kind = message["type"].removeprefix("lifespan.")
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.requests.append(
+            {"method": scope["method"], "path": scope["path"], "headers": headers, "body": body}
+        )
+        handler = self.routes.get((scope["method"], scope["path"]))
+        if handler is None:
+            status, payload = 404, {"errcode": "M_UNRECOGNIZED", "error": "no route"}
+        else:
+            status, payload = await handler(scope, body)
+        data = json.dumps(payload).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": data})

@@ -90,3 +90,50 @@ def test_generate_signing_key_is_private_and_never_overwritten(tmp_path: Path) -
     again = run_cli("generate-signing-key", str(path))
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
     assert path.read_text() == before
+
+
+def test_problems_found_only_when_the_config_is_used(server_dir: Path) -> None:
+    config = write_config(
+        server_dir, binds={"client": "127.0.0.1:7001", "metrics": "127.0.0.1:7001"}
+    )
+    (server_dir / "data").write_text("a file where the data directory should be")
+    for command in ("check-config", "run"):
+        result = run_cli(command, "-c", str(config))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert any(ln.startswith("server.data_dir:") and "not a directory" in ln for ln in lines)
+        assert any(
+            ln.startswith("listeners.metrics.bind: 127.0.0.1:7001 is already used") for ln in lines
+        )
+
+
+def test_tls_pair_and_values_are_checked(
+    server_dir: Path, tls_files: tuple[Path, Path, Path]
+) -> None:
+    cert, _key, ca = tls_files
+    config = write_config(
+        server_dir,
+        extra={
+            "listeners.federation": f'tls_certificate_file = "{cert}"\n'
+            f'tls_private_key_file = "{ca}"',  # not the key: a certificate
+        },
+    )
+    result = run_cli(
+        "check-config",
+        "-c",
+        str(config),
+        env={
+            "PEEKPROXY_FEDERATION__VERIFY_TLS": '"off"',
+            "PEEKPROXY_SERVER__KEY_VALID_FOR": "inf",
+        },
+    )
+    assert result.returncode == 2
+    problems = result.stderr
+    assert "listeners.federation: cannot use tls_certificate_file/tls_private_key_file" in problems
+    assert "federation.verify_tls: Input should be a valid boolean" in problems
+    assert "server.key_valid_for: expected a duration" in problems
+    binary = server_dir / "binary.toml"
+    binary.write_bytes(b"\xff\xfe[server]")
+    result = run_cli("check-config", "-c", str(binary))
+    assert result.returncode == 2 and "not UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -11,12 +11,14 @@ from pathlib import Path
 import httpx
 import trio
 import trio.lowlevel
-from signedjson.key import decode_verify_key_bytes
+from signedjson.key import decode_verify_key_bytes, generate_signing_key
 from signedjson.sign import verify_signed_json
 from unpaddedbase64 import decode_base64
 
+from peekproxy.federation.signing_key import server_key_document
+from peekproxy.federation.xmatrix import authorization_header
 from tests.conftest import Spawn
-from tests.support import write_config
+from tests.support import DaemonProcess, JsonApp, serve_app, write_config
 
 
 def _client(ca: Path | None = None) -> httpx.AsyncClient:
@@ -66,9 +68,12 @@ async def test_unknown_paths_and_methods_get_matrix_errors(server_dir: Path, spa
         wrong_method = await http.post(f"{daemon.federation}/_matrix/key/v2/server", json={})
         metrics = await http.get(f"{daemon.metrics}/metrics")
         missing_metrics = await http.get(f"{daemon.metrics}/other")
+        post_metrics = await http.post(f"{daemon.metrics}/metrics")
+        trailing_slash = await http.get(f"{daemon.client}/health/")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert ready.status_code == 200
-    for response in (missing_client, missing_fed, missing_metrics):
+    assert post_metrics.status_code == 405
+    for response in (missing_client, missing_fed, missing_metrics, trailing_slash):
         assert response.status_code == 404
         assert response.json()["errcode"] == "M_UNRECOGNIZED"
         assert response.json()["error"]
@@ -129,42 +134,115 @@ async def test_busy_port_names_the_listener(server_dir: Path, spawn: Spawn) -> N
         await busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        config = write_config(server_dir)
-        text = config.read_text().replace(
-            "[listeners.client]\n# Client-facing endpoints (/health, /ready, and the peek API). "
-            'Keep it behind your reverse proxy.\nbind = "127.0.0.1:0"',
-            f'[listeners.client]\nbind = "127.0.0.1:{port}"',
-        )
-        assert f":{port}" in text
-        config.write_text(text)
+        config = write_config(server_dir, binds={"client": f"127.0.0.1:{port}"})
         daemon = await spawn(config, expect_ready=False)
         with trio.fail_after(30):
             assert await daemon.wait() == 1
-    assert f"listeners.client.bind: cannot listen on 127.0.0.1:{port}" in daemon.log
+    assert (
+        f"listeners.client.bind: cannot listen on 127.0.0.1:{port}: Address already in use"
+        in daemon.log
+    )
+    assert "Traceback" not in daemon.log and "stopped" not in daemon.log
 
 
-async def test_sigterm_exits_zero_with_a_request_in_flight(server_dir: Path, spawn: Spawn) -> None:
-    daemon = await spawn(write_config(server_dir))
-    host, port = daemon.client.removeprefix("http://").rsplit(":", 1)
-    stream = await trio.open_tcp_stream(host, int(port))
-    # Half a request: the daemon has accepted it and is reading it when SIGTERM arrives.
-    await stream.send_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
-    await trio.lowlevel.checkpoint()  # let the bytes leave; the daemon reads them at its own pace
-    started = trio.current_time()
-    daemon.signal(signal.SIGTERM)
-    await daemon.wait_for_log(rb"SIGTERM received")
-    await stream.send_all(b"\r\n")  # finish the in-flight request
-    reply = b""
-    with trio.fail_after(5):
-        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                break
-            reply += chunk
-        assert reply.startswith(b"HTTP/1.1 200"), reply
-        assert await daemon.wait() == 0
-    assert trio.current_time() - started < 5
-    await stream.aclose()
+class _GatedKeyServer:
+    """A remote server whose key document is held back until ``release`` is set, so a
+    federation request that needs its key stays in flight inside peekproxy."""
+
+    def __init__(self) -> None:
+        self.signing_key = generate_signing_key("gate")
+        self.server_name = ""
+        self.asked = trio.Event()
+        self.release = trio.Event()
+
+    async def key_document(self, scope: object, body: bytes) -> tuple[int, object]:
+        self.asked.set()
+        await self.release.wait()
+        return 200, server_key_document(
+            self.server_name,
+            self.signing_key,
+            now_ms=int(time.time() * 1000),
+            valid_for_ms=3_600_000,
+        )
+
+
+async def _start_gated_request(
+    server_dir: Path, tls_files: tuple[Path, Path, Path], spawn: Spawn, nursery: trio.Nursery
+) -> tuple[DaemonProcess, _GatedKeyServer, list[httpx.Response]]:
+    cert, key, ca = tls_files
+    remote = _GatedKeyServer()
+    app = JsonApp({("GET", "/_matrix/key/v2/server"): remote.key_document})
+    url = await serve_app(nursery, app, tls=(cert, key))
+    remote.server_name = f"localhost:{url.rsplit(':', 1)[1]}"
+    config = write_config(server_dir)
+    daemon = await spawn(
+        config,
+        env={
+            "PEEKPROXY_FEDERATION__IP_RANGE_WHITELIST": '["127.0.0.0/8"]',
+            "PEEKPROXY_FEDERATION__TLS_CA_FILE": str(ca),
+        },
+    )
+    target = "/_matrix/federation/v1/query/directory?room_alias=%23a%3Alocalhost%3A8448"
+    header = authorization_header(
+        remote.signing_key,
+        origin=remote.server_name,
+        destination="localhost:8448",
+        method="GET",
+        uri=target,
+    )
+    responses: list[httpx.Response] = []
+
+    async def ask() -> None:
+        async with _client() as http:
+            try:
+                responses.append(
+                    await http.get(daemon.federation + target, headers={"Authorization": header})
+                )
+            except httpx.TransportError:
+                pass
+
+    nursery.start_soon(ask)
+    with trio.fail_after(10):
+        await remote.asked.wait()  # peekproxy is now fetching the key: the request is in flight
+    return daemon, remote, responses
+
+
+async def test_sigterm_finishes_a_request_in_flight(
+    server_dir: Path, tls_files: tuple[Path, Path, Path], spawn: Spawn
+) -> None:
+    async with trio.open_nursery() as nursery:
+        daemon, remote, responses = await _start_gated_request(
+            server_dir, tls_files, spawn, nursery
+        )
+        started = trio.current_time()
+        daemon.signal(signal.SIGTERM)
+        await daemon.wait_for_log(rb"SIGTERM received")
+        remote.release.set()
+        with trio.fail_after(5):
+            assert await daemon.wait() == 0
+        assert trio.current_time() - started < 5
+        nursery.cancel_scope.cancel()
+    # The request finished after SIGTERM: verified (key fetched) and answered.
+    [response] = responses
+    assert response.status_code == 404
+    assert response.json()["errcode"] == "M_NOT_FOUND"
+
+
+async def test_sigterm_cuts_a_stuck_request_at_the_deadline(
+    server_dir: Path, tls_files: tuple[Path, Path, Path], spawn: Spawn
+) -> None:
+    async with trio.open_nursery() as nursery:
+        daemon, _remote, responses = await _start_gated_request(
+            server_dir, tls_files, spawn, nursery
+        )
+        started = trio.current_time()
+        daemon.signal(signal.SIGTERM)
+        with trio.fail_after(5):
+            assert await daemon.wait() == 0
+        elapsed = trio.current_time() - started
+        assert 2.5 < elapsed < 5  # waited for the 3 s grace, then stopped
+        nursery.cancel_scope.cancel()
+    assert responses == []
 
 
 async def test_sigint_and_idle_connections_still_exit_quickly(
@@ -211,3 +289,15 @@ async def test_systemd_unit_settings_run_the_daemon(tmp_path: Path, spawn: Spawn
     assert await daemon.wait() == 0
     assert (state / "peekproxy.db").exists()
     assert not (etc / "data").exists()
+
+
+async def test_one_daemon_per_database(server_dir: Path, spawn: Spawn) -> None:
+    config = write_config(server_dir)
+    first = await spawn(config)
+    second = await spawn(config, expect_ready=False)
+    with trio.fail_after(30):
+        assert await second.wait() == 1
+    assert "is in use by another peekproxy" in second.log
+    assert "Traceback" not in second.log
+    first.signal()
+    assert await first.wait() == 0

@@ -40,4 +40,5 @@ def client_app(*, store: Store) -> RequestMetrics:
         ],
         exception_handlers=exception_handlers(),
     )
+    app.router.redirect_slashes = False
     return RequestMetrics(app, "client")

@@ -6,11 +6,14 @@
 * ``journal_mode=WAL``, ``synchronous=FULL``: a committed write survives a crash of the process
   and of the machine.
 * Schema migrations run on open; a database from a newer peekproxy is refused, and so is a
-  database created for another server name.
+  database created for another server name, and one another process holds open (an
+  exclusive ``flock`` on ``<database>.lock``).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -41,8 +44,43 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _open_sync(path: Path, server_name: str) -> tuple[sqlite3.Connection, sqlite3.Connection]:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _lock(path: Path) -> int:
+    """Take an exclusive lock on ``<database>.lock`` so one daemon owns a database."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise StoreError(f"cannot create lock file {lock_path}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreError(
+            f"database {path} is in use by another peekproxy (pid {holder}); "
+            "each daemon needs its own data_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _open_sync(path: Path, server_name: str) -> tuple[sqlite3.Connection, sqlite3.Connection, int]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(
+            f"cannot create database directory {path.parent}: {e.strerror or e}"
+        ) from None
+    lock = _lock(path)
+    try:
+        return (*_open_locked(path, server_name), lock)
+    except BaseException:
+        os.close(lock)
+        raise
+
+
+def _open_locked(path: Path, server_name: str) -> tuple[sqlite3.Connection, sqlite3.Connection]:
     try:
         writer = _connect(path)
         mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -86,8 +124,11 @@ def _open_sync(path: Path, server_name: str) -> tuple[sqlite3.Connection, sqlite
 class Store:
     """The daemon's database. Open with :meth:`open`; close with :meth:`aclose`."""
 
-    def __init__(self, path: Path, writer: sqlite3.Connection, reader: sqlite3.Connection):
+    def __init__(
+        self, path: Path, writer: sqlite3.Connection, reader: sqlite3.Connection, lock: int
+    ) -> None:
         self.path = path
+        self._lock = lock
         self._writer = writer
         self._reader = reader
         self._write_limiter = trio.CapacityLimiter(1)
@@ -101,8 +142,8 @@ class Store:
             StoreVersionError: the database is newer than this peekproxy.
             StoreError: unusable file, or a database created for another server name.
         """
-        writer, reader = await trio.to_thread.run_sync(_open_sync, path, server_name)
-        return cls(path, writer, reader)
+        writer, reader, lock = await trio.to_thread.run_sync(_open_sync, path, server_name)
+        return cls(path, writer, reader, lock)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in one write transaction and return its result once committed.
@@ -138,3 +179,4 @@ class Store:
     def _close_sync(self) -> None:
         self._reader.close()
         self._writer.close()
+        os.close(self._lock)

@@ -1,0 +1,536 @@
+"""Outbound federation HTTP: discovery, IP filtering, X-Matrix signing, back-off, size caps.
+
+:class:`FederationClient` is the I/O shell every outbound federation request goes through:
+
+1. resolve the destination server name (:mod:`peekproxy.federation.discovery`);
+2. resolve each target host to addresses and drop those in ``ip_range_blacklist`` (unless in
+   ``ip_range_whitelist``) *before* connecting;
+3. sign the request with X-Matrix (origin, destination, key, sig) unless it is a key fetch;
+4. connect through :class:`~peekproxy.federation.transport.FederationTransport` with the
+   TLS name discovery chose, trying the next target on connection failures;
+5. read at most ``max_response_bytes`` of the answer.
+
+Failures are typed (:class:`FederationError` subclasses) and say whether retrying later may
+help (``retryable``). Connection-level failures put the destination in exponential back-off.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode, urljoin, urlsplit
+
+import canonicaljson
+import httpcore
+import httpx
+import trio
+from signedjson.types import SigningKey
+
+from peekproxy.federation.discovery import (
+    WELL_KNOWN_MAX_BYTES,
+    DnsError,
+    DnsLookup,
+    DnspythonLookup,
+    Resolution,
+    ServerResolver,
+    WellKnownCache,
+    WellKnownInvalid,
+    parse_well_known,
+    well_known_cache_period,
+)
+from peekproxy.federation.transport import ROUTE_EXTENSION, FederationTransport, Route
+from peekproxy.federation.xmatrix import authorization_header
+from peekproxy.identifiers import InvalidIdentifier, ServerName
+
+__all__ = [
+    "Backoff",
+    "BadResponse",
+    "DestinationBackingOff",
+    "DestinationBlocked",
+    "DestinationUnreachable",
+    "FederationClient",
+    "FederationError",
+    "FederationResponse",
+    "IpFilter",
+    "RemoteError",
+    "build_ssl_context",
+    "path_segment",
+]
+
+log = logging.getLogger(__name__)
+
+NetworkType = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class FederationError(Exception):
+    """An outbound federation request failed. ``retryable``: trying later may succeed."""
+
+    retryable = True
+
+    def __init__(self, destination: str, reason: str) -> None:
+        super().__init__(f"{destination}: {reason}")
+        self.destination = destination
+        self.reason = reason
+
+
+class DestinationUnreachable(FederationError):
+    """DNS, connection, TLS or timeout failure."""
+
+
+class DestinationBlocked(FederationError):
+    """Every address of the destination is in the IP blacklist."""
+
+    retryable = False
+
+
+class DestinationBackingOff(FederationError):
+    """The destination failed recently; no request was sent. ``retry_in`` seconds."""
+
+    def __init__(self, destination: str, retry_in: float) -> None:
+        super().__init__(destination, f"backing off after failures; retry in {retry_in:.1f}s")
+        self.retry_in = retry_in
+
+
+class BadResponse(FederationError):
+    """The answer is not usable (too large, or not JSON where JSON was expected)."""
+
+    retryable = False
+
+
+class RemoteError(FederationError):
+    """The remote answered with an HTTP error status (``status``, ``errcode``, ``body``)."""
+
+    def __init__(self, destination: str, status: int, body: bytes) -> None:
+        self.status = status
+        self.body = body
+        self.json: dict[str, Any] | None = None
+        try:
+            parsed = json.loads(body) if body else None
+            if isinstance(parsed, dict):
+                self.json = parsed
+        except ValueError:
+            pass
+        self.errcode: str | None = None
+        error = ""
+        if self.json is not None:
+            errcode = self.json.get("errcode")
+            self.errcode = errcode if isinstance(errcode, str) else None
+            error = str(self.json.get("error", ""))[:200]
+        detail = " ".join(x for x in (self.errcode, error) if x) or "no Matrix error body"
+        super().__init__(destination, f"HTTP {status} {detail}")
+        self.retryable = status >= 500 or status == 429
+
+
+@dataclass(frozen=True)
+class FederationResponse:
+    """A successful (2xx) answer."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    destination: str
+
+    def json(self) -> Any:
+        """The body parsed as JSON. Raises BadResponse when it is not JSON."""
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadResponse(self.destination, "response body is not JSON") from None
+
+
+@dataclass
+class IpFilter:
+    """Outbound address policy: refused if in ``blacklist`` and not in ``whitelist``.
+
+    The unspecified addresses ``0.0.0.0`` and ``::`` are always refused.
+    """
+
+    blacklist: Sequence[NetworkType]
+    whitelist: Sequence[NetworkType] = ()
+
+    def allowed(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        if ip.is_unspecified:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self.whitelist if net.version == ip.version):
+            return True
+        return not any(ip in net for net in self.blacklist if net.version == ip.version)
+
+
+@dataclass
+class Backoff:
+    """Per-destination exponential back-off after connection failures (seconds)."""
+
+    initial: float
+    maximum: float
+    clock: Callable[[], float]
+    _state: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def check(self, destination: str) -> None:
+        """Raises DestinationBackingOff while the destination is backing off."""
+        state = self._state.get(destination)
+        if state is not None:
+            wait = state[1] - self.clock()
+            if wait > 0:
+                raise DestinationBackingOff(destination, wait)
+
+    def failed(self, destination: str) -> None:
+        count = self._state.get(destination, (0, 0.0))[0] + 1
+        delay = min(self.initial * 2 ** (count - 1), self.maximum)
+        self._state[destination] = (count, self.clock() + delay)
+
+    def succeeded(self, destination: str) -> None:
+        self._state.pop(destination, None)
+
+
+def build_ssl_context(verify: bool = True, ca_file: Path | None = None) -> ssl.SSLContext:
+    """TLS client context: system CAs plus ``ca_file``; no checks at all when not ``verify``."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def path_segment(value: str) -> str:
+    """Percent-encode one path segment (room IDs, event IDs, peek IDs, txn IDs)."""
+    return quote(value, safe="")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class FederationClient:
+    """Sends federation requests as ``server_name`` (signed with ``signing_key``).
+
+    Args:
+        server_name: our server name (X-Matrix origin); ``None`` for an unsigned client
+            (key fetches only).
+        signing_key: our key; ``None`` with ``server_name=None``.
+        dns: SRV and address lookups.
+        ip_filter: outbound address policy.
+        ssl_context: verifies remote certificates.
+        default_port: port when discovery finds none (8448).
+        connect_timeout, request_timeout: seconds.
+        max_response_bytes: cap on any response body.
+        backoff: per-destination back-off (``None``: none).
+        well_known_port: port of ``/.well-known/matrix/server`` fetches (443 per the spec).
+    """
+
+    def __init__(
+        self,
+        *,
+        server_name: str | None,
+        signing_key: SigningKey | None,
+        dns: DnsLookup,
+        ip_filter: IpFilter,
+        ssl_context: ssl.SSLContext,
+        default_port: int = 8448,
+        connect_timeout: float = 10.0,
+        request_timeout: float = 60.0,
+        max_response_bytes: int = 64 * 1024 * 1024,
+        backoff: Backoff | None = None,
+        well_known_port: int = 443,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if (server_name is None) != (signing_key is None):
+            raise ValueError("server_name and signing_key go together")
+        self.server_name = server_name
+        self._signing_key = signing_key
+        self._dns = dns
+        self._ip_filter = ip_filter
+        self._connect_timeout = connect_timeout
+        self._request_timeout = request_timeout
+        self._max_response_bytes = max_response_bytes
+        self._backoff = backoff
+        self._well_known_port = well_known_port
+        self._transport = FederationTransport(ssl_context)
+        self._http = httpx.AsyncClient(transport=self._transport, follow_redirects=False)
+        self.resolver = ServerResolver(
+            dns=dns,
+            well_known=WellKnownCache(self.fetch_well_known, clock),
+            clock=clock,
+            default_port=default_port,
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        federation: Any,
+        *,
+        server_name: str | None = None,
+        signing_key: SigningKey | None = None,
+    ) -> FederationClient:
+        """Build from a :class:`~peekproxy.config.FederationSection`."""
+        return cls(
+            server_name=server_name,
+            signing_key=signing_key,
+            dns=DnspythonLookup(federation.dns_nameservers, lifetime=federation.connect_timeout),
+            ip_filter=IpFilter(federation.ip_range_blacklist, federation.ip_range_whitelist),
+            ssl_context=build_ssl_context(federation.verify_tls, federation.tls_ca_file),
+            default_port=federation.default_port,
+            connect_timeout=federation.connect_timeout,
+            request_timeout=federation.request_timeout,
+            max_response_bytes=federation.max_response_size,
+            backoff=Backoff(federation.backoff_initial, federation.backoff_max, time.monotonic),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        await self._transport.aclose()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        destination: str,
+        path: str,
+        *,
+        query: Mapping[str, str | Sequence[str]] | None = None,
+        content: Any = None,
+        signed: bool = True,
+        timeout: float | None = None,
+    ) -> FederationResponse:
+        """Send one request and return its 2xx answer.
+
+        Args:
+            method: HTTP method.
+            destination: the server name (pre-delegation; it is the X-Matrix destination).
+            path: percent-encoded path (use :func:`path_segment` for IDs).
+            query: query parameters; a sequence value repeats the parameter.
+            content: JSON body (PUT/POST); ``None`` for no body.
+            signed: add X-Matrix authentication.
+            timeout: seconds for the whole exchange (default: request_timeout).
+
+        Raises:
+            RemoteError: the remote answered with status ≥ 300.
+            DestinationUnreachable, DestinationBlocked, DestinationBackingOff, BadResponse.
+        """
+        if signed and self._signing_key is None:
+            raise ValueError("this client has no signing key")
+        try:
+            ServerName.parse(destination)
+        except InvalidIdentifier as e:
+            raise DestinationUnreachable(destination, f"not a server name: {e}") from None
+        if self._backoff is not None:
+            self._backoff.check(destination)
+        target = path
+        if query:
+            target += "?" + urlencode(query, doseq=True, quote_via=quote)
+        body = canonicaljson.encode_canonical_json(content) if content is not None else None
+        try:
+            resolution = await self.resolver.resolve(destination)
+        except DnsError as e:
+            self._failed(destination)
+            raise DestinationUnreachable(destination, str(e)) from None
+        with trio.move_on_after(timeout or self._request_timeout) as scope:
+            try:
+                response = await self._send_to_targets(
+                    method, resolution, target, body, content, signed
+                )
+            except DestinationUnreachable:
+                self._failed(destination)
+                self.resolver.forget(destination)
+                raise
+        if scope.cancelled_caught:
+            self._failed(destination)
+            raise DestinationUnreachable(destination, "request timed out")
+        if self._backoff is not None:
+            self._backoff.succeeded(destination)
+        if response.status >= 300:
+            raise RemoteError(destination, response.status, response.body)
+        return response
+
+    async def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
+        """GET and parse the JSON answer (see :meth:`request`)."""
+        return (await self.request("GET", destination, path, **kwargs)).json()
+
+    async def put_json(self, destination: str, path: str, content: Any, **kwargs: Any) -> Any:
+        return (await self.request("PUT", destination, path, content=content, **kwargs)).json()
+
+    async def post_json(self, destination: str, path: str, content: Any, **kwargs: Any) -> Any:
+        return (await self.request("POST", destination, path, content=content, **kwargs)).json()
+
+    def _failed(self, destination: str) -> None:
+        if self._backoff is not None:
+            self._backoff.failed(destination)
+
+    async def _addresses(self, destination: str, host: str) -> tuple[str, ...]:
+        try:
+            found = await self._dns.addresses(host)
+        except DnsError as e:
+            raise DestinationUnreachable(destination, str(e)) from None
+        if not found:
+            raise DestinationUnreachable(destination, f"{host} has no address")
+        allowed = tuple(a for a in found if self._ip_filter.allowed(a))
+        if not allowed:
+            raise DestinationBlocked(
+                destination,
+                f"{host} resolves only to blocked addresses ({', '.join(found)}); "
+                "see federation.ip_range_blacklist / ip_range_whitelist",
+            )
+        return allowed
+
+    async def _send_to_targets(
+        self,
+        method: str,
+        resolution: Resolution,
+        target: str,
+        body: bytes | None,
+        content: Any,
+        signed: bool,
+    ) -> FederationResponse:
+        destination = resolution.server_name
+        failures: list[str] = []
+        blocked: DestinationBlocked | None = None
+        for host, port in resolution.targets:
+            try:
+                addresses = await self._addresses(destination, host)
+            except DestinationBlocked as e:
+                blocked = e
+                continue
+            except DestinationUnreachable as e:
+                failures.append(e.reason)
+                continue
+            route = Route(addresses, port, resolution.tls_name)
+            url = f"https://{_url_host(resolution.tls_name)}:{port}{target}"
+            request = self._http.build_request(
+                method,
+                url,
+                content=body,
+                headers={"Host": resolution.host_header, "Accept": "application/json"}
+                | ({"Content-Type": "application/json"} if body is not None else {}),
+                extensions={
+                    ROUTE_EXTENSION: route,
+                    "timeout": {
+                        "connect": self._connect_timeout,
+                        "read": self._request_timeout,
+                        "write": self._request_timeout,
+                        "pool": self._connect_timeout,
+                    },
+                },
+            )
+            if signed:
+                assert self._signing_key is not None and self.server_name is not None
+                request.headers["Authorization"] = authorization_header(
+                    self._signing_key,
+                    origin=self.server_name,
+                    destination=destination,
+                    method=method,
+                    uri=request.url.raw_path.decode("ascii"),
+                    content=content,
+                )
+            try:
+                return await self._exchange(destination, request, self._max_response_bytes)
+            except _ConnectFailed as e:
+                failures.append(f"{host}:{port}: {e}")
+        if blocked is not None and not failures:
+            raise blocked
+        raise DestinationUnreachable(destination, "; ".join(failures) or "no target")
+
+    async def _exchange(
+        self, destination: str, request: httpx.Request, cap: int
+    ) -> FederationResponse:
+        try:
+            response = await self._http.send(request, stream=True)
+        except (httpcore.ConnectError, httpcore.ConnectTimeout, ssl.SSLError, OSError) as e:
+            raise _ConnectFailed(_describe(e)) from None
+        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError) as e:
+            raise DestinationUnreachable(destination, _describe(e)) from None
+        try:
+            body = await self._read_capped(destination, response, cap)
+        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError) as e:
+            raise DestinationUnreachable(destination, _describe(e)) from None
+        finally:
+            await response.aclose()
+        return FederationResponse(response.status_code, dict(response.headers), body, destination)
+
+    @staticmethod
+    async def _read_capped(destination: str, response: httpx.Response, cap: int) -> bytes:
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            raise BadResponse(destination, f"response of {declared} bytes exceeds {cap}")
+        chunks, size = [], 0
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            if size > cap:
+                raise BadResponse(destination, f"response exceeds {cap} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- well-known -------------------------------------------------------------------------
+
+    async def fetch_well_known(self, hostname: str) -> tuple[ServerName, float]:
+        """GET ``https://<hostname>/.well-known/matrix/server`` (redirects followed, no loops,
+        body capped at 50 KiB).
+
+        Returns:
+            The delegated server name and how long to cache it (seconds).
+
+        Raises:
+            WellKnownInvalid: no usable delegation (status, JSON, ``m.server``, loop, size).
+            FederationError: the host could not be reached.
+        """
+        port = self._well_known_port
+        url = f"https://{_url_host(hostname)}:{port}/.well-known/matrix/server"
+        seen: set[str] = set()
+        for _ in range(10):
+            if url in seen:
+                raise WellKnownInvalid(f"redirect loop at {url}")
+            seen.add(url)
+            parts = urlsplit(url)
+            if parts.scheme != "https" or not parts.hostname:
+                raise WellKnownInvalid(f"redirect to a non-https URL {url}")
+            host = parts.hostname
+            addresses = await self._addresses(hostname, host)
+            request = self._http.build_request(
+                "GET",
+                url,
+                headers={"Accept": "application/json"},
+                extensions={
+                    ROUTE_EXTENSION: Route(addresses, parts.port or 443, host),
+                    "timeout": {
+                        "connect": self._connect_timeout,
+                        "read": self._connect_timeout,
+                        "write": self._connect_timeout,
+                        "pool": self._connect_timeout,
+                    },
+                },
+            )
+            try:
+                response = await self._exchange(hostname, request, WELL_KNOWN_MAX_BYTES)
+            except _ConnectFailed as e:
+                raise DestinationUnreachable(hostname, str(e)) from None
+            except BadResponse as e:
+                raise WellKnownInvalid(e.reason) from None
+            if response.status in (301, 302, 303, 307, 308) and "location" in response.headers:
+                url = urljoin(url, response.headers["location"])
+                continue
+            delegated = parse_well_known(response.status, response.body)
+            return delegated, well_known_cache_period(response.headers, time.time())
+        raise WellKnownInvalid("too many redirects")
+
+
+class _ConnectFailed(Exception):
+    """Could not connect to one target (try the next)."""
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, ssl.SSLError) and str(cause) not in text:
+        text = f"{text} ({cause})"
+    return text.replace("\n", " ")[:300]
