@@ -150,7 +150,7 @@ async def serve_app(
     config = HypercornConfig()
     config.bind = [bind]
     config.accesslog = None
-    config.errorlog = None
+    config.errorlog = "-" if os.environ.get("PEEKPROXY_TEST_DEBUG") else None
     config.graceful_timeout = 0.1
     if tls is not None:
         config.certfile, config.keyfile = str(tls[0]), str(tls[1])
@@ -172,7 +172,8 @@ def issue_cert(ca: Any, directory: Path, *names: str) -> tuple[Path, Path]:
 
 class JsonApp:
     """A tiny ASGI app: ``routes`` maps (method, path) to an async handler
-    ``(scope, body) -> (status, json_body)``; anything else is 404."""
+    ``(scope, body) -> (status, payload)`` or ``(status, payload, headers)``; a ``bytes``
+    payload is sent as it is, anything else as JSON. Unrouted requests get 404."""
 
     def __init__(self, routes: dict[tuple[str, str], Any]) -> None:
         self.routes = routes
@@ -197,16 +198,16 @@ class JsonApp:
             {"method": scope["method"], "path": scope["path"], "headers": headers, "body": body}
         )
         handler = self.routes.get((scope["method"], scope["path"]))
+        extra: dict[str, str] = {}
         if handler is None:
             status, payload = 404, {"errcode": "M_UNRECOGNIZED", "error": "no route"}
         else:
-            status, payload = await handler(scope, body)
-        data = json.dumps(payload).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
+            answer = await handler(scope, body)
+            status, payload = answer[0], answer[1]
+            if len(answer) > 2:
+                extra = answer[2]
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        headers = [(b"content-type", b"application/json")]
+        headers += [(k.encode(), v.encode()) for k, v in extra.items()]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})

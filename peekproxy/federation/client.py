@@ -529,8 +529,18 @@ class _ConnectFailed(Exception):
 
 
 def _describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    cause = error.__cause__ or error.__context__
-    if isinstance(cause, ssl.SSLError) and str(cause) not in text:
-        text = f"{text} ({cause})"
-    return text.replace("\n", " ")[:300]
+    """A one-line reason from an exception and its causes (TLS errors hide a few levels down)."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).strip()
+        if isinstance(current, ssl.SSLCertVerificationError):
+            text = f"TLS certificate check failed: {current.verify_message}"
+        elif isinstance(current, ssl.SSLError):
+            text = f"TLS error: {current.reason or current}"
+        if text and not any(text in p for p in parts):
+            parts.append(text)
+        current = current.__cause__ or current.__context__
+    return ("; ".join(parts) or type(error).__name__).replace("\n", " ")[:300]

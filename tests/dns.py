@@ -1,0 +1,81 @@
+"""A real DNS server for tests: dnsmasq on a loopback UDP/TCP port, authoritative for
+``.test`` (unknown names get NXDOMAIN), with the SRV and A records a test asks for."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pytest
+import trio
+
+REQUIRE_ALL = os.environ.get("PEEKPROXY_TEST_REQUIRE_ALL") == "1"
+
+
+def dnsmasq_binary() -> str:
+    """Path of dnsmasq; skips the test when it is missing (fails in CI instead)."""
+    found = shutil.which("dnsmasq") or (
+        "/usr/sbin/dnsmasq" if Path("/usr/sbin/dnsmasq").exists() else None
+    )
+    if found is None:
+        message = "dnsmasq is not installed (apt-get install dnsmasq-base)"
+        if REQUIRE_ALL:
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        port: int = udp.getsockname()[1]
+    return port
+
+
+async def start_dnsmasq(
+    nursery: trio.Nursery,
+    *,
+    hosts: Mapping[str, str] = {},
+    srv: Iterable[tuple[str, str, int, int, int]] = (),
+) -> str:
+    """Start dnsmasq; returns its ``"127.0.0.1:port"``. It is stopped with the nursery.
+
+    ``hosts`` maps names to IPv4 addresses; ``srv`` holds
+    ``(name, target, port, priority, weight)`` records.
+    """
+    binary = dnsmasq_binary()
+    port = free_udp_port()
+    args = [
+        binary, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+        f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
+        "--user=root", "--group=root", "--local=/test/", "--log-facility=-",
+        "--pid-file=",
+    ]
+    args += [f"--host-record={name},{ip}" for name, ip in hosts.items()]
+    args += [f"--srv-host={n},{t},{p},{prio},{w}" for n, t, p, prio, w in srv]
+    process = await trio.lowlevel.open_process(args, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    seen = b""
+    with trio.fail_after(10):
+        while b"started, version" not in seen:
+            chunk = await process.stderr.receive_some(4096)
+            if not chunk:
+                raise RuntimeError(f"dnsmasq failed to start: {seen.decode(errors='replace')}")
+            seen += chunk
+
+    async def drain_then_stop() -> None:
+        assert process.stderr is not None
+        try:
+            while await process.stderr.receive_some(4096):
+                pass
+        finally:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+    nursery.start_soon(drain_then_stop)
+    return f"127.0.0.1:{port}"
