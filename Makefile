@@ -1,28 +1,45 @@
-# peekproxy developer entry points. Both targets create ./.venv on first use.
+# peekproxy developer entry points. Both main targets create ./.venv on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+SYNAPSE_VENV := .synapse-venv
 DEMO_FLAGS ?=
+PYTEST_ARGS ?=
 
-.PHONY: test demo lint clean
+.PHONY: test demo lint test-deps dnsmasq clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-## make test: lint (ruff), type-check (mypy) and run the test suite.
-test: $(VENV)/.installed lint
-	$(BIN)/pytest
+# Synapse (the real homeserver the interop tests run against) lives in its own venv.
+$(SYNAPSE_VENV)/.installed:
+	$(PYTHON) -m venv $(SYNAPSE_VENV)
+	$(SYNAPSE_VENV)/bin/pip install --quiet matrix-synapse
+	touch $@
+
+# dnsmasq (the DNS server the discovery tests run): installed with apt-get when missing.
+dnsmasq:
+	@command -v dnsmasq >/dev/null || test -x /usr/sbin/dnsmasq || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      (apt-get update -qq && apt-get install -y -qq dnsmasq-base) >/dev/null; \
+	    else echo "dnsmasq missing: install dnsmasq-base, or its tests are skipped"; fi; }
+
+test-deps: $(VENV)/.installed $(SYNAPSE_VENV)/.installed dnsmasq
+
+## make test: lint (ruff), type-check (mypy) and run the whole test suite.
+test: test-deps lint
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy peekproxy tests
+	$(BIN)/mypy peekproxy tests bench
 
 ## make demo: run the daemon on config.toml and show where its key server answers.
 demo: $(VENV)/.installed
 	$(BIN)/python -m peekproxy.demo -c config.toml $(DEMO_FLAGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SYNAPSE_VENV) .mypy_cache .pytest_cache .ruff_cache

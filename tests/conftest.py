@@ -59,3 +59,6 @@ def tls_files(tls_ca: trustme.CA, tmp_path: Path) -> Iterator[tuple[Path, Path, 
             out.write(blob.bytes())
     tls_ca.cert_pem.write_to_path(str(ca))
     yield chain, key, ca
+
+
+from tests.synapse import synapse  # noqa: E402,F401  (session fixture)

@@ -50,9 +50,18 @@ async def start_dnsmasq(
     binary = dnsmasq_binary()
     port = free_udp_port()
     args = [
-        binary, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-        f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
-        "--user=root", "--group=root", "--local=/test/", "--log-facility=-",
+        binary,
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        f"--port={port}",
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+        "--user=root",
+        "--group=root",
+        "--local=/test/",
+        "--log-facility=-",
         "--pid-file=",
     ]
     args += [f"--host-record={name},{ip}" for name, ip in hosts.items()]

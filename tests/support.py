@@ -207,7 +207,7 @@ class JsonApp:
             if len(answer) > 2:
                 extra = answer[2]
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        headers = [(b"content-type", b"application/json")]
-        headers += [(k.encode(), v.encode()) for k, v in extra.items()]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        response_headers = [(b"content-type", b"application/json")]
+        response_headers += [(k.encode(), v.encode()) for k, v in extra.items()]
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": data})

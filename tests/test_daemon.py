@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sqlite3
 import ssl
@@ -194,12 +195,10 @@ async def _start_gated_request(
 
     async def ask() -> None:
         async with _client() as http:
-            try:
+            with contextlib.suppress(httpx.TransportError):
                 responses.append(
                     await http.get(daemon.federation + target, headers={"Authorization": header})
                 )
-            except httpx.TransportError:
-                pass
 
     nursery.start_soon(ask)
     with trio.fail_after(10):

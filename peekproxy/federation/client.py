@@ -540,7 +540,7 @@ def _describe(error: BaseException) -> str:
             text = f"TLS certificate check failed: {current.verify_message}"
         elif isinstance(current, ssl.SSLError):
             text = f"TLS error: {current.reason or current}"
-        if text and not any(text in p for p in parts):
+        if text and not any(text in p or p in text for p in parts):
             parts.append(text)
         current = current.__cause__ or current.__context__
     return ("; ".join(parts) or type(error).__name__).replace("\n", " ")[:300]

@@ -68,6 +68,7 @@ class _RedactionPlan:
     """A :class:`RedactionRules` turned into lookup tables."""
 
     top_level: frozenset[str]
+    signed: frozenset[str]  # top_level minus "signatures": the reference-hash keys
     content: Mapping[str, tuple[str, ...]]
     keep_all_content: frozenset[str]
     member_third_party_invite_signed: bool
@@ -109,6 +110,7 @@ def _plan(rules: RedactionRules) -> _RedactionPlan:
         top_level = top_level | _TOP_LEVEL_LEGACY
     return _RedactionPlan(
         top_level=top_level,
+        signed=top_level - {"signatures"},
         content=content,
         keep_all_content=frozenset({"m.room.create"} if rules.keep_all_create_content else ()),
         member_third_party_invite_signed=rules.keep_member_third_party_invite_signed,
@@ -198,9 +200,15 @@ def hash_inputs(pdu: Mapping[str, Any], rules: RoomVersion) -> tuple[bytes, dict
     Raises:
         ValueError, TypeError, RecursionError: as :func:`content_hash_input`.
     """
+    plan = _plan(rules.redaction)
+    kept = plan.signed
     hashed = encode_canonical({k: v for k, v in pdu.items() if k not in _NOT_HASHED})
-    redacted = redact(pdu, rules)
-    return hashed, redacted, reference_hash_input(redacted)
+    signed = {k: v for k, v in pdu.items() if k in kept}
+    signed["content"] = _redact_content(pdu.get("type"), pdu.get("content"), plan)
+    signed_bytes = encode_canonical(signed)
+    if "signatures" in pdu:
+        signed["signatures"] = pdu["signatures"]
+    return hashed, signed, signed_bytes
 
 
 def reference_hash(pdu: Mapping[str, Any], rules: RoomVersion) -> bytes:

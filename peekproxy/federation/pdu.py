@@ -25,9 +25,13 @@ from typing import Any, Literal, Protocol
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 from signedjson.types import VerifyKey as SignedJsonVerifyKey
-from unpaddedbase64 import decode_base64
+from unpaddedbase64 import decode_base64, encode_base64
 
-from peekproxy.federation.canonical_json import check_canonical_numbers, encode_canonical
+from peekproxy.federation.canonical_json import (
+    MAX_SAFE_INTEGER,
+    check_canonical_numbers,
+    encode_canonical,
+)
 from peekproxy.federation.events import event_id_from_reference_hash, hash_inputs
 from peekproxy.federation.room_versions import EventIdFormat, RoomVersion
 from peekproxy.identifiers import EventId, InvalidIdentifier, RoomId, UserId
@@ -236,26 +240,12 @@ def _check(pdu: dict[str, Any], rules: RoomVersion, keys: KeyLookup) -> PduVerdi
     event_id = _field_event_id(pdu, rules)
     try:
         hashed_bytes, redacted, signed_bytes = hash_inputs(pdu, rules)
-        unhashed_size = _unhashed_size_bound(pdu)
+        # Step 1: a valid event for the room version.
+        problem = _format_problem(pdu, rules, len(hashed_bytes))
     except (ValueError, TypeError) as e:
         return _reject(event_id, f"not valid JSON for hashing: {_describe(e)}")
     if rules.event_id_format is not EventIdFormat.EVENT_ID_FIELD:
         event_id = event_id_from_reference_hash(hashlib.sha256(signed_bytes).digest(), rules)
-
-    # Step 1: a valid event for the room version.
-    problem = _format_problem(pdu, rules)
-    if problem is None:
-        size = len(hashed_bytes) + unhashed_size
-        if size > MAX_PDU_BYTES:
-            # Only a bound so far: now measure exactly (the two encodings merged lose one
-            # brace pair and gain one comma).
-            unhashed = encode_canonical({k: pdu[k] for k in _UNHASHED if k in pdu})
-            size = len(hashed_bytes) + len(unhashed) - 1
-        if size > MAX_PDU_BYTES:
-            problem = f"PDU is {size} bytes as canonical JSON (limit {MAX_PDU_BYTES})"
-    if problem is None and rules.format.strict_canonical_json:
-        # Every string was checked by encoding it above; only numbers are left.
-        problem = check_canonical_numbers(pdu)
     if problem is not None:
         return _reject(event_id, problem)
 
@@ -265,40 +255,11 @@ def _check(pdu: dict[str, Any], rules: RoomVersion, keys: KeyLookup) -> PduVerdi
         return _reject(event_id, problem)
 
     # Step 3: the content hash.
-    expected = _decode_hash(pdu["hashes"]["sha256"])
-    if expected != hashlib.sha256(hashed_bytes).digest():
+    digest = hashlib.sha256(hashed_bytes).digest()
+    claimed: str = pdu["hashes"]["sha256"]
+    if claimed != encode_base64(digest) and _decode_hash(claimed) != digest:
         return PduVerdict(event_id, "redact", "content hash mismatch", redacted)
     return PduVerdict(event_id, "accept", "ok", pdu)
-
-
-def _unhashed_size_bound(pdu: Mapping[str, Any]) -> int:
-    """An upper bound on what ``hashes``, ``signatures`` and ``unsigned`` add to the PDU's
-    canonical JSON, without encoding them in the usual case (objects of strings).
-
-    A string of n code points encodes to at most 6n + 2 bytes (``\\u00XX`` escapes or
-    4-byte UTF-8, plus quotes); each object member adds ``:`` and ``,``, each object ``{}``.
-    Other values are encoded. Raises ``ValueError`` for an unencodable string (as encoding
-    would), so every string of the PDU ends up checked.
-    """
-    total = 0
-    for key in _UNHASHED:
-        value = pdu.get(key)
-        if value is not None:
-            total += len(key) + 4 + _size_bound(value)
-    return total
-
-
-def _size_bound(value: object) -> int:
-    if type(value) is dict:
-        total = 2
-        for key, item in value.items():
-            total += _size_bound(key) + _size_bound(item) + 2
-        return total
-    if type(value) is str:
-        if not value.isascii():
-            value.encode("utf-8")  # raises UnicodeEncodeError on a lone surrogate
-        return 6 * len(value) + 2
-    return len(encode_canonical(value))
 
 
 def _describe(error: Exception) -> str:
@@ -309,6 +270,7 @@ def _describe(error: Exception) -> str:
 
 
 def _decode_hash(value: str) -> bytes | None:
+    """Lenient decoding (padding, URL-safe alphabet), as Synapse compares hashes."""
     try:
         return decode_base64(value)
     except ValueError:
@@ -317,7 +279,20 @@ def _decode_hash(value: str) -> bytes | None:
 
 # --- step 1: format ----------------------------------------------------------------------
 
-
+#: Top-level keys every PDU has, with their JSON type (SSAPI §PDUs; rooms/vN §Event format).
+#: ``room_id`` and (v1/v2) ``event_id`` are checked separately; ``origin`` is deprecated
+#: and optional.
+_REQUIRED_KEYS: tuple[tuple[str, type, str], ...] = (
+    ("type", str, "a string"),
+    ("content", dict, "an object"),
+    ("sender", str, "a string"),
+    ("origin_server_ts", int, "an integer"),
+    ("depth", int, "an integer"),
+    ("hashes", dict, "an object"),
+    ("signatures", dict, "an object"),
+    ("prev_events", list, "a list"),
+    ("auth_events", list, "a list"),
+)
 @functools.lru_cache(maxsize=4096)
 def _parse_user_id(value: str) -> UserId | str:
     """``UserId.parse(value)`` or the error message; memoised, as senders recur."""
@@ -336,56 +311,97 @@ def _parse_room_id(value: str) -> RoomId | str:
         return str(e)
 
 
-def _format_problem(pdu: Mapping[str, Any], rules: RoomVersion) -> str | None:
-    """Why ``pdu`` is not a valid event for ``rules``, or ``None``."""
-    event_type = pdu.get("type")
-    if not isinstance(event_type, str) or not event_type:
-        return "missing or invalid 'type'"
-    if not isinstance(pdu.get("content"), dict):
-        return "missing or invalid 'content' (must be an object)"
+def _format_problem(pdu: dict[str, Any], rules: RoomVersion, hashed_size: int) -> str | None:
+    """Why ``pdu`` is not a valid event for ``rules``, or ``None``.
+
+    ``hashed_size`` is the length of the content-hash input (the PDU minus ``hashes``,
+    ``signatures`` and ``unsigned``), from which the whole PDU's size is bounded.
+
+    Raises:
+        ValueError: a string in ``hashes``/``signatures``/``unsigned`` cannot be encoded.
+    """
+    for key, kind, what in _REQUIRED_KEYS:
+        if type(pdu.get(key)) is not kind:
+            return f"missing or invalid {key!r} (must be {what})"
+    max_int = MAX_SAFE_INTEGER if rules.format.strict_canonical_json else MAX_DEPTH
     for key in ("origin_server_ts", "depth"):
-        value = pdu.get(key)
-        if type(value) is not int or not 0 <= value <= MAX_DEPTH:
-            return f"missing or invalid {key!r} (must be a non-negative integer)"
-    sender = pdu.get("sender")
-    if not isinstance(sender, str):
-        return "missing or invalid 'sender' (must be a string)"
-    parsed = _parse_user_id(sender)
+        if not 0 <= pdu[key] <= max_int:
+            return f"{key!r} is out of range"
+    parsed = _parse_user_id(pdu["sender"])
     if isinstance(parsed, str):
         return f"invalid 'sender': {parsed}"
     problem = _room_id_problem(pdu, rules)
     if problem is not None:
         return problem
     if rules.event_id_format is EventIdFormat.EVENT_ID_FIELD:
-        try:
-            event_id = EventId.parse(pdu.get("event_id"))  # type: ignore[arg-type]
-        except InvalidIdentifier as e:
-            return f"missing or invalid 'event_id': {e}"
-        if event_id.server_name is None:
-            return f"'event_id' must be $localpart:server in {rules}"
-    if "state_key" in pdu and not isinstance(pdu["state_key"], str):
-        return "invalid 'state_key' (must be a string)"
-    for key in ("type", "state_key"):
-        value = pdu.get(key)
-        if value is not None:
-            length = len(value.encode()) if rules.format.strict_event_byte_limits else len(value)
-            if length > MAX_FIELD_LENGTH:
-                unit = "bytes" if rules.format.strict_event_byte_limits else "characters"
-                return f"{key!r} is longer than {MAX_FIELD_LENGTH} {unit}"
-    problem = _hashes_problem(pdu.get("hashes"))
-    if problem is None:
-        problem = _signatures_shape_problem(pdu.get("signatures"))
-    if problem is None:
-        for key in ("prev_events", "auth_events"):
-            problem = _references_problem(key, pdu.get(key), rules)
-            if problem is not None:
-                break
-    return problem
+        problem = _event_id_field_problem(pdu.get("event_id"), rules)
+        if problem is not None:
+            return problem
+    state_key = pdu.get("state_key")
+    if state_key is not None or "state_key" in pdu:
+        if type(state_key) is not str:
+            return "invalid 'state_key' (must be a string)"
+        problem = _length_problem("state_key", state_key, rules)
+        if problem is not None:
+            return problem
+    problem = _length_problem("type", pdu["type"], rules)
+    if problem is not None:
+        return problem
+    if type(pdu["hashes"].get("sha256")) is not str:
+        return "invalid 'hashes' (must hold a sha256 string)"
+    signatures_size = _signatures_size_bound(pdu["signatures"])
+    if signatures_size is None:
+        return "invalid 'signatures' (must map server -> key ID -> base64 string)"
+    for key in ("prev_events", "auth_events"):
+        problem = _references_problem(key, pdu[key], rules)
+        if problem is not None:
+            return problem
+
+    # CSAPI §Size limits: 65,536 bytes as canonical JSON, signatures included. Bound the
+    # parts outside the content hash first; encode them only if the bound is too big.
+    size = hashed_size + signatures_size + 14 + _size_bound(pdu["hashes"]) + 10
+    if "unsigned" in pdu:
+        size += _size_bound(pdu["unsigned"]) + 12
+    if size > MAX_PDU_BYTES:
+        unhashed = encode_canonical({k: pdu[k] for k in _UNHASHED if k in pdu})
+        size = hashed_size + len(unhashed) - 1  # two objects merged: one "{}" less, one ","
+        if size > MAX_PDU_BYTES:
+            return f"PDU is {size} bytes as canonical JSON (limit {MAX_PDU_BYTES})"
+
+    if rules.format.strict_canonical_json:
+        # rooms/v6 §Canonical JSON. Every string was checked by encoding (or bounding) it
+        # above, so only numbers are left.
+        return check_canonical_numbers(pdu)
+    return None
+
+
+def _length_problem(key: str, value: str, rules: RoomVersion) -> str | None:
+    """CSAPI §Size limits: at most 255 bytes (v11+), or 255 code points before."""
+    if len(value) <= MAX_FIELD_LENGTH // 4:  # cannot exceed 255 bytes in UTF-8
+        return None
+    if rules.format.strict_event_byte_limits:
+        if len(value.encode("utf-8")) > MAX_FIELD_LENGTH:
+            return f"{key!r} is longer than {MAX_FIELD_LENGTH} bytes"
+    elif len(value) > MAX_FIELD_LENGTH:
+        return f"{key!r} is longer than {MAX_FIELD_LENGTH} characters"
+    return None
+
+
+def _event_id_field_problem(value: object, rules: RoomVersion) -> str | None:
+    if not isinstance(value, str):
+        return f"missing or invalid 'event_id' (required in {rules})"
+    try:
+        event_id = EventId.parse(value)
+    except InvalidIdentifier as e:
+        return f"invalid 'event_id': {e}"
+    if event_id.server_name is None:
+        return f"'event_id' must be $localpart:server in {rules}"
+    return None
 
 
 def _room_id_problem(pdu: Mapping[str, Any], rules: RoomVersion) -> str | None:
     hash_form = rules.format.room_id_is_create_event_hash
-    if hash_form and pdu.get("type") == "m.room.create":
+    if hash_form and pdu["type"] == "m.room.create":
         if "room_id" in pdu:
             return f"an m.room.create event must not have a 'room_id' in {rules}"
         return None
@@ -401,40 +417,56 @@ def _room_id_problem(pdu: Mapping[str, Any], rules: RoomVersion) -> str | None:
     return None
 
 
-def _hashes_problem(hashes: object) -> str | None:
-    if not isinstance(hashes, dict) or not isinstance(hashes.get("sha256"), str):
-        return "missing or invalid 'hashes' (must hold a sha256 string)"
-    return None
-
-
-def _signatures_shape_problem(signatures: object) -> str | None:
-    if not isinstance(signatures, dict):
-        return "missing or invalid 'signatures' (must be an object)"
-    for by_key in signatures.values():
-        if not isinstance(by_key, dict) or not all(isinstance(sig, str) for sig in by_key.values()):
-            return "invalid 'signatures' (must map server -> key ID -> base64 string)"
-    return None
-
-
-def _references_problem(key: str, refs: object, rules: RoomVersion) -> str | None:
-    if not isinstance(refs, list):
-        return f"missing or invalid {key!r} (must be a list)"
+def _references_problem(key: str, refs: list[Any], rules: RoomVersion) -> str | None:
     if rules.event_id_format is EventIdFormat.EVENT_ID_FIELD:
         # rooms/v1 §Event format: [[event_id, {"sha256": ...}], ...]; Synapse writes {}
         # for the hashes of some references, which must be accepted.
         for ref in refs:
             if not (
-                isinstance(ref, list)
-                and len(ref) == 2
-                and isinstance(ref[0], str)
-                and isinstance(ref[1], dict)
+                type(ref) is list and len(ref) == 2 and type(ref[0]) is str and type(ref[1]) is dict
             ):
                 return f"invalid {key!r} (must be [event_id, hashes] pairs in {rules})"
     else:
         for ref in refs:
-            if not isinstance(ref, str) or not ref.startswith("$"):
+            if type(ref) is not str or not ref.startswith("$"):
                 return f"invalid {key!r} (must be a list of event IDs in {rules})"
     return None
+
+
+def _str_bound(text: str) -> int:
+    """At most 6 bytes per code point (``\\u00XX`` escapes; UTF-8 needs 4 at most) plus
+    the quotes. Raises ``UnicodeEncodeError`` for a lone surrogate, as encoding would."""
+    if not text.isascii():
+        text.encode("utf-8")
+    return 6 * len(text) + 2
+
+
+def _signatures_size_bound(signatures: dict[str, Any]) -> int | None:
+    """A bound on the encoded size of ``signatures``, or ``None`` if it is not an object of
+    objects of strings."""
+    total = 2
+    for server, by_key in signatures.items():
+        if type(by_key) is not dict:
+            return None
+        total += _str_bound(server) + 4  # ':' ',' '{' '}'
+        for key_id, signature in by_key.items():
+            if type(signature) is not str:
+                return None
+            total += _str_bound(key_id) + _str_bound(signature) + 2
+    return total
+
+
+def _size_bound(value: object) -> int:
+    """A bound on the encoded size of ``value`` (objects and strings bounded, the rest
+    encoded)."""
+    if type(value) is dict:
+        total = 2
+        for key, item in value.items():
+            total += _size_bound(key) + _size_bound(item) + 2
+        return total
+    if type(value) is str:
+        return _str_bound(value)
+    return len(encode_canonical(value))
 
 
 # --- step 2: signatures -----------------------------------------------------------------
