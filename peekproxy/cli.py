@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     key = commands.add_parser("generate-signing-key", help="create an ed25519 signing key file")
     key.add_argument("path", help="file to create (mode 0600; never overwritten)")
     key.set_defaults(func=_cmd_generate_signing_key)
+
+    from peekproxy.federation.pdu_cli import add_pdu_parser
+
+    add_pdu_parser(commands)
     return parser
 
 

@@ -211,9 +211,12 @@ def check_pdu(pdu: Mapping[str, Any], rules: RoomVersion, keys: KeyLookup) -> Pd
         Each required server needs at least one signature by a key that counts, and every
         signature by a key that counts must verify.
     """
-    if not isinstance(pdu, Mapping):
+    if type(pdu) is dict:
+        event = pdu
+    elif isinstance(pdu, Mapping):
+        event = dict(pdu)
+    else:
         return _reject(None, "PDU is not a JSON object")
-    event = pdu if type(pdu) is dict else dict(pdu)
     try:
         return _check(event, rules, keys)
     except RecursionError:
@@ -293,6 +296,16 @@ _REQUIRED_KEYS: tuple[tuple[str, type, str], ...] = (
     ("prev_events", list, "a list"),
     ("auth_events", list, "a list"),
 )
+#: Top-level non-string values that step 1 checks fully (in-range integers; an object of
+#: objects of strings), so the strict canonical-JSON walk can skip them; with reference-hash
+#: event IDs, ``prev_events``/``auth_events`` are checked to be lists of strings too.
+_CHECKED = frozenset({"origin_server_ts", "depth", "signatures"})
+_CHECKED_REFS = _CHECKED | {"prev_events", "auth_events"}
+_FIELD = EventIdFormat.EVENT_ID_FIELD
+#: Strings this short cannot exceed 255 bytes of UTF-8.
+_SHORT = MAX_FIELD_LENGTH // 4
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_user_id(value: str) -> UserId | str:
     """``UserId.parse(value)`` or the error message; memoised, as senders recur."""
@@ -341,13 +354,17 @@ def _format_problem(pdu: dict[str, Any], rules: RoomVersion, hashed_size: int) -
     if state_key is not None or "state_key" in pdu:
         if type(state_key) is not str:
             return "invalid 'state_key' (must be a string)"
-        problem = _length_problem("state_key", state_key, rules)
+        if len(state_key) > _SHORT:
+            problem = _length_problem("state_key", state_key, rules)
+            if problem is not None:
+                return problem
+    if len(pdu["type"]) > _SHORT:
+        problem = _length_problem("type", pdu["type"], rules)
         if problem is not None:
             return problem
-    problem = _length_problem("type", pdu["type"], rules)
-    if problem is not None:
-        return problem
-    if type(pdu["hashes"].get("sha256")) is not str:
+    hashes: dict[str, Any] = pdu["hashes"]
+    sha256 = hashes.get("sha256")
+    if type(sha256) is not str:
         return "invalid 'hashes' (must hold a sha256 string)"
     signatures_size = _signatures_size_bound(pdu["signatures"])
     if signatures_size is None:
@@ -359,7 +376,9 @@ def _format_problem(pdu: dict[str, Any], rules: RoomVersion, hashed_size: int) -
 
     # CSAPI §Size limits: 65,536 bytes as canonical JSON, signatures included. Bound the
     # parts outside the content hash first; encode them only if the bound is too big.
-    size = hashed_size + signatures_size + 14 + _size_bound(pdu["hashes"]) + 10
+    only_sha256 = len(hashes) == 1
+    hashes_size = _str_bound(sha256) + 12 if only_sha256 else _size_bound(hashes)
+    size = hashed_size + signatures_size + 14 + hashes_size + 10
     if "unsigned" in pdu:
         size += _size_bound(pdu["unsigned"]) + 12
     if size > MAX_PDU_BYTES:
@@ -370,15 +389,21 @@ def _format_problem(pdu: dict[str, Any], rules: RoomVersion, hashed_size: int) -
 
     if rules.format.strict_canonical_json:
         # rooms/v6 §Canonical JSON. Every string was checked by encoding (or bounding) it
-        # above, so only numbers are left.
-        return check_canonical_numbers(pdu)
+        # above, and the values checked above need no walk, so only numbers elsewhere are
+        # left.
+        checked = _CHECKED_REFS if rules.event_id_format is not _FIELD else _CHECKED
+        for key, value in pdu.items():
+            if type(value) is not str and key not in checked:
+                if key == "hashes" and only_sha256:
+                    continue
+                problem = check_canonical_numbers(value)
+                if problem is not None:
+                    return problem
     return None
 
 
 def _length_problem(key: str, value: str, rules: RoomVersion) -> str | None:
     """CSAPI §Size limits: at most 255 bytes (v11+), or 255 code points before."""
-    if len(value) <= MAX_FIELD_LENGTH // 4:  # cannot exceed 255 bytes in UTF-8
-        return None
     if rules.format.strict_event_byte_limits:
         if len(value.encode("utf-8")) > MAX_FIELD_LENGTH:
             return f"{key!r} is longer than {MAX_FIELD_LENGTH} bytes"
@@ -443,7 +468,7 @@ def _str_bound(text: str) -> int:
 
 def _signatures_size_bound(signatures: dict[str, Any]) -> int | None:
     """A bound on the encoded size of ``signatures``, or ``None`` if it is not an object of
-    objects of strings."""
+    objects of strings. Raises ``UnicodeEncodeError`` for a lone surrogate."""
     total = 2
     for server, by_key in signatures.items():
         if type(by_key) is not dict:
@@ -452,7 +477,10 @@ def _signatures_size_bound(signatures: dict[str, Any]) -> int | None:
         for key_id, signature in by_key.items():
             if type(signature) is not str:
                 return None
-            total += _str_bound(key_id) + _str_bound(signature) + 2
+            if not (key_id.isascii() and signature.isascii()):
+                key_id.encode("utf-8")
+                signature.encode("utf-8")
+            total += 6 * (len(key_id) + len(signature)) + 6
     return total
 
 
@@ -476,12 +504,12 @@ def _signature_problem(
     pdu: Mapping[str, Any], signed_bytes: bytes, rules: RoomVersion, keys: KeyLookup
 ) -> str | None:
     """Why the signatures fail, or ``None`` when every required server signed."""
-    authoriser = _authorising_user(pdu, rules)
-    if authoriser is not None:
-        try:
-            UserId.parse(authoriser)  # type: ignore[arg-type]
-        except InvalidIdentifier as e:
-            return f"invalid 'join_authorised_via_users_server': {e}"
+    if pdu["type"] == "m.room.member":
+        authoriser = _authorising_user(pdu, rules)
+        if authoriser is not None:
+            parsed = _parse_user_id(authoriser) if isinstance(authoriser, str) else "not a string"
+            if isinstance(parsed, str):
+                return f"invalid 'join_authorised_via_users_server': {parsed}"
     signatures: dict[str, Any] = pdu["signatures"]
     origin_server_ts: int = pdu["origin_server_ts"]
     enforce_validity = rules.signatures.enforce_key_validity

@@ -1,0 +1,272 @@
+"""``peekproxy pdu check``: run the PDU receipt checks (steps 1-3) on PDUs from a file.
+
+Usage::
+
+    peekproxy pdu check [--room-version N] [--key SERVER:ed25519:ID:BASE64]... [FILE|-]
+
+Input (a file, or standard input for ``-`` or no argument) is one of:
+
+* one PDU (a JSON object with a ``type``);
+* a JSON list of PDUs;
+* a fixture file like ``shared/fixtures/synapse-pdus/vN.json`` (``{"events": [{"pdu": …}]}``)
+  or ``vN.tampered.json`` (``{"cases": [{"pdu": …}]}``), or a peek response
+  (``{"state": […], "auth_chain": […], "latest_event": {…}}``). These carry
+  ``room_version``, used when ``--room-version`` is not given, and their ``verify_keys``
+  (with ``server_name``) are used when no ``--key`` is given.
+
+Keys: ``--key`` splits from the right, so a server name may carry a port
+(``localhost:8448:ed25519:a_b:BASE64``). Without any key (and no keys in a fixture file),
+the keys are fetched over federation (:func:`fetch_keys_for`), with the ``[federation]``
+settings of ``-c CONFIG`` when given.
+
+Output: one line per PDU, ``<event_id> <accept|redact|reject> <reason>`` (``-`` when the
+event ID cannot be known). Exit status: 0 when every PDU is accepted, 1 otherwise, 2 when
+the input is unusable (bad JSON, unknown room version, bad ``--key``), with a one-line
+message on standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from peekproxy.federation.pdu import KeyLookup, VerifyKeyInfo
+
+__all__ = ["add_pdu_parser", "fetch_keys_for", "parse_key_option", "run_pdu_check"]
+
+EXIT_OK, EXIT_NOT_ALL_ACCEPTED, EXIT_USAGE = 0, 1, 2
+
+_KEY_VERSION = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+class UsageError(Exception):
+    """The command cannot run on this input; the message is one line for stderr."""
+
+
+def fetch_keys_for(wanted: Mapping[str, set[str]], config_path: str | None) -> KeyLookup:
+    """Fetch the verify keys of ``wanted`` (server name → key IDs) over federation: from
+    each server's ``/_matrix/key/v2/server``, else the config's ``trusted_key_servers``.
+
+    Federation settings (IP policy, DNS servers, CA file, notaries) come from the config
+    file at ``config_path``, or the defaults. A server whose keys cannot be had is reported
+    on standard error; its PDUs are then rejected for want of a key.
+
+    Raises:
+        UsageError: the config file is unusable.
+    """
+    import trio
+
+    from peekproxy.config import ConfigError, FederationSection, load_config
+    from peekproxy.federation.client import FederationClient
+    from peekproxy.federation.keyring import KeyFetchError, Keyring, TrustedNotary
+
+    federation = FederationSection()
+    if config_path is not None:
+        try:
+            federation = load_config(config_path, check_files=False).federation
+        except ConfigError as e:
+            raise UsageError("; ".join(e.problems)) from None
+
+    async def fetch() -> Keyring:
+        client = FederationClient.from_config(federation)
+        notaries = [TrustedNotary(n.server_name, n.verify_keys)
+                    for n in federation.trusted_key_servers]
+        keyring = Keyring(client, None, notaries)
+        try:
+            for server, key_ids in sorted(wanted.items()):
+                try:
+                    await keyring.fetch_keys(server, sorted(key_ids))
+                except KeyFetchError as e:
+                    print(f"pdu check: {e}", file=sys.stderr)
+        finally:
+            await client.aclose()
+        return keyring
+
+    return trio.run(fetch).lookup
+
+
+def _wanted_keys(pdus: Iterable[Any], rules: Any) -> dict[str, set[str]]:
+    from peekproxy.federation.pdu import required_signers
+
+    wanted: dict[str, set[str]] = {}
+    for pdu in pdus:
+        if not isinstance(pdu, dict):
+            continue
+        signatures = pdu.get("signatures")
+        for server in required_signers(pdu, rules):
+            ids = signatures.get(server) if isinstance(signatures, dict) else None
+            wanted.setdefault(server, set()).update(
+                k for k in (ids if isinstance(ids, dict) else {}) if k.startswith("ed25519:")
+            )
+    return wanted
+
+
+def parse_key_option(value: str) -> tuple[str, str, VerifyKeyInfo]:
+    """Parse ``SERVER:ed25519:ID:BASE64`` (split from the right) into
+    ``(server_name, key_id, key)``.
+
+    Raises:
+        UsageError: not four parts, an algorithm other than ed25519, a bad key version or
+            server name, or not the base64 of a 32-byte key.
+    """
+    from peekproxy.federation.pdu import VerifyKeyInfo
+    from peekproxy.identifiers import InvalidIdentifier, ServerName
+
+    parts = value.rsplit(":", 3)
+    if len(parts) != 4:
+        raise UsageError(f"--key {value!r}: expected SERVER:ed25519:ID:BASE64")
+    server, algorithm, version, key = parts
+    if algorithm != "ed25519":
+        raise UsageError(f"--key {value!r}: only ed25519 keys are supported, not {algorithm!r}")
+    if not _KEY_VERSION.match(version):
+        raise UsageError(f"--key {value!r}: the key version must match [A-Za-z0-9_]+")
+    try:
+        ServerName.parse(server)
+    except InvalidIdentifier as e:
+        raise UsageError(f"--key {value!r}: {e}") from None
+    try:
+        info = VerifyKeyInfo.from_base64(key)
+    except ValueError as e:
+        raise UsageError(f"--key {value!r}: not a base64 ed25519 public key ({e})") from None
+    return server, f"{algorithm}:{version}", info
+
+
+def _read_input(source: str) -> Any:
+    from peekproxy.federation.canonical_json import CanonicalJSONError, loads_strict
+
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {source}: {e.strerror}") from None
+    try:
+        return loads_strict(data)
+    except CanonicalJSONError as e:
+        raise UsageError(f"{'standard input' if source == '-' else source}: {e}") from None
+
+
+def _split_input(document: Any) -> tuple[list[Any], Mapping[str, Any]]:
+    """(the PDUs, the object that may hold room_version/server_name/verify_keys)."""
+    if isinstance(document, list):
+        return document, {}
+    if not isinstance(document, dict):
+        raise UsageError("input must be a PDU, a list of PDUs or a fixture file")
+    for key in ("events", "cases"):
+        if key in document:
+            entries = document[key]
+            if not isinstance(entries, list) or not all(
+                isinstance(entry, dict) and "pdu" in entry for entry in entries
+            ):
+                raise UsageError(f"fixture file: {key!r} must be a list of {{'pdu': ...}}")
+            return [entry["pdu"] for entry in entries], document
+    if any(key in document for key in ("state", "auth_chain", "latest_event")):
+        pdus: list[Any] = []
+        for key in ("state", "auth_chain"):
+            section = document.get(key, [])
+            if not isinstance(section, list):
+                raise UsageError(f"peek response: {key!r} must be a list")
+            pdus.extend(section)
+        if "latest_event" in document:
+            pdus.append(document["latest_event"])
+        metadata = document.get("_fixture")
+        merged = {**(metadata if isinstance(metadata, dict) else {}), **document}
+        return pdus, merged
+    return [document], {}
+
+
+def _fixture_keys(metadata: Mapping[str, Any]) -> dict[tuple[str, str], VerifyKeyInfo]:
+    from peekproxy.federation.pdu import VerifyKeyInfo
+
+    server, verify_keys = metadata.get("server_name"), metadata.get("verify_keys")
+    if not isinstance(server, str) or not isinstance(verify_keys, dict):
+        return {}
+    table: dict[tuple[str, str], VerifyKeyInfo] = {}
+    for key_id, key in verify_keys.items():
+        if isinstance(key, dict):  # the key-document shape {"key": ...}
+            key = key.get("key")
+        try:
+            table[(server, key_id)] = VerifyKeyInfo.from_base64(key)
+        except (ValueError, TypeError, AttributeError):
+            raise UsageError(f"fixture file: bad verify key {key_id!r}") from None
+    return table
+
+
+def run_pdu_check(args: argparse.Namespace) -> int:
+    """The ``pdu check`` command; returns the exit status (see the module docstring)."""
+    try:
+        return _run(args)
+    except UsageError as e:
+        print(f"pdu check: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:
+    from peekproxy.federation.pdu import check_pdu, key_table
+    from peekproxy.federation.room_versions import UnknownRoomVersion, room_version
+
+    table: dict[tuple[str, str], VerifyKeyInfo] = {}
+    for value in args.key:
+        server, key_id, info = parse_key_option(value)
+        table[(server, key_id)] = info
+
+    pdus, metadata = _split_input(_read_input(args.file))
+    version = args.room_version if args.room_version is not None else metadata.get("room_version")
+    if version is None:
+        raise UsageError("no --room-version given and the input does not name one")
+    try:
+        rules = room_version(str(version))
+    except UnknownRoomVersion as e:
+        raise UsageError(str(e)) from None
+
+    if not table:
+        table = _fixture_keys(metadata)
+    if table:
+        keys = key_table(table)
+    else:
+        keys = fetch_keys_for(_wanted_keys(pdus, rules), args.config)
+
+    all_accepted = True
+    for pdu in pdus:
+        verdict = check_pdu(pdu, rules, keys)
+        all_accepted = all_accepted and verdict.outcome == "accept"
+        print(f"{verdict.event_id or '-'} {verdict.outcome} {verdict.reason}")
+    return EXIT_OK if all_accepted else EXIT_NOT_ALL_ACCEPTED
+
+
+def add_pdu_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``pdu check`` on the top-level ``peekproxy`` sub-command parsers."""
+    pdu = commands.add_parser("pdu", help="work with PDUs (federation events)")
+    actions = pdu.add_subparsers(dest="pdu_command", required=True, metavar="ACTION")
+    check = actions.add_parser(
+        "check",
+        help="verify PDUs: format, signatures, content hash (receipt checks 1-3)",
+        description=(
+            "Verify PDUs as a receiving server does (format, signatures, content hash) and "
+            "print '<event_id> <accept|redact|reject> <reason>' per PDU. Exit 0 if all are "
+            "accepted, 1 if not, 2 on unusable input."
+        ),
+    )
+    check.add_argument(
+        "--room-version", help="room version (default: the fixture file's room_version)"
+    )
+    check.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="SERVER:ed25519:ID:BASE64",
+        help="a signing key to trust (repeatable; the server name may carry a port)",
+    )
+    check.add_argument(
+        "-c",
+        "--config",
+        help="config file whose [federation] settings (IP policy, DNS, CA, notaries) are "
+        "used to fetch keys when no --key is given (default: built-in defaults)",
+    )
+    check.add_argument(
+        "file", nargs="?", default="-", help="JSON file of PDUs, or - for standard input"
+    )
+    check.set_defaults(func=run_pdu_check)
