@@ -74,8 +74,9 @@ def fetch_keys_for(wanted: Mapping[str, set[str]], config_path: str | None) -> K
 
     async def fetch() -> Keyring:
         client = FederationClient.from_config(federation)
-        notaries = [TrustedNotary(n.server_name, n.verify_keys)
-                    for n in federation.trusted_key_servers]
+        notaries = [
+            TrustedNotary(n.server_name, n.verify_keys) for n in federation.trusted_key_servers
+        ]
         keyring = Keyring(client, None, notaries)
         try:
             for server, key_ids in sorted(wanted.items()):
