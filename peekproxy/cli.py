@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     from peekproxy.federation.pdu_cli import add_pdu_parser
 
     add_pdu_parser(commands)
+
+    from peekproxy.testbed.cli import add_testbed_parser
+
+    add_testbed_parser(commands)
     return parser
 
 

@@ -385,6 +385,40 @@ def _describe(error: Mapping[str, Any], env_names: Mapping[tuple[str, ...], str]
     return f"{key}: {message}" + (f" (from {source})" if source else "")
 
 
+def load_federation_section(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+) -> FederationSection:
+    """Only the ``[federation]`` section of a config file (other sections may be absent),
+    with ``PEEKPROXY_FEDERATION__*`` overrides; used by tools such as ``pdu check``.
+
+    Raises:
+        ConfigError: one line per problem, each naming the key.
+    """
+    file = Path(path)
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: config file not found"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{file}: invalid TOML: {e}"]) from None
+    section = {"federation": data.get("federation", {})}
+    env_names: dict[tuple[str, ...], str] = {}
+    for parts, (name, value) in _env_overrides(os.environ if environ is None else environ).items():
+        if parts[0] == "federation":
+            _apply(section, parts, value)
+            env_names[parts] = name
+
+    class _Only(_Section):
+        federation: FederationSection = FederationSection()
+
+    try:
+        return _Only.model_validate(
+            section, context={"base_dir": file.resolve().parent, "check_files": True}
+        ).federation
+    except ValidationError as e:
+        raise ConfigError([_describe(err, env_names) for err in e.errors()]) from None
+
+
 def load_config(
     path: str | os.PathLike[str],
     environ: Mapping[str, str] | None = None,

@@ -173,7 +173,8 @@ def issue_cert(ca: Any, directory: Path, *names: str) -> tuple[Path, Path]:
 class JsonApp:
     """A tiny ASGI app: ``routes`` maps (method, path) to an async handler
     ``(scope, body) -> (status, payload)`` or ``(status, payload, headers)``; a ``bytes``
-    payload is sent as it is, anything else as JSON. Unrouted requests get 404."""
+    payload is sent as it is, anything else as JSON. A path ending in ``*`` matches by
+    prefix. Unrouted requests get 404."""
 
     def __init__(self, routes: dict[tuple[str, str], Any]) -> None:
         self.routes = routes
@@ -197,7 +198,16 @@ class JsonApp:
         self.requests.append(
             {"method": scope["method"], "path": scope["path"], "headers": headers, "body": body}
         )
-        handler = self.routes.get((scope["method"], scope["path"]))
+        handler = self.routes.get((scope["method"], scope["path"])) or next(
+            (
+                h
+                for (method, path), h in self.routes.items()
+                if path.endswith("*")
+                and method == scope["method"]
+                and scope["path"].startswith(path[:-1])
+            ),
+            None,
+        )
         extra: dict[str, str] = {}
         if handler is None:
             status, payload = 404, {"errcode": "M_UNRECOGNIZED", "error": "no route"}

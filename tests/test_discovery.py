@@ -294,3 +294,30 @@ def test_well_known_cache_period() -> None:
     assert well_known_cache_period({"cache-control": "max-age=10"}) == 300  # at least 5 min
     assert well_known_cache_period({"cache-control": "max-age=999999"}) == 48 * 3600
     assert well_known_cache_period({"cache-control": "no-store"}) == 300
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "::1",
+        "::ffff:127.0.0.1",
+        "::127.0.0.1",
+        "64:ff9b::7f00:1",
+        "2002:7f00:1::1",
+        "::ffff:0.0.0.0",
+        "0.0.0.0",
+        "::",
+        "10.1.2.3",
+        "fe80::1",
+    ],
+)
+def test_ip_policy_blocks_embedded_private_addresses(address: str) -> None:
+    assert not IpFilter(BLACKLIST).allowed(address)
+
+
+def test_ip_policy_allows_public_and_whitelisted() -> None:
+    assert IpFilter(BLACKLIST).allowed("93.184.216.34")
+    assert IpFilter(BLACKLIST).allowed("2606:2800:220:1::1")
+    loopback = IpFilter(BLACKLIST, [ipaddress.ip_network("127.0.0.0/8")])
+    assert loopback.allowed("127.0.0.1") and loopback.allowed("::ffff:127.0.0.1")

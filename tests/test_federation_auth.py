@@ -64,6 +64,12 @@ async def test_inbound_requests_are_verified(
         tampered = await http.get(TARGET.replace("nothing", "else"), headers=signed())
         unknown_origin = await http.get(TARGET, headers=signed(origin="localhost:1"))
         malformed = await http.get(TARGET, headers={"Authorization": "X-Matrix origin=oops"})
+        many = await http.get(
+            TARGET,
+            headers=[
+                ("Authorization", signed(origin=f"o{i}.test")["Authorization"]) for i in range(4)
+            ],
+        )
         bad_alias = await http.get(
             "/_matrix/federation/v1/query/directory?room_alias=nope",
             headers=signed("/_matrix/federation/v1/query/directory?room_alias=nope"),
@@ -78,6 +84,7 @@ async def test_inbound_requests_are_verified(
         (tampered, "invalid X-Matrix signature"),
         (unknown_origin, "cannot get keys of localhost:1"),
         (malformed, "lacks key, sig"),
+        (many, "more than 3 X-Matrix headers"),
     ]:
         assert response.status_code == 401, (reason, response.text)
         assert response.json()["errcode"] == "M_UNAUTHORIZED"

@@ -213,3 +213,31 @@ async def test_notary_is_asked_when_the_origin_is_unreachable(
     message = str(caught.value)
     assert origin_name in message and f"notary {notary_name}" in message
     assert "not signed by the notary" in message
+
+
+async def test_abuse_limits(nursery: trio.Nursery, tls_files: tuple[Path, Path, Path]) -> None:
+    remote = await _key_server(nursery, tls_files)
+    keyring = Keyring(_client(tls_files[2]))
+    for bad in ("rsa:k1", "k1", "ed25519:", "ed25519:a-b"):
+        with pytest.raises(KeyFetchError, match="not an ed25519 key ID"):
+            await keyring.request_key(remote.name, bad)
+    assert remote.fetches == 0  # refused before any network call
+    with pytest.raises(KeyFetchError, match="did not publish ed25519:other"):
+        await keyring.request_key(remote.name, "ed25519:other")
+    with pytest.raises(KeyFetchError, match="when last asked"):
+        await keyring.request_key(remote.name, "ed25519:other")
+    assert remote.fetches == 1  # the miss is remembered for a while
+    with pytest.raises(KeyFetchError, match="cannot get keys of localhost:1"):
+        await keyring.request_key("localhost:1", "ed25519:a")
+    with pytest.raises(KeyFetchError, match="not retried for"):
+        await keyring.request_key("localhost:1", "ed25519:a")
+
+
+async def test_unpinned_unreachable_notary_is_an_error_not_a_loop(
+    tls_files: tuple[Path, Path, Path],
+) -> None:
+    notary = TrustedNotary("localhost:2", {})  # keys not pinned, and nobody answers there
+    keyring = Keyring(_client(tls_files[2]), notaries=[notary])
+    with pytest.raises(KeyFetchError) as caught:
+        await keyring.fetch_keys("localhost:1", ["ed25519:a"])
+    assert "notary localhost:2" in str(caught.value)

@@ -17,7 +17,7 @@ from unpaddedbase64 import encode_base64
 from peekproxy.federation.events import content_hash, redact, reference_hash_input
 from peekproxy.federation.room_versions import room_version
 from tests.dns import start_dnsmasq
-from tests.support import JsonApp, issue_cert, run_cli, serve_app, write_config
+from tests.support import JsonApp, issue_cert, run_cli, serve_app
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "synapse-pdus"
 OUTCOME = {"accept": "accept", "redact": "redact", "drop": "reject"}
@@ -171,7 +171,7 @@ def test_bad_key_option_exits_2(key: str, message: str) -> None:
 
 
 async def test_without_a_key_the_keys_are_fetched_over_federation(
-    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, server_dir: Path
+    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path
 ) -> None:
     """The fixture's server (hs-alpha.test) is found through real DNS and serves its real,
     Synapse-signed key document over TLS; pdu check fetches it and verifies the room."""
@@ -189,17 +189,11 @@ async def test_without_a_key_the_keys_are_fetched_over_federation(
         tls=issue_cert(tls_ca, tmp_path, server_name),
     )
     tls_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    config = write_config(
-        server_dir,
-        extra={
-            "federation": f'dns_nameservers = ["{dns}"]\n'
-            'ip_range_whitelist = ["127.0.0.0/8"]\n'
-            f'tls_ca_file = "{tmp_path / "ca.pem"}"'
-        },
+    config = tmp_path / "federation-only.toml"  # only the section pdu check uses
+    config.write_text(
+        f'[federation]\ndns_nameservers = ["{dns}"]\nip_range_whitelist = ["127.0.0.0/8"]\n'
+        f'tls_ca_file = "{tmp_path / "ca.pem"}"\ndefault_port = 18448\n'
     )
-    text = config.read_text()
-    text = text.replace("ip_range_whitelist = []\n", "").replace("dns_nameservers = []\n", "")
-    config.write_text(text.replace("default_port = 8448", "default_port = 18448"))
     pdus = tmp_path / "pdus.json"  # bare PDUs: no keys in the input
     pdus.write_text(json.dumps([e["pdu"] for e in fixture["events"]]))
 
@@ -247,6 +241,12 @@ async def test_without_a_key_the_keys_are_fetched_over_federation(
     assert result.returncode == 1
     assert f"cannot get keys of {server_name}" in result.stderr.decode()
     assert all(o == "reject" for _, o, _ in _lines(result.stdout.decode()))
+
+
+def test_empty_input_is_unusable(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    _assert_usage_error(run_cli("pdu", "check", "--room-version", "10", str(empty)), "no PDUs")
 
 
 def test_reads_standard_input() -> None:

@@ -25,6 +25,8 @@ __all__ = ["AuthenticatedRequest", "authenticate", "raw_request_target"]
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Each X-Matrix header may cost a key fetch: a request may carry only a few.
+MAX_AUTH_HEADERS = 3
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ async def authenticate(
     ]
     if not headers:
         raise MatrixError(401, "M_UNAUTHORIZED", "Missing X-Matrix Authorization header")
+    if len(headers) > MAX_AUTH_HEADERS:
+        raise MatrixError(401, "M_UNAUTHORIZED", f"more than {MAX_AUTH_HEADERS} X-Matrix headers")
     content = await read_json_body(request)
     target = raw_request_target(request)
     errors = []

@@ -159,11 +159,35 @@ class IpFilter:
         ip = ipaddress.ip_address(address)
         if ip.is_unspecified:
             return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if any(ip in net for net in self.whitelist if net.version == ip.version):
+        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+        if isinstance(ip, ipaddress.IPv6Address):
+            candidates += _embedded_ipv4(ip)
+        if any(c in net for c in candidates for net in self.whitelist if net.version == c.version):
             return True
-        return not any(ip in net for net in self.blacklist if net.version == ip.version)
+        return not any(
+            c.is_unspecified or c in net
+            for c in candidates
+            for net in self.blacklist
+            if net.version == c.version
+        )
+
+
+_COMPAT = ipaddress.ip_network("::/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses carried inside an IPv6 one (mapped, compatible, NAT64, 6to4): they are
+    checked against the IPv4 lists too, so ``::ffff:127.0.0.1`` cannot dodge ``127.0.0.0/8``."""
+    found = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip in _COMPAT or ip in _NAT64:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    return found
 
 
 @dataclass
@@ -328,8 +352,9 @@ class FederationClient:
         if self._backoff is not None:
             self._backoff.check(destination)
         target = path
-        if query:
-            target += "?" + urlencode(query, doseq=True, quote_via=quote)
+        encoded = urlencode(query or {}, doseq=True, quote_via=quote)
+        if encoded:
+            target += "?" + encoded
         body = canonicaljson.encode_canonical_json(content) if content is not None else None
         try:
             resolution = await self.resolver.resolve(destination)
@@ -535,6 +560,9 @@ def _describe(error: BaseException) -> str:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if isinstance(current, BaseExceptionGroup) and current.exceptions:
+            current = current.exceptions[0]
+            continue
         text = str(current).strip()
         if isinstance(current, ssl.SSLCertVerificationError):
             text = f"TLS certificate check failed: {current.verify_message}"

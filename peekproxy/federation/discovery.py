@@ -21,6 +21,7 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import json
+import logging
 import random
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -49,6 +50,8 @@ __all__ = [
     "parse_well_known",
     "well_known_cache_period",
 ]
+
+log = logging.getLogger(__name__)
 
 WELL_KNOWN_MAX_BYTES = 50 * 1024
 WELL_KNOWN_DEFAULT_CACHE_S = 24 * 3600.0
@@ -209,7 +212,8 @@ class WellKnownCache:
             return entry.value
         try:
             value, period = await self.fetch(hostname)
-        except Exception:
+        except Exception as e:
+            log.info("no delegation from https://%s/.well-known/matrix/server: %s", hostname, e)
             failures = (entry.failures + 1) if entry is not None and entry.value is None else 1
             period = min(
                 WELL_KNOWN_ERROR_CACHE_MIN_S * 2 ** (failures - 1), WELL_KNOWN_ERROR_CACHE_MAX_S

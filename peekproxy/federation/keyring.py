@@ -8,8 +8,11 @@
   the origin *and* signed by the notary.
 * Keys are cached in memory and in the store, by ``valid_until_ts``. The effective validity
   is ``min(valid_until_ts, fetched_ts + 7 days)`` (the cap the spec requires for room
-  versions 5 and later; room versions 1–4 ignore validity altogether). ``old_verify_keys``
+  versions 5 and later; room versions 1–4 ignore ``valid_until_ts``). ``old_verify_keys``
   count for events sent before their ``expired_ts``, never for requests.
+* Abuse limits: key IDs that are not ``ed25519:[A-Za-z0-9_]+`` are refused without a fetch;
+  a failed fetch of a server is not repeated for 30 s (doubling up to 10 min); a key ID a
+  fresh document did not contain is not asked for again for 60 s.
 * First seen wins: once a key ID is known with some key bytes, different bytes under the
   same ID are ignored (and logged).
 """
@@ -17,6 +20,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,6 +46,12 @@ KEY_VALIDITY_CAP_MS = 7 * 24 * 3600 * 1000
 
 class KeyFetchError(Exception):
     """No usable key could be obtained; the message says what was tried."""
+
+
+_KEY_ID = re.compile(r"^ed25519:[A-Za-z0-9_]+$")
+FAILURE_HOLD_S = 30.0
+FAILURE_HOLD_MAX_S = 600.0
+MISSING_KEY_HOLD_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +165,8 @@ class Keyring:
         self._clock_ms = clock_ms
         self._keys: dict[tuple[str, str], StoredKey] = {}
         self._locks: dict[str, trio.Lock] = {}
+        self._failed: dict[str, tuple[float, float, str]] = {}  # until, hold, message
+        self._missing: dict[tuple[str, str], float] = {}
 
     # -- cache -------------------------------------------------------------------------------
 
@@ -252,44 +264,78 @@ class Keyring:
         key_ids: Iterable[str] = (),
         *,
         minimum_valid_until_ts: int = 0,
+        use_notaries: bool = True,
     ) -> None:
         """Make sure the cache holds ``key_ids`` of ``server_name`` (any current key when
         empty) valid until at least ``minimum_valid_until_ts``; fetch when it does not.
 
         Raises:
-            KeyFetchError: neither the server nor any notary gave usable keys; the message
-                lists every source tried and why it failed.
+            KeyFetchError: a malformed key ID, or neither the server nor any notary gave
+                usable keys; the message lists every source tried and why it failed.
         """
         key_ids = list(key_ids)
+        for key_id in key_ids:
+            if not _KEY_ID.match(key_id):
+                raise KeyFetchError(f"{key_id!r} is not an ed25519 key ID (ed25519:<version>)")
+        if self._satisfied(server_name, key_ids, minimum_valid_until_ts):
+            return
+        now = time.monotonic()
+        failed = self._failed.get(server_name)
+        if failed is not None and failed[0] > now:
+            raise KeyFetchError(f"{failed[2]} (not retried for {failed[0] - now:.0f}s)")
+        missing = [k for k in key_ids if self._missing.get((server_name, k), 0.0) > now]
+        if missing:
+            raise KeyFetchError(
+                f"{server_name} did not publish {', '.join(missing)} when last asked"
+            )
         lock = self._locks.setdefault(server_name, trio.Lock())
+        if lock.locked() and lock.statistics().owner is trio.lowlevel.current_task():
+            raise KeyFetchError(f"cannot get keys of {server_name}: fetch loop")
         async with lock:
             if self._satisfied(server_name, key_ids, minimum_valid_until_ts):
                 return
-            errors: list[str] = []
             try:
-                keys = await self._from_origin(server_name)
+                await self._fetch_locked(server_name, key_ids, minimum_valid_until_ts, use_notaries)
+            except KeyFetchError as e:
+                previous = self._failed.get(server_name)
+                hold = min(previous[1] * 2, FAILURE_HOLD_MAX_S) if previous else FAILURE_HOLD_S
+                reached = any(k[0] == server_name for k in self._keys)
+                if not reached:
+                    self._failed[server_name] = (time.monotonic() + hold, hold, str(e))
+                for key_id in key_ids:
+                    if (server_name, key_id) not in self._keys:
+                        self._missing[(server_name, key_id)] = time.monotonic() + MISSING_KEY_HOLD_S
+                raise
+            self._failed.pop(server_name, None)
+
+    async def _fetch_locked(
+        self, server_name: str, key_ids: list[str], minimum: int, use_notaries: bool
+    ) -> None:
+        errors: list[str] = []
+        try:
+            keys = await self._from_origin(server_name)
+            await self._remember(keys.values())
+            if self._satisfied(server_name, key_ids, minimum):
+                return
+            errors.append(
+                f"{server_name}: did not publish {', '.join(key_ids) or 'a key'}"
+                f" valid until {minimum}"
+            )
+        except (FederationError, KeyFetchError) as e:
+            errors.append(f"{server_name}: {e}" if server_name not in str(e) else str(e))
+        for notary in self._notaries if use_notaries else ():
+            if notary.server_name == server_name:
+                continue
+            try:
+                keys = await self._from_notary(notary, server_name, key_ids, minimum)
                 await self._remember(keys.values())
-                if self._satisfied(server_name, key_ids, minimum_valid_until_ts):
-                    return
-                errors.append(
-                    f"{server_name}: did not publish {', '.join(key_ids) or 'a key'}"
-                    f" valid until {minimum_valid_until_ts}"
-                )
             except (FederationError, KeyFetchError) as e:
-                errors.append(f"{server_name}: {e}" if server_name not in str(e) else str(e))
-            for notary in self._notaries:
-                try:
-                    keys = await self._from_notary(
-                        notary, server_name, key_ids, minimum_valid_until_ts
-                    )
-                    await self._remember(keys.values())
-                except (FederationError, KeyFetchError) as e:
-                    errors.append(f"notary {notary.server_name}: {e}")
-                    continue
-                if self._satisfied(server_name, key_ids, minimum_valid_until_ts):
-                    return
-                errors.append(f"notary {notary.server_name}: no such key")
-            raise KeyFetchError(f"cannot get keys of {server_name}: " + "; ".join(errors))
+                errors.append(f"notary {notary.server_name}: {e}")
+                continue
+            if self._satisfied(server_name, key_ids, minimum):
+                return
+            errors.append(f"notary {notary.server_name}: no such key")
+        raise KeyFetchError(f"cannot get keys of {server_name}: " + "; ".join(errors))
 
     async def _from_origin(self, server_name: str) -> dict[str, StoredKey]:
         document = await self._client.get_json(server_name, "/_matrix/key/v2/server", signed=False)
@@ -298,7 +344,8 @@ class Keyring:
     async def _notary_keys(self, notary: TrustedNotary) -> dict[str, VerifyKey]:
         if notary.verify_keys:
             return {kid: _decode(kid, b64) for kid, b64 in notary.verify_keys.items()}
-        await self.fetch_keys(notary.server_name)
+        # A notary's own keys come from the notary itself, never through notaries.
+        await self.fetch_keys(notary.server_name, use_notaries=False)
         return {
             kid: k.verify_key
             for (s, kid), k in self._keys.items()

@@ -206,7 +206,8 @@ def check_pdu(pdu: Mapping[str, Any], rules: RoomVersion, keys: KeyLookup) -> Pd
         keys: looks up the keys of :func:`required_signers`; unknown keys are skipped.
 
     Returns:
-        The verdict. For v5+ a key counts only if ``valid_until_ts`` ≥ the event's
+        The verdict; its ``pdu`` (the one to store) never has ``unsigned``, which is ignored
+        by every check. For v5+ a key counts only if ``valid_until_ts`` ≥ the event's
         ``origin_server_ts``; a retired key only if ``expired_ts`` > ``origin_server_ts``.
         Each required server needs at least one signature by a key that counts, and every
         signature by a key that counts must verify.
@@ -217,6 +218,10 @@ def check_pdu(pdu: Mapping[str, Any], rules: RoomVersion, keys: KeyLookup) -> Pd
         event = dict(pdu)
     else:
         return _reject(None, "PDU is not a JSON object")
+    if "unsigned" in event:
+        # ``unsigned`` is neither hashed nor signed: any relaying server can change it, so it
+        # must not get a genuine event dropped (Synapse strips it before its checks too).
+        event = {k: v for k, v in event.items() if k != "unsigned"}
     try:
         return _check(event, rules, keys)
     except RecursionError:

@@ -61,14 +61,14 @@ def fetch_keys_for(wanted: Mapping[str, set[str]], config_path: str | None) -> K
     """
     import trio
 
-    from peekproxy.config import ConfigError, FederationSection, load_config
+    from peekproxy.config import ConfigError, FederationSection, load_federation_section
     from peekproxy.federation.client import FederationClient
     from peekproxy.federation.keyring import KeyFetchError, Keyring, TrustedNotary
 
     federation = FederationSection()
     if config_path is not None:
         try:
-            federation = load_config(config_path, check_files=False).federation
+            federation = load_federation_section(config_path)
         except ConfigError as e:
             raise UsageError("; ".join(e.problems)) from None
 
@@ -223,8 +223,9 @@ def _run(args: argparse.Namespace) -> int:
     except UnknownRoomVersion as e:
         raise UsageError(str(e)) from None
 
-    if not table:
-        table = _fixture_keys(metadata)
+    if not pdus:
+        raise UsageError("the input holds no PDUs")
+    table = _fixture_keys(metadata) | table
     if table:
         keys = key_table(table)
     else:

@@ -1,0 +1,146 @@
+"""Testbed configuration: a TOML file (same rules as peekproxy's) or command-line flags.
+
+Sections: ``[server]`` (server_name, data_dir, signing_key_file — created when missing),
+``[listeners.federation]`` (bind, TLS files), ``[listeners.admin]`` (bind, token_file —
+created when missing), ``[federation]`` (as in peekproxy's config), ``[peeks]``
+(renewal_interval, renew_reply, rate limit), ``[logging]``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, ValidationError
+
+from peekproxy.config import (
+    Bind,
+    ConfigError,
+    ConfigPath,
+    Duration,
+    FederationListener,
+    FederationSection,
+    LoggingSection,
+    _apply,
+    _describe,
+    _env_overrides,
+    _Section,
+    _server_name,
+)
+
+__all__ = ["TestbedConfig", "load_testbed_config", "testbed_config_from_flags"]
+
+ENV_PREFIX = "PEEKPROXY_TESTBED_"
+
+
+class TestbedServer(_Section):
+    server_name: Annotated[str, AfterValidator(_server_name)]
+    data_dir: ConfigPath = Path("testbed-data")
+    signing_key_file: ConfigPath | None = None
+
+    @property
+    def key_file(self) -> Path:
+        """The signing key (``<data_dir>/signing.key`` unless set); created when missing."""
+        return self.signing_key_file or self.data_dir / "signing.key"
+
+
+class AdminListener(_Section):
+    bind: Bind = "127.0.0.1:8009"
+    token_file: ConfigPath | None = None
+
+
+class TestbedListeners(_Section):
+    federation: FederationListener = FederationListener(bind="127.0.0.1:8448")
+    admin: AdminListener = AdminListener()
+
+
+class TestbedPeeks(_Section):
+    renewal_interval: Duration = Field(default=3600.0, ge=0.1)
+    renew_reply: Literal["empty", "full"] = "empty"
+    rate_limit_per_second: float = Field(default=20.0, gt=0)
+    rate_limit_burst: int = Field(default=50, ge=1)
+
+
+class TestbedConfig(_Section):
+    """The testbed's validated configuration."""
+
+    server: TestbedServer
+    listeners: TestbedListeners = TestbedListeners()
+    federation: FederationSection = FederationSection()
+    peeks: TestbedPeeks = TestbedPeeks()
+    logging: LoggingSection = LoggingSection()
+
+    @property
+    def token_file(self) -> Path:
+        return self.listeners.admin.token_file or self.server.data_dir / "admin.token"
+
+
+def _validate(data: dict[str, Any], base_dir: Path, env_names: Mapping[Any, str]) -> TestbedConfig:
+    try:
+        return TestbedConfig.model_validate(
+            data, context={"base_dir": base_dir, "check_files": True}
+        )
+    except ValidationError as e:
+        raise ConfigError([_describe(err, env_names) for err in e.errors()]) from None
+
+
+def load_testbed_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+) -> TestbedConfig:
+    """Read and validate a testbed TOML file; ``PEEKPROXY_TESTBED_<SECTION>__<KEY>`` overrides.
+
+    Raises:
+        ConfigError: one line per problem, each naming the key.
+    """
+    file = Path(path)
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: config file not found"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{file}: invalid TOML: {e}"]) from None
+    env = {
+        "PEEKPROXY_" + k.removeprefix(ENV_PREFIX): v
+        for k, v in (os.environ if environ is None else environ).items()
+        if k.startswith(ENV_PREFIX)
+    }
+    names: dict[tuple[str, ...], str] = {}
+    for parts, (name, value) in _env_overrides(env).items():
+        _apply(data, parts, value)
+        names[parts] = name.replace("PEEKPROXY_", ENV_PREFIX, 1)
+    return _validate(data, file.resolve().parent, names)
+
+
+def testbed_config_from_flags(
+    *,
+    server_name: str,
+    federation_bind: str | None = None,
+    admin_bind: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    data_dir: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> TestbedConfig:
+    """Build a config from command-line flags (paths relative to the working directory).
+
+    Raises:
+        ConfigError: one line per problem.
+    """
+    federation: dict[str, Any] = {}
+    if federation_bind:
+        federation["bind"] = federation_bind
+    if tls_cert:
+        federation["tls_certificate_file"] = tls_cert
+    if tls_key:
+        federation["tls_private_key_file"] = tls_key
+    data: dict[str, Any] = {
+        "server": {"server_name": server_name} | ({"data_dir": data_dir} if data_dir else {}),
+        "listeners": {"federation": federation}
+        | ({"admin": {"bind": admin_bind}} if admin_bind else {}),
+    }
+    for section, values in (extra or {}).items():
+        data.setdefault(section, {}).update(values)
+    return _validate(data, Path.cwd(), {})

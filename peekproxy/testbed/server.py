@@ -1,0 +1,795 @@
+"""The testbed: a small federation server that hosts rooms and serves MSC2444 peeks.
+
+It signs its own events (room versions 10, 11, 12), answers the R3 peek endpoints the way
+``shared/reference/protocol.md`` specifies (plus the R4 renew endpoint), pushes every new
+event to each active peeker with signed ``/send`` transactions, and serves the read
+endpoints MSC2444 R4 opens for world_readable rooms. An admin API on a separate loopback
+listener (bearer token) creates rooms, sends events, lists and expires peeks, and injects
+faults. Run it with ``peekproxy testbed`` or :func:`run_testbed`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from signedjson.key import generate_signing_key, read_signing_keys, write_signing_keys
+from signedjson.types import SigningKey
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from peekproxy import __version__
+from peekproxy.api.errors import MatrixError, exception_handlers
+from peekproxy.api.federation_auth import authenticate, read_json_body
+from peekproxy.daemon import _hypercorn_config, _start_listener
+from peekproxy.federation.client import FederationClient
+from peekproxy.federation.keyring import Keyring, TrustedNotary
+from peekproxy.federation.signing_key import key_id, server_key_document
+from peekproxy.identifiers import InvalidIdentifier, RoomAlias, UserId
+from peekproxy.testbed.config import TestbedConfig
+from peekproxy.testbed.faults import Faults
+from peekproxy.testbed.peeks import PeekRegistry
+from peekproxy.testbed.rooms import SUPPORTED_ROOM_VERSIONS, RoomError, TestbedRoom
+from peekproxy.testbed.sender import DestinationSender
+
+__all__ = ["Testbed", "TestbedListening", "run_testbed"]
+
+log = logging.getLogger("peekproxy.testbed")
+
+
+@dataclass(frozen=True)
+class TestbedListening:
+    """Base URLs of the testbed's listeners and its admin token."""
+
+    __test__ = False  # not a pytest test class
+
+    federation: str
+    admin: str
+    admin_token: str
+    server_name: str
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> float:
+        """0 when allowed, else seconds until a token is available."""
+        now = self.clock()
+        tokens, last = self.buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens >= 1:
+            self.buckets[key] = (tokens - 1, now)
+            return 0.0
+        self.buckets[key] = (tokens, now)
+        return (1 - tokens) / self.rate
+
+
+class Testbed:
+    """The testbed's state and behaviour; the HTTP apps are thin layers over it."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        config: TestbedConfig,
+        signing_key: SigningKey,
+        client: FederationClient,
+        keyring: Keyring,
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        self.config = config
+        self.server_name = config.server.server_name
+        self.signing_key = signing_key
+        self.client = client
+        self.keyring = keyring
+        self.clock_ms = clock_ms
+        self.rooms: dict[str, TestbedRoom] = {}
+        self.aliases: dict[str, str] = {}
+        self.peeks = PeekRegistry()
+        self.faults = Faults()
+        self.renewal_interval_ms = int(config.peeks.renewal_interval * 1000)
+        self.senders: dict[str, DestinationSender] = {}
+        self.nursery: trio.Nursery | None = None
+        self._rate = _TokenBucket(
+            config.peeks.rate_limit_per_second, config.peeks.rate_limit_burst, time.monotonic
+        )
+
+    # -- persistence -------------------------------------------------------------------------
+
+    @property
+    def rooms_dir(self) -> Path:
+        return self.config.server.data_dir / "rooms"
+
+    def load_rooms(self) -> int:
+        """Load rooms saved in ``<data_dir>/rooms``; returns how many."""
+        if not self.rooms_dir.is_dir():
+            return 0
+        for file in sorted(self.rooms_dir.glob("*.json")):
+            room = TestbedRoom.from_json(json.loads(file.read_text("utf-8")))
+            self.rooms[room.room_id] = room
+            alias = room.canonical_alias()
+            if alias:
+                self.aliases[alias] = room.room_id
+        return len(self.rooms)
+
+    def _save(self, room: TestbedRoom) -> None:
+        self.rooms_dir.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(room.room_id.encode()).hexdigest()[:32]
+        target = self.rooms_dir / f"{name}.json"
+        temporary = target.with_suffix(".tmp")
+        temporary.write_text(json.dumps(room.to_json(), ensure_ascii=False))
+        os.replace(temporary, target)
+
+    # -- rooms ---------------------------------------------------------------------------------
+
+    def local_user(self, user: str) -> str:
+        try:
+            parsed = UserId.parse(user if user.startswith("@") else f"@{user}:{self.server_name}")
+        except InvalidIdentifier as e:
+            raise MatrixError(400, "M_INVALID_PARAM", f"bad user ID: {e}") from None
+        if str(parsed.server_name) != self.server_name:
+            raise MatrixError(400, "M_INVALID_PARAM", f"{parsed} is not a user of this server")
+        return str(parsed)
+
+    def room(self, room_id: str) -> TestbedRoom:
+        room = self.rooms.get(room_id) or self.rooms.get(self.aliases.get(room_id, ""))
+        if room is None:
+            raise MatrixError(404, "M_NOT_FOUND", f"unknown room {room_id}")
+        return room
+
+    def create_room(
+        self,
+        *,
+        room_version: str,
+        creator: str,
+        alias: str | None,
+        history_visibility: str,
+        join_rule: str,
+        encrypted: bool,
+        name: str | None,
+        topic: str | None,
+        initial_state: list[dict[str, Any]],
+    ) -> TestbedRoom:
+        if room_version not in SUPPORTED_ROOM_VERSIONS:
+            raise MatrixError(
+                400,
+                "M_UNSUPPORTED_ROOM_VERSION",
+                f"the testbed hosts room versions {', '.join(SUPPORTED_ROOM_VERSIONS)}",
+            )
+        full_alias = None
+        if alias:
+            full_alias = alias if alias.startswith("#") else f"#{alias}:{self.server_name}"
+            try:
+                parsed = RoomAlias.parse(full_alias)
+            except InvalidIdentifier as e:
+                raise MatrixError(400, "M_INVALID_PARAM", f"bad alias: {e}") from None
+            if str(parsed.server_name) != self.server_name:
+                raise MatrixError(400, "M_INVALID_PARAM", f"{full_alias} is not on this server")
+            if full_alias in self.aliases:
+                raise MatrixError(409, "M_ROOM_IN_USE", f"{full_alias} is taken")
+        try:
+            room = TestbedRoom.create(
+                server_name=self.server_name,
+                signing_key=self.signing_key,
+                room_version=room_version,
+                creator=self.local_user(creator),
+                now_ms=self.clock_ms(),
+                history_visibility=history_visibility,
+                join_rule=join_rule,
+                alias=full_alias,
+                name=name,
+                topic=topic,
+                encrypted=encrypted,
+                initial_state=initial_state,
+            )
+        except RoomError as e:
+            raise MatrixError(400, "M_INVALID_PARAM", str(e)) from None
+        if room.room_id in self.rooms:  # v12 IDs are hashes: same creator, same millisecond
+            raise MatrixError(409, "M_ROOM_IN_USE", f"room {room.room_id} exists; retry")
+        self.rooms[room.room_id] = room
+        if full_alias:
+            self.aliases[full_alias] = room.room_id
+        self._save(room)
+        log.info(
+            "created room %s (version %s, %s)", room.room_id, room_version, full_alias or "no alias"
+        )
+        return room
+
+    def send(
+        self,
+        room_id: str,
+        *,
+        sender: str,
+        type: str,
+        content: dict[str, Any],
+        state_key: str | None = None,
+    ) -> str:
+        """Create, sign and store an event, then push it to the room's peekers."""
+        room = self.room(room_id)
+        try:
+            event_id, pdu = room.send(
+                self.signing_key,
+                sender=self.local_user(sender),
+                type=type,
+                content=content,
+                now_ms=self.clock_ms(),
+                state_key=state_key,
+            )
+        except RoomError as e:
+            raise MatrixError(400, "M_INVALID_PARAM", str(e)) from None
+        self._after_event(room, event_id, pdu)
+        return event_id
+
+    def membership(self, room_id: str, user: str, membership: str) -> str:
+        room = self.room(room_id)
+        try:
+            if membership == "join":
+                event_id, pdu = room.join(self.signing_key, self.local_user(user), self.clock_ms())
+            else:
+                event_id, pdu = room.leave(self.signing_key, self.local_user(user), self.clock_ms())
+        except RoomError as e:
+            raise MatrixError(400, "M_INVALID_PARAM", str(e)) from None
+        self._after_event(room, event_id, pdu)
+        return event_id
+
+    def _after_event(self, room: TestbedRoom, event_id: str, pdu: dict[str, Any]) -> None:
+        self._save(room)
+        # The event that makes a room unpeekable is still delivered; then the peeks end.
+        for destination in sorted(self.peeks.destinations(room.room_id, self.clock_ms())):
+            self.sender(destination).enqueue(event_id, pdu)
+        if not room.is_world_readable() or room.is_encrypted():
+            for peek in self.peeks.end_room(room.room_id):
+                log.info(
+                    "peek %s of %s by %s ended: room no longer peekable",
+                    peek.peek_id,
+                    room.room_id,
+                    peek.origin,
+                )
+
+    def sender(self, destination: str) -> DestinationSender:
+        sender = self.senders.get(destination)
+        if sender is None:
+            sender = DestinationSender(destination, self.server_name, self.client, self.faults)
+            self.senders[destination] = sender
+            if self.nursery is not None:
+                self.nursery.start_soon(sender.run)
+        return sender
+
+    # -- peeks (MSC2444 R3 + R4 renew) -------------------------------------------------------
+
+    def peek_response(self, room: TestbedRoom) -> dict[str, Any]:
+        state = room.current_state()
+        _, latest = room.latest()
+        return {
+            "state": state,
+            "auth_chain": room.auth_chain(state),
+            "latest_event": latest,
+            "renewal_interval": self.renewal_interval_ms,
+            "room_version": room.rules.identifier,
+        }
+
+    def check_peekable(self, room: TestbedRoom, origin: str, versions: list[str]) -> None:
+        if room.rules.identifier not in versions:
+            raise MatrixError(
+                400,
+                "M_INCOMPATIBLE_ROOM_VERSION",
+                f"the room is version {room.rules.identifier}, not in your ver list",
+                room_version=room.rules.identifier,
+            )
+        if not room.server_acl_allows(origin):
+            raise MatrixError(403, "M_FORBIDDEN", "Forbidden by server ACLs")
+        if room.is_encrypted():
+            raise MatrixError(403, "M_FORBIDDEN", "Cannot peek into an encrypted room")
+        if not room.is_world_readable():
+            raise MatrixError(
+                403,
+                "M_FORBIDDEN",
+                f"history_visibility is {room.history_visibility()!r}, not world_readable",
+            )
+
+    def put_peek(
+        self, origin: str, room_id: str, peek_id: str, versions: list[str]
+    ) -> dict[str, Any]:
+        """Start or renew a peek (re-PUT of the same peek ID). No await: the state snapshot
+        and the start of delivery happen at the same point of the event stream."""
+        if not peek_id or len(peek_id.encode()) > 255:
+            raise MatrixError(400, "M_UNRECOGNIZED", "peek ID must be 1 to 255 bytes")
+        room = self.rooms.get(room_id)
+        if room is None:
+            raise MatrixError(404, "M_NOT_FOUND", f"unknown room {room_id}")
+        self.check_peekable(room, origin, versions)
+        if self.faults.take("peek_count"):
+            status = self.faults.peek_status
+            extra = {"retry_after_ms": self.faults.peek_retry_after_ms} if status == 429 else {}
+            code = "M_LIMIT_EXCEEDED" if status == 429 else "M_UNKNOWN"
+            raise MatrixError(status, code, f"injected fault: HTTP {status}", **extra)
+        wait = self._rate.take(origin)
+        if wait:
+            raise MatrixError(
+                429,
+                "M_LIMIT_EXCEEDED",
+                "too many peek requests",
+                retry_after_ms=int(wait * 1000) + 1,
+            )
+        now = self.clock_ms()
+        if self.peeks.renew(origin, room_id, peek_id, now) is not None:
+            log.info("peek %s of %s renewed by %s", peek_id, room_id, origin)
+            if self.config.peeks.renew_reply == "empty":
+                return {}
+            return self.peek_response(room)
+        self.peeks.start(origin, room_id, peek_id, now, self.renewal_interval_ms)
+        self.sender(origin)
+        log.info("peek %s of %s started by %s", peek_id, room_id, origin)
+        return self.peek_response(room)
+
+    def renew_peek(self, origin: str, room_id: str, peek_id: str) -> dict[str, Any]:
+        if self.peeks.renew(origin, room_id, peek_id, self.clock_ms()) is None:
+            raise MatrixError(404, "M_NOT_FOUND", "no such peek (it may have expired)")
+        return {"renewal_interval": self.renewal_interval_ms}
+
+    def delete_peek(self, origin: str, room_id: str, peek_id: str) -> dict[str, Any]:
+        if not self.peeks.delete(origin, room_id, peek_id, self.clock_ms()):
+            raise MatrixError(404, "M_NOT_FOUND", "no such peek")
+        log.info("peek %s of %s deleted by %s", peek_id, room_id, origin)
+        return {}
+
+    def readable_room(self, room_id: str) -> TestbedRoom:
+        room = self.rooms.get(room_id)
+        if room is None:
+            raise MatrixError(404, "M_NOT_FOUND", f"unknown room {room_id}")
+        if not room.is_world_readable():
+            raise MatrixError(403, "M_FORBIDDEN", "room is not world_readable")
+        return room
+
+
+# -- request bodies ---------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CreateRoomBody(_Body):
+    room_version: str = "10"
+    creator: str = "admin"
+    alias: str | None = None
+    history_visibility: str = "world_readable"
+    join_rule: str = "public"
+    encrypted: bool = False
+    name: str | None = None
+    topic: str | None = None
+    initial_state: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class SendBody(_Body):
+    sender: str = "admin"
+    type: str = "m.room.message"
+    content: dict[str, Any]
+    state_key: str | None = None
+
+
+class MembershipBody(_Body):
+    user: str
+
+
+class ConfigBody(_Body):
+    renewal_interval_ms: int = Field(ge=100)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data if data is not None else {})
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
+        )
+        raise MatrixError(400, "M_BAD_JSON", problems) from None
+
+
+# -- HTTP apps ----------------------------------------------------------------------------------
+
+
+def federation_app(testbed: Testbed) -> Starlette:
+    """The testbed's federation listener."""
+    server_name = testbed.server_name
+
+    async def auth(request: Request) -> tuple[str, Any]:
+        verified = await authenticate(request, server_name=server_name, keyring=testbed.keyring)
+        return verified.origin, verified.content
+
+    async def key_server(request: Request) -> Response:
+        return JSONResponse(
+            server_key_document(
+                server_name, testbed.signing_key, now_ms=_now_ms(), valid_for_ms=86_400_000
+            )
+        )
+
+    async def version(request: Request) -> Response:
+        return JSONResponse({"server": {"name": "peekproxy-testbed", "version": __version__}})
+
+    async def query_directory(request: Request) -> Response:
+        await auth(request)
+        alias = request.query_params.get("room_alias", "")
+        room_id = testbed.aliases.get(alias)
+        if room_id is None:
+            raise MatrixError(404, "M_NOT_FOUND", "Room alias not found.")
+        return JSONResponse({"room_id": room_id, "servers": [server_name]})
+
+    async def peek(request: Request) -> Response:
+        origin, _ = await auth(request)
+        room_id, peek_id = request.path_params["room_id"], request.path_params["peek_id"]
+        if request.method == "DELETE":
+            return JSONResponse(testbed.delete_peek(origin, room_id, peek_id))
+        versions = request.query_params.getlist("ver") or ["1"]
+        return JSONResponse(testbed.put_peek(origin, room_id, peek_id, versions))
+
+    async def renew(request: Request) -> Response:
+        origin, _ = await auth(request)
+        return JSONResponse(
+            testbed.renew_peek(
+                origin, request.path_params["room_id"], request.path_params["peek_id"]
+            )
+        )
+
+    async def event(request: Request) -> Response:
+        await auth(request)
+        event_id = request.path_params["event_id"]
+        for room in testbed.rooms.values():
+            pdu = room.event(event_id)
+            if pdu is not None:
+                testbed.readable_room(room.room_id)
+                return JSONResponse(
+                    {"origin": server_name, "origin_server_ts": _now_ms(), "pdus": [pdu]}
+                )
+        raise MatrixError(404, "M_NOT_FOUND", f"unknown event {event_id}")
+
+    def _at(room: TestbedRoom, request: Request) -> str:
+        event_id = request.query_params.get("event_id") or room.latest()[0]
+        if room.index_of(event_id) is None:
+            raise MatrixError(404, "M_NOT_FOUND", f"unknown event {event_id}")
+        return event_id
+
+    async def state(request: Request) -> Response:
+        await auth(request)
+        room = testbed.readable_room(request.path_params["room_id"])
+        pdus = room.state_at(_at(room, request))
+        return JSONResponse({"pdus": pdus, "auth_chain": room.auth_chain(pdus)})
+
+    async def state_ids(request: Request) -> Response:
+        await auth(request)
+        room = testbed.readable_room(request.path_params["room_id"])
+        at = _at(room, request)
+        auth_ids = room.auth_chain_ids(room.state_at(at))
+        return JSONResponse({"pdu_ids": room.state_ids_at(at), "auth_chain_ids": auth_ids})
+
+    async def backfill(request: Request) -> Response:
+        await auth(request)
+        room = testbed.readable_room(request.path_params["room_id"])
+        starts = request.query_params.getlist("v")
+        try:
+            limit = max(1, min(int(request.query_params.get("limit", "10")), 1000))
+        except ValueError:
+            raise MatrixError(400, "M_INVALID_PARAM", "limit must be an integer") from None
+        if not starts or any(room.index_of(e) is None for e in starts):
+            raise MatrixError(400, "M_INVALID_PARAM", "v must name events of the room")
+        return JSONResponse(
+            {
+                "origin": server_name,
+                "origin_server_ts": _now_ms(),
+                "pdus": room.backfill(starts, limit),
+            }
+        )
+
+    async def missing_events(request: Request) -> Response:
+        _, content = await auth(request)
+        room = testbed.readable_room(request.path_params["room_id"])
+        if not isinstance(content, dict):
+            raise MatrixError(400, "M_BAD_JSON", "body must be an object")
+        earliest = content.get("earliest_events", [])
+        latest = content.get("latest_events", [])
+        limit, min_depth = content.get("limit", 10), content.get("min_depth", 0)
+        if not (
+            isinstance(earliest, list)
+            and isinstance(latest, list)
+            and isinstance(limit, int)
+            and isinstance(min_depth, int)
+        ):
+            raise MatrixError(
+                400, "M_BAD_JSON", "earliest_events/latest_events lists, limit/min_depth integers"
+            )
+        events = room.missing_events(earliest, latest, max(0, min(limit, 1000)), min_depth)
+        return JSONResponse({"events": events})
+
+    prefix = "/_matrix/federation/v1"
+    app = Starlette(
+        routes=[
+            Route("/_matrix/key/v2/server", key_server, methods=["GET"]),
+            Route(f"{prefix}/version", version, methods=["GET"]),
+            Route(f"{prefix}/query/directory", query_directory, methods=["GET"]),
+            Route(f"{prefix}/peek/{{room_id}}/{{peek_id}}", peek, methods=["PUT", "DELETE"]),
+            Route(f"{prefix}/peek/{{room_id}}/{{peek_id}}/renew", renew, methods=["POST"]),
+            Route(f"{prefix}/event/{{event_id}}", event, methods=["GET"]),
+            Route(f"{prefix}/state/{{room_id}}", state, methods=["GET"]),
+            Route(f"{prefix}/state_ids/{{room_id}}", state_ids, methods=["GET"]),
+            Route(f"{prefix}/backfill/{{room_id}}", backfill, methods=["GET"]),
+            Route(f"{prefix}/get_missing_events/{{room_id}}", missing_events, methods=["POST"]),
+        ],
+        exception_handlers=exception_handlers(),
+    )
+    app.router.redirect_slashes = False
+    return app
+
+
+def admin_app(testbed: Testbed, token: str) -> Starlette:
+    """The admin API (``/_testbed/v1``), bearer-token protected."""
+
+    def check(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise MatrixError(401, "M_UNKNOWN_TOKEN", "missing or wrong admin token")
+
+    async def body(request: Request) -> Any:
+        return await read_json_body(request)
+
+    def summary(room: TestbedRoom) -> dict[str, Any]:
+        latest_id, _ = room.latest()
+        return {
+            "room_id": room.room_id,
+            "room_version": room.rules.identifier,
+            "alias": room.canonical_alias(),
+            "history_visibility": room.history_visibility(),
+            "encrypted": room.is_encrypted(),
+            "joined": room.joined_users(),
+            "latest_event_id": latest_id,
+            "event_count": len(room.events),
+        }
+
+    async def rooms(request: Request) -> Response:
+        check(request)
+        if request.method == "GET":
+            return JSONResponse({"rooms": [summary(r) for r in testbed.rooms.values()]})
+        spec = _parse(CreateRoomBody, await body(request))
+        room = testbed.create_room(**spec.model_dump())
+        return JSONResponse(summary(room))
+
+    async def room(request: Request) -> Response:
+        check(request)
+        return JSONResponse(summary(testbed.room(request.path_params["room_id"])))
+
+    async def events(request: Request) -> Response:
+        check(request)
+        target = testbed.room(request.path_params["room_id"])
+        return JSONResponse(
+            {
+                "room_version": target.rules.identifier,
+                "events": [
+                    {"event_id": e, "pdu": p}
+                    for e, p in zip(target.event_ids, target.events, strict=True)
+                ],
+            }
+        )
+
+    async def send(request: Request) -> Response:
+        check(request)
+        spec = _parse(SendBody, await body(request))
+        kind = request.path_params["kind"]
+        if kind == "state" and spec.state_key is None:
+            spec = spec.model_copy(update={"state_key": ""})
+        if kind == "send" and spec.state_key is not None:
+            raise MatrixError(400, "M_INVALID_PARAM", "use /state for state events")
+        event_id = testbed.send(
+            request.path_params["room_id"],
+            sender=spec.sender,
+            type=spec.type,
+            content=spec.content,
+            state_key=spec.state_key,
+        )
+        return JSONResponse({"event_id": event_id})
+
+    async def membership(request: Request) -> Response:
+        check(request)
+        spec = _parse(MembershipBody, await body(request))
+        event_id = testbed.membership(
+            request.path_params["room_id"], spec.user, request.path_params["membership"]
+        )
+        return JSONResponse({"event_id": event_id})
+
+    async def peeks(request: Request) -> Response:
+        check(request)
+        return JSONResponse({"peeks": [p.to_json() for p in testbed.peeks.active(_now_ms())]})
+
+    async def expire_peek(request: Request) -> Response:
+        check(request)
+        params = request.path_params
+        if not testbed.peeks.delete(
+            params["origin"], params["room_id"], params["peek_id"], _now_ms()
+        ):
+            raise MatrixError(404, "M_NOT_FOUND", "no such peek")
+        log.info(
+            "peek %s of %s by %s expired by the admin",
+            params["peek_id"],
+            params["room_id"],
+            params["origin"],
+        )
+        return JSONResponse({})
+
+    async def faults(request: Request) -> Response:
+        check(request)
+        if request.method == "PUT":
+            changes = await body(request)
+            if not isinstance(changes, dict):
+                raise MatrixError(400, "M_BAD_JSON", "body must be an object")
+            try:
+                testbed.faults.update(changes)
+            except ValueError as e:
+                raise MatrixError(400, "M_INVALID_PARAM", str(e)) from None
+        return JSONResponse(testbed.faults.to_json())
+
+    async def outbox(request: Request) -> Response:
+        check(request)
+        return JSONResponse(
+            {
+                destination: {
+                    "pending": len(sender.pending),
+                    "withheld": sender.withheld,
+                    "transactions": [t.to_json() for t in sender.transactions],
+                }
+                for destination, sender in testbed.senders.items()
+            }
+        )
+
+    async def settings(request: Request) -> Response:
+        check(request)
+        if request.method == "PUT":
+            spec = _parse(ConfigBody, await body(request))
+            testbed.renewal_interval_ms = spec.renewal_interval_ms
+        return JSONResponse({"renewal_interval_ms": testbed.renewal_interval_ms})
+
+    prefix = "/_testbed/v1"
+    app = Starlette(
+        routes=[
+            Route(f"{prefix}/rooms", rooms, methods=["GET", "POST"]),
+            Route(f"{prefix}/rooms/{{room_id}}", room, methods=["GET"]),
+            Route(f"{prefix}/rooms/{{room_id}}/events", events, methods=["GET"]),
+            Route(f"{prefix}/rooms/{{room_id}}/{{kind:str}}", send, methods=["POST"]),
+            Route(
+                f"{prefix}/rooms/{{room_id}}/members/{{membership}}", membership, methods=["POST"]
+            ),
+            Route(f"{prefix}/peeks", peeks, methods=["GET"]),
+            Route(
+                f"{prefix}/peeks/{{origin}}/{{room_id}}/{{peek_id}}",
+                expire_peek,
+                methods=["DELETE"],
+            ),
+            Route(f"{prefix}/faults", faults, methods=["GET", "PUT"]),
+            Route(f"{prefix}/outbox", outbox, methods=["GET"]),
+            Route(f"{prefix}/config", settings, methods=["GET", "PUT"]),
+        ],
+        exception_handlers=exception_handlers(),
+    )
+    app.router.redirect_slashes = False
+    return app
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+def _load_or_create_key(path: Path) -> SigningKey:
+    if path.exists():
+        with open(path) as stream:
+            keys = read_signing_keys(stream)
+        key: SigningKey = keys[0]
+        return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = generate_signing_key("tb_" + secrets.token_hex(2))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as stream:
+        write_signing_keys(stream, [key])
+    return key
+
+
+def _load_or_create_token(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as stream:
+        stream.write(token + "\n")
+    return token
+
+
+async def run_testbed(
+    config: TestbedConfig,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[tuple[TestbedListening, Testbed]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the testbed until ``shutdown`` is set.
+
+    ``task_status.started((TestbedListening(...), testbed))`` once both listeners are bound,
+    so an in-process test can also drive the :class:`Testbed` object directly.
+    """
+    if shutdown is None:
+        shutdown = trio.Event()
+    signing_key = _load_or_create_key(config.server.key_file)
+    token = _load_or_create_token(config.token_file)
+    client = FederationClient.from_config(
+        config.federation, server_name=config.server.server_name, signing_key=signing_key
+    )
+    keyring = Keyring(
+        client,
+        None,
+        [
+            TrustedNotary(n.server_name, n.verify_keys)
+            for n in config.federation.trusted_key_servers
+        ],
+    )
+    testbed = Testbed(config, signing_key, client, keyring)
+    loaded = await trio.to_thread.run_sync(testbed.load_rooms)
+    try:
+        async with trio.open_nursery() as nursery:
+            testbed.nursery = nursery
+            for sender in testbed.senders.values():
+                nursery.start_soon(sender.run)
+            listeners = config.listeners
+            federation_url = await _start_listener(
+                nursery,
+                "listeners.federation.bind",
+                federation_app(testbed),
+                _hypercorn_config(
+                    listeners.federation.bind,
+                    grace=1.0,
+                    access_log=config.logging.access_log,
+                    certfile=listeners.federation.tls_certificate_file,
+                    keyfile=listeners.federation.tls_private_key_file,
+                ),
+                shutdown,
+            )
+            admin_url = await _start_listener(
+                nursery,
+                "listeners.admin.bind",
+                admin_app(testbed, token),
+                _hypercorn_config(listeners.admin.bind, grace=1.0, access_log=False),
+                shutdown,
+            )
+            listening = TestbedListening(
+                federation_url, admin_url, token, config.server.server_name
+            )
+            log.info(
+                "testbed ready: server_name=%s key=%s federation=%s admin=%s token_file=%s "
+                "rooms=%d",
+                config.server.server_name,
+                key_id(signing_key),
+                federation_url,
+                admin_url,
+                config.token_file,
+                loaded,
+            )
+            task_status.started((listening, testbed))
+            await shutdown.wait()
+            nursery.cancel_scope.deadline = trio.current_time() + 2
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
