@@ -465,3 +465,13 @@ async def test_command_line_testbed(tls_ca: trustme.CA, tmp_path: Path) -> None:
         assert await process.wait() == 0
     # Rooms persist in the data directory.
     assert list((tmp_path / "d" / "rooms").glob("*.json"))
+
+
+def test_example_config_loads(tmp_path: Path) -> None:
+    from peekproxy.testbed.config import load_testbed_config
+
+    example = Path(__file__).resolve().parent.parent / "testbed.example.toml"
+    config = load_testbed_config(example, {})
+    assert config.server.server_name == "localhost:8448"
+    assert config.peeks.renewal_interval == 3600.0
+    assert config.token_file == example.parent / "testbed-data" / "admin.token"
