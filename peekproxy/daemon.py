@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from peekproxy import __version__
 from peekproxy.api.client import client_app
+from peekproxy.api.delegation import delegation_routes, read_secret
 from peekproxy.api.errors import matrix_error_response
 from peekproxy.api.federation import federation_app
 from peekproxy.config import Config
@@ -31,6 +32,7 @@ from peekproxy.federation.keyring import Keyring, TrustedNotary
 from peekproxy.federation.signing_key import key_id, load_signing_key
 from peekproxy.logs import ACCESS_LOG_FORMAT
 from peekproxy.metrics import metrics_app
+from peekproxy.peeks.service import PeekService, PeekSettings
 from peekproxy.sdnotify import sd_notify
 from peekproxy.store import Store
 
@@ -167,6 +169,18 @@ async def run_daemon(
         ],
     )
     await keyring.load()
+    peeks = PeekService(
+        store=store,
+        client=federation,
+        keyring=keyring,
+        settings=PeekSettings(
+            linger_ms=int(config.peeks.linger * 1000),
+            renewal_max_ms=int(config.peeks.renewal_interval_max * 1000),
+            max_peeks_per_device=config.peeks.max_peeks_per_device,
+            max_remote_peeks=config.peeks.max_remote_peeks,
+        ),
+    )
+    secret = read_secret(config.delegation.shared_secret_file)
     started = False
     grace = server.shutdown_grace
     access_log = config.logging.access_log
@@ -175,6 +189,7 @@ async def run_daemon(
         async with trio.open_nursery() as outer:
             if handle_signals:
                 outer.start_soon(_watch_signals, shutdown, outer.cancel_scope)
+            await outer.start(peeks.run)
             async with trio.open_nursery() as servers:
                 federation_url = await _start_listener(
                     servers,
@@ -188,6 +203,7 @@ async def run_daemon(
                             for kid, old in server.old_verify_keys.items()
                         },
                         keyring=keyring,
+                        peeks=peeks,
                     ),
                     _hypercorn_config(
                         listeners.federation.bind,
@@ -201,7 +217,7 @@ async def run_daemon(
                 client_url = await _start_listener(
                     servers,
                     "listeners.client.bind",
-                    client_app(store=store),
+                    client_app(store=store, routes=delegation_routes(peeks, secret)),
                     _hypercorn_config(listeners.client.bind, grace=grace, access_log=access_log),
                     shutdown,
                 )

@@ -16,17 +16,28 @@ from tests.synapse import free_tcp_port
 
 
 async def start_testbed(
-    nursery: trio.Nursery, ca: trustme.CA, tmp_path: Path, **peeks: Any
+    nursery: trio.Nursery,
+    ca: trustme.CA,
+    tmp_path: Path,
+    *,
+    server_name: str | None = None,
+    port: int | None = None,
+    dns: str | None = None,
+    **peeks: Any,
 ) -> tuple[TestbedListening, Testbed]:
-    """A testbed named ``localhost:<port>`` with TLS; ``peeks`` go to its [peeks] section."""
-    port = free_tcp_port()
+    """A testbed with TLS on 127.0.0.1; named ``localhost:<port>`` unless ``server_name`` is
+    given (then its certificate is for that name, and ``dns`` is the DNS server it uses to
+    find other servers). ``peeks`` go to its [peeks] section."""
+    port = port or free_tcp_port()
     directory = tmp_path / f"testbed-{port}"
     directory.mkdir()
-    cert, key = issue_cert(ca, directory, "localhost", "127.0.0.1")
+    name = server_name or f"localhost:{port}"
+    host = name.rsplit(":", 1)[0] if server_name and ":" in server_name else name
+    cert, key = issue_cert(ca, directory, *((host,) if server_name else ("localhost", "127.0.0.1")))
     ca_file = directory / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     config = testbed_config_from_flags(
-        server_name=f"localhost:{port}",
+        server_name=name,
         federation_bind=f"127.0.0.1:{port}",
         admin_bind="127.0.0.1:0",
         tls_cert=str(cert),
@@ -36,7 +47,8 @@ async def start_testbed(
             "federation": {
                 "ip_range_whitelist": ["127.0.0.0/8", "::1/128"],
                 "tls_ca_file": str(ca_file),
-            },
+            }
+            | ({"dns_nameservers": [dns]} if dns else {}),
             "peeks": peeks,
         },
     )

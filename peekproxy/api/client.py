@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from peekproxy.api.errors import MatrixError, exception_handlers
 from peekproxy.metrics import RequestMetrics
@@ -20,8 +22,9 @@ from peekproxy.store import Store
 __all__ = ["client_app"]
 
 
-def client_app(*, store: Store) -> RequestMetrics:
-    """Build the client ASGI app over the daemon's store."""
+def client_app(*, store: Store, routes: Sequence[BaseRoute] = ()) -> RequestMetrics:
+    """Build the client ASGI app over the daemon's store, with more ``routes`` (the
+    delegation API)."""
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -37,6 +40,7 @@ def client_app(*, store: Store) -> RequestMetrics:
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
+            *routes,
         ],
         exception_handlers=exception_handlers(),
     )

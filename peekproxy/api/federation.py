@@ -4,6 +4,8 @@
 * ``GET /_matrix/federation/v1/version`` — ``{"server": {"name", "version"}}``.
 * ``GET /_matrix/federation/v1/query/directory?room_alias=`` — X-Matrix verified; peekproxy
   hosts no aliases, so a well-formed alias gets ``404 M_NOT_FOUND`` (SSAPI §Room Aliases).
+* ``PUT /_matrix/federation/v1/send/{txnId}`` — X-Matrix verified; events of peeked rooms
+  (see :meth:`peekproxy.peeks.service.PeekService.ingest`).
 * Anything else — ``404``/``405`` ``M_UNRECOGNIZED`` (SSAPI §Unsupported endpoints).
 """
 
@@ -25,6 +27,7 @@ from peekproxy.api.federation_auth import authenticate
 from peekproxy.federation.keyring import Keyring
 from peekproxy.federation.signing_key import server_key_document
 from peekproxy.identifiers import InvalidIdentifier, RoomAlias
+from peekproxy.peeks.service import PeekError, PeekService
 from peekproxy.metrics import RequestMetrics
 
 __all__ = ["federation_app"]
@@ -39,6 +42,7 @@ def federation_app(
     key_valid_for_ms: int,
     old_verify_keys: Mapping[str, tuple[str, int]],
     keyring: Keyring,
+    peeks: PeekService | None = None,
     clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
 ) -> RequestMetrics:
     """Build the federation ASGI app.
@@ -49,6 +53,7 @@ def federation_app(
         key_valid_for_ms: lifetime of a served key document (``valid_until_ts - now``), ms.
         old_verify_keys: retired keys: key ID → (base64 public key, ``expired_ts`` ms).
         keyring: verify keys of other servers, for X-Matrix checks.
+        peeks: the peek service that takes ``/send`` transactions.
         clock_ms: the wall clock in ms since the epoch.
     """
 
@@ -77,8 +82,20 @@ def federation_app(
         log.info("directory query from %s for %s: not found", auth.origin, alias)
         raise MatrixError(404, "M_NOT_FOUND", "Room alias not found.")
 
+    async def send(request: Request) -> Response:
+        auth = await authenticate(request, server_name=server_name, keyring=keyring)
+        txn_id = request.path_params["txn_id"]
+        if peeks is None:
+            raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
+        try:
+            answer = await peeks.ingest(auth.origin, txn_id, auth.content)
+        except PeekError as e:
+            raise MatrixError(e.status, e.errcode, e.error) from None
+        return JSONResponse(answer)
+
     app = Starlette(
         routes=[
+            Route("/_matrix/federation/v1/send/{txn_id}", send, methods=["PUT"]),
             Route("/_matrix/key/v2/server", key_server, methods=["GET"]),
             Route("/_matrix/federation/v1/version", version, methods=["GET"]),
             Route("/_matrix/federation/v1/query/directory", query_directory, methods=["GET"]),

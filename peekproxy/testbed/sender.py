@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,7 @@ class DestinationSender:
     origin: str
     client: FederationClient
     faults: Faults
+    on_delivered: Callable[[], None] = lambda: None
     pending: deque[tuple[str, dict[str, Any]]] = field(default_factory=deque)
     transactions: list[SentTransaction] = field(default_factory=list)
     withheld: list[str] = field(default_factory=list)
@@ -110,6 +112,7 @@ class DestinationSender:
         txn_id = self._next_txn_id()
         if self.faults.take("drop_next"):
             self.transactions.append(SentTransaction(txn_id, event_ids, "dropped"))
+            self.on_delivered()
             return
         body: dict[str, Any] = {
             "origin": self.origin,
@@ -118,6 +121,7 @@ class DestinationSender:
         }
         status = await self._put_until_ok(txn_id, body)
         self.transactions.append(SentTransaction(txn_id, event_ids, status))
+        self.on_delivered()
         if self.faults.take("duplicate_next"):
             status = await self._put_until_ok(txn_id, body)
             self.transactions.append(SentTransaction(txn_id, event_ids, status))
@@ -127,6 +131,7 @@ class DestinationSender:
                 again, body | {"origin_server_ts": body["origin_server_ts"] + 1}
             )
             self.transactions.append(SentTransaction(again, event_ids, status))
+        self.on_delivered()
 
     async def _put_until_ok(self, txn_id: str, body: dict[str, Any]) -> str:
         delay = 0.2

@@ -108,9 +108,30 @@ class Testbed:
         self.renewal_interval_ms = int(config.peeks.renewal_interval * 1000)
         self.senders: dict[str, DestinationSender] = {}
         self.nursery: trio.Nursery | None = None
+        #: Every peek request handled: (action, origin, room_id, peek_id), action being
+        #: "start", "renew" (re-PUT or R4), "delete", "expire" (admin) or "end".
+        self.peek_log: list[tuple[str, str, str, str]] = []
+        self._activity = trio.Event()
         self._rate = _TokenBucket(
             config.peeks.rate_limit_per_second, config.peeks.rate_limit_burst, time.monotonic
         )
+
+    def _record(self, action: str, origin: str, room_id: str, peek_id: str) -> None:
+        self.peek_log.append((action, origin, room_id, peek_id))
+        self._activity.set()
+        self._activity = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
+        """Wait (at most ``timeout`` s) until ``predicate()`` holds; it is re-checked after
+        every peek request, event and delivered transaction."""
+        with trio.fail_after(timeout):
+            while not predicate():
+                await self._activity.wait()
+
+    def poke(self) -> None:
+        """Wake :meth:`wait_until` callers (after a delivered transaction, say)."""
+        self._activity.set()
+        self._activity = trio.Event()
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -255,8 +276,10 @@ class Testbed:
         # The event that makes a room unpeekable is still delivered; then the peeks end.
         for destination in sorted(self.peeks.destinations(room.room_id, self.clock_ms())):
             self.sender(destination).enqueue(event_id, pdu)
+        self.poke()
         if not room.is_world_readable() or room.is_encrypted():
             for peek in self.peeks.end_room(room.room_id):
+                self._record("end", peek.origin, peek.room_id, peek.peek_id)
                 log.info(
                     "peek %s of %s by %s ended: room no longer peekable",
                     peek.peek_id,
@@ -267,7 +290,9 @@ class Testbed:
     def sender(self, destination: str) -> DestinationSender:
         sender = self.senders.get(destination)
         if sender is None:
-            sender = DestinationSender(destination, self.server_name, self.client, self.faults)
+            sender = DestinationSender(
+                destination, self.server_name, self.client, self.faults, on_delivered=self.poke
+            )
             self.senders[destination] = sender
             if self.nursery is not None:
                 self.nursery.start_soon(sender.run)
@@ -332,20 +357,24 @@ class Testbed:
         now = self.clock_ms()
         if self.peeks.renew(origin, room_id, peek_id, now) is not None:
             log.info("peek %s of %s renewed by %s", peek_id, room_id, origin)
+            self._record("renew", origin, room_id, peek_id)
             if self.config.peeks.renew_reply == "empty":
                 return {}
             return self.peek_response(room)
         self.peeks.start(origin, room_id, peek_id, now, self.renewal_interval_ms)
         self.sender(origin)
+        self._record("start", origin, room_id, peek_id)
         log.info("peek %s of %s started by %s", peek_id, room_id, origin)
         return self.peek_response(room)
 
     def renew_peek(self, origin: str, room_id: str, peek_id: str) -> dict[str, Any]:
         if self.peeks.renew(origin, room_id, peek_id, self.clock_ms()) is None:
             raise MatrixError(404, "M_NOT_FOUND", "no such peek (it may have expired)")
+        self._record("renew", origin, room_id, peek_id)
         return {"renewal_interval": self.renewal_interval_ms}
 
     def delete_peek(self, origin: str, room_id: str, peek_id: str) -> dict[str, Any]:
+        self._record("delete", origin, room_id, peek_id)
         if not self.peeks.delete(origin, room_id, peek_id, self.clock_ms()):
             raise MatrixError(404, "M_NOT_FOUND", "no such peek")
         log.info("peek %s of %s deleted by %s", peek_id, room_id, origin)
@@ -626,6 +655,7 @@ def admin_app(testbed: Testbed, token: str) -> Starlette:
             params["origin"], params["room_id"], params["peek_id"], _now_ms()
         ):
             raise MatrixError(404, "M_NOT_FOUND", "no such peek")
+        testbed._record("expire", params["origin"], params["room_id"], params["peek_id"])
         log.info(
             "peek %s of %s by %s expired by the admin",
             params["peek_id"],

@@ -1,0 +1,771 @@
+"""The I/O shell around the peek core: remote subscriptions, device peeks, ``/send`` ingest.
+
+One :class:`PeekService` per daemon. It owns a task per subscribed room that asks
+:func:`peekproxy.peeks.subscription.plan` what to do and does it: PUT a peek through the
+candidate servers, re-PUT it before it lapses, DELETE it when no device wants it any more
+(after ``peeks.linger``), re-peek after a lapse (recording a gap). Client requests never wait
+for a renewal or a DELETE; they wait only for the first PUT of a room nobody peeks yet.
+
+Everything a remote server sends is checked (:func:`peekproxy.federation.pdu.check_pdu`,
+:func:`peekproxy.peeks.validation.validate_peek_response`) and stored before it is
+acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import trio
+
+from peekproxy.federation.client import FederationClient, FederationError, RemoteError, path_segment
+from peekproxy.federation.events import compute_event_id
+from peekproxy.federation.keyring import KeyFetchError, Keyring
+from peekproxy.federation.pdu import check_pdu, required_signers
+from peekproxy.federation.room_versions import KNOWN_ROOM_VERSIONS, UnknownRoomVersion, room_version
+from peekproxy.identifiers import InvalidIdentifier, RoomAlias, RoomId
+from peekproxy.peeks import subscription as subs
+from peekproxy.peeks.outcomes import (
+    PeekAttemptFailure,
+    PeekFailureKind,
+    candidate_servers,
+    classify_peek_error,
+    new_peek_id,
+    summarize_failures,
+)
+from peekproxy.peeks.subscription import Action, SubState, Subscription
+from peekproxy.peeks.validation import (
+    InvalidPeekResponse,
+    ValidatedPeek,
+    is_empty_renewal,
+    peek_response_pdus,
+    response_room_version,
+    validate_peek_response,
+)
+from peekproxy.store import Store
+from peekproxy.store import rooms as db
+
+__all__ = ["PeekError", "PeekService"]
+
+log = logging.getLogger("peekproxy.peeks")
+
+SUPPORTED_VERSIONS = sorted(KNOWN_ROOM_VERSIONS, key=int)
+MAX_PDUS, MAX_EDUS = 50, 100
+MISSING_EVENTS_LIMIT = 20
+RATE_LIMIT_WAIT_MAX_MS = 10_000
+REPEEK_BACKOFF_S = (1.0, 60.0)
+DELETE_BACKOFF_S = (1.0, 300.0)
+
+
+class PeekError(Exception):
+    """A peek request failed; ``status``/``errcode``/``error`` go to the client as is."""
+
+    def __init__(self, status: int, errcode: str, error: str, **extra: Any) -> None:
+        super().__init__(f"{status} {errcode}: {error}")
+        self.status, self.errcode, self.error, self.extra = status, errcode, error, extra
+
+
+@dataclass(frozen=True)
+class PeekSettings:
+    linger_ms: int
+    renewal_max_ms: int
+    max_peeks_per_device: int
+    max_remote_peeks: int
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _peek_path(room_id: str, peek_id: str) -> str:
+    return f"/_matrix/federation/v1/peek/{path_segment(room_id)}/{path_segment(peek_id)}"
+
+
+class PeekService:
+    """Remote peek subscriptions and device peeks (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        client: FederationClient,
+        keyring: Keyring,
+        settings: PeekSettings,
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.keyring = keyring
+        self.settings = settings
+        self.clock_ms = clock_ms
+        self.subscriptions: dict[str, Subscription] = {}
+        self._changed: dict[str, trio.Event] = {}
+        self._tasks: set[str] = set()
+        self._room_locks: dict[str, trio.Lock] = {}
+        self._origin_locks: dict[str, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+        #: Called with a room ID after anything new was stored for it (sync wake-ups).
+        self.on_room_change: Callable[[str], None] = lambda room_id: None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load subscriptions, resume them (renew at once; a lapse while down becomes a
+        gap) and keep them going until cancelled."""
+        now = self.clock_ms()
+        loaded = await self.store.read(db.load_subscriptions)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for sub in loaded:
+                sub = self._resume(sub, now)
+                self.subscriptions[sub.room_id] = sub
+                await self._save(sub)
+                self._ensure_task(sub.room_id)
+            if loaded:
+                log.info("resumed %d subscriptions", len(loaded))
+            task_status.started()
+            await trio.sleep_forever()
+
+    @staticmethod
+    def _resume(sub: Subscription, now_ms: int) -> Subscription:
+        if sub.state is SubState.ACTIVE:
+            deadline = (sub.last_renewed_ms or 0) + (sub.remote_interval_ms or 0)
+            if now_ms >= deadline:
+                return subs.replace_peek(subs.renewal_failed(sub, refused=True, now_ms=now_ms))
+            return replace(sub, renew_at_ms=now_ms)
+        if sub.state is SubState.STARTING:
+            return subs.unwanted(sub, now_ms=now_ms, linger_ms=0)
+        return sub
+
+    def _ensure_task(self, room_id: str) -> None:
+        if room_id in self._tasks or self._nursery is None:
+            return
+        self._tasks.add(room_id)
+        self._nursery.start_soon(self._run_subscription, room_id)
+
+    def _poke(self, room_id: str) -> None:
+        event = self._changed.pop(room_id, None)
+        if event is not None:
+            event.set()
+        self._ensure_task(room_id)
+
+    def _lock(self, room_id: str) -> trio.Lock:
+        return self._room_locks.setdefault(room_id, trio.Lock())
+
+    async def _save(self, sub: Subscription) -> None:
+        self.subscriptions[sub.room_id] = sub
+        await self.store.write(lambda conn: db.save_subscription(conn, sub))
+
+    # -- client-facing -----------------------------------------------------------------------
+
+    async def resolve(self, room_id_or_alias: str) -> tuple[str, list[str]]:
+        """A room ID, or an alias resolved over federation: (room ID, servers from the
+        directory).
+
+        Raises:
+            PeekError: 400 malformed, 404 unknown alias, 502 directory unreachable.
+        """
+        try:
+            if room_id_or_alias.startswith("#"):
+                alias = RoomAlias.parse(room_id_or_alias)
+            else:
+                return str(RoomId.parse(room_id_or_alias)), []
+        except InvalidIdentifier as e:
+            raise PeekError(400, "M_INVALID_PARAM", f"{room_id_or_alias!r}: {e}") from None
+        server = str(alias.server_name)
+        try:
+            answer = await self.client.get_json(
+                server, "/_matrix/federation/v1/query/directory", query={"room_alias": str(alias)}
+            )
+        except RemoteError as e:
+            if e.status == 404:
+                raise PeekError(404, "M_NOT_FOUND", f"{alias} not found on {server}") from None
+            raise PeekError(
+                502, "M_UNKNOWN", f"alias lookup at {server} failed: {e.reason}"
+            ) from None
+        except FederationError as e:
+            raise PeekError(
+                502, "M_UNKNOWN", f"alias lookup at {server} failed: {e.reason}"
+            ) from None
+        room_id = answer.get("room_id") if isinstance(answer, dict) else None
+        servers = answer.get("servers") if isinstance(answer, dict) else None
+        try:
+            RoomId.parse(str(room_id))
+        except InvalidIdentifier:
+            raise PeekError(
+                502, "M_UNKNOWN", f"{server} answered the alias lookup with no valid room_id"
+            ) from None
+        listed = [s for s in servers if isinstance(s, str)] if isinstance(servers, list) else []
+        return str(room_id), [*listed, server]
+
+    async def peek(
+        self, user_id: str, device_id: str, room_id_or_alias: str, hints: Sequence[str] = ()
+    ) -> str:
+        """Start (or keep) ``device_id``'s peek of a room; returns the room ID once the room
+        is subscribed and stored.
+
+        Raises:
+            PeekError: with the status and errcode the client should get (protocol.md
+                decision 6): 400 malformed, 403 not peekable, 404 unknown, 502 no server.
+        """
+        room_id, alias_servers = await self.resolve(room_id_or_alias)
+        candidates = tuple(candidate_servers(hints, alias_servers, room_id))
+        current = await self.store.read(
+            lambda c: db.device_peek_state(c, user_id, device_id, room_id)
+        )
+        if current != "active":
+            count = await self.store.read(
+                lambda c: db.device_peeks_of_device(c, user_id, device_id)
+            )
+            if count >= self.settings.max_peeks_per_device:
+                raise PeekError(
+                    403,
+                    "M_RESOURCE_LIMIT_EXCEEDED",
+                    f"a device may peek at most {self.settings.max_peeks_per_device}"
+                    " rooms; unpeek some first",
+                )
+        async with self._lock(room_id):
+            sub = self.subscriptions.get(room_id)
+            if sub is None:
+                live = sum(1 for s in self.subscriptions.values() if s.wanted)
+                if live >= self.settings.max_remote_peeks:
+                    raise PeekError(
+                        503,
+                        "M_RESOURCE_LIMIT_EXCEEDED",
+                        "this server peeks as many rooms as it may",
+                    )
+                sub = Subscription(room_id=room_id, candidates=candidates)
+            sub = subs.wanted(sub, candidates)
+            if not sub.has_remote_peek:
+                sub = await self._establish(sub, gap=sub.room_version is not None)
+            await self._save(sub)
+            now = self.clock_ms()
+            await self.store.write(
+                lambda c: db.set_device_peek(c, user_id, device_id, room_id, "active", now)
+            )
+        self._poke(room_id)
+        self.on_room_change(room_id)
+        log.info("%s/%s peeks %s via %s", user_id, device_id, room_id, sub.server)
+        return room_id
+
+    async def unpeek(self, user_id: str, device_id: str, room_id: str) -> None:
+        """End a device's peek (Decision 7 errors).
+
+        Raises:
+            PeekError: 404 M_NOT_FOUND never peeked / unknown room; 400 M_BAD_STATE known
+                room this device is not peeking.
+        """
+        async with self._lock(room_id):
+            state = await self.store.read(
+                lambda c: db.device_peek_state(c, user_id, device_id, room_id)
+            )
+            if state is None:
+                if room_id in self.subscriptions:
+                    raise PeekError(400, "M_BAD_STATE", f"this device is not peeking {room_id}")
+                raise PeekError(404, "M_NOT_FOUND", f"{room_id} was never peeked")
+            if state != "active":
+                raise PeekError(400, "M_BAD_STATE", f"this device is not peeking {room_id}")
+            now = self.clock_ms()
+
+            def end(conn: Any) -> int:
+                db.set_device_peek(conn, user_id, device_id, room_id, "ended", now)
+                return db.device_peek_count(conn, room_id)
+
+            remaining = await self.store.write(end)
+            sub = self.subscriptions.get(room_id)
+            if sub is not None and remaining == 0:
+                await self._save(subs.unwanted(sub, now_ms=now, linger_ms=self.settings.linger_ms))
+        self._poke(room_id)
+        self.on_room_change(room_id)
+
+    # -- the subscription task ------------------------------------------------------------
+
+    async def _run_subscription(self, room_id: str) -> None:
+        backoff = REPEEK_BACKOFF_S[0]
+        delete_backoff = DELETE_BACKOFF_S[0]
+        try:
+            while True:
+                changed = self._changed.setdefault(room_id, trio.Event())
+                sub = self.subscriptions[room_id]
+                action, wake = subs.plan(sub, self.clock_ms())
+                if action is None:
+                    if wake is None:
+                        if sub.state in (SubState.DORMANT, SubState.FAILED, SubState.ENDED):
+                            return  # a later peek starts a new task
+                        await changed.wait()
+                    else:
+                        with trio.move_on_after(max(0.0, (wake - self.clock_ms()) / 1000)):
+                            await changed.wait()
+                    continue
+                if action is Action.RENEW:
+                    await self._renew(room_id)
+                elif action is Action.STOP:
+                    async with self._lock(room_id):
+                        await self._save(subs.stopping(self.subscriptions[room_id]))
+                elif action is Action.DELETE:
+                    if await self._delete_pending(room_id):
+                        delete_backoff = DELETE_BACKOFF_S[0]
+                    else:
+                        with trio.move_on_after(delete_backoff):
+                            await changed.wait()
+                        delete_backoff = min(delete_backoff * 2, DELETE_BACKOFF_S[1])
+                elif action is Action.PEEK:
+                    async with self._lock(room_id):
+                        sub = self.subscriptions[room_id]
+                        if subs.plan(sub, self.clock_ms())[0] is not Action.PEEK:
+                            continue
+                        try:
+                            sub = await self._establish(sub, gap=sub.room_version is not None)
+                            backoff = REPEEK_BACKOFF_S[0]
+                        except PeekError as e:
+                            log.warning("re-peek of %s failed: %s", room_id, e.error)
+                            if e.status == 403:
+                                sub = subs.ended(sub, e.error)
+                                await self._end_device_peeks(room_id)
+                        await self._save(sub)
+                    if sub.state is not SubState.ACTIVE and sub.wanted:
+                        with trio.move_on_after(backoff):
+                            await changed.wait()
+                        backoff = min(backoff * 2, REPEEK_BACKOFF_S[1])
+        finally:
+            self._tasks.discard(room_id)
+
+    async def _establish(self, sub: Subscription, *, gap: bool) -> Subscription:
+        """PUT a new peek through the candidates; store the validated snapshot.
+
+        Raises:
+            PeekError: every candidate failed (the summary names each and why).
+        """
+        room_id = sub.room_id
+        sub = subs.replace_peek(sub)
+        failures: list[PeekAttemptFailure] = []
+        for server in sub.candidates:
+            for attempt in (1, 2):
+                peek_id = new_peek_id()
+                try:
+                    body = await self.client.put_json(
+                        server, _peek_path(room_id, peek_id), {}, query={"ver": SUPPORTED_VERSIONS}
+                    )
+                except Exception as error:
+                    failure = classify_peek_error(server, error)
+                    wait = failure.retry_after_ms
+                    if (
+                        failure.kind is PeekFailureKind.RATE_LIMITED
+                        and attempt == 1
+                        and wait is not None
+                        and wait <= RATE_LIMIT_WAIT_MAX_MS
+                    ):
+                        await trio.sleep(wait / 1000)
+                        continue
+                    failures.append(failure)
+                    break
+                try:
+                    validated = await self._validate(body, room_id)
+                except InvalidPeekResponse as e:
+                    log.warning("invalid peek response from %s for %s: %s", server, room_id, e)
+                    failures.append(
+                        PeekAttemptFailure(
+                            server, PeekFailureKind.INVALID_RESPONSE, f"invalid response: {e}"
+                        )
+                    )
+                    sub = replace(sub, pending_deletes=(*sub.pending_deletes, (server, peek_id)))
+                    break
+                now = self.clock_ms()
+                sub = subs.started(
+                    sub,
+                    server=server,
+                    peek_id=peek_id,
+                    room_version=validated.room_version,
+                    remote_interval_ms=validated.renewal_interval_ms,
+                    now_ms=now,
+                    max_renewal_ms=self.settings.renewal_max_ms,
+                )
+                await self._store_snapshot(sub, validated, gap=gap)
+                log.info(
+                    "peeking %s through %s (peek %s, interval %d ms%s)",
+                    room_id,
+                    server,
+                    peek_id,
+                    validated.renewal_interval_ms,
+                    ", after a gap" if gap else "",
+                )
+                return sub
+            if failures and failures[-1].kind is PeekFailureKind.FORBIDDEN:
+                break
+        summary = summarize_failures(room_id, failures)
+        if summary.status == 403:
+            sub = subs.ended(sub, summary.error)
+        else:
+            sub = subs.start_failed(sub, summary.error)
+        await self._save(sub)
+        self._poke(room_id)
+        raise PeekError(summary.status, summary.errcode, summary.error)
+
+    async def _fetch_signer_keys(self, pdus: Iterable[Mapping[str, Any]], version: str) -> None:
+        try:
+            rules = room_version(version)
+        except UnknownRoomVersion:
+            return
+        wanted: dict[str, set[str]] = {}
+        for pdu in pdus:
+            if not isinstance(pdu, dict):
+                continue
+            signatures = pdu.get("signatures")
+            for server in required_signers(pdu, rules):
+                ids = signatures.get(server) if isinstance(signatures, dict) else None
+                wanted.setdefault(server, set()).update(
+                    k
+                    for k in (ids if isinstance(ids, dict) else {})
+                    if isinstance(k, str) and k.startswith("ed25519:")
+                )
+        for server, key_ids in wanted.items():
+            try:
+                await self.keyring.fetch_keys(server, sorted(key_ids))
+            except KeyFetchError as e:
+                log.info("keys for PDUs: %s", e)
+
+    async def _validate(self, body: Any, room_id: str) -> ValidatedPeek:
+        if not isinstance(body, dict):
+            raise InvalidPeekResponse("response is not a JSON object")
+        version = response_room_version(body)
+        await self._fetch_signer_keys(peek_response_pdus(body), version)
+        return validate_peek_response(
+            body, room_id=room_id, supported_versions=SUPPORTED_VERSIONS, keys=self.keyring.lookup
+        )
+
+    async def _store_snapshot(
+        self, sub: Subscription, validated: ValidatedPeek, *, gap: bool
+    ) -> None:
+        now = self.clock_ms()
+
+        def write(conn: Any) -> None:
+            db.store_snapshot(
+                conn,
+                sub.room_id,
+                events=validated.events,
+                redacted=validated.redacted,
+                state=validated.state,
+                latest_event_id=validated.latest_event_id,
+                gap=gap,
+                now_ms=now,
+            )
+            db.save_subscription(conn, sub)
+
+        await self.store.write(write)
+        self.subscriptions[sub.room_id] = sub
+        self.on_room_change(sub.room_id)
+
+    async def _renew(self, room_id: str) -> None:
+        sub = self.subscriptions[room_id]
+        assert sub.server is not None and sub.peek_id is not None
+        server, peek_id = sub.server, sub.peek_id
+        try:
+            body = await self.client.put_json(
+                server, _peek_path(room_id, peek_id), {}, query={"ver": SUPPORTED_VERSIONS}
+            )
+        except Exception as error:
+            refused = isinstance(error, RemoteError) and error.status in (400, 403, 404)
+            log.warning(
+                "renewal of %s through %s failed%s: %s",
+                room_id,
+                server,
+                " (peek lapsed)" if refused else "",
+                error,
+            )
+            async with self._lock(room_id):
+                current = self.subscriptions[room_id]
+                if current.peek_id == peek_id:
+                    await self._save(
+                        subs.renewal_failed(current, refused=refused, now_ms=self.clock_ms())
+                    )
+            return
+        now = self.clock_ms()
+        async with self._lock(room_id):
+            current = self.subscriptions[room_id]
+            if current.peek_id != peek_id:
+                return
+            if is_empty_renewal(body):
+                await self._save(
+                    subs.renewed(current, now_ms=now, max_renewal_ms=self.settings.renewal_max_ms)
+                )
+                log.debug("renewed peek %s of %s", peek_id, room_id)
+                return
+            try:
+                validated = await self._validate(body, room_id)
+            except InvalidPeekResponse as e:
+                log.warning("invalid renewal reply from %s for %s: %s", server, room_id, e)
+                await self._save(subs.renewal_failed(current, refused=True, now_ms=now))
+                return
+            ours = await self.store.read(lambda c: db.current_state_ids(c, room_id))
+            seen = await self.store.read(
+                lambda c: db.known_event_ids(c, [validated.latest_event_id])
+            )
+            renewed = subs.renewed(
+                current,
+                now_ms=now,
+                max_renewal_ms=self.settings.renewal_max_ms,
+                remote_interval_ms=validated.renewal_interval_ms,
+            )
+            # A full reply is what a lapsed peek gets (R3 answers a live renewal with {}).
+            # Nothing was missed only if we hold its latest event and the same state.
+            if ours != validated.state or validated.latest_event_id not in seen:
+                log.info(
+                    "renewal reply for %s shows events or state we lack: recording a gap", room_id
+                )
+                await self._store_snapshot(renewed, validated, gap=True)
+            else:
+                await self._save(renewed)
+
+    async def _delete_pending(self, room_id: str) -> bool:
+        """DELETE every pending peek; True when none is left."""
+        sub = self.subscriptions[room_id]
+        for server, peek_id in sub.pending_deletes:
+            try:
+                await self.client.request("DELETE", server, _peek_path(room_id, peek_id))
+            except RemoteError as e:
+                if e.status != 404:
+                    log.info(
+                        "DELETE of peek %s of %s at %s failed: %s; will retry",
+                        peek_id,
+                        room_id,
+                        server,
+                        e,
+                    )
+                    continue
+            except FederationError as e:
+                log.info(
+                    "DELETE of peek %s of %s at %s failed: %s; will retry",
+                    peek_id,
+                    room_id,
+                    server,
+                    e,
+                )
+                continue
+            log.info("stopped peek %s of %s at %s", peek_id, room_id, server)
+            async with self._lock(room_id):
+                await self._save(subs.deleted(self.subscriptions[room_id], server, peek_id))
+        return not self.subscriptions[room_id].pending_deletes
+
+    async def _end_device_peeks(self, room_id: str) -> None:
+        now = self.clock_ms()
+        ended = await self.store.write(lambda c: db.end_room_peeks(c, room_id, now))
+        if ended:
+            log.info("ended %d device peeks of %s", ended, room_id)
+        self.on_room_change(room_id)
+
+    # -- /send ingest ----------------------------------------------------------------------
+
+    async def ingest(self, origin: str, txn_id: str, body: Any) -> dict[str, Any]:
+        """Handle ``PUT /_matrix/federation/v1/send/{txnId}`` from ``origin`` (verified).
+
+        Idempotent per (origin, txn_id): a replay gets the stored answer and stores nothing.
+        Answers ``{"pdus": {event_id: {} | {"error": reason}}}`` once everything accepted
+        is stored.
+
+        Raises:
+            PeekError: 400 for a malformed transaction (not an object, > 50 PDUs, > 100 EDUs).
+        """
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("pdus", []), list)
+            or not isinstance(body.get("edus", []), list)
+        ):
+            raise PeekError(400, "M_BAD_JSON", "a transaction needs pdus (and edus) lists")
+        pdus, edus = body.get("pdus", []), body.get("edus", [])
+        if len(pdus) > MAX_PDUS or len(edus) > MAX_EDUS:
+            raise PeekError(
+                400,
+                "M_BAD_JSON",
+                f"a transaction may hold at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs",
+            )
+        lock = self._origin_locks.setdefault(origin, trio.Lock())
+        async with lock:
+            stored = await self.store.read(lambda c: db.txn_response(c, origin, txn_id))
+            if stored is not None:
+                return stored
+            return await self._ingest_locked(origin, txn_id, pdus, edus)
+
+    async def _ingest_locked(
+        self, origin: str, txn_id: str, pdus: list[Any], edus: list[Any]
+    ) -> dict[str, Any]:
+        results: dict[str, dict[str, str]] = {}
+        by_room: dict[str, list[dict[str, Any]]] = {}
+        for pdu in pdus:
+            room_id = pdu.get("room_id") if isinstance(pdu, dict) else None
+            sub = self.subscriptions.get(room_id) if isinstance(room_id, str) else None
+            if sub is None or not sub.accepts_events:
+                event_id = _best_effort_event_id(pdu)
+                if event_id is not None:
+                    results[event_id] = {"error": "this server is not peeking that room"}
+                continue
+            by_room.setdefault(room_id, []).append(pdu)
+
+        writes: list[tuple[str, str | None, dict[str, Any] | None, bool]] = []
+        unpeekable: dict[str, str] = {}
+        for room_id, room_pdus in by_room.items():
+            sub = self.subscriptions[room_id]
+            assert sub.room_version is not None
+            rules = room_version(sub.room_version)
+            await self._fetch_signer_keys(room_pdus, sub.room_version)
+            known = await self.store.read(
+                lambda c: db.known_event_ids(
+                    c, [ref for p in room_pdus for ref in _refs(p.get("prev_events"))]
+                )
+            )
+            for pdu in room_pdus:
+                verdict = check_pdu(pdu, rules, self.keyring.lookup)
+                event_id = verdict.event_id
+                if verdict.outcome == "reject" or verdict.pdu is None or event_id is None:
+                    if event_id is not None:
+                        results[event_id] = {"error": verdict.reason}
+                    log.info("rejected PDU %s from %s: %s", event_id, origin, verdict.reason)
+                    continue
+                missing = [p for p in _refs(pdu.get("prev_events")) if p not in known]
+                if missing:
+                    fetched = await self._missing_events(
+                        origin, room_id, event_id, missing, rules, known
+                    )
+                    for fetched_id, fetched_pdu, fetched_redacted in fetched:
+                        writes.append((room_id, fetched_id, fetched_pdu, fetched_redacted))
+                        known.add(fetched_id)
+                    if any(p not in known for p in missing):
+                        writes.append((room_id, None, None, False))  # a gap before this event
+                writes.append((room_id, event_id, verdict.pdu, verdict.outcome == "redact"))
+                known.add(event_id)
+                results[event_id] = {}
+                reason = _unpeekable_reason(verdict.pdu)
+                if reason:
+                    unpeekable[room_id] = reason
+        ephemeral = [
+            item for edu in edus for item in _ephemeral(edu) if item[0] in self.subscriptions
+        ]
+        response = {"pdus": results}
+        now = self.clock_ms()
+
+        def write(conn: Any) -> None:
+            for room_id, event_id, pdu, redacted in writes:
+                if event_id is None:
+                    db.add_gap(conn, room_id, now)
+                else:
+                    assert pdu is not None
+                    db.append_event(conn, room_id, event_id, pdu, redacted=redacted, now_ms=now)
+            for room_id, edu_type, content in ephemeral:
+                db.save_ephemeral(conn, room_id, edu_type, content, now)
+            db.save_txn(conn, origin, txn_id, response, now)
+
+        await self.store.write(write)
+        for room_id in {w[0] for w in writes} | {e[0] for e in ephemeral}:
+            self.on_room_change(room_id)
+        for room_id, reason in unpeekable.items():
+            async with self._lock(room_id):
+                await self._save(subs.ended(self.subscriptions[room_id], reason))
+            await self._end_device_peeks(room_id)
+            self._poke(room_id)
+            log.info("%s is no longer peekable (%s): peeks ended", room_id, reason)
+        return response
+
+    async def _missing_events(
+        self,
+        origin: str,
+        room_id: str,
+        event_id: str,
+        missing: list[str],
+        rules: Any,
+        known: set[str],
+    ) -> list[tuple[str, dict[str, Any], bool]]:
+        """Fetch the events before ``event_id`` we lack from ``origin`` (one bounded
+        ``get_missing_events``); verified, oldest first."""
+        earliest = await self.store.read(
+            lambda c: [
+                e for _, kind, e in db.stream_events(c, room_id)[-10:] if kind == "event" and e
+            ]
+        )
+        try:
+            answer = await self.client.post_json(
+                origin,
+                f"/_matrix/federation/v1/get_missing_events/{path_segment(room_id)}",
+                {
+                    "earliest_events": earliest,
+                    "latest_events": [event_id],
+                    "limit": MISSING_EVENTS_LIMIT,
+                    "min_depth": 0,
+                },
+            )
+        except FederationError as e:
+            log.info("could not fetch events missing before %s from %s: %s", event_id, origin, e)
+            return []
+        events = answer.get("events") if isinstance(answer, dict) else None
+        if not isinstance(events, list):
+            return []
+        await self._fetch_signer_keys(events, rules.identifier)
+        found = []
+        for pdu in events:
+            verdict = check_pdu(pdu, rules, self.keyring.lookup)
+            if verdict.outcome == "reject" or verdict.pdu is None or verdict.event_id is None:
+                continue
+            if verdict.pdu.get("room_id") != room_id or verdict.event_id in known:
+                continue
+            found.append((verdict.event_id, verdict.pdu, verdict.outcome == "redact"))
+        found.sort(key=lambda item: item[1].get("depth", 0))
+        return found
+
+
+def _refs(value: Any) -> list[str]:
+    """Event IDs in prev_events/auth_events (v1/v2 pairs or plain strings)."""
+    if not isinstance(value, list):
+        return []
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, list) and item and isinstance(item[0], str):
+            out.append(item[0])
+    return out
+
+
+def _best_effort_event_id(pdu: Any) -> str | None:
+    """The ID of a PDU of a room we do not know the version of: its ``event_id`` field
+    (v1/v2), else the reference hash under the current default room version's rules."""
+    if not isinstance(pdu, dict):
+        return None
+    if isinstance(pdu.get("event_id"), str):
+        return str(pdu["event_id"])
+    try:
+        return compute_event_id(pdu, room_version("12"))
+    except Exception:
+        return None
+
+
+def _unpeekable_reason(pdu: Mapping[str, Any]) -> str | None:
+    """Decision 10: a state event that ends peeking of its room."""
+    if pdu.get("state_key") != "":
+        return None
+    content = pdu.get("content") if isinstance(pdu.get("content"), dict) else {}
+    assert isinstance(content, dict)
+    if (
+        pdu.get("type") == "m.room.history_visibility"
+        and content.get("history_visibility") != "world_readable"
+    ):
+        return f"history_visibility changed to {content.get('history_visibility')!r}"
+    if pdu.get("type") == "m.room.encryption":
+        return "encryption was enabled"
+    return None
+
+
+def _ephemeral(edu: Any) -> list[tuple[str, str, dict[str, Any]]]:
+    """(room ID, EDU type, content) for m.typing / m.receipt EDUs; others are ignored."""
+    if not isinstance(edu, dict) or not isinstance(edu.get("content"), dict):
+        return []
+    kind, content = edu.get("edu_type"), edu["content"]
+    if kind == "m.typing" and isinstance(content.get("room_id"), str):
+        return [(content["room_id"], "m.typing", content)]
+    if kind == "m.receipt":
+        return [
+            (room, "m.receipt", value)
+            for room, value in content.items()
+            if isinstance(room, str) and isinstance(value, dict)
+        ]
+    return []

@@ -1,0 +1,242 @@
+"""The remote peek subscription of one room, as a pure state machine.
+
+A subscription is one MSC2444 peek shared by every device peeking the room. The shell
+(:mod:`peekproxy.peeks.service`) asks :func:`plan` what to do next, performs it (a PUT, a
+re-PUT, a DELETE), and feeds the result back through the transition functions. Time is
+passed in (wall-clock ms); nothing here does I/O.
+
+States::
+
+    STARTING --peek ok--> ACTIVE --renew due--> (re-PUT) --ok--> ACTIVE
+       |                    |  \\--refused/404, or unreachable past the interval--> LAPSED
+       |                    |                                                         |
+       |                    +--unwanted, linger over--> STOPPING --DELETE ok/404--> DORMANT
+       |                                                                              |
+       +--every server failed--> FAILED              LAPSED/DORMANT --wanted--> (re-peek, gap)
+    any --room no longer peekable--> ENDED (DELETE sent)
+
+Decisions from protocol.md: renew at half the remote interval clamped to [1 s, max]
+(decision 3); after any lapse the next successful PUT is a new peek and a gap (decision 4);
+stop after ``linger`` once no device wants the room.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+from peekproxy.peeks.outcomes import renewal_delay_ms
+
+__all__ = [
+    "Action",
+    "SubState",
+    "Subscription",
+    "deleted",
+    "ended",
+    "plan",
+    "renewal_failed",
+    "renewed",
+    "replace_peek",
+    "stopping",
+    "start_failed",
+    "started",
+    "unwanted",
+    "wanted",
+]
+
+#: After a failed renewal that has not lapsed yet, try again this soon (ms).
+RENEW_RETRY_MS = 2_000
+
+
+class SubState(enum.StrEnum):
+    STARTING = "starting"  # no remote peek yet; peek through the candidates
+    ACTIVE = "active"  # remote peek established
+    LAPSED = "lapsed"  # the remote peek is gone; re-peek (with a gap) while wanted
+    STOPPING = "stopping"  # DELETE to send
+    DORMANT = "dormant"  # no remote peek, nobody wants one
+    FAILED = "failed"  # no candidate server could be peeked
+    ENDED = "ended"  # the room stopped being peekable
+
+
+class Action(enum.StrEnum):
+    PEEK = "peek"  # PUT a new peek through the candidates
+    RENEW = "renew"  # re-PUT the current peek
+    DELETE = "delete"  # DELETE the pending peeks (pending_deletes)
+    STOP = "stop"  # linger over: apply stopping(), which queues the DELETE
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """One room's subscription. Times are ms since the epoch."""
+
+    room_id: str
+    state: SubState = SubState.STARTING
+    candidates: tuple[str, ...] = ()
+    room_version: str | None = None
+    server: str | None = None
+    peek_id: str | None = None
+    remote_interval_ms: int | None = None
+    last_renewed_ms: int | None = None
+    renew_at_ms: int | None = None
+    wanted: bool = True
+    linger_until_ms: int | None = None
+    ended_reason: str | None = None
+    #: Peeks to DELETE (server, peek ID): replaced, abandoned or stopped ones.
+    pending_deletes: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def has_remote_peek(self) -> bool:
+        return self.state is SubState.ACTIVE and self.server is not None
+
+    @property
+    def accepts_events(self) -> bool:
+        """Whether ``/send`` PDUs for this room are taken (a room version is known and the
+        subscription has not been stopped)."""
+        return self.room_version is not None and self.state in (
+            SubState.ACTIVE,
+            SubState.LAPSED,
+            SubState.STOPPING,
+        )
+
+
+def plan(sub: Subscription, now_ms: int) -> tuple[Action | None, int | None]:
+    """What to do now, and otherwise when to look again (``None``: only on a change)."""
+    if sub.pending_deletes:
+        return Action.DELETE, None
+    if sub.state is SubState.STARTING or (sub.state is SubState.LAPSED and sub.wanted):
+        return Action.PEEK, None
+    if sub.state is SubState.ACTIVE:
+        if not sub.wanted and sub.linger_until_ms is not None:
+            if now_ms >= sub.linger_until_ms:
+                return Action.STOP, None
+            wake = sub.linger_until_ms
+            if sub.renew_at_ms is not None:
+                wake = min(wake, sub.renew_at_ms)
+            if sub.renew_at_ms is not None and now_ms >= sub.renew_at_ms:
+                return Action.RENEW, None
+            return None, wake
+        if sub.renew_at_ms is None or now_ms >= sub.renew_at_ms:
+            return Action.RENEW, None
+        return None, sub.renew_at_ms
+    return None, None
+
+
+def started(
+    sub: Subscription,
+    *,
+    server: str,
+    peek_id: str,
+    room_version: str,
+    remote_interval_ms: int,
+    now_ms: int,
+    max_renewal_ms: int,
+) -> Subscription:
+    """A PUT through ``server`` succeeded: the peek is active."""
+    return replace(
+        sub,
+        state=SubState.ACTIVE,
+        server=server,
+        peek_id=peek_id,
+        room_version=room_version,
+        remote_interval_ms=remote_interval_ms,
+        last_renewed_ms=now_ms,
+        renew_at_ms=now_ms + renewal_delay_ms(remote_interval_ms, max_renewal_ms),
+        ended_reason=None,
+    )
+
+
+def start_failed(sub: Subscription, reason: str) -> Subscription:
+    """No candidate could be peeked. Devices are told; a later peek starts over."""
+    return replace(sub, state=SubState.FAILED, server=None, peek_id=None, ended_reason=reason)
+
+
+def renewed(
+    sub: Subscription,
+    *,
+    now_ms: int,
+    max_renewal_ms: int,
+    remote_interval_ms: int | None = None,
+) -> Subscription:
+    """The remote confirmed the peek (a ``{}`` or full re-PUT reply, or an R4 renew)."""
+    interval = remote_interval_ms or sub.remote_interval_ms or 3_600_000
+    return replace(
+        sub,
+        remote_interval_ms=interval,
+        last_renewed_ms=now_ms,
+        renew_at_ms=now_ms + renewal_delay_ms(interval, max_renewal_ms),
+    )
+
+
+def renewal_failed(sub: Subscription, *, refused: bool, now_ms: int) -> Subscription:
+    """A renewal failed. ``refused``: the remote said the peek is gone (404, 403, ...): it
+    has lapsed. Otherwise (unreachable, 5xx) it lapses only once the remote interval has
+    passed since the last confirmation; until then, retry soon."""
+    interval = sub.remote_interval_ms or 0
+    last = sub.last_renewed_ms or 0
+    if refused or now_ms >= last + interval:
+        return replace(sub, state=SubState.LAPSED, renew_at_ms=None)
+    return replace(sub, renew_at_ms=now_ms + RENEW_RETRY_MS)
+
+
+def wanted(sub: Subscription, candidates: tuple[str, ...] = ()) -> Subscription:
+    """A device peeks the room (again). New candidates go first."""
+    merged = tuple(dict.fromkeys((*candidates, *sub.candidates)))
+    state = sub.state
+    if state in (SubState.DORMANT, SubState.FAILED, SubState.ENDED):
+        state = SubState.LAPSED if sub.room_version is not None else SubState.STARTING
+    if state is SubState.STOPPING:
+        state = SubState.ACTIVE if sub.server is not None else SubState.LAPSED
+    return replace(
+        sub,
+        wanted=True,
+        linger_until_ms=None,
+        candidates=merged,
+        state=state,
+        ended_reason=None if state is not sub.state else sub.ended_reason,
+    )
+
+
+def unwanted(sub: Subscription, *, now_ms: int, linger_ms: int) -> Subscription:
+    """No device peeks the room any more: stop after ``linger_ms``."""
+    if not sub.wanted:
+        return sub
+    if sub.state in (SubState.STARTING, SubState.LAPSED):
+        return replace(sub, wanted=False, linger_until_ms=None, state=SubState.DORMANT)
+    return replace(sub, wanted=False, linger_until_ms=now_ms + linger_ms)
+
+
+def stopping(sub: Subscription) -> Subscription:
+    """Linger over: queue the DELETE of the current peek."""
+    deletes = sub.pending_deletes
+    if sub.server is not None and sub.peek_id is not None:
+        deletes = (*deletes, (sub.server, sub.peek_id))
+    return replace(
+        sub,
+        state=SubState.DORMANT,
+        server=None,
+        peek_id=None,
+        renew_at_ms=None,
+        linger_until_ms=None,
+        pending_deletes=deletes,
+    )
+
+
+def replace_peek(sub: Subscription) -> Subscription:
+    """Before a new peek after a lapse: the old peek (if any) is to be DELETEd."""
+    deletes = sub.pending_deletes
+    if sub.server is not None and sub.peek_id is not None:
+        deletes = (*deletes, (sub.server, sub.peek_id))
+    return replace(sub, server=None, peek_id=None, pending_deletes=deletes)
+
+
+def deleted(sub: Subscription, server: str, peek_id: str) -> Subscription:
+    """A DELETE was answered 200 or 404: that peek is gone."""
+    return replace(
+        sub, pending_deletes=tuple(d for d in sub.pending_deletes if d != (server, peek_id))
+    )
+
+
+def ended(sub: Subscription, reason: str) -> Subscription:
+    """The room is no longer peekable (history visibility, encryption): end and DELETE."""
+    after = stopping(sub)
+    return replace(after, state=SubState.ENDED, wanted=False, ended_reason=reason)

@@ -1,0 +1,305 @@
+"""Storage of subscriptions, room events, room state, transactions and device peeks.
+
+Plain functions over a :class:`sqlite3.Connection`, run inside ``Store.write`` / ``Store.read``
+(one transaction each): the caller composes them so that, for example, a whole ``/send``
+transaction and its idempotency record commit together.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from peekproxy.peeks.subscription import SubState, Subscription
+
+__all__ = [
+    "add_gap",
+    "append_event",
+    "current_state_ids",
+    "device_peek_count",
+    "known_event_ids",
+    "load_subscriptions",
+    "save_ephemeral",
+    "save_subscription",
+    "save_txn",
+    "set_device_peek",
+    "store_snapshot",
+    "txn_response",
+]
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def save_subscription(conn: sqlite3.Connection, sub: Subscription) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO subscriptions (room_id, room_version, state, candidates_json, "
+        "server, peek_id, remote_interval_ms, last_renewed_ts, renew_at_ts, wanted, "
+        "linger_until_ts, ended_reason, pending_deletes_json) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            sub.room_id,
+            sub.room_version,
+            sub.state.value,
+            _dumps(list(sub.candidates)),
+            sub.server,
+            sub.peek_id,
+            sub.remote_interval_ms,
+            sub.last_renewed_ms,
+            sub.renew_at_ms,
+            int(sub.wanted),
+            sub.linger_until_ms,
+            sub.ended_reason,
+            _dumps([list(d) for d in sub.pending_deletes]),
+        ),
+    )
+
+
+def load_subscriptions(conn: sqlite3.Connection) -> list[Subscription]:
+    rows = conn.execute(
+        "SELECT room_id, room_version, state, candidates_json, server, peek_id, "
+        "remote_interval_ms, last_renewed_ts, renew_at_ts, wanted, linger_until_ts, "
+        "ended_reason, pending_deletes_json FROM subscriptions"
+    ).fetchall()
+    return [
+        Subscription(
+            room_id=r[0],
+            room_version=r[1],
+            state=SubState(r[2]),
+            candidates=tuple(json.loads(r[3])),
+            server=r[4],
+            peek_id=r[5],
+            remote_interval_ms=r[6],
+            last_renewed_ms=r[7],
+            renew_at_ms=r[8],
+            wanted=bool(r[9]),
+            linger_until_ms=r[10],
+            ended_reason=r[11],
+            pending_deletes=tuple((d[0], d[1]) for d in json.loads(r[12])),
+        )
+        for r in rows
+    ]
+
+
+def _stream_row(
+    conn: sqlite3.Connection, room_id: str, kind: str, event_id: str | None, now_ms: int
+) -> int:
+    cursor = conn.execute(
+        "INSERT INTO room_stream (room_id, kind, event_id, received_ts) VALUES (?, ?, ?, ?)",
+        (room_id, kind, event_id, now_ms),
+    )
+    position = cursor.lastrowid
+    assert position is not None
+    return position
+
+
+def _insert_event(
+    conn: sqlite3.Connection, room_id: str, event_id: str, pdu: Mapping[str, Any], redacted: bool
+) -> bool:
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO events (event_id, room_id, pdu_json, redacted) VALUES (?, ?, ?, ?)",
+        (event_id, room_id, _dumps(pdu), int(redacted)),
+    )
+    return cursor.rowcount == 1
+
+
+def known_event_ids(conn: sqlite3.Connection, event_ids: Iterable[str]) -> set[str]:
+    """Which of ``event_ids`` are stored."""
+    ids = list(event_ids)
+    found: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        found.update(
+            r[0]
+            for r in conn.execute(f"SELECT event_id FROM events WHERE event_id IN ({marks})", chunk)
+        )
+    return found
+
+
+def store_snapshot(
+    conn: sqlite3.Connection,
+    room_id: str,
+    *,
+    events: Mapping[str, Mapping[str, Any]],
+    redacted: Iterable[str],
+    state: Mapping[tuple[str, str], str],
+    latest_event_id: str,
+    gap: bool,
+    now_ms: int,
+) -> int:
+    """Store a peek response: its events, the room's state (replaced), a gap marker when
+    history is missing, and the latest event on the room's stream. Returns the last
+    stream position written."""
+    redacted_ids = set(redacted)
+    for event_id, pdu in events.items():
+        _insert_event(conn, room_id, event_id, pdu, event_id in redacted_ids)
+    conn.execute("DELETE FROM room_state WHERE room_id = ?", (room_id,))
+    conn.executemany(
+        "INSERT INTO room_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?)",
+        [(room_id, t, k, e) for (t, k), e in state.items()],
+    )
+    position = _stream_row(conn, room_id, "gap", None, now_ms) if gap else 0
+    in_stream = conn.execute(
+        "SELECT 1 FROM room_stream WHERE event_id = ? AND kind = 'event'", (latest_event_id,)
+    ).fetchone()
+    if in_stream is None:
+        position = _stream_row(conn, room_id, "event", latest_event_id, now_ms)
+    return position
+
+
+def append_event(
+    conn: sqlite3.Connection,
+    room_id: str,
+    event_id: str,
+    pdu: Mapping[str, Any],
+    *,
+    redacted: bool,
+    now_ms: int,
+) -> int | None:
+    """Append one event to the room's stream (once: ``None`` when it was already there).
+    A state event becomes the room's current state for its (type, state_key)."""
+    _insert_event(conn, room_id, event_id, pdu, redacted)
+    if conn.execute(
+        "SELECT 1 FROM room_stream WHERE event_id = ? AND kind = 'event'", (event_id,)
+    ).fetchone():
+        return None
+    position = _stream_row(conn, room_id, "event", event_id, now_ms)
+    state_key = pdu.get("state_key")
+    if isinstance(state_key, str):
+        conn.execute(
+            "INSERT OR REPLACE INTO room_state (room_id, type, state_key, event_id) "
+            "VALUES (?, ?, ?, ?)",
+            (room_id, pdu["type"], state_key, event_id),
+        )
+    return position
+
+
+def add_gap(conn: sqlite3.Connection, room_id: str, now_ms: int) -> int:
+    """Mark that history is missing at this point of the room's stream."""
+    return _stream_row(conn, room_id, "gap", None, now_ms)
+
+
+def current_state_ids(conn: sqlite3.Connection, room_id: str) -> dict[tuple[str, str], str]:
+    return {
+        (t, k): e
+        for t, k, e in conn.execute(
+            "SELECT type, state_key, event_id FROM room_state WHERE room_id = ?", (room_id,)
+        )
+    }
+
+
+def state_content(
+    conn: sqlite3.Connection, room_id: str, type: str, state_key: str = ""
+) -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT e.pdu_json FROM room_state s JOIN events e ON e.event_id = s.event_id "
+        "WHERE s.room_id = ? AND s.type = ? AND s.state_key = ?",
+        (room_id, type, state_key),
+    ).fetchone()
+    if row is None:
+        return None
+    content = json.loads(row[0]).get("content")
+    return content if isinstance(content, dict) else {}
+
+
+def txn_response(conn: sqlite3.Connection, origin: str, txn_id: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT response_json FROM federation_txns WHERE origin = ? AND txn_id = ?",
+        (origin, txn_id),
+    ).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def save_txn(
+    conn: sqlite3.Connection, origin: str, txn_id: str, response: Mapping[str, Any], now_ms: int
+) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO federation_txns (origin, txn_id, response_json, received_ts) "
+        "VALUES (?, ?, ?, ?)",
+        (origin, txn_id, _dumps(response), now_ms),
+    )
+
+
+def save_ephemeral(
+    conn: sqlite3.Connection, room_id: str, edu_type: str, content: Mapping[str, Any], now_ms: int
+) -> int:
+    position = _stream_row(conn, room_id, "ephemeral", None, now_ms)
+    conn.execute(
+        "INSERT OR REPLACE INTO ephemeral (room_id, edu_type, content_json, stream_pos) "
+        "VALUES (?, ?, ?, ?)",
+        (room_id, edu_type, _dumps(content), position),
+    )
+    return position
+
+
+def set_device_peek(
+    conn: sqlite3.Connection, user_id: str, device_id: str, room_id: str, state: str, now_ms: int
+) -> int:
+    """Record a device peek's state (``active``, ``dormant``, ``ended``); returns the stream
+    position of the change."""
+    position = _stream_row(conn, room_id, "device", None, now_ms)
+    conn.execute(
+        "INSERT INTO device_peeks (user_id, device_id, room_id, state, created_ts, changed_pos) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, device_id, room_id) DO UPDATE SET "
+        "state = excluded.state, changed_pos = excluded.changed_pos",
+        (user_id, device_id, room_id, state, now_ms, position),
+    )
+    return position
+
+
+def device_peek_state(
+    conn: sqlite3.Connection, user_id: str, device_id: str, room_id: str
+) -> str | None:
+    row = conn.execute(
+        "SELECT state FROM device_peeks WHERE user_id = ? AND device_id = ? AND room_id = ?",
+        (user_id, device_id, room_id),
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
+def device_peek_count(conn: sqlite3.Connection, room_id: str, state: str = "active") -> int:
+    row = conn.execute(
+        "SELECT COUNT(*) FROM device_peeks WHERE room_id = ? AND state = ?", (room_id, state)
+    ).fetchone()
+    return int(row[0])
+
+
+def device_peeks_of_device(conn: sqlite3.Connection, user_id: str, device_id: str) -> int:
+    row = conn.execute(
+        "SELECT COUNT(*) FROM device_peeks WHERE user_id = ? AND device_id = ? AND "
+        "state = 'active'",
+        (user_id, device_id),
+    ).fetchone()
+    return int(row[0])
+
+
+def end_room_peeks(conn: sqlite3.Connection, room_id: str, now_ms: int) -> int:
+    """End every active or dormant device peek of a room; returns how many."""
+    rows = conn.execute(
+        "SELECT user_id, device_id FROM device_peeks WHERE room_id = ? AND state != 'ended'",
+        (room_id,),
+    ).fetchall()
+    for user_id, device_id in rows:
+        set_device_peek(conn, user_id, device_id, room_id, "ended", now_ms)
+    return len(rows)
+
+
+def stream_events(conn: sqlite3.Connection, room_id: str) -> list[tuple[int, str, str | None]]:
+    """The room's stream: (position, kind, event ID) for events and gaps, in order."""
+    return [
+        (int(p), str(k), e)
+        for p, k, e in conn.execute(
+            "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
+            "kind IN ('event', 'gap') ORDER BY stream_pos",
+            (room_id,),
+        )
+    ]
+
+
+def event_pdu(conn: sqlite3.Connection, event_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT pdu_json FROM events WHERE event_id = ?", (event_id,)).fetchone()
+    return json.loads(row[0]) if row else None
