@@ -28,8 +28,23 @@ DOWN = "down.test"  # nothing listens there
 SECRET = "delegation-secret-for-tests"
 
 
+EXTRA_SERVERS = ("forger.test",)
+
+
+class FakeServer:
+    def __init__(self) -> None:
+        self.requests_seen: list[str] = []
+        self.handler: Callable[[Any, bytes], Awaitable[tuple[int, Any]]] | None = None
+
+    async def dispatch(self, scope: Any, body: bytes) -> tuple[int, Any]:
+        if self.handler is None:
+            return 404, {"errcode": "M_UNRECOGNIZED", "error": "no handler"}
+        return await self.handler(scope, body)
+
+
 class PeekWorld:
     def __init__(self) -> None:
+        self.ports: dict[str, int] = {}
         self.testbed: Testbed
         self.listening: TestbedListening
         self.daemon: DaemonProcess
@@ -50,7 +65,10 @@ class PeekWorld:
         hints: list[str] | None = None,
         servers: list[str] | None = None,
     ) -> httpx.Response:
-        params: list[tuple[str, str]] = [("user_id", user), ("device_id", device)]
+        params: list[tuple[str, str | int | float | bool | None]] = [
+            ("user_id", user),
+            ("device_id", device),
+        ]
         params += [("server_name", h) for h in hints or []]
         async with httpx.AsyncClient(timeout=60) as http:
             return await http.post(
@@ -109,6 +127,20 @@ class PeekWorld:
             out.append((kind, body or event_id))
         return out
 
+    async def add_server(
+        self, nursery: trio.Nursery, ca: trustme.CA, tmp_path: Path, name: str
+    ) -> FakeServer:
+        """Another federation server (its handler set by the test), found through DNS."""
+        assert name in EXTRA_SERVERS, name
+        server = FakeServer()
+        await serve_app(
+            nursery,
+            JsonApp({(m, "/*"): server.dispatch for m in ("GET", "PUT", "POST", "DELETE")}),
+            bind=f"127.0.0.1:{self.ports[name]}",
+            tls=issue_cert(ca, tmp_path, name),
+        )
+        return server
+
     # -- the testbed ---------------------------------------------------------------------------
 
     def create_room(self, version: str = "10", **spec: Any) -> str:
@@ -166,6 +198,7 @@ async def build_world(
 ) -> PeekWorld:
     world = PeekWorld()
     pp_port, tb_port, np_port, down_port = (free_tcp_port() for _ in range(4))
+    world.ports = {name: free_tcp_port() for name in EXTRA_SERVERS}
     dns = await start_dnsmasq(
         nursery,
         hosts={
@@ -179,6 +212,10 @@ async def build_world(
             (f"_matrix-fed._tcp.{TESTBED}", "tb.host.test", tb_port, 10, 1),
             (f"_matrix-fed._tcp.{NO_PEEK}", "np.host.test", np_port, 10, 1),
             (f"_matrix-fed._tcp.{DOWN}", "down.host.test", down_port, 10, 1),
+            *(
+                (f"_matrix-fed._tcp.{n}", "down.host.test", p, 10, 1)
+                for n, p in world.ports.items()
+            ),
         ],
     )
     world.listening, world.testbed = await start_testbed(

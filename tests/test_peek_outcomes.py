@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import pytest
 
@@ -181,7 +182,9 @@ def test_classify_retry_after() -> None:
     assert limited.retry_after_ms == 2500
     for body in ({"errcode": "M_LIMIT_EXCEEDED"}, {"retry_after_ms": -1}, {"retry_after_ms": "5"}):
         assert classify_peek_error("a.test", _remote(429, body)).retry_after_ms is None
-    assert classify_peek_error("a.test", _remote(429, {"retry_after_ms": True})).retry_after_ms is None
+    assert (
+        classify_peek_error("a.test", _remote(429, {"retry_after_ms": True})).retry_after_ms is None
+    )
     # A Retry-After header, if the error carries the response headers.
     error = _remote(429, raw=b"slow down")
     error.headers = {"Retry-After": "7"}  # type: ignore[attr-defined]
@@ -222,12 +225,9 @@ def test_candidates_v12_room_has_no_server() -> None:
 
 
 def test_candidates_drop_invalid_names() -> None:
-    hints = ["", "bad name", "a.test", "http://x.test", "[::1]:8448", "b.test:99999", 7]
-    assert candidate_servers(hints, ["c_d.test", "c.test"], "not a room id") == [  # type: ignore[list-item]
-        "a.test",
-        "[::1]:8448",
-        "c.test",
-    ]
+    hints: list[Any] = ["", "bad name", "a.test", "http://x.test", "[::1]:8448", "b.test:99999", 7]
+    expected = ["a.test", "[::1]:8448", "c.test"]
+    assert candidate_servers(hints, ["c_d.test", "c.test"], "not a room id") == expected
 
 
 # --- summarize_failures ---------------------------------------------------------------------
@@ -262,7 +262,10 @@ def test_summary_forbidden_names_the_server() -> None:
 
 
 def test_summary_all_not_found() -> None:
-    failures = [_failure("a.test", K.NOT_FOUND, NOT_FOUND), _failure("b.test", K.NOT_FOUND, NOT_FOUND)]
+    failures = [
+        _failure("a.test", K.NOT_FOUND, NOT_FOUND),
+        _failure("b.test", K.NOT_FOUND, NOT_FOUND),
+    ]
     assert summarize_failures("!r:a.test", failures) == PeekFailureSummary(
         404, "M_NOT_FOUND", f"could not peek !r:a.test: a.test: {NOT_FOUND}; b.test: {NOT_FOUND}"
     )

@@ -72,3 +72,201 @@ async def test_peek_by_alias(world: PeekWorld) -> None:
     assert response.json() == {"room_id": room_id}
     missing = await world.peek(f"#nothing:{TESTBED}")
     assert missing.status_code == 404 and missing.json()["errcode"] == "M_NOT_FOUND"
+
+
+async def test_renewals_repeat_and_huge_intervals_are_clamped(world: PeekWorld) -> None:
+    world.testbed.renewal_interval_ms = 2_000
+    room_id = world.create_room("10")
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    # Renewed at half the interval (1 s), again and again, with the same peek ID.
+    await world.testbed.wait_until(lambda: len(world.log_of("renew")) >= 3, timeout=20)
+    peek_ids = {entry[3] for entry in world.testbed.peek_log}
+    assert len(peek_ids) == 1
+    sub = world.subscription(room_id)
+    assert sub["remote_interval_ms"] == 2_000
+    assert sub["renew_at_ts"] - sub["last_renewed_ts"] == 1_000
+
+    world.testbed.renewal_interval_ms = 3_600_000_000  # Dendrite's value
+    other = world.create_room("10")
+    assert (await world.peek(other, hints=[TESTBED])).status_code == 200
+    clamped = world.subscription(other)
+    assert clamped["remote_interval_ms"] == 3_600_000_000
+    assert clamped["renew_at_ts"] - clamped["last_renewed_ts"] == 1_800_000  # 30 min max
+
+
+async def test_lapse_is_repeeked_with_a_gap(world: PeekWorld) -> None:
+    world.testbed.renewal_interval_ms = 2_000
+    room_id = world.create_room("11")
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    before = world.send(room_id, "before the lapse")
+    await world.wait_delivered(before)
+    # The testbed expires the peek; peekproxy is not told (there is no notification).
+    [(_, origin, _, peek_id)] = world.log_of("start")
+    assert world.testbed.peeks.delete(origin, room_id, peek_id, world.testbed.clock_ms())
+    world.send(room_id, "missed while lapsed")
+    world.send(room_id, "latest while lapsed")
+    # The next renewal is answered as a new peek, whose latest event peekproxy lacks.
+    await world.daemon.wait_for_log(rb"recorded a gap")
+    stream = world.stream(room_id)
+    assert stream[-3:] == [
+        ("event", "before the lapse"),
+        ("gap", None),
+        ("event", "latest while lapsed"),
+    ]
+    after = world.send(room_id, "after the lapse")
+    await world.wait_delivered(after)
+    assert world.stream(room_id)[-1] == ("event", "after the lapse")
+
+
+async def test_exactly_one_delete_after_the_last_device_stops(world: PeekWorld) -> None:
+    room_id = world.create_room("12")
+    for device in ("D1", "D2"):
+        response = await world.peek(room_id, device=device, hints=[TESTBED])
+        assert response.status_code == 200, response.text
+    assert len(world.log_of("start")) == 1  # one subscription shared by both devices
+    assert (await world.unpeek(room_id, device="D1")).status_code == 200
+    assert world.subscription(room_id)["wanted"] == 1
+    assert (await world.unpeek(room_id, device="D2")).status_code == 200
+    await world.daemon.wait_for_log(rb"stopped peek")  # after the 0.2 s linger
+    assert len(world.log_of("delete")) == 1
+    sub = world.subscription(room_id)
+    assert (sub["state"], sub["pending_deletes_json"], sub["wanted"]) == ("dormant", "[]", 0)
+    # Unpeek errors (decision 7).
+    again = await world.unpeek(room_id, device="D2")
+    assert again.status_code == 400 and again.json()["errcode"] == "M_BAD_STATE"
+    never = await world.unpeek(f"!never:{TESTBED}")
+    assert never.status_code == 404 and never.json()["errcode"] == "M_NOT_FOUND"
+
+
+async def test_send_faults_are_handled(world: PeekWorld) -> None:
+    room_id = world.create_room("10")
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    faults = world.testbed.faults
+
+    def count(event_id: str) -> int:
+        return len(
+            world.rows("SELECT 1 FROM room_stream WHERE event_id = ? AND kind = 'event'", event_id)
+        )
+
+    faults.update({"duplicate_next": 1})  # the same transaction twice (a replay)
+    replayed = world.send(room_id, "replayed")
+    await world.testbed.wait_until(
+        lambda: (
+            sum(replayed in t.event_ids for t in world.testbed.senders[PEEKPROXY].transactions) == 2
+        )
+    )
+    faults.update({"resend_next": 1})  # the same events again in a new transaction
+    resent = world.send(room_id, "resent")
+    await world.testbed.wait_until(
+        lambda: (
+            sum(resent in t.event_ids for t in world.testbed.senders[PEEKPROXY].transactions) == 2
+        )
+    )
+    assert count(replayed) == 1 and count(resent) == 1
+
+    faults.update({"reorder_next": 1})  # second before first
+    first, second = world.send(room_id, "first"), world.send(room_id, "second")
+    await world.wait_delivered(first, second)
+    faults.update({"withhold_next": 1})  # never pushed: the next event's prev is unknown
+    withheld = world.send(room_id, "withheld")
+    after = world.send(room_id, "after withheld")
+    await world.wait_delivered(after)
+    faults.update({"forge_next": 1})
+    forged = world.send(room_id, "forged")
+    await world.wait_delivered(forged)  # answered 200, with an error for that PDU
+    assert count(forged) == 0  # the forged copy was rejected (bad signature)
+    faults.update({"drop_next": 1})
+    dropped = world.send(room_id, "dropped")
+    await world.testbed.wait_until(
+        lambda: any(t.status == "dropped" for t in world.testbed.senders[PEEKPROXY].transactions)
+    )
+    last = world.send(room_id, "last")
+    await world.wait_delivered(last)
+    bodies = [b for k, b in world.stream(room_id) if k == "event"]
+    # Out-of-order, withheld and dropped events were fetched with get_missing_events, so
+    # the stream keeps the room's order. The genuine copy of the forged event came that way
+    # too, as an ancestor of the next one.
+    assert bodies[-9:] == [
+        "replayed",
+        "resent",
+        "first",
+        "second",
+        "withheld",
+        "after withheld",
+        "forged",
+        "dropped",
+        "last",
+    ]
+    assert count(withheld) == 1 and count(first) == 1 and count(dropped) == 1
+    assert "gap" not in [k for k, _ in world.stream(room_id)]
+
+
+async def test_forged_state_in_a_peek_response_is_deleted_and_the_next_server_tried(
+    world: PeekWorld, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    room_id = world.create_room("10")
+    forger = await world.add_server(nursery, tls_ca, tmp_path, "forger.test")
+
+    async def forged_peek(scope: Any, body: bytes) -> tuple[int, Any]:
+        forger.requests_seen.append(scope["method"])
+        if scope["method"] == "DELETE":
+            return 200, {}
+        answer = json.loads(json.dumps(world.testbed.peek_response(world.testbed.rooms[room_id])))
+        for pdu in answer["state"]:
+            if pdu["type"] == "m.room.power_levels":
+                pdu["content"]["users"]["@mallory:forger.test"] = 100  # signed field: forged
+        return 200, answer
+
+    forger.handler = forged_peek
+    response = await world.peek(room_id, hints=["forger.test", TESTBED])
+    assert response.status_code == 200, response.text
+    assert world.subscription(room_id)["server"] == TESTBED
+    await world.daemon.wait_for_log(rb"stopped peek \w+ of .* at forger\.test")
+    assert forger.requests_seen == ["PUT", "DELETE"]
+
+
+async def test_history_visibility_change_ends_peeks(world: PeekWorld) -> None:
+    room_id = world.create_room("11")
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    world.testbed.send(
+        room_id,
+        sender="admin",
+        type="m.room.history_visibility",
+        content={"history_visibility": "shared"},
+        state_key="",
+    )
+    await world.daemon.wait_for_log(rb"no longer peekable")
+    await world.daemon.wait_for_log(rb"stopped peek")
+    assert world.subscription(room_id)["state"] == "ended"
+    assert world.rows("SELECT state FROM device_peeks WHERE room_id = ?", room_id) == [("ended",)]
+    assert len(world.log_of("delete")) == 1
+    # Later events are not taken.
+    late = world.send(room_id, "too late")
+    assert not world.delivered(late)
+
+
+async def test_restart_resumes_marks_a_gap_and_loses_nothing_acknowledged(
+    world: PeekWorld, spawn: Spawn
+) -> None:
+    world.testbed.renewal_interval_ms = 2_000
+    room_id = world.create_room("10")
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    acknowledged = [world.send(room_id, f"acknowledged {i}") for i in range(5)]
+    await world.wait_delivered(*acknowledged)
+    await world.restart(spawn, kill=True)  # SIGKILL mid-peek
+    # Everything peekproxy acknowledged was stored before it answered.
+    stored = {e for (e,) in world.rows("SELECT event_id FROM events")}
+    assert set(acknowledged) <= stored
+    # It renews at once after the restart.
+    renewals = len(world.log_of("renew"))
+    await world.testbed.wait_until(lambda: len(world.log_of("renew")) > renewals)
+    sub = world.subscription(room_id)
+    assert sub["state"] == "active"
+
+    # A lapse while down: the testbed expires the peek, events go undelivered.
+    await world.restart(spawn, kill=True)
+    [(_, origin, _, peek_id)] = world.log_of("start")
+    world.testbed.peeks.delete(origin, room_id, peek_id, world.testbed.clock_ms())
+    world.send(room_id, "while down")
+    await world.daemon.wait_for_log(rb"recorded a gap")
+    assert world.stream(room_id)[-2:] == [("gap", None), ("event", "while down")]

@@ -27,8 +27,8 @@ from peekproxy.api.federation_auth import authenticate
 from peekproxy.federation.keyring import Keyring
 from peekproxy.federation.signing_key import server_key_document
 from peekproxy.identifiers import InvalidIdentifier, RoomAlias
-from peekproxy.peeks.service import PeekError, PeekService
 from peekproxy.metrics import RequestMetrics
+from peekproxy.peeks.service import PeekError, PeekService
 
 __all__ = ["federation_app"]
 

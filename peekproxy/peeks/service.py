@@ -36,7 +36,7 @@ from peekproxy.peeks.outcomes import (
     new_peek_id,
     summarize_failures,
 )
-from peekproxy.peeks.subscription import Action, SubState, Subscription
+from peekproxy.peeks.subscription import Action, Subscription, SubState
 from peekproxy.peeks.validation import (
     InvalidPeekResponse,
     ValidatedPeek,
@@ -366,11 +366,7 @@ class PeekService:
                     validated = await self._validate(body, room_id)
                 except InvalidPeekResponse as e:
                     log.warning("invalid peek response from %s for %s: %s", server, room_id, e)
-                    failures.append(
-                        PeekAttemptFailure(
-                            server, PeekFailureKind.INVALID_RESPONSE, f"invalid response: {e}"
-                        )
-                    )
+                    failures.append(classify_peek_error(server, e))
                     sub = replace(sub, pending_deletes=(*sub.pending_deletes, (server, peek_id)))
                     break
                 now = self.clock_ms()
@@ -512,10 +508,10 @@ class PeekService:
             # A full reply is what a lapsed peek gets (R3 answers a live renewal with {}).
             # Nothing was missed only if we hold its latest event and the same state.
             if ours != validated.state or validated.latest_event_id not in seen:
-                log.info(
-                    "renewal reply for %s shows events or state we lack: recording a gap", room_id
-                )
                 await self._store_snapshot(renewed, validated, gap=True)
+                log.info(
+                    "renewal reply for %s shows events or state we lack: recorded a gap", room_id
+                )
             else:
                 await self._save(renewed)
 
@@ -544,9 +540,9 @@ class PeekService:
                     e,
                 )
                 continue
-            log.info("stopped peek %s of %s at %s", peek_id, room_id, server)
             async with self._lock(room_id):
                 await self._save(subs.deleted(self.subscriptions[room_id], server, peek_id))
+            log.info("stopped peek %s of %s at %s", peek_id, room_id, server)
         return not self.subscriptions[room_id].pending_deletes
 
     async def _end_device_peeks(self, room_id: str) -> None:
@@ -601,6 +597,7 @@ class PeekService:
                 if event_id is not None:
                     results[event_id] = {"error": "this server is not peeking that room"}
                 continue
+            assert isinstance(room_id, str)
             by_room.setdefault(room_id, []).append(pdu)
 
         writes: list[tuple[str, str | None, dict[str, Any] | None, bool]] = []
@@ -610,11 +607,8 @@ class PeekService:
             assert sub.room_version is not None
             rules = room_version(sub.room_version)
             await self._fetch_signer_keys(room_pdus, sub.room_version)
-            known = await self.store.read(
-                lambda c: db.known_event_ids(
-                    c, [ref for p in room_pdus for ref in _refs(p.get("prev_events"))]
-                )
-            )
+            refs = [ref for p in room_pdus for ref in _refs(p.get("prev_events"))]
+            known = await self.store.read(lambda c, refs=refs: db.known_event_ids(c, refs))
             for pdu in room_pdus:
                 verdict = check_pdu(pdu, rules, self.keyring.lookup)
                 event_id = verdict.event_id

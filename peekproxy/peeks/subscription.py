@@ -37,9 +37,9 @@ __all__ = [
     "renewal_failed",
     "renewed",
     "replace_peek",
-    "stopping",
     "start_failed",
     "started",
+    "stopping",
     "unwanted",
     "wanted",
 ]

@@ -53,7 +53,15 @@ _RENEWAL_ONLY_KEYS = frozenset({"renewal_interval"})
 
 
 class InvalidPeekResponse(Exception):
-    """The peek response cannot be used; the message is the reason, on one line."""
+    """The peek response cannot be used; the message is the reason, on one line (control
+    and other non-printable characters, e.g. from remote strings, are backslash-escaped)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            "".join(
+                c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in reason
+            )
+        )
 
 
 class RoomNotPeekable(InvalidPeekResponse):
@@ -95,15 +103,41 @@ def _short(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _list(body: Mapping[str, Any], key: str) -> list[Any]:
+    value = body.get(key)
+    return value if isinstance(value, list) else []
+
+
+def _is_r4(body: Mapping[str, Any]) -> bool:
+    return "state" not in body and "latest_event_state_ids" in body
+
+
+def _r4_create_version(body: Mapping[str, Any]) -> str | None:
+    """``content.room_version`` of the first ``m.room.create`` in an R4 ``events`` list."""
+    for pdu in _list(body, "events"):
+        if isinstance(pdu, Mapping) and pdu.get("type") == "m.room.create":
+            content = pdu.get("content")
+            version = content.get("room_version") if isinstance(content, Mapping) else None
+            return version if isinstance(version, str) and version else None
+    return None
+
+
 def response_room_version(body: Mapping[str, Any]) -> str:
     """The response's ``room_version``; ``"1"`` when absent, ``null`` or empty (Dendrite's
     peeker does the same; the field is in no MSC text, protocol.md §1.3).
+
+    R4 responses have no such field (§1.4): when an R4-shaped body (``latest_event_state_ids``
+    and no ``state``) lacks it, the version is read from the ``m.room.create`` event in
+    ``events`` (its ``content.room_version``; ``"1"`` if there is none). That event is not
+    verified here; :func:`validate_peek_response` verifies it under the version found.
 
     Raises:
         InvalidPeekResponse: ``room_version`` is present but not a string.
     """
     version = body.get("room_version")
     if version is None or version == "":
+        if _is_r4(body):
+            return _r4_create_version(body) or "1"
         return "1"
     if not isinstance(version, str):
         raise InvalidPeekResponse(f"room_version must be a string, got {_short(version)}")
@@ -118,11 +152,6 @@ def is_empty_renewal(body: Any) -> bool:
     reply). Anything else (``{"state": []}``, non-objects) is not.
     """
     return isinstance(body, Mapping) and set(body) <= _RENEWAL_ONLY_KEYS
-
-
-def _list(body: Mapping[str, Any], key: str) -> list[Any]:
-    value = body.get(key)
-    return value if isinstance(value, list) else []
 
 
 def peek_response_pdus(body: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -204,6 +233,8 @@ class _Checked:
                 self.redacted.add(event_id)
             return
         if known == verdict.pdu:
+            if not redacted:  # an intact copy equal to a redacted one: nothing was cut
+                self.redacted.discard(event_id)
             return
         # Two copies of one event ID that differ. From v3 the ID is the hash of the redacted
         # form, so that form is equal and one copy must have failed the content hash: keep
@@ -431,7 +462,7 @@ def validate_peek_response(
     interval = _renewal_interval(body)
     rules = _rules(body, supported_versions)
     checked = _Checked(rules, room_id, {}, set())
-    if "state" not in body and "latest_event_state_ids" in body:
+    if _is_r4(body):
         state, latest_id, auth_ids = _parse_r4(body, checked, keys)
         known: Collection[str] = checked.events
     else:

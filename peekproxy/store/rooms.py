@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from peekproxy.peeks.subscription import SubState, Subscription
+from peekproxy.peeks.subscription import Subscription, SubState
 
 __all__ = [
     "add_gap",
