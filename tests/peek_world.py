@@ -28,7 +28,7 @@ DOWN = "down.test"  # nothing listens there
 SECRET = "delegation-secret-for-tests"
 
 
-EXTRA_SERVERS = ("forger.test",)
+EXTRA_SERVERS = ("forger.test", "other.test")
 
 
 class FakeServer:
@@ -53,6 +53,7 @@ class PeekWorld:
         self.env: dict[str, str] = {}
         self.extra_env: dict[str, str] = {}
         self.nopeek_requests: list[dict[str, Any]] = []
+        self.dns = ""
 
     # -- peekproxy's delegation API ----------------------------------------------------------
 
@@ -218,6 +219,7 @@ async def build_world(
             ),
         ],
     )
+    world.dns = dns
     world.listening, world.testbed = await start_testbed(
         nursery, ca, tmp_path, server_name=TESTBED, port=tb_port, dns=dns, **(testbed_peeks or {})
     )

@@ -270,3 +270,78 @@ async def test_restart_resumes_marks_a_gap_and_loses_nothing_acknowledged(
     world.send(room_id, "while down")
     await world.daemon.wait_for_log(rb"recorded a gap")
     assert world.stream(room_id)[-2:] == [("gap", None), ("event", "while down")]
+
+
+async def test_send_endpoint_rules(
+    world: PeekWorld, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A third server pushes to peekproxy: verified, idempotent, bounded, per-PDU results."""
+    import ipaddress
+    import time
+
+    from signedjson.key import generate_signing_key
+
+    from peekproxy.federation.client import (
+        FederationClient,
+        IpFilter,
+        RemoteError,
+        build_ssl_context,
+    )
+    from peekproxy.federation.discovery import DnspythonLookup
+    from peekproxy.federation.signing_key import server_key_document
+
+    key = generate_signing_key("o1")
+    other = await world.add_server(nursery, tls_ca, tmp_path, "other.test")
+
+    async def key_server(scope: Any, body: bytes) -> tuple[int, Any]:
+        return 200, server_key_document(
+            "other.test", key, now_ms=int(time.time() * 1000), valid_for_ms=3_600_000
+        )
+
+    other.handler = key_server
+    ca_file = tmp_path / "other-ca.pem"
+    tls_ca.cert_pem.write_to_path(str(ca_file))
+    client = FederationClient(
+        server_name="other.test",
+        signing_key=key,
+        dns=DnspythonLookup([world.dns]),
+        ip_filter=IpFilter([], [ipaddress.ip_network("127.0.0.0/8")]),
+        ssl_context=build_ssl_context(True, ca_file),
+    )
+
+    room_id = world.create_room("10")
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    event_id = world.send(room_id, "relayed by a third server")
+    genuine = world.testbed.rooms[room_id].event(event_id)
+    assert genuine is not None
+    unknown_room = dict(genuine, room_id="!elsewhere:testbed.test")
+    txn = {
+        "origin": "other.test",
+        "origin_server_ts": 1,
+        "pdus": [genuine, unknown_room],
+        "edus": [
+            {
+                "edu_type": "m.typing",
+                "content": {"room_id": room_id, "user_id": "@admin:testbed.test", "typing": True},
+            },
+            {"edu_type": "m.presence", "content": {"push": []}},
+        ],
+    }
+    path = "/_matrix/federation/v1/send/txn1"
+    first = await client.put_json(PEEKPROXY, path, txn)
+    assert first["pdus"][event_id] == {}
+    [(other_id, result)] = [(k, v) for k, v in first["pdus"].items() if k != event_id]
+    assert "not peeking" in result["error"]
+    assert await client.put_json(PEEKPROXY, path, txn) == first  # a replay: same answer
+    assert len(world.rows("SELECT 1 FROM room_stream WHERE event_id = ?", event_id)) == 1
+    assert world.rows("SELECT edu_type FROM ephemeral WHERE room_id = ?", room_id) == [
+        ("m.typing",)
+    ]
+    assert world.rows("SELECT 1 FROM events WHERE event_id = ?", other_id) == []
+    too_many = {"origin": "other.test", "origin_server_ts": 1, "pdus": [genuine] * 51}
+    try:
+        await client.put_json(PEEKPROXY, "/_matrix/federation/v1/send/txn2", too_many)
+        raise AssertionError("expected 400")
+    except RemoteError as e:
+        assert e.status == 400 and "at most 50 PDUs" in (e.json or {}).get("error", "")
+    await client.aclose()

@@ -4,6 +4,7 @@ receives /send pushes, renews, lapses and stops; errors; read endpoints; faults;
 from __future__ import annotations
 
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -421,9 +422,13 @@ async def test_synapse_resolves_a_testbed_alias(
     assert response.json()["servers"] == [listening.server_name]
 
 
-async def test_command_line_testbed(tls_ca: trustme.CA, tmp_path: Path) -> None:
+async def test_command_line_testbed(
+    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
     port = free_tcp_port()
     cert, key = issue_cert(tls_ca, tmp_path, "localhost", "127.0.0.1")
+    peer = Peer(tls_ca, tmp_path)  # on loopback: reachable only with the whitelist flag
+    await peer.start(nursery)
     process = await trio.lowlevel.open_process(
         [
             sys.executable,
@@ -442,8 +447,13 @@ async def test_command_line_testbed(tls_ca: trustme.CA, tmp_path: Path) -> None:
             str(key),
             "--data-dir",
             str(tmp_path / "d"),
+            "--ip-range-whitelist",
+            "127.0.0.0/8",
+            "--tls-ca-file",
+            str(peer.ca_file),
         ],
         stderr=subprocess.PIPE,
+        env=os.environ | {"PEEKPROXY_TESTBED_PEEKS__RENEWAL_INTERVAL": "90s"},
     )
     assert process.stderr is not None
     log = b""
@@ -458,7 +468,17 @@ async def test_command_line_testbed(tls_ca: trustme.CA, tmp_path: Path) -> None:
         base_url=f"{admin_url}/_testbed/v1", headers={"Authorization": f"Bearer {token}"}
     ) as http:
         created = await http.post("/rooms", json={"room_version": "12", "alias": "cli"})
-    assert created.status_code == 200
+        assert created.status_code == 200
+        room_id = created.json()["room_id"]
+        # the testbed fetches the peer's key and pushes to it, both on loopback over TLS
+        path = f"/_matrix/federation/v1/peek/{path_segment(room_id)}/cli-peek"
+        answer = await peer.client.put_json(f"localhost:{port}", path, {}, query={"ver": ["12"]})
+        assert answer["renewal_interval"] == 90_000  # from the environment
+        sent = await http.post(
+            f"/rooms/{quote(room_id, safe='')}/send", json={"content": {"body": "pushed"}}
+        )
+        assert sent.status_code == 200
+        assert (await peer.wait_for_pdus(1))[0]["content"]["body"] == "pushed"
     assert token not in log.decode()
     process.send_signal(signal.SIGTERM)
     with trio.fail_after(10):
@@ -475,3 +495,432 @@ def test_example_config_loads(tmp_path: Path) -> None:
     assert config.server.server_name == "localhost:8448"
     assert config.peeks.renewal_interval == 3600.0
     assert config.token_file == example.parent / "testbed-data" / "admin.token"
+
+
+# --- review fixes ------------------------------------------------------------------------------
+
+
+def _room_path(room_id: str) -> str:
+    return quote(room_id, safe="")
+
+
+def test_flags_and_environment_overrides(tls_ca: trustme.CA, tmp_path: Path) -> None:
+    from peekproxy.cli import build_parser
+    from peekproxy.config import ConfigError
+    from peekproxy.testbed.cli import testbed_config_from_args
+
+    ca_file = tmp_path / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(ca_file))
+    args = build_parser().parse_args(
+        [
+            "testbed",
+            "--server-name",
+            "localhost:18448",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--ip-range-whitelist",
+            "127.0.0.0/8",
+            "--ip-range-whitelist",
+            "::1/128",
+            "--tls-ca-file",
+            str(ca_file),
+            "--dns-nameserver",
+            "127.0.0.1:5353",
+        ]
+    )
+    environ = {
+        "PEEKPROXY_TESTBED_PEEKS__RENEW_REPLY": "full",
+        "PEEKPROXY_TESTBED_FEDERATION__DEFAULT_PORT": "8449",
+        "PEEKPROXY_FEDERATION__DEFAULT_PORT": "1",  # peekproxy's own: not for the testbed
+    }
+    config = testbed_config_from_args(args, environ)
+    assert config is not None
+    assert [str(n) for n in config.federation.ip_range_whitelist] == ["127.0.0.0/8", "::1/128"]
+    assert config.federation.tls_ca_file == ca_file
+    assert [str(b) for b in config.federation.dns_nameservers] == ["127.0.0.1:5353"]
+    assert config.peeks.renew_reply == "full" and config.federation.default_port == 8449
+    # the environment wins over the flags, and a bad value names the variable
+    override = {"PEEKPROXY_TESTBED_FEDERATION__IP_RANGE_WHITELIST": '["10.0.0.0/8"]'}
+    config = testbed_config_from_args(args, override)
+    assert config is not None
+    assert [str(n) for n in config.federation.ip_range_whitelist] == ["10.0.0.0/8"]
+    with pytest.raises(ConfigError) as caught:
+        testbed_config_from_args(args, {"PEEKPROXY_TESTBED_PEEKS__RENEW_REPLY": "maybe"})
+    assert "PEEKPROXY_TESTBED_PEEKS__RENEW_REPLY" in caught.value.problems[0]
+    with pytest.raises(ConfigError) as caught:
+        testbed_config_from_args(args, {"PEEKPROXY_TESTBED_PEEKS__RENEW_REPLY__X": "1"})
+    assert "PEEKPROXY_TESTBED_PEEKS__RENEW_REPLY__X" in caught.value.problems[0]
+
+
+def _run_testbed_cli(data_dir: Path, server_name: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peekproxy",
+            "testbed",
+            "--server-name",
+            server_name,
+            "--federation-bind",
+            "127.0.0.1:0",
+            "--admin-bind",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-a-room", "foreign", "other-key", "tampered"])
+def test_damaged_or_foreign_data_dir_stops_the_testbed(tmp_path: Path, damage: str) -> None:
+    from signedjson.key import generate_signing_key
+
+    from peekproxy.testbed.rooms import TestbedRoom
+
+    server_name = "localhost:18449"
+    rooms = tmp_path / "d" / "rooms"
+    rooms.mkdir(parents=True)
+    key = generate_signing_key("tb_x")
+    room = TestbedRoom.create(
+        server_name="other.test" if damage == "foreign" else server_name,
+        signing_key=key,
+        room_version="11",
+        creator="@admin:other.test" if damage == "foreign" else f"@admin:{server_name}",
+        now_ms=1_700_000_000_000,
+    )
+    saved = room.to_json()
+    if damage == "tampered":
+        saved["events"][2]["content"]["ban"] = 0
+    text = json.dumps(saved)
+    if damage == "truncated":
+        text = text[: len(text) // 2]
+    if damage == "not-a-room":
+        text = "[1, 2]"
+    file = rooms / "room.json"
+    file.write_text(text)
+    if damage != "other-key":  # the data dir's key signed the room
+        with open(tmp_path / "d" / "signing.key", "w") as stream:
+            from signedjson.key import write_signing_keys
+
+            write_signing_keys(stream, [key])
+    result = _run_testbed_cli(tmp_path / "d", server_name)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"testbed: cannot start: {file}: "), lines
+    expected = {
+        "truncated": "not valid JSON",
+        "not-a-room": "a saved room must be an object",
+        "foreign": "belongs to server 'other.test', not 'localhost:18449'",
+        "other-key": "fails the checks peers run",
+        "tampered": "content hash mismatch",
+    }[damage]
+    assert expected in lines[0], lines
+
+
+async def test_alias_directory_follows_canonical_alias(world: World) -> None:
+    testbed, name = world.testbed, world.name
+    a = await world.create_room(room_version="11", alias="first")
+    directory = "/_matrix/federation/v1/query/directory"
+
+    async def resolve(alias: str) -> str | None:
+        try:
+            answer = await world.peer.client.get_json(
+                name, directory, query={"room_alias": f"#{alias}:{name}"}
+            )
+        except RemoteError as e:
+            assert e.status == 404
+            return None
+        room_id: str = answer["room_id"]
+        return room_id
+
+    async with admin(world.listening) as http:
+
+        async def state(room_id: str, content: Any) -> httpx.Response:
+            return await http.post(
+                f"/rooms/{_room_path(room_id)}/state",
+                json={"type": "m.room.canonical_alias", "content": content},
+            )
+
+        moved = await state(a, {"alias": f"#second:{name}", "alt_aliases": [f"#third:{name}"]})
+        assert moved.status_code == 200, moved.text
+        assert testbed.aliases == {f"#second:{name}": a, f"#third:{name}": a}
+        assert await resolve("first") is None and await resolve("third") == a
+        # another room cannot claim them, neither at creation nor later
+        taken = await http.post("/rooms", json={"alias": "second"})
+        assert taken.status_code == 409 and taken.json()["errcode"] == "M_ROOM_IN_USE"
+        claim = {"type": "m.room.canonical_alias", "content": {"alias": f"#third:{name}"}}
+        taken = await http.post("/rooms", json={"initial_state": [claim]})
+        assert taken.status_code == 409
+        b = await world.create_room(room_version="12", alias="b")
+        count = len(testbed.rooms[b].events)
+        taken = await state(b, {"alias": f"#b:{name}", "alt_aliases": [f"#third:{name}"]})
+        assert taken.status_code == 409 and taken.json()["errcode"] == "M_ROOM_IN_USE"
+        assert len(testbed.rooms[b].events) == count  # no event was made
+        # malformed aliases are refused, without an event
+        for content in (
+            {"alias": 5},
+            {"alias": "no-sigil"},
+            {"alias": "#x:elsewhere.test"},
+            {"alt_aliases": f"#x:{name}"},
+            {"alt_aliases": [f"#x:{name}", 7]},
+        ):
+            bad = await state(b, content)
+            assert bad.status_code == 400 and bad.json()["errcode"] == "M_INVALID_PARAM", content
+        assert len(testbed.rooms[b].events) == count
+        # clearing the alias frees it; then another room may take it
+        assert (await state(a, {"alt_aliases": [f"#third:{name}"]})).status_code == 200
+        assert await resolve("second") is None
+        assert (await state(b, {"alias": f"#second:{name}"})).status_code == 200
+        assert await resolve("second") == b
+        # admin routes taking {roomId} accept an alias too
+        summary = await http.get(f"/rooms/{quote(f'#second:{name}', safe='')}")
+        assert summary.json()["room_id"] == b
+        listed = [r["room_id"] for r in (await http.get("/rooms")).json()["rooms"]]
+    assert testbed.aliases == {f"#third:{name}": a, f"#second:{name}": b}
+    # after a restart: the same directory, rooms in creation order
+    restarted = Testbed(testbed.config, testbed.signing_key, testbed.client, testbed.keyring)
+    assert restarted.load_rooms() == 2
+    assert restarted.aliases == testbed.aliases
+    assert list(restarted.rooms) == listed == [a, b]
+    # rooms saved before claims were checked may clash: the newer claim wins
+    from peekproxy.testbed.rooms import TestbedRoom
+
+    clash = [
+        TestbedRoom.create(
+            server_name=name,
+            signing_key=testbed.signing_key,
+            room_version="11",
+            creator=f"@admin:{name}",
+            now_ms=now,
+            alias=f"#third:{name}",
+        )
+        for now in (1_600_000_000_000, 1_500_000_000_000)
+    ]
+    for room in clash:
+        testbed._save(room)
+    again = Testbed(testbed.config, testbed.signing_key, testbed.client, testbed.keyring)
+    assert again.load_rooms() == 4
+    assert list(again.rooms) == [clash[1].room_id, clash[0].room_id, a, b]
+    assert again.aliases[f"#third:{name}"] == a  # claimed at creation time: the newest
+    assert again.aliases[f"#second:{name}"] == b
+
+
+async def test_admin_refuses_events_peers_would_reject(world: World) -> None:
+    name = world.name
+    async with admin(world.listening) as http:
+
+        async def error(response: httpx.Response) -> tuple[int, str, str]:
+            body = response.json()
+            return response.status_code, body.get("errcode", ""), body.get("error", "")
+
+        for spec in (
+            {"history_visibility": "public"},
+            {"join_rule": "open"},
+            {"creator": "Alice"},
+            {"creator": "alice smith"},
+            {"creator": f"@alice smith:{name}"},
+            {
+                "initial_state": [
+                    {
+                        "type": "m.room.member",
+                        "state_key": f"@bob:{name}",
+                        "content": {"membership": "join"},
+                    }
+                ]
+            },
+            {"initial_state": [{"type": "m.room.create", "content": {}}]},
+        ):
+            status, errcode, _ = await error(await http.post("/rooms", json=spec))
+            assert (status, errcode) == (400, "M_INVALID_PARAM"), spec
+        refused = await http.post(
+            "/rooms", json={"initial_state": [{"type": "m.room.member", "content": {}}]}
+        )
+        assert "members" in refused.json()["error"]
+        room_id = await world.create_room(room_version="10", join_rule="invite")
+        room = _room_path(room_id)
+        for body in (
+            {
+                "type": "m.room.member",
+                "state_key": f"@bob:{name}",
+                "content": {"membership": "invite"},
+            },
+            {"type": "m.room.create", "content": {"room_version": "10"}},
+            {"type": "m.room.history_visibility", "content": {"history_visibility": "all"}},
+            {"type": "m.room.join_rules", "content": {"join_rule": "closed"}},
+            {"sender": "a b", "type": "m.room.topic", "content": {"topic": "x"}},
+        ):
+            status, errcode, message = await error(
+                await http.post(f"/rooms/{room}/state", json=body)
+            )
+            assert (status, errcode) == (400, "M_INVALID_PARAM"), body
+            if body["type"] == "m.room.member":
+                assert "/members/" in message
+        status, errcode, _ = await error(
+            await http.post(f"/rooms/{room}/members/join", json={"user": "bob smith"})
+        )
+        assert (status, errcode) == (400, "M_INVALID_PARAM")
+        # invites go through the members endpoints
+        invited = await http.post(f"/rooms/{room}/members/invite", json={"user": "bob"})
+        assert invited.status_code == 200, invited.text
+        assert (
+            await http.post(f"/rooms/{room}/members/join", json={"user": "bob"})
+        ).status_code == 200
+        unknown = await http.post(f"/rooms/{room}/members/befriend", json={"user": "bob"})
+        assert unknown.status_code == 404
+        # power levels must leave the creator in power
+        current = world.testbed.rooms[room_id].state_event("m.room.power_levels")
+        assert current is not None
+        levels = current["content"]
+        demoted = {**levels, "users": {f"@admin:{name}": 50}}
+        status, errcode, message = await error(
+            await http.post(
+                f"/rooms/{room}/state", json={"type": "m.room.power_levels", "content": demoted}
+            )
+        )
+        assert (status, errcode) == (400, "M_INVALID_PARAM") and "creator" in message
+        v12 = await http.post(
+            "/rooms",
+            json={
+                "room_version": "12",
+                "initial_state": [
+                    {
+                        "type": "m.room.power_levels",
+                        "content": {**levels, "users": {f"@admin:{name}": 100}},
+                    }
+                ],
+            },
+        )
+        assert v12.status_code == 400 and "must not be listed" in v12.json()["error"]
+
+
+async def test_peek_fault_status_and_errcode(world: World) -> None:
+    room_id = await world.create_room(room_version="11")
+    async with admin(world.listening) as http:
+        for bad in (
+            {"peek_status": 200},
+            {"peek_status": 600},
+            {"peek_status": 399},
+            {"peek_errcode": "not an errcode"},
+            {"peek_errcode": 404},
+        ):
+            refused = await http.put("/faults", json=bad | {"peek_count": 3})
+            assert refused.status_code == 400, bad
+        assert (await http.get("/faults")).json()["peek_count"] == 0  # nothing applied
+        for errcode in ("M_NOT_FOUND", "M_UNRECOGNIZED", None):
+            await http.put(
+                "/faults", json={"peek_count": 1, "peek_status": 404, "peek_errcode": errcode}
+            )
+            with pytest.raises(RemoteError) as caught:
+                await world.peek(room_id)
+            assert (caught.value.status, caught.value.errcode) == (404, errcode or "M_UNKNOWN")
+        await http.put("/faults", json={"peek_count": 1, "peek_status": 429})
+        with pytest.raises(RemoteError) as caught:
+            await world.peek(room_id)
+        assert (caught.value.status, caught.value.errcode) == (429, "M_LIMIT_EXCEEDED")
+    assert "state" in await world.peek(room_id)
+
+
+async def test_server_acl_applies_to_every_read_endpoint(world: World) -> None:
+    room_id = await world.create_room(room_version="10")
+    first = await world.send(room_id, "one")
+    await world.peek(room_id)
+    async with admin(world.listening) as http:
+        acl = await http.post(
+            f"/rooms/{_room_path(room_id)}/state",
+            json={"type": "m.room.server_acl", "content": {"allow": ["*"], "deny": ["localhost"]}},
+        )
+        assert acl.status_code == 200
+    # the ACL event is still pushed, then the denied server's peek ends
+    await world.peer.wait_for_pdus(1)
+    assert world.testbed.peeks.active(world.testbed.clock_ms()) == []
+    assert world.testbed.peek_log[-1][0] == "end"
+    client, name, fed = world.peer.client, world.name, "/_matrix/federation/v1"
+    room = path_segment(room_id)
+    requests = [
+        client.get_json(name, f"{fed}/event/{path_segment(first)}"),
+        client.get_json(name, f"{fed}/state/{room}"),
+        client.get_json(name, f"{fed}/state_ids/{room}"),
+        client.get_json(name, f"{fed}/backfill/{room}", query={"v": [first], "limit": "5"}),
+        client.post_json(
+            name,
+            f"{fed}/get_missing_events/{room}",
+            {"earliest_events": [], "latest_events": [first], "limit": 5, "min_depth": 0},
+        ),
+        world.peek(room_id),
+    ]
+    for request in requests:
+        with pytest.raises(RemoteError) as caught:
+            await request
+        assert (caught.value.status, caught.value.errcode) == (403, "M_FORBIDDEN")
+
+
+@pytest.mark.parametrize("peek_id", ["a/b", "x/renew", "renew", "//", "ü %2F"])
+async def test_peek_ids_with_slashes(world: World, peek_id: str) -> None:
+    room_id = await world.create_room(room_version="12")
+    assert "state" in await world.peek(room_id, peek_id=peek_id)
+    assert world.testbed.peek_log[-1] == ("start", world.peer.name, room_id, peek_id)
+    renew = f"/_matrix/federation/v1/peek/{path_segment(room_id)}/{path_segment(peek_id)}/renew"
+    assert await world.peer.client.post_json(world.name, renew, {}) == {
+        "renewal_interval": 3_600_000
+    }
+    assert await world.delete(room_id, peek_id) == {}
+    assert "state" in await world.peek(room_id, peek_id=peek_id)
+    async with admin(world.listening) as http:
+        expired = await http.delete(
+            f"/peeks/{world.peer.name}/{_room_path(room_id)}/{quote(peek_id, safe='')}"
+        )
+    assert expired.status_code == 200, expired.text
+    assert world.testbed.peek_log[-1] == ("expire", world.peer.name, room_id, peek_id)
+
+
+async def test_peek_body_must_be_an_object(world: World) -> None:
+    room_id = await world.create_room(room_version="11")
+    path = f"/_matrix/federation/v1/peek/{path_segment(room_id)}/p1"
+    bodies: list[Any] = [[], "x", 1]
+    for body in bodies:
+        with pytest.raises(RemoteError) as caught:
+            await world.peer.client.put_json(world.name, path, body, query={"ver": ["11"]})
+        assert (caught.value.status, caught.value.errcode) == (400, "M_BAD_JSON")
+    with pytest.raises(RemoteError) as caught:  # a PUT on the renew path is not a route
+        await world.peer.client.put_json(world.name, f"{path}/renew", {})
+    assert (caught.value.status, caught.value.errcode) == (404, "M_UNRECOGNIZED")
+
+
+async def test_outbox_shows_retries_and_given_up_transactions(world: World) -> None:
+    room_id = await world.create_room(room_version="11")
+    await world.peek(room_id)
+    sender = world.testbed.senders[world.peer.name]
+    world.peer.send_status = 500
+    retried = await world.send(room_id, "retried")
+    await world.testbed.wait_until(
+        lambda: sender.sending is not None and sender.sending.attempts >= 2
+    )
+    async with admin(world.listening) as http:
+        outbox = (await http.get("/outbox")).json()[world.peer.name]
+        assert outbox["pending"] == 0 and outbox["transactions"] == []
+        sending = outbox["sending"]
+        assert sending["event_ids"] == [retried] and sending["attempts"] >= 2
+        assert "HTTP 500" in sending["last_error"]
+        world.peer.send_status = 200
+        await world.testbed.wait_until(lambda: bool(sender.transactions))
+        await sender.wait_idle()
+        txns = world.peer.transactions
+        assert len({t["txn_id"] for t in txns}) == 1  # retried with the same txnId
+        # a 4xx other than 429 is not retried: the transaction is given up
+        world.peer.send_status = 403
+        given_up = await world.send(room_id, "refused")
+        await world.testbed.wait_until(lambda: len(sender.transactions) == 2)
+        world.peer.send_status = 200
+        after = await world.send(room_id, "after")
+        await world.peer.wait_for_pdus(len(world.peer.pdus) + 1)
+        await sender.wait_idle()
+        outbox = (await http.get("/outbox")).json()[world.peer.name]
+    statuses = [(t["event_ids"], t["status"]) for t in outbox["transactions"]]
+    assert statuses[0] == ([retried], "sent")
+    assert statuses[1][0] == [given_up] and statuses[1][1].startswith("failed: HTTP 403")
+    assert statuses[2] == ([after], "sent") and outbox["sending"] is None

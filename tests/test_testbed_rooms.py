@@ -17,7 +17,14 @@ from signedjson.key import generate_signing_key, get_verify_key
 
 from peekproxy.federation.events import compute_event_id, room_id_for_create
 from peekproxy.federation.pdu import KeyLookup, VerifyKeyInfo, check_pdu, key_table
-from peekproxy.testbed.rooms import RoomError, TestbedRoom, UnknownEventError
+from peekproxy.testbed.rooms import (
+    HISTORY_VISIBILITIES,
+    JOIN_RULES,
+    RoomError,
+    TestbedRoom,
+    UnknownEventError,
+    canonical_aliases,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "synapse-pdus"
 VERSIONS = ["10", "11", "12"]
@@ -616,3 +623,136 @@ def test_from_json_refuses_inconsistent_rooms(version: str) -> None:
     for match, change in cases.items():
         with pytest.raises(RoomError, match=match):
             TestbedRoom.from_json(broken(change))
+
+
+# --- content a receiving server would reject -------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_state_content_checks(version: str) -> None:
+    room = _room(version)
+    before = len(room.events)
+    for value in HISTORY_VISIBILITIES:
+        _state(room, "m.room.history_visibility", {"history_visibility": value}, T0)
+    for value in JOIN_RULES:
+        _state(room, "m.room.join_rules", {"join_rule": value}, T0)
+    _state(room, "m.room.join_rules", {"join_rule": "public"}, T0)
+    count = len(room.events)
+    assert count == before + len(HISTORY_VISIBILITIES) + len(JOIN_RULES) + 1
+    bad: list[tuple[str, str | None, dict[str, Any], str]] = [
+        ("m.room.history_visibility", "", {"history_visibility": "everyone"}, "one of"),
+        ("m.room.history_visibility", "", {}, "one of"),
+        ("m.room.join_rules", "", {"join_rule": "open"}, "one of"),
+        ("m.room.member", "bob", {"membership": "invite"}, "user ID"),
+        ("m.room.member", f"@Bob Smith:{SERVER}", {"membership": "invite"}, "local user"),
+        ("m.room.member", BOB, {"membership": "befriend"}, "membership must be"),
+        ("m.room.canonical_alias", "", {"alias": 5}, "alias string"),
+        ("m.room.canonical_alias", "", {"alias": "busy"}, "not a valid room alias"),
+        ("m.room.canonical_alias", "", {"alias": "#x:other.test"}, "not an alias of this"),
+        ("m.room.canonical_alias", "", {"alt_aliases": "#x:hs.test"}, "must be a list"),
+        ("m.room.canonical_alias", "", {"alt_aliases": ["#x:hs.test", None]}, r"alt_aliases\[1\]"),
+    ]
+    for type_, state_key, content, match in bad:
+        with pytest.raises(RoomError, match=match):
+            room.send(
+                KEY, sender=ALICE, type=type_, state_key=state_key, content=content, now_ms=T0
+            )
+    with pytest.raises(RoomError, match="may only use"):
+        room.join(KEY, f"@Bob:{SERVER}", T0)
+    with pytest.raises(RoomError, match="may only use"):
+        _room(version, creator=f"@alice smith:{SERVER}")
+    with pytest.raises(RoomError, match="one of"):
+        _room(version, history_visibility="public")
+    with pytest.raises(RoomError, match="one of"):
+        _room(version, join_rule="open")
+    assert len(room.events) == count  # nothing was appended
+    # a non-empty state key is not the room's setting: not checked
+    room.send(
+        KEY,
+        sender=ALICE,
+        type="m.room.join_rules",
+        state_key="other",
+        content={"join_rule": "anything"},
+        now_ms=T0,
+    )
+    assert room.join_rule() == "public"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_power_levels_keep_the_creator_in_power(version: str) -> None:
+    room = _room(version)
+    current = room.state_event("m.room.power_levels")
+    assert current is not None
+    base = current["content"]
+    assert room.creators() == [ALICE]
+    if version == "12":
+        ok = [{**base, "users": {BOB: 100}}, {**base, "users": {}, "users_default": 0}]
+        bad = [({**base, "users": {ALICE: 100}}, "must not be listed")]
+    else:
+        ok = [
+            {**base, "users": {ALICE: 100, BOB: 50}},
+            {**base, "users": {ALICE: 150}},
+            {**base, "users": {}, "users_default": 100},
+        ]
+        bad = [
+            ({**base, "users": {ALICE: 50}}, "power level 50"),
+            ({**base, "users": {}}, "power level 0"),
+            ({**base, "users": {BOB: 100}, "users_default": 10}, "power level 10"),
+        ]
+    bad += [
+        ({**base, "ban": "50"}, "'ban' must be an integer"),
+        ({**base, "kick": True}, "'kick' must be an integer"),
+        ({**base, "events": {"m.room.name": "50"}}, "'events' must be an object of integers"),
+        ({**base, "notifications": []}, "'notifications'"),
+        ({**base, "users": {"bob": 50}}, "not a user ID"),
+        ({**base, "users": []}, "'users' must be an object"),
+    ]
+    for content in ok:
+        _state(room, "m.room.power_levels", content, T0 + 1)
+    count = len(room.events)
+    for content, match in bad:
+        with pytest.raises(RoomError, match=match):
+            _state(room, "m.room.power_levels", content, T0 + 2)
+    assert len(room.events) == count
+    # initial_state goes through the same checks
+    with pytest.raises(RoomError, match="power"):
+        _room(
+            version,
+            initial_state=[{"type": "m.room.power_levels", "content": {**base, "users": {}}}]
+            if version != "12"
+            else [{"type": "m.room.power_levels", "content": {**base, "users": {ALICE: 100}}}],
+        )
+
+
+def test_canonical_aliases_and_local_aliases() -> None:
+    assert canonical_aliases({}, SERVER) == []
+    assert canonical_aliases({"alias": None, "alt_aliases": None}, SERVER) == []
+    assert canonical_aliases({"alias": ""}, SERVER) == []
+    claimed = {"alias": f"#a:{SERVER}", "alt_aliases": [f"#b:{SERVER}", f"#a:{SERVER}"]}
+    assert canonical_aliases(claimed, SERVER) == [f"#a:{SERVER}", f"#b:{SERVER}"]
+    room = _room("11", alias=f"#a:{SERVER}")
+    assert room.local_aliases() == [f"#a:{SERVER}"] and room.canonical_alias() == f"#a:{SERVER}"
+    _state(room, "m.room.canonical_alias", claimed, T0 + 1)
+    assert room.local_aliases() == [f"#a:{SERVER}", f"#b:{SERVER}"]
+    _state(room, "m.room.canonical_alias", {"alias": "", "alt_aliases": []}, T0 + 2)
+    assert room.local_aliases() == [] and room.canonical_alias() is None
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_from_json_checks_server_name_and_signatures(version: str) -> None:
+    room, _ = _busy_room(version)
+    saved = json.loads(json.dumps(room.to_json()))
+    loaded = TestbedRoom.from_json(saved, server_name=SERVER, signing_key=KEY)
+    assert loaded.event_ids == room.event_ids
+    with pytest.raises(RoomError, match=r"belongs to server 'hs\.test', not 'other\.test'"):
+        TestbedRoom.from_json(saved, server_name="other.test", signing_key=KEY)
+    other_key = generate_signing_key("tb2")
+    with pytest.raises(RoomError, match=r"event 0 .*fails the checks peers run.*ed25519:tb2"):
+        TestbedRoom.from_json(saved, server_name=SERVER, signing_key=other_key)
+    # a forged signature (the content hash still matches) is caught with the key
+    forged = json.loads(json.dumps(saved))
+    signatures = forged["events"][3]["signatures"][SERVER]
+    signatures[next(iter(signatures))] = "A" * 86
+    TestbedRoom.from_json(forged)  # no key: signatures are not checked
+    with pytest.raises(RoomError, match=r"event 3 .*fails the checks peers run"):
+        TestbedRoom.from_json(forged, signing_key=KEY)

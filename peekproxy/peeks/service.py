@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import trio
@@ -608,7 +609,7 @@ class PeekService:
             rules = room_version(sub.room_version)
             await self._fetch_signer_keys(room_pdus, sub.room_version)
             refs = [ref for p in room_pdus for ref in _refs(p.get("prev_events"))]
-            known = await self.store.read(lambda c, refs=refs: db.known_event_ids(c, refs))
+            known = await self.store.read(partial(db.known_event_ids, event_ids=refs))
             for pdu in room_pdus:
                 verdict = check_pdu(pdu, rules, self.keyring.lookup)
                 event_id = verdict.event_id

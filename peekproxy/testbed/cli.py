@@ -4,9 +4,43 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["add_testbed_parser"]
+if TYPE_CHECKING:
+    from peekproxy.testbed.config import TestbedConfig
+
+__all__ = ["add_testbed_parser", "testbed_config_from_args"]
+
+
+def testbed_config_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> TestbedConfig | None:
+    """The config ``peekproxy testbed`` runs with: the ``-c`` file, else the flags; the
+    ``PEEKPROXY_TESTBED_<SECTION>__<KEY>`` variables of ``environ`` (``None``: the process
+    environment) override either. ``None`` when neither ``-c`` nor ``--server-name`` is given.
+
+    Raises:
+        ConfigError: one line per problem.
+    """
+    from peekproxy.testbed.config import load_testbed_config, testbed_config_from_flags
+
+    if args.config:
+        return load_testbed_config(args.config, environ)
+    if not args.server_name:
+        return None
+    return testbed_config_from_flags(
+        server_name=args.server_name,
+        federation_bind=args.federation_bind,
+        admin_bind=args.admin_bind,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        data_dir=args.data_dir,
+        ip_range_whitelist=args.ip_range_whitelist,
+        tls_ca_file=args.tls_ca_file,
+        dns_nameservers=args.dns_nameserver,
+        environ=environ,
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -15,26 +49,15 @@ def _run(args: argparse.Namespace) -> int:
     from peekproxy.config import ConfigError
     from peekproxy.daemon import DaemonError, _leaves, _watch_signals
     from peekproxy.logs import setup_logging
-    from peekproxy.testbed.config import load_testbed_config, testbed_config_from_flags
     from peekproxy.testbed.server import run_testbed
 
     try:
-        if args.config:
-            config = load_testbed_config(args.config)
-        elif args.server_name:
-            config = testbed_config_from_flags(
-                server_name=args.server_name,
-                federation_bind=args.federation_bind,
-                admin_bind=args.admin_bind,
-                tls_cert=args.tls_cert,
-                tls_key=args.tls_key,
-                data_dir=args.data_dir,
-            )
-        else:
-            print("testbed: give -c CONFIG or --server-name", file=sys.stderr)
-            return 2
+        config = testbed_config_from_args(args)
     except ConfigError as e:
         print("\n".join(e.problems), file=sys.stderr)
+        return 2
+    if config is None:
+        print("testbed: give -c CONFIG or --server-name", file=sys.stderr)
         return 2
     setup_logging(config.logging.level, config.logging.format, access_log=config.logging.access_log)
 
@@ -65,7 +88,12 @@ def add_testbed_parser(commands: Any) -> None:
         "room versions 10-12, serves MSC2444 peeks, pushes events with /send, and offers an "
         "admin API with fault injection. See docs/testbed.md.",
     )
-    parser.add_argument("-c", "--config", help="testbed TOML file (instead of the flags)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        help="testbed TOML file (instead of the flags); in both modes "
+        "PEEKPROXY_TESTBED_<SECTION>__<KEY> environment variables override settings",
+    )
     parser.add_argument("--server-name", help="the testbed's server name, e.g. localhost:8448")
     parser.add_argument("--federation-bind", default="127.0.0.1:8448", help="HOST:PORT")
     parser.add_argument("--admin-bind", default="127.0.0.1:8009", help="HOST:PORT (loopback!)")
@@ -75,5 +103,23 @@ def add_testbed_parser(commands: Any) -> None:
         "--data-dir",
         default="testbed-data",
         help="signing key, admin token and rooms (default: ./testbed-data)",
+    )
+    parser.add_argument(
+        "--ip-range-whitelist",
+        action="append",
+        metavar="CIDR",
+        help="let the testbed reach these addresses, e.g. 127.0.0.0/8 for peers on loopback "
+        "(repeatable; [federation] ip_range_whitelist)",
+    )
+    parser.add_argument(
+        "--tls-ca-file",
+        metavar="PATH",
+        help="PEM CA bundle to trust for peers' certificates ([federation] tls_ca_file)",
+    )
+    parser.add_argument(
+        "--dns-nameserver",
+        action="append",
+        metavar="IP:PORT",
+        help="DNS server for finding peers (repeatable; [federation] dns_nameservers)",
     )
     parser.set_defaults(func=_run)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -87,10 +87,36 @@ def _validate(data: dict[str, Any], base_dir: Path, env_names: Mapping[Any, str]
         raise ConfigError([_describe(err, env_names) for err in e.errors()]) from None
 
 
+def _apply_environment(data: dict[str, Any], environ: Mapping[str, str] | None) -> dict[Any, str]:
+    """Apply ``PEEKPROXY_TESTBED_<SECTION>__<KEY>`` overrides to ``data`` (``None``: the
+    process environment); returns the variable names by key path, for error messages.
+
+    Raises:
+        ConfigError: an override goes through a key that is not a table.
+    """
+    env = {
+        "PEEKPROXY_" + k.removeprefix(ENV_PREFIX): v
+        for k, v in (os.environ if environ is None else environ).items()
+        if k.startswith(ENV_PREFIX)
+    }
+    names: dict[tuple[str, ...], str] = {}
+    problems = []
+    for parts, (name, value) in _env_overrides(env).items():
+        original = name.replace("PEEKPROXY_", ENV_PREFIX, 1)
+        problem = _apply(data, parts, value)
+        if problem is not None:
+            problems.append(f"{problem} (from {original})")
+        names[parts] = original
+    if problems:
+        raise ConfigError(problems)
+    return names
+
+
 def load_testbed_config(
     path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
 ) -> TestbedConfig:
-    """Read and validate a testbed TOML file; ``PEEKPROXY_TESTBED_<SECTION>__<KEY>`` overrides.
+    """Read and validate a testbed TOML file; ``PEEKPROXY_TESTBED_<SECTION>__<KEY>`` overrides
+    (from ``environ``, else the process environment) win over the file.
 
     Raises:
         ConfigError: one line per problem, each naming the key.
@@ -102,15 +128,7 @@ def load_testbed_config(
         raise ConfigError([f"{file}: config file not found"]) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError([f"{file}: invalid TOML: {e}"]) from None
-    env = {
-        "PEEKPROXY_" + k.removeprefix(ENV_PREFIX): v
-        for k, v in (os.environ if environ is None else environ).items()
-        if k.startswith(ENV_PREFIX)
-    }
-    names: dict[tuple[str, ...], str] = {}
-    for parts, (name, value) in _env_overrides(env).items():
-        _apply(data, parts, value)
-        names[parts] = name.replace("PEEKPROXY_", ENV_PREFIX, 1)
+    names = _apply_environment(data, environ)
     return _validate(data, file.resolve().parent, names)
 
 
@@ -122,25 +140,44 @@ def testbed_config_from_flags(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     data_dir: str | None = None,
+    ip_range_whitelist: Sequence[str] | None = None,
+    tls_ca_file: str | None = None,
+    dns_nameservers: Sequence[str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> TestbedConfig:
     """Build a config from command-line flags (paths relative to the working directory).
+
+    ``ip_range_whitelist``, ``tls_ca_file`` and ``dns_nameservers`` go to ``[federation]``;
+    ``extra`` is merged into the sections it names (over the flags). Then the
+    ``PEEKPROXY_TESTBED_<SECTION>__<KEY>`` overrides of ``environ`` (``None``: the process
+    environment; pass ``{}`` for none) win over both, as they do over a file.
 
     Raises:
         ConfigError: one line per problem.
     """
-    federation: dict[str, Any] = {}
+    listener: dict[str, Any] = {}
     if federation_bind:
-        federation["bind"] = federation_bind
+        listener["bind"] = federation_bind
     if tls_cert:
-        federation["tls_certificate_file"] = tls_cert
+        listener["tls_certificate_file"] = tls_cert
     if tls_key:
-        federation["tls_private_key_file"] = tls_key
+        listener["tls_private_key_file"] = tls_key
+    federation: dict[str, Any] = {}
+    if ip_range_whitelist:
+        federation["ip_range_whitelist"] = list(ip_range_whitelist)
+    if tls_ca_file:
+        federation["tls_ca_file"] = tls_ca_file
+    if dns_nameservers:
+        federation["dns_nameservers"] = list(dns_nameservers)
     data: dict[str, Any] = {
         "server": {"server_name": server_name} | ({"data_dir": data_dir} if data_dir else {}),
-        "listeners": {"federation": federation}
+        "listeners": {"federation": listener}
         | ({"admin": {"bind": admin_bind}} if admin_bind else {}),
     }
+    if federation:
+        data["federation"] = federation
     for section, values in (extra or {}).items():
         data.setdefault(section, {}).update(values)
-    return _validate(data, Path.cwd(), {})
+    names = _apply_environment(data, environ)
+    return _validate(data, Path.cwd(), names)

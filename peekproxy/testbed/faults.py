@@ -1,21 +1,36 @@
 """Fault injection for the testbed's outgoing event stream and its peek endpoint.
 
-Counters are consumed one per use: ``drop_next = 2`` drops the next two transactions.
+The ``*_next`` and ``peek_count`` counters are consumed one per use: ``drop_next = 2`` drops
+the next two transactions. ``delay_ms`` and the ``peek_status``/``peek_errcode``/
+``peek_retry_after_ms`` settings stay as set until changed.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 __all__ = ["Faults"]
+
+_ERRCODE = re.compile(r"^[A-Za-z][A-Za-z0-9_.]{0,127}$")
 
 
 @dataclass
 class Faults:
     """What to break, set through the admin API (``PUT /_testbed/v1/faults``).
 
+    Settings (kept until changed):
+
     * ``delay_ms``: wait this long before sending each transaction.
+    * ``peek_status``: the HTTP status of an injected peek failure, 400-599 (500).
+    * ``peek_errcode``: its ``errcode``; ``None`` (the default) means ``M_LIMIT_EXCEEDED``
+      for 429 and ``M_UNKNOWN`` otherwise (e.g. ``M_NOT_FOUND`` or ``M_UNRECOGNIZED`` with
+      404).
+    * ``peek_retry_after_ms``: the ``retry_after_ms`` of an injected 429.
+
+    Counters (each use takes one):
+
     * ``drop_next``: the next N transactions are discarded instead of sent (events lost).
     * ``duplicate_next``: the next N transactions are sent twice with the same txnId (a replay).
     * ``resend_next``: the events of the next N transactions are sent again in a new txnId.
@@ -25,8 +40,7 @@ class Faults:
       arrives with ``prev_events`` the receiver does not know (it can fetch them with
       ``get_missing_events``).
     * ``forge_next``: the next N events are pushed with a corrupted signature.
-    * ``peek_status`` / ``peek_count``: the next ``peek_count`` peek PUTs answer HTTP
-      ``peek_status`` (e.g. 500, or 429 with ``retry_after_ms`` = ``peek_retry_after_ms``).
+    * ``peek_count``: the next N peek PUTs fail with ``peek_status``/``peek_errcode``.
     """
 
     delay_ms: int = 0
@@ -37,11 +51,14 @@ class Faults:
     withhold_next: int = 0
     forge_next: int = 0
     peek_status: int = 500
+    peek_errcode: str | None = None
     peek_count: int = 0
     peek_retry_after_ms: int = 1000
 
     def update(self, changes: dict[str, Any]) -> None:
-        """Apply ``changes`` (only known, non-negative integer fields).
+        """Apply ``changes``: known fields only; non-negative integers, ``peek_status`` an
+        error status 400-599, ``peek_errcode`` an error code string or ``None``. Nothing is
+        changed when one of them is bad.
 
         Raises:
             ValueError: unknown field or a bad value.
@@ -50,8 +67,17 @@ class Faults:
         for name, value in changes.items():
             if name not in known:
                 raise ValueError(f"unknown fault {name!r}; known: {', '.join(sorted(known))}")
+            if name == "peek_errcode":
+                if value is not None and not (isinstance(value, str) and _ERRCODE.match(value)):
+                    raise ValueError(
+                        "peek_errcode must be an error code such as M_NOT_FOUND, or null for "
+                        "the default"
+                    )
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer")
+            if name == "peek_status" and not 400 <= value <= 599:
+                raise ValueError("peek_status must be an HTTP error status, 400-599")
         for name, value in changes.items():
             setattr(self, name, value)
 
@@ -63,5 +89,11 @@ class Faults:
             return True
         return False
 
-    def to_json(self) -> dict[str, int]:
+    def peek_error(self) -> tuple[int, str]:
+        """The status and errcode of an injected peek failure."""
+        status = self.peek_status
+        default = "M_LIMIT_EXCEEDED" if status == 429 else "M_UNKNOWN"
+        return status, self.peek_errcode or default
+
+    def to_json(self) -> dict[str, int | str | None]:
         return asdict(self)

@@ -19,7 +19,8 @@ Scope and simplifications (this is a test peer, not a homeserver):
   the DAG, but there is no state resolution: ``auth_events`` and state still come from that
   fold;
 * the authorization rules are not run, except the membership checks that keep the model sane
-  (see :meth:`TestbedRoom.send`): no power-level checks;
+  and the content checks a receiving server would apply (see :meth:`TestbedRoom.send`): no
+  power-level checks on senders;
 * redactions are stored as events, but the events they redact are stored and served unchanged.
 
 Spec references: "SSAPI" is the server-server API, "rooms/vN" the room version pages, "APPX"
@@ -50,10 +51,13 @@ from peekproxy.federation.room_versions import RoomVersion, UnknownRoomVersion, 
 from peekproxy.identifiers import InvalidIdentifier, RoomAlias, ServerName, UserId
 
 __all__ = [
+    "HISTORY_VISIBILITIES",
+    "JOIN_RULES",
     "SUPPORTED_ROOM_VERSIONS",
     "RoomError",
     "TestbedRoom",
     "UnknownEventError",
+    "canonical_aliases",
 ]
 
 
@@ -101,6 +105,31 @@ _SERVER_ACL = ("m.room.server_acl", "")
 _MEMBER = "m.room.member"
 #: Room-ID opaque part of v10/v11 rooms, as Synapse makes them: 18 random ASCII letters.
 _ROOM_ID_LETTERS = 18
+#: The ``history_visibility`` values of CSAPI §Room History Visibility.
+HISTORY_VISIBILITIES: tuple[str, ...] = ("world_readable", "shared", "invited", "joined")
+#: The ``join_rule`` values the room versions 10-12 know (rooms/v10 auth rules).
+JOIN_RULES: tuple[str, ...] = (
+    "public",
+    "invite",
+    "knock",
+    "restricted",
+    "knock_restricted",
+    "private",
+)
+#: The memberships the auth rules know; any other is rejected (rooms/v10 auth rule 4).
+_MEMBERSHIPS = ("join", "leave", "invite", "ban", "knock")
+#: Power-level fields that must be integers when present (rooms/v10 auth rule 10).
+_POWER_LEVEL_INTEGERS = (
+    "users_default",
+    "events_default",
+    "state_default",
+    "ban",
+    "redact",
+    "kick",
+    "invite",
+)
+#: The power level the creator keeps in v10/v11 (it sends everything the admin API sends).
+_CREATOR_POWER = 100
 
 
 def _version_features(identifier: str) -> tuple[RoomVersion, _Features]:
@@ -166,6 +195,49 @@ def _power_levels_content(creator: str, features: _Features) -> dict[str, Any]:
         "users": {} if features.creators_outrank_power_levels else {creator: 100},
         "users_default": 0,
     }
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _local_alias(value: object, server_name: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise RoomError(f"m.room.canonical_alias: {where} must be a room alias string")
+    try:
+        parsed = RoomAlias.parse(value)
+    except InvalidIdentifier as e:
+        raise RoomError(f"m.room.canonical_alias: {where} is not a valid room alias: {e}") from None
+    if str(parsed.server_name) != server_name:
+        raise RoomError(
+            f"m.room.canonical_alias: {where} {value!r} is not an alias of this server "
+            f"({server_name})"
+        )
+    return value
+
+
+def canonical_aliases(content: Mapping[str, Any], server_name: str) -> list[str]:
+    """The aliases an ``m.room.canonical_alias`` content claims: ``alias`` (absent, ``null``
+    or ``""`` for none) then ``alt_aliases`` (absent or ``null`` for none), without
+    duplicates, in that order.
+
+    Raises:
+        RoomError: ``alias`` is not a string, ``alt_aliases`` not a list, or an entry is not
+            a valid room alias of ``server_name`` (the testbed cannot vouch for others).
+    """
+    found: list[str] = []
+    alias = content.get("alias")
+    if alias is not None and alias != "":
+        found.append(_local_alias(alias, server_name, "'alias'"))
+    alt = content.get("alt_aliases")
+    if alt is not None:
+        if not isinstance(alt, list):
+            raise RoomError("m.room.canonical_alias: 'alt_aliases' must be a list of aliases")
+        for number, item in enumerate(alt):
+            checked = _local_alias(item, server_name, f"alt_aliases[{number}]")
+            if checked not in found:
+                found.append(checked)
+    return found
 
 
 def _acl_glob(pattern: str) -> re.Pattern[str]:
@@ -278,9 +350,11 @@ class TestbedRoom:
         check for an existing room or advance the clock.
 
         Raises:
-            RoomError: a room version other than 10-12; ``creator`` is not a user of
-                ``server_name``; an invalid alias; a malformed ``initial_state`` item or
-                content that is not valid for the room version.
+            RoomError: a room version other than 10-12; ``creator`` is not a compliant
+                user of ``server_name``; an invalid alias; a malformed ``initial_state`` item;
+                content that fails the content checks of :meth:`send` (e.g. a
+                ``history_visibility`` or ``join_rule`` value) or is not valid for the room
+                version.
         """
         rules, features = _version_features(room_version)
         try:
@@ -398,12 +472,21 @@ class TestbedRoom:
         an invite or withdraw a knock. A banned user cannot join. No other authorization
         rules (power levels) are checked.
 
+        Content checks (state events): an ``m.room.member`` state key must be a user ID
+        (compliant when local) and ``membership`` one the auth rules know;
+        ``history_visibility`` one of :data:`HISTORY_VISIBILITIES`; ``join_rule`` one of
+        :data:`JOIN_RULES`; ``m.room.canonical_alias`` as :func:`canonical_aliases` checks
+        it; ``m.room.power_levels`` with integer levels and user-ID keys (rooms/v10 auth
+        rule 10) that keep every creator at 100 or more (v10/v11) or do not list them in
+        ``users`` (v12). Senders must be compliant local user IDs.
+
         Raises:
             RoomError: the sender is not a valid local user, may not send this event,
                 ``m.room.create`` is sent again, a membership event lacks a string
-                ``membership`` or a ``state_key``, ``content`` is not JSON or not valid
-                for the room version, ``now_ms`` is not a non-negative integer, or
-                ``prev_events`` is empty or names unknown events (:class:`UnknownEventError`).
+                ``membership`` or a ``state_key``, ``content`` is not JSON, fails the
+                content checks above or is not valid for the room version, ``now_ms`` is
+                not a non-negative integer, or ``prev_events`` is empty or names unknown
+                events (:class:`UnknownEventError`).
         """
         return self._send(
             signing_key,
@@ -494,6 +577,7 @@ class TestbedRoom:
             raise RoomError("now_ms must be a non-negative integer")
         body: dict[str, Any] = _json_copy(content)
         self._check_may_send(sender, type, state_key, body)
+        self._check_content(type, state_key, body)
 
         if prev_events is None:
             prev = [self.event_ids[-1]]
@@ -531,11 +615,94 @@ class TestbedRoom:
         if not isinstance(user, str):
             raise RoomError("the sender must be a user ID string")
         try:
-            UserId.parse(user)
+            parsed = UserId.parse(user)
         except InvalidIdentifier as e:
             raise RoomError(f"invalid sender: {e}") from None
         if user.partition(":")[2] != server_name:
             raise RoomError(f"{user} is not a user of this server ({server_name})")
+        if not parsed.is_compliant:
+            raise RoomError(
+                f"invalid sender {user!r}: a local user ID's localpart may only use "
+                "a-z 0-9 . _ = - / +"
+            )
+
+    def _check_content(self, type: str, state_key: str | None, content: Mapping[str, Any]) -> None:
+        """Content a receiving server would reject (the auth rules' content checks), or that
+        would break the room for the testbed: see :meth:`send`."""
+        if state_key is None:
+            return
+        if type == _MEMBER:
+            try:
+                target = UserId.parse(state_key)
+            except InvalidIdentifier as e:
+                raise RoomError(f"an m.room.member state_key must be a user ID: {e}") from None
+            if str(target.server_name) == self.server_name and not target.is_compliant:
+                raise RoomError(
+                    f"{state_key!r} is not a valid local user ID: the localpart may only use "
+                    "a-z 0-9 . _ = - / +"
+                )
+            membership = content.get("membership")
+            if membership not in _MEMBERSHIPS:
+                raise RoomError(
+                    f"membership must be one of {', '.join(_MEMBERSHIPS)}, not {membership!r}"
+                )
+            return
+        if state_key != "":
+            return
+        if type == _HISTORY_VISIBILITY[0]:
+            value = content.get("history_visibility")
+            if value not in HISTORY_VISIBILITIES:
+                raise RoomError(
+                    f"history_visibility must be one of {', '.join(HISTORY_VISIBILITIES)}, "
+                    f"not {value!r}"
+                )
+        elif type == _JOIN_RULES[0]:
+            value = content.get("join_rule")
+            if value not in JOIN_RULES:
+                raise RoomError(f"join_rule must be one of {', '.join(JOIN_RULES)}, not {value!r}")
+        elif type == _CANONICAL_ALIAS[0]:
+            canonical_aliases(content, self.server_name)
+        elif type == _POWER_LEVELS[0]:
+            self._check_power_levels(content)
+
+    def _check_power_levels(self, content: Mapping[str, Any]) -> None:
+        """rooms/v10 auth rule 10 (integer levels, user-ID keys) and the creator's power:
+        v10/v11 creators keep at least 100 (through ``users`` or ``users_default``); v12
+        creators (MSC4289) must not be listed in ``users``."""
+        where = "m.room.power_levels"
+        for key in _POWER_LEVEL_INTEGERS:
+            if key in content and not _is_int(content[key]):
+                raise RoomError(f"{where}: {key!r} must be an integer")
+        for key in ("events", "notifications"):
+            if key not in content:
+                continue
+            table = content[key]
+            if not isinstance(table, Mapping) or not all(_is_int(v) for v in table.values()):
+                raise RoomError(f"{where}: {key!r} must be an object of integers")
+        users = content.get("users", {})
+        if not isinstance(users, Mapping):
+            raise RoomError(f"{where}: 'users' must be an object of user IDs to integers")
+        for user, level in users.items():
+            try:
+                UserId.parse(user)
+            except InvalidIdentifier as e:
+                raise RoomError(f"{where}: 'users' key {user!r} is not a user ID: {e}") from None
+            if not _is_int(level):
+                raise RoomError(f"{where}: users[{user!r}] must be an integer")
+        for creator in self.creators():
+            if self._features.creators_outrank_power_levels:
+                if creator in users:
+                    raise RoomError(
+                        f"{where}: room version {self.rules.identifier} creators outrank every "
+                        f"power level and must not be listed in 'users' ({creator})"
+                    )
+                continue
+            level = users.get(creator, content.get("users_default", 0))
+            if level < _CREATOR_POWER:
+                raise RoomError(
+                    f"{where}: would take the creator {creator} to power level {level}; "
+                    f"the creator must keep at least {_CREATOR_POWER}"
+                )
 
     def _check_may_send(
         self, sender: str, type: str, state_key: str | None, content: Mapping[str, Any]
@@ -821,9 +988,42 @@ class TestbedRoom:
         ]
 
     def canonical_alias(self) -> str | None:
-        """The current ``m.room.canonical_alias`` ``alias``, or ``None``."""
+        """The current ``m.room.canonical_alias`` ``alias``, or ``None`` (also for ``""``)."""
         value = self._state_content(_CANONICAL_ALIAS, "alias")
-        return value if isinstance(value, str) else None
+        return value if isinstance(value, str) and value else None
+
+    def local_aliases(self) -> list[str]:
+        """Every alias the current ``m.room.canonical_alias`` claims (``alias``, then
+        ``alt_aliases``) that is a valid alias of this server, without duplicates. Entries
+        that are not are skipped (a room saved before they were checked)."""
+        position = self._current.get(_CANONICAL_ALIAS)
+        content = None if position is None else self.events[position].get("content")
+        if not isinstance(content, Mapping):
+            return []
+        alt = content.get("alt_aliases")
+        candidates = [content.get("alias"), *(alt if isinstance(alt, list) else [])]
+        found: list[str] = []
+        for candidate in candidates:
+            try:
+                alias = _local_alias(candidate, self.server_name, "alias")
+            except RoomError:
+                continue
+            if alias not in found:
+                found.append(alias)
+        return found
+
+    def creators(self) -> list[str]:
+        """The room's creators: the create event's ``creator`` (v10) or sender (v11), plus
+        ``additional_creators`` in v12 (MSC4289)."""
+        create = self.events[0]
+        content = create.get("content")
+        content = content if isinstance(content, Mapping) else {}
+        first = content.get("creator") if self._features.creator_in_create_content else None
+        found = [first if isinstance(first, str) else create.get("sender")]
+        if self._features.creators_outrank_power_levels:
+            extra = content.get("additional_creators")
+            found += extra if isinstance(extra, list) else []
+        return [c for i, c in enumerate(found) if isinstance(c, str) and c not in found[:i]]
 
     def server_acl_allows(self, server_name: str) -> bool:
         """Whether the room's ``m.room.server_acl`` lets ``server_name`` in (CSAPI
@@ -943,20 +1143,29 @@ class TestbedRoom:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> TestbedRoom:
+    def from_json(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        server_name: str | None = None,
+        signing_key: SigningKey | None = None,
+    ) -> TestbedRoom:
         """Rebuild a room saved by :meth:`to_json`: event IDs are recomputed (reference
         hashes), the indexes and state rebuilt. The PDUs are copied.
 
-        Checks, each failing with :class:`RoomError`: the fields and their types; a
-        supported room version; the first event is ``m.room.create`` with that
-        ``room_version``; the room ID (v12: the create event's hash, which has no
-        ``room_id``; before: every event's ``room_id``); every content hash; unique event
-        IDs; ``prev_events``/``auth_events`` naming earlier events. Signatures are not
-        checked (no key is at hand).
+        Checks, each failing with :class:`RoomError`: the fields and their types; the saved
+        ``server_name`` is ``server_name`` (when given: a room of another server's data
+        directory); a supported room version; the first event is ``m.room.create`` with
+        that ``room_version``; the room ID (v12: the create event's hash, which has no
+        ``room_id``; before: every event's ``room_id``); every content hash; with
+        ``signing_key``, every event passes the receipt checks a peer runs
+        (:func:`~peekproxy.federation.pdu.check_pdu` with that key's public half, so also
+        the signatures); unique event IDs; ``prev_events``/``auth_events`` naming earlier
+        events.
         """
         if not isinstance(data, Mapping):
             raise RoomError("a saved room must be an object")
-        room_id, version, server_name, events = (
+        room_id, version, saved_server, events = (
             data.get("room_id"),
             data.get("room_version"),
             data.get("server_name"),
@@ -965,15 +1174,25 @@ class TestbedRoom:
         if not (
             isinstance(room_id, str)
             and isinstance(version, str)
-            and isinstance(server_name, str)
+            and isinstance(saved_server, str)
             and isinstance(events, list)
         ):
             raise RoomError(
                 "a saved room needs string room_id, room_version, server_name and a list events"
             )
+        if server_name is not None and saved_server != server_name:
+            raise RoomError(
+                f"the room {room_id} belongs to server {saved_server!r}, not {server_name!r} "
+                "(is this another testbed's data directory?)"
+            )
         rules, features = _version_features(version)
         if not events:
             raise RoomError("a saved room needs at least the m.room.create event")
+        keys = None
+        key_id = ""
+        if signing_key is not None:
+            key_id = f"{signing_key.alg}:{signing_key.version}"
+            keys = key_table({(saved_server, key_id): VerifyKeyInfo(get_verify_key(signing_key))})
         pdus: list[dict[str, Any]] = []
         event_ids: list[str] = []
         for position, raw in enumerate(events):
@@ -988,6 +1207,16 @@ class TestbedRoom:
             hashes = pdu.get("hashes")
             if not isinstance(hashes, Mapping) or hashes.get("sha256") != digest:
                 raise RoomError(f"event {position} ({event_id}): content hash mismatch")
+            if keys is not None:
+                verdict = check_pdu(pdu, rules, keys)
+                if verdict.outcome != "accept":
+                    hint = ""
+                    if "signature" in verdict.reason.lower():
+                        hint = f" (signed with another key than {key_id}?)"
+                    raise RoomError(
+                        f"event {position} ({event_id}) fails the checks peers run: "
+                        f"{verdict.reason}{hint}"
+                    )
             if position == 0:
                 content = pdu.get("content")
                 if pdu.get("type") != "m.room.create" or not isinstance(content, Mapping):
@@ -1009,5 +1238,5 @@ class TestbedRoom:
             pdus.append(pdu)
             event_ids.append(event_id)
         return cls(
-            room_id=room_id, rules=rules, server_name=server_name, events=pdus, event_ids=event_ids
+            room_id=room_id, rules=rules, server_name=saved_server, events=pdus, event_ids=event_ids
         )

@@ -2,7 +2,11 @@
 
 Events are pushed with signed ``PUT /_matrix/federation/v1/send/{txnId}`` transactions of at
 most 50 PDUs, in order. A transaction is retried with the same txnId (back-off from 0.2 s,
-doubling up to 30 s) until the destination answers 200, as SSAPI §Transactions requires.
+doubling up to 30 s) until the destination answers 200, as SSAPI §Transactions requires, as
+long as the failure is one that may pass: a 5xx, a 429, or a network error (DNS, connection,
+TLS, timeout). Anything else gives the transaction up (status ``failed: <reason>``) and the
+sender goes on with the next one: a 4xx other than 429, a destination the IP blacklist
+refuses, or an answer that is not usable (not JSON, too large).
 Faults (:class:`~peekproxy.testbed.faults.Faults`) bend these rules on purpose.
 """
 
@@ -23,12 +27,11 @@ from peekproxy.federation.client import (
     DestinationBackingOff,
     FederationClient,
     FederationError,
-    RemoteError,
     path_segment,
 )
 from peekproxy.testbed.faults import Faults
 
-__all__ = ["DestinationSender", "SentTransaction"]
+__all__ = ["DestinationSender", "SendingTransaction", "SentTransaction"]
 
 log = logging.getLogger("peekproxy.testbed.sender")
 
@@ -48,6 +51,24 @@ class SentTransaction:
 
 
 @dataclass
+class SendingTransaction:
+    """The transaction being sent (or waiting to be: ``delay_ms``, back-off) right now."""
+
+    txn_id: str
+    event_ids: list[str]
+    attempts: int = 0
+    last_error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "txn_id": self.txn_id,
+            "event_ids": self.event_ids,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass
 class DestinationSender:
     """Queue and deliver PDUs to one destination; run :meth:`run` in a nursery."""
 
@@ -55,10 +76,14 @@ class DestinationSender:
     origin: str
     client: FederationClient
     faults: Faults
+    #: Called after each transaction is handled (sent, dropped, given up) and after each
+    #: failed attempt, so watchers can re-check the outbox.
     on_delivered: Callable[[], None] = lambda: None
     pending: deque[tuple[str, dict[str, Any]]] = field(default_factory=deque)
     transactions: list[SentTransaction] = field(default_factory=list)
     withheld: list[str] = field(default_factory=list)
+    #: The transaction in flight (its events are no longer in ``pending``), or ``None``.
+    sending: SendingTransaction | None = None
     _wakeup: trio.Event = field(default_factory=trio.Event)
     _idle: trio.Event = field(default_factory=trio.Event)
     _counter: int = 0
@@ -78,8 +103,9 @@ class DestinationSender:
         self._wakeup.set()
 
     async def wait_idle(self) -> None:
-        """Wait until everything queued so far has been handled."""
-        if self.pending:
+        """Wait until everything queued so far has been handled (also the transaction in
+        flight)."""
+        if self.pending or self.sending is not None:
             await self._idle.wait()
 
     def _next_txn_id(self) -> str:
@@ -98,18 +124,29 @@ class DestinationSender:
                 self._wakeup = trio.Event()
                 continue
             if self.faults.take("reorder_next"):
-                first, second = self.pending.popleft(), self.pending.popleft()
+                first = self.pending.popleft()
+                second = self.pending.popleft()
+                self.pending.appendleft(first)  # still pending while the second is sent
                 await self._deliver([second])
-                await self._deliver([first])
+                await self._deliver([self.pending.popleft()])
                 continue
             batch = [self.pending.popleft() for _ in range(min(MAX_PDUS, len(self.pending)))]
             await self._deliver(batch)
 
     async def _deliver(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
-        if self.faults.delay_ms:
-            await trio.sleep(self.faults.delay_ms / 1000)
         event_ids = [event_id for event_id, _ in batch]
         txn_id = self._next_txn_id()
+        self.sending = SendingTransaction(txn_id, event_ids)
+        try:
+            await self._deliver_batch(txn_id, event_ids, batch)
+        finally:
+            self.sending = None
+
+    async def _deliver_batch(
+        self, txn_id: str, event_ids: list[str], batch: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        if self.faults.delay_ms:
+            await trio.sleep(self.faults.delay_ms / 1000)
         if self.faults.take("drop_next"):
             self.transactions.append(SentTransaction(txn_id, event_ids, "dropped"))
             self.on_delivered()
@@ -119,46 +156,49 @@ class DestinationSender:
             "origin_server_ts": int(time.time() * 1000),
             "pdus": [pdu for _, pdu in batch],
         }
-        status = await self._put_until_ok(txn_id, body)
+        status = await self._put_until_ok(txn_id, event_ids, body)
         self.transactions.append(SentTransaction(txn_id, event_ids, status))
         self.on_delivered()
         if self.faults.take("duplicate_next"):
-            status = await self._put_until_ok(txn_id, body)
+            status = await self._put_until_ok(txn_id, event_ids, body)
             self.transactions.append(SentTransaction(txn_id, event_ids, status))
         if self.faults.take("resend_next"):
             again = self._next_txn_id()
             status = await self._put_until_ok(
-                again, body | {"origin_server_ts": body["origin_server_ts"] + 1}
+                again, event_ids, body | {"origin_server_ts": body["origin_server_ts"] + 1}
             )
             self.transactions.append(SentTransaction(again, event_ids, status))
         self.on_delivered()
 
-    async def _put_until_ok(self, txn_id: str, body: dict[str, Any]) -> str:
+    async def _put_until_ok(self, txn_id: str, event_ids: list[str], body: dict[str, Any]) -> str:
+        sending = SendingTransaction(txn_id, event_ids)
+        self.sending = sending
         delay = 0.2
         path = f"/_matrix/federation/v1/send/{path_segment(txn_id)}"
         while True:
             try:
+                sending.attempts += 1
                 await self.client.put_json(self.destination, path, body)
                 return "sent"
             except DestinationBackingOff as e:
+                sending.attempts -= 1  # nothing was sent
+                sending.last_error = e.reason
                 await trio.sleep(e.retry_in)
                 continue
-            except RemoteError as e:
-                if not e.retryable:
-                    log.warning("%s refused transaction %s: %s", self.destination, txn_id, e)
-                    return f"failed: {e.reason}"
-                reason = str(e)
             except FederationError as e:
+                sending.last_error = e.reason
                 if not e.retryable:
-                    log.warning("cannot send transaction %s: %s", txn_id, e)
+                    log.warning(
+                        "%s: transaction %s given up: %r", self.destination, txn_id, e.reason
+                    )
                     return f"failed: {e.reason}"
-                reason = str(e)
             log.info(
-                "transaction %s to %s failed (%s); retrying in %.1fs",
+                "transaction %s to %s failed (%r); retrying in %.1fs",
                 txn_id,
                 self.destination,
-                reason,
+                sending.last_error,
                 delay,
             )
+            self.on_delivered()  # wake watchers: the outbox changed
             await trio.sleep(delay)
             delay = min(delay * 2, 30.0)

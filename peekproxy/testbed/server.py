@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote_to_bytes
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,7 +34,7 @@ from starlette.routing import Route
 from peekproxy import __version__
 from peekproxy.api.errors import MatrixError, exception_handlers
 from peekproxy.api.federation_auth import authenticate, read_json_body
-from peekproxy.daemon import _hypercorn_config, _start_listener
+from peekproxy.daemon import DaemonError, _hypercorn_config, _start_listener
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring, TrustedNotary
 from peekproxy.federation.signing_key import key_id, server_key_document
@@ -41,7 +42,12 @@ from peekproxy.identifiers import InvalidIdentifier, RoomAlias, UserId
 from peekproxy.testbed.config import TestbedConfig
 from peekproxy.testbed.faults import Faults
 from peekproxy.testbed.peeks import PeekRegistry
-from peekproxy.testbed.rooms import SUPPORTED_ROOM_VERSIONS, RoomError, TestbedRoom
+from peekproxy.testbed.rooms import (
+    SUPPORTED_ROOM_VERSIONS,
+    RoomError,
+    TestbedRoom,
+    canonical_aliases,
+)
 from peekproxy.testbed.sender import DestinationSender
 
 __all__ = ["Testbed", "TestbedListening", "run_testbed"]
@@ -63,6 +69,15 @@ class TestbedListening:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+#: State the admin API does not set directly, and what to do instead.
+_NOT_STATE = {
+    "m.room.member": "m.room.member events are not set as state here; use "
+    "POST /rooms/{roomId}/members/join, /leave or /invite",
+    "m.room.create": "the m.room.create event is made with the room; set room_version "
+    "and creator when creating it",
+}
 
 
 class _TokenBucket:
@@ -140,16 +155,52 @@ class Testbed:
         return self.config.server.data_dir / "rooms"
 
     def load_rooms(self) -> int:
-        """Load rooms saved in ``<data_dir>/rooms``; returns how many."""
+        """Load rooms saved in ``<data_dir>/rooms``; returns how many. They are kept in
+        creation order (the create event's ``origin_server_ts``, then the room ID), and the
+        alias directory is rebuilt from their ``m.room.canonical_alias`` state.
+
+        Raises:
+            DaemonError: ``<file>: <problem>`` for a file that cannot be read, is not JSON,
+                fails the room checks (content hashes, signatures by this testbed's key, the
+                DAG), belongs to another server name, or repeats a room of another file.
+        """
         if not self.rooms_dir.is_dir():
             return 0
+        loaded: dict[str, tuple[TestbedRoom, Path]] = {}
         for file in sorted(self.rooms_dir.glob("*.json")):
-            room = TestbedRoom.from_json(json.loads(file.read_text("utf-8")))
+            room = self._load_room(file)
+            if room.room_id in loaded:
+                raise DaemonError(
+                    f"{file}: room {room.room_id} is also saved in {loaded[room.room_id][1]}"
+                )
+            loaded[room.room_id] = (room, file)
+
+        def created(room: TestbedRoom) -> tuple[int, str]:
+            ts = room.events[0].get("origin_server_ts")
+            return (ts if isinstance(ts, int) else 0, room.room_id)
+
+        for room, _ in sorted(loaded.values(), key=lambda item: created(item[0])):
             self.rooms[room.room_id] = room
-            alias = room.canonical_alias()
-            if alias:
-                self.aliases[alias] = room.room_id
+            self._index_aliases(room)
         return len(self.rooms)
+
+    def _load_room(self, file: Path) -> TestbedRoom:
+        try:
+            text = file.read_text("utf-8")
+        except UnicodeDecodeError:
+            raise DaemonError(f"{file}: not a saved room (not UTF-8 text)") from None
+        except OSError as e:
+            raise DaemonError(f"{file}: cannot read it: {e.strerror or e}") from None
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise DaemonError(f"{file}: not valid JSON (truncated?): {e}") from None
+        try:
+            return TestbedRoom.from_json(
+                data, server_name=self.server_name, signing_key=self.signing_key
+            )
+        except RoomError as e:
+            raise DaemonError(f"{file}: {e}") from None
 
     def _save(self, room: TestbedRoom) -> None:
         self.rooms_dir.mkdir(parents=True, exist_ok=True)
@@ -162,19 +213,74 @@ class Testbed:
     # -- rooms ---------------------------------------------------------------------------------
 
     def local_user(self, user: str) -> str:
+        """``alice`` or ``@alice:<testbed>`` as a full user ID.
+
+        Raises:
+            MatrixError: 400 ``M_INVALID_PARAM``: not a valid, compliant user ID of this
+                server.
+        """
+        full = user if user.startswith("@") else f"@{user}:{self.server_name}"
         try:
-            parsed = UserId.parse(user if user.startswith("@") else f"@{user}:{self.server_name}")
+            parsed = UserId.parse(full)
         except InvalidIdentifier as e:
             raise MatrixError(400, "M_INVALID_PARAM", f"bad user ID: {e}") from None
-        if str(parsed.server_name) != self.server_name:
-            raise MatrixError(400, "M_INVALID_PARAM", f"{parsed} is not a user of this server")
-        return str(parsed)
+        if full.partition(":")[2] != self.server_name:
+            raise MatrixError(400, "M_INVALID_PARAM", f"{full!r} is not a user of this server")
+        if not parsed.is_compliant:
+            raise MatrixError(
+                400,
+                "M_INVALID_PARAM",
+                f"bad user ID {full!r}: the localpart may only use a-z 0-9 . _ = - / +",
+            )
+        return full
 
     def room(self, room_id: str) -> TestbedRoom:
+        """The room with that ID, or (admin convenience) that alias in the directory.
+
+        Raises:
+            MatrixError: 404 ``M_NOT_FOUND``.
+        """
         room = self.rooms.get(room_id) or self.rooms.get(self.aliases.get(room_id, ""))
         if room is None:
             raise MatrixError(404, "M_NOT_FOUND", f"unknown room {room_id}")
         return room
+
+    # -- the alias directory: follows each room's m.room.canonical_alias ---------------------
+
+    def _check_aliases_free(self, room_id: str | None, aliases: list[str]) -> None:
+        for alias in aliases:
+            holder = self.aliases.get(alias)
+            if holder is not None and holder != room_id:
+                raise MatrixError(409, "M_ROOM_IN_USE", f"{alias} is taken by {holder}")
+
+    def _index_aliases(self, room: TestbedRoom) -> None:
+        """Point the directory at ``room`` for exactly the aliases its current
+        ``m.room.canonical_alias`` claims (``alias`` and ``alt_aliases``)."""
+        for alias in [a for a, held in self.aliases.items() if held == room.room_id]:
+            del self.aliases[alias]
+        for alias in room.local_aliases():
+            holder = self.aliases.get(alias)
+            if holder is not None and holder != room.room_id:
+                # Only rooms saved before claims were checked can clash: the newer claim wins.
+                ours = self._alias_claimed_at(room) >= self._alias_claimed_at(self.rooms[holder])
+                log.warning(
+                    "alias %s is claimed by %s and %s; keeping %s",
+                    alias,
+                    holder,
+                    room.room_id,
+                    room.room_id if ours else holder,
+                )
+                if not ours:
+                    continue
+            self.aliases[alias] = room.room_id
+
+    @staticmethod
+    def _alias_claimed_at(room: TestbedRoom) -> int:
+        event = room.state_event("m.room.canonical_alias")
+        ts = None if event is None else event.get("origin_server_ts")
+        return ts if isinstance(ts, int) else 0
+
+    # -- rooms -----------------------------------------------------------------------------------
 
     def create_room(
         self,
@@ -189,6 +295,14 @@ class Testbed:
         topic: str | None,
         initial_state: list[dict[str, Any]],
     ) -> TestbedRoom:
+        """Create a room (see :meth:`TestbedRoom.create`) and register it and its aliases.
+
+        Raises:
+            MatrixError: 400 ``M_UNSUPPORTED_ROOM_VERSION``; 400 ``M_INVALID_PARAM`` for a
+                bad alias, user, value or ``initial_state`` item (``m.room.member`` and
+                ``m.room.create`` are refused there); 409 ``M_ROOM_IN_USE`` when an alias
+                the room would claim is held by another room.
+        """
         if room_version not in SUPPORTED_ROOM_VERSIONS:
             raise MatrixError(
                 400,
@@ -204,8 +318,13 @@ class Testbed:
                 raise MatrixError(400, "M_INVALID_PARAM", f"bad alias: {e}") from None
             if str(parsed.server_name) != self.server_name:
                 raise MatrixError(400, "M_INVALID_PARAM", f"{full_alias} is not on this server")
-            if full_alias in self.aliases:
-                raise MatrixError(409, "M_ROOM_IN_USE", f"{full_alias} is taken")
+            self._check_aliases_free(None, [full_alias])
+        for number, item in enumerate(initial_state):
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind in _NOT_STATE:
+                raise MatrixError(
+                    400, "M_INVALID_PARAM", f"initial_state[{number}]: {_NOT_STATE[kind]}"
+                )
         try:
             room = TestbedRoom.create(
                 server_name=self.server_name,
@@ -225,12 +344,17 @@ class Testbed:
             raise MatrixError(400, "M_INVALID_PARAM", str(e)) from None
         if room.room_id in self.rooms:  # v12 IDs are hashes: same creator, same millisecond
             raise MatrixError(409, "M_ROOM_IN_USE", f"room {room.room_id} exists; retry")
+        for pdu in room.events:  # the alias and any canonical_alias of initial_state
+            if (pdu["type"], pdu.get("state_key")) == ("m.room.canonical_alias", ""):
+                self._check_aliases_free(None, canonical_aliases(pdu["content"], self.server_name))
         self.rooms[room.room_id] = room
-        if full_alias:
-            self.aliases[full_alias] = room.room_id
+        self._index_aliases(room)
         self._save(room)
         log.info(
-            "created room %s (version %s, %s)", room.room_id, room_version, full_alias or "no alias"
+            "created room %s (version %s, %s)",
+            room.room_id,
+            room_version,
+            ", ".join(room.local_aliases()) or "no alias",
         )
         return room
 
@@ -243,8 +367,20 @@ class Testbed:
         content: dict[str, Any],
         state_key: str | None = None,
     ) -> str:
-        """Create, sign and store an event, then push it to the room's peekers."""
+        """Create, sign and store an event, then push it to the room's peekers.
+
+        Raises:
+            MatrixError: 404 unknown room; 400 ``M_INVALID_PARAM`` for an event the room
+                model refuses; 409 ``M_ROOM_IN_USE`` for an ``m.room.canonical_alias`` that
+                claims an alias another room holds.
+        """
         room = self.room(room_id)
+        if (type, state_key) == ("m.room.canonical_alias", "") and isinstance(content, dict):
+            try:
+                claimed = canonical_aliases(content, self.server_name)
+            except RoomError as e:
+                raise MatrixError(400, "M_INVALID_PARAM", str(e)) from None
+            self._check_aliases_free(room.room_id, claimed)
         try:
             event_id, pdu = room.send(
                 self.signing_key,
@@ -259,13 +395,35 @@ class Testbed:
         self._after_event(room, event_id, pdu)
         return event_id
 
-    def membership(self, room_id: str, user: str, membership: str) -> str:
+    def membership(
+        self, room_id: str, user: str, membership: str, *, sender: str | None = None
+    ) -> str:
+        """``user`` joins or leaves, or ``sender`` (default ``admin``) invites them.
+
+        Raises:
+            MatrixError: 404 unknown room or membership; 400 ``M_INVALID_PARAM``.
+        """
         room = self.room(room_id)
+        target = self.local_user(user)
+        now = self.clock_ms()
         try:
             if membership == "join":
-                event_id, pdu = room.join(self.signing_key, self.local_user(user), self.clock_ms())
+                event_id, pdu = room.join(self.signing_key, target, now)
+            elif membership == "leave":
+                event_id, pdu = room.leave(self.signing_key, target, now)
+            elif membership == "invite":
+                event_id, pdu = room.send(
+                    self.signing_key,
+                    sender=self.local_user(sender or "admin"),
+                    type="m.room.member",
+                    state_key=target,
+                    content={"membership": "invite"},
+                    now_ms=now,
+                )
             else:
-                event_id, pdu = room.leave(self.signing_key, self.local_user(user), self.clock_ms())
+                raise MatrixError(
+                    404, "M_UNRECOGNIZED", f"membership {membership!r}: use join, leave or invite"
+                )
         except RoomError as e:
             raise MatrixError(400, "M_INVALID_PARAM", str(e)) from None
         self._after_event(room, event_id, pdu)
@@ -273,6 +431,8 @@ class Testbed:
 
     def _after_event(self, room: TestbedRoom, event_id: str, pdu: dict[str, Any]) -> None:
         self._save(room)
+        if pdu.get("type") == "m.room.canonical_alias":
+            self._index_aliases(room)
         # The event that makes a room unpeekable is still delivered; then the peeks end.
         for destination in sorted(self.peeks.destinations(room.room_id, self.clock_ms())):
             self.sender(destination).enqueue(event_id, pdu)
@@ -281,7 +441,21 @@ class Testbed:
             for peek in self.peeks.end_room(room.room_id):
                 self._record("end", peek.origin, peek.room_id, peek.peek_id)
                 log.info(
-                    "peek %s of %s by %s ended: room no longer peekable",
+                    "peek %r of %s by %s ended: room no longer peekable",
+                    peek.peek_id,
+                    room.room_id,
+                    peek.origin,
+                )
+            return
+        if pdu.get("type") != "m.room.server_acl":
+            return
+        now = self.clock_ms()
+        for peek in self.peeks.active(now):
+            if peek.room_id == room.room_id and not room.server_acl_allows(peek.origin):
+                self.peeks.delete(peek.origin, peek.room_id, peek.peek_id, now)
+                self._record("end", peek.origin, peek.room_id, peek.peek_id)
+                log.info(
+                    "peek %r of %s by %s ended: denied by the server ACL",
                     peek.peek_id,
                     room.room_id,
                     peek.origin,
@@ -311,6 +485,12 @@ class Testbed:
             "room_version": room.rules.identifier,
         }
 
+    @staticmethod
+    def check_acl(room: TestbedRoom, origin: str) -> None:
+        """403 ``M_FORBIDDEN`` when the room's ``m.room.server_acl`` denies ``origin``."""
+        if not room.server_acl_allows(origin):
+            raise MatrixError(403, "M_FORBIDDEN", "Forbidden by server ACLs")
+
     def check_peekable(self, room: TestbedRoom, origin: str, versions: list[str]) -> None:
         if room.rules.identifier not in versions:
             raise MatrixError(
@@ -319,8 +499,7 @@ class Testbed:
                 f"the room is version {room.rules.identifier}, not in your ver list",
                 room_version=room.rules.identifier,
             )
-        if not room.server_acl_allows(origin):
-            raise MatrixError(403, "M_FORBIDDEN", "Forbidden by server ACLs")
+        self.check_acl(room, origin)
         if room.is_encrypted():
             raise MatrixError(403, "M_FORBIDDEN", "Cannot peek into an encrypted room")
         if not room.is_world_readable():
@@ -342,9 +521,8 @@ class Testbed:
             raise MatrixError(404, "M_NOT_FOUND", f"unknown room {room_id}")
         self.check_peekable(room, origin, versions)
         if self.faults.take("peek_count"):
-            status = self.faults.peek_status
+            status, code = self.faults.peek_error()
             extra = {"retry_after_ms": self.faults.peek_retry_after_ms} if status == 429 else {}
-            code = "M_LIMIT_EXCEEDED" if status == 429 else "M_UNKNOWN"
             raise MatrixError(status, code, f"injected fault: HTTP {status}", **extra)
         wait = self._rate.take(origin)
         if wait:
@@ -356,7 +534,7 @@ class Testbed:
             )
         now = self.clock_ms()
         if self.peeks.renew(origin, room_id, peek_id, now) is not None:
-            log.info("peek %s of %s renewed by %s", peek_id, room_id, origin)
+            log.info("peek %r of %s renewed by %s", peek_id, room_id, origin)
             self._record("renew", origin, room_id, peek_id)
             if self.config.peeks.renew_reply == "empty":
                 return {}
@@ -364,7 +542,7 @@ class Testbed:
         self.peeks.start(origin, room_id, peek_id, now, self.renewal_interval_ms)
         self.sender(origin)
         self._record("start", origin, room_id, peek_id)
-        log.info("peek %s of %s started by %s", peek_id, room_id, origin)
+        log.info("peek %r of %s started by %s", peek_id, room_id, origin)
         return self.peek_response(room)
 
     def renew_peek(self, origin: str, room_id: str, peek_id: str) -> dict[str, Any]:
@@ -377,13 +555,16 @@ class Testbed:
         self._record("delete", origin, room_id, peek_id)
         if not self.peeks.delete(origin, room_id, peek_id, self.clock_ms()):
             raise MatrixError(404, "M_NOT_FOUND", "no such peek")
-        log.info("peek %s of %s deleted by %s", peek_id, room_id, origin)
+        log.info("peek %r of %s deleted by %s", peek_id, room_id, origin)
         return {}
 
-    def readable_room(self, room_id: str) -> TestbedRoom:
+    def readable_room(self, room_id: str, origin: str) -> TestbedRoom:
+        """A room ``origin`` may read over federation: known (404), allowed by its server ACL
+        (403) and world_readable (403)."""
         room = self.rooms.get(room_id)
         if room is None:
             raise MatrixError(404, "M_NOT_FOUND", f"unknown room {room_id}")
+        self.check_acl(room, origin)
         if not room.is_world_readable():
             raise MatrixError(403, "M_FORBIDDEN", "room is not world_readable")
         return room
@@ -417,6 +598,7 @@ class SendBody(_Body):
 
 class MembershipBody(_Body):
     user: str
+    sender: str | None = None  # the inviter (invite only; default "admin")
 
 
 class ConfigBody(_Body):
@@ -437,6 +619,25 @@ def _parse(model: type[M], data: Any) -> M:
 
 
 # -- HTTP apps ----------------------------------------------------------------------------------
+
+
+def _raw_segments(request: Request, prefix: str) -> list[str]:
+    """The path after ``prefix``, split on ``/`` in the raw (still percent-encoded) request
+    path and then percent-decoded segment by segment, so ``%2F`` stays inside a segment.
+
+    Raises:
+        MatrixError: 404 ``M_UNRECOGNIZED`` when the raw path does not start with
+            ``prefix``; 400 ``M_INVALID_PARAM`` for a segment that is not UTF-8.
+    """
+    raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+    if not raw.startswith(prefix.encode()):
+        raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
+    try:
+        return [
+            unquote_to_bytes(segment).decode("utf-8") for segment in raw[len(prefix) :].split(b"/")
+        ]
+    except UnicodeDecodeError:
+        raise MatrixError(400, "M_INVALID_PARAM", "a path segment is not UTF-8") from None
 
 
 def federation_app(testbed: Testbed) -> Starlette:
@@ -466,28 +667,31 @@ def federation_app(testbed: Testbed) -> Starlette:
         return JSONResponse({"room_id": room_id, "servers": [server_name]})
 
     async def peek(request: Request) -> Response:
-        origin, _ = await auth(request)
-        room_id, peek_id = request.path_params["room_id"], request.path_params["peek_id"]
+        # Room and peek ID come from the raw path, segment by segment, so that a peek ID
+        # holding "/" (sent as %2F) is one segment: PUT/DELETE .../peek/{roomId}/{peekId},
+        # POST .../peek/{roomId}/{peekId}/renew.
+        segments = _raw_segments(request, f"{prefix}/peek/")
+        renewing = len(segments) == 3 and segments[2] == "renew"
+        if not (len(segments) == 2 or renewing) or (request.method == "POST") != renewing:
+            raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
+        origin, content = await auth(request)
+        room_id, peek_id = segments[0], segments[1]
+        if renewing:
+            return JSONResponse(testbed.renew_peek(origin, room_id, peek_id))
         if request.method == "DELETE":
             return JSONResponse(testbed.delete_peek(origin, room_id, peek_id))
+        if not isinstance(content, dict):
+            raise MatrixError(400, "M_BAD_JSON", "the peek request body must be a JSON object")
         versions = request.query_params.getlist("ver") or ["1"]
         return JSONResponse(testbed.put_peek(origin, room_id, peek_id, versions))
 
-    async def renew(request: Request) -> Response:
-        origin, _ = await auth(request)
-        return JSONResponse(
-            testbed.renew_peek(
-                origin, request.path_params["room_id"], request.path_params["peek_id"]
-            )
-        )
-
     async def event(request: Request) -> Response:
-        await auth(request)
+        origin, _ = await auth(request)
         event_id = request.path_params["event_id"]
         for room in testbed.rooms.values():
             pdu = room.event(event_id)
             if pdu is not None:
-                testbed.readable_room(room.room_id)
+                testbed.readable_room(room.room_id, origin)
                 return JSONResponse(
                     {"origin": server_name, "origin_server_ts": _now_ms(), "pdus": [pdu]}
                 )
@@ -500,21 +704,21 @@ def federation_app(testbed: Testbed) -> Starlette:
         return event_id
 
     async def state(request: Request) -> Response:
-        await auth(request)
-        room = testbed.readable_room(request.path_params["room_id"])
+        origin, _ = await auth(request)
+        room = testbed.readable_room(request.path_params["room_id"], origin)
         pdus = room.state_at(_at(room, request))
         return JSONResponse({"pdus": pdus, "auth_chain": room.auth_chain(pdus)})
 
     async def state_ids(request: Request) -> Response:
-        await auth(request)
-        room = testbed.readable_room(request.path_params["room_id"])
+        origin, _ = await auth(request)
+        room = testbed.readable_room(request.path_params["room_id"], origin)
         at = _at(room, request)
         auth_ids = room.auth_chain_ids(room.state_at(at))
         return JSONResponse({"pdu_ids": room.state_ids_at(at), "auth_chain_ids": auth_ids})
 
     async def backfill(request: Request) -> Response:
-        await auth(request)
-        room = testbed.readable_room(request.path_params["room_id"])
+        origin, _ = await auth(request)
+        room = testbed.readable_room(request.path_params["room_id"], origin)
         starts = request.query_params.getlist("v")
         try:
             limit = max(1, min(int(request.query_params.get("limit", "10")), 1000))
@@ -531,8 +735,8 @@ def federation_app(testbed: Testbed) -> Starlette:
         )
 
     async def missing_events(request: Request) -> Response:
-        _, content = await auth(request)
-        room = testbed.readable_room(request.path_params["room_id"])
+        origin, content = await auth(request)
+        room = testbed.readable_room(request.path_params["room_id"], origin)
         if not isinstance(content, dict):
             raise MatrixError(400, "M_BAD_JSON", "body must be an object")
         earliest = content.get("earliest_events", [])
@@ -556,8 +760,7 @@ def federation_app(testbed: Testbed) -> Starlette:
             Route("/_matrix/key/v2/server", key_server, methods=["GET"]),
             Route(f"{prefix}/version", version, methods=["GET"]),
             Route(f"{prefix}/query/directory", query_directory, methods=["GET"]),
-            Route(f"{prefix}/peek/{{room_id}}/{{peek_id}}", peek, methods=["PUT", "DELETE"]),
-            Route(f"{prefix}/peek/{{room_id}}/{{peek_id}}/renew", renew, methods=["POST"]),
+            Route(f"{prefix}/peek/{{rest:path}}", peek, methods=["PUT", "DELETE", "POST"]),
             Route(f"{prefix}/event/{{event_id}}", event, methods=["GET"]),
             Route(f"{prefix}/state/{{room_id}}", state, methods=["GET"]),
             Route(f"{prefix}/state_ids/{{room_id}}", state_ids, methods=["GET"]),
@@ -621,12 +824,16 @@ def admin_app(testbed: Testbed, token: str) -> Starlette:
 
     async def send(request: Request) -> Response:
         check(request)
-        spec = _parse(SendBody, await body(request))
         kind = request.path_params["kind"]
+        if kind not in ("send", "state"):
+            raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
+        spec = _parse(SendBody, await body(request))
         if kind == "state" and spec.state_key is None:
             spec = spec.model_copy(update={"state_key": ""})
         if kind == "send" and spec.state_key is not None:
             raise MatrixError(400, "M_INVALID_PARAM", "use /state for state events")
+        if spec.state_key is not None and spec.type in _NOT_STATE:
+            raise MatrixError(400, "M_INVALID_PARAM", _NOT_STATE[spec.type])
         event_id = testbed.send(
             request.path_params["room_id"],
             sender=spec.sender,
@@ -639,29 +846,30 @@ def admin_app(testbed: Testbed, token: str) -> Starlette:
     async def membership(request: Request) -> Response:
         check(request)
         spec = _parse(MembershipBody, await body(request))
+        kind = request.path_params["membership"]
+        if spec.sender is not None and kind != "invite":
+            raise MatrixError(400, "M_INVALID_PARAM", f"{kind} is sent by the user; no sender")
         event_id = testbed.membership(
-            request.path_params["room_id"], spec.user, request.path_params["membership"]
+            request.path_params["room_id"], spec.user, kind, sender=spec.sender
         )
         return JSONResponse({"event_id": event_id})
 
     async def peeks(request: Request) -> Response:
         check(request)
-        return JSONResponse({"peeks": [p.to_json() for p in testbed.peeks.active(_now_ms())]})
+        active = testbed.peeks.active(testbed.clock_ms())
+        return JSONResponse({"peeks": [p.to_json() for p in active]})
 
     async def expire_peek(request: Request) -> Response:
         check(request)
-        params = request.path_params
-        if not testbed.peeks.delete(
-            params["origin"], params["room_id"], params["peek_id"], _now_ms()
-        ):
+        # Raw segments, so that peek IDs holding "/" (as %2F) can be named.
+        segments = _raw_segments(request, "/_testbed/v1/peeks/")
+        if len(segments) != 3:
+            raise MatrixError(404, "M_UNRECOGNIZED", "use DELETE /peeks/{origin}/{roomId}/{peekId}")
+        origin, room_id, peek_id = segments
+        if not testbed.peeks.delete(origin, room_id, peek_id, testbed.clock_ms()):
             raise MatrixError(404, "M_NOT_FOUND", "no such peek")
-        testbed._record("expire", params["origin"], params["room_id"], params["peek_id"])
-        log.info(
-            "peek %s of %s by %s expired by the admin",
-            params["peek_id"],
-            params["room_id"],
-            params["origin"],
-        )
+        testbed._record("expire", origin, room_id, peek_id)
+        log.info("peek %r of %s by %s expired by the admin", peek_id, room_id, origin)
         return JSONResponse({})
 
     async def faults(request: Request) -> Response:
@@ -682,6 +890,7 @@ def admin_app(testbed: Testbed, token: str) -> Starlette:
             {
                 destination: {
                     "pending": len(sender.pending),
+                    "sending": None if sender.sending is None else sender.sending.to_json(),
                     "withheld": sender.withheld,
                     "transactions": [t.to_json() for t in sender.transactions],
                 }
@@ -707,11 +916,7 @@ def admin_app(testbed: Testbed, token: str) -> Starlette:
                 f"{prefix}/rooms/{{room_id}}/members/{{membership}}", membership, methods=["POST"]
             ),
             Route(f"{prefix}/peeks", peeks, methods=["GET"]),
-            Route(
-                f"{prefix}/peeks/{{origin}}/{{room_id}}/{{peek_id}}",
-                expire_peek,
-                methods=["DELETE"],
-            ),
+            Route(f"{prefix}/peeks/{{rest:path}}", expire_peek, methods=["DELETE"]),
             Route(f"{prefix}/faults", faults, methods=["GET", "PUT"]),
             Route(f"{prefix}/outbox", outbox, methods=["GET"]),
             Route(f"{prefix}/config", settings, methods=["GET", "PUT"]),
@@ -726,9 +931,19 @@ def admin_app(testbed: Testbed, token: str) -> Starlette:
 
 
 def _load_or_create_key(path: Path) -> SigningKey:
+    """The signing key in ``path``, created when missing.
+
+    Raises:
+        DaemonError: ``<path>: <problem>`` for a file that holds no usable key.
+    """
     if path.exists():
-        with open(path) as stream:
-            keys = read_signing_keys(stream)
+        try:
+            with open(path, encoding="utf-8") as stream:
+                keys = read_signing_keys(stream)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DaemonError(f"{path}: not a signing key file: {e}") from None
+        if not keys:
+            raise DaemonError(f"{path}: the signing key file is empty")
         key: SigningKey = keys[0]
         return key
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -740,8 +955,19 @@ def _load_or_create_key(path: Path) -> SigningKey:
 
 
 def _load_or_create_token(path: Path) -> str:
+    """The admin token in ``path``, created when missing.
+
+    Raises:
+        DaemonError: the file is empty or not text.
+    """
     if path.exists():
-        return path.read_text().strip()
+        try:
+            token = path.read_text("utf-8").strip()
+        except UnicodeDecodeError:
+            raise DaemonError(f"{path}: the admin token file is not text") from None
+        if not token:
+            raise DaemonError(f"{path}: the admin token file is empty")
+        return token
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -760,6 +986,11 @@ async def run_testbed(
 
     ``task_status.started((TestbedListening(...), testbed))`` once both listeners are bound,
     so an in-process test can also drive the :class:`Testbed` object directly.
+
+    Raises:
+        DaemonError: the data directory cannot be used (a damaged signing key, admin token
+            or room file, or rooms of another server name; the message names the file), or
+            a listener cannot bind.
     """
     if shutdown is None:
         shutdown = trio.Event()
@@ -777,8 +1008,8 @@ async def run_testbed(
         ],
     )
     testbed = Testbed(config, signing_key, client, keyring)
-    loaded = await trio.to_thread.run_sync(testbed.load_rooms)
     try:
+        loaded = await trio.to_thread.run_sync(testbed.load_rooms)
         async with trio.open_nursery() as nursery:
             testbed.nursery = nursery
             for sender in testbed.senders.values():
