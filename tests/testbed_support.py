@@ -43,6 +43,7 @@ async def start_testbed(
         tls_cert=str(cert),
         tls_key=str(key),
         data_dir=str(directory / "data"),
+        environ={},
         extra={
             "federation": {
                 "ip_range_whitelist": ["127.0.0.0/8", "::1/128"],
