@@ -178,6 +178,8 @@ async def run_daemon(
             renewal_max_ms=int(config.peeks.renewal_interval_max * 1000),
             max_peeks_per_device=config.peeks.max_peeks_per_device,
             max_remote_peeks=config.peeks.max_remote_peeks,
+            idle_timeout_ms=int(config.peeks.idle_timeout * 1000),
+            sync_section=config.peeks.sync_section,
         ),
     )
     secret = read_secret(config.delegation.shared_secret_file)

@@ -90,6 +90,33 @@ class PeekWorld:
                 headers={"Authorization": f"Bearer {SECRET}"},
             )
 
+    async def sync(
+        self,
+        *,
+        user: str = "@alice:peekproxy.test",
+        device: str = "D1",
+        since: str | None = None,
+        timeout_ms: int = 0,
+        full_state: bool = False,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        params: dict[str, str] = {"user_id": user, "device_id": device, "timeout": str(timeout_ms)}
+        if since:
+            params["since"] = since
+        if full_state:
+            params["full_state"] = "true"
+        if limit is not None:
+            params["filter"] = json.dumps({"room": {"timeline": {"limit": limit}}})
+        async with httpx.AsyncClient(timeout=120) as http:
+            response = await http.get(
+                f"{self.daemon.client}/_peekproxy/v1/sync",
+                params=params,
+                headers={"Authorization": f"Bearer {SECRET}"},
+            )
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
     # -- peekproxy's database (read-only, while it runs) ---------------------------------------
 
     def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:

@@ -6,12 +6,15 @@ and ``device_id`` query parameters naming the device the call is for.
 * ``POST /_peekproxy/v1/peek/{roomIdOrAlias}`` — hints as repeated ``server_name`` query
   parameters and/or a body ``servers`` list; answers ``{"room_id": ...}``.
 * ``POST /_peekproxy/v1/rooms/{roomId}/unpeek`` — answers ``{}``.
+* ``GET /_peekproxy/v1/sync?since=&timeout=&full_state=&filter=`` — the device's
+  ``{next_batch, rooms: {peek, leave}}`` (MSC2753), long-polling up to ``timeout`` ms.
 
 Errors follow protocol.md decisions 6 and 7.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,35 @@ from peekproxy.api.federation_auth import read_json_body
 from peekproxy.identifiers import InvalidIdentifier, UserId
 from peekproxy.peeks.service import PeekError, PeekService
 
-__all__ = ["delegation_routes", "read_secret"]
+__all__ = ["delegation_routes", "read_secret", "timeline_limit"]
+
+MAX_SYNC_TIMEOUT_MS = 300_000
+DEFAULT_TIMELINE_LIMIT = 10
+
+
+def timeline_limit(filter_param: str | None) -> int:
+    """The timeline limit of an inline filter (``room.timeline.limit``), default 10.
+
+    Raises:
+        MatrixError: 400 M_INVALID_PARAM for a filter ID (only inline JSON filters are
+            supported) or a malformed filter.
+    """
+    if filter_param is None:
+        return DEFAULT_TIMELINE_LIMIT
+    if not filter_param.lstrip().startswith("{"):
+        raise MatrixError(400, "M_INVALID_PARAM", "only inline JSON filters are supported")
+    try:
+        limit = (
+            json.loads(filter_param)
+            .get("room", {})
+            .get("timeline", {})
+            .get("limit", DEFAULT_TIMELINE_LIMIT)
+        )
+    except (ValueError, AttributeError):
+        raise MatrixError(400, "M_INVALID_PARAM", "filter is not a JSON object") from None
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise MatrixError(400, "M_INVALID_PARAM", "room.timeline.limit must be a positive integer")
+    return min(limit, 100)
 
 
 def read_secret(path: Path | None) -> str | None:
@@ -89,8 +120,33 @@ def delegation_routes(service: PeekService, secret: str | None) -> list[Route]:
             raise MatrixError(e.status, e.errcode, e.error, **e.extra) from None
         return JSONResponse({})
 
+    async def sync(request: Request) -> Response:
+        user_id, device_id = device(request)
+        params = request.query_params
+        try:
+            timeout_ms = int(params.get("timeout", "0"))
+        except ValueError:
+            raise MatrixError(400, "M_INVALID_PARAM", "timeout must be an integer (ms)") from None
+        full_state = params.get("full_state", "false")
+        if full_state not in ("true", "false"):
+            raise MatrixError(400, "M_INVALID_PARAM", "full_state must be true or false")
+        limit = timeline_limit(params.get("filter"))
+        try:
+            answer = await service.sync(
+                user_id,
+                device_id,
+                since=params.get("since"),
+                timeout_ms=max(0, min(timeout_ms, MAX_SYNC_TIMEOUT_MS)),
+                full_state=full_state == "true",
+                timeline_limit=limit,
+            )
+        except PeekError as e:
+            raise MatrixError(e.status, e.errcode, e.error, **e.extra) from None
+        return JSONResponse(answer)
+
     prefix = "/_peekproxy/v1"
     return [
+        Route(f"{prefix}/sync", sync, methods=["GET"]),
         Route(f"{prefix}/peek/{{room:path}}", peek, methods=["POST"]),
         Route(f"{prefix}/rooms/{{room_id}}/unpeek", unpeek, methods=["POST"]),
     ]

@@ -29,6 +29,7 @@ from peekproxy.federation.pdu import check_pdu, required_signers
 from peekproxy.federation.room_versions import KNOWN_ROOM_VERSIONS, UnknownRoomVersion, room_version
 from peekproxy.identifiers import InvalidIdentifier, RoomAlias, RoomId
 from peekproxy.peeks import subscription as subs
+from peekproxy.peeks.notifier import Notifier
 from peekproxy.peeks.outcomes import (
     PeekAttemptFailure,
     PeekFailureKind,
@@ -38,6 +39,14 @@ from peekproxy.peeks.outcomes import (
     summarize_failures,
 )
 from peekproxy.peeks.subscription import Action, Subscription, SubState
+from peekproxy.peeks.sync import (
+    DevicePeek,
+    InvalidToken,
+    RoomView,
+    StreamItem,
+    build_sync,
+    decode_token,
+)
 from peekproxy.peeks.validation import (
     InvalidPeekResponse,
     ValidatedPeek,
@@ -75,6 +84,8 @@ class PeekSettings:
     renewal_max_ms: int
     max_peeks_per_device: int
     max_remote_peeks: int
+    idle_timeout_ms: int = 600_000
+    sync_section: str = "peek"
 
 
 def _now_ms() -> int:
@@ -108,8 +119,10 @@ class PeekService:
         self._room_locks: dict[str, trio.Lock] = {}
         self._origin_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
-        #: Called with a room ID after anything new was stored for it (sync wake-ups).
-        self.on_room_change: Callable[[str], None] = lambda room_id: None
+        self.notifier = Notifier()
+        #: Last /sync (or peek) of each device with peeks, ms; for the idle drop.
+        self._seen: dict[tuple[str, str], int] = {}
+        self._seen_changed = trio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -127,6 +140,14 @@ class PeekService:
                 self._ensure_task(sub.room_id)
             if loaded:
                 log.info("resumed %d subscriptions", len(loaded))
+            active = await self.store.read(
+                lambda c: c.execute(
+                    "SELECT DISTINCT user_id, device_id FROM device_peeks WHERE state = 'active'"
+                ).fetchall()
+            )
+            for user_id, device_id in active:  # the idle clock restarts with the daemon
+                self._seen[(str(user_id), str(device_id))] = now
+            nursery.start_soon(self._reap_idle)
             task_status.started()
             await trio.sleep_forever()
 
@@ -249,8 +270,19 @@ class PeekService:
             )
         self._poke(room_id)
         self.on_room_change(room_id)
+        self.notifier.notify_device((user_id, device_id))
+        self._mark_seen((user_id, device_id))
         log.info("%s/%s peeks %s via %s", user_id, device_id, room_id, sub.server)
         return room_id
+
+    def on_room_change(self, room_id: str) -> None:
+        """Something new was stored for ``room_id``: wake the syncs waiting on it."""
+        self.notifier.notify_room(room_id)
+
+    def _mark_seen(self, device: tuple[str, str]) -> None:
+        self._seen[device] = self.clock_ms()
+        self._seen_changed.set()
+        self._seen_changed = trio.Event()
 
     async def unpeek(self, user_id: str, device_id: str, room_id: str) -> None:
         """End a device's peek (Decision 7 errors).
@@ -281,6 +313,172 @@ class PeekService:
                 await self._save(subs.unwanted(sub, now_ms=now, linger_ms=self.settings.linger_ms))
         self._poke(room_id)
         self.on_room_change(room_id)
+        self.notifier.notify_device((user_id, device_id))
+
+    # -- /sync -------------------------------------------------------------------------------
+
+    async def sync(
+        self,
+        user_id: str,
+        device_id: str,
+        *,
+        since: str | None,
+        timeout_ms: int,
+        full_state: bool = False,
+        timeline_limit: int = 10,
+    ) -> dict[str, Any]:
+        """``{next_batch, rooms: {peek, leave}}`` for one device (MSC2753).
+
+        Long-polls up to ``timeout_ms`` for something new for this device. A device that was
+        idle has its dormant peeks restored first (the remote peek again, with a gap).
+
+        Raises:
+            PeekError: 400 M_INVALID_PARAM for a token this server did not issue.
+        """
+        device = (user_id, device_id)
+        self._mark_seen(device)
+        try:
+            position = decode_token(since) if since else None
+        except InvalidToken:
+            raise PeekError(400, "M_INVALID_PARAM", f"unknown since token {since!r}") from None
+        await self._restore_dormant(user_id, device_id)
+        deadline = trio.current_time() + max(0, timeout_ms) / 1000
+        while True:
+            peeks = await self.store.read(lambda c: db.device_peeks(c, user_id, device_id))
+            active = [room for room, state, _ in peeks if state == "active"]
+            event = self.notifier.register(active, device)
+            try:
+                upto = await self.store.read(db.max_stream_pos)
+                changed = (
+                    position is None or full_state or any(pos > position for _, _, pos in peeks)
+                )
+                if not changed:
+                    assert position is not None
+                    since_pos = position
+                    changed = await self.store.read(
+                        lambda c: db.rooms_changed(c, active, since_pos, upto)
+                    )
+                remaining = deadline - trio.current_time()
+                if changed or remaining <= 0:
+                    break
+                with trio.move_on_after(remaining):
+                    await event.wait()
+            finally:
+                self.notifier.unregister(event, active, device)
+        self._mark_seen(device)
+        views = {}
+        for room_id, state, changed_pos in peeks:
+            if state == "active" or (
+                state == "ended" and position is not None and position < changed_pos <= upto
+            ):
+                rows = await self.store.read(
+                    partial(
+                        db.room_view_rows,
+                        room_id=room_id,
+                        since=position,
+                        upto=upto,
+                        limit=timeline_limit,
+                    )
+                )
+                views[room_id] = RoomView(
+                    room_id=room_id,
+                    room_version=rows["room_version"],
+                    recent=[StreamItem(p, k, e) for p, k, e in rows["recent"]],
+                    has_earlier=rows["has_earlier"],
+                    state_ids=rows["state_ids"],
+                    events=rows["events"],
+                    redacted=frozenset(rows["redacted"]),
+                    ephemeral=rows["ephemeral"],
+                )
+        if position is not None and position > upto:
+            raise PeekError(400, "M_INVALID_PARAM", f"since token {since!r} is from the future")
+        answer: dict[str, Any] = build_sync(
+            since=position,
+            upto=upto,
+            peeks=[DevicePeek(r, s, p) for r, s, p in peeks],
+            rooms=views,
+            timeline_limit=timeline_limit,
+            full_state=full_state,
+            now_ms=self.clock_ms(),
+            section=self.settings.sync_section,
+        )
+        return answer
+
+    async def _restore_dormant(self, user_id: str, device_id: str) -> None:
+        peeks = await self.store.read(lambda c: db.device_peeks(c, user_id, device_id))
+        for room_id, state, _ in peeks:
+            if state != "dormant":
+                continue
+            async with self._lock(room_id):
+                sub = self.subscriptions.get(room_id)
+                if sub is None:
+                    continue
+                sub = subs.wanted(sub)
+                if not sub.has_remote_peek:
+                    try:
+                        sub = await self._establish(sub, gap=True)
+                    except PeekError as e:
+                        log.warning(
+                            "could not restore the peek of %s for %s/%s: %s",
+                            room_id,
+                            user_id,
+                            device_id,
+                            e.error,
+                        )
+                        sub = self.subscriptions[room_id]
+                await self._save(sub)
+                now = self.clock_ms()
+                await self.store.write(
+                    partial(
+                        db.set_device_peek,
+                        user_id=user_id,
+                        device_id=device_id,
+                        room_id=room_id,
+                        state="active",
+                        now_ms=now,
+                    )
+                )
+            log.info("restored %s/%s's peek of %s after an idle drop", user_id, device_id, room_id)
+            self._poke(room_id)
+
+    async def _reap_idle(self) -> None:
+        """Make the peeks of devices that have not synced for ``idle_timeout`` dormant
+        (protocol.md decision 9); a room left with no active peek is then released."""
+        idle = self.settings.idle_timeout_ms
+        while True:
+            now = self.clock_ms()
+            expired = [d for d, seen in self._seen.items() if now - seen >= idle]
+            for user_id, device_id in expired:
+                del self._seen[(user_id, device_id)]
+                await self._make_dormant(user_id, device_id)
+            wake = min((seen + idle for seen in self._seen.values()), default=None)
+            changed = self._seen_changed
+            if wake is None:
+                await changed.wait()
+            else:
+                with trio.move_on_after(max(0.0, (wake - self.clock_ms()) / 1000)):
+                    await changed.wait()
+
+    async def _make_dormant(self, user_id: str, device_id: str) -> None:
+        peeks = await self.store.read(lambda c: db.device_peeks(c, user_id, device_id))
+        for room_id, state, _ in peeks:
+            if state != "active":
+                continue
+            async with self._lock(room_id):
+                now = self.clock_ms()
+
+                def drop(conn: Any, room_id: str = room_id) -> int:
+                    db.set_device_peek(conn, user_id, device_id, room_id, "dormant", now)
+                    return db.device_peek_count(conn, room_id)
+
+                remaining = await self.store.write(drop)
+                sub = self.subscriptions.get(room_id)
+                if sub is not None and remaining == 0:
+                    await self._save(
+                        subs.unwanted(sub, now_ms=now, linger_ms=self.settings.linger_ms)
+                    )
+            log.info("%s/%s idle: its peek of %s is dormant", user_id, device_id, room_id)
+            self._poke(room_id)
 
     # -- the subscription task ------------------------------------------------------------
 

@@ -303,3 +303,104 @@ def stream_events(conn: sqlite3.Connection, room_id: str) -> list[tuple[int, str
 def event_pdu(conn: sqlite3.Connection, event_id: str) -> dict[str, Any] | None:
     row = conn.execute("SELECT pdu_json FROM events WHERE event_id = ?", (event_id,)).fetchone()
     return json.loads(row[0]) if row else None
+
+
+# -- sync ------------------------------------------------------------------------------------
+
+
+def max_stream_pos(conn: sqlite3.Connection) -> int:
+    """The newest stream position (0 for an empty stream)."""
+    row = conn.execute("SELECT MAX(stream_pos) FROM room_stream").fetchone()
+    return int(row[0] or 0)
+
+
+def device_peeks(
+    conn: sqlite3.Connection, user_id: str, device_id: str
+) -> list[tuple[str, str, int]]:
+    """(room ID, state, changed position) of every peek the device ever made."""
+    return [
+        (str(r), str(s), int(p))
+        for r, s, p in conn.execute(
+            "SELECT room_id, state, changed_pos FROM device_peeks WHERE user_id = ? AND "
+            "device_id = ? ORDER BY room_id",
+            (user_id, device_id),
+        )
+    ]
+
+
+def rooms_changed(conn: sqlite3.Connection, room_ids: Iterable[str], since: int, upto: int) -> bool:
+    """Whether any of the rooms has stream items (events, gaps, EDUs) in (since, upto]."""
+    ids = list(room_ids)
+    if not ids:
+        return False
+    marks = ",".join("?" * len(ids))
+    row = conn.execute(
+        f"SELECT 1 FROM room_stream WHERE room_id IN ({marks}) AND stream_pos > ? AND "
+        "stream_pos <= ? AND kind IN ('event', 'gap', 'ephemeral') LIMIT 1",
+        [*ids, since, upto],
+    ).fetchone()
+    return row is not None
+
+
+def room_view_rows(
+    conn: sqlite3.Connection, room_id: str, since: int | None, upto: int, limit: int
+) -> dict[str, Any]:
+    """What the sync builder needs of one room, read in one go (see peeks/sync.py)."""
+    floor = since if since is not None else upto
+    newer = conn.execute(
+        "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
+        "kind IN ('event', 'gap') AND stream_pos > ? AND stream_pos <= ? ORDER BY stream_pos",
+        (room_id, floor, upto),
+    ).fetchall()
+    older = conn.execute(
+        "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
+        "kind IN ('event', 'gap') AND stream_pos <= ? ORDER BY stream_pos DESC LIMIT ?",
+        (room_id, floor, limit + 2),
+    ).fetchall()
+    older.reverse()
+    has_earlier = False
+    if older:
+        has_earlier = (
+            conn.execute(
+                "SELECT 1 FROM room_stream WHERE room_id = ? AND kind IN ('event', 'gap') AND "
+                "stream_pos < ? LIMIT 1",
+                (room_id, older[0][0]),
+            ).fetchone()
+            is not None
+        )
+    recent = [(int(p), str(k), e) for p, k, e in (*older, *newer)]
+    state_ids = current_state_ids(conn, room_id)
+    wanted = {e for _, _, e in recent if e} | set(state_ids.values())
+    events: dict[str, Any] = {}
+    redacted: set[str] = set()
+    ids = list(wanted)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for event_id, pdu_json, is_redacted in conn.execute(
+            f"SELECT event_id, pdu_json, redacted FROM events WHERE event_id IN ({marks})",
+            chunk,
+        ):
+            events[event_id] = json.loads(pdu_json)
+            if is_redacted:
+                redacted.add(event_id)
+    ephemeral = [
+        (str(t), json.loads(c), int(p))
+        for t, c, p in conn.execute(
+            "SELECT edu_type, content_json, stream_pos FROM ephemeral WHERE room_id = ? AND "
+            "stream_pos <= ?",
+            (room_id, upto),
+        )
+    ]
+    version = conn.execute(
+        "SELECT room_version FROM subscriptions WHERE room_id = ?", (room_id,)
+    ).fetchone()
+    return {
+        "recent": recent,
+        "has_earlier": has_earlier,
+        "state_ids": state_ids,
+        "events": events,
+        "redacted": redacted,
+        "ephemeral": ephemeral,
+        "room_version": str(version[0]) if version and version[0] else "10",
+    }
