@@ -354,9 +354,8 @@ class PeekService:
                 )
                 if not changed:
                     assert position is not None
-                    since_pos = position
                     changed = await self.store.read(
-                        lambda c: db.rooms_changed(c, active, since_pos, upto)
+                        partial(db.rooms_changed, room_ids=active, since=position, upto=upto)
                     )
                 remaining = deadline - trio.current_time()
                 if changed or remaining <= 0:
@@ -467,7 +466,7 @@ class PeekService:
             async with self._lock(room_id):
                 now = self.clock_ms()
 
-                def drop(conn: Any, room_id: str = room_id) -> int:
+                def drop(conn: Any, room_id: str = room_id, now: int = now) -> int:
                     db.set_device_peek(conn, user_id, device_id, room_id, "dormant", now)
                     return db.device_peek_count(conn, room_id)
 
