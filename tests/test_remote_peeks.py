@@ -322,7 +322,17 @@ async def test_send_endpoint_rules(
         "edus": [
             {
                 "edu_type": "m.typing",
-                "content": {"room_id": room_id, "user_id": "@admin:testbed.test", "typing": True},
+                "content": {"room_id": room_id, "user_id": "@eve:other.test", "typing": True},
+            },
+            {  # a server speaks only for its own users: this one is ignored
+                "edu_type": "m.receipt",
+                "content": {
+                    room_id: {
+                        "m.read": {
+                            "@admin:testbed.test": {"event_ids": [event_id], "data": {"ts": 1}}
+                        }
+                    }
+                },
             },
             {"edu_type": "m.presence", "content": {"push": []}},
         ],
@@ -345,3 +355,22 @@ async def test_send_endpoint_rules(
     except RemoteError as e:
         assert e.status == 400 and "at most 50 PDUs" in (e.json or {}).get("error", "")
     await client.aclose()
+
+
+async def test_failed_peeks_do_not_use_up_the_room_cap_and_429_propagates(
+    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    world = await build_world(
+        nursery, tls_ca, tmp_path, spawn, peeks_env={"PEEKPROXY_PEEKS__MAX_REMOTE_PEEKS": "2"}
+    )
+    for i in range(3):
+        missing = await world.peek(f"!missing{i}:{TESTBED}")
+        assert missing.status_code == 404
+    room_id = world.create_room("10")
+    world.testbed.faults.update({"peek_count": 2, "peek_status": 429, "peek_retry_after_ms": 50})
+    limited = await world.peek(room_id, hints=[TESTBED])
+    assert limited.status_code == 429, limited.text
+    assert limited.json()["errcode"] == "M_LIMIT_EXCEEDED"
+    assert limited.json()["retry_after_ms"] >= 50
+    assert limited.headers["retry-after"]
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200

@@ -45,14 +45,43 @@ def test_unreachable_renewal_lapses_only_after_the_interval() -> None:
     assert subs.plan(sub, 2_000) == (Action.PEEK, None)  # re-peek (with a gap) while wanted
 
 
-def test_refused_renewal_lapses_at_once_and_the_old_peek_is_deleted_on_repeek() -> None:
+def test_refused_renewal_lapses_at_once_and_the_old_peek_is_deleted_after_repeek() -> None:
     sub = subs.renewal_failed(_active(), refused=True, now_ms=100)
     assert sub.state is SubState.LAPSED
+    assert subs.plan(sub, 200) == (Action.PEEK, None)  # keeping the room comes first
     sub = subs.replace_peek(sub)
     assert sub.pending_deletes == (("a.test", "abcd1234"),)
-    assert subs.plan(sub, 200) == (Action.DELETE, None)
+    sub = subs.started(
+        sub,
+        server="b.test",
+        peek_id="efgh5678",
+        room_version="10",
+        remote_interval_ms=2_000,
+        now_ms=300,
+        max_renewal_ms=MAX,
+    )
+    assert subs.plan(sub, 300) == (Action.DELETE, None)
     sub = subs.deleted(sub, "a.test", "abcd1234")
-    assert subs.plan(sub, 200) == (Action.PEEK, None)
+    assert subs.plan(sub, 300) == (None, 1_300)
+
+
+def test_failing_deletes_never_hold_up_renewals() -> None:
+    sub = subs.replace_peek(subs.renewal_failed(_active(), refused=True, now_ms=100))
+    sub = subs.started(
+        sub,
+        server="b.test",
+        peek_id="efgh5678",
+        room_version="10",
+        remote_interval_ms=2_000,
+        now_ms=300,
+        max_renewal_ms=MAX,
+    )
+    sub = subs.delete_failed(sub, retry_at_ms=60_000)  # a.test keeps failing
+    assert subs.plan(sub, 400) == (None, 1_300)
+    assert subs.plan(sub, 1_300) == (Action.RENEW, None)
+    sub = subs.renewed(sub, now_ms=1_300, max_renewal_ms=MAX)
+    assert subs.plan(sub, 1_400) == (None, 2_300)
+    assert subs.plan(sub, 60_000)[0] is Action.RENEW  # renewal due too: it goes first
 
 
 def test_linger_then_stop_then_dormant() -> None:

@@ -66,6 +66,8 @@ SUPPORTED_VERSIONS = sorted(KNOWN_ROOM_VERSIONS, key=int)
 MAX_PDUS, MAX_EDUS = 50, 100
 MISSING_EVENTS_LIMIT = 20
 RATE_LIMIT_WAIT_MAX_MS = 10_000
+#: One candidate may hold a new peek up this long (the room is locked meanwhile).
+PEEK_PUT_TIMEOUT_S = 15.0
 REPEEK_BACKOFF_S = (1.0, 60.0)
 DELETE_BACKOFF_S = (1.0, 300.0)
 
@@ -118,6 +120,7 @@ class PeekService:
         self._tasks: set[str] = set()
         self._room_locks: dict[str, trio.Lock] = {}
         self._origin_locks: dict[str, trio.Lock] = {}
+        self._device_locks: dict[tuple[str, str], trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self.notifier = Notifier()
         #: Last /sync (or peek) of each device with peeks, ms; for the idle drop.
@@ -235,6 +238,13 @@ class PeekService:
         """
         room_id, alias_servers = await self.resolve(room_id_or_alias)
         candidates = tuple(candidate_servers(hints, alias_servers, room_id))
+        device_lock = self._device_locks.setdefault((user_id, device_id), trio.Lock())
+        async with device_lock:  # the per-device cap is checked and applied atomically
+            return await self._peek_locked(user_id, device_id, room_id, candidates)
+
+    async def _peek_locked(
+        self, user_id: str, device_id: str, room_id: str, candidates: tuple[str, ...]
+    ) -> str:
         current = await self.store.read(
             lambda c: db.device_peek_state(c, user_id, device_id, room_id)
         )
@@ -252,7 +262,11 @@ class PeekService:
         async with self._lock(room_id):
             sub = self.subscriptions.get(room_id)
             if sub is None:
-                live = sum(1 for s in self.subscriptions.values() if s.wanted)
+                live = sum(
+                    1
+                    for s in self.subscriptions.values()
+                    if s.wanted and s.state is not SubState.FAILED
+                )
                 if live >= self.settings.max_remote_peeks:
                     raise PeekError(
                         503,
@@ -262,7 +276,11 @@ class PeekService:
                 sub = Subscription(room_id=room_id, candidates=candidates)
             sub = subs.wanted(sub, candidates)
             if not sub.has_remote_peek:
-                sub = await self._establish(sub, gap=sub.room_version is not None)
+                try:
+                    sub = await self._establish(sub, gap=sub.room_version is not None)
+                except PeekError as e:
+                    await self._after_failed_start(room_id, e)
+                    raise
             await self._save(sub)
             now = self.clock_ms()
             await self.store.write(
@@ -284,19 +302,37 @@ class PeekService:
         self._seen_changed.set()
         self._seen_changed = trio.Event()
 
+    async def _after_failed_start(self, room_id: str, error: PeekError) -> None:
+        """A device's peek failed. Devices already peeking the room keep their subscription
+        retrying (it stays lapsed); otherwise nobody wants the room, and it does not count
+        towards ``max_remote_peeks``."""
+        sub = self.subscriptions[room_id]
+        others = await self.store.read(lambda c: db.device_peek_count(c, room_id))
+        if others and sub.state is SubState.FAILED and sub.room_version is not None:
+            sub = replace(sub, state=SubState.LAPSED, wanted=True)
+        elif not others:
+            sub = replace(sub, wanted=False)
+        await self._save(sub)
+        self._poke(room_id)
+
     async def unpeek(self, user_id: str, device_id: str, room_id: str) -> None:
         """End a device's peek (Decision 7 errors).
 
         Raises:
             PeekError: 404 M_NOT_FOUND never peeked / unknown room; 400 M_BAD_STATE known
-                room this device is not peeking.
+                room this device is not peeking; 400 M_INVALID_PARAM not a room ID.
         """
+        try:
+            RoomId.parse(room_id)
+        except InvalidIdentifier as e:
+            raise PeekError(400, "M_INVALID_PARAM", f"{room_id!r}: {e}") from None
         async with self._lock(room_id):
             state = await self.store.read(
                 lambda c: db.device_peek_state(c, user_id, device_id, room_id)
             )
             if state is None:
-                if room_id in self.subscriptions:
+                known = self.subscriptions.get(room_id)
+                if known is not None and known.room_version is not None:
                     raise PeekError(400, "M_BAD_STATE", f"this device is not peeking {room_id}")
                 raise PeekError(404, "M_NOT_FOUND", f"{room_id} was never peeked")
             if state != "active":
@@ -507,8 +543,11 @@ class PeekService:
                     if await self._delete_pending(room_id):
                         delete_backoff = DELETE_BACKOFF_S[0]
                     else:
-                        with trio.move_on_after(delete_backoff):
-                            await changed.wait()
+                        async with self._lock(room_id):
+                            retry_at = self.clock_ms() + int(delete_backoff * 1000)
+                            await self._save(
+                                subs.delete_failed(self.subscriptions[room_id], retry_at)
+                            )
                         delete_backoff = min(delete_backoff * 2, DELETE_BACKOFF_S[1])
                 elif action is Action.PEEK:
                     async with self._lock(room_id):
@@ -545,7 +584,11 @@ class PeekService:
                 peek_id = new_peek_id()
                 try:
                     body = await self.client.put_json(
-                        server, _peek_path(room_id, peek_id), {}, query={"ver": SUPPORTED_VERSIONS}
+                        server,
+                        _peek_path(room_id, peek_id),
+                        {},
+                        timeout=PEEK_PUT_TIMEOUT_S,
+                        query={"ver": SUPPORTED_VERSIONS},
                     )
                 except Exception as error:
                     failure = classify_peek_error(server, error)
@@ -590,6 +633,11 @@ class PeekService:
             if failures and failures[-1].kind is PeekFailureKind.FORBIDDEN:
                 break
         summary = summarize_failures(room_id, failures)
+        if failures and all(f.kind is PeekFailureKind.RATE_LIMITED for f in failures):
+            wait = max((f.retry_after_ms or 1000) for f in failures)
+            sub = subs.start_failed(sub, summary.error)
+            await self._save(sub)
+            raise PeekError(429, "M_LIMIT_EXCEEDED", summary.error, retry_after_ms=wait)
         if summary.status == 403:
             sub = subs.ended(sub, summary.error)
         else:
@@ -832,7 +880,10 @@ class PeekService:
                 if reason:
                     unpeekable[room_id] = reason
         ephemeral = [
-            item for edu in edus for item in _ephemeral(edu) if item[0] in self.subscriptions
+            item
+            for edu in edus
+            for item in _ephemeral(edu, origin)
+            if item[0] in self.subscriptions and self.subscriptions[item[0]].accepts_events
         ]
         response = {"pdus": results}
         now = self.clock_ms()
@@ -947,17 +998,30 @@ def _unpeekable_reason(pdu: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _ephemeral(edu: Any) -> list[tuple[str, str, dict[str, Any]]]:
-    """(room ID, EDU type, content) for m.typing / m.receipt EDUs; others are ignored."""
+def _ephemeral(edu: Any, origin: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(room ID, EDU type, content) for m.typing / m.receipt EDUs about users of ``origin``
+    (a server speaks only for its own users); other EDUs are ignored."""
     if not isinstance(edu, dict) or not isinstance(edu.get("content"), dict):
         return []
     kind, content = edu.get("edu_type"), edu["content"]
+
+    def own(user_id: Any) -> bool:
+        return isinstance(user_id, str) and user_id.partition(":")[2] == origin
+
     if kind == "m.typing" and isinstance(content.get("room_id"), str):
-        return [(content["room_id"], "m.typing", content)]
+        return [(content["room_id"], "m.typing", content)] if own(content.get("user_id")) else []
     if kind == "m.receipt":
-        return [
-            (room, "m.receipt", value)
-            for room, value in content.items()
-            if isinstance(room, str) and isinstance(value, dict)
-        ]
+        found = []
+        for room, by_type in content.items():
+            if not (isinstance(room, str) and isinstance(by_type, dict)):
+                continue
+            kept = {
+                receipt_type: {u: d for u, d in users.items() if own(u)}
+                for receipt_type, users in by_type.items()
+                if isinstance(users, dict)
+            }
+            kept = {t: users for t, users in kept.items() if users}
+            if kept:
+                found.append((room, "m.receipt", kept))
+        return found
     return []

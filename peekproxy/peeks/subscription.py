@@ -31,6 +31,7 @@ __all__ = [
     "Action",
     "SubState",
     "Subscription",
+    "delete_failed",
     "deleted",
     "ended",
     "plan",
@@ -83,6 +84,8 @@ class Subscription:
     ended_reason: str | None = None
     #: Peeks to DELETE (server, peek ID): replaced, abandoned or stopped ones.
     pending_deletes: tuple[tuple[str, str], ...] = field(default=())
+    #: After a failed DELETE, do not try again before this (not persisted).
+    delete_retry_at_ms: int | None = None
 
     @property
     def has_remote_peek(self) -> bool:
@@ -100,25 +103,27 @@ class Subscription:
 
 
 def plan(sub: Subscription, now_ms: int) -> tuple[Action | None, int | None]:
-    """What to do now, and otherwise when to look again (``None``: only on a change)."""
-    if sub.pending_deletes:
-        return Action.DELETE, None
+    """What to do now, and otherwise when to look again (``None``: only on a change).
+
+    Keeping the current peek alive comes first: renewals and re-peeks are never held up
+    by DELETEs of older peeks that keep failing (those are retried at
+    ``delete_retry_at_ms``)."""
+    wakes: list[int] = []
     if sub.state is SubState.STARTING or (sub.state is SubState.LAPSED and sub.wanted):
         return Action.PEEK, None
     if sub.state is SubState.ACTIVE:
+        if sub.renew_at_ms is None or now_ms >= sub.renew_at_ms:
+            return Action.RENEW, None
+        wakes.append(sub.renew_at_ms)
         if not sub.wanted and sub.linger_until_ms is not None:
             if now_ms >= sub.linger_until_ms:
                 return Action.STOP, None
-            wake = sub.linger_until_ms
-            if sub.renew_at_ms is not None:
-                wake = min(wake, sub.renew_at_ms)
-            if sub.renew_at_ms is not None and now_ms >= sub.renew_at_ms:
-                return Action.RENEW, None
-            return None, wake
-        if sub.renew_at_ms is None or now_ms >= sub.renew_at_ms:
-            return Action.RENEW, None
-        return None, sub.renew_at_ms
-    return None, None
+            wakes.append(sub.linger_until_ms)
+    if sub.pending_deletes:
+        if sub.delete_retry_at_ms is None or now_ms >= sub.delete_retry_at_ms:
+            return Action.DELETE, None
+        wakes.append(sub.delete_retry_at_ms)
+    return None, min(wakes, default=None)
 
 
 def started(
@@ -231,9 +236,17 @@ def replace_peek(sub: Subscription) -> Subscription:
 
 def deleted(sub: Subscription, server: str, peek_id: str) -> Subscription:
     """A DELETE was answered 200 or 404: that peek is gone."""
+    remaining = tuple(d for d in sub.pending_deletes if d != (server, peek_id))
     return replace(
-        sub, pending_deletes=tuple(d for d in sub.pending_deletes if d != (server, peek_id))
+        sub,
+        pending_deletes=remaining,
+        delete_retry_at_ms=sub.delete_retry_at_ms if remaining else None,
     )
+
+
+def delete_failed(sub: Subscription, retry_at_ms: int) -> Subscription:
+    """DELETEs failed (the remote is down?): try them again at ``retry_at_ms``."""
+    return replace(sub, delete_retry_at_ms=retry_at_ms)
 
 
 def ended(sub: Subscription, reason: str) -> Subscription:

@@ -142,11 +142,14 @@ def store_snapshot(
         "INSERT INTO room_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?)",
         [(room_id, t, k, e) for (t, k), e in state.items()],
     )
-    position = _stream_row(conn, room_id, "gap", None, now_ms) if gap else 0
     in_stream = conn.execute(
         "SELECT 1 FROM room_stream WHERE event_id = ? AND kind = 'event'", (latest_event_id,)
     ).fetchone()
+    position = 0
     if in_stream is None:
+        # Only when the latest event is new can anything have been missed before it.
+        if gap:
+            position = _stream_row(conn, room_id, "gap", None, now_ms)
         position = _stream_row(conn, room_id, "event", latest_event_id, now_ms)
     return position
 
