@@ -37,9 +37,9 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy peekproxy tests bench
 
-## make demo: run the daemon on config.toml and show where its key server answers.
+## make demo: a testbed hosts a room, peekproxy peeks it over MSC2444, live events arrive.
 demo: $(VENV)/.installed
-	$(BIN)/python -m peekproxy.demo -c config.toml $(DEMO_FLAGS)
+	$(BIN)/python -m peekproxy.demo $(DEMO_FLAGS)
 
 clean:
 	rm -rf $(VENV) $(SYNAPSE_VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     from peekproxy.testbed.cli import add_testbed_parser
 
     add_testbed_parser(commands)
+
+    from peekproxy.peek_cli import add_peek_parser
+
+    add_peek_parser(commands)
     return parser
 
 

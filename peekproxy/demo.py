@@ -1,83 +1,261 @@
-"""``make demo``: run the daemon on the shipped ``config.toml`` and show its key server.
+"""``make demo``: peekproxy's main job on real input, end to end on this machine.
 
-Creates the signing key named in the config if it is missing, starts the daemon in this
-process, fetches ``GET /_matrix/key/v2/server`` from the federation listener, checks the
-document's self-signature, prints where it answers, and keeps serving until Ctrl-C
-(``--once``: stop after the check).
+1. starts a testbed (``peekproxy testbed``: its own process, TLS, its own server name) that
+   hosts a world_readable room with some history;
+2. starts peekproxy (``peekproxy run``: its own process, TLS federation listener);
+3. peeks the room by alias with ``peekproxy peek`` — MSC2444 over federation — which prints
+   the room's name, topic, members and latest messages;
+4. sends live events on the testbed and shows them arriving in ``peekproxy peek``'s /sync;
+5. stops ``peekproxy peek`` (it unpeeks; peekproxy DELETEs the remote peek), then everything,
+   and ends with a one-line result.
+
+Needs ``trustme`` (installed by ``make demo``) for the throwaway TLS certificates.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
-from signedjson.key import decode_verify_key_bytes
-from signedjson.sign import verify_signed_json
-from unpaddedbase64 import decode_base64
 
-from peekproxy.config import ConfigError, load_config
-from peekproxy.daemon import DaemonError, Listening, _leaves, run_daemon
-from peekproxy.federation.signing_key import SigningKeyError, write_new_signing_key
-from peekproxy.logs import setup_logging
-from peekproxy.store import StoreError
+from peekproxy.cli import render_config
+from peekproxy.federation.signing_key import write_new_signing_key
+
+LIVE = [
+    "Hello from the testbed!",
+    "Peeking works: this arrived through MSC2444 /send",
+    "…and through /sync to the peeking device.",
+]
+HISTORY = [
+    "Welcome to the peekproxy demo room.",
+    "This message was sent before the peek.",
+    "So was this one.",
+]
 
 
-async def _demo(config_path: str, once: bool) -> int:
-    config = load_config(config_path)
-    shutdown = trio.Event()
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class _Process:
+    def __init__(self, name: str, process: trio.Process) -> None:
+        self.name, self.process = name, process
+        self.lines: list[str] = []
+        self._new = trio.Event()
+
+    async def pump(self, stream: Any, echo: bool) -> None:
+        buffer = b""
+        while chunk := await stream.receive_some(65536):
+            buffer += chunk
+            while b"\n" in buffer:
+                raw, buffer = buffer.split(b"\n", 1)
+                line = raw.decode(errors="replace")
+                self.lines.append(line)
+                if echo:
+                    print(f"  | {line}", flush=True)
+                self._new.set()
+                self._new = trio.Event()
+        self._new.set()
+
+    async def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        with trio.fail_after(timeout):
+            while True:
+                for line in self.lines:
+                    match = re.search(pattern, line)
+                    if match:
+                        return match
+                if self.process.returncode is not None:
+                    raise RuntimeError(f"{self.name} exited:\n" + "\n".join(self.lines[-20:]))
+                await self._new.wait()
+
+
+async def _start(
+    nursery: trio.Nursery,
+    name: str,
+    args: Sequence[str],
+    env: dict[str, str],
+    *,
+    echo_stdout: bool = False,
+) -> _Process:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "peekproxy", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    handle = _Process(name, process)
+    nursery.start_soon(handle.pump, process.stdout, echo_stdout)
+    nursery.start_soon(handle.pump, process.stderr, False)
+    return handle
+
+
+async def _demo(directory: Path) -> str:
+    try:
+        import trustme
+    except ImportError:
+        return "demo: FAILED - trustme is missing: run `make demo` (it installs it)"
+    ca = trustme.CA()
+    ca_file = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    tls_cert, tls_key = directory / "tls.crt", directory / "tls.key"
+    cert.private_key_pem.write_to_path(str(tls_key))
+    tls_cert.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    tb_port, pp_port, client_port = _free_port(), _free_port(), _free_port()
+    testbed_name, peekproxy_name = f"localhost:{tb_port}", f"localhost:{pp_port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEEKPROXY_")}
+
+    # peekproxy's config: the shipped template, on loopback with TLS and a delegation secret.
+    pp_dir = directory / "peekproxy"
+    pp_dir.mkdir()
+    write_new_signing_key(pp_dir / "signing.key")
+    (pp_dir / "delegation.secret").write_text("demo-secret\n")
+    config = render_config(peekproxy_name)
+    config = config.replace('bind = "127.0.0.1:8008"', f'bind = "127.0.0.1:{client_port}"')
+    config = config.replace(
+        'bind = "127.0.0.1:8448"',
+        f'bind = "127.0.0.1:{pp_port}"\n'
+        f'tls_certificate_file = "{tls_cert}"\n'
+        f'tls_private_key_file = "{tls_key}"',
+    )
+    config = config.replace("enabled = true", "enabled = false")
+    config = config.replace(
+        "[delegation]\n", '[delegation]\nshared_secret_file = "delegation.secret"\n'
+    )
+    config_path = pp_dir / "config.toml"
+    config_path.write_text(config)
+    pp_env = env | {
+        "PEEKPROXY_FEDERATION__IP_RANGE_WHITELIST": '["127.0.0.0/8"]',
+        "PEEKPROXY_FEDERATION__TLS_CA_FILE": str(ca_file),
+        "PEEKPROXY_PEEKS__LINGER": "0.5s",
+    }
+
     async with trio.open_nursery() as nursery:
-        listening: Listening = await nursery.start(
-            lambda task_status: run_daemon(
-                config, shutdown=shutdown, handle_signals=not once, task_status=task_status
+        print(
+            f"starting the testbed ({testbed_name}) and peekproxy ({peekproxy_name}) ...",
+            flush=True,
+        )
+        testbed = await _start(
+            nursery,
+            "testbed",
+            [
+                "testbed",
+                "--server-name",
+                testbed_name,
+                "--federation-bind",
+                f"127.0.0.1:{tb_port}",
+                "--admin-bind",
+                "127.0.0.1:0",
+                "--tls-cert",
+                str(tls_cert),
+                "--tls-key",
+                str(tls_key),
+                "--tls-ca-file",
+                str(ca_file),
+                "--ip-range-whitelist",
+                "127.0.0.0/8",
+                "--data-dir",
+                str(directory / "testbed"),
+            ],
+            env,
+        )
+        daemon = await _start(nursery, "peekproxy", ["run", "-c", str(config_path)], pp_env)
+        admin_url = (await testbed.wait_for(r"testbed ready: .* admin=(\S+)")).group(1)
+        await daemon.wait_for(r"ready: ")
+        token = (directory / "testbed" / "admin.token").read_text().strip()
+        async with httpx.AsyncClient(
+            base_url=f"{admin_url}/_testbed/v1",
+            timeout=30,
+            headers={"Authorization": f"Bearer {token}"},
+        ) as admin:
+            created = (
+                await admin.post(
+                    "/rooms",
+                    json={
+                        "room_version": "10",
+                        "alias": "demo",
+                        "name": "peekproxy demo",
+                        "topic": "A world_readable room hosted by the testbed",
+                    },
+                )
+            ).json()
+            room = quote_room(created["room_id"])
+            await admin.post(f"/rooms/{room}/members/join", json={"user": "bob"})
+            for body in HISTORY:
+                await admin.post(
+                    f"/rooms/{room}/send", json={"content": {"msgtype": "m.text", "body": body}}
+                )
+            alias = f"#demo:{testbed_name}"
+            print(
+                f"created {alias} ({created['room_id']}) on the testbed, with history", flush=True
             )
-        )
-        url = f"{listening.federation}/_matrix/key/v2/server"
-        async with httpx.AsyncClient(verify=False, timeout=10) as http:
-            document = (await http.get(url)).json()
-        [(key_id, entry)] = document["verify_keys"].items()
-        verify_signed_json(
-            document,
-            config.server.server_name,
-            decode_verify_key_bytes(key_id, decode_base64(entry["key"])),
-        )
-        print(f"peekproxy key server answers at {url}")
-        print(f"  server_name {document['server_name']}, key {key_id}, self-signature verified")
-        print(f"  health: {listening.client}/health   metrics: {listening.metrics}/metrics")
-        if once:
-            shutdown.set()
-        else:
-            print("  serving until Ctrl-C")
-    print("demo: OK")
-    return 0
+            print(f"$ peekproxy peek {alias}", flush=True)
+            peek = await _start(
+                nursery,
+                "peekproxy peek",
+                ["peek", alias, "-c", str(config_path)],
+                env,
+                echo_stdout=True,
+            )
+            await peek.wait_for(r"live events")
+            for body in LIVE:
+                await admin.post(
+                    f"/rooms/{room}/send",
+                    json={"sender": "bob", "content": {"msgtype": "m.text", "body": body}},
+                )
+                await peek.wait_for(re.escape(body))
+        peek.process.send_signal(signal.SIGINT)
+        with trio.fail_after(30):
+            await peek.process.wait()
+        await peek.wait_for(r"unpeeked")
+        await testbed.wait_for(r"deleted by")  # peekproxy stopped the remote peek
+        for process in (daemon, testbed):
+            process.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            codes = [await daemon.process.wait(), await testbed.process.wait()]
+        nursery.cancel_scope.cancel()
+    # A new peek carries the room's state and its latest event (MSC2444); earlier history
+    # is not part of it.
+    latest_seen = any(HISTORY[-1] in line for line in peek.lines)
+    if codes != [0, 0] or not latest_seen:
+        return f"demo: FAILED - exit codes {codes}, latest message shown: {latest_seen}"
+    return (
+        f"demo: OK - peeked {alias} over MSC2444: the room's state and latest message, "
+        f"then {len(LIVE)} live messages, reached the device through /sync; unpeek "
+        "DELETEd the remote peek"
+    )
+
+
+def quote_room(room_id: str) -> str:
+    from urllib.parse import quote
+
+    return quote(room_id, safe="")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peekproxy.demo")
-    parser.add_argument("-c", "--config", default="config.toml")
-    parser.add_argument("--once", action="store_true", help="stop after the key check")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, check_files=False)
-    except ConfigError as e:
-        print("\n".join(e.problems), file=sys.stderr)
-        return 2
-    key_file = config.server.signing_key_file
-    failed = False
-    try:
-        if not key_file.exists():
-            write_new_signing_key(key_file)
-            print(f"created signing key {key_file}")
-        setup_logging("WARNING")
-        trio.run(_demo, args.config, args.once)
-    except* (ConfigError, SigningKeyError, StoreError, DaemonError, OSError) as group:
-        for error in _leaves(group):
-            lines = error.problems if isinstance(error, ConfigError) else [str(error)]
-            print("\n".join(f"demo: {line}" for line in lines), file=sys.stderr)
-        failed = True
-    return 1 if failed else 0
+    parser = argparse.ArgumentParser(prog="python -m peekproxy.demo", description=__doc__)
+    parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="peekproxy-demo-") as directory:
+        try:
+            result = trio.run(_demo, Path(directory))
+        except Exception as e:  # the demo reports, it does not crash
+            result = f"demo: FAILED - {type(e).__name__}: {e}"
+    print(result, flush=True)
+    return 0 if result.startswith("demo: OK") else 1
 
 
 if __name__ == "__main__":

@@ -1,23 +1,18 @@
-"""``make demo``'s program, on ephemeral ports: creates the key, checks the key server."""
+"""``make demo``'s program: testbed + peekproxy + ``peekproxy peek``, ending in one line."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
-
-from tests.support import write_config
 
 
-def test_demo_creates_key_and_verifies_key_server(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
+def test_demo_runs_end_to_end() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "peekproxy.demo", "-c", str(config), "--once"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-m", "peekproxy.demo"], capture_output=True, text=True, timeout=180
     )
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "signing.key").exists()
-    assert "self-signature verified" in result.stdout
-    assert result.stdout.strip().endswith("demo: OK")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("demo: OK - peeked #demo:localhost:")
+    assert any("Hello from the testbed!" in line for line in lines)
+    assert any("name:    peekproxy demo" in line for line in lines)
+    assert any("unpeeked" in line for line in lines)
