@@ -219,7 +219,15 @@ async def run_daemon(
                 client_url = await _start_listener(
                     servers,
                     "listeners.client.bind",
-                    client_app(store=store, routes=delegation_routes(peeks, secret)),
+                    client_app(
+                        store=store,
+                        routes=delegation_routes(
+                            peeks,
+                            secret,
+                            rate_limit_per_second=config.peeks.rate_limit_per_second,
+                            rate_limit_burst=config.peeks.rate_limit_burst,
+                        ),
+                    ),
                     _hypercorn_config(listeners.client.bind, grace=grace, access_log=access_log),
                     shutdown,
                 )

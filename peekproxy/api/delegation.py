@@ -5,17 +5,29 @@ and ``device_id`` query parameters naming the device the call is for.
 
 * ``POST /_peekproxy/v1/peek/{roomIdOrAlias}`` — hints as repeated ``server_name`` query
   parameters and/or a body ``servers`` list; answers ``{"room_id": ...}``.
+* ``POST /_peekproxy/v1/peek_room`` — body ``{"room": ..., "servers": [...]}``; answers
+  ``{"room_id": ..., "peek_expiry_ts": ...}`` (protocol.md decision 5).
 * ``POST /_peekproxy/v1/rooms/{roomId}/unpeek`` — answers ``{}``.
 * ``GET /_peekproxy/v1/sync?since=&timeout=&full_state=&filter=`` — the device's
   ``{next_batch, rooms: {peek, leave}}`` (MSC2753), long-polling up to ``timeout`` ms.
+* ``GET /_peekproxy/v1/rooms/{roomId}/messages?from=&to=&dir=&limit=`` — stored history,
+  with the remote's ``/backfill`` filling gaps and what precedes the store (not stored).
+* ``GET /_peekproxy/v1/rooms/{roomId}/state`` and ``.../event/{eventId}``.
 
-Errors follow protocol.md decisions 6 and 7.
+The read endpoints need an active peek of the room by the device (else 403). Starting peeks
+(``peek`` and ``peek_room``) is rate-limited per user (token bucket). Errors follow
+protocol.md decisions 6 and 7; ``docs/delegation-api.md`` has the whole contract.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import secrets
+import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +38,23 @@ from starlette.routing import Route
 
 from peekproxy.api.errors import MatrixError
 from peekproxy.api.federation_auth import read_json_body
-from peekproxy.identifiers import InvalidIdentifier, UserId
+from peekproxy.federation.client import FederationError, path_segment
+from peekproxy.federation.keyring import KeyFetchError
+from peekproxy.federation.pdu import check_pdu
+from peekproxy.federation.room_versions import UnknownRoomVersion, room_version
+from peekproxy.identifiers import InvalidIdentifier, RoomId, UserId
+from peekproxy.peeks import reading
 from peekproxy.peeks.service import PeekError, PeekService
+from peekproxy.peeks.sync import InvalidToken, client_event, decode_token, encode_token
 
-__all__ = ["delegation_routes", "read_secret", "timeline_limit"]
+__all__ = ["TokenBucket", "delegation_routes", "read_secret", "timeline_limit"]
+
+log = logging.getLogger("peekproxy.delegation")
 
 MAX_SYNC_TIMEOUT_MS = 300_000
 DEFAULT_TIMELINE_LIMIT = 10
+#: How long a ``/messages`` request waits for the remote's ``/backfill``.
+BACKFILL_TIMEOUT_S = 10.0
 
 
 def timeline_limit(filter_param: str | None) -> int:
@@ -73,8 +95,61 @@ class PeekBody(BaseModel):
     servers: list[str] = Field(default_factory=list)
 
 
-def delegation_routes(service: PeekService, secret: str | None) -> list[Route]:
-    """Routes to mount on the client listener."""
+class PeekRoomBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    room: str
+    servers: list[str] = Field(default_factory=list)
+
+
+class TokenBucket:
+    """A token bucket per key: ``burst`` tokens, refilled at ``rate`` per second.
+
+    :meth:`take` spends one token of a key and answers ``None``, or, when the key's bucket
+    is empty, the milliseconds until a token is back (nothing is spent then).
+    """
+
+    #: Full buckets are forgotten once this many keys are held.
+    PRUNE_AT = 10_000
+
+    def __init__(
+        self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if not rate > 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate, self.burst, self.clock = float(rate), int(burst), clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def take(self, key: str) -> int | None:
+        now = self.clock()
+        tokens, at = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + max(0.0, now - at) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return max(1, math.ceil((1.0 - tokens) / self.rate * 1000))
+        self._buckets[key] = (tokens - 1.0, now)
+        if len(self._buckets) > self.PRUNE_AT:
+            self._prune(now)
+        return None
+
+    def _prune(self, now: float) -> None:
+        for key, (tokens, at) in list(self._buckets.items()):
+            if tokens + (now - at) * self.rate >= self.burst:
+                del self._buckets[key]
+
+
+def delegation_routes(
+    service: PeekService,
+    secret: str | None,
+    *,
+    rate_limit_per_second: float = 1.0,
+    rate_limit_burst: int = 10,
+) -> list[Route]:
+    """Routes to mount on the client listener.
+
+    ``rate_limit_per_second`` / ``rate_limit_burst`` (config ``peeks.rate_limit_*``) limit
+    how fast each user may start peeks (``peek`` and ``peek_room`` requests).
+    """
+    limiter = TokenBucket(rate_limit_per_second, rate_limit_burst)
 
     def device(request: Request) -> tuple[str, str]:
         if secret is None:
@@ -98,6 +173,23 @@ def delegation_routes(service: PeekService, secret: str | None) -> list[Route]:
         body = await read_json_body(request)
         return {} if body is None else body
 
+    def rate_limit(user_id: str) -> None:
+        wait = limiter.take(user_id)
+        if wait is not None:
+            raise MatrixError(
+                429,
+                "M_LIMIT_EXCEEDED",
+                f"too many peeks started; retry in {wait} ms",
+                retry_after_ms=wait,
+            )
+
+    async def start_peek(user_id: str, device_id: str, room: str, hints: list[str]) -> str:
+        rate_limit(user_id)
+        try:
+            return await service.peek(user_id, device_id, room, hints)
+        except PeekError as e:
+            raise MatrixError(e.status, e.errcode, e.error, **e.extra) from None
+
     async def peek(request: Request) -> Response:
         user_id, device_id = device(request)
         try:
@@ -105,11 +197,26 @@ def delegation_routes(service: PeekService, secret: str | None) -> list[Route]:
         except ValidationError as e:
             raise MatrixError(400, "M_BAD_JSON", f"servers: {e.errors()[0]['msg']}") from None
         hints = [*request.query_params.getlist("server_name"), *body.servers]
-        try:
-            room_id = await service.peek(user_id, device_id, request.path_params["room"], hints)
-        except PeekError as e:
-            raise MatrixError(e.status, e.errcode, e.error, **e.extra) from None
+        room_id = await start_peek(user_id, device_id, request.path_params["room"], hints)
         return JSONResponse({"room_id": room_id})
+
+    async def peek_room(request: Request) -> Response:
+        user_id, device_id = device(request)
+        raw = await body_of(request)
+        if isinstance(raw, dict) and "room" not in raw:
+            raise MatrixError(400, "M_MISSING_PARAM", "room is required")
+        try:
+            body = PeekRoomBody.model_validate(raw)
+        except ValidationError as e:
+            error = e.errors()[0]
+            where = ".".join(str(p) for p in error["loc"]) or "body"
+            raise MatrixError(400, "M_BAD_JSON", f"{where}: {error['msg']}") from None
+        hints = [*request.query_params.getlist("server_name"), *body.servers]
+        room_id = await start_peek(user_id, device_id, body.room, hints)
+        # Idle drop (decision 9): a device that stops syncing for idle_timeout has its peek
+        # made dormant; each sync keeps it alive, so this is the expiry if it never syncs.
+        expiry = service.clock_ms() + service.settings.idle_timeout_ms
+        return JSONResponse({"room_id": room_id, "peek_expiry_ts": expiry})
 
     async def unpeek(request: Request) -> Response:
         user_id, device_id = device(request)
@@ -144,9 +251,182 @@ def delegation_routes(service: PeekService, secret: str | None) -> list[Route]:
             raise MatrixError(e.status, e.errcode, e.error, **e.extra) from None
         return JSONResponse(answer)
 
+    # -- reading ---------------------------------------------------------------------------
+
+    async def peeking_device(request: Request) -> tuple[str, str, str]:
+        """(user, device, room ID) for a read of a room the device is peeking."""
+        user_id, device_id = device(request)
+        room_id = request.path_params["room_id"]
+        try:
+            RoomId.parse(room_id)
+        except InvalidIdentifier as e:
+            raise MatrixError(400, "M_INVALID_PARAM", f"{room_id!r}: {e}") from None
+        if not await service.store.read(
+            lambda c: reading.device_is_peeking(c, user_id, device_id, room_id)
+        ):
+            raise MatrixError(403, "M_FORBIDDEN", f"this device is not peeking {room_id}")
+        return user_id, device_id, room_id
+
+    def token_param(request: Request, name: str) -> int | None:
+        value = request.query_params.get(name)
+        if value is None:
+            return None
+        try:
+            return decode_token(value)
+        except InvalidToken:
+            raise MatrixError(400, "M_INVALID_PARAM", f"unknown {name} token {value!r}") from None
+
+    async def messages(request: Request) -> Response:
+        _, _, room_id = await peeking_device(request)
+        params = request.query_params
+        direction = params.get("dir", "b")
+        if direction not in ("b", "f"):
+            raise MatrixError(400, "M_INVALID_PARAM", "dir must be b or f")
+        from_pos, to_pos = token_param(request, "from"), token_param(request, "to")
+        try:
+            limit = reading.parse_limit(params.get("limit"))
+        except reading.InvalidLimit as e:
+            raise MatrixError(400, "M_INVALID_PARAM", str(e)) from None
+        sub = service.subscriptions.get(room_id)
+        server = sub.server if sub is not None else None
+
+        def read(fill_gaps: bool) -> Callable[[sqlite3.Connection], reading.Page]:
+            return lambda c: reading.read_page(
+                c,
+                room_id,
+                from_pos=from_pos,
+                to_pos=to_pos,
+                direction="b" if direction == "b" else "f",
+                limit=limit,
+                fill_gaps=fill_gaps,
+            )
+
+        fill = direction == "b" and server is not None
+        try:
+            page = await service.store.read(read(fill))
+        except reading.TokenAhead:
+            raise MatrixError(
+                400, "M_INVALID_PARAM", f"from token {params.get('from')!r} is from the future"
+            ) from None
+        now = service.clock_ms()
+        chunk = [
+            reading.shown_event(
+                pdu, event_id, redacted=r, room_id=room_id, version=page.room_version, now_ms=now
+            )
+            for event_id, pdu, r in page.events
+        ]
+        end = page.end
+        if page.backfill is not None and server is not None:
+            fetched = await backfill(server, room_id, page.room_version, page.backfill)
+            seen = {e["event_id"] for e in chunk}
+            chunk += [e for e in fetched if e["event_id"] not in seen]
+            if not fetched and page.backfill.at_gap:
+                # Nothing from the remote: page on through what we store past the gap.
+                page = await service.store.read(read(False))
+                chunk = [
+                    reading.shown_event(
+                        pdu, e, redacted=r, room_id=room_id, version=page.room_version, now_ms=now
+                    )
+                    for e, pdu, r in page.events
+                ]
+                end = page.end
+        answer: dict[str, Any] = {"chunk": chunk, "start": encode_token(page.start)}
+        if end is not None:
+            answer["end"] = encode_token(max(0, end))
+        return JSONResponse(answer)
+
+    async def backfill(
+        server: str, room_id: str, version: str, where: reading.Backfill
+    ) -> list[dict[str, Any]]:
+        """Up to ``where.room_left`` events preceding ``where.anchor`` from ``server``'s
+        ``/backfill``, verified, newest first, in client format; none we hold on the stream.
+        Nothing is stored. Any failure gives ``[]``."""
+        try:
+            rules = room_version(version)
+        except UnknownRoomVersion:
+            return []
+        try:
+            answer = await service.client.get_json(
+                server,
+                f"/_matrix/federation/v1/backfill/{path_segment(room_id)}",
+                query={"v": [where.anchor], "limit": str(min(where.room_left + 1, 100))},
+                timeout=BACKFILL_TIMEOUT_S,
+            )
+        except (FederationError, ValueError) as e:
+            log.info("backfill of %s from %s failed: %s", room_id, server, e)
+            return []
+        pdus = answer.get("pdus") if isinstance(answer, dict) else None
+        if not isinstance(pdus, list):
+            return []
+        for signer, key_ids in reading.signer_key_ids(pdus, rules).items():
+            try:
+                await service.keyring.fetch_keys(signer, key_ids)
+            except KeyFetchError as e:
+                log.info("keys for backfilled PDUs: %s", e)
+        found: list[tuple[int, str, dict[str, Any]]] = []
+        for pdu in pdus:
+            verdict = check_pdu(pdu, rules, service.keyring.lookup)
+            if verdict.outcome == "reject" or verdict.pdu is None or verdict.event_id is None:
+                log.info("dropped a backfilled PDU of %s: %s", room_id, verdict.reason)
+                continue
+            if verdict.pdu.get("room_id") != room_id:
+                continue
+            shown = verdict.pdu  # the redacted copy when the content hash did not match
+            depth = shown.get("depth")
+            found.append((depth if type(depth) is int else 0, verdict.event_id, shown))
+        found.sort(key=lambda item: -item[0])  # newest first, as /backfill should answer
+        ids = [event_id for _, event_id, _ in found]
+        ours = await service.store.read(lambda c: reading.stream_event_ids(c, ids))
+        now = service.clock_ms()
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for _, event_id, pdu in found:
+            if event_id in ours or event_id in seen:
+                continue
+            seen.add(event_id)
+            out.append(client_event(pdu, event_id, room_id=room_id, now_ms=now))
+        return out[: where.room_left]
+
+    async def state(request: Request) -> Response:
+        _, _, room_id = await peeking_device(request)
+        rows = await service.store.read(lambda c: reading.read_state(c, room_id))
+        version = await service.store.read(lambda c: reading.room_version_of(c, room_id))
+        now = service.clock_ms()
+        return JSONResponse(
+            [
+                reading.shown_event(
+                    pdu, event_id, redacted=r, room_id=room_id, version=version, now_ms=now
+                )
+                for event_id, pdu, r in rows
+            ]
+        )
+
+    async def event(request: Request) -> Response:
+        _, _, room_id = await peeking_device(request)
+        event_id = request.path_params["event_id"]
+        found = await service.store.read(lambda c: reading.read_event(c, room_id, event_id))
+        if found is None:
+            raise MatrixError(404, "M_NOT_FOUND", f"event {event_id} not found in {room_id}")
+        version = await service.store.read(lambda c: reading.room_version_of(c, room_id))
+        pdu, redacted = found
+        return JSONResponse(
+            reading.shown_event(
+                pdu,
+                event_id,
+                redacted=redacted,
+                room_id=room_id,
+                version=version,
+                now_ms=service.clock_ms(),
+            )
+        )
+
     prefix = "/_peekproxy/v1"
     return [
         Route(f"{prefix}/sync", sync, methods=["GET"]),
+        Route(f"{prefix}/peek_room", peek_room, methods=["POST"]),
         Route(f"{prefix}/peek/{{room:path}}", peek, methods=["POST"]),
         Route(f"{prefix}/rooms/{{room_id}}/unpeek", unpeek, methods=["POST"]),
+        Route(f"{prefix}/rooms/{{room_id}}/messages", messages, methods=["GET"]),
+        Route(f"{prefix}/rooms/{{room_id}}/state", state, methods=["GET"]),
+        Route(f"{prefix}/rooms/{{room_id}}/event/{{event_id:path}}", event, methods=["GET"]),
     ]

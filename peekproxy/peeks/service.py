@@ -126,6 +126,8 @@ class PeekService:
         #: Last /sync (or peek) of each device with peeks, ms; for the idle drop.
         self._seen: dict[tuple[str, str], int] = {}
         self._seen_changed = trio.Event()
+        #: The rooms each device's last sync watched, to register wake-ups before reading.
+        self._watched: dict[tuple[str, str], list[str]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -379,58 +381,53 @@ class PeekService:
             raise PeekError(400, "M_INVALID_PARAM", f"unknown since token {since!r}") from None
         await self._restore_dormant(user_id, device_id)
         deadline = trio.current_time() + max(0, timeout_ms) / 1000
+        watched = self._watched.get(device, [])
         while True:
-            peeks = await self.store.read(lambda c: db.device_peeks(c, user_id, device_id))
-            active = [room for room, state, _ in peeks if state == "active"]
-            event = self.notifier.register(active, device)
+            # Register for wake-ups first, then look: no change can slip in between.
+            event = self.notifier.register(watched, device)
             try:
-                upto = await self.store.read(db.max_stream_pos)
-                changed = (
-                    position is None or full_state or any(pos > position for _, _, pos in peeks)
-                )
-                if not changed:
-                    assert position is not None
-                    changed = await self.store.read(
-                        partial(db.rooms_changed, room_ids=active, since=position, upto=upto)
+                snapshot = await self.store.read(
+                    partial(
+                        db.sync_snapshot,
+                        user_id=user_id,
+                        device_id=device_id,
+                        since=position,
+                        full_state=full_state,
+                        limit=timeline_limit,
                     )
+                )
+                if snapshot["active"] != watched:
+                    watched = snapshot["active"]
+                    self._watched[device] = watched
+                    continue  # registered for the wrong rooms: register again and re-read
                 remaining = deadline - trio.current_time()
-                if changed or remaining <= 0:
+                if snapshot["changed"] or remaining <= 0:
                     break
                 with trio.move_on_after(remaining):
                     await event.wait()
             finally:
-                self.notifier.unregister(event, active, device)
+                self.notifier.unregister(event, watched, device)
         self._mark_seen(device)
-        views = {}
-        for room_id, state, changed_pos in peeks:
-            if state == "active" or (
-                state == "ended" and position is not None and position < changed_pos <= upto
-            ):
-                rows = await self.store.read(
-                    partial(
-                        db.room_view_rows,
-                        room_id=room_id,
-                        since=position,
-                        upto=upto,
-                        limit=timeline_limit,
-                    )
-                )
-                views[room_id] = RoomView(
-                    room_id=room_id,
-                    room_version=rows["room_version"],
-                    recent=[StreamItem(p, k, e) for p, k, e in rows["recent"]],
-                    has_earlier=rows["has_earlier"],
-                    state_ids=rows["state_ids"],
-                    events=rows["events"],
-                    redacted=frozenset(rows["redacted"]),
-                    ephemeral=rows["ephemeral"],
-                )
+        upto: int = snapshot["upto"]
         if position is not None and position > upto:
             raise PeekError(400, "M_INVALID_PARAM", f"since token {since!r} is from the future")
+        views = {
+            room_id: RoomView(
+                room_id=room_id,
+                room_version=rows["room_version"],
+                recent=[StreamItem(p, k, e) for p, k, e in rows["recent"]],
+                has_earlier=rows["has_earlier"],
+                state_ids=rows["state_ids"],
+                events=rows["events"],
+                redacted=frozenset(rows["redacted"]),
+                ephemeral=rows["ephemeral"],
+            )
+            for room_id, rows in snapshot["views"].items()
+        }
         answer: dict[str, Any] = build_sync(
             since=position,
             upto=upto,
-            peeks=[DevicePeek(r, s, p) for r, s, p in peeks],
+            peeks=[DevicePeek(r, s, p) for r, s, p in snapshot["peeks"]],
             rooms=views,
             timeline_limit=timeline_limit,
             full_state=full_state,

@@ -407,3 +407,30 @@ def room_view_rows(
         "ephemeral": ephemeral,
         "room_version": str(version[0]) if version and version[0] else "10",
     }
+
+
+def sync_snapshot(
+    conn: sqlite3.Connection,
+    user_id: str,
+    device_id: str,
+    since: int | None,
+    full_state: bool,
+    limit: int,
+) -> dict[str, Any]:
+    """Everything one /sync needs, in one read: the device's peeks, the newest position,
+    whether anything changed since ``since``, and (if so) each shown room's rows."""
+    peeks = device_peeks(conn, user_id, device_id)
+    upto = max_stream_pos(conn)
+    active = [room for room, state, _ in peeks if state == "active"]
+    changed = since is None or full_state or any(pos > since for _, _, pos in peeks)
+    if not changed:
+        assert since is not None
+        changed = rooms_changed(conn, active, since, upto)
+    views: dict[str, dict[str, Any]] = {}
+    if changed:
+        for room_id, state, changed_pos in peeks:
+            if state == "active" or (
+                state == "ended" and since is not None and since < changed_pos <= upto
+            ):
+                views[room_id] = room_view_rows(conn, room_id, since, upto, limit)
+    return {"peeks": peeks, "upto": upto, "active": active, "changed": changed, "views": views}

@@ -2,7 +2,7 @@
 
 * One writer connection behind a ``CapacityLimiter(1)``; each :meth:`Store.write` call is one
   ``BEGIN IMMEDIATE`` ... ``COMMIT`` transaction, so whatever it returns has been stored.
-* One reader connection (WAL lets it read while the writer writes).
+* Two reader connections (WAL lets them read while the writer writes).
 * ``journal_mode=WAL``, ``synchronous=FULL``: a committed write survives a crash of the process
   and of the machine.
 * Schema migrations run on open; a database from a newer peekproxy is refused, and so is a
@@ -27,6 +27,8 @@ from peekproxy.store.migrations import apply_migrations, available_migrations, s
 __all__ = ["Store", "StoreError", "StoreVersionError"]
 
 T = TypeVar("T")
+#: Read-only connections (WAL lets them read while the writer writes).
+READERS = 2
 
 
 class StoreError(Exception):
@@ -65,7 +67,9 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def _open_sync(path: Path, server_name: str) -> tuple[sqlite3.Connection, sqlite3.Connection, int]:
+def _open_sync(
+    path: Path, server_name: str
+) -> tuple[sqlite3.Connection, list[sqlite3.Connection], int]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -80,7 +84,9 @@ def _open_sync(path: Path, server_name: str) -> tuple[sqlite3.Connection, sqlite
         raise
 
 
-def _open_locked(path: Path, server_name: str) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+def _open_locked(
+    path: Path, server_name: str
+) -> tuple[sqlite3.Connection, list[sqlite3.Connection]]:
     try:
         writer = _connect(path)
         mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -116,23 +122,27 @@ def _open_locked(path: Path, server_name: str) -> tuple[sqlite3.Connection, sqli
     except BaseException:
         writer.close()
         raise
-    reader = _connect(path)
-    reader.execute("PRAGMA query_only = ON")
-    return writer, reader
+    readers = []
+    for _ in range(READERS):
+        reader = _connect(path)
+        reader.execute("PRAGMA query_only = ON")
+        readers.append(reader)
+    return writer, readers
 
 
 class Store:
     """The daemon's database. Open with :meth:`open`; close with :meth:`aclose`."""
 
     def __init__(
-        self, path: Path, writer: sqlite3.Connection, reader: sqlite3.Connection, lock: int
+        self, path: Path, writer: sqlite3.Connection, readers: list[sqlite3.Connection], lock: int
     ) -> None:
         self.path = path
         self._lock = lock
         self._writer = writer
-        self._reader = reader
+        self._readers = readers
+        self._free_readers = list(readers)
         self._write_limiter = trio.CapacityLimiter(1)
-        self._read_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(len(readers))
 
     @classmethod
     async def open(cls, path: Path, server_name: str) -> Store:
@@ -142,8 +152,8 @@ class Store:
             StoreVersionError: the database is newer than this peekproxy.
             StoreError: unusable file, or a database created for another server name.
         """
-        writer, reader, lock = await trio.to_thread.run_sync(_open_sync, path, server_name)
-        return cls(path, writer, reader, lock)
+        writer, readers, lock = await trio.to_thread.run_sync(_open_sync, path, server_name)
+        return cls(path, writer, readers, lock)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in one write transaction and return its result once committed.
@@ -164,8 +174,13 @@ class Store:
         return await trio.to_thread.run_sync(run, limiter=self._write_limiter)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` on the read-only connection and return its result."""
-        return await trio.to_thread.run_sync(fn, self._reader, limiter=self._read_limiter)
+        """Run ``fn(conn)`` on one of the read-only connections and return its result."""
+        async with self._read_limiter:
+            reader = self._free_readers.pop()
+            try:
+                return await trio.to_thread.run_sync(fn, reader)
+            finally:
+                self._free_readers.append(reader)
 
     async def server_info(self) -> dict[str, str]:
         """The ``server_info`` facts (``server_name``, ``created_ts`` in ms)."""
@@ -173,10 +188,13 @@ class Store:
         return {str(k): str(v) for k, v in rows}
 
     async def aclose(self) -> None:
-        async with self._write_limiter, self._read_limiter:
+        async with self._write_limiter:
+            for reader in self._readers:  # wait until no read is running
+                await self._read_limiter.acquire_on_behalf_of(reader)
             await trio.to_thread.run_sync(self._close_sync)
 
     def _close_sync(self) -> None:
-        self._reader.close()
+        for reader in self._readers:
+            reader.close()
         self._writer.close()
         os.close(self._lock)
