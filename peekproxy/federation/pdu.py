@@ -46,6 +46,7 @@ __all__ = [
     "check_pdus",
     "key_table",
     "required_signers",
+    "signer_key_ids",
 ]
 
 #: CSAPI §Size limits: the whole event, signatures included, as canonical JSON.
@@ -550,3 +551,21 @@ def _signature_problem(
         if not verified:
             return f"no valid signature from {server} ({'; '.join(skipped)})"
     return None
+
+
+def signer_key_ids(pdus: Iterable[Any], rules: RoomVersion) -> dict[str, list[str]]:
+    """The ed25519 key IDs each required signer of ``pdus`` signed with: what to fetch
+    before :func:`check_pdu` (non-objects are skipped)."""
+    wanted: dict[str, set[str]] = {}
+    for pdu in pdus:
+        if not isinstance(pdu, dict):
+            continue
+        signatures = pdu.get("signatures")
+        for server in required_signers(pdu, rules):
+            ids = signatures.get(server) if isinstance(signatures, dict) else None
+            wanted.setdefault(server, set()).update(
+                k
+                for k in (ids if isinstance(ids, dict) else {})
+                if isinstance(k, str) and k.startswith("ed25519:")
+            )
+    return {server: sorted(ids) for server, ids in wanted.items()}

@@ -92,19 +92,9 @@ def fetch_keys_for(wanted: Mapping[str, set[str]], config_path: str | None) -> K
 
 
 def _wanted_keys(pdus: Iterable[Any], rules: Any) -> dict[str, set[str]]:
-    from peekproxy.federation.pdu import required_signers
+    from peekproxy.federation.pdu import signer_key_ids
 
-    wanted: dict[str, set[str]] = {}
-    for pdu in pdus:
-        if not isinstance(pdu, dict):
-            continue
-        signatures = pdu.get("signatures")
-        for server in required_signers(pdu, rules):
-            ids = signatures.get(server) if isinstance(signatures, dict) else None
-            wanted.setdefault(server, set()).update(
-                k for k in (ids if isinstance(ids, dict) else {}) if k.startswith("ed25519:")
-            )
-    return wanted
+    return {server: set(ids) for server, ids in signer_key_ids(pdus, rules).items()}
 
 
 def parse_key_option(value: str) -> tuple[str, str, VerifyKeyInfo]:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from peekproxy.federation.events import redact
-from peekproxy.federation.pdu import required_signers
-from peekproxy.federation.room_versions import RoomVersion, UnknownRoomVersion, room_version
+from peekproxy.federation.pdu import signer_key_ids
+from peekproxy.federation.room_versions import UnknownRoomVersion, room_version
 from peekproxy.peeks.sync import client_event
 
 __all__ = [
@@ -313,21 +313,3 @@ def shown_event(
         with contextlib.suppress(UnknownRoomVersion):
             pdu = redact(pdu, room_version(version))
     return client_event(pdu, event_id, room_id=room_id, now_ms=now_ms)
-
-
-def signer_key_ids(pdus: Iterable[Any], rules: RoomVersion) -> dict[str, list[str]]:
-    """The ed25519 key IDs each required signer of ``pdus`` signed with (to fetch them
-    before :func:`peekproxy.federation.pdu.check_pdu`)."""
-    wanted: dict[str, set[str]] = {}
-    for pdu in pdus:
-        if not isinstance(pdu, dict):
-            continue
-        signatures = pdu.get("signatures")
-        for server in required_signers(pdu, rules):
-            ids = signatures.get(server) if isinstance(signatures, dict) else None
-            wanted.setdefault(server, set()).update(
-                k
-                for k in (ids if isinstance(ids, dict) else {})
-                if isinstance(k, str) and k.startswith("ed25519:")
-            )
-    return {server: sorted(ids) for server, ids in wanted.items()}

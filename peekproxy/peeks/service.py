@@ -25,7 +25,7 @@ import trio
 from peekproxy.federation.client import FederationClient, FederationError, RemoteError, path_segment
 from peekproxy.federation.events import compute_event_id
 from peekproxy.federation.keyring import KeyFetchError, Keyring
-from peekproxy.federation.pdu import check_pdu, required_signers
+from peekproxy.federation.pdu import check_pdu, signer_key_ids
 from peekproxy.federation.room_versions import KNOWN_ROOM_VERSIONS, UnknownRoomVersion, room_version
 from peekproxy.identifiers import InvalidIdentifier, RoomAlias, RoomId
 from peekproxy.peeks import subscription as subs
@@ -648,21 +648,10 @@ class PeekService:
             rules = room_version(version)
         except UnknownRoomVersion:
             return
-        wanted: dict[str, set[str]] = {}
-        for pdu in pdus:
-            if not isinstance(pdu, dict):
-                continue
-            signatures = pdu.get("signatures")
-            for server in required_signers(pdu, rules):
-                ids = signatures.get(server) if isinstance(signatures, dict) else None
-                wanted.setdefault(server, set()).update(
-                    k
-                    for k in (ids if isinstance(ids, dict) else {})
-                    if isinstance(k, str) and k.startswith("ed25519:")
-                )
+        wanted = signer_key_ids(pdus, rules)
         for server, key_ids in wanted.items():
             try:
-                await self.keyring.fetch_keys(server, sorted(key_ids))
+                await self.keyring.fetch_keys(server, key_ids)
             except KeyFetchError as e:
                 log.info("keys for PDUs: %s", e)
 
