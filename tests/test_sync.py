@@ -228,3 +228,21 @@ async def test_idle_drop_and_gappy_restore(
     ]
     assert topics == ["changed while idle"]
     assert len(world.log_of("start")) == 2  # the remote peek was restored
+
+
+async def test_encrypted_rooms_are_refused_and_repeeking_is_idempotent(world: PeekWorld) -> None:
+    encrypted = world.create_room("10", encrypted=True)
+    refused = await world.peek(encrypted, hints=[TESTBED])
+    assert refused.status_code == 403 and refused.json()["errcode"] == "M_FORBIDDEN"
+    room_id = world.create_room("11")
+    token = (await world.sync())["next_batch"]
+    first = await world.peek(room_id, hints=[TESTBED])
+    again = await world.peek(room_id, hints=[TESTBED])
+    assert first.status_code == again.status_code == 200
+    assert first.json() == again.json() == {"room_id": room_id}
+    assert len(world.log_of("start")) == 1  # one federation subscription
+    event_id = world.send(room_id, "once")
+    await world.wait_delivered(event_id)
+    room = (await world.sync(since=token))["rooms"]["peek"][room_id]
+    ids = [e["event_id"] for e in room["timeline"]["events"]]
+    assert len(ids) == len(set(ids)) and ids[-1] == event_id
