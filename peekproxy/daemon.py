@@ -26,6 +26,7 @@ from peekproxy.api.client import client_app
 from peekproxy.api.delegation import delegation_routes, read_secret
 from peekproxy.api.errors import matrix_error_response
 from peekproxy.api.federation import federation_app
+from peekproxy.api.upstream_auth import UpstreamAuth
 from peekproxy.config import Config
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring, TrustedNotary
@@ -39,6 +40,13 @@ from peekproxy.store import Store
 __all__ = ["DaemonError", "Listening", "run_daemon"]
 
 log = logging.getLogger("peekproxy")
+
+#: MSC2753 client endpoints are served on all three (protocol.md decision 5).
+CLIENT_PREFIXES = (
+    "/_matrix/client/r0",
+    "/_matrix/client/v3",
+    "/_matrix/client/unstable/org.matrix.msc2753",
+)
 
 
 class DaemonError(Exception):
@@ -183,6 +191,23 @@ async def run_daemon(
         ),
     )
     secret = read_secret(config.delegation.shared_secret_file)
+    limits = {
+        "rate_limit_per_second": config.peeks.rate_limit_per_second,
+        "rate_limit_burst": config.peeks.rate_limit_burst,
+    }
+    client_routes = delegation_routes(peeks, secret, **limits)  # type: ignore[arg-type]
+    upstream = None
+    if config.upstream.homeserver_url:
+        # Front mode: the MSC2753 client endpoints, with the homeserver's access tokens.
+        upstream = UpstreamAuth(config.upstream.homeserver_url)
+        client_routes += delegation_routes(
+            peeks,
+            None,
+            auth=upstream,
+            prefixes=CLIENT_PREFIXES,
+            with_sync=False,
+            **limits,  # type: ignore[arg-type]
+        )
     started = False
     grace = server.shutdown_grace
     access_log = config.logging.access_log
@@ -219,15 +244,7 @@ async def run_daemon(
                 client_url = await _start_listener(
                     servers,
                     "listeners.client.bind",
-                    client_app(
-                        store=store,
-                        routes=delegation_routes(
-                            peeks,
-                            secret,
-                            rate_limit_per_second=config.peeks.rate_limit_per_second,
-                            rate_limit_burst=config.peeks.rate_limit_burst,
-                        ),
-                    ),
+                    client_app(store=store, routes=client_routes),
                     _hypercorn_config(listeners.client.bind, grace=grace, access_log=access_log),
                     shutdown,
                 )
@@ -260,6 +277,8 @@ async def run_daemon(
             outer.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
+            if upstream is not None:
+                await upstream.aclose()
             await federation.aclose()
             await store.aclose()
         if started:

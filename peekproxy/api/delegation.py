@@ -27,7 +27,7 @@ import math
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,9 @@ def delegation_routes(
     *,
     rate_limit_per_second: float = 1.0,
     rate_limit_burst: int = 10,
+    auth: Callable[[Request], Awaitable[tuple[str, str]]] | None = None,
+    prefixes: Sequence[str] = ("/_peekproxy/v1",),
+    with_sync: bool = True,
 ) -> list[Route]:
     """Routes to mount on the client listener.
 
@@ -151,7 +154,9 @@ def delegation_routes(
     """
     limiter = TokenBucket(rate_limit_per_second, rate_limit_burst)
 
-    def device(request: Request) -> tuple[str, str]:
+    async def device(request: Request) -> tuple[str, str]:
+        if auth is not None:  # client access tokens (front mode)
+            return await auth(request)
         if secret is None:
             raise MatrixError(
                 403, "M_FORBIDDEN", "the delegation API is off: set delegation.shared_secret_file"
@@ -191,7 +196,7 @@ def delegation_routes(
             raise MatrixError(e.status, e.errcode, e.error, **e.extra) from None
 
     async def peek(request: Request) -> Response:
-        user_id, device_id = device(request)
+        user_id, device_id = await device(request)
         try:
             body = PeekBody.model_validate(await body_of(request))
         except ValidationError as e:
@@ -201,7 +206,7 @@ def delegation_routes(
         return JSONResponse({"room_id": room_id})
 
     async def peek_room(request: Request) -> Response:
-        user_id, device_id = device(request)
+        user_id, device_id = await device(request)
         raw = await body_of(request)
         if isinstance(raw, dict) and "room" not in raw:
             raise MatrixError(400, "M_MISSING_PARAM", "room is required")
@@ -219,7 +224,7 @@ def delegation_routes(
         return JSONResponse({"room_id": room_id, "peek_expiry_ts": expiry})
 
     async def unpeek(request: Request) -> Response:
-        user_id, device_id = device(request)
+        user_id, device_id = await device(request)
         await body_of(request)
         try:
             await service.unpeek(user_id, device_id, request.path_params["room_id"])
@@ -228,7 +233,7 @@ def delegation_routes(
         return JSONResponse({})
 
     async def sync(request: Request) -> Response:
-        user_id, device_id = device(request)
+        user_id, device_id = await device(request)
         params = request.query_params
         try:
             timeout_ms = int(params.get("timeout", "0"))
@@ -255,7 +260,7 @@ def delegation_routes(
 
     async def peeking_device(request: Request) -> tuple[str, str, str]:
         """(user, device, room ID) for a read of a room the device is peeking."""
-        user_id, device_id = device(request)
+        user_id, device_id = await device(request)
         room_id = request.path_params["room_id"]
         try:
             RoomId.parse(room_id)
@@ -420,13 +425,16 @@ def delegation_routes(
             )
         )
 
-    prefix = "/_peekproxy/v1"
-    return [
-        Route(f"{prefix}/sync", sync, methods=["GET"]),
-        Route(f"{prefix}/peek_room", peek_room, methods=["POST"]),
-        Route(f"{prefix}/peek/{{room:path}}", peek, methods=["POST"]),
-        Route(f"{prefix}/rooms/{{room_id}}/unpeek", unpeek, methods=["POST"]),
-        Route(f"{prefix}/rooms/{{room_id}}/messages", messages, methods=["GET"]),
-        Route(f"{prefix}/rooms/{{room_id}}/state", state, methods=["GET"]),
-        Route(f"{prefix}/rooms/{{room_id}}/event/{{event_id:path}}", event, methods=["GET"]),
-    ]
+    routes = []
+    for prefix in prefixes:
+        if with_sync:
+            routes.append(Route(f"{prefix}/sync", sync, methods=["GET"]))
+        routes += [
+            Route(f"{prefix}/peek_room", peek_room, methods=["POST"]),
+            Route(f"{prefix}/peek/{{room:path}}", peek, methods=["POST"]),
+            Route(f"{prefix}/rooms/{{room_id}}/unpeek", unpeek, methods=["POST"]),
+            Route(f"{prefix}/rooms/{{room_id}}/messages", messages, methods=["GET"]),
+            Route(f"{prefix}/rooms/{{room_id}}/state", state, methods=["GET"]),
+            Route(f"{prefix}/rooms/{{room_id}}/event/{{event_id:path}}", event, methods=["GET"]),
+        ]
+    return routes
