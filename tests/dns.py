@@ -30,10 +30,17 @@ def dnsmasq_binary() -> str:
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind(("127.0.0.1", 0))
-        port: int = udp.getsockname()[1]
-    return port
+    """A port free for both UDP and TCP on 127.0.0.1 (dnsmasq listens on both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port: int = udp.getsockname()[1]
+            with socket.socket() as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        return port
 
 
 async def start_dnsmasq(
@@ -48,33 +55,39 @@ async def start_dnsmasq(
     ``(name, target, port, priority, weight)`` records.
     """
     binary = dnsmasq_binary()
-    port = free_udp_port()
-    args = [
-        binary,
-        "--keep-in-foreground",
-        "--conf-file=/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        f"--port={port}",
-        "--listen-address=127.0.0.1",
-        "--bind-interfaces",
-        "--user=root",
-        "--group=root",
-        "--local=/test/",
-        "--log-facility=-",
-        "--pid-file=",
-    ]
-    args += [f"--host-record={name},{ip}" for name, ip in hosts.items()]
-    args += [f"--srv-host={n},{t},{p},{prio},{w}" for n, t, p, prio, w in srv]
-    process = await trio.lowlevel.open_process(args, stderr=subprocess.PIPE)
-    assert process.stderr is not None
-    seen = b""
-    with trio.fail_after(10):
-        while b"started, version" not in seen:
-            chunk = await process.stderr.receive_some(4096)
-            if not chunk:
-                raise RuntimeError(f"dnsmasq failed to start: {seen.decode(errors='replace')}")
-            seen += chunk
+    for attempt in range(5):  # another process may take the port between our check and use
+        port = free_udp_port()
+        args = [
+            binary,
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            f"--port={port}",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--user=root",
+            "--group=root",
+            "--local=/test/",
+            "--log-facility=-",
+            "--pid-file=",
+        ]
+        args += [f"--host-record={name},{ip}" for name, ip in hosts.items()]
+        args += [f"--srv-host={n},{t},{p},{prio},{w}" for n, t, p, prio, w in srv]
+        process = await trio.lowlevel.open_process(args, stderr=subprocess.PIPE)
+        assert process.stderr is not None
+        seen = b""
+        with trio.fail_after(10):
+            while b"started, version" not in seen:
+                chunk = await process.stderr.receive_some(4096)
+                if not chunk:
+                    break
+                seen += chunk
+        if b"started, version" in seen:
+            break
+        await process.wait()
+        if b"Address already in use" not in seen or attempt == 4:
+            raise RuntimeError(f"dnsmasq failed to start: {seen.decode(errors='replace')}")
 
     async def drain_then_stop() -> None:
         assert process.stderr is not None
