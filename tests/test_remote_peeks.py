@@ -55,9 +55,10 @@ async def test_all_candidates_unsupported_is_one_precise_error(world: PeekWorld)
 
 
 async def test_forbidden_and_not_found_propagate(world: PeekWorld) -> None:
-    shared = world.create_room("10", history_visibility="shared")
-    response = await world.peek(shared, hints=[TESTBED])
-    assert response.status_code == 403 and response.json()["errcode"] == "M_FORBIDDEN"
+    for visibility in ("shared", "invited", "joined"):
+        hidden = world.create_room("10", history_visibility=visibility)
+        response = await world.peek(hidden, hints=[TESTBED])
+        assert response.status_code == 403 and response.json()["errcode"] == "M_FORBIDDEN"
     unknown = await world.peek(f"!nope:{TESTBED}")
     assert unknown.status_code == 404 and unknown.json()["errcode"] == "M_NOT_FOUND"
     malformed = await world.peek("not-a-room")
