@@ -132,7 +132,7 @@ def _cmd_generate_signing_key(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from peekproxy.daemon import DaemonError, run_daemon
+    from peekproxy.daemon import DaemonError, _leaves, run_daemon
     from peekproxy.federation.signing_key import SigningKeyError
     from peekproxy.logs import setup_logging
     from peekproxy.store import StoreError
@@ -150,12 +150,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", failure)
         return EXIT_FAILURE
     return EXIT_OK
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,7 @@ __all__ = [
     "ConfigError",
     "load_config",
     "parse_duration",
+    "read_toml",
 ]
 
 ENV_PREFIX = "PEEKPROXY_"
@@ -385,6 +386,27 @@ def _describe(error: Mapping[str, Any], env_names: Mapping[tuple[str, ...], str]
     return f"{key}: {message}" + (f" (from {source})" if source else "")
 
 
+def read_toml(file: Path) -> dict[str, Any]:
+    """The parsed TOML of a config file.
+
+    Raises:
+        ConfigError: missing or unreadable file, not UTF-8, or not TOML (one line naming
+            the file).
+    """
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: config file not found"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{file}: not UTF-8 text (byte {e.start})"]) from None
+    except OSError as e:
+        raise ConfigError([f"{file}: cannot read config file: {e.strerror}"]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{file}: invalid TOML: {e}"]) from None
+
+
 def load_federation_section(
     path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
 ) -> FederationSection:
@@ -395,12 +417,7 @@ def load_federation_section(
         ConfigError: one line per problem, each naming the key.
     """
     file = Path(path)
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError([f"{file}: config file not found"]) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError([f"{file}: invalid TOML: {e}"]) from None
+    data = read_toml(file)
     section = {"federation": data.get("federation", {})}
     env_names: dict[tuple[str, ...], str] = {}
     for parts, (name, value) in _env_overrides(os.environ if environ is None else environ).items():
@@ -436,18 +453,7 @@ def load_config(
         ConfigError: with one line per problem, each naming the key.
     """
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([f"{file}: config file not found"]) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError([f"{file}: not UTF-8 text (byte {e.start})"]) from None
-    except OSError as e:
-        raise ConfigError([f"{file}: cannot read config file: {e.strerror}"]) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"{file}: invalid TOML: {e}"]) from None
+    data = read_toml(file)
 
     env_names: dict[tuple[str, ...], str] = {}
     problems: list[str] = []

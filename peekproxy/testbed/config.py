@@ -9,7 +9,6 @@ created when missing), ``[federation]`` (as in peekproxy's config), ``[peeks]``
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,6 +28,7 @@ from peekproxy.config import (
     _env_overrides,
     _Section,
     _server_name,
+    read_toml,
 )
 
 __all__ = ["TestbedConfig", "load_testbed_config", "testbed_config_from_flags"]
@@ -122,12 +122,7 @@ def load_testbed_config(
         ConfigError: one line per problem, each naming the key.
     """
     file = Path(path)
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError([f"{file}: config file not found"]) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError([f"{file}: invalid TOML: {e}"]) from None
+    data = read_toml(file)
     names = _apply_environment(data, environ)
     return _validate(data, file.resolve().parent, names)
 
