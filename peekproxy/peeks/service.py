@@ -379,12 +379,13 @@ class PeekService:
             position = decode_token(since) if since else None
         except InvalidToken:
             raise PeekError(400, "M_INVALID_PARAM", f"unknown since token {since!r}") from None
-        await self._restore_dormant(user_id, device_id)
         deadline = trio.current_time() + max(0, timeout_ms) / 1000
         watched = self._watched.get(device, [])
+        restored = False
         while True:
             # Register for wake-ups first, then look: no change can slip in between.
-            event = self.notifier.register(watched, device)
+            registered = watched
+            event = self.notifier.register(registered, device)
             try:
                 snapshot = await self.store.read(
                     partial(
@@ -396,6 +397,11 @@ class PeekService:
                         limit=timeline_limit,
                     )
                 )
+                dormant = [room for room, state, _ in snapshot["peeks"] if state == "dormant"]
+                if dormant and not restored:
+                    restored = True
+                    await self._restore_dormant(user_id, device_id, dormant)
+                    continue  # the restored peeks changed what there is to show
                 if snapshot["active"] != watched:
                     watched = snapshot["active"]
                     self._watched[device] = watched
@@ -406,7 +412,7 @@ class PeekService:
                 with trio.move_on_after(remaining):
                     await event.wait()
             finally:
-                self.notifier.unregister(event, watched, device)
+                self.notifier.unregister(event, registered, device)
         self._mark_seen(device)
         upto: int = snapshot["upto"]
         if position is not None and position > upto:
@@ -436,11 +442,10 @@ class PeekService:
         )
         return answer
 
-    async def _restore_dormant(self, user_id: str, device_id: str) -> None:
-        peeks = await self.store.read(lambda c: db.device_peeks(c, user_id, device_id))
-        for room_id, state, _ in peeks:
-            if state != "dormant":
-                continue
+    async def _restore_dormant(self, user_id: str, device_id: str, room_ids: list[str]) -> None:
+        """Make the device's dormant peeks of ``room_ids`` active again, re-peeking the rooms
+        no other device kept alive (with a gap)."""
+        for room_id in room_ids:
             async with self._lock(room_id):
                 sub = self.subscriptions.get(room_id)
                 if sub is None:
