@@ -22,7 +22,6 @@ import re
 import resource
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,91 +30,56 @@ from urllib.parse import quote
 
 import httpx
 import trio
-import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from peekproxy.cli import render_config
-from peekproxy.federation.signing_key import write_new_signing_key
+from peekproxy.demo import (
+    free_port,
+    start_peekproxy,
+    write_loopback_tls,
+    write_peekproxy_config,
+)
 from peekproxy.testbed.config import testbed_config_from_flags
 from peekproxy.testbed.server import Testbed, TestbedListening, run_testbed
 
 SECRET = "bench-secret"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def fanout(devices: int, directory: Path) -> None:
-    ca = trustme.CA()
-    ca_file = directory / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    tls_cert, tls_key = directory / "tls.crt", directory / "tls.key"
-    cert.private_key_pem.write_to_path(str(tls_key))
-    tls_cert.write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
-    pp_port, tb_port, client_port = _free_port(), _free_port(), _free_port()
-    pp = directory / "peekproxy"
-    pp.mkdir()
-    write_new_signing_key(pp / "signing.key")
-    (pp / "secret").write_text(SECRET)
-    text = render_config(f"localhost:{pp_port}")
-    text = text.replace('bind = "127.0.0.1:8008"', f'bind = "127.0.0.1:{client_port}"')
-    text = text.replace(
-        'bind = "127.0.0.1:8448"',
-        f'bind = "127.0.0.1:{pp_port}"\n'
-        f'tls_certificate_file = "{tls_cert}"\ntls_private_key_file = "{tls_key}"',
+    tls = write_loopback_tls(directory)
+    pp_port, tb_port, client_port = free_port(), free_port(), free_port()
+    config_path = write_peekproxy_config(
+        directory / "peekproxy",
+        federation_port=pp_port,
+        client_port=client_port,
+        tls=tls,
+        secret=SECRET,
     )
-    text = text.replace("enabled = true", "enabled = false")
-    text = text.replace("[delegation]\n", '[delegation]\nshared_secret_file = "secret"\n')
-    text = text.replace("max_peeks_per_device = 100", "max_peeks_per_device = 100")
-    (pp / "config.toml").write_text(text)
     env = {
         **os.environ,
-        "PEEKPROXY_FEDERATION__IP_RANGE_WHITELIST": '["127.0.0.0/8"]',
-        "PEEKPROXY_FEDERATION__TLS_CA_FILE": str(ca_file),
+        **tls.env,
         "PEEKPROXY_LOGGING__ACCESS_LOG": "false",
         "PEEKPROXY_PEEKS__RATE_LIMIT_BURST": str(devices + 10),
         "PEEKPROXY_PEEKS__RATE_LIMIT_PER_SECOND": "10000",
     }
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "peekproxy", "run", "-c", str(pp / "config.toml")],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    log = b""
-    while b"ready:" not in log:
-        chunk = await process.stderr.receive_some(4096)
-        if not chunk:
-            raise SystemExit(f"peekproxy did not start:\n{log.decode()}")
-        log += chunk
     base = f"http://127.0.0.1:{client_port}/_peekproxy/v1"
     headers = {"Authorization": f"Bearer {SECRET}"}
 
-    async def drain() -> None:
-        assert process.stderr is not None
-        while await process.stderr.receive_some(65536):
-            pass
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(drain)
+        process = await start_peekproxy(nursery, config_path, env)
         config = testbed_config_from_flags(
             server_name=f"localhost:{tb_port}",
             federation_bind=f"127.0.0.1:{tb_port}",
             admin_bind="127.0.0.1:0",
-            tls_cert=str(tls_cert),
-            tls_key=str(tls_key),
+            tls_cert=str(tls.cert),
+            tls_key=str(tls.key),
             data_dir=str(directory / "testbed"),
             environ={},
             extra={
-                "federation": {"ip_range_whitelist": ["127.0.0.0/8"], "tls_ca_file": str(ca_file)},
+                "federation": {
+                    "ip_range_whitelist": ["127.0.0.0/8"],
+                    "tls_ca_file": str(tls.ca_file),
+                },
                 "logging": {"level": "WARNING", "access_log": False},
             },
         )

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,106 +23,53 @@ from urllib.parse import quote
 
 import httpx
 import trio
-import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pdu_verify import floor_inputs, load, time_floor
 
-from peekproxy.cli import render_config
-from peekproxy.federation.signing_key import write_new_signing_key
+from peekproxy.demo import (
+    free_port,
+    start_peekproxy,
+    write_loopback_tls,
+    write_peekproxy_config,
+)
 from peekproxy.testbed.config import testbed_config_from_flags
 from peekproxy.testbed.server import Testbed, TestbedListening, run_testbed
 
 SECRET = "bench-secret"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def _cert(ca: trustme.CA, directory: Path, name: str) -> tuple[Path, Path]:
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    chain, key = directory / f"{name}.crt", directory / f"{name}.key"
-    cert.private_key_pem.write_to_path(str(key))
-    with open(chain, "wb") as out:
-        for blob in cert.cert_chain_pems:
-            out.write(blob.bytes())
-    return chain, key
-
-
 async def run(events: int, version: str, directory: Path) -> float:
-    ca = trustme.CA()
-    ca_file = directory / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    pp_port, tb_port = _free_port(), _free_port()
-
-    # peekproxy, as its own process.
-    pp = directory / "peekproxy"
-    pp.mkdir()
-    write_new_signing_key(pp / "signing.key")
-    (pp / "secret").write_text(SECRET)
-    cert, key = _cert(ca, pp, "tls")
-    text = render_config(f"localhost:{pp_port}")
-    text = re.sub(r'^bind = "127\.0\.0\.1:\d+"$', 'bind = "127.0.0.1:0"', text, flags=re.M)
-    text = text.replace(
-        "[listeners.federation]\n",
-        f'[listeners.federation]\ntls_certificate_file = "{cert}"\n'
-        f'tls_private_key_file = "{key}"\n',
+    tls = write_loopback_tls(directory)
+    pp_port, tb_port, client_port = free_port(), free_port(), free_port()
+    config_path = write_peekproxy_config(
+        directory / "peekproxy",
+        federation_port=pp_port,
+        client_port=client_port,
+        tls=tls,
+        secret=SECRET,
     )
-    text = re.sub(
-        r'(\[listeners\.federation\]\n(?:.*\n)*?)bind = "127\.0\.0\.1:0"',
-        rf'\1bind = "127.0.0.1:{pp_port}"',
-        text,
-        count=1,
-    )
-    text = text.replace("[delegation]\n", '[delegation]\nshared_secret_file = "secret"\n')
-    (pp / "config.toml").write_text(text)
-    env = {
-        **os.environ,
-        "PEEKPROXY_FEDERATION__IP_RANGE_WHITELIST": '["127.0.0.0/8"]',
-        "PEEKPROXY_FEDERATION__TLS_CA_FILE": str(ca_file),
-        "PEEKPROXY_LOGGING__ACCESS_LOG": "false",
-    }
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "peekproxy", "run", "-c", str(pp / "config.toml")],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    log = b""
-    while b"ready:" not in log:
-        chunk = await process.stderr.receive_some(4096)
-        if not chunk:
-            raise SystemExit(f"peekproxy did not start:\n{log.decode()}")
-        log += chunk
-    client_url = re.search(rb"client=(\S+)", log).group(1).decode()  # type: ignore[union-attr]
-
-    async def drain() -> None:
-        assert process.stderr is not None
-        while await process.stderr.receive_some(65536):
-            pass  # peekproxy's INFO log; drained so it never blocks
+    env = {**os.environ, **tls.env, "PEEKPROXY_LOGGING__ACCESS_LOG": "false"}
+    client_url = f"http://127.0.0.1:{client_port}"
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(drain)
+        process = await start_peekproxy(nursery, config_path, env)
         tb = directory / "testbed"
         tb.mkdir()
-        tb_cert, tb_key = _cert(ca, tb, "tls")
         config = testbed_config_from_flags(
             server_name=f"localhost:{tb_port}",
             federation_bind=f"127.0.0.1:{tb_port}",
             admin_bind="127.0.0.1:0",
-            tls_cert=str(tb_cert),
-            tls_key=str(tb_key),
+            tls_cert=str(tls.cert),
+            tls_key=str(tls.key),
             data_dir=str(tb / "data"),
             extra={
-                "federation": {"ip_range_whitelist": ["127.0.0.0/8"], "tls_ca_file": str(ca_file)},
+                "federation": {
+                    "ip_range_whitelist": ["127.0.0.0/8"],
+                    "tls_ca_file": str(tls.ca_file),
+                },
                 "logging": {"level": "WARNING", "access_log": False},
             },
         )

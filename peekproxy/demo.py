@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,95 @@ HISTORY = [
 ]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+@dataclass(frozen=True)
+class LoopbackTls:
+    """A throwaway CA (``ca_file``) and a certificate for localhost and 127.0.0.1."""
+
+    cert: Path
+    key: Path
+    ca_file: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        """peekproxy overrides to reach loopback servers holding this CA's certificates."""
+        return {
+            "PEEKPROXY_FEDERATION__IP_RANGE_WHITELIST": '["127.0.0.0/8"]',
+            "PEEKPROXY_FEDERATION__TLS_CA_FILE": str(self.ca_file),
+        }
+
+
+def write_loopback_tls(directory: Path) -> LoopbackTls:
+    """Make a CA and a localhost certificate with trustme (a test/demo dependency)."""
+    import trustme
+
+    ca = trustme.CA()
+    tls = LoopbackTls(directory / "tls.crt", directory / "tls.key", directory / "ca.pem")
+    ca.cert_pem.write_to_path(str(tls.ca_file))
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tls.key))
+    tls.cert.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    return tls
+
+
+def write_peekproxy_config(
+    directory: Path, *, federation_port: int, client_port: int, tls: LoopbackTls, secret: str
+) -> Path:
+    """A peekproxy in ``directory`` named ``localhost:<federation_port>``: signing key,
+    delegation secret and the shipped config template on those loopback ports, TLS on the
+    federation listener, metrics off. Returns the config file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_new_signing_key(directory / "signing.key")
+    (directory / "delegation.secret").write_text(secret + "\n")
+    config = render_config(f"localhost:{federation_port}")
+    config = config.replace('bind = "127.0.0.1:8008"', f'bind = "127.0.0.1:{client_port}"')
+    config = config.replace(
+        'bind = "127.0.0.1:8448"',
+        f'bind = "127.0.0.1:{federation_port}"\n'
+        f'tls_certificate_file = "{tls.cert}"\n'
+        f'tls_private_key_file = "{tls.key}"',
+    )
+    config = config.replace("enabled = true", "enabled = false")
+    config = config.replace(
+        "[delegation]\n", '[delegation]\nshared_secret_file = "delegation.secret"\n'
+    )
+    path = directory / "config.toml"
+    path.write_text(config)
+    return path
+
+
+async def start_peekproxy(
+    nursery: trio.Nursery, config: Path, env: dict[str, str]
+) -> trio.Process:
+    """Run ``peekproxy run -c CONFIG`` until its ``ready:`` line; its log is drained in
+    ``nursery`` so it never blocks."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "peekproxy", "run", "-c", str(config)],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    log = b""
+    while b"ready:" not in log:
+        chunk = await process.stderr.receive_some(4096)
+        if not chunk:
+            raise RuntimeError(f"peekproxy did not start:\n{log.decode(errors='replace')}")
+        log += chunk
+
+    async def drain() -> None:
+        assert process.stderr is not None
+        while await process.stderr.receive_some(65536):
+            pass
+
+    nursery.start_soon(drain)
+    return process
 
 
 class _Process:
@@ -105,44 +190,21 @@ async def _start(
 
 async def _demo(directory: Path) -> str:
     try:
-        import trustme
+        tls = write_loopback_tls(directory)
     except ImportError:
         return "demo: FAILED - trustme is missing: run `make demo` (it installs it)"
-    ca = trustme.CA()
-    ca_file = directory / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    tls_cert, tls_key = directory / "tls.crt", directory / "tls.key"
-    cert.private_key_pem.write_to_path(str(tls_key))
-    tls_cert.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    tb_port, pp_port, client_port = _free_port(), _free_port(), _free_port()
+    tls_cert, tls_key, ca_file = tls.cert, tls.key, tls.ca_file
+    tb_port, pp_port, client_port = free_port(), free_port(), free_port()
     testbed_name, peekproxy_name = f"localhost:{tb_port}", f"localhost:{pp_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PEEKPROXY_")}
-
-    # peekproxy's config: the shipped template, on loopback with TLS and a delegation secret.
-    pp_dir = directory / "peekproxy"
-    pp_dir.mkdir()
-    write_new_signing_key(pp_dir / "signing.key")
-    (pp_dir / "delegation.secret").write_text("demo-secret\n")
-    config = render_config(peekproxy_name)
-    config = config.replace('bind = "127.0.0.1:8008"', f'bind = "127.0.0.1:{client_port}"')
-    config = config.replace(
-        'bind = "127.0.0.1:8448"',
-        f'bind = "127.0.0.1:{pp_port}"\n'
-        f'tls_certificate_file = "{tls_cert}"\n'
-        f'tls_private_key_file = "{tls_key}"',
+    config_path = write_peekproxy_config(
+        directory / "peekproxy",
+        federation_port=pp_port,
+        client_port=client_port,
+        tls=tls,
+        secret="demo-secret",
     )
-    config = config.replace("enabled = true", "enabled = false")
-    config = config.replace(
-        "[delegation]\n", '[delegation]\nshared_secret_file = "delegation.secret"\n'
-    )
-    config_path = pp_dir / "config.toml"
-    config_path.write_text(config)
-    pp_env = env | {
-        "PEEKPROXY_FEDERATION__IP_RANGE_WHITELIST": '["127.0.0.0/8"]',
-        "PEEKPROXY_FEDERATION__TLS_CA_FILE": str(ca_file),
-        "PEEKPROXY_PEEKS__LINGER": "0.5s",
-    }
+    pp_env = env | tls.env | {"PEEKPROXY_PEEKS__LINGER": "0.5s"}
 
     async with trio.open_nursery() as nursery:
         print(
