@@ -109,9 +109,7 @@ def write_peekproxy_config(
     return path
 
 
-async def start_peekproxy(
-    nursery: trio.Nursery, config: Path, env: dict[str, str]
-) -> trio.Process:
+async def start_peekproxy(nursery: trio.Nursery, config: Path, env: dict[str, str]) -> trio.Process:
     """Run ``peekproxy run -c CONFIG`` until its ``ready:`` line; its log is drained in
     ``nursery`` so it never blocks."""
     process = await trio.lowlevel.open_process(

@@ -44,15 +44,15 @@ def key_id(signing_key: SigningKey) -> str:
     return f"{signing_key.alg}:{signing_key.version}"
 
 
-def write_new_signing_key(path: Path) -> SigningKey:
+def write_new_signing_key(path: Path, version_prefix: str = "a_") -> SigningKey:
     """Generate a fresh ed25519 key and write it to ``path`` with mode 0600.
 
-    The version is ``a_`` followed by four random letters or digits.
+    The version is ``version_prefix`` followed by four random letters or digits.
 
     Raises:
         SigningKeyError: the file already exists, or cannot be written.
     """
-    version = "a_" + "".join(secrets.choice(_VERSION_ALPHABET) for _ in range(4))
+    version = version_prefix + "".join(secrets.choice(_VERSION_ALPHABET) for _ in range(4))
     signing_key = generate_signing_key(version)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

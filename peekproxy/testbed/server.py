@@ -24,7 +24,7 @@ from urllib.parse import unquote_to_bytes
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from signedjson.key import generate_signing_key, read_signing_keys, write_signing_keys
+from signedjson.key import read_signing_keys
 from signedjson.types import SigningKey
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -37,7 +37,7 @@ from peekproxy.api.federation_auth import authenticate, read_json_body
 from peekproxy.daemon import DaemonError, _hypercorn_config, _start_listener
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring, TrustedNotary
-from peekproxy.federation.signing_key import key_id, server_key_document
+from peekproxy.federation.signing_key import key_id, server_key_document, write_new_signing_key
 from peekproxy.identifiers import InvalidIdentifier, RoomAlias, UserId
 from peekproxy.testbed.config import TestbedConfig
 from peekproxy.testbed.faults import Faults
@@ -947,11 +947,7 @@ def _load_or_create_key(path: Path) -> SigningKey:
         key: SigningKey = keys[0]
         return key
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = generate_signing_key("tb_" + secrets.token_hex(2))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as stream:
-        write_signing_keys(stream, [key])
-    return key
+    return write_new_signing_key(path, version_prefix="tb_")
 
 
 def _load_or_create_token(path: Path) -> str:
