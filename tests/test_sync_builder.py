@@ -392,6 +392,19 @@ def test_live_events_only(room: Room) -> None:
     assert entry["state"]["events"] == []
 
 
+@pytest.mark.parametrize(("sent", "limit"), [(2, 3), (6, 10), (9, 10), (10, 10), (11, 10)])
+def test_live_timeline_holds_up_to_the_limit(room: Room, sent: int, limit: int) -> None:
+    # Regression: fewer events than the limit (but more than half of it) used to be cut to
+    # ``2 * sent - limit`` and marked limited.
+    room.create()
+    since = room.stream.pos
+    sent_ids = [room.message(f"m{i}") for i in range(sent)]
+    entry = sync([room], [active(room, 1)], since=since, timeline_limit=limit)["rooms"]["peek"]
+    timeline = entry[room.room_id]["timeline"]
+    assert ids(timeline) == sent_ids[-limit:]
+    assert timeline["limited"] is (sent > limit)
+
+
 def test_live_state_event_is_in_the_timeline_not_the_state(room: Room) -> None:
     room.create()
     since = room.stream.pos

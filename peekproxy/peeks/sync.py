@@ -320,7 +320,7 @@ def _tail(items: Sequence[StreamItem], limit: int) -> tuple[list[StreamItem], bo
         if item.kind == "gap":
             start = index + 1
     events = [item for item in items[start:] if item.kind == "event" and item.event_id]
-    kept = events[len(events) - limit :] if limit else []
+    kept = events[max(0, len(events) - limit) :] if limit else []
     return kept, start > 0 or len(kept) < len(events)
 
 
