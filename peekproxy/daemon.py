@@ -87,6 +87,10 @@ class _MetricsOnly:
         await response(scope, receive, send)
 
 
+#: Pending connections each listener queues (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 4096
+
+
 def _hypercorn_config(
     bind: str,
     *,
@@ -97,6 +101,9 @@ def _hypercorn_config(
 ) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [bind]
+    # hypercorn's default of 100 pending connections drops SYNs when many devices (re)connect
+    # at once, e.g. after a restart; each dropped SYN costs that client 1 s, then 3 s.
+    config.backlog = LISTEN_BACKLOG
     config.graceful_timeout = grace
     config.accesslog = logging.getLogger("peekproxy.access") if access_log else None
     config.access_log_format = ACCESS_LOG_FORMAT
