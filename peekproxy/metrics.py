@@ -7,7 +7,13 @@ import time
 from prometheus_client import Counter, Histogram, make_asgi_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["HTTP_REQUESTS", "HTTP_REQUEST_SECONDS", "RequestMetrics", "metrics_app"]
+__all__ = [
+    "HTTP_REQUESTS",
+    "HTTP_REQUEST_SECONDS",
+    "SYNC_ANSWERS",
+    "RequestMetrics",
+    "metrics_app",
+]
 
 HTTP_REQUESTS = Counter(
     "peekproxy_http_requests",
@@ -18,6 +24,14 @@ HTTP_REQUEST_SECONDS = Histogram(
     "peekproxy_http_request_duration_seconds",
     "Time from request start to response start, by listener",
     ["listener"],
+)
+
+SYNC_ANSWERS = Counter(
+    "peekproxy_sync_answers",
+    "Sync responses, by where they were built from: 'memory' (the live window of recent "
+    "stream rows) or 'store' (a database read: initial, full_state, new or restored peeks, "
+    "limited timelines, tokens older than the window)",
+    ["source"],
 )
 
 

@@ -13,6 +13,7 @@ acknowledged.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,7 +29,9 @@ from peekproxy.federation.keyring import KeyFetchError, Keyring
 from peekproxy.federation.pdu import check_pdu, signer_key_ids
 from peekproxy.federation.room_versions import KNOWN_ROOM_VERSIONS, UnknownRoomVersion, room_version
 from peekproxy.identifiers import InvalidIdentifier, RoomAlias, RoomId
+from peekproxy.metrics import SYNC_ANSWERS
 from peekproxy.peeks import subscription as subs
+from peekproxy.peeks.live import LiveAnswer, LiveWindow, StreamChange
 from peekproxy.peeks.notifier import Notifier
 from peekproxy.peeks.outcomes import (
     PeekAttemptFailure,
@@ -40,10 +43,7 @@ from peekproxy.peeks.outcomes import (
 )
 from peekproxy.peeks.subscription import Action, Subscription, SubState
 from peekproxy.peeks.sync import (
-    DevicePeek,
     InvalidToken,
-    RoomView,
-    StreamItem,
     build_sync,
     decode_token,
 )
@@ -125,9 +125,14 @@ class PeekService:
         self.notifier = Notifier()
         #: Last /sync (or peek) of each device with peeks, ms; for the idle drop.
         self._seen: dict[tuple[str, str], int] = {}
+        #: (seen at, device) for each device in _seen, the earliest first; an entry may be
+        #: older than _seen says (the device synced again): the reaper then pushes it again.
+        self._idle_heap: list[tuple[int, tuple[str, str]]] = []
         self._seen_changed = trio.Event()
         #: The rooms each device's last sync watched, to register wake-ups before reading.
         self._watched: dict[tuple[str, str], list[str]] = {}
+        #: The newest stream rows in memory: most woken syncs are answered from here.
+        self.live = LiveWindow()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -135,6 +140,8 @@ class PeekService:
         """Load subscriptions, resume them (renew at once; a lapse while down becomes a
         gap) and keep them going until cancelled."""
         now = self.clock_ms()
+        self.store.set_commit_hook(self._read_changes, self._apply_changes)
+        await self.store.write(lambda conn: None)  # starts the live window at the newest row
         loaded = await self.store.read(db.load_subscriptions)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -151,10 +158,29 @@ class PeekService:
                 ).fetchall()
             )
             for user_id, device_id in active:  # the idle clock restarts with the daemon
-                self._seen[(str(user_id), str(device_id))] = now
+                self._mark_seen((str(user_id), str(device_id)), now)
             nursery.start_soon(self._reap_idle)
             task_status.started()
             await trio.sleep_forever()
+
+    def _room_version_of(self, room_id: str) -> str | None:
+        sub = self.subscriptions.get(room_id)
+        return sub.room_version if sub is not None else None
+
+    def _read_changes(self, conn: Any) -> tuple[list[StreamChange], int]:
+        # In the writer thread, inside the write's transaction; the watermark only moves in
+        # _apply_changes, which runs before the next write starts.
+        return db.stream_changes(conn, self.live.watermark)
+
+    def _apply_changes(self, result: tuple[list[StreamChange], int]) -> None:
+        changes, upto = result
+        try:
+            if self.live.watermark is None:
+                self.live.start(upto)
+            else:
+                self.live.apply(changes, upto)
+        except ValueError:
+            log.exception("the live window is out of step: syncs read the database from now on")
 
     @staticmethod
     def _resume(sub: Subscription, now_ms: int) -> Subscription:
@@ -299,10 +325,18 @@ class PeekService:
         """Something new was stored for ``room_id``: wake the syncs waiting on it."""
         self.notifier.notify_room(room_id)
 
-    def _mark_seen(self, device: tuple[str, str]) -> None:
-        self._seen[device] = self.clock_ms()
-        self._seen_changed.set()
-        self._seen_changed = trio.Event()
+    def _mark_seen(self, device: tuple[str, str], now_ms: int | None = None) -> None:
+        """Restart the device's idle clock. O(log devices): only a device new to the reaper
+        can need it to wake earlier than it planned."""
+        now = self.clock_ms() if now_ms is None else now_ms
+        new = device not in self._seen
+        self._seen[device] = now
+        if new:
+            entry = (now, device)
+            heapq.heappush(self._idle_heap, entry)
+            if self._idle_heap[0] is entry:
+                self._seen_changed.set()
+                self._seen_changed = trio.Event()
 
     async def _after_failed_start(self, room_id: str, error: PeekError) -> None:
         """A device's peek failed. Devices already peeking the room keep their subscription
@@ -382,11 +416,31 @@ class PeekService:
         deadline = trio.current_time() + max(0, timeout_ms) / 1000
         watched = self._watched.get(device, [])
         restored = False
+        live: LiveAnswer | None = None
         while True:
             # Register for wake-ups first, then look: no change can slip in between.
             registered = watched
             event = self.notifier.register(registered, device)
             try:
+                live = None
+                if position is not None and not full_state:
+                    live = self.live.answer(
+                        device,
+                        position,
+                        timeline_limit=timeline_limit,
+                        room_version_of=self._room_version_of,
+                    )
+                if live is not None:
+                    if live.active != watched:
+                        watched = live.active
+                        self._watched[device] = watched
+                        continue  # registered for the wrong rooms: register again
+                    remaining = deadline - trio.current_time()
+                    if live.changed or remaining <= 0:
+                        break
+                    with trio.move_on_after(remaining):
+                        await event.wait()
+                    continue
                 snapshot = await self.store.read(
                     partial(
                         db.sync_snapshot,
@@ -397,11 +451,12 @@ class PeekService:
                         limit=timeline_limit,
                     )
                 )
-                dormant = [room for room, state, _ in snapshot["peeks"] if state == "dormant"]
+                dormant = [p.room_id for p in snapshot["peeks"] if p.state == "dormant"]
                 if dormant and not restored:
                     restored = True
                     await self._restore_dormant(user_id, device_id, dormant)
                     continue  # the restored peeks changed what there is to show
+                self.live.load_device(device, snapshot["peeks"], as_of=snapshot["upto"])
                 if snapshot["active"] != watched:
                     watched = snapshot["active"]
                     self._watched[device] = watched
@@ -414,27 +469,27 @@ class PeekService:
             finally:
                 self.notifier.unregister(event, registered, device)
         self._mark_seen(device)
+        if live is not None:
+            SYNC_ANSWERS.labels("memory").inc()
+            return build_sync(
+                since=position,
+                upto=live.upto,
+                peeks=live.peeks,
+                rooms=live.views,
+                timeline_limit=timeline_limit,
+                full_state=False,
+                now_ms=self.clock_ms(),
+                section=self.settings.sync_section,
+            )
+        SYNC_ANSWERS.labels("store").inc()
         upto: int = snapshot["upto"]
         if position is not None and position > upto:
             raise PeekError(400, "M_INVALID_PARAM", f"since token {since!r} is from the future")
-        views = {
-            room_id: RoomView(
-                room_id=room_id,
-                room_version=rows["room_version"],
-                recent=[StreamItem(p, k, e) for p, k, e in rows["recent"]],
-                has_earlier=rows["has_earlier"],
-                state_ids=rows["state_ids"],
-                events=rows["events"],
-                redacted=frozenset(rows["redacted"]),
-                ephemeral=rows["ephemeral"],
-            )
-            for room_id, rows in snapshot["views"].items()
-        }
         answer: dict[str, Any] = build_sync(
             since=position,
             upto=upto,
-            peeks=[DevicePeek(r, s, p) for r, s, p in snapshot["peeks"]],
-            rooms=views,
+            peeks=snapshot["peeks"],
+            rooms=snapshot["views"],
             timeline_limit=timeline_limit,
             full_state=full_state,
             now_ms=self.clock_ms(),
@@ -483,12 +538,18 @@ class PeekService:
         (protocol.md decision 9); a room left with no active peek is then released."""
         idle = self.settings.idle_timeout_ms
         while True:
-            now = self.clock_ms()
-            expired = [d for d, seen in self._seen.items() if now - seen >= idle]
-            for user_id, device_id in expired:
-                del self._seen[(user_id, device_id)]
-                await self._make_dormant(user_id, device_id)
-            wake = min((seen + idle for seen in self._seen.values()), default=None)
+            heap = self._idle_heap
+            while heap and heap[0][0] + idle <= self.clock_ms():
+                _, device = heapq.heappop(heap)
+                seen = self._seen.get(device)
+                if seen is None:
+                    continue
+                if seen + idle > self.clock_ms():  # synced since: look again later
+                    heapq.heappush(heap, (seen, device))
+                    continue
+                del self._seen[device]
+                await self._make_dormant(*device)
+            wake = heap[0][0] + idle if heap else None
             changed = self._seen_changed
             if wake is None:
                 await changed.wait()

@@ -12,7 +12,9 @@ import sqlite3
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from peekproxy.peeks.live import StreamChange
 from peekproxy.peeks.subscription import Subscription, SubState
+from peekproxy.peeks.sync import DevicePeek, RoomView, StreamItem
 
 __all__ = [
     "add_gap",
@@ -26,6 +28,7 @@ __all__ = [
     "save_txn",
     "set_device_peek",
     "store_snapshot",
+    "stream_changes",
     "txn_response",
 ]
 
@@ -311,6 +314,71 @@ def event_pdu(conn: sqlite3.Connection, event_id: str) -> dict[str, Any] | None:
 # -- sync ------------------------------------------------------------------------------------
 
 
+def stream_changes(conn: sqlite3.Connection, after: int | None) -> tuple[list[StreamChange], int]:
+    """The stream rows after position ``after``, oldest first, each with what the live
+    window needs (PDU, EDU content, which device peek), and the newest position. With
+    ``after=None``: no rows, just the newest position (where a live window starts)."""
+    upto = max_stream_pos(conn)
+    if after is None or upto <= after:
+        return [], upto
+    rows = conn.execute(
+        "SELECT s.stream_pos, s.room_id, s.kind, s.event_id, e.pdu_json, e.redacted "
+        "FROM room_stream s LEFT JOIN events e ON s.kind = 'event' AND e.event_id = s.event_id "
+        "WHERE s.stream_pos > ? ORDER BY s.stream_pos",
+        (after,),
+    ).fetchall()
+    kinds = {row[2] for row in rows}
+    edus: dict[int, tuple[str, Any]] = {}
+    if "ephemeral" in kinds:
+        edus = {
+            int(p): (str(t), json.loads(c))
+            for t, c, p in conn.execute(
+                "SELECT edu_type, content_json, stream_pos FROM ephemeral WHERE stream_pos > ?",
+                (after,),
+            )
+        }
+    devices: dict[int, tuple[str, str, str]] = {}
+    if "device" in kinds:
+        devices = {
+            int(p): (str(u), str(d), str(st))
+            for u, d, st, p in conn.execute(
+                "SELECT user_id, device_id, state, changed_pos FROM device_peeks "
+                "WHERE changed_pos > ?",
+                (after,),
+            )
+        }
+    changes = []
+    for pos, room_id, kind, event_id, pdu_json, redacted in rows:
+        if kind == "event":
+            changes.append(
+                StreamChange(
+                    pos,
+                    room_id,
+                    kind,
+                    event_id=event_id,
+                    pdu=json.loads(pdu_json) if pdu_json is not None else None,
+                    redacted=bool(redacted),
+                )
+            )
+        elif kind == "ephemeral":
+            edu_type, content = edus.get(pos, (None, None))
+            changes.append(StreamChange(pos, room_id, kind, edu_type=edu_type, content=content))
+        elif kind == "device":
+            device = devices.get(pos)
+            changes.append(
+                StreamChange(
+                    pos,
+                    room_id,
+                    kind,
+                    device=(device[0], device[1]) if device else None,
+                    peek_state=device[2] if device else None,
+                )
+            )
+        else:
+            changes.append(StreamChange(pos, room_id, kind, event_id=event_id))
+    return changes, upto
+
+
 def max_stream_pos(conn: sqlite3.Connection) -> int:
     """The newest stream position (0 for an empty stream)."""
     row = conn.execute("SELECT MAX(stream_pos) FROM room_stream").fetchone()
@@ -417,20 +485,33 @@ def sync_snapshot(
     full_state: bool,
     limit: int,
 ) -> dict[str, Any]:
-    """Everything one /sync needs, in one read: the device's peeks, the newest position,
-    whether anything changed since ``since``, and (if so) each shown room's rows."""
-    peeks = device_peeks(conn, user_id, device_id)
+    """Everything one /sync needs, in one read: ``peeks`` (the device's
+    :class:`~peekproxy.peeks.sync.DevicePeek` list), ``upto`` (the newest position),
+    ``active`` (rooms with an active peek, sorted), ``changed`` (whether anything changed
+    since ``since``) and, if so, ``views``: a :class:`~peekproxy.peeks.sync.RoomView` of
+    each room to show."""
+    peeks = [DevicePeek(r, s, p) for r, s, p in device_peeks(conn, user_id, device_id)]
     upto = max_stream_pos(conn)
-    active = [room for room, state, _ in peeks if state == "active"]
-    changed = since is None or full_state or any(pos > since for _, _, pos in peeks)
+    active = [peek.room_id for peek in peeks if peek.state == "active"]
+    changed = since is None or full_state or any(peek.changed_pos > since for peek in peeks)
     if not changed:
         assert since is not None
         changed = rooms_changed(conn, active, since, upto)
-    views: dict[str, dict[str, Any]] = {}
+    views: dict[str, RoomView] = {}
     if changed:
-        for room_id, state, changed_pos in peeks:
-            if state == "active" or (
-                state == "ended" and since is not None and since < changed_pos <= upto
+        for peek in peeks:
+            if peek.state == "active" or (
+                peek.state == "ended" and since is not None and since < peek.changed_pos <= upto
             ):
-                views[room_id] = room_view_rows(conn, room_id, since, upto, limit)
+                rows = room_view_rows(conn, peek.room_id, since, upto, limit)
+                views[peek.room_id] = RoomView(
+                    room_id=peek.room_id,
+                    room_version=rows["room_version"],
+                    recent=[StreamItem(p, k, e) for p, k, e in rows["recent"]],
+                    has_earlier=rows["has_earlier"],
+                    state_ids=rows["state_ids"],
+                    events=rows["events"],
+                    redacted=frozenset(rows["redacted"]),
+                    ephemeral=rows["ephemeral"],
+                )
     return {"peeks": peeks, "upto": upto, "active": active, "changed": changed, "views": views}

@@ -1,7 +1,11 @@
 """SQLite storage shell: stdlib :mod:`sqlite3` run in worker threads via :mod:`trio.to_thread`.
 
-* One writer connection behind a ``CapacityLimiter(1)``; each :meth:`Store.write` call is one
-  ``BEGIN IMMEDIATE`` ... ``COMMIT`` transaction, so whatever it returns has been stored.
+* One writer connection; writes wait their turn on a FIFO lock, and each :meth:`Store.write`
+  call is one ``BEGIN IMMEDIATE`` ... ``COMMIT`` transaction, so whatever it returns has been
+  stored.
+* A commit hook (:meth:`Store.set_commit_hook`) reads what a write changed inside its
+  transaction and is handed it after the commit, in commit order, before the next write
+  starts: the live window (peekproxy/peeks/live.py) follows the stream this way.
 * Two reader connections (WAL lets them read while the writer writes).
 * ``journal_mode=WAL``, ``synchronous=FULL``: a committed write survives a crash of the process
   and of the machine.
@@ -18,7 +22,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -141,8 +145,24 @@ class Store:
         self._writer = writer
         self._readers = readers
         self._free_readers = list(readers)
-        self._write_limiter = trio.CapacityLimiter(1)
+        self._write_lock = trio.Lock()  # FIFO: writes and their hooks run in arrival order
+        self._write_limiter = trio.CapacityLimiter(1)  # the writer's own worker thread slot
         self._read_limiter = trio.CapacityLimiter(len(readers))
+        self._hook_read: Callable[[sqlite3.Connection], Any] | None = None
+        self._hook_apply: Callable[[Any], None] | None = None
+
+    def set_commit_hook(
+        self,
+        read: Callable[[sqlite3.Connection], T],
+        apply: Callable[[T], None],
+    ) -> None:
+        """After each write's ``fn``, call ``read(conn)`` in the same transaction (in the
+        writer thread); once that transaction has committed, call ``apply(result)`` in the
+        trio thread. ``apply`` calls happen in commit order, each before the next write
+        starts. An exception from ``read`` fails the write (rolled back); one from
+        ``apply`` is the hook's to handle (the write has committed)."""
+        self._hook_read = read
+        self._hook_apply = apply
 
     @classmethod
     async def open(cls, path: Path, server_name: str) -> Store:
@@ -161,17 +181,24 @@ class Store:
         Not abandoned on cancellation: a write that started is finished or rolled back.
         """
 
-        def run() -> T:
+        hook_read, hook_apply = self._hook_read, self._hook_apply
+
+        def run() -> tuple[T, Any]:
             self._writer.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(self._writer)
+                changes = hook_read(self._writer) if hook_read is not None else None
             except BaseException:
                 self._writer.execute("ROLLBACK")
                 raise
             self._writer.execute("COMMIT")
-            return result
+            return result, changes
 
-        return await trio.to_thread.run_sync(run, limiter=self._write_limiter)
+        async with self._write_lock:
+            result, changes = await trio.to_thread.run_sync(run, limiter=self._write_limiter)
+            if hook_apply is not None:
+                hook_apply(changes)
+        return result
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` on one of the read-only connections and return its result."""
@@ -188,7 +215,7 @@ class Store:
         return {str(k): str(v) for k, v in rows}
 
     async def aclose(self) -> None:
-        async with self._write_limiter:
+        async with self._write_lock:
             for reader in self._readers:  # wait until no read is running
                 await self._read_limiter.acquire_on_behalf_of(reader)
             await trio.to_thread.run_sync(self._close_sync)

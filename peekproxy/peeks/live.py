@@ -1,0 +1,245 @@
+"""The live window: the newest stream rows in memory, so that a woken ``/sync`` can be
+answered without reading the database (the fan-out of one event to many long-polls).
+
+Pure: no I/O, no clock. The store hands every committed write's new stream rows to
+:meth:`LiveWindow.apply`, in commit order (see ``Store.set_commit_hook``); the window keeps
+the newest ``capacity`` room items (events, gaps, EDUs) and each known device's peeks.
+
+:meth:`LiveWindow.answer` returns what :func:`~peekproxy.peeks.sync.build_sync` needs for one
+device, or ``None`` when memory cannot answer for certain and the caller must read the
+store. It answers only the common case of an incremental sync (protocol.md §2.5):
+
+* the device's peeks are known and none changed after ``since`` (no new, restored, dormant
+  or just-ended peek: those need current state or a ``leave`` entry);
+* every position after ``since`` is still in the window, and ``since`` is not ahead of it;
+* no peeked room has a gap after ``since`` or more events than the timeline limit (both make
+  the timeline ``limited``, which needs the room's state).
+
+Within those limits the answer equals what the store snapshot gives: the same events, the
+same positions, and for EDUs the newest ``m.typing`` / ``m.receipt`` per room, as the
+``ephemeral`` table keeps them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from peekproxy.peeks.sync import DevicePeek, RoomView, StreamItem
+
+__all__ = ["DEFAULT_CAPACITY", "LiveAnswer", "LiveWindow", "StreamChange"]
+
+#: Room items kept in memory (events, gaps, EDUs of all rooms). About 1 KiB each for events.
+DEFAULT_CAPACITY = 10_000
+
+ROOM_KINDS = frozenset({"event", "gap", "ephemeral"})
+
+
+@dataclass(frozen=True)
+class StreamChange:
+    """One committed row of the room stream, with what the sync needs of it.
+
+    ``kind`` is ``event`` (``event_id``, ``pdu``, ``redacted``), ``gap``, ``ephemeral``
+    (``edu_type``, ``content``) or ``device`` (``device`` = (user ID, device ID) and
+    ``peek_state``; ``None`` when the row was overwritten in the same write).
+    """
+
+    pos: int
+    room_id: str
+    kind: str
+    event_id: str | None = None
+    pdu: Mapping[str, Any] | None = None
+    redacted: bool = False
+    edu_type: str | None = None
+    content: Mapping[str, Any] | None = None
+    device: tuple[str, str] | None = None
+    peek_state: str | None = None
+
+
+@dataclass(frozen=True)
+class LiveAnswer:
+    """What the window knows for one device at stream position ``upto``."""
+
+    upto: int
+    peeks: list[DevicePeek]
+    #: Rooms with an active peek, sorted: what a waiting sync registers wake-ups for.
+    active: list[str]
+    #: A view of each active room with news in ``(since, upto]``; empty: nothing new.
+    views: dict[str, RoomView] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.views)
+
+
+class _Limited(Exception):
+    """A room's timeline would be limited: only the store can answer."""
+
+
+class LiveWindow:
+    """The newest stream rows and the known devices' peeks (see the module docstring)."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        #: Every row up to here is applied; ``None`` until :meth:`start`.
+        self.watermark: int | None = None
+        #: Every room item after this position is in the window.
+        self.complete_after = 0
+        self._order: deque[tuple[int, str]] = deque()
+        self._rooms: dict[str, deque[StreamChange]] = {}
+        self._devices: dict[tuple[str, str], dict[str, DevicePeek]] = {}
+        self.broken = False
+
+    def start(self, upto: int) -> None:
+        """Begin at stream position ``upto`` (the store's newest): the window is empty and
+        complete after it."""
+        self.watermark = upto
+        self.complete_after = upto
+        self._order.clear()
+        self._rooms.clear()
+        self._devices.clear()
+
+    def apply(self, changes: Iterable[StreamChange], upto: int) -> None:
+        """Apply one committed write: its stream rows in position order, all after the
+        watermark; ``upto`` becomes the watermark.
+
+        Raises:
+            ValueError: not started, or rows out of order (the window is then unusable and
+                every :meth:`answer` is ``None``).
+        """
+        if self.watermark is None:
+            raise ValueError("the live window was not started")
+        last = self.watermark
+        for change in changes:
+            if change.pos <= last:
+                self.broken = True
+                raise ValueError(f"stream row {change.pos} is not after {last}")
+            last = change.pos
+            if change.kind == "device":
+                self._apply_device(change)
+            elif change.kind in ROOM_KINDS:
+                self._rooms.setdefault(change.room_id, deque()).append(change)
+                self._order.append((change.pos, change.room_id))
+        if upto < last:
+            self.broken = True
+            raise ValueError(f"watermark {upto} is behind stream row {last}")
+        self.watermark = upto
+        while len(self._order) > self.capacity:
+            pos, room_id = self._order.popleft()
+            items = self._rooms[room_id]
+            items.popleft()
+            if not items:
+                del self._rooms[room_id]
+            self.complete_after = pos
+
+    def _apply_device(self, change: StreamChange) -> None:
+        if change.device is None or change.peek_state is None:
+            return
+        peeks = self._devices.get(change.device)
+        if peeks is not None:
+            peeks[change.room_id] = DevicePeek(change.room_id, change.peek_state, change.pos)
+
+    def load_device(self, device: tuple[str, str], peeks: Iterable[DevicePeek], as_of: int) -> None:
+        """Remember a device's peeks as read from the store at position ``as_of``. Ignored
+        unless ``as_of`` is the watermark (a later change could otherwise be missing)."""
+        if self.watermark is not None and as_of == self.watermark and not self.broken:
+            self._devices[device] = {peek.room_id: peek for peek in peeks}
+
+    def forget_device(self, device: tuple[str, str]) -> None:
+        self._devices.pop(device, None)
+
+    def known_devices(self) -> int:
+        return len(self._devices)
+
+    def answer(
+        self,
+        device: tuple[str, str],
+        since: int,
+        *,
+        timeline_limit: int,
+        room_version_of: Callable[[str], str | None],
+    ) -> LiveAnswer | None:
+        """The device's incremental sync from ``since`` out of memory, or ``None`` when
+        only the store can answer (see the module docstring). ``room_version_of`` gives a
+        room's version (``None``: unknown, shown as ``"10"`` like the store does), for
+        showing redacted events."""
+        upto = self.watermark
+        peeks = self._devices.get(device)
+        if upto is None or self.broken or peeks is None or not self.complete_after <= since <= upto:
+            return None
+        active = []
+        for peek in peeks.values():
+            if peek.changed_pos > since or peek.state not in ("active", "ended"):
+                return None
+            if peek.state == "active":
+                active.append(peek.room_id)
+        active.sort()
+        limit = max(0, timeline_limit)
+        views: dict[str, RoomView] = {}
+        for room_id in active:
+            try:
+                view = self._room_view(room_id, since, limit, room_version_of(room_id))
+            except _Limited:
+                return None
+            if view is not None:
+                views[room_id] = view
+        return LiveAnswer(upto=upto, peeks=list(peeks.values()), active=active, views=views)
+
+    def _room_view(
+        self, room_id: str, since: int, limit: int, room_version: str | None
+    ) -> RoomView | None:
+        """The room's news after ``since``, or ``None`` without news.
+
+        Raises:
+            _Limited: the timeline would be limited (a gap, or too many events).
+        """
+        items = self._rooms.get(room_id)
+        if not items:
+            return None
+        newer: list[StreamChange] = []
+        for item in reversed(items):
+            if item.pos <= since:
+                break
+            newer.append(item)
+        if not newer:
+            return None
+        newer.reverse()
+        recent: list[StreamItem] = []
+        events: dict[str, Mapping[str, Any]] = {}
+        redacted: set[str] = set()
+        latest_edu: dict[str, StreamChange] = {}
+        for item in newer:
+            if item.kind == "gap":
+                raise _Limited
+            if item.kind == "ephemeral":
+                if item.edu_type is not None:
+                    latest_edu[item.edu_type] = item
+                continue
+            if item.event_id is None or item.pdu is None:
+                raise _Limited  # not expected: let the store answer
+            recent.append(StreamItem(item.pos, "event", item.event_id))
+            events[item.event_id] = item.pdu
+            if item.redacted:
+                redacted.add(item.event_id)
+        if len(recent) > limit:
+            raise _Limited
+        # The newest EDU of each type after ``since`` is the room's newest (the window holds
+        # everything after ``since``): the one row the store's ``ephemeral`` table keeps.
+        ephemeral = [
+            (edu_type, item.content or {}, item.pos)
+            for edu_type, item in sorted(latest_edu.items())
+        ]
+        return RoomView(
+            room_id=room_id,
+            room_version=room_version or "10",
+            recent=recent,
+            has_earlier=False,
+            state_ids={},
+            events=events,
+            redacted=frozenset(redacted),
+            ephemeral=ephemeral,
+        )
