@@ -21,7 +21,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from peekproxy import __version__
+from peekproxy import __version__, gc_policy
 from peekproxy.api.client import client_app
 from peekproxy.api.delegation import delegation_routes, read_secret
 from peekproxy.api.errors import matrix_error_response
@@ -216,6 +216,7 @@ async def run_daemon(
             **limits,  # type: ignore[arg-type]
         )
     started = False
+    gc_thresholds: tuple[int, int, int] | None = None
     grace = server.shutdown_grace
     access_log = config.logging.access_log
     listeners = config.listeners
@@ -278,11 +279,15 @@ async def run_daemon(
                 )
                 sd_notify("READY=1")
                 started = True
+                gc_thresholds = gc_policy.settle()
+                outer.start_soon(gc_policy.collect_periodically)
                 task_status.started(listening)
                 await shutdown.wait()
                 sd_notify("STOPPING=1")
             outer.cancel_scope.cancel()
     finally:
+        if gc_thresholds is not None:
+            gc_policy.restore(gc_thresholds)
         with trio.CancelScope(shield=True):
             if upstream is not None:
                 await upstream.aclose()
