@@ -148,6 +148,9 @@ class Store:
         self._write_lock = trio.Lock()  # FIFO: writes and their hooks run in arrival order
         self._write_limiter = trio.CapacityLimiter(1)  # the writer's own worker thread slot
         self._read_limiter = trio.CapacityLimiter(len(readers))
+        # Reads get worker threads of their own: trio's shared pool (40) can be full of
+        # blocking DNS lookups when many remotes are unreachable.
+        self._read_threads = trio.CapacityLimiter(len(readers))
         self._hook_read: Callable[[sqlite3.Connection], Any] | None = None
         self._hook_apply: Callable[[Any], None] | None = None
 
@@ -205,7 +208,7 @@ class Store:
         async with self._read_limiter:
             reader = self._free_readers.pop()
             try:
-                return await trio.to_thread.run_sync(fn, reader)
+                return await trio.to_thread.run_sync(fn, reader, limiter=self._read_threads)
             finally:
                 self._free_readers.append(reader)
 
