@@ -22,6 +22,7 @@ same positions, and for EDUs the newest ``m.typing`` / ``m.receipt`` per room, a
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class LiveAnswer:
     active: list[str]
     #: A view of each active room with news in ``(since, upto]``; empty: nothing new.
     views: dict[str, RoomView] = field(default_factory=dict)
+    #: Equal for two answers with the same news: ``upto`` and, per room with news, the
+    #: position of its first new row. Devices woken by one event share one built response.
+    key: tuple[Any, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -91,7 +95,12 @@ class LiveWindow:
         self.complete_after = 0
         self._order: deque[tuple[int, str]] = deque()
         self._rooms: dict[str, deque[StreamChange]] = {}
-        self._devices: dict[tuple[str, str], dict[str, DevicePeek]] = {}
+        #: Each known device's peeks, one per room (a tuple: a few hundred bytes per device
+        #: matter at 100,000 devices).
+        self._devices: dict[tuple[str, str], tuple[DevicePeek, ...]] = {}
+        #: Room views built since the last apply, by (room, first new position, limit); the
+        #: devices woken by one change share them. ``None``: the timeline would be limited.
+        self._views: dict[tuple[str, int, int], RoomView | None] = {}
         self.broken = False
 
     def start(self, upto: int) -> None:
@@ -102,6 +111,7 @@ class LiveWindow:
         self._order.clear()
         self._rooms.clear()
         self._devices.clear()
+        self._views.clear()
 
     def apply(self, changes: Iterable[StreamChange], upto: int) -> None:
         """Apply one committed write: its stream rows in position order, all after the
@@ -114,6 +124,7 @@ class LiveWindow:
         if self.watermark is None:
             raise ValueError("the live window was not started")
         last = self.watermark
+        self._views.clear()
         for change in changes:
             if change.pos <= last:
                 self.broken = True
@@ -141,13 +152,23 @@ class LiveWindow:
             return
         peeks = self._devices.get(change.device)
         if peeks is not None:
-            peeks[change.room_id] = DevicePeek(change.room_id, change.peek_state, change.pos)
+            changed = DevicePeek(sys.intern(change.room_id), change.peek_state, change.pos)
+            others = tuple(peek for peek in peeks if peek.room_id != change.room_id)
+            self._devices[change.device] = (*others, changed)
 
     def load_device(self, device: tuple[str, str], peeks: Iterable[DevicePeek], as_of: int) -> None:
         """Remember a device's peeks as read from the store at position ``as_of``. Ignored
         unless ``as_of`` is the watermark (a later change could otherwise be missing)."""
         if self.watermark is not None and as_of == self.watermark and not self.broken:
-            self._devices[device] = {peek.room_id: peek for peek in peeks}
+            latest: dict[str, DevicePeek] = {}
+            for peek in peeks:
+                known = latest.get(peek.room_id)
+                if known is None or peek.changed_pos >= known.changed_pos:
+                    latest[peek.room_id] = peek
+            self._devices[device] = tuple(
+                DevicePeek(sys.intern(p.room_id), sys.intern(p.state), p.changed_pos)
+                for p in latest.values()
+            )
 
     def forget_device(self, device: tuple[str, str]) -> None:
         self._devices.pop(device, None)
@@ -172,7 +193,7 @@ class LiveWindow:
         if upto is None or self.broken or peeks is None or not self.complete_after <= since <= upto:
             return None
         active = []
-        for peek in peeks.values():
+        for peek in peeks:
             if peek.changed_pos > since or peek.state not in ("active", "ended"):
                 return None
             if peek.state == "active":
@@ -180,34 +201,53 @@ class LiveWindow:
         active.sort()
         limit = max(0, timeline_limit)
         views: dict[str, RoomView] = {}
+        key: list[tuple[str, int]] = []
         for room_id in active:
-            try:
-                view = self._room_view(room_id, since, limit, room_version_of(room_id))
-            except _Limited:
+            newer = self._newer(room_id, since)
+            if not newer:
+                continue
+            memo = (room_id, newer[0].pos, limit)
+            if memo in self._views:
+                view = self._views[memo]
+            else:
+                try:
+                    view = self._room_view(room_id, newer, limit, room_version_of(room_id))
+                except _Limited:
+                    view = None
+                self._views[memo] = view
+            if view is None:
                 return None
-            if view is not None:
-                views[room_id] = view
-        return LiveAnswer(upto=upto, peeks=list(peeks.values()), active=active, views=views)
+            views[room_id] = view
+            key.append((room_id, newer[0].pos))
+        return LiveAnswer(
+            upto=upto,
+            peeks=list(peeks),
+            active=active,
+            views=views,
+            key=(upto, tuple(key)),
+        )
 
-    def _room_view(
-        self, room_id: str, since: int, limit: int, room_version: str | None
-    ) -> RoomView | None:
-        """The room's news after ``since``, or ``None`` without news.
-
-        Raises:
-            _Limited: the timeline would be limited (a gap, or too many events).
-        """
+    def _newer(self, room_id: str, since: int) -> list[StreamChange]:
+        """The room's rows after ``since``, oldest first."""
         items = self._rooms.get(room_id)
-        if not items:
-            return None
+        if not items or items[-1].pos <= since:
+            return []
         newer: list[StreamChange] = []
         for item in reversed(items):
             if item.pos <= since:
                 break
             newer.append(item)
-        if not newer:
-            return None
         newer.reverse()
+        return newer
+
+    def _room_view(
+        self, room_id: str, newer: list[StreamChange], limit: int, room_version: str | None
+    ) -> RoomView:
+        """The view of a room's rows ``newer`` (all after the device's ``since``).
+
+        Raises:
+            _Limited: the timeline would be limited (a gap, or too many events).
+        """
         recent: list[StreamItem] = []
         events: dict[str, Mapping[str, Any]] = {}
         redacted: set[str] = set()

@@ -133,6 +133,10 @@ class PeekService:
         self._watched: dict[tuple[str, str], list[str]] = {}
         #: The newest stream rows in memory: most woken syncs are answered from here.
         self.live = LiveWindow()
+        #: The last response built from the window, and what it answered (read-only: the
+        #: devices woken together share it).
+        self._built_key: tuple[Any, ...] | None = None
+        self._built: dict[str, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -145,10 +149,15 @@ class PeekService:
         loaded = await self.store.read(db.load_subscriptions)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for sub in loaded:
-                sub = self._resume(sub, now)
+            resumed = [self._resume(sub, now) for sub in loaded]
+
+            def save_all(conn: Any) -> None:  # one transaction: one fsync, not one per room
+                for sub in resumed:
+                    db.save_subscription(conn, sub)
+
+            await self.store.write(save_all)
+            for sub in resumed:
                 self.subscriptions[sub.room_id] = sub
-                await self._save(sub)
                 self._ensure_task(sub.room_id)
             if loaded:
                 log.info("resumed %d subscriptions", len(loaded))
@@ -399,7 +408,8 @@ class PeekService:
         full_state: bool = False,
         timeline_limit: int = 10,
     ) -> dict[str, Any]:
-        """``{next_batch, rooms: {peek, leave}}`` for one device (MSC2753).
+        """``{next_batch, rooms: {peek, leave}}`` for one device (MSC2753). The caller must
+        not modify it: devices woken by the same change share one response.
 
         Long-polls up to ``timeout_ms`` for something new for this device. A device that was
         idle has its dormant peeks restored first (the remote peek again, with a gap).
@@ -469,18 +479,9 @@ class PeekService:
             finally:
                 self.notifier.unregister(event, registered, device)
         self._mark_seen(device)
-        if live is not None:
+        if live is not None and position is not None:
             SYNC_ANSWERS.labels("memory").inc()
-            return build_sync(
-                since=position,
-                upto=live.upto,
-                peeks=live.peeks,
-                rooms=live.views,
-                timeline_limit=timeline_limit,
-                full_state=False,
-                now_ms=self.clock_ms(),
-                section=self.settings.sync_section,
-            )
+            return self._built_answer(live, position, timeline_limit)
         SYNC_ANSWERS.labels("store").inc()
         upto: int = snapshot["upto"]
         if position is not None and position > upto:
@@ -496,6 +497,24 @@ class PeekService:
             section=self.settings.sync_section,
         )
         return answer
+
+    def _built_answer(self, live: LiveAnswer, since: int, timeline_limit: int) -> dict[str, Any]:
+        """The sync response for a window answer. The devices woken by one change get the
+        same news: they share one built response (``unsigned.age`` as of the first)."""
+        key = (live.key, timeline_limit)
+        if self._built_key != key:
+            self._built_key = key
+            self._built = build_sync(
+                since=since,
+                upto=live.upto,
+                peeks=live.peeks,
+                rooms=live.views,
+                timeline_limit=timeline_limit,
+                full_state=False,
+                now_ms=self.clock_ms(),
+                section=self.settings.sync_section,
+            )
+        return self._built
 
     async def _restore_dormant(self, user_id: str, device_id: str, room_ids: list[str]) -> None:
         """Make the device's dormant peeks of ``room_ids`` active again, re-peeking the rooms

@@ -80,7 +80,7 @@ def decode_token(token: str) -> int:
     return position
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DevicePeek:
     """One device's peek of a room, as stored in ``device_peeks``."""
 
