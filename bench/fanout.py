@@ -350,8 +350,9 @@ async def fanout(devices: int, directory: Path) -> list[float]:
             f"(the store: each device's first sync)"
         )
         print(
-            f"  event stored by peekproxy (its /send answered) after "
-            f"{(sent['stored'] - sent['at']) * 1000:7.1f} ms: part of every device's figure"
+            f"  peekproxy answered the testbed's /send after "
+            f"{(sent['stored'] - sent['at']) * 1000:7.1f} ms (the event is stored before any "
+            "device wakes; the answer itself queues behind the woken devices)"
         )
         nursery.cancel_scope.cancel()
     process.terminate()

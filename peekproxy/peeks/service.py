@@ -500,8 +500,9 @@ class PeekService:
 
     def _built_answer(self, live: LiveAnswer, since: int, timeline_limit: int) -> dict[str, Any]:
         """The sync response for a window answer. The devices woken by one change get the
-        same news: they share one built response (``unsigned.age`` as of the first)."""
-        key = (live.key, timeline_limit)
+        same news: they share one built response, for up to a second (``unsigned.age`` as
+        of the first)."""
+        key = (live.key, timeline_limit, self.clock_ms() // 1000)
         if self._built_key != key:
             self._built_key = key
             self._built = build_sync(

@@ -6,7 +6,8 @@
 * A commit hook (:meth:`Store.set_commit_hook`) reads what a write changed inside its
   transaction and is handed it after the commit, in commit order, before the next write
   starts: the live window (peekproxy/peeks/live.py) follows the stream this way.
-* Two reader connections (WAL lets them read while the writer writes).
+* Two reader connections (WAL lets them read while the writer writes); each
+  :meth:`Store.read` is one read transaction, so its queries see one commit.
 * ``journal_mode=WAL``, ``synchronous=FULL``: a committed write survives a crash of the process
   and of the machine.
 * Schema migrations run on open; a database from a newer peekproxy is refused, and so is a
@@ -204,11 +205,20 @@ class Store:
         return result
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` on one of the read-only connections and return its result."""
+        """Run ``fn(conn)`` on one of the read-only connections, in one read transaction (all
+        its queries see the same commit), and return its result."""
+
+        def run(reader: sqlite3.Connection) -> T:
+            reader.execute("BEGIN")
+            try:
+                return fn(reader)
+            finally:
+                reader.execute("COMMIT")
+
         async with self._read_limiter:
             reader = self._free_readers.pop()
             try:
-                return await trio.to_thread.run_sync(fn, reader, limiter=self._read_threads)
+                return await trio.to_thread.run_sync(run, reader, limiter=self._read_threads)
             finally:
                 self._free_readers.append(reader)
 

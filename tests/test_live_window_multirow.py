@@ -1,0 +1,133 @@
+"""The live window against the store when one write carries several rows (events, EDUs,
+peek changes, duplicate events) and the window is small: memory answers equal store answers."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from peekproxy.peeks.live import LiveWindow
+from peekproxy.peeks.sync import build_sync
+from peekproxy.store import Store
+from peekproxy.store import rooms as db
+from tests.test_live_window import ALICE, BOB, OTHER, ROOM, _pdu, snapshot_of
+
+
+@pytest.mark.parametrize("seed", range(10))
+async def test_multi_row_writes(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    store = await Store.open(tmp_path / "p.db", "local.test")
+    window = LiveWindow(capacity=rng.choice([5, 12, 1000]))
+    store.set_commit_hook(
+        lambda conn: db.stream_changes(conn, window.watermark),
+        lambda r: window.start(r[1]) if window.watermark is None else window.apply(*r),
+    )
+    await store.write(lambda conn: None)
+    rooms = [ROOM, OTHER]
+    devices = [ALICE, BOB]
+    for d in devices:
+        for r in rooms:
+            await store.write(
+                partial(
+                    db.set_device_peek,
+                    user_id=d[0],
+                    device_id=d[1],
+                    room_id=r,
+                    state="active",
+                    now_ms=0,
+                )
+            )
+    tokens = [await store.read(db.max_stream_pos)]
+    n = 0
+    for _step in range(60):
+        ops: list[Callable[[Any], object]] = []
+        for _ in range(rng.randint(1, 4)):
+            n += 1
+            room_id = rng.choice(rooms)
+            roll = rng.random()
+            if roll < 0.5:
+                eid = f"$event{rng.randint(0, n)}"  # sometimes a repeat
+                ops.append(
+                    partial(
+                        db.append_event,
+                        room_id=room_id,
+                        event_id=eid,
+                        pdu=_pdu(rng, room_id, n),
+                        redacted=rng.random() < 0.2,
+                        now_ms=0,
+                    )
+                )
+            elif roll < 0.55:
+                ops.append(partial(db.add_gap, room_id=room_id, now_ms=0))
+            elif roll < 0.85:
+                t = rng.choice(["m.typing", "m.receipt"])
+                c: dict[str, Any] = (
+                    {
+                        "room_id": room_id,
+                        "user_id": f"@u{rng.randint(0, 2)}:remote.test",
+                        "typing": rng.random() < 0.5,
+                    }
+                    if t == "m.typing"
+                    else {
+                        "m.read": {
+                            f"@u{rng.randint(0, 2)}:remote.test": {
+                                "event_ids": [f"$event{n}"],
+                                "data": {"ts": n},
+                            }
+                        }
+                    }
+                )
+                ops.append(
+                    partial(db.save_ephemeral, room_id=room_id, edu_type=t, content=c, now_ms=0)
+                )
+            else:
+                d = rng.choice(devices)
+                ops.append(
+                    partial(
+                        db.set_device_peek,
+                        user_id=d[0],
+                        device_id=d[1],
+                        room_id=room_id,
+                        state=rng.choice(["active", "ended"]),
+                        now_ms=0,
+                    )
+                )
+
+        def run(conn: Any, ops: list[Any] = ops) -> None:
+            for op in ops:
+                op(conn)
+
+        await store.write(run)
+        tokens.append(await store.read(db.max_stream_pos))
+        for d in devices:
+            if rng.random() < 0.5:
+                s = await snapshot_of(store, d, None, 10)
+                window.load_device(d, s["peeks"], as_of=s["upto"])
+            for since in rng.sample(tokens, min(5, len(tokens))):
+                limit = rng.choice([0, 1, 2, 5, 10])
+                a = window.answer(d, since, timeline_limit=limit, room_version_of=lambda r: "10")
+                if a is None:
+                    continue
+                st = await snapshot_of(store, d, since, limit)
+                assert a.changed == st["changed"]
+                assert build_sync(
+                    since=since,
+                    upto=a.upto,
+                    peeks=a.peeks,
+                    rooms=a.views,
+                    timeline_limit=limit,
+                    now_ms=5000,
+                ) == build_sync(
+                    since=since,
+                    upto=st["upto"],
+                    peeks=st["peeks"],
+                    rooms=st["views"],
+                    timeline_limit=limit,
+                    now_ms=5000,
+                )
+    await store.aclose()

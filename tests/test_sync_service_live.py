@@ -1,0 +1,154 @@
+"""The sync service's use of the live window, in-process over a real store: what it loads
+and shares stays equal to what the store would answer (regressions from a review)."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from peekproxy.peeks.service import PeekService, PeekSettings
+from peekproxy.peeks.sync import build_sync, decode_token
+from peekproxy.store import Store
+from peekproxy.store import rooms as db
+
+ROOM = "!room:remote.test"
+OTHER = "!other:remote.test"
+ALICE = ("@alice:local.test", "PHONE")
+
+
+def _pdu(n: int, room_id: str) -> dict[str, Any]:
+    return {
+        "type": "m.room.message",
+        "sender": "@carol:remote.test",
+        "content": {"msgtype": "m.text", "body": f"message {n}"},
+        "origin_server_ts": 1_000 + n,
+        "room_id": room_id,
+    }
+
+
+async def _service(tmp_path: Path) -> tuple[Store, PeekService]:
+    store = await Store.open(tmp_path / "p.db", "local.test")
+    service = PeekService(
+        store=store,
+        client=None,  # type: ignore[arg-type]  # not used by sync
+        keyring=None,  # type: ignore[arg-type]
+        settings=PeekSettings(
+            linger_ms=0, renewal_max_ms=1_800_000, max_peeks_per_device=100, max_remote_peeks=10
+        ),
+        clock_ms=lambda: 5_000,
+    )
+    # What PeekService.run does first.
+    store.set_commit_hook(service._read_changes, service._apply_changes)
+    await store.write(lambda conn: None)
+    return store, service
+
+
+async def _set_peek(store: Store, room_id: str, state: str) -> int:
+    return await store.write(
+        partial(
+            db.set_device_peek,
+            user_id=ALICE[0],
+            device_id=ALICE[1],
+            room_id=room_id,
+            state=state,
+            now_ms=0,
+        )
+    )
+
+
+async def _event(store: Store, n: int, room_id: str) -> None:
+    await store.write(
+        partial(
+            db.append_event,
+            room_id=room_id,
+            event_id=f"$e{n}",
+            pdu=_pdu(n, room_id),
+            redacted=False,
+            now_ms=0,
+        )
+    )
+
+
+async def _store_answer(store: Store, since: int) -> dict[str, Any]:
+    snap = await store.read(
+        partial(
+            db.sync_snapshot,
+            user_id=ALICE[0],
+            device_id=ALICE[1],
+            since=since,
+            full_state=False,
+            limit=10,
+        )
+    )
+    return build_sync(
+        since=since,
+        upto=snap["upto"],
+        peeks=snap["peeks"],
+        rooms=snap["views"],
+        timeline_limit=10,
+        now_ms=5_000,
+    )
+
+
+@pytest.mark.parametrize("racing", ["new-peek", "unpeek"])
+async def test_a_peek_change_during_a_store_read_does_not_stick_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, racing: str
+) -> None:
+    """A write of this device's peek that commits (and reaches the window) between the
+    snapshot's queries must not leave the window with the peeks from before it: the snapshot
+    is one read transaction, so its ``upto`` and its peeks belong to the same commit."""
+    store, service = await _service(tmp_path)
+    await _set_peek(store, ROOM, "active")
+    await _event(store, 1, ROOM)
+
+    # An earlier sync: the service now watches ROOM for Alice.
+    await service.sync(*ALICE, since=None, timeout_ms=0)
+
+    real_device_peeks = db.device_peeks
+    raced = False
+
+    def device_peeks_then_a_write(conn: Any, user_id: str, device_id: str) -> Any:
+        nonlocal raced
+        peeks = real_device_peeks(conn, user_id, device_id)
+        if not raced:
+            raced = True
+            # Another task's write commits (and its hook is applied) right now.
+            if racing == "new-peek":
+                trio.from_thread.run(_set_peek, store, OTHER, "active")
+            else:
+                trio.from_thread.run(_set_peek, store, ROOM, "ended")
+        return peeks
+
+    monkeypatch.setattr(db, "device_peeks", device_peeks_then_a_write)
+    initial = await service.sync(*ALICE, since=None, timeout_ms=0)  # store path
+    monkeypatch.setattr(db, "device_peeks", real_device_peeks)
+    since = decode_token(initial["next_batch"])
+
+    # New events after the token, in both rooms.
+    await _event(store, 2, ROOM)
+    await _event(store, 3, OTHER)
+
+    answer = await service.sync(*ALICE, since=initial["next_batch"], timeout_ms=0)
+    stored = await _store_answer(store, since)
+    assert answer == stored  # fails: memory shows the old peek set
+
+
+async def test_a_shared_response_is_not_reused_with_a_stale_age(tmp_path: Path) -> None:
+    """_built_answer's cache has no notion of time: with no new stream row, a sync minutes
+    later (same news) gets the first build, with its ``unsigned.age``."""
+    store, service = await _service(tmp_path)
+    now = [5_000]
+    service.clock_ms = lambda: now[0]
+    await _set_peek(store, ROOM, "active")
+    first = await service.sync(*ALICE, since=None, timeout_ms=0)
+    await _event(store, 1, ROOM)
+    live = await service.sync(*ALICE, since=first["next_batch"], timeout_ms=0)
+    assert live["rooms"]["peek"][ROOM]["timeline"]["events"][0]["unsigned"]["age"] == 4_000 - 1
+    now[0] += 600_000  # ten minutes later, the client retries the same token
+    again = await service.sync(*ALICE, since=first["next_batch"], timeout_ms=0)
+    age = again["rooms"]["peek"][ROOM]["timeline"]["events"][0]["unsigned"]["age"]
+    assert age == 604_000 - 1  # fails: still 3999
