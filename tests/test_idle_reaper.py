@@ -1,12 +1,14 @@
-"""The idle reaper (protocol.md decision 9) in-process, on the trio mock clock: a device that
-stops syncing for ``idle_timeout`` has its peeks made dormant; devices that keep syncing,
-and a device first seen later, are each judged by their own last sync."""
+"""The idle reaper (protocol.md decision 9) in-process, on a trio mock clock the test moves
+by hand (SQLite runs in worker threads, which an autojumping clock could overtake): a device
+that stops syncing for ``idle_timeout`` has its peeks made dormant; devices that keep
+syncing, and a device first seen later, are each judged by their own last sync."""
 
 from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -38,12 +40,33 @@ async def activate(store: Store, *devices: tuple[str, str]) -> None:
         )
 
 
+class DropLog:
+    """Records each call of the service's ``_make_dormant``: which device, at what time."""
+
+    def __init__(self, service: PeekService) -> None:
+        self.calls: list[tuple[tuple[str, str], float]] = []
+        self.finished: list[tuple[str, str]] = []
+        self._changed = trio.Event()
+        self._original = service._make_dormant
+
+    async def make_dormant(self, user_id: str, device_id: str) -> None:
+        self.calls.append(((user_id, device_id), trio.current_time()))
+        await self._original(user_id, device_id)
+        self.finished.append((user_id, device_id))
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def times(self, device: tuple[str, str]) -> list[float]:
+        return [at for d, at in self.calls if d == device]
+
+    async def wait_finished(self, device: tuple[str, str], count: int) -> None:
+        while self.finished.count(device) < count:
+            await self._changed.wait()
+
+
 async def test_only_devices_that_stop_syncing_go_dormant(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Jump only after 0.1 s of real idleness: SQLite work in worker threads must not be
-    # overtaken by the virtual clock.
-    autojump_clock.autojump_threshold = 0.1
     store = await Store.open(tmp_path / "p.db", "local.test")
     # A subscription with nothing to do: this test is about the device side only.
     dormant = Subscription(room_id=ROOM, state=SubState.DORMANT, candidates=("remote.test",))
@@ -69,38 +92,50 @@ async def test_only_devices_that_stop_syncing_go_dormant(
         ),
         clock_ms=lambda: int(trio.current_time() * 1000),
     )
+    drops = DropLog(service)
+    monkeypatch.setattr(service, "_make_dormant", drops.make_dormant)
 
     async def state(device: tuple[str, str]) -> str | None:
         return await store.read(lambda c: db.device_peek_state(c, *device, ROOM))
 
+    async def advance(seconds: float) -> None:
+        mock_clock.jump(seconds)
+        await trio.testing.wait_all_tasks_blocked()  # the reaper has looked, if it was due
+
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
         start = trio.current_time()
-        # Carol is idle from the start and dropped; she comes back later as a device the
-        # reaper has not seen since, with a deadline of her own.
-        await trio.sleep(61)
-        assert await state(CAROL) == "dormant"
-        assert await state(BOB) == "dormant"
-        assert await state(ALICE) == "dormant"
+        # Nobody syncs: every device is dropped once idle_timeout has passed, not before.
+        await advance(59)
+        assert drops.calls == []
+        await advance(2)
+        for device in (ALICE, BOB, CAROL):
+            await drops.wait_finished(device, 1)
+            assert drops.times(device) == [start + 61]
+            assert await state(device) == "dormant"
+
         await activate(store, ALICE, BOB, CAROL)
         await service.sync(*ALICE, since=None, timeout_ms=0)
         await service.sync(*BOB, since=None, timeout_ms=0)
-        seen = trio.current_time()
+        bob_seen = trio.current_time()
         for _ in range(6):  # Alice keeps syncing every 20 s; Bob stops
-            await trio.sleep(20)
-            assert await state(ALICE) == "active"  # her last sync was 20 s ago
+            await advance(20)
+            assert drops.times(ALICE) == [start + 61]  # never again
             await service.sync(*ALICE, since=None, timeout_ms=0)
-            if trio.current_time() - seen < 60:
-                assert await state(BOB) == "active"
+        await drops.wait_finished(BOB, 2)
+        assert drops.times(BOB)[1] - bob_seen == 60
         assert await state(BOB) == "dormant"
         assert await state(ALICE) == "active"
+
+        # Carol appears after the reaper planned its next wake-up: her own deadline counts.
         await service.sync(*CAROL, since=None, timeout_ms=0)
         carol_seen = trio.current_time()
-        await trio.sleep(59)
-        assert await state(CAROL) == "active"
-        await trio.sleep(2)
+        await advance(59)
+        assert len(drops.times(CAROL)) == 1
+        await advance(2)
+        await drops.wait_finished(CAROL, 2)
+        assert drops.times(CAROL)[1] - carol_seen == 61
         assert await state(CAROL) == "dormant"
-        assert trio.current_time() - carol_seen < 62 and trio.current_time() - start > 180
         nursery.cancel_scope.cancel()
     await client.aclose()
     await store.aclose()
