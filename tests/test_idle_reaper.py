@@ -118,6 +118,7 @@ async def test_only_devices_that_stop_syncing_go_dormant(
         await service.sync(*ALICE, since=None, timeout_ms=0)
         await service.sync(*BOB, since=None, timeout_ms=0)
         bob_seen = trio.current_time()
+        assert service.live.knows(BOB)
         for _ in range(6):  # Alice keeps syncing every 20 s; Bob stops
             await advance(20)
             assert drops.times(ALICE) == [start + 61]  # never again
@@ -125,6 +126,7 @@ async def test_only_devices_that_stop_syncing_go_dormant(
         await drops.wait_finished(BOB, 2)
         assert drops.times(BOB)[1] - bob_seen == 60
         assert await state(BOB) == "dormant"
+        assert not service.live.knows(BOB)  # an idle device leaves the live window
         assert await state(ALICE) == "active"
 
         # Carol appears after the reaper planned its next wake-up: her own deadline counts.

@@ -176,6 +176,10 @@ class LiveWindow:
     def known_devices(self) -> int:
         return len(self._devices)
 
+    def knows(self, device: tuple[str, str]) -> bool:
+        """Whether the device's peeks are in memory."""
+        return device in self._devices
+
     def answer(
         self,
         device: tuple[str, str],

@@ -578,6 +578,8 @@ class PeekService:
                     await changed.wait()
 
     async def _make_dormant(self, user_id: str, device_id: str) -> None:
+        # An idle device leaves the live window; its next sync reads the store (and restores).
+        self.live.forget_device((user_id, device_id))
         peeks = await self.store.read(lambda c: db.device_peeks(c, user_id, device_id))
         for room_id, state, _ in peeks:
             if state != "active":
