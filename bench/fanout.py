@@ -42,12 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from peekproxy.demo import (
     free_port,
+    start_loopback_testbed,
     start_peekproxy,
     write_loopback_tls,
     write_peekproxy_config,
 )
-from peekproxy.testbed.config import testbed_config_from_flags
-from peekproxy.testbed.server import Testbed, TestbedListening, run_testbed
 
 SECRET = "bench-secret"
 
@@ -261,43 +260,15 @@ async def fanout(devices: int, directory: Path) -> list[float]:
 
     async with trio.open_nursery() as nursery:
         process = await start_peekproxy(nursery, config_path, env)
-        config = testbed_config_from_flags(
-            server_name=f"localhost:{tb_port}",
-            federation_bind=f"127.0.0.1:{tb_port}",
-            admin_bind="127.0.0.1:0",
-            tls_cert=str(tls.cert),
-            tls_key=str(tls.key),
-            data_dir=str(directory / "testbed"),
-            environ={},
-            extra={
-                "federation": {
-                    "ip_range_whitelist": ["127.0.0.0/8"],
-                    "tls_ca_file": str(tls.ca_file),
-                },
-                "logging": {"level": "WARNING", "access_log": False},
-            },
-        )
-        started: tuple[TestbedListening, Testbed] = await nursery.start(
-            lambda task_status: run_testbed(config, task_status=task_status)
-        )
-        testbed = started[1]
-        room = testbed.create_room(
-            room_version="10",
-            creator="admin",
-            alias=None,
-            history_visibility="world_readable",
-            join_rule="public",
-            encrypted=False,
-            name=None,
-            topic=None,
-            initial_state=[],
+        testbed, room_id = await start_loopback_testbed(
+            nursery, port=tb_port, tls=tls, data_dir=directory / "testbed", room_version="10"
         )
         polls: list[tuple[int, str, list[tuple[str, str]]]] = []
         async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120) as http:
             for device in range(devices):
                 params = {"user_id": f"@u{device}:localhost", "device_id": "D"}
                 response = await http.post(
-                    f"/peek/{quote(room.room_id, safe='')}", params=params, json={}
+                    f"/peek/{quote(room_id, safe='')}", params=params, json={}
                 )
                 response.raise_for_status()
                 token = (await http.get("/sync", params=params)).json()["next_batch"]
@@ -315,7 +286,7 @@ async def fanout(devices: int, directory: Path) -> list[float]:
         async def trigger() -> float:
             sent["at"] = time.perf_counter()
             sent["event_id"] = testbed.send(
-                room.room_id,
+                room_id,
                 sender="admin",
                 type="m.room.message",
                 content={"msgtype": "m.text", "body": "fan out"},
@@ -335,7 +306,7 @@ async def fanout(devices: int, directory: Path) -> list[float]:
             stored.set()
 
         def check(body: bytes) -> None:
-            events = json.loads(body)["rooms"]["peek"][room.room_id]["timeline"]["events"]
+            events = json.loads(body)["rooms"]["peek"][room_id]["timeline"]["events"]
             assert [e["event_id"] for e in events] == [sent["event_id"]]
 
         latencies = await time_fan_out(polls, trigger, check)

@@ -31,12 +31,11 @@ from pdu_verify import floor_inputs, load, time_floor
 
 from peekproxy.demo import (
     free_port,
+    start_loopback_testbed,
     start_peekproxy,
     write_loopback_tls,
     write_peekproxy_config,
 )
-from peekproxy.testbed.config import testbed_config_from_flags
-from peekproxy.testbed.server import Testbed, TestbedListening, run_testbed
 
 SECRET = "bench-secret"
 
@@ -56,41 +55,16 @@ async def run(events: int, version: str, directory: Path) -> float:
 
     async with trio.open_nursery() as nursery:
         process = await start_peekproxy(nursery, config_path, env)
-        tb = directory / "testbed"
-        tb.mkdir()
-        config = testbed_config_from_flags(
-            server_name=f"localhost:{tb_port}",
-            federation_bind=f"127.0.0.1:{tb_port}",
-            admin_bind="127.0.0.1:0",
-            tls_cert=str(tls.cert),
-            tls_key=str(tls.key),
-            data_dir=str(tb / "data"),
-            extra={
-                "federation": {
-                    "ip_range_whitelist": ["127.0.0.0/8"],
-                    "tls_ca_file": str(tls.ca_file),
-                },
-                "logging": {"level": "WARNING", "access_log": False},
-            },
-        )
-        started: tuple[TestbedListening, Testbed] = await nursery.start(
-            lambda task_status: run_testbed(config, task_status=task_status)
-        )
-        testbed = started[1]
-        room = testbed.create_room(
+        testbed, room_id = await start_loopback_testbed(
+            nursery,
+            port=tb_port,
+            tls=tls,
+            data_dir=directory / "testbed" / "data",
             room_version=version,
-            creator="admin",
-            alias=None,
-            history_visibility="world_readable",
-            join_rule="public",
-            encrypted=False,
-            name=None,
-            topic=None,
-            initial_state=[],
         )
         async with httpx.AsyncClient(timeout=60) as http:
             response = await http.post(
-                f"{client_url}/_peekproxy/v1/peek/{quote(room.room_id, safe='')}",
+                f"{client_url}/_peekproxy/v1/peek/{quote(room_id, safe='')}",
                 params={"user_id": "@bench:localhost", "device_id": "B"},
                 json={},
                 headers={"Authorization": f"Bearer {SECRET}"},
@@ -100,7 +74,7 @@ async def run(events: int, version: str, directory: Path) -> float:
         # All events queued without a checkpoint: delivery starts when this task yields.
         ids = [
             testbed.send(
-                room.room_id,
+                room_id,
                 sender="admin",
                 type="m.room.message",
                 content={"msgtype": "m.text", "body": f"event {i}"},

@@ -32,6 +32,8 @@ import trio
 
 from peekproxy.cli import render_config
 from peekproxy.federation.signing_key import write_new_signing_key
+from peekproxy.testbed.config import testbed_config_from_flags
+from peekproxy.testbed.server import Testbed, TestbedListening, run_testbed
 
 LIVE = [
     "Hello from the testbed!",
@@ -132,6 +134,43 @@ async def start_peekproxy(nursery: trio.Nursery, config: Path, env: dict[str, st
 
     nursery.start_soon(drain)
     return process
+
+
+async def start_loopback_testbed(
+    nursery: trio.Nursery, *, port: int, tls: LoopbackTls, data_dir: Path, room_version: str
+) -> tuple[Testbed, str]:
+    """An in-process testbed named ``localhost:<port>`` on loopback TLS, quiet, holding one
+    world_readable public room of ``room_version``: (the testbed, the room ID). For the
+    benches, which drive the testbed directly."""
+    config = testbed_config_from_flags(
+        server_name=f"localhost:{port}",
+        federation_bind=f"127.0.0.1:{port}",
+        admin_bind="127.0.0.1:0",
+        tls_cert=str(tls.cert),
+        tls_key=str(tls.key),
+        data_dir=str(data_dir),
+        environ={},
+        extra={
+            "federation": {"ip_range_whitelist": ["127.0.0.0/8"], "tls_ca_file": str(tls.ca_file)},
+            "logging": {"level": "WARNING", "access_log": False},
+        },
+    )
+    started: tuple[TestbedListening, Testbed] = await nursery.start(
+        lambda task_status: run_testbed(config, task_status=task_status)
+    )
+    testbed = started[1]
+    room = testbed.create_room(
+        room_version=room_version,
+        creator="admin",
+        alias=None,
+        history_visibility="world_readable",
+        join_rule="public",
+        encrypted=False,
+        name=None,
+        topic=None,
+        initial_state=[],
+    )
+    return testbed, room.room_id
 
 
 class _Process:
