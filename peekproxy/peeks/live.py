@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from peekproxy.peeks.sync import DevicePeek, RoomView, StreamItem
+from peekproxy.peeks.sync import FALLBACK_ROOM_VERSION, DevicePeek, RoomView, StreamItem
 
 __all__ = ["DEFAULT_CAPACITY", "LiveAnswer", "LiveWindow", "StreamChange"]
 
@@ -190,8 +190,8 @@ class LiveWindow:
     ) -> LiveAnswer | None:
         """The device's incremental sync from ``since`` out of memory, or ``None`` when
         only the store can answer (see the module docstring). ``room_version_of`` gives a
-        room's version (``None``: unknown, shown as ``"10"`` like the store does), for
-        showing redacted events."""
+        room's version (``None``: unknown, shown with ``FALLBACK_ROOM_VERSION`` as the store
+        does), for showing redacted events."""
         upto = self.watermark
         peeks = self._devices.get(device)
         if upto is None or self.broken or peeks is None or not self.complete_after <= since <= upto:
@@ -279,7 +279,7 @@ class LiveWindow:
         ]
         return RoomView(
             room_id=room_id,
-            room_version=room_version or "10",
+            room_version=room_version or FALLBACK_ROOM_VERSION,
             recent=recent,
             has_earlier=False,
             state_ids={},

@@ -32,6 +32,7 @@ from peekproxy.federation.events import redact
 from peekproxy.federation.pdu import signer_key_ids
 from peekproxy.federation.room_versions import UnknownRoomVersion, room_version
 from peekproxy.peeks.sync import client_event
+from peekproxy.store.rooms import max_stream_pos, room_version_of, select_in
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -54,8 +55,6 @@ __all__ = [
 
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 100
-#: A room whose version is not recorded (should not happen) is read with these rules.
-FALLBACK_ROOM_VERSION = "10"
 
 Direction = Literal["b", "f"]
 
@@ -122,32 +121,19 @@ def device_is_peeking(conn: sqlite3.Connection, user_id: str, device_id: str, ro
     return row is not None
 
 
-def room_version_of(conn: sqlite3.Connection, room_id: str) -> str:
-    row = conn.execute(
-        "SELECT room_version FROM subscriptions WHERE room_id = ?", (room_id,)
-    ).fetchone()
-    return str(row[0]) if row and row[0] else FALLBACK_ROOM_VERSION
-
-
-def _max_pos(conn: sqlite3.Connection) -> int:
-    row = conn.execute("SELECT MAX(stream_pos) FROM room_stream").fetchone()
-    return int(row[0] or 0)
-
-
 def _pdus(
     conn: sqlite3.Connection, room_id: str, event_ids: list[str]
 ) -> dict[str, tuple[dict[str, Any], bool]]:
-    found: dict[str, tuple[dict[str, Any], bool]] = {}
-    for start in range(0, len(event_ids), 500):
-        chunk = event_ids[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        for event_id, pdu_json, redacted in conn.execute(
-            f"SELECT event_id, pdu_json, redacted FROM events WHERE room_id = ? AND "
-            f"event_id IN ({marks})",
-            [room_id, *chunk],
-        ):
-            found[str(event_id)] = (json.loads(pdu_json), bool(redacted))
-    return found
+    return {
+        str(event_id): (json.loads(pdu_json), bool(redacted))
+        for event_id, pdu_json, redacted in select_in(
+            conn,
+            "SELECT event_id, pdu_json, redacted FROM events WHERE room_id = ? AND "
+            "event_id IN ({marks})",
+            event_ids,
+            before=[room_id],
+        )
+    }
 
 
 def _earliest_event_above(conn: sqlite3.Connection, room_id: str, pos: int) -> str | None:
@@ -185,7 +171,7 @@ def read_page(
     Raises:
         TokenAhead: ``from_pos`` is past the stream's head.
     """
-    upto = _max_pos(conn)
+    upto = max_stream_pos(conn)
     if from_pos is not None and from_pos > upto:
         raise TokenAhead(f"position {from_pos} is past the stream's head ({upto})")
     version = room_version_of(conn, room_id)
@@ -261,19 +247,14 @@ def read_page(
 
 def stream_event_ids(conn: sqlite3.Connection, event_ids: Iterable[str]) -> set[str]:
     """Which of ``event_ids`` are on the room stream (a client sees them when paging)."""
-    ids = list(event_ids)
-    found: set[str] = set()
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        found.update(
-            str(r[0])
-            for r in conn.execute(
-                f"SELECT event_id FROM room_stream WHERE kind = 'event' AND event_id IN ({marks})",
-                chunk,
-            )
+    return {
+        str(r[0])
+        for r in select_in(
+            conn,
+            "SELECT event_id FROM room_stream WHERE kind = 'event' AND event_id IN ({marks})",
+            event_ids,
         )
-    return found
+    }
 
 
 def read_state(conn: sqlite3.Connection, room_id: str) -> list[tuple[str, dict[str, Any], bool]]:

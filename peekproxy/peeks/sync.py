@@ -34,6 +34,7 @@ from peekproxy.federation.events import redact
 from peekproxy.federation.room_versions import UnknownRoomVersion, room_version
 
 __all__ = [
+    "FALLBACK_ROOM_VERSION",
     "SYNC_TOKEN_PREFIX",
     "DevicePeek",
     "InvalidToken",
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 SYNC_TOKEN_PREFIX = "pp1_"
+#: A room whose version is not recorded (should not happen) is shown with these rules.
+FALLBACK_ROOM_VERSION = "10"
 #: Stream positions are SQLite integers: at most 2**63 - 1 (19 digits).
 _MAX_POSITION = 2**63 - 1
 _TOKEN = re.compile(r"pp1_(0|[1-9][0-9]{0,18})")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from peekproxy.peeks.live import StreamChange
 from peekproxy.peeks.subscription import Subscription, SubState
-from peekproxy.peeks.sync import DevicePeek, RoomView, StreamItem
+from peekproxy.peeks.sync import FALLBACK_ROOM_VERSION, DevicePeek, RoomView, StreamItem
 
 __all__ = [
     "add_gap",
@@ -109,18 +109,34 @@ def _insert_event(
     return cursor.rowcount == 1
 
 
+def select_in(
+    conn: sqlite3.Connection, sql: str, ids: Iterable[str], before: Sequence[Any] = ()
+) -> Iterator[tuple[Any, ...]]:
+    """The rows of ``sql`` (holding ``{marks}`` inside ``IN (...)``) for ``ids``, queried in
+    chunks of 500 (SQLite's limit on parameters); ``before`` are the parameters ahead of the
+    ``IN`` list."""
+    id_list = list(ids)
+    for start in range(0, len(id_list), 500):
+        chunk = id_list[start : start + 500]
+        yield from conn.execute(sql.format(marks=",".join("?" * len(chunk))), [*before, *chunk])
+
+
 def known_event_ids(conn: sqlite3.Connection, event_ids: Iterable[str]) -> set[str]:
     """Which of ``event_ids`` are stored."""
-    ids = list(event_ids)
-    found: set[str] = set()
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        found.update(
-            r[0]
-            for r in conn.execute(f"SELECT event_id FROM events WHERE event_id IN ({marks})", chunk)
+    return {
+        str(r[0])
+        for r in select_in(
+            conn, "SELECT event_id FROM events WHERE event_id IN ({marks})", event_ids
         )
-    return found
+    }
+
+
+def room_version_of(conn: sqlite3.Connection, room_id: str) -> str:
+    """The room's version as its subscription recorded it, else ``FALLBACK_ROOM_VERSION``."""
+    row = conn.execute(
+        "SELECT room_version FROM subscriptions WHERE room_id = ?", (room_id,)
+    ).fetchone()
+    return str(row[0]) if row and row[0] else FALLBACK_ROOM_VERSION
 
 
 def store_snapshot(
@@ -444,17 +460,12 @@ def room_view_rows(
     wanted = {e for _, _, e in recent if e} | set(state_ids.values())
     events: dict[str, Any] = {}
     redacted: set[str] = set()
-    ids = list(wanted)
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        for event_id, pdu_json, is_redacted in conn.execute(
-            f"SELECT event_id, pdu_json, redacted FROM events WHERE event_id IN ({marks})",
-            chunk,
-        ):
-            events[event_id] = json.loads(pdu_json)
-            if is_redacted:
-                redacted.add(event_id)
+    for event_id, pdu_json, is_redacted in select_in(
+        conn, "SELECT event_id, pdu_json, redacted FROM events WHERE event_id IN ({marks})", wanted
+    ):
+        events[event_id] = json.loads(pdu_json)
+        if is_redacted:
+            redacted.add(event_id)
     ephemeral = [
         (str(t), json.loads(c), int(p))
         for t, c, p in conn.execute(
@@ -463,9 +474,6 @@ def room_view_rows(
             (room_id, upto),
         )
     ]
-    version = conn.execute(
-        "SELECT room_version FROM subscriptions WHERE room_id = ?", (room_id,)
-    ).fetchone()
     return {
         "recent": recent,
         "has_earlier": has_earlier,
@@ -473,7 +481,7 @@ def room_view_rows(
         "events": events,
         "redacted": redacted,
         "ephemeral": ephemeral,
-        "room_version": str(version[0]) if version and version[0] else "10",
+        "room_version": room_version_of(conn, room_id),
     }
 
 
