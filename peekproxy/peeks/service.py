@@ -841,8 +841,8 @@ class PeekService:
         for server, peek_id in sub.pending_deletes:
             try:
                 await self.client.request("DELETE", server, _peek_path(room_id, peek_id))
-            except RemoteError as e:
-                if e.status != 404:
+            except FederationError as e:
+                if not (isinstance(e, RemoteError) and e.status == 404):  # 404: already gone
                     log.info(
                         "DELETE of peek %s of %s at %s failed: %s; will retry",
                         peek_id,
@@ -851,15 +851,6 @@ class PeekService:
                         e,
                     )
                     continue
-            except FederationError as e:
-                log.info(
-                    "DELETE of peek %s of %s at %s failed: %s; will retry",
-                    peek_id,
-                    room_id,
-                    server,
-                    e,
-                )
-                continue
             async with self._lock(room_id):
                 await self._save(subs.deleted(self.subscriptions[room_id], server, peek_id))
             log.info("stopped peek %s of %s at %s", peek_id, room_id, server)
