@@ -441,38 +441,31 @@ class PeekService:
                         room_version_of=self._room_version_of,
                     )
                 if live is not None:
-                    if live.active != watched:
-                        watched = live.active
-                        self._watched[device] = watched
-                        continue  # registered for the wrong rooms: register again
-                    remaining = deadline - trio.current_time()
-                    if live.changed or remaining <= 0:
-                        break
-                    with trio.move_on_after(remaining):
-                        await event.wait()
-                    continue
-                snapshot = await self.store.read(
-                    partial(
-                        db.sync_snapshot,
-                        user_id=user_id,
-                        device_id=device_id,
-                        since=position,
-                        full_state=full_state,
-                        limit=timeline_limit,
+                    active, changed = live.active, live.changed
+                else:
+                    snapshot = await self.store.read(
+                        partial(
+                            db.sync_snapshot,
+                            user_id=user_id,
+                            device_id=device_id,
+                            since=position,
+                            full_state=full_state,
+                            limit=timeline_limit,
+                        )
                     )
-                )
-                dormant = [p.room_id for p in snapshot["peeks"] if p.state == "dormant"]
-                if dormant and not restored:
-                    restored = True
-                    await self._restore_dormant(user_id, device_id, dormant)
-                    continue  # the restored peeks changed what there is to show
-                self.live.load_device(device, snapshot["peeks"], as_of=snapshot["upto"])
-                if snapshot["active"] != watched:
-                    watched = snapshot["active"]
+                    dormant = [p.room_id for p in snapshot["peeks"] if p.state == "dormant"]
+                    if dormant and not restored:
+                        restored = True
+                        await self._restore_dormant(user_id, device_id, dormant)
+                        continue  # the restored peeks changed what there is to show
+                    self.live.load_device(device, snapshot["peeks"], as_of=snapshot["upto"])
+                    active, changed = snapshot["active"], snapshot["changed"]
+                if active != watched:
+                    watched = active
                     self._watched[device] = watched
-                    continue  # registered for the wrong rooms: register again and re-read
+                    continue  # registered for the wrong rooms: register again and look again
                 remaining = deadline - trio.current_time()
-                if snapshot["changed"] or remaining <= 0:
+                if changed or remaining <= 0:
                     break
                 with trio.move_on_after(remaining):
                     await event.wait()
