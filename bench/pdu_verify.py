@@ -10,7 +10,7 @@ Run with ``.venv/bin/python bench/pdu_verify.py [--rounds N] [--versions 10,11,1
   pre-encoded bytes (everything encoded and decoded before timing).
 
 Prints events/s for both and the ratio full/floor; the goal is a ratio of at least 0.6.
-The fixtures are read from the repository's sibling ``shared/fixtures/synapse-pdus``.
+The fixtures are read from ``tests/fixtures/synapse-pdus``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from peekproxy.federation.events import redact, reference_hash_input
 from peekproxy.federation.pdu import KeyLookup, VerifyKeyInfo, check_pdu, key_table
 from peekproxy.federation.room_versions import RoomVersion, room_version
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "synapse-pdus"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "synapse-pdus"
 GOAL = 0.6
 
 Case = tuple[dict[str, Any], RoomVersion, KeyLookup]

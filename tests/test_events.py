@@ -2,7 +2,7 @@
 
 Spec test vectors (federation.md §9, APPX §Cryptographic Test Vectors), small redaction cases
 per room version (federation.md §3.4), and every event of the real Synapse fixture rooms
-(read at run time from the sibling ``shared/fixtures/synapse-pdus``).
+(read at run time from ``tests/fixtures/synapse-pdus``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from peekproxy.federation.events import (
 )
 from peekproxy.federation.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion, room_version
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "synapse-pdus"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "synapse-pdus"
 VERSIONS = [str(n) for n in range(1, 13)]
 
 # APPX §Cryptographic Test Vectors: server "domain", key "ed25519:1".

@@ -1,7 +1,7 @@
 """PDU receipt checks 1-3 (SSAPI §Checks performed on receipt of a PDU).
 
 The real Synapse fixtures (all room versions, tampered cases, peek responses) are read at run
-time from the sibling ``shared/fixtures/synapse-pdus``; the rest are PDUs built and signed
+time from ``tests/fixtures/synapse-pdus``; the rest are PDUs built and signed
 here with throwaway keys.
 """
 
@@ -32,7 +32,7 @@ from peekproxy.federation.pdu import (
 )
 from peekproxy.federation.room_versions import RoomVersion, room_version
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "synapse-pdus"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "synapse-pdus"
 VERSIONS = [str(n) for n in range(1, 13)]
 #: The fixtures' word for the spec's "dropped" is "drop"; ours is "reject".
 OUTCOME = {"accept": "accept", "redact": "redact", "drop": "reject"}

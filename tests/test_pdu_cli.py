@@ -19,7 +19,7 @@ from peekproxy.federation.room_versions import room_version
 from tests.dns import start_dnsmasq
 from tests.support import JsonApp, issue_cert, run_cli, serve_app
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "synapse-pdus"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "synapse-pdus"
 OUTCOME = {"accept": "accept", "redact": "redact", "drop": "reject"}
 
 

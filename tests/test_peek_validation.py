@@ -1,7 +1,7 @@
 """Validation of MSC2444 peek responses (protocol.md decision 1, §1.3, §1.4; scenario 20).
 
 The real Synapse-signed responses ``peek-response-v10.json`` / ``-v12.json`` are read at run
-time from the sibling ``shared/fixtures/synapse-pdus``. Each rejection rule gets one case made
+time from ``tests/fixtures/synapse-pdus``. Each rejection rule gets one case made
 by editing them: forged cases tamper with a signed field so that the signature breaks;
 structural cases re-sign edited or new events with a throwaway key that the test's
 :class:`KeyLookup` also knows (as a second key of the fixture's server). Responses made by the
@@ -41,7 +41,7 @@ from peekproxy.peeks.validation import (
 )
 from peekproxy.testbed.rooms import TestbedRoom
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "synapse-pdus"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "synapse-pdus"
 VERSIONS = ["10", "12"]
 #: A throwaway key that the test's KeyLookup accepts for the fixture's server.
 KEY = generate_signing_key("peektest")

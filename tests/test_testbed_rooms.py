@@ -1,7 +1,7 @@
 """The testbed's pure room model (:mod:`peekproxy.testbed.rooms`).
 
 Rooms are built and signed here with a throwaway key; the real Synapse fixtures (read at run
-time from the sibling ``shared/fixtures/synapse-pdus``) are replayed to check that the model
+time from ``tests/fixtures/synapse-pdus``) are replayed to check that the model
 makes the same events, ``auth_events`` and peek snapshot as Synapse does.
 """
 
@@ -26,7 +26,7 @@ from peekproxy.testbed.rooms import (
     canonical_aliases,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "synapse-pdus"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "synapse-pdus"
 VERSIONS = ["10", "11", "12"]
 SERVER = "hs.test"
 ALICE = f"@alice:{SERVER}"

@@ -8,7 +8,7 @@ Input (a file, or standard input for ``-`` or no argument) is one of:
 
 * one PDU (a JSON object with a ``type``);
 * a JSON list of PDUs;
-* a fixture file like ``shared/fixtures/synapse-pdus/vN.json`` (``{"events": [{"pdu": …}]}``)
+* a fixture file like ``tests/fixtures/synapse-pdus/vN.json`` (``{"events": [{"pdu": …}]}``)
   or ``vN.tampered.json`` (``{"cases": [{"pdu": …}]}``), or a peek response
   (``{"state": […], "auth_chain": […], "latest_event": {…}}``). These carry
   ``room_version``, used when ``--room-version`` is not given, and their ``verify_keys``

@@ -3,7 +3,7 @@
 A :class:`TestbedRoom` holds one room's PDUs exactly as they go over federation, in DAG order
 (which is also stream order), plus indexes derived from them. It creates, hashes and signs new
 events the way Synapse does for the same room (content, ``auth_events`` and key layout mirror
-the real PDUs in ``shared/fixtures/synapse-pdus``), and answers the queries the testbed's
+the real PDUs in ``tests/fixtures/synapse-pdus``), and answers the queries the testbed's
 federation endpoints need: state at an event, auth chains, ``/backfill`` and
 ``/get_missing_events``.
 
