@@ -52,7 +52,8 @@ async def start_dnsmasq(
     """Start dnsmasq; returns its ``"127.0.0.1:port"``. It is stopped with the nursery.
 
     ``hosts`` maps names to IPv4 addresses; ``srv`` holds
-    ``(name, target, port, priority, weight)`` records.
+    ``(name, target, port, priority, weight)`` records; a target of ``"."`` gives the
+    RFC 2782 "service not offered" record (target ``.``; port, priority, weight ignored).
     """
     binary = dnsmasq_binary()
     for attempt in range(5):  # another process may take the port between our check and use
@@ -73,7 +74,10 @@ async def start_dnsmasq(
             "--pid-file=",
         ]
         args += [f"--host-record={name},{ip}" for name, ip in hosts.items()]
-        args += [f"--srv-host={n},{t},{p},{prio},{w}" for n, t, p, prio, w in srv]
+        args += [
+            f"--srv-host={n}" if t == "." else f"--srv-host={n},{t},{p},{prio},{w}"
+            for n, t, p, prio, w in srv
+        ]
         process = await trio.lowlevel.open_process(args, stderr=subprocess.PIPE)
         assert process.stderr is not None
         seen = b""
@@ -101,3 +105,29 @@ async def start_dnsmasq(
 
     nursery.start_soon(drain_then_stop)
     return f"127.0.0.1:{port}"
+
+
+async def start_slow_dns(nursery: trio.Nursery, upstream: str, delay: float) -> str:
+    """A DNS server on a loopback UDP port that answers every query as ``upstream``
+    (``"ip:port"``, e.g. a dnsmasq) does, but only after ``delay`` seconds; returns its
+    ``"127.0.0.1:port"``. It stops with the nursery."""
+    host, _, port = upstream.rpartition(":")
+    listener = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await listener.bind(("127.0.0.1", 0))
+
+    async def relay(query: bytes, asker: tuple[str, int]) -> None:
+        await trio.sleep(delay)
+        with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+            await out.connect((host, int(port)))
+            await out.send(query)
+            with trio.move_on_after(5):
+                await listener.sendto(await out.recv(65535), asker)
+
+    async def serve() -> None:
+        with listener:
+            while True:
+                query, asker = await listener.recvfrom(65535)
+                nursery.start_soon(relay, query, asker)
+
+    nursery.start_soon(serve)
+    return f"127.0.0.1:{listener.getsockname()[1]}"

@@ -33,7 +33,7 @@ from peekproxy.federation.discovery import (
     parse_well_known,
     well_known_cache_period,
 )
-from tests.dns import start_dnsmasq
+from tests.dns import start_dnsmasq, start_slow_dns
 from tests.support import JsonApp, issue_cert, serve_app
 
 BLACKLIST = [ipaddress.ip_network(n) for n in DEFAULT_IP_RANGE_BLACKLIST]
@@ -70,21 +70,32 @@ class World:
         )
         return app
 
-    async def client(self, *, whitelist: bool = True) -> FederationClient:
+    async def client(
+        self,
+        *,
+        whitelist: bool = True,
+        connect_timeout: float = 5,
+        request_timeout: float = 10,
+        dns_delay: float = 0.0,
+    ) -> FederationClient:
+        """A client whose DNS is a dnsmasq with the world's records (answering after
+        ``dns_delay`` seconds when that is set)."""
         dns = await start_dnsmasq(self.nursery, hosts=self.hosts, srv=self.srv)
+        if dns_delay:
+            dns = await start_slow_dns(self.nursery, dns, dns_delay)
         ca_file = self.tmp_path / "ca.pem"
         self.ca.cert_pem.write_to_path(str(ca_file))
         return FederationClient(
             server_name=None,
             signing_key=None,
-            dns=DnspythonLookup([dns]),
+            dns=DnspythonLookup([dns], lifetime=connect_timeout),
             ip_filter=IpFilter(
                 BLACKLIST, [ipaddress.ip_network("127.0.0.0/8")] if whitelist else []
             ),
             ssl_context=build_ssl_context(True, ca_file),
             default_port=DEFAULT_PORT,
-            connect_timeout=5,
-            request_timeout=10,
+            connect_timeout=connect_timeout,
+            request_timeout=request_timeout,
         )
 
 
@@ -170,6 +181,72 @@ async def test_legacy_matrix_srv(world: World) -> None:
     assert await version_of(client, "legacy.test") == "legacy"
     assert app.requests[0]["headers"]["host"] == "legacy.test"
     assert (await client.resolver.resolve("legacy.test")).step == "5 srv _matrix._tcp"
+
+
+@pytest.mark.parametrize("via", ["direct", "well-known"])
+async def test_srv_target_dot_means_no_federation_service(world: World, via: str) -> None:
+    """A lone ``_matrix-fed._tcp`` record with target ``.`` (RFC 2782: "decidedly not
+    available"): stop, do not fall through to ``_matrix._tcp`` or the default port."""
+    host = "nofed.test" if via == "direct" else "nofed-deleg.test"
+    world.hosts |= {"nofed.test": "127.10.9.1", "nofed-deleg.test": "127.10.9.1"}
+    world.srv += [
+        (f"_matrix-fed._tcp.{host}", ".", 0, 0, 0),
+        (f"_matrix._tcp.{host}", "nofed.test", 8458, 0, 0),
+    ]
+    if via == "well-known":
+        await world.well_known("nofed.test", "127.10.9.1", well_known_body({"m.server": host}))
+    legacy = await world.federation_server("legacy", "127.10.9.1", 8458, host)
+    default = await world.federation_server("default", "127.10.9.1", DEFAULT_PORT, host)
+    client = await world.client()
+    with pytest.raises(DestinationUnreachable, match=rf"_matrix-fed\._tcp\.{host} .*'\.'"):
+        await version_of(client, "nofed.test")
+    assert legacy.requests == [] and default.requests == []
+
+
+async def test_trickled_well_known_is_cut_at_its_time_budget(world: World) -> None:
+    """A well-known server sending its body one byte at a time (each byte well within the
+    read timeout) cannot hold discovery beyond one budget (connect_timeout) for the fetch."""
+    world.hosts["trickle.test"] = "127.10.9.2"
+    body = json.dumps({"m.server": "never.test:1"}).encode()  # never used if cut in time
+
+    async def trickle(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await JsonApp({})(scope, receive, send)
+            return
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for i in range(len(body)):
+            await trio.sleep(0.2)
+            await send({"type": "http.response.body", "body": body[i : i + 1], "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    await serve_app(
+        world.nursery,
+        trickle,
+        bind="127.10.9.2:443",
+        tls=issue_cert(world.ca, world.tmp_path, "trickle.test"),
+    )
+    await world.federation_server("fallback", "127.10.9.2", DEFAULT_PORT, "trickle.test")
+    client = await world.client(connect_timeout=1)
+    started = trio.current_time()
+    with trio.fail_after(len(body) * 0.2 - 1):  # the whole trickle takes ~6 s
+        assert await version_of(client, "trickle.test") == "fallback"
+    assert trio.current_time() - started < 3
+    assert (await client.resolver.resolve("trickle.test")).step == "6 default-port"
+
+
+async def test_name_resolution_counts_against_the_request_deadline(world: World) -> None:
+    """Discovery (well-known, SRV and address lookups) is inside the request's timeout: with
+    DNS answering after 1 s per query, a 1.5 s request gives up after 1.5 s, not after the
+    ~5 s the lookups take."""
+    world.hosts["slowdns.test"] = "127.10.9.3"
+    app = await world.federation_server("slow", "127.10.9.3", DEFAULT_PORT, "slowdns.test")
+    client = await world.client(dns_delay=1.0, request_timeout=1.5)
+    started = trio.current_time()
+    with pytest.raises(DestinationUnreachable, match=r"timed out after 1\.5 s while resolving"):
+        await version_of(client, "slowdns.test")
+    assert trio.current_time() - started < 3
+    assert app.requests == []
 
 
 async def test_default_port_fallback(world: World) -> None:

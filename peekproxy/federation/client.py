@@ -38,6 +38,7 @@ from peekproxy.federation.discovery import (
     DnsError,
     DnsLookup,
     DnspythonLookup,
+    FederationNotOffered,
     Resolution,
     ServerResolver,
     WellKnownCache,
@@ -247,10 +248,13 @@ class FederationClient:
         ip_filter: outbound address policy.
         ssl_context: verifies remote certificates.
         default_port: port when discovery finds none (8448).
-        connect_timeout, request_timeout: seconds.
+        connect_timeout, request_timeout: seconds; ``request_timeout`` bounds a whole
+            request, discovery included.
         max_response_bytes: cap on any response body.
         backoff: per-destination back-off (``None``: none).
         well_known_port: port of ``/.well-known/matrix/server`` fetches (443 per the spec).
+        well_known_timeout: seconds for one whole well-known fetch: redirects, connects,
+            headers and body together (default: ``connect_timeout``).
     """
 
     def __init__(
@@ -267,6 +271,7 @@ class FederationClient:
         max_response_bytes: int = 64 * 1024 * 1024,
         backoff: Backoff | None = None,
         well_known_port: int = 443,
+        well_known_timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if (server_name is None) != (signing_key is None):
@@ -280,6 +285,7 @@ class FederationClient:
         self._max_response_bytes = max_response_bytes
         self._backoff = backoff
         self._well_known_port = well_known_port
+        self._well_known_timeout = well_known_timeout or connect_timeout
         self._transport = FederationTransport(ssl_context)
         self._http = httpx.AsyncClient(transport=self._transport, follow_redirects=False)
         self.resolver = ServerResolver(
@@ -337,7 +343,8 @@ class FederationClient:
             query: query parameters; a sequence value repeats the parameter.
             content: JSON body (PUT/POST); ``None`` for no body.
             signed: add X-Matrix authentication.
-            timeout: seconds for the whole exchange (default: request_timeout).
+            timeout: seconds for the whole request, resolving the server name (well-known,
+                SRV, addresses) included (default: request_timeout).
 
         Raises:
             RemoteError: the remote answered with status ≥ 300.
@@ -356,12 +363,16 @@ class FederationClient:
         if encoded:
             target += "?" + encoded
         body = canonicaljson.encode_canonical_json(content) if content is not None else None
-        try:
-            resolution = await self.resolver.resolve(destination)
-        except DnsError as e:
-            self._failed(destination)
-            raise DestinationUnreachable(destination, str(e)) from None
-        with trio.move_on_after(timeout or self._request_timeout) as scope:
+        budget = timeout or self._request_timeout
+        phase = "resolving the server name"
+        # One deadline for everything: discovery (well-known, SRV, addresses) included.
+        with trio.move_on_after(budget) as scope:
+            try:
+                resolution = await self.resolver.resolve(destination)
+            except (DnsError, FederationNotOffered) as e:
+                self._failed(destination)
+                raise DestinationUnreachable(destination, str(e)) from None
+            phase = "connecting or waiting for the answer"
             try:
                 response = await self._send_to_targets(
                     method, resolution, target, body, content, signed
@@ -372,7 +383,9 @@ class FederationClient:
                 raise
         if scope.cancelled_caught:
             self._failed(destination)
-            raise DestinationUnreachable(destination, "request timed out")
+            raise DestinationUnreachable(
+                destination, f"request timed out after {budget:g} s while {phase}"
+            )
         if self._backoff is not None:
             self._backoff.succeeded(destination)
         if response.status >= 300:
@@ -500,15 +513,25 @@ class FederationClient:
 
     async def fetch_well_known(self, hostname: str) -> tuple[ServerName, float]:
         """GET ``https://<hostname>/.well-known/matrix/server`` (redirects followed, no loops,
-        body capped at 50 KiB).
+        body capped at 50 KiB), all of it within ``well_known_timeout`` seconds: a server
+        that trickles its answer cannot hold discovery longer than that.
 
         Returns:
             The delegated server name and how long to cache it (seconds).
 
         Raises:
             WellKnownInvalid: no usable delegation (status, JSON, ``m.server``, loop, size).
-            FederationError: the host could not be reached.
+            FederationError: the host could not be reached, or the fetch took too long.
         """
+        with trio.move_on_after(self._well_known_timeout):
+            return await self._fetch_well_known(hostname)
+        raise DestinationUnreachable(
+            hostname,
+            f"https://{hostname}/.well-known/matrix/server did not answer in full within "
+            f"{self._well_known_timeout:g} s",
+        )
+
+    async def _fetch_well_known(self, hostname: str) -> tuple[ServerName, float]:
         port = self._well_known_port
         url = f"https://{_url_host(hostname)}:{port}/.well-known/matrix/server"
         seen: set[str] = set()

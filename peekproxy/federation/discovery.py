@@ -11,6 +11,10 @@ Follows the server-server API §Resolving server names table step by step:
 4./5. No valid well-known: SRV ``_matrix-fed._tcp.<hostname>``, then ``_matrix._tcp``.
 6. The hostname at the default port.
 
+An SRV answer whose only target is ``.`` means the service is "decidedly not available"
+(RFC 2782): resolution stops there with :class:`FederationNotOffered`, without falling
+through to the deprecated ``_matrix._tcp`` record or the default port.
+
 With SRV the certificate and Host use the *queried* name, never the SRV target. The DNS and
 the well-known fetch are behind small interfaces (:class:`DnsLookup`, a fetch callable) so
 the table itself is tested with real DNS (dnsmasq) and real HTTPS in the end-to-end tests.
@@ -41,6 +45,7 @@ __all__ = [
     "DnsError",
     "DnsLookup",
     "DnspythonLookup",
+    "FederationNotOffered",
     "Resolution",
     "ServerResolver",
     "SrvRecord",
@@ -63,6 +68,12 @@ WELL_KNOWN_ERROR_CACHE_MAX_S = 3600.0
 
 class DnsError(Exception):
     """A DNS lookup failed (as opposed to answering that there is no such record)."""
+
+
+class FederationNotOffered(Exception):
+    """DNS says the server offers no federation: its SRV record (``_matrix-fed._tcp``, or
+    the deprecated ``_matrix._tcp``) has the target ``.`` and no other (RFC 2782: the
+    service is "decidedly not available at this domain"). The message names the record."""
 
 
 class WellKnownInvalid(Exception):
@@ -242,6 +253,7 @@ class ServerResolver:
         Raises:
             InvalidIdentifier: not a server name.
             DnsError: an SRV lookup failed (not "no record": that falls through the table).
+            FederationNotOffered: the SRV record consulted has only the target ``.``.
         """
         cached = self._cache.get(server_name)
         if cached is not None and cached[1] > self.clock():
@@ -288,7 +300,13 @@ class ServerResolver:
         steps = ("3.3", "3.4", "3.5") if prefix else ("4", "5", "6")
         header = _host_for_header(host)
         for service, step in (("_matrix-fed._tcp", steps[0]), ("_matrix._tcp", steps[1])):
-            records = order_srv(await self.dns.srv(f"{service}.{host}"), self.rng)
+            found = await self.dns.srv(f"{service}.{host}")
+            records = order_srv(found, self.rng)
+            if found and not records:  # only "." targets: no federation here, stop
+                raise FederationNotOffered(
+                    f"the SRV record {service}.{host} has the target '.': "
+                    f"{host} offers no Matrix federation"
+                )
             if records:
                 targets = tuple((r.target.rstrip("."), r.port) for r in records)
                 return Resolution(server_name, targets, header, host, f"{step} srv {service}")
