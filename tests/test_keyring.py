@@ -23,18 +23,22 @@ from peekproxy.federation.keyring import (
     TrustedNotary,
     parse_key_document,
 )
+from peekproxy.federation.room_versions import room_version
 from peekproxy.federation.signing_key import server_key_document
+from peekproxy.peeks.service import PeekService, PeekSettings
+from peekproxy.peeks.subscription import Subscription, SubState
 from peekproxy.store import Store
+from peekproxy.testbed.rooms import TestbedRoom
 from tests.support import JsonApp, serve_app
 
 NOW_MS = int(time.time() * 1000)
 DAY_MS = 86_400_000
 
 
-def _client(ca: Path) -> FederationClient:
+def _client(ca: Path, *, server_name: str | None = None) -> FederationClient:
     return FederationClient(
-        server_name=None,
-        signing_key=None,
+        server_name=server_name,
+        signing_key=generate_signing_key("me") if server_name else None,
         dns=DnspythonLookup(),
         ip_filter=IpFilter(
             [ipaddress.ip_network(n) for n in DEFAULT_IP_RANGE_BLACKLIST],
@@ -55,6 +59,8 @@ class KeyServer:
         self.valid_for_ms = DAY_MS
         self.old: dict[str, tuple[str, int]] = {}
         self.fetches = 0
+        #: ``valid_for_ms`` of the next answers, one per fetch (then it stays at the last).
+        self.validity_answers: list[int] = []
 
     def document(self) -> dict[str, Any]:
         return server_key_document(
@@ -67,6 +73,8 @@ class KeyServer:
 
     async def handler(self, scope: Any, body: bytes) -> tuple[int, Any]:
         self.fetches += 1
+        if self.validity_answers:
+            self.valid_for_ms = self.validity_answers.pop(0)
         return 200, self.document()
 
 
@@ -241,3 +249,122 @@ async def test_unpinned_unreachable_notary_is_an_error_not_a_loop(
     with pytest.raises(KeyFetchError) as caught:
         await keyring.fetch_keys("localhost:1", ["ed25519:a"])
     assert "notary localhost:2" in str(caught.value)
+
+
+# -- keys valid at an event's origin_server_ts (room versions 5+) ----------------------------
+
+MINUTE_MS = 60_000
+
+
+async def _ingest_later_event(
+    remote: KeyServer, tmp_path: Path, ca: Path, notaries: list[TrustedNotary] | None = None
+) -> tuple[Keyring, str, Any]:
+    """peekproxy's /send ingest (in process, real store, keys fetched over TLS) of a v10 room
+    of ``remote``: first the events that create it, sent now (their key is fetched then),
+    then a message stamped 10 minutes from now. Returns the keyring, the message's ID and
+    the /send answer for it."""
+    store = await Store.open(tmp_path / "p.db", "me.test")
+    client = _client(ca, server_name="me.test")
+    keyring = Keyring(client, store, notaries or [])
+    service = PeekService(
+        store=store,
+        client=client,
+        keyring=keyring,
+        settings=PeekSettings(
+            linger_ms=0, renewal_max_ms=1_800_000, max_peeks_per_device=10, max_remote_peeks=10
+        ),
+    )
+    room = TestbedRoom.create(
+        server_name=remote.name,
+        signing_key=remote.key,
+        room_version="10",
+        creator=f"@admin:{remote.name}",
+        now_ms=NOW_MS,
+    )
+    service.subscriptions[room.room_id] = Subscription(
+        room.room_id, SubState.ACTIVE, (remote.name,), "10", remote.name, "peek0001"
+    )
+    first = await service.ingest(remote.name, "t1", {"pdus": room.events})
+    assert all(v == {} for v in first["pdus"].values()), first
+    assert remote.fetches == 1
+    later, pdu = room.send(
+        remote.key,
+        sender=f"@admin:{remote.name}",
+        type="m.room.message",
+        content={"msgtype": "m.text", "body": "ten minutes later"},
+        now_ms=NOW_MS + 10 * MINUTE_MS,
+    )
+    answer = await service.ingest(remote.name, "t2", {"pdus": [pdu]})
+    return keyring, later, answer["pdus"][later]
+
+
+async def test_a_key_expiring_before_an_event_is_fetched_again_from_the_origin(
+    nursery: trio.Nursery, tls_files: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    remote = await _key_server(nursery, tls_files)
+    remote.validity_answers = [5 * MINUTE_MS, DAY_MS]  # 5 minutes at first, then a day
+    keyring, _, result = await _ingest_later_event(remote, tmp_path, tls_files[2])
+    assert result == {}  # accepted: the key was fetched again, now valid for a day
+    assert remote.fetches == 2
+    info = keyring.lookup(remote.name, "ed25519:k1")
+    assert info is not None and info.valid_until_ts is not None
+    assert info.valid_until_ts > NOW_MS + 10 * MINUTE_MS
+
+
+async def test_then_a_notary_is_asked_with_minimum_valid_until_ts(
+    nursery: trio.Nursery, tls_files: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    import json
+
+    remote = await _key_server(nursery, tls_files)
+    remote.valid_for_ms = 5 * MINUTE_MS  # every answer of the origin's: 5 minutes
+    notary_key = generate_signing_key("n1")
+    asked: list[Any] = []
+
+    async def query(scope: Any, body: bytes) -> tuple[int, Any]:
+        asked.append(json.loads(body))
+        # The notary holds an older answer of the origin's that is valid for longer.
+        long = server_key_document(
+            remote.name, remote.key, now_ms=int(time.time() * 1000), valid_for_ms=DAY_MS
+        )
+        return 200, {"server_keys": [sign_json(long, notary_name, notary_key)]}
+
+    url = await serve_app(
+        nursery,
+        JsonApp({("POST", "/_matrix/key/v2/query"): query}),
+        tls=(tls_files[0], tls_files[1]),
+    )
+    notary_name = f"localhost:{url.rsplit(':', 1)[1]}"
+    notary = TrustedNotary(
+        notary_name, {"ed25519:n1": encode_verify_key_base64(get_verify_key(notary_key))}
+    )
+    _, _, result = await _ingest_later_event(remote, tmp_path, tls_files[2], [notary])
+    assert result == {}
+    assert remote.fetches == 2  # the origin first, then the notary
+    [request] = asked
+    assert request["server_keys"][remote.name]["ed25519:k1"] == {
+        "minimum_valid_until_ts": NOW_MS + 10 * MINUTE_MS
+    }
+
+
+async def test_an_event_after_every_known_validity_is_rejected_and_not_refetched_at_once(
+    nursery: trio.Nursery, tls_files: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    remote = await _key_server(nursery, tls_files)
+    remote.valid_for_ms = 5 * MINUTE_MS  # every answer: 5 minutes; and no notary
+    keyring, _, result = await _ingest_later_event(remote, tmp_path, tls_files[2])
+    assert "key not valid at origin_server_ts" in result["error"]
+    assert remote.fetches == 2
+    # Another event needing the same validity within a minute: no new fetch.
+    problems = await keyring.fetch_signer_keys(
+        [
+            {
+                "sender": f"@admin:{remote.name}",
+                "origin_server_ts": NOW_MS + 10 * MINUTE_MS,
+                "signatures": {remote.name: {"ed25519:k1": "x"}},
+            }
+        ],
+        room_version("10"),
+    )
+    assert problems and "when last asked" in problems[0]
+    assert remote.fetches == 2

@@ -29,6 +29,7 @@ from peekproxy.federation.pdu import (
     check_pdus,
     key_table,
     required_signers,
+    signer_key_validity,
 )
 from peekproxy.federation.room_versions import RoomVersion, room_version
 
@@ -284,6 +285,19 @@ def test_key_validity(version: str) -> None:
             reason
             == "no valid signature from alpha.test (ed25519:k1: key not valid at origin_server_ts)"
         )
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_signer_key_validity_is_the_newest_event_per_signer(version: str) -> None:
+    rules = room_version(version)
+    pdus = [
+        make_pdu(rules, origin_server_ts=NOW + 5),
+        make_pdu(rules, origin_server_ts=NOW + 9),
+        make_pdu(rules, signers=(BETA,), sender="@bob:beta.test:8448", origin_server_ts=NOW),
+        "not a PDU",
+    ]
+    expected = {"alpha.test": NOW + 9, "beta.test:8448": NOW}
+    assert signer_key_validity(pdus, rules) == (expected if int(version) >= 5 else {})
 
 
 def test_signedjson_verify_keys_work_too() -> None:

@@ -10,9 +10,14 @@
   is ``min(valid_until_ts, fetched_ts + 7 days)`` (the cap the spec requires for room
   versions 5 and later; room versions 1–4 ignore ``valid_until_ts``). ``old_verify_keys``
   count for events sent before their ``expired_ts``, never for requests.
+* Events (room versions 5+) need a key valid at their ``origin_server_ts``:
+  :meth:`Keyring.fetch_signer_keys` asks for that as ``minimum_valid_until_ts``, so a cached
+  key that expires earlier is fetched again, from the server and then the notaries, before
+  an event is rejected for it.
 * Abuse limits: key IDs that are not ``ed25519:[A-Za-z0-9_]+`` are refused without a fetch;
   a failed fetch of a server is not repeated for 30 s (doubling up to 10 min); a key ID a
-  fresh document did not contain is not asked for again for 60 s.
+  fresh document did not contain, or did not vouch for until the time asked, is not asked
+  for again (for that time or later) for 60 s.
 * First seen wins: once a key ID is known with some key bytes, different bytes under the
   same ID are ignored (and logged).
 """
@@ -34,7 +39,8 @@ from signedjson.types import VerifyKey
 from unpaddedbase64 import decode_base64
 
 from peekproxy.federation.client import FederationClient, FederationError
-from peekproxy.federation.pdu import VerifyKeyInfo
+from peekproxy.federation.pdu import VerifyKeyInfo, signer_key_ids, signer_key_validity
+from peekproxy.federation.room_versions import RoomVersion
 from peekproxy.store import Store
 
 __all__ = ["KEY_VALIDITY_CAP_MS", "KeyFetchError", "Keyring", "StoredKey", "TrustedNotary"]
@@ -167,6 +173,9 @@ class Keyring:
         self._locks: dict[str, trio.Lock] = {}
         self._failed: dict[str, tuple[float, float, str]] = {}  # until, hold, message
         self._missing: dict[tuple[str, str], float] = {}
+        #: (server, key ID) → (until, minimum_valid_until_ts): a fresh fetch did not make the
+        #: key valid until that minimum; not asked again for it (or later) until ``until``.
+        self._short: dict[tuple[str, str], tuple[float, int]] = {}
 
     # -- cache -------------------------------------------------------------------------------
 
@@ -288,6 +297,18 @@ class Keyring:
             raise KeyFetchError(
                 f"{server_name} did not publish {', '.join(missing)} when last asked"
             )
+        short = [
+            k
+            for k in key_ids
+            if (held := self._short.get((server_name, k))) is not None
+            and held[0] > now
+            and held[1] <= minimum_valid_until_ts
+        ]
+        if short:
+            raise KeyFetchError(
+                f"neither {server_name} nor a notary vouched for {', '.join(short)} until "
+                f"{minimum_valid_until_ts} when last asked"
+            )
         lock = self._locks.setdefault(server_name, trio.Lock())
         if lock.locked() and lock.statistics().owner is trio.lowlevel.current_task():
             raise KeyFetchError(f"cannot get keys of {server_name}: fetch loop")
@@ -305,6 +326,11 @@ class Keyring:
                 for key_id in key_ids:
                     if (server_name, key_id) not in self._keys:
                         self._missing[(server_name, key_id)] = time.monotonic() + MISSING_KEY_HOLD_S
+                    elif minimum_valid_until_ts:
+                        self._short[(server_name, key_id)] = (
+                            time.monotonic() + MISSING_KEY_HOLD_S,
+                            minimum_valid_until_ts,
+                        )
                 raise
             self._failed.pop(server_name, None)
 
@@ -377,6 +403,29 @@ class Keyring:
         return found
 
     # -- uses --------------------------------------------------------------------------------
+
+    async def fetch_signer_keys(self, pdus: Iterable[Any], rules: RoomVersion) -> list[str]:
+        """Fetch what :func:`~peekproxy.federation.pdu.check_pdu` needs for ``pdus``: the
+        key IDs each required signer signed with, and, for room versions 5 and later, valid
+        until the newest ``origin_server_ts`` among its PDUs. A cached key that expires
+        before that is fetched again with that ``minimum_valid_until_ts``: from the server,
+        then from each notary (SSAPI §Retrieving server keys).
+
+        Returns:
+            One line per server whose keys could not be had (its PDUs then fail the
+            signature check); ``[]`` when everything is in the cache.
+        """
+        pdus = list(pdus)
+        minimums = signer_key_validity(pdus, rules)
+        problems: list[str] = []
+        for server, key_ids in signer_key_ids(pdus, rules).items():
+            try:
+                await self.fetch_keys(
+                    server, key_ids, minimum_valid_until_ts=minimums.get(server, 0)
+                )
+            except KeyFetchError as e:
+                problems.append(str(e))
+        return problems
 
     async def request_key(self, origin: str, key_id: str) -> VerifyKey:
         """The key to check an X-Matrix request signature: a *current* key of ``origin``,

@@ -47,6 +47,7 @@ __all__ = [
     "key_table",
     "required_signers",
     "signer_key_ids",
+    "signer_key_validity",
 ]
 
 #: CSAPI §Size limits: the whole event, signatures included, as canonical JSON.
@@ -569,3 +570,27 @@ def signer_key_ids(pdus: Iterable[Any], rules: RoomVersion) -> dict[str, list[st
                 if isinstance(k, str) and k.startswith("ed25519:")
             )
     return {server: sorted(ids) for server, ids in wanted.items()}
+
+
+def signer_key_validity(pdus: Iterable[Any], rules: RoomVersion) -> dict[str, int]:
+    """How long each required signer's keys must be valid to check ``pdus``: server name →
+    the newest ``origin_server_ts`` (ms since the epoch) among the PDUs it must sign.
+
+    Only for room versions that enforce key validity (v5 and later: a key counts only if
+    its ``valid_until_ts`` is at or after the event's ``origin_server_ts``, rooms fragment
+    ``v5-signing-requirements``); ``{}`` for v1-v4, which ignore ``valid_until_ts``. It is
+    the ``minimum_valid_until_ts`` to fetch those keys with (SSAPI §Retrieving server keys).
+    PDUs that are not objects or lack an integer ``origin_server_ts`` add nothing.
+    """
+    if not rules.signatures.enforce_key_validity:
+        return {}
+    needed: dict[str, int] = {}
+    for pdu in pdus:
+        if not isinstance(pdu, dict):
+            continue
+        ts = pdu.get("origin_server_ts")
+        if type(ts) is not int:
+            continue
+        for server in required_signers(pdu, rules):
+            needed[server] = max(needed.get(server, 0), ts)
+    return needed

@@ -25,8 +25,8 @@ import trio
 
 from peekproxy.federation.client import FederationClient, FederationError, RemoteError, path_segment
 from peekproxy.federation.events import compute_event_id
-from peekproxy.federation.keyring import KeyFetchError, Keyring
-from peekproxy.federation.pdu import check_pdu, signer_key_ids
+from peekproxy.federation.keyring import Keyring
+from peekproxy.federation.pdu import check_pdu
 from peekproxy.federation.room_versions import KNOWN_ROOM_VERSIONS, UnknownRoomVersion, room_version
 from peekproxy.identifiers import InvalidIdentifier, RoomAlias, RoomId
 from peekproxy.metrics import SYNC_ANSWERS
@@ -729,12 +729,8 @@ class PeekService:
             rules = room_version(version)
         except UnknownRoomVersion:
             return
-        wanted = signer_key_ids(pdus, rules)
-        for server, key_ids in wanted.items():
-            try:
-                await self.keyring.fetch_keys(server, key_ids)
-            except KeyFetchError as e:
-                log.info("keys for PDUs: %s", e)
+        for problem in await self.keyring.fetch_signer_keys(pdus, rules):
+            log.info("keys for PDUs: %s", problem)
 
     async def _validate(self, body: Any, room_id: str) -> ValidatedPeek:
         if not isinstance(body, dict):
