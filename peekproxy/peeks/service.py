@@ -47,6 +47,7 @@ from peekproxy.peeks.sync import (
     build_sync,
     decode_token,
 )
+from peekproxy.peeks.unsupported import UnsupportedServers
 from peekproxy.peeks.validation import (
     InvalidPeekResponse,
     ValidatedPeek,
@@ -137,6 +138,8 @@ class PeekService:
         #: devices woken together share it).
         self._built_key: tuple[Any, ...] | None = None
         self._built: dict[str, Any] = {}
+        #: Servers that showed they lack MSC2444: skipped by _establish for an hour.
+        self.unsupported = UnsupportedServers()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -658,6 +661,10 @@ class PeekService:
         sub = subs.replace_peek(sub)
         failures: list[PeekAttemptFailure] = []
         for server in sub.candidates:
+            skipped = self.unsupported.skip(server, self.clock_ms())
+            if skipped is not None:
+                failures.append(skipped)  # still named in the device's error
+                continue
             for attempt in (1, 2):
                 peek_id = new_peek_id()
                 try:
@@ -680,6 +687,7 @@ class PeekService:
                         await trio.sleep(wait / 1000)
                         continue
                     failures.append(failure)
+                    self.unsupported.record(failure, self.clock_ms())
                     break
                 try:
                     validated = await self._validate(body, room_id)

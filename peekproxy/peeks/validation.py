@@ -8,8 +8,9 @@ the caller fills beforehand (fetch the keys of
 Shapes (protocol.md decision 1, §1.3, §1.4):
 
 * **R3** (Dendrite, what peekproxy speaks): ``state`` (PDUs: the current state),
-  ``auth_chain`` (PDUs), ``latest_event`` (a PDU), ``renewal_interval`` (ms) and an
-  optional ``room_version`` (``"1"`` when absent or empty, as Dendrite assumes);
+  ``auth_chain`` (PDUs), ``latest_event`` (a PDU), ``renewal_interval`` (ms;
+  :data:`DEFAULT_RENEWAL_INTERVAL_MS` when absent or ``null``) and an optional
+  ``room_version`` (``"1"`` when absent or empty, as Dendrite assumes);
 * **R4** (parsed leniently): ``latest_event_state_ids`` (``{extremity event ID: [state
   event IDs]}``), ``common_state_ids`` (``[state event IDs]``), ``events`` (PDUs: all of
   those plus their auth events) and ``renewal_interval``. The latest event is the extremity
@@ -36,6 +37,7 @@ from peekproxy.federation.pdu import KeyLookup, PduVerdict, check_pdu
 from peekproxy.federation.room_versions import RoomVersion, UnknownRoomVersion, room_version
 
 __all__ = [
+    "DEFAULT_RENEWAL_INTERVAL_MS",
     "InvalidPeekResponse",
     "RoomNotPeekable",
     "ValidatedPeek",
@@ -48,6 +50,12 @@ __all__ = [
 _CREATE = ("m.room.create", "")
 _HISTORY_VISIBILITY = ("m.room.history_visibility", "")
 _ENCRYPTION = ("m.room.encryption", "")
+#: The ``renewal_interval`` (ms) assumed when a peek response has none (or ``null``): 10 min,
+#: so peekproxy renews every 5 min (half of it, protocol.md decision 3). Every MSC2444
+#: revision requires the field; a target that leaves it out has not said how long it keeps a
+#: peek, so this is deliberately shorter than MSC2444's 1 h example: a renewal every 5 min
+#: per room is cheap, while a peek lapsing unnoticed costs the devices a gap.
+DEFAULT_RENEWAL_INTERVAL_MS = 600_000
 #: Keys an R4 renewal reply (``POST .../renew``) may carry without carrying any state.
 _RENEWAL_ONLY_KEYS = frozenset({"renewal_interval"})
 
@@ -84,7 +92,8 @@ class ValidatedPeek:
       R4: every event of ``events`` reachable from the state through ``auth_events`` (plus
       the v12 create event), in the order of ``events``.
     * ``renewal_interval_ms``: the remote's ``renewal_interval`` (ms, > 0, not clamped: see
-      :func:`~peekproxy.peeks.outcomes.renewal_delay_ms`).
+      :func:`~peekproxy.peeks.outcomes.renewal_delay_ms`), or
+      :data:`DEFAULT_RENEWAL_INTERVAL_MS` when the response has none.
     * ``redacted``: the IDs of events stored redacted (content hash mismatch).
     """
 
@@ -254,9 +263,9 @@ def _redacted_equal(full: dict[str, Any], partial: dict[str, Any], rules: RoomVe
 
 
 def _renewal_interval(body: Mapping[str, Any]) -> int:
-    if "renewal_interval" not in body:
-        raise InvalidPeekResponse("no renewal_interval")
-    interval = body["renewal_interval"]
+    interval = body.get("renewal_interval")
+    if interval is None:  # absent or null: the remote did not say
+        return DEFAULT_RENEWAL_INTERVAL_MS
     if not isinstance(interval, int) or isinstance(interval, bool) or interval <= 0:
         raise InvalidPeekResponse(
             f"renewal_interval must be a positive integer (ms), got {_short(interval)}"
@@ -440,7 +449,8 @@ def validate_peek_response(
 
     Raises:
         InvalidPeekResponse: with the first problem found, checked in this order: not an
-            object; ``renewal_interval`` missing or not a positive integer; ``room_version``
+            object; ``renewal_interval`` present but not a positive integer (absent or
+            ``null``: :data:`DEFAULT_RENEWAL_INTERVAL_MS`); ``room_version``
             not a string, unknown, or not in ``supported_versions``; a malformed shape; an
             ``m.room.create`` whose ``content.room_version`` (absent: ``"1"``) is not the
             response's; a PDU that :func:`~peekproxy.federation.pdu.check_pdu` rejects
