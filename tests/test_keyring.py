@@ -258,11 +258,13 @@ MINUTE_MS = 60_000
 
 async def _ingest_later_event(
     remote: KeyServer, tmp_path: Path, ca: Path, notaries: list[TrustedNotary] | None = None
-) -> tuple[Keyring, str, Any]:
+) -> tuple[Keyring, int, Any]:
     """peekproxy's /send ingest (in process, real store, keys fetched over TLS) of a v10 room
     of ``remote``: first the events that create it, sent now (their key is fetched then),
-    then a message stamped 10 minutes from now. Returns the keyring, the message's ID and
-    the /send answer for it."""
+    then a message stamped 10 minutes from now. Returns the keyring, the message's
+    ``origin_server_ts`` and the /send answer for it."""
+    now = int(time.time() * 1000)
+    later_ts = now + 10 * MINUTE_MS
     store = await Store.open(tmp_path / "p.db", "me.test")
     client = _client(ca, server_name="me.test")
     keyring = Keyring(client, store, notaries or [])
@@ -279,7 +281,7 @@ async def _ingest_later_event(
         signing_key=remote.key,
         room_version="10",
         creator=f"@admin:{remote.name}",
-        now_ms=NOW_MS,
+        now_ms=now,
     )
     service.subscriptions[room.room_id] = Subscription(
         room.room_id, SubState.ACTIVE, (remote.name,), "10", remote.name, "peek0001"
@@ -292,10 +294,10 @@ async def _ingest_later_event(
         sender=f"@admin:{remote.name}",
         type="m.room.message",
         content={"msgtype": "m.text", "body": "ten minutes later"},
-        now_ms=NOW_MS + 10 * MINUTE_MS,
+        now_ms=later_ts,
     )
     answer = await service.ingest(remote.name, "t2", {"pdus": [pdu]})
-    return keyring, later, answer["pdus"][later]
+    return keyring, later_ts, answer["pdus"][later]
 
 
 async def test_a_key_expiring_before_an_event_is_fetched_again_from_the_origin(
@@ -303,12 +305,12 @@ async def test_a_key_expiring_before_an_event_is_fetched_again_from_the_origin(
 ) -> None:
     remote = await _key_server(nursery, tls_files)
     remote.validity_answers = [5 * MINUTE_MS, DAY_MS]  # 5 minutes at first, then a day
-    keyring, _, result = await _ingest_later_event(remote, tmp_path, tls_files[2])
+    keyring, later_ts, result = await _ingest_later_event(remote, tmp_path, tls_files[2])
     assert result == {}  # accepted: the key was fetched again, now valid for a day
     assert remote.fetches == 2
     info = keyring.lookup(remote.name, "ed25519:k1")
     assert info is not None and info.valid_until_ts is not None
-    assert info.valid_until_ts > NOW_MS + 10 * MINUTE_MS
+    assert info.valid_until_ts > later_ts
 
 
 async def test_then_a_notary_is_asked_with_minimum_valid_until_ts(
@@ -338,13 +340,11 @@ async def test_then_a_notary_is_asked_with_minimum_valid_until_ts(
     notary = TrustedNotary(
         notary_name, {"ed25519:n1": encode_verify_key_base64(get_verify_key(notary_key))}
     )
-    _, _, result = await _ingest_later_event(remote, tmp_path, tls_files[2], [notary])
+    _, later_ts, result = await _ingest_later_event(remote, tmp_path, tls_files[2], [notary])
     assert result == {}
     assert remote.fetches == 2  # the origin first, then the notary
     [request] = asked
-    assert request["server_keys"][remote.name]["ed25519:k1"] == {
-        "minimum_valid_until_ts": NOW_MS + 10 * MINUTE_MS
-    }
+    assert request["server_keys"][remote.name]["ed25519:k1"] == {"minimum_valid_until_ts": later_ts}
 
 
 async def test_an_event_after_every_known_validity_is_rejected_and_not_refetched_at_once(
@@ -352,7 +352,7 @@ async def test_an_event_after_every_known_validity_is_rejected_and_not_refetched
 ) -> None:
     remote = await _key_server(nursery, tls_files)
     remote.valid_for_ms = 5 * MINUTE_MS  # every answer: 5 minutes; and no notary
-    keyring, _, result = await _ingest_later_event(remote, tmp_path, tls_files[2])
+    keyring, later_ts, result = await _ingest_later_event(remote, tmp_path, tls_files[2])
     assert "key not valid at origin_server_ts" in result["error"]
     assert remote.fetches == 2
     # Another event needing the same validity within a minute: no new fetch.
@@ -360,7 +360,7 @@ async def test_an_event_after_every_known_validity_is_rejected_and_not_refetched
         [
             {
                 "sender": f"@admin:{remote.name}",
-                "origin_server_ts": NOW_MS + 10 * MINUTE_MS,
+                "origin_server_ts": later_ts,
                 "signatures": {remote.name: {"ed25519:k1": "x"}},
             }
         ],
