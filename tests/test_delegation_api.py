@@ -69,12 +69,21 @@ def room_history(world: PeekWorld, room_id: str) -> list[str]:
 
 
 async def page_through(
-    world: PeekWorld, room_id: str, token: str | None, limits: Iterator[int], *, dir: str = "b"
+    world: PeekWorld,
+    room_id: str,
+    token: str | None,
+    limits: Iterator[int],
+    *,
+    dir: str = "b",
+    keep_alive: bool = False,
 ) -> list[dict[str, Any]]:
     """Every event from ``token`` on, one ``/messages`` page at a time (page sizes from
-    ``limits``), checking each page's ``start`` and that pagination ends."""
+    ``limits``), checking each page's ``start`` and that pagination ends. ``keep_alive``:
+    sync between pages (only syncs keep a device from going idle)."""
     events: list[dict[str, Any]] = []
     for _ in range(1000):
+        if keep_alive:
+            await world.sync()
         params = {"dir": dir, "limit": str(next(limits))} | ({"from": token} if token else {})
         response = await messages(world, room_id, **params)
         assert response.status_code == 200, response.text
@@ -281,7 +290,7 @@ async def test_messages_page_across_what_an_idle_device_missed(
     # The restore fetched 50 events before "latest": 10 are still missing behind a gap.
     assert world.stream(room_id)[-52] == ("gap", None)
     paged = await page_through(
-        world, room_id, restored["timeline"]["prev_batch"], itertools.repeat(4)
+        world, room_id, restored["timeline"]["prev_batch"], itertools.repeat(4), keep_alive=True
     )
     assert [e["event_id"] for e in paged] == room_history(world, room_id)[-4::-1]
     assert bodies(paged[54:61]) == [f"while idle {i}" for i in (3, 2, 1, 0)] + [
@@ -367,6 +376,24 @@ async def test_first_sync_after_a_peek_shows_the_newest_events(world: PeekWorld)
     first = (await world.sync(limit=20))["rooms"]["peek"][small]["timeline"]
     assert [e["event_id"] for e in first["events"]] == room_history(world, small)
     assert first["limited"] is False
+
+
+@pytest.mark.slow
+async def test_history_when_the_remote_backfill_fails(world: PeekWorld) -> None:
+    """A failed first-view fetch does not fail the peek: the first sync is limited with a
+    prev_batch; a /messages page whose backfill fails is a 502 and the same token works
+    once the remote answers again."""
+    room_id = world.create_room("10")
+    for i in range(12):
+        world.send(room_id, f"m{i}")
+    world.testbed.faults.update({"backfill_fail_next": 2})
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    timeline = (await world.sync(limit=10))["rooms"]["peek"][room_id]["timeline"]
+    assert bodies(timeline["events"]) == ["m11"] and timeline["limited"] is True
+    failed = await messages(world, room_id, **{"from": timeline["prev_batch"], "limit": "5"})
+    assert failed.status_code == 502 and failed.json()["errcode"] == "M_UNKNOWN"
+    paged = await page_through(world, room_id, timeline["prev_batch"], itertools.repeat(5))
+    assert [e["event_id"] for e in paged] == room_history(world, room_id)[-2::-1]
 
 
 async def test_peek_rate_limit(

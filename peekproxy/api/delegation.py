@@ -308,20 +308,28 @@ def delegation_routes(
                 400, "M_INVALID_PARAM", f"from token {params.get('from')!r} is from the future"
             ) from None
         if page.backfill is not None and server is not None:
-            # One backfill round, stored keyed to the gap; then the page again. A round that
-            # could not help lets the page pass over the hole (it stays for a later page).
+            # One backfill round, stored keyed to the gap; then the page again. A server that
+            # cannot be asked now: 502, the client asks again with the same token. One that
+            # refuses, or has nothing more: the page passes over the hole (it stays).
             where = page.backfill
-            helped = await history.fill_gap(
-                service.store,
-                service.client,
-                service.keyring,
-                server=server,
-                room_id=room_id,
-                version=page.room_version,
-                gap_pos=where.gap_pos,
-                anchor=where.anchor,
-                room_left=where.room_left,
-            )
+            try:
+                helped = await history.fill_gap(
+                    service.store,
+                    service.client,
+                    service.keyring,
+                    server=server,
+                    room_id=room_id,
+                    version=page.room_version,
+                    gap_pos=where.gap_pos,
+                    anchor=where.anchor,
+                    room_left=where.room_left,
+                )
+            except history.BackfillFailed as e:
+                if e.retryable:
+                    raise MatrixError(
+                        502, "M_UNKNOWN", f"could not fetch the history of {room_id}: {e.reason}"
+                    ) from None
+                helped = False
             page = await service.store.read(read(helped))
             if page.backfill is not None:
                 page = await service.store.read(read(False))

@@ -10,8 +10,8 @@ Two users (the design is in :mod:`peekproxy.peeks.reading` and ``docs/peeking.md
 
 Every PDU is verified like a ``/send`` PDU (:func:`peekproxy.federation.pdu.check_pdu`, the
 signers' keys through the keyring): a rejected PDU is dropped, a content-hash mismatch is
-kept redacted. Requests are bounded by a timeout; a failure is an answer of ``None``, never an
-exception.
+kept redacted. Requests are bounded by a timeout; a failure is a :class:`BackfillFailed`
+that says whether trying again later may help.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ __all__ = [
     "FIRST_VIEW_LIMIT",
     "FIRST_VIEW_TIMEOUT_S",
     "MAX_BACKFILL_LIMIT",
+    "BackfillFailed",
     "Backfilled",
     "fetch_backfill",
     "fill_gap",
@@ -51,6 +52,16 @@ FIRST_VIEW_TIMEOUT_S = 5.0
 BACKFILL_TIMEOUT_S = 10.0
 #: The most events one ``/backfill`` request asks for.
 MAX_BACKFILL_LIMIT = 100
+
+
+class BackfillFailed(Exception):
+    """A ``/backfill`` request gave nothing usable. ``retryable``: the server could not be
+    asked (network, timeout, 5xx, 429); otherwise it refused or answered unusably."""
+
+    def __init__(self, reason: str, *, retryable: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -97,18 +108,20 @@ async def fetch_backfill(
     anchors: Sequence[str],
     limit: int,
     timeout: float,
-) -> list[Backfilled] | None:
+) -> list[Backfilled]:
     """``GET /backfill/{roomId}?v=<anchors>&limit=<limit>`` at ``server``: the verified PDUs
     of the room (the anchors themselves included, as ``/backfill`` answers), newest first
     (``depth`` descending, then the answer's order).
 
-    ``None`` when the request failed (network, timeout, an error status, not JSON), the room
-    version is unknown, or PDUs other than the anchors came back and none passed the checks.
+    Raises:
+        BackfillFailed: the request failed (network, timeout, an error status, not JSON),
+            the room version is unknown, or PDUs other than the anchors came back and none
+            passed the checks.
     """
     try:
         rules = room_version(version)
     except UnknownRoomVersion:
-        return None
+        raise BackfillFailed(f"unknown room version {version!r}", retryable=False) from None
     try:
         answer = await client.get_json(
             server,
@@ -116,13 +129,14 @@ async def fetch_backfill(
             query={"v": list(anchors), "limit": str(max(1, min(limit, MAX_BACKFILL_LIMIT)))},
             timeout=timeout,
         )
-    except (FederationError, ValueError) as e:
+    except FederationError as e:
         log.info("backfill of %s from %s failed: %s", room_id, server, e)
-        return None
+        raise BackfillFailed(str(e), retryable=e.retryable) from None
+    except ValueError as e:
+        raise BackfillFailed(f"{server}: not JSON: {e}", retryable=False) from None
     pdus = answer.get("pdus") if isinstance(answer, dict) else None
     if not isinstance(pdus, list):
-        log.info("backfill of %s from %s: no pdus list", room_id, server)
-        return None
+        raise BackfillFailed(f"{server}: the answer has no pdus list", retryable=False)
     pdus = [p for p in pdus if isinstance(p, dict)]
     for signer, key_ids in signer_key_ids(pdus, rules).items():
         try:
@@ -150,8 +164,8 @@ async def fetch_backfill(
             depth if type(depth) is int else 0,
         )
         found.append((-event.depth, index, event))
-    if rejected and not (seen - set(anchors)):
-        return None  # nothing usable: do not take it for "nothing older exists"
+    if rejected and not (seen - set(anchors)):  # not "nothing older exists"
+        raise BackfillFailed(f"{server}: no backfilled PDU passed the checks", retryable=False)
     found.sort(key=lambda item: item[:2])
     return [event for _, _, event in found]
 
@@ -193,7 +207,10 @@ async def fill_gap(
     event): fetch what precedes ``anchor`` (its oldest fetched event, else the first stream
     event after the gap), store it keyed to the gap in DAG order, and close the gap once the
     answer reached held history. Returns whether anything changed (events stored or the gap
-    closed); ``False`` when the remote could not help.
+    closed); ``False`` when the server answered but had nothing new to give.
+
+    Raises:
+        BackfillFailed: the server could not be asked, or refused.
     """
     fetched = await fetch_backfill(
         client,
@@ -205,8 +222,6 @@ async def fill_gap(
         limit=room_left + 1,  # /backfill includes the anchor itself
         timeout=BACKFILL_TIMEOUT_S,
     )
-    if fetched is None:
-        return False
     ids = [e.event_id for e in fetched]
     held = await store.read(lambda c: db.held_event_ids(c, room_id, ids))
     new, reached = new_history(fetched, anchors=[anchor], held=held)

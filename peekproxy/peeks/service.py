@@ -788,18 +788,19 @@ class PeekService:
             return None
         if await self.store.read(lambda c: db.held_event_ids(c, sub.room_id, [latest])):
             return None
-        fetched = await history.fetch_backfill(
-            self.client,
-            self.keyring,
-            server=sub.server,
-            room_id=sub.room_id,
-            version=sub.room_version,
-            anchors=[latest],
-            limit=history.FIRST_VIEW_LIMIT + 1,  # /backfill includes the anchor itself
-            timeout=history.FIRST_VIEW_TIMEOUT_S,
-        )
-        if fetched is None:
-            log.info("no history before the latest event of %s: a gap", sub.room_id)
+        try:
+            fetched = await history.fetch_backfill(
+                self.client,
+                self.keyring,
+                server=sub.server,
+                room_id=sub.room_id,
+                version=sub.room_version,
+                anchors=[latest],
+                limit=history.FIRST_VIEW_LIMIT + 1,  # /backfill includes the anchor itself
+                timeout=history.FIRST_VIEW_TIMEOUT_S,
+            )
+        except history.BackfillFailed as e:
+            log.info("no history before the latest event of %s (%s): a gap", sub.room_id, e)
             return [], False
         ids = [e.event_id for e in fetched]
         held = await self.store.read(lambda c: db.held_event_ids(c, sub.room_id, ids))
