@@ -272,7 +272,7 @@ def _backward(conn: sqlite3.Connection, room_id: str, start: Point) -> Iterator[
         "kind IN ('event', 'gap') AND stream_pos <= ? ORDER BY stream_pos DESC",
         (room_id, start.pos),
     )
-    for pos, kind, event_id in cursor.fetchall():
+    for pos, kind, event_id in cursor:
         if kind == "event":
             if pos < start.pos or start.seq == 0:
                 yield _Item((int(pos), 0), str(event_id))
@@ -295,7 +295,7 @@ def _forward(conn: sqlite3.Connection, room_id: str, start: Point | None) -> Ite
         "kind IN ('event', 'gap') AND stream_pos >= ? ORDER BY stream_pos",
         (room_id, floor),
     )
-    for pos, kind, event_id in cursor.fetchall():
+    for pos, kind, event_id in cursor:
         if start is not None and pos == start.pos and (kind == "event" or start.seq == 0):
             continue  # at or below ``start``
         if kind == "event":
