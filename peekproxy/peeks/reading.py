@@ -243,26 +243,27 @@ def _has_virtual_gap(conn: sqlite3.Connection, room_id: str) -> bool:
 
 def _gap_items(
     conn: sqlite3.Connection, room_id: str, gap_pos: int, *, backward: bool, seq_from: int
-) -> list[_Item]:
+) -> Iterator[_Item]:
     """The gap's fetched events (and its hole, unless closed) in page order: backward from
     ``seq >= seq_from``, forward (hole first) those with ``seq < seq_from`` (0: all)."""
+    hole = [] if _gap_closed(conn, room_id, gap_pos) else [_Item((gap_pos, _HOLE), None)]
     if backward:
         rows = conn.execute(
             "SELECT seq, event_id FROM gap_events WHERE room_id = ? AND gap_pos = ? AND "
             "seq >= ? ORDER BY seq",
             (room_id, gap_pos, seq_from),
-        ).fetchall()
+        )
     else:
+        yield from hole if seq_from == 0 else []
         rows = conn.execute(
             "SELECT seq, event_id FROM gap_events WHERE room_id = ? AND gap_pos = ? AND "
             "(? = 0 OR seq < ?) ORDER BY seq DESC",
             (room_id, gap_pos, seq_from, seq_from),
-        ).fetchall()
-    items = [_Item((gap_pos, -int(seq)), str(event_id)) for seq, event_id in rows]
-    hole = [] if _gap_closed(conn, room_id, gap_pos) else [_Item((gap_pos, _HOLE), None)]
+        )
+    for seq, event_id in rows:
+        yield _Item((gap_pos, -int(seq)), str(event_id))
     if backward:
-        return items + hole
-    return (hole if seq_from == 0 else []) + items
+        yield from hole
 
 
 def _backward(conn: sqlite3.Connection, room_id: str, start: Point) -> Iterator[_Item]:

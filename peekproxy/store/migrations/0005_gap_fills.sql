@@ -20,4 +20,4 @@ CREATE TABLE gap_events (
     event_id TEXT NOT NULL,
     PRIMARY KEY (room_id, gap_pos, seq)
 );
-CREATE UNIQUE INDEX gap_events_event ON gap_events (room_id, event_id);
+CREATE UNIQUE INDEX gap_events_event ON gap_events (event_id);
