@@ -195,3 +195,35 @@ async def test_a_snapshot_with_history_keeps_the_current_state(tmp_path: Path) -
         ("event", "$e4"),
     ]
     await store.aclose()
+
+
+async def test_a_room_stored_before_the_first_view_backfills_before_its_first_event(
+    tmp_path: Path,
+) -> None:
+    """A room whose first peek stored only its latest event ($e3, with prev_events): the
+    history before it is a gap at position 0, filled and paged like any other."""
+    store = await Store.open(tmp_path / "p.db", "local.test")
+    await store.write(
+        lambda c: [
+            db.append_event(c, ROOM, f"$e{n}", pdu(n), redacted=False, now_ms=0) for n in (3, 4)
+        ]
+    )
+    assert await pages(store, None, "b", 5) == [
+        (["$e4", "$e3"], "pp1_0", None),
+        ([], None, reading.Backfill(anchor="$e3", gap_pos=0, room_left=5)),
+    ]
+    await store.write(lambda c: db.add_gap_fill(c, ROOM, 0, [("$e2", pdu(2), False)], closed=False))
+    assert await pages(store, reading.Point(0), "b", 5) == [
+        (["$e2"], "pp1_0_2", None),
+        ([], None, reading.Backfill(anchor="$e2", gap_pos=0, room_left=5)),
+    ]
+    await store.write(lambda c: db.add_gap_fill(c, ROOM, 0, [("$e1", pdu(1), False)], closed=True))
+    assert [e for ids, _, _ in await pages(store, None, "b", 3) for e in ids] == [
+        "$e4",
+        "$e3",
+        "$e2",
+        "$e1",
+    ]
+    forward = await pages(store, None, "f", 10)
+    assert forward[0][0] == ["$e1", "$e2", "$e3", "$e4"]
+    await store.aclose()
