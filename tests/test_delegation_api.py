@@ -3,7 +3,10 @@ rate limit, end to end: peekproxy as a child process, the testbed as the remote.
 
 from __future__ import annotations
 
+import itertools
+import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -60,6 +63,40 @@ def bodies(chunk: list[dict[str, Any]]) -> list[str | None]:
     return [e["content"].get("body") for e in chunk]
 
 
+def room_history(world: PeekWorld, room_id: str) -> list[str]:
+    """The testbed's events of the room, in DAG order (its rooms are linear)."""
+    return list(world.testbed.rooms[room_id].event_ids)
+
+
+async def page_through(
+    world: PeekWorld,
+    room_id: str,
+    token: str | None,
+    limits: Iterator[int],
+    *,
+    dir: str = "b",
+    keep_alive: bool = False,
+) -> list[dict[str, Any]]:
+    """Every event from ``token`` on, one ``/messages`` page at a time (page sizes from
+    ``limits``), checking each page's ``start`` and that pagination ends. ``keep_alive``:
+    sync between pages (only syncs keep a device from going idle)."""
+    events: list[dict[str, Any]] = []
+    for _ in range(1000):
+        if keep_alive:
+            await world.sync()
+        params = {"dir": dir, "limit": str(next(limits))} | ({"from": token} if token else {})
+        response = await messages(world, room_id, **params)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        assert token is None or page["start"] == token
+        assert all(e["room_id"] == room_id for e in page["chunk"])
+        events += page["chunk"]
+        token = page.get("end")
+        if token is None or (dir == "f" and not page["chunk"]):
+            return events
+    raise AssertionError("pagination did not end")
+
+
 async def test_messages_pages_back_from_prev_batch(world: PeekWorld) -> None:
     room_id = world.create_room("10", name="History")
     world.send(room_id, "before peek")
@@ -79,15 +116,16 @@ async def test_messages_pages_back_from_prev_batch(world: PeekWorld) -> None:
         assert all(e["room_id"] == room_id for e in page["chunk"])
         pages.append(page["chunk"])
         token = page.get("end")
-    assert [bodies(p) for p in pages[:2]] == [["m8", "m7", "m6", "m5"], ["m4", "m3", "m2", "m1"]]
-    # The last page reaches the start of what peekproxy stores (the event current when the
-    # peek began); the remote's /backfill fills the page with what precedes it, unstored.
-    last = pages[2]
-    assert len(pages) == 3 and len(last) == 4
-    assert bodies(last[:2]) == ["m0", "before peek"]
-    assert [e["type"] for e in last[2:]] == ["m.room.name", "m.room.history_visibility"]
-    assert all(e["unsigned"]["age"] >= 0 and e["sender"] for e in last)
-    assert len({e["event_id"] for p in pages for e in p}) == sum(len(p) for p in pages)
+    assert [bodies(p) for p in pages[:3]] == [
+        ["m8", "m7", "m6", "m5"],
+        ["m4", "m3", "m2", "m1"],
+        ["m0", "before peek", None, None],
+    ]
+    # The peek stored the history before its latest event ("before peek"), fetched from the
+    # remote's /backfill: paging runs on to the room's first event, then has no end.
+    assert [e["event_id"] for p in pages for e in p] == room_history(world, room_id)[-4::-1]
+    assert pages[-1][-1]["type"] == "m.room.create" and "end" not in page
+    assert all(e["unsigned"]["age"] >= 0 and e["sender"] for p in pages for e in p)
 
     # Forward from the start of the first page: oldest first.
     first = await messages(world, room_id, **{"from": room["timeline"]["prev_batch"], "dir": "f"})
@@ -189,9 +227,48 @@ async def test_peek_room(world: PeekWorld) -> None:
     assert wrong.status_code == 400 and wrong.json()["errcode"] == "M_BAD_JSON"
 
 
-async def test_messages_fill_an_idle_gap_from_backfill(
+async def make_gap(world: PeekWorld, room_id: str, lost: int, tag: str) -> None:
+    """Withhold ``lost`` + 20 events, then send one: peekproxy's get_missing_events (20 at
+    most) brings the newest 20 and leaves a gap of ``lost`` events before them."""
+    world.testbed.faults.update({"withhold_next": lost + 20})
+    for i in range(lost + 20):
+        world.send(room_id, f"{tag} withheld {i}")
+    await world.wait_delivered(world.send(room_id, f"{tag} after"))
+
+
+@pytest.mark.slow
+async def test_messages_page_across_two_nearby_gaps(world: PeekWorld) -> None:
+    """Issue 10 item 6: two gaps with 21 stored events between them, paged back with small
+    pages (each gap takes several backfill rounds) and with large ones (one /backfill
+    answer spans both gaps): every event once, in DAG order."""
+    for limit in (3, 30):
+        room_id = world.create_room("10", name=f"Two gaps, pages of {limit}")
+        assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+        await world.wait_delivered(world.send(room_id, "first"))
+        await make_gap(world, room_id, 5, "one")
+        await make_gap(world, room_id, 4, "two")
+        world.send(room_id, "newest")
+        await world.wait_delivered(room_history(world, room_id)[-1])
+        assert world.stream(room_id).count(("gap", None)) == 2
+        head = (await world.sync())["next_batch"]
+        paged = await page_through(world, room_id, head, itertools.repeat(limit))
+        assert [e["event_id"] for e in paged] == room_history(world, room_id)[::-1]
+        # Filled gaps are closed: paging again asks nothing and stops nowhere.
+        again = await messages(world, room_id, **{"from": head, "limit": "100"})
+        assert [e["event_id"] for e in again.json()["chunk"]] == room_history(world, room_id)[::-1]
+        assert "end" not in again.json()
+        # Forward through the filled gaps, from the start: the same events, oldest first.
+        forward = await page_through(world, room_id, None, itertools.repeat(limit), dir="f")
+        assert [e["event_id"] for e in forward] == room_history(world, room_id)
+
+
+@pytest.mark.slow
+async def test_messages_page_across_what_an_idle_device_missed(
     nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
 ) -> None:
+    """Issue 10 item 6: a device idle while 60 events happen; its restored peek shows the
+    newest, and paging back from its prev_batch crosses the gap (more events than one
+    /backfill round gives) to what it saw before, then to the room's start."""
     world = await build_world(
         nursery,
         tls_ca,
@@ -201,25 +278,122 @@ async def test_messages_fill_an_idle_gap_from_backfill(
     )
     room_id = world.create_room("11")
     assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
-    seen = world.send(room_id, "seen before idle")
-    await world.wait_delivered(seen)
-    await world.sync()
+    await world.wait_delivered(world.send(room_id, "seen before idle"))
+    token = (await world.sync())["next_batch"]
     await world.daemon.wait_for_log(rb"stopped peek")
-    for i in range(5):
+    for i in range(60):
         world.send(room_id, f"while idle {i}")
     world.send(room_id, "latest")
-    restored = (await world.sync(limit=3))["rooms"]["peek"][room_id]
+    restored = (await world.sync(since=token, limit=3))["rooms"]["peek"][room_id]
     assert restored["timeline"]["limited"] is True
-    assert [e["content"].get("body") for e in restored["timeline"]["events"]] == ["latest"]
-    token = restored["timeline"]["prev_batch"]
-    # The gap: filled from the remote's /backfill (not stored); then stored history again.
-    gap = await messages(world, room_id, **{"from": token, "limit": "5"})
-    assert gap.status_code == 200
-    assert bodies(gap.json()["chunk"]) == [f"while idle {i}" for i in (4, 3, 2, 1, 0)]
-    older = await messages(world, room_id, **{"from": gap.json()["end"], "limit": "1"})
-    assert bodies(older.json()["chunk"]) == ["seen before idle"]
-    assert ("gap", None) in world.stream(room_id)
-    assert not any(b and b.startswith("while idle") for _, b in world.stream(room_id))
+    assert bodies(restored["timeline"]["events"]) == ["while idle 58", "while idle 59", "latest"]
+    # The restore fetched 50 events before "latest": 10 are still missing behind a gap.
+    assert world.stream(room_id)[-52] == ("gap", None)
+    paged = await page_through(
+        world, room_id, restored["timeline"]["prev_batch"], itertools.repeat(4), keep_alive=True
+    )
+    assert [e["event_id"] for e in paged] == room_history(world, room_id)[-4::-1]
+    assert bodies(paged[54:61]) == [f"while idle {i}" for i in (3, 2, 1, 0)] + [
+        "seen before idle",
+        None,
+        None,
+    ]
+
+
+@pytest.mark.slow
+async def test_messages_page_a_v12_room_to_its_create_event(world: PeekWorld) -> None:
+    """Issue 10 item 6: room version 12's m.room.create has no room_id; backfilled, it is
+    the last event of the history (shown with the room's ID, as every event)."""
+    room_id = world.create_room("12", name="Version 12")
+    for i in range(70):  # more than the peek's first view fetches
+        world.send(room_id, f"old {i}")
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    head = (await world.sync())["next_batch"]
+    paged = await page_through(world, room_id, head, itertools.repeat(20))
+    assert [e["event_id"] for e in paged] == room_history(world, room_id)[::-1]
+    create = paged[-1]
+    assert create["type"] == "m.room.create" and create["room_id"] == room_id
+    assert "room_id" not in world.testbed.rooms[room_id].events[0]
+
+
+@pytest.mark.slow
+async def test_messages_random_gaps_and_page_sizes(world: PeekWorld) -> None:
+    """Property: whatever the gaps (random sizes and spacing, some before the peek's first
+    view, some after) and page sizes, paging back from the head yields exactly the room's
+    events in reverse DAG order, and paging forward then yields them in order."""
+    for seed in range(3):
+        rng = random.Random(seed)
+        room_id = world.create_room(rng.choice(["10", "11", "12"]))
+        for i in range(rng.choice([0, 10, 55, 80])):
+            world.send(room_id, f"before peek {i}")
+        assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+        for n in range(rng.randint(1, 4)):
+            for i in range(rng.randint(0, 4)):
+                await world.wait_delivered(world.send(room_id, f"{n} sent {i}"))
+            await make_gap(world, room_id, rng.randint(1, 8), f"{n}")
+        head = (await world.sync())["next_batch"]
+        sizes = (rng.choice([1, 2, 3, 5, 8, 13, 40, 100]) for _ in itertools.count())
+        paged = await page_through(world, room_id, head, sizes)
+        assert [e["event_id"] for e in paged] == room_history(world, room_id)[::-1], seed
+        forward = await page_through(world, room_id, None, sizes, dir="f")
+        assert [e["event_id"] for e in forward] == room_history(world, room_id), seed
+
+
+@pytest.mark.slow
+async def test_first_sync_after_a_peek_shows_the_newest_events(world: PeekWorld) -> None:
+    """Issue 10 item 7: the first sync after a peek shows up to the timeline limit of the
+    newest events, fetched from the remote, limited with a prev_batch that pages on."""
+    room_id = world.create_room("10", name="Thirty", topic="old topic")
+    for i in range(30):
+        world.send(room_id, f"message {i}")
+    world.testbed.send(
+        room_id, sender="admin", type="m.room.topic", content={"topic": "new"}, state_key=""
+    )
+    world.send(room_id, "newest")
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    room = (await world.sync(limit=10))["rooms"]["peek"][room_id]
+    timeline = room["timeline"]
+    assert [e["event_id"] for e in timeline["events"]] == room_history(world, room_id)[-10:]
+    assert timeline["limited"] is True
+    # Current state, not the state of the history: the old topic is history only.
+    state = {(e["type"], e["state_key"]): e for e in room["state"]["events"]}
+    assert ("m.room.topic", "") not in state  # the new topic event is in the timeline
+    assert {("m.room.create", ""), ("m.room.name", "")} <= set(state)
+    current = await call(world, "GET", f"/rooms/{quote(room_id, safe='')}/state")
+    topics = [e["content"] for e in current.json() if e["type"] == "m.room.topic"]
+    assert topics == [{"topic": "new"}]
+    paged = await page_through(world, room_id, timeline["prev_batch"], itertools.repeat(7))
+    assert [e["event_id"] for e in paged] == room_history(world, room_id)[-11::-1]
+    # Another device's first sync with a larger limit: more of the same newest events.
+    assert (await world.peek(room_id, device="D2", hints=[TESTBED])).status_code == 200
+    wide = (await world.sync(device="D2", limit=25))["rooms"]["peek"][room_id]["timeline"]
+    assert [e["event_id"] for e in wide["events"]] == room_history(world, room_id)[-25:]
+    assert wide["limited"] is True
+    # A small room: its whole history, down to m.room.create, and not limited.
+    small = world.create_room("11")
+    world.send(small, "only message")
+    assert (await world.peek(small, hints=[TESTBED])).status_code == 200
+    first = (await world.sync(limit=20))["rooms"]["peek"][small]["timeline"]
+    assert [e["event_id"] for e in first["events"]] == room_history(world, small)
+    assert first["limited"] is False
+
+
+@pytest.mark.slow
+async def test_history_when_the_remote_backfill_fails(world: PeekWorld) -> None:
+    """A failed first-view fetch does not fail the peek: the first sync is limited with a
+    prev_batch; a /messages page whose backfill fails is a 502 and the same token works
+    once the remote answers again."""
+    room_id = world.create_room("10")
+    for i in range(12):
+        world.send(room_id, f"m{i}")
+    world.testbed.faults.update({"backfill_fail_next": 2})
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    timeline = (await world.sync(limit=10))["rooms"]["peek"][room_id]["timeline"]
+    assert bodies(timeline["events"]) == ["m11"] and timeline["limited"] is True
+    failed = await messages(world, room_id, **{"from": timeline["prev_batch"], "limit": "5"})
+    assert failed.status_code == 502 and failed.json()["errcode"] == "M_UNKNOWN"
+    paged = await page_through(world, room_id, timeline["prev_batch"], itertools.repeat(5))
+    assert [e["event_id"] for e in paged] == room_history(world, room_id)[-2::-1]
 
 
 async def test_peek_rate_limit(

@@ -286,7 +286,39 @@ async def test_memory_answers_equal_store_answers(tmp_path: Path, seed: int) -> 
     for n in range(80):
         room_id = rng.choice(rooms)
         roll = rng.random()
-        if roll < 0.6:
+        if roll < 0.1:
+            # A new snapshot (a re-peek) with history fetched before its latest event: on
+            # the stream, maybe after a gap (closed when the history is complete).
+            history = [
+                (f"$history{n}.{i}", _pdu(rng, room_id, 1000 * n + i), False)
+                for i in range(rng.choice([0, 1, 3, 12]))
+            ]
+            latest = (f"$latest{n}", _pdu(rng, room_id, n))
+            gap, complete = rng.random() < 0.5, rng.random() < 0.5
+
+            def write_snapshot(
+                conn: sqlite3.Connection,
+                room_id: str = room_id,
+                history: list[tuple[str, dict[str, Any], bool]] = history,
+                latest: tuple[str, dict[str, Any]] = latest,
+                gap: bool = gap,
+                complete: bool = complete,
+            ) -> None:
+                db.store_snapshot(
+                    conn,
+                    room_id,
+                    events=dict([latest]),
+                    redacted=[],
+                    state=db.current_state_ids(conn, room_id),
+                    latest_event_id=latest[0],
+                    gap=gap,
+                    now_ms=0,
+                    history=history,
+                    history_complete=complete,
+                )
+
+            await store.write(write_snapshot)
+        elif roll < 0.6:
             pdu = _pdu(rng, room_id, n)
             redacted = rng.random() < 0.1
             await store.write(

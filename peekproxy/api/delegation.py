@@ -10,8 +10,9 @@ and ``device_id`` query parameters naming the device the call is for.
 * ``POST /_peekproxy/v1/rooms/{roomId}/unpeek`` — answers ``{}``.
 * ``GET /_peekproxy/v1/sync?since=&timeout=&full_state=&filter=`` — the device's
   ``{next_batch, rooms: {peek, leave}}`` (MSC2753), long-polling up to ``timeout`` ms.
-* ``GET /_peekproxy/v1/rooms/{roomId}/messages?from=&to=&dir=&limit=`` — stored history,
-  with the remote's ``/backfill`` filling gaps and what precedes the store (not stored).
+* ``GET /_peekproxy/v1/rooms/{roomId}/messages?from=&to=&dir=&limit=`` — the room's history;
+  a backward page that meets a gap runs one ``/backfill`` round at the remote and stores
+  what it fetched keyed to the gap (:mod:`peekproxy.peeks.reading` has the rules).
 * ``GET /_peekproxy/v1/rooms/{roomId}/state`` and ``.../event/{eventId}``.
 
 The read endpoints need an active peek of the room by the device (else 403). Starting peeks
@@ -38,14 +39,10 @@ from starlette.routing import Route
 
 from peekproxy.api.errors import MatrixError
 from peekproxy.api.federation_auth import read_json_body
-from peekproxy.federation.client import FederationError, path_segment
-from peekproxy.federation.keyring import KeyFetchError
-from peekproxy.federation.pdu import check_pdu
-from peekproxy.federation.room_versions import UnknownRoomVersion, room_version
 from peekproxy.identifiers import InvalidIdentifier, RoomId, UserId
-from peekproxy.peeks import reading
+from peekproxy.peeks import history, reading
 from peekproxy.peeks.service import PeekError, PeekService
-from peekproxy.peeks.sync import InvalidToken, client_event, decode_token, encode_token
+from peekproxy.peeks.sync import InvalidToken
 
 __all__ = ["TokenBucket", "delegation_routes", "read_secret", "timeline_limit"]
 
@@ -53,8 +50,6 @@ log = logging.getLogger("peekproxy.delegation")
 
 MAX_SYNC_TIMEOUT_MS = 300_000
 DEFAULT_TIMELINE_LIMIT = 10
-#: How long a ``/messages`` request waits for the remote's ``/backfill``.
-BACKFILL_TIMEOUT_S = 10.0
 
 
 def timeline_limit(filter_param: str | None) -> int:
@@ -272,12 +267,12 @@ def delegation_routes(
             raise MatrixError(403, "M_FORBIDDEN", f"this device is not peeking {room_id}")
         return user_id, device_id, room_id
 
-    def token_param(request: Request, name: str) -> int | None:
+    def point_param(request: Request, name: str) -> reading.Point | None:
         value = request.query_params.get(name)
         if value is None:
             return None
         try:
-            return decode_token(value)
+            return reading.parse_point(value)
         except InvalidToken:
             raise MatrixError(400, "M_INVALID_PARAM", f"unknown {name} token {value!r}") from None
 
@@ -287,7 +282,7 @@ def delegation_routes(
         direction = params.get("dir", "b")
         if direction not in ("b", "f"):
             raise MatrixError(400, "M_INVALID_PARAM", "dir must be b or f")
-        from_pos, to_pos = token_param(request, "from"), token_param(request, "to")
+        from_point, to_point = point_param(request, "from"), point_param(request, "to")
         try:
             limit = reading.parse_limit(params.get("limit"))
         except reading.InvalidLimit as e:
@@ -299,20 +294,45 @@ def delegation_routes(
             return lambda c: reading.read_page(
                 c,
                 room_id,
-                from_pos=from_pos,
-                to_pos=to_pos,
+                from_point=from_point,
+                to_point=to_point,
                 direction="b" if direction == "b" else "f",
                 limit=limit,
                 fill_gaps=fill_gaps,
             )
 
-        fill = direction == "b" and server is not None
         try:
-            page = await service.store.read(read(fill))
+            page = await service.store.read(read(direction == "b" and server is not None))
         except reading.TokenAhead:
             raise MatrixError(
                 400, "M_INVALID_PARAM", f"from token {params.get('from')!r} is from the future"
             ) from None
+        if page.backfill is not None and server is not None:
+            # One backfill round, stored keyed to the gap; then the page again. A server that
+            # cannot be asked now: 502, the client asks again with the same token. One that
+            # refuses, or has nothing more: the page passes over the hole (it stays).
+            where = page.backfill
+            try:
+                helped = await history.fill_gap(
+                    service.store,
+                    service.client,
+                    service.keyring,
+                    server=server,
+                    room_id=room_id,
+                    version=page.room_version,
+                    gap_pos=where.gap_pos,
+                    anchor=where.anchor,
+                    room_left=where.room_left,
+                )
+            except history.BackfillFailed as e:
+                if e.retryable:
+                    raise MatrixError(
+                        502, "M_UNKNOWN", f"could not fetch the history of {room_id}: {e.reason}"
+                    ) from None
+                helped = False
+            page = await service.store.read(read(helped))
+            if page.backfill is not None:
+                page = await service.store.read(read(False))
         now = service.clock_ms()
         chunk = [
             reading.shown_event(
@@ -320,77 +340,10 @@ def delegation_routes(
             )
             for event_id, pdu, r in page.events
         ]
-        end = page.end
-        if page.backfill is not None and server is not None:
-            fetched = await backfill(server, room_id, page.room_version, page.backfill)
-            seen = {e["event_id"] for e in chunk}
-            chunk += [e for e in fetched if e["event_id"] not in seen]
-            if not fetched and page.backfill.at_gap:
-                # Nothing from the remote: page on through what we store past the gap.
-                page = await service.store.read(read(False))
-                chunk = [
-                    reading.shown_event(
-                        pdu, e, redacted=r, room_id=room_id, version=page.room_version, now_ms=now
-                    )
-                    for e, pdu, r in page.events
-                ]
-                end = page.end
-        answer: dict[str, Any] = {"chunk": chunk, "start": encode_token(page.start)}
-        if end is not None:
-            answer["end"] = encode_token(max(0, end))
+        answer: dict[str, Any] = {"chunk": chunk, "start": page.start.token()}
+        if page.end is not None:
+            answer["end"] = page.end.token()
         return JSONResponse(answer)
-
-    async def backfill(
-        server: str, room_id: str, version: str, where: reading.Backfill
-    ) -> list[dict[str, Any]]:
-        """Up to ``where.room_left`` events preceding ``where.anchor`` from ``server``'s
-        ``/backfill``, verified, newest first, in client format; none we hold on the stream.
-        Nothing is stored. Any failure gives ``[]``."""
-        try:
-            rules = room_version(version)
-        except UnknownRoomVersion:
-            return []
-        try:
-            answer = await service.client.get_json(
-                server,
-                f"/_matrix/federation/v1/backfill/{path_segment(room_id)}",
-                query={"v": [where.anchor], "limit": str(min(where.room_left + 1, 100))},
-                timeout=BACKFILL_TIMEOUT_S,
-            )
-        except (FederationError, ValueError) as e:
-            log.info("backfill of %s from %s failed: %s", room_id, server, e)
-            return []
-        pdus = answer.get("pdus") if isinstance(answer, dict) else None
-        if not isinstance(pdus, list):
-            return []
-        for signer, key_ids in reading.signer_key_ids(pdus, rules).items():
-            try:
-                await service.keyring.fetch_keys(signer, key_ids)
-            except KeyFetchError as e:
-                log.info("keys for backfilled PDUs: %s", e)
-        found: list[tuple[int, str, dict[str, Any]]] = []
-        for pdu in pdus:
-            verdict = check_pdu(pdu, rules, service.keyring.lookup)
-            if verdict.outcome == "reject" or verdict.pdu is None or verdict.event_id is None:
-                log.info("dropped a backfilled PDU of %s: %s", room_id, verdict.reason)
-                continue
-            if verdict.pdu.get("room_id") != room_id:
-                continue
-            shown = verdict.pdu  # the redacted copy when the content hash did not match
-            depth = shown.get("depth")
-            found.append((depth if type(depth) is int else 0, verdict.event_id, shown))
-        found.sort(key=lambda item: -item[0])  # newest first, as /backfill should answer
-        ids = [event_id for _, event_id, _ in found]
-        ours = await service.store.read(lambda c: reading.stream_event_ids(c, ids))
-        now = service.clock_ms()
-        out: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        for _, event_id, pdu in found:
-            if event_id in ours or event_id in seen:
-                continue
-            seen.add(event_id)
-            out.append(client_event(pdu, event_id, room_id=room_id, now_ms=now))
-        return out[: where.room_left]
 
     async def state(request: Request) -> Response:
         _, _, room_id = await peeking_device(request)

@@ -3,35 +3,61 @@
 Functions over a :class:`sqlite3.Connection` (run them through ``Store.read``) plus small
 pure helpers. Nothing here does I/O beyond the connection it is given.
 
-Tokens are the sync tokens (``pp1_<pos>``, :mod:`peekproxy.peeks.sync`): a token for
-position ``T`` names the point of the global room stream just after ``T``. So
-``prev_batch`` (first timeline position − 1) and ``next_batch`` (``upto``) are both valid
-``from`` tokens:
+**The history of a room** as a client pages through it is, oldest first:
 
-* ``dir=b`` from ``T`` returns the room's events with ``stream_pos <= T``, newest first;
-  ``end`` is ``(position of the last returned event) − 1``;
-* ``dir=f`` from ``T`` returns the events with ``stream_pos > T``, oldest first;
-  ``end`` is the position of the last returned event (or the stream's head).
+* the room's stream rows (``room_stream``: events in arrival order, and **gap** rows where
+  history is missing), in ``stream_pos`` order;
+* at each gap row ``G``, the events fetched for it from the target's ``/backfill``
+  (``gap_events``), in DAG order: they cannot get positions between existing stream rows, so
+  they are kept keyed to the gap, numbered ``seq`` = 1 for the newest (just before the event
+  after the gap), 2, 3 ... going back; each backfill round continues below the largest;
+* below the fetched events, while the gap is not **closed**, a *hole*: history still
+  missing. A backfill round that reaches an event already held (the history before the gap)
+  or the room's ``m.room.create`` closes the gap: it then no longer asks for backfill, and
+  pages run through it without stopping;
+* before the room's first stream row, when that row is an event with ``prev_events`` (a
+  room stored before this design, whose first peek kept only the latest event), a virtual
+  gap ``G = 0`` that works the same way. A new peek (:mod:`peekproxy.peeks.history`) puts
+  the newest events before the latest one on the stream and a gap row before them when
+  older history exists, so new rooms start with a real gap row or with ``m.room.create``.
 
-A page never spans a gap marker with events on both sides: it stops at the gap, and ``end``
-then points at the gap so that the next page continues on its far side. Where the gap (or
-the start of what peekproxy stores) is met, :func:`read_page` names an ``anchor`` event so
-that the caller may fill in from the remote's ``/backfill``.
+**Points and tokens.** A point sits between two history items; a page returns the items on
+one side of it. ``pp1_<P>`` is the point just after stream position ``P`` (everything at
+positions ``<= P`` is older, a gap row's fetched events included), so sync tokens stay valid:
+``prev_batch`` (first timeline position − 1) and ``next_batch`` (``upto``) are ``from``
+tokens as before. ``pp1_<G>_<k>`` points inside the gap at ``G``, just above its fetched
+event ``k`` (events ``k``, ``k+1``, ... and everything before the gap are older). As a sort
+key a point is ``(P, 0)`` or ``(G, -k)``; a stream event is ``(pos, 0)``, a fetched event
+``(G, -seq)``, a hole ``(G, -∞)``.
+
+* ``dir=b`` from ``X`` returns the events older than ``X``, newest first; ``end`` is the
+  point just below the last one returned (``pp1_<pos − 1>``, or ``pp1_<G>_<seq + 1>``).
+* ``dir=f`` from ``X`` returns the events newer than ``X``, oldest first; ``end`` is the
+  point of the last one returned (or the stream's head once it was reached).
+
+A backward page that meets a hole after returning events stops there (its ``end`` is just
+above the hole); one that meets a hole first names a :class:`Backfill` for the caller to run
+one round (:func:`peekproxy.peeks.history.fill_gap`) and read the page again. Paging back
+from the head thus yields every event reachable from the target, in DAG order, exactly once,
+across as many rounds as it takes. A round that cannot help (the remote is unreachable) lets
+the page pass over the hole (``fill_gaps=False``); the hole stays for a later page. A forward
+page stops before a hole with events on both sides, and its ``end`` skips the hole.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from peekproxy.federation.events import redact
 from peekproxy.federation.pdu import signer_key_ids
 from peekproxy.federation.room_versions import UnknownRoomVersion, room_version
-from peekproxy.peeks.sync import client_event
+from peekproxy.peeks.sync import InvalidToken, client_event
 from peekproxy.store.rooms import max_stream_pos, room_version_of, select_in
 
 __all__ = [
@@ -41,9 +67,11 @@ __all__ = [
     "Direction",
     "InvalidLimit",
     "Page",
+    "Point",
     "TokenAhead",
     "device_is_peeking",
     "parse_limit",
+    "parse_point",
     "read_event",
     "read_page",
     "read_state",
@@ -83,32 +111,86 @@ def parse_limit(value: str | None) -> int:
     return min(limit, MAX_LIMIT)
 
 
+_POINT = re.compile(r"pp1_(0|[1-9][0-9]{0,18})(?:_([1-9][0-9]{0,17}))?")
+_MAX_POSITION = 2**63 - 1
+#: The sort key's second part for a hole: below every fetched event of its gap.
+_HOLE = -(2**63)
+
+
+@dataclass(frozen=True)
+class Point:
+    """A point of a room's history (module docstring): just after stream position ``pos``
+    (``seq == 0``), or inside the gap at ``pos`` just above its fetched event ``seq``."""
+
+    pos: int
+    seq: int = 0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.pos, -self.seq)
+
+    def token(self) -> str:
+        """``pp1_<pos>`` or ``pp1_<pos>_<seq>``."""
+        return f"pp1_{self.pos}" if self.seq == 0 else f"pp1_{self.pos}_{self.seq}"
+
+
+def parse_point(token: str) -> Point:
+    """The point a ``from`` / ``to`` token names: a sync token (``pp1_<pos>``) or a
+    ``/messages`` token inside a filled gap (``pp1_<pos>_<seq>``).
+
+    Raises:
+        InvalidToken: anything else.
+    """
+    match = _POINT.fullmatch(token) if isinstance(token, str) else None
+    if match is None or int(match.group(1)) > _MAX_POSITION:
+        raise InvalidToken(f"invalid token {str(token)[:40]!r}")
+    return Point(int(match.group(1)), int(match.group(2) or 0))
+
+
 @dataclass(frozen=True)
 class Backfill:
-    """Where a backward page ran out of stored history with room left in it.
-
-    ``anchor`` is the earliest stored event on the near side of the gap (or of the start of
-    the store): ask the remote's ``/backfill`` with ``v=anchor`` for what precedes it.
-    ``room_left`` is how many more events the page may hold.
-    """
+    """Where a backward page met a hole before any event: the caller runs one backfill round
+    for the gap at ``gap_pos`` (:func:`peekproxy.peeks.history.fill_gap`) asking for what
+    precedes ``anchor`` (the gap's oldest fetched event, else the first stream event after
+    the gap), up to ``room_left`` events, and reads the page again."""
 
     anchor: str
+    gap_pos: int
     room_left: int
-    at_gap: bool
 
 
 @dataclass(frozen=True)
 class Page:
-    """One page of a room's stored history."""
+    """One page of a room's history."""
 
     #: (event ID, PDU as stored, stored redacted) in page order.
     events: list[tuple[str, dict[str, Any], bool]]
-    #: The stream position for the ``start`` token (``from``, or its default).
-    start: int
-    #: The stream position for the ``end`` token, or ``None`` when nothing more is there.
-    end: int | None
+    #: The point for the ``start`` token (``from``, or its default).
+    start: Point
+    #: The point for the ``end`` token, or ``None`` when nothing more is there.
+    end: Point | None
     room_version: str
     backfill: Backfill | None = None
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A history item: an event (``event_id``) or a hole (``event_id is None``)."""
+
+    key: tuple[int, int]
+    event_id: str | None
+
+    @property
+    def below(self) -> Point:
+        """The point just below this event."""
+        pos, minus_seq = self.key
+        return Point(pos - 1) if minus_seq == 0 else Point(pos, -minus_seq + 1)
+
+    @property
+    def at(self) -> Point:
+        """The point just above this event."""
+        pos, minus_seq = self.key
+        return Point(pos, -minus_seq)
 
 
 def device_is_peeking(conn: sqlite3.Connection, user_id: str, device_id: str, room_id: str) -> bool:
@@ -136,12 +218,108 @@ def _pdus(
     }
 
 
-def _earliest_event_above(conn: sqlite3.Connection, room_id: str, pos: int) -> str | None:
+def _gap_closed(conn: sqlite3.Connection, room_id: str, gap_pos: int) -> bool:
     row = conn.execute(
-        "SELECT event_id FROM room_stream WHERE room_id = ? AND kind = 'event' AND "
-        "stream_pos > ? ORDER BY stream_pos LIMIT 1",
-        (room_id, pos),
+        "SELECT closed FROM gap_fills WHERE room_id = ? AND gap_pos = ?", (room_id, gap_pos)
     ).fetchone()
+    return bool(row and row[0])
+
+
+def _has_virtual_gap(conn: sqlite3.Connection, room_id: str) -> bool:
+    """Whether history precedes the room's first stream row with no gap row for it: that
+    row is an event with ``prev_events`` (a room stored before the first view fetched
+    history)."""
+    row = conn.execute(
+        "SELECT s.kind, e.pdu_json FROM room_stream s LEFT JOIN events e ON "
+        "e.event_id = s.event_id WHERE s.room_id = ? AND s.kind IN ('event', 'gap') "
+        "ORDER BY s.stream_pos LIMIT 1",
+        (room_id,),
+    ).fetchone()
+    if row is None or row[0] != "event" or row[1] is None:
+        return False
+    prev = json.loads(row[1]).get("prev_events")
+    return isinstance(prev, list) and bool(prev)
+
+
+def _gap_items(
+    conn: sqlite3.Connection, room_id: str, gap_pos: int, *, backward: bool, seq_from: int
+) -> Iterator[_Item]:
+    """The gap's fetched events (and its hole, unless closed) in page order: backward from
+    ``seq >= seq_from``, forward (hole first) those with ``seq < seq_from`` (0: all)."""
+    hole = [] if _gap_closed(conn, room_id, gap_pos) else [_Item((gap_pos, _HOLE), None)]
+    if backward:
+        rows = conn.execute(
+            "SELECT seq, event_id FROM gap_events WHERE room_id = ? AND gap_pos = ? AND "
+            "seq >= ? ORDER BY seq",
+            (room_id, gap_pos, seq_from),
+        )
+    else:
+        yield from hole if seq_from == 0 else []
+        rows = conn.execute(
+            "SELECT seq, event_id FROM gap_events WHERE room_id = ? AND gap_pos = ? AND "
+            "(? = 0 OR seq < ?) ORDER BY seq DESC",
+            (room_id, gap_pos, seq_from, seq_from),
+        )
+    for seq, event_id in rows:
+        yield _Item((gap_pos, -int(seq)), str(event_id))
+    if backward:
+        yield from hole
+
+
+def _backward(conn: sqlite3.Connection, room_id: str, start: Point) -> Iterator[_Item]:
+    """The room's history items older than ``start``, newest first."""
+    cursor = conn.execute(
+        "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
+        "kind IN ('event', 'gap') AND stream_pos <= ? ORDER BY stream_pos DESC",
+        (room_id, start.pos),
+    )
+    for pos, kind, event_id in cursor:
+        if kind == "event":
+            if pos < start.pos or start.seq == 0:
+                yield _Item((int(pos), 0), str(event_id))
+        else:
+            seq_from = start.seq if pos == start.pos and start.seq else 1
+            yield from _gap_items(conn, room_id, int(pos), backward=True, seq_from=seq_from)
+    if _has_virtual_gap(conn, room_id):
+        seq_from = start.seq if start.pos == 0 and start.seq else 1
+        yield from _gap_items(conn, room_id, 0, backward=True, seq_from=seq_from)
+
+
+def _forward(conn: sqlite3.Connection, room_id: str, start: Point | None) -> Iterator[_Item]:
+    """The room's history items newer than ``start`` (``None``: all), oldest first."""
+    if (start is None or (start.pos == 0 and start.seq)) and _has_virtual_gap(conn, room_id):
+        seq_from = start.seq if start is not None else 0
+        yield from _gap_items(conn, room_id, 0, backward=False, seq_from=seq_from)
+    floor = 0 if start is None else start.pos
+    cursor = conn.execute(
+        "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
+        "kind IN ('event', 'gap') AND stream_pos >= ? ORDER BY stream_pos",
+        (room_id, floor),
+    )
+    for pos, kind, event_id in cursor:
+        if start is not None and pos == start.pos and (kind == "event" or start.seq == 0):
+            continue  # at or below ``start``
+        if kind == "event":
+            yield _Item((int(pos), 0), str(event_id))
+        else:
+            seq_from = start.seq if start is not None and pos == start.pos else 0
+            yield from _gap_items(conn, room_id, int(pos), backward=False, seq_from=seq_from)
+
+
+def _anchor(conn: sqlite3.Connection, room_id: str, gap_pos: int) -> str | None:
+    """Where a backfill round for the gap starts: its oldest fetched event, else the
+    first stream event after it."""
+    row = conn.execute(
+        "SELECT event_id FROM gap_events WHERE room_id = ? AND gap_pos = ? "
+        "ORDER BY seq DESC LIMIT 1",
+        (room_id, gap_pos),
+    ).fetchone()
+    if row is None:
+        row = conn.execute(
+            "SELECT event_id FROM room_stream WHERE room_id = ? AND kind = 'event' AND "
+            "stream_pos > ? ORDER BY stream_pos LIMIT 1",
+            (room_id, gap_pos),
+        ).fetchone()
     return str(row[0]) if row else None
 
 
@@ -149,100 +327,99 @@ def read_page(
     conn: sqlite3.Connection,
     room_id: str,
     *,
-    from_pos: int | None,
-    to_pos: int | None,
+    from_point: Point | None,
+    to_point: Point | None,
     direction: Direction,
     limit: int,
     fill_gaps: bool,
 ) -> Page:
-    """One page of ``room_id``'s stored history (the rules are in the module docstring).
+    """One page of ``room_id``'s history (the rules are in the module docstring).
 
     Args:
-        from_pos: the ``from`` token's position; ``None``: the stream's head (``dir=b``) or
-            its start (``dir=f``).
-        to_pos: the ``to`` token's position: ``dir=b`` stops at events with
-            ``pos <= to_pos``, ``dir=f`` at events with ``pos > to_pos``. Reaching it ends
-            the pagination (no ``end``).
+        from_point: the ``from`` token's point; ``None``: the stream's head (``dir=b``) or
+            the start of the room's history (``dir=f``).
+        to_point: the ``to`` token's point: the page holds only events between ``from`` and
+            ``to``; reaching it ends the pagination (no ``end``).
         limit: most events in the page (≥ 1).
-        fill_gaps: ``dir=b`` only: name a :class:`Backfill` anchor where the page meets a
-            gap before any event, or the start of the store with room left (and no
-            ``to``). Without it, a gap at the very start of a page is passed over.
+        fill_gaps: ``dir=b`` only: name a :class:`Backfill` where the page meets a hole
+            before any event; without it (no server to ask, or a round that could not
+            help) holes are passed over.
 
     Raises:
-        TokenAhead: ``from_pos`` is past the stream's head.
+        TokenAhead: ``from_point`` is past the stream's head.
     """
     upto = max_stream_pos(conn)
-    if from_pos is not None and from_pos > upto:
-        raise TokenAhead(f"position {from_pos} is past the stream's head ({upto})")
+    if from_point is not None and from_point.pos > upto:
+        raise TokenAhead(f"position {from_point.pos} is past the stream's head ({upto})")
     version = room_version_of(conn, room_id)
-    picked: list[tuple[int, str]] = []
-    end: int | None = None
+    picked: list[_Item] = []
+    end: Point | None = None
     backfill: Backfill | None = None
     if direction == "b":
-        start = upto if from_pos is None else from_pos
-        floor = -1 if to_pos is None else to_pos
-        cursor = conn.execute(
-            "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
-            "kind IN ('event', 'gap') AND stream_pos <= ? AND stream_pos > ? "
-            "ORDER BY stream_pos DESC",
-            (room_id, start, floor),
-        )
-        exhausted = True
-        for pos, kind, event_id in cursor:
-            if kind == "gap":
+        start = Point(upto) if from_point is None else from_point
+        items = _backward(conn, room_id, start)
+        for item in items:
+            if to_point is not None and item.key <= to_point.key:
+                break  # ``to`` reached: no ``end``
+            if item.event_id is None:  # a hole
+                if not fill_gaps:
+                    continue
                 if picked:
-                    end, exhausted = int(pos), False  # the next page starts at the gap
+                    end = picked[-1].below  # the next page starts at the hole
                     break
-                if fill_gaps:
-                    anchor = _earliest_event_above(conn, room_id, int(pos))
-                    if anchor is not None:
-                        more = cursor.fetchone() is not None
-                        end = int(pos) - 1 if more else None
-                        backfill = Backfill(anchor=anchor, room_left=limit, at_gap=True)
-                        exhausted = False
-                        break
-                continue  # a gap at the start of the page: pass over it
-            picked.append((int(pos), str(event_id)))
-            if len(picked) == limit:
-                more = cursor.fetchone() is not None
-                if more or (fill_gaps and to_pos is None):
-                    end = int(pos) - 1
-                exhausted = False
+                anchor = _anchor(conn, room_id, item.key[0])
+                if anchor is None:
+                    continue
+                backfill = Backfill(anchor=anchor, gap_pos=item.key[0], room_left=limit)
                 break
-        if exhausted and fill_gaps and to_pos is None:
-            # The start of what we store: nothing is stored before the room's earliest
-            # stream event (the last one picked, or, with nothing picked, one above ``from``).
-            anchor = picked[-1][1] if picked else _earliest_event_above(conn, room_id, -1)
-            if anchor is not None:
-                backfill = Backfill(anchor=anchor, room_left=limit - len(picked), at_gap=False)
+            picked.append(item)
+            if len(picked) == limit:
+                for older in items:
+                    if to_point is not None and older.key <= to_point.key:
+                        break
+                    if older.event_id is not None or fill_gaps:
+                        end = item.below
+                        break
+                break
     else:
-        start = 0 if from_pos is None else from_pos
-        ceiling = upto if to_pos is None else min(to_pos, upto)
-        cursor = conn.execute(
-            "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
-            "kind IN ('event', 'gap') AND stream_pos > ? AND stream_pos <= ? "
-            "ORDER BY stream_pos",
-            (room_id, start, ceiling),
-        )
+        start = from_point if from_point is not None else Point(0)
+        items = _forward(conn, room_id, from_point)
         exhausted = True
-        for pos, kind, event_id in cursor:
-            if kind == "gap":
+        for item in items:
+            if item.key[0] > upto or (to_point is not None and item.key > to_point.key):
+                exhausted = False  # ``to`` reached: no ``end``
+                break
+            if item.event_id is None:  # a hole: no forward backfill
                 if picked:
-                    end, exhausted = int(pos), False  # the next page starts after the gap
+                    end, exhausted = _after_hole(conn, room_id, item.key[0]), False
                     break
                 continue
-            picked.append((int(pos), str(event_id)))
+            picked.append(item)
             if len(picked) == limit:
-                more = cursor.fetchone() is not None
-                if more or to_pos is None:
-                    end = int(pos)
+                more = to_point is None
+                for after in items:
+                    if after.event_id is not None and after.key[0] <= upto:
+                        more = to_point is None or after.key <= to_point.key
+                        break
+                if more or to_point is None:
+                    end = item.at
                 exhausted = False
                 break
-        if exhausted and picked and to_pos is None:
-            end = ceiling
-    pdus = _pdus(conn, room_id, [event_id for _, event_id in picked])
-    events = [(e, *pdus[e]) for _, e in picked if e in pdus]
+        if exhausted and picked and to_point is None:
+            end = Point(upto)
+    ids = [item.event_id for item in picked if item.event_id is not None]
+    pdus = _pdus(conn, room_id, ids)
+    events = [(e, *pdus[e]) for e in ids if e in pdus]
     return Page(events=events, start=start, end=end, room_version=version, backfill=backfill)
+
+
+def _after_hole(conn: sqlite3.Connection, room_id: str, gap_pos: int) -> Point:
+    """The point just above a gap's hole (below all of its fetched events)."""
+    row = conn.execute(
+        "SELECT COALESCE(MAX(seq), 0) FROM gap_events WHERE room_id = ? AND gap_pos = ?",
+        (room_id, gap_pos),
+    ).fetchone()
+    return Point(gap_pos, int(row[0]) + 1)
 
 
 def stream_event_ids(conn: sqlite3.Connection, event_ids: Iterable[str]) -> set[str]:

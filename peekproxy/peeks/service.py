@@ -30,6 +30,7 @@ from peekproxy.federation.pdu import check_pdu
 from peekproxy.federation.room_versions import KNOWN_ROOM_VERSIONS, UnknownRoomVersion, room_version
 from peekproxy.identifiers import InvalidIdentifier, RoomAlias, RoomId
 from peekproxy.metrics import SYNC_ANSWERS
+from peekproxy.peeks import history
 from peekproxy.peeks import subscription as subs
 from peekproxy.peeks.live import LiveAnswer, LiveWindow, StreamChange
 from peekproxy.peeks.notifier import Notifier
@@ -752,6 +753,11 @@ class PeekService:
     async def _store_snapshot(
         self, sub: Subscription, validated: ValidatedPeek, *, gap: bool
     ) -> None:
+        """Store a new snapshot with the newest events before its latest event, fetched
+        from the peeked server (:func:`_first_view`): the first sync then shows up to the
+        timeline limit of them, as on a join; a gap precedes them when older history is
+        missing."""
+        found = await self._first_view(sub, validated)
         now = self.clock_ms()
 
         def write(conn: Any) -> None:
@@ -764,12 +770,46 @@ class PeekService:
                 latest_event_id=validated.latest_event_id,
                 gap=gap,
                 now_ms=now,
+                history=None if found is None else found[0],
+                history_complete=found is not None and found[1],
             )
             db.save_subscription(conn, sub)
 
         await self.store.write(write)
         self.subscriptions[sub.room_id] = sub
         self.on_room_change(sub.room_id)
+
+    async def _first_view(
+        self, sub: Subscription, validated: ValidatedPeek
+    ) -> tuple[list[tuple[str, dict[str, Any], bool]], bool] | None:
+        """Up to ``history.FIRST_VIEW_LIMIT`` events before the snapshot's latest event from
+        the peeked server's ``/backfill`` (bounded by ``history.FIRST_VIEW_TIMEOUT_S``),
+        oldest first, without those a client already sees, and whether nothing is missing
+        before them. ``None`` when the latest event is already held (nothing to add) or
+        there is no server or room version; a failed fetch gives ``([], False)`` (a gap)."""
+        latest = validated.latest_event_id
+        if sub.server is None or sub.room_version is None:
+            return None
+        if await self.store.read(lambda c: db.held_event_ids(c, sub.room_id, [latest])):
+            return None
+        try:
+            fetched = await history.fetch_backfill(
+                self.client,
+                self.keyring,
+                server=sub.server,
+                room_id=sub.room_id,
+                version=sub.room_version,
+                anchors=[latest],
+                limit=history.FIRST_VIEW_LIMIT + 1,  # /backfill includes the anchor itself
+                timeout=history.FIRST_VIEW_TIMEOUT_S,
+            )
+        except history.BackfillFailed as e:
+            log.info("no history before the latest event of %s (%s): a gap", sub.room_id, e)
+            return [], False
+        ids = [e.event_id for e in fetched]
+        held = await self.store.read(lambda c: db.held_event_ids(c, sub.room_id, ids))
+        new, complete = history.new_history(fetched, anchors=[latest], held=held)
+        return [(e.event_id, e.pdu, e.redacted) for e in reversed(new)], complete
 
     async def _renew(self, room_id: str) -> None:
         sub = self.subscriptions[room_id]
@@ -930,6 +970,14 @@ class PeekService:
                     fetched = await self._missing_events(
                         origin, room_id, event_id, missing, rules, known
                     )
+                    # What get_missing_events could not supply (its limit, or a failure) is a
+                    # gap: before the fetched events when their own prev_events are unknown.
+                    before = [p for _, f, _ in fetched for p in _refs(f.get("prev_events"))]
+                    before = [p for p in before if p not in known]
+                    known |= await self.store.read(partial(db.known_event_ids, event_ids=before))
+                    fetched_ids = {fetched_id for fetched_id, _, _ in fetched}
+                    if any(p not in known and p not in fetched_ids for p in before):
+                        writes.append((room_id, None, None, False))
                     for fetched_id, fetched_pdu, fetched_redacted in fetched:
                         writes.append((room_id, fetched_id, fetched_pdu, fetched_redacted))
                         known.add(fetched_id)

@@ -18,9 +18,11 @@ from peekproxy.peeks.sync import FALLBACK_ROOM_VERSION, DevicePeek, RoomView, St
 
 __all__ = [
     "add_gap",
+    "add_gap_fill",
     "append_event",
     "current_state_ids",
     "device_peek_count",
+    "held_event_ids",
     "known_event_ids",
     "load_subscriptions",
     "save_ephemeral",
@@ -149,10 +151,21 @@ def store_snapshot(
     latest_event_id: str,
     gap: bool,
     now_ms: int,
+    history: Sequence[tuple[str, Mapping[str, Any], bool]] | None = None,
+    history_complete: bool = False,
 ) -> int:
-    """Store a peek response: its events, the room's state (replaced), a gap marker when
-    history is missing, and the latest event on the room's stream. Returns the last
-    stream position written."""
+    """Store a peek response: its events, the room's state (replaced), and on the room's
+    stream the latest event, after ``history`` and a gap marker when history is missing.
+    Returns the last stream position written.
+
+    ``history``: (event ID, PDU, stored redacted) of events fetched before the latest event,
+    oldest first (DAG order); they go on the stream before it (those already there are
+    skipped) but never into the current state: the snapshot's state is the state at the
+    latest event. ``history_complete``: nothing is missing before them (they reached history
+    held on the stream, or the room's first event). A gap marker precedes them when history
+    is missing, and always when ``gap`` (a re-peek, decision 4: syncs get ``limited``); a
+    marker over complete history is closed at once, so ``/messages`` does not stop there.
+    """
     redacted_ids = set(redacted)
     for event_id, pdu in events.items():
         _insert_event(conn, room_id, event_id, pdu, event_id in redacted_ids)
@@ -161,16 +174,94 @@ def store_snapshot(
         "INSERT INTO room_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?)",
         [(room_id, t, k, e) for (t, k), e in state.items()],
     )
-    in_stream = conn.execute(
-        "SELECT 1 FROM room_stream WHERE event_id = ? AND kind = 'event'", (latest_event_id,)
-    ).fetchone()
     position = 0
-    if in_stream is None:
-        # Only when the latest event is new can anything have been missed before it.
-        if gap:
-            position = _stream_row(conn, room_id, "gap", None, now_ms)
-        position = _stream_row(conn, room_id, "event", latest_event_id, now_ms)
+    if _on_stream(conn, latest_event_id):
+        return position
+    # Only when the latest event is new can anything have been missed before it.
+    shown = []
+    for event_id, pdu, is_redacted in history or ():
+        _insert_event(conn, room_id, event_id, pdu, is_redacted)
+        if not _on_stream(conn, event_id) and event_id != latest_event_id:
+            shown.append(event_id)
+    if gap or (history is not None and not history_complete):
+        position = _stream_row(conn, room_id, "gap", None, now_ms)
+        if history is not None and history_complete:
+            # Decision 4: a re-peek is gappy for the sync (``limited``) even when the fetched
+            # history joins what is held; the gap is closed, so paging runs through it.
+            add_gap_fill(conn, room_id, position, [], closed=True)
+    for event_id in dict.fromkeys(shown):
+        position = _stream_row(conn, room_id, "event", event_id, now_ms)
+    position = _stream_row(conn, room_id, "event", latest_event_id, now_ms)
     return position
+
+
+def _on_stream(conn: sqlite3.Connection, event_id: str) -> bool:
+    """Whether a client sees the event when paging: on a room stream, or in a filled gap."""
+    return (
+        conn.execute(
+            "SELECT 1 FROM room_stream WHERE event_id = ? AND kind = 'event'", (event_id,)
+        ).fetchone()
+        is not None
+        or conn.execute("SELECT 1 FROM gap_events WHERE event_id = ?", (event_id,)).fetchone()
+        is not None
+    )
+
+
+def held_event_ids(conn: sqlite3.Connection, room_id: str, event_ids: Iterable[str]) -> set[str]:
+    """Which of ``event_ids`` a client sees when paging ``room_id``: on its stream or in
+    one of its filled gaps."""
+    ids = list(event_ids)
+    on_stream = select_in(
+        conn,
+        "SELECT event_id FROM room_stream WHERE room_id = ? AND kind = 'event' AND "
+        "event_id IN ({marks})",
+        ids,
+        before=[room_id],
+    )
+    in_gaps = select_in(
+        conn,
+        "SELECT event_id FROM gap_events WHERE room_id = ? AND event_id IN ({marks})",
+        ids,
+        before=[room_id],
+    )
+    return {str(r[0]) for r in on_stream} | {str(r[0]) for r in in_gaps}
+
+
+def add_gap_fill(
+    conn: sqlite3.Connection,
+    room_id: str,
+    gap_pos: int,
+    events: Sequence[tuple[str, Mapping[str, Any], bool]],
+    *,
+    closed: bool,
+) -> int:
+    """Keep backfilled events for the gap at stream position ``gap_pos`` (0: before the
+    room's first stream event): (event ID, PDU, stored redacted), **newest first**, all
+    older than what the gap holds already. Events a client can already see are skipped.
+    ``closed``: the history before the gap is now complete. Neither the stream nor the
+    current state changes. Returns how many events were added."""
+    row = conn.execute(
+        "SELECT COALESCE(MAX(seq), 0) FROM gap_events WHERE room_id = ? AND gap_pos = ?",
+        (room_id, gap_pos),
+    ).fetchone()
+    seq = int(row[0])
+    added = 0
+    for event_id, pdu, redacted in events:
+        _insert_event(conn, room_id, event_id, pdu, redacted)
+        if _on_stream(conn, event_id):
+            continue
+        seq += 1
+        added += 1
+        conn.execute(
+            "INSERT INTO gap_events (room_id, gap_pos, seq, event_id) VALUES (?, ?, ?, ?)",
+            (room_id, gap_pos, seq, event_id),
+        )
+    conn.execute(
+        "INSERT INTO gap_fills (room_id, gap_pos, closed) VALUES (?, ?, ?) "
+        "ON CONFLICT (room_id, gap_pos) DO UPDATE SET closed = MAX(closed, excluded.closed)",
+        (room_id, gap_pos, int(closed)),
+    )
+    return added
 
 
 def append_event(
@@ -185,9 +276,7 @@ def append_event(
     """Append one event to the room's stream (once: ``None`` when it was already there).
     A state event becomes the room's current state for its (type, state_key)."""
     _insert_event(conn, room_id, event_id, pdu, redacted)
-    if conn.execute(
-        "SELECT 1 FROM room_stream WHERE event_id = ? AND kind = 'event'", (event_id,)
-    ).fetchone():
+    if _on_stream(conn, event_id):
         return None
     position = _stream_row(conn, room_id, "event", event_id, now_ms)
     state_key = pdu.get("state_key")

@@ -40,6 +40,8 @@ class Faults:
       arrives with ``prev_events`` the receiver does not know (it can fetch them with
       ``get_missing_events``).
     * ``forge_next``: the next N events are pushed with a corrupted signature.
+    * ``backfill_fail_next``: the next N ``GET /backfill`` requests answer
+      ``500 M_UNKNOWN``.
     * ``peek_count``: the next N peek PUTs fail with ``peek_status``/``peek_errcode``.
     """
 
@@ -50,6 +52,7 @@ class Faults:
     reorder_next: int = 0
     withhold_next: int = 0
     forge_next: int = 0
+    backfill_fail_next: int = 0
     peek_status: int = 500
     peek_errcode: str | None = None
     peek_count: int = 0

@@ -1,0 +1,229 @@
+"""Room history in the store: filled gaps, tokens inside them, and which backfilled events
+are new (peeks/reading.py, peeks/history.py, store/rooms.py). The end-to-end paging tests
+over real sockets are in tests/test_delegation_api.py."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from peekproxy.peeks import reading
+from peekproxy.peeks.history import Backfilled, new_history
+from peekproxy.peeks.sync import InvalidToken, decode_token
+from peekproxy.store import Store
+from peekproxy.store import rooms as db
+
+ROOM = "!room:remote.test"
+
+
+def pdu(n: int, prev: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "type": "m.room.message",
+        "room_id": ROOM,
+        "sender": "@carol:remote.test",
+        "content": {"msgtype": "m.text", "body": f"e{n}"},
+        "origin_server_ts": 1_000 + n,
+        "depth": n,
+        "prev_events": [f"$e{n - 1}"] if prev is None and n > 1 else (prev or []),
+    }
+
+
+def event(n: int) -> Backfilled:
+    return Backfilled(f"$e{n}", pdu(n), False, n)
+
+
+def test_new_history_stops_at_held_events_and_at_the_room_start() -> None:
+    # An answer from $e9 down to $e1: $e5 is held (before the gap), so $e8..$e6 are new.
+    answer = [event(n) for n in range(9, 0, -1)]
+    new, reached = new_history(answer, anchors=["$e9"], held={"$e9", "$e5"})
+    assert [e.event_id for e in new] == ["$e8", "$e7", "$e6"] and reached
+    # Nothing held: all is new; the first event (no prev_events) ends the history.
+    new, reached = new_history(answer, anchors=["$e9"], held=set())
+    assert [e.event_id for e in new][-1] == "$e1" and reached
+    # Cut by the limit before anything held or the start: not complete.
+    new, reached = new_history(answer[:4], anchors=["$e9"], held=set())
+    assert [e.event_id for e in new] == ["$e8", "$e7", "$e6"] and not reached
+    # Only the anchor came back: nothing older exists.
+    assert new_history(answer[:1], anchors=["$e9"], held=set()) == ([], True)
+
+
+def test_tokens() -> None:
+    assert reading.parse_point("pp1_7") == reading.Point(7)
+    assert reading.parse_point("pp1_7_3") == reading.Point(7, 3)
+    assert reading.Point(7, 3).token() == "pp1_7_3" and reading.Point(7).token() == "pp1_7"
+    for bad in ("pp1_7_0", "pp1_7_03", "pp1_07", "pp1_7_", "s7_3", "pp1_7_-1", "pp1_7_3_1"):
+        with pytest.raises(InvalidToken):
+            reading.parse_point(bad)
+    with pytest.raises(InvalidToken):
+        decode_token("pp1_7_3")  # a gap point is no sync token
+
+
+async def store_with_gap(tmp_path: Path, *, closed: bool) -> tuple[Store, int]:
+    """The room's stream: $e1 $e2 [gap] $e6 $e7, with $e5 $e4 fetched into the gap."""
+    store = await Store.open(tmp_path / "p.db", "local.test")
+
+    def write(conn: Any) -> int:
+        for n in (1, 2):
+            db.append_event(conn, ROOM, f"$e{n}", pdu(n), redacted=False, now_ms=0)
+        gap = db.add_gap(conn, ROOM, 0)
+        for n in (6, 7):
+            db.append_event(conn, ROOM, f"$e{n}", pdu(n), redacted=False, now_ms=0)
+        fill = [(f"$e{n}", pdu(n), False) for n in (5, 4)]
+        assert db.add_gap_fill(conn, ROOM, gap, fill, closed=closed) == 2
+        return gap
+
+    gap: int = await store.write(write)
+    return store, gap
+
+
+async def pages(
+    store: Store, start: reading.Point | None, direction: reading.Direction, limit: int, **kw: Any
+) -> list[tuple[list[str], str | None, reading.Backfill | None]]:
+    out: list[tuple[list[str], str | None, reading.Backfill | None]] = []
+    point = start
+    for _ in range(20):
+        page = await store.read(
+            partial(
+                reading.read_page,
+                room_id=ROOM,
+                from_point=point,
+                to_point=kw.get("to"),
+                direction=direction,
+                limit=limit,
+                fill_gaps=kw.get("fill_gaps", True),
+            )
+        )
+        end = page.end.token() if page.end else None
+        out.append(([e for e, _, _ in page.events], end, page.backfill))
+        if page.end is None or page.backfill is not None:
+            return out
+        point = page.end
+    raise AssertionError("no end")
+
+
+async def test_pages_walk_through_a_closed_gap_both_ways(tmp_path: Path) -> None:
+    store, gap = await store_with_gap(tmp_path, closed=True)
+    back = await pages(store, None, "b", 2)
+    assert [ids for ids, _, _ in back] == [["$e7", "$e6"], ["$e5", "$e4"], ["$e2", "$e1"]]
+    assert [end for _, end, _ in back] == [f"pp1_{gap}", f"pp1_{gap}_3", None]
+    # A token inside the gap, both ways.
+    inside = reading.Point(gap, 2)  # just above $e4
+    assert [ids for ids, _, _ in await pages(store, inside, "b", 5)] == [["$e4", "$e2", "$e1"]]
+    forward = await pages(store, inside, "f", 5)
+    assert forward[0][0] == ["$e5", "$e6", "$e7"]
+    assert [ids for ids, _, _ in await pages(store, None, "f", 3)][:2] == [
+        ["$e1", "$e2", "$e4"],
+        ["$e5", "$e6", "$e7"],
+    ]
+    # ``to`` inside the gap: stop there.
+    up_to = await pages(store, None, "b", 10, to=reading.Point(gap, 2))
+    assert up_to == [(["$e7", "$e6", "$e5"], None, None)]
+    # The sync's own tokens still work: prev_batch of a timeline starting at $e6.
+    assert (await pages(store, reading.Point(gap), "b", 1))[0][0] == ["$e5"]
+    await store.aclose()
+
+
+async def test_an_open_gap_asks_for_backfill_below_what_it_holds(tmp_path: Path) -> None:
+    store, gap = await store_with_gap(tmp_path, closed=False)
+    back = await pages(store, None, "b", 3)
+    # The page stops at the hole; the next one asks to backfill before the oldest fill.
+    assert back[0][0] == ["$e7", "$e6", "$e5"]
+    assert back[1] == (["$e4"], f"pp1_{gap}_3", None)
+    assert back[2] == ([], None, reading.Backfill(anchor="$e4", gap_pos=gap, room_left=3))
+    # Without a server to ask, the hole is passed over.
+    assert [
+        ids for ids, _, _ in await pages(store, reading.Point(gap, 3), "b", 3, fill_gaps=False)
+    ] == [["$e2", "$e1"]]
+    # Forward: a page stops before the hole; its end skips the hole.
+    forward = await pages(store, None, "f", 10)
+    assert forward[0] == (["$e1", "$e2"], f"pp1_{gap}_3", None)
+    assert forward[1][0] == ["$e4", "$e5", "$e6", "$e7"]
+    # Closing it (a round that reached $e2): the same pages run through.
+    await store.write(
+        lambda c: db.add_gap_fill(c, ROOM, gap, [("$e3", pdu(3), False)], closed=True)
+    )
+    assert [e for ids, _, _ in await pages(store, None, "b", 4) for e in ids] == [
+        f"$e{n}" for n in range(7, 0, -1)
+    ]
+    await store.aclose()
+
+
+async def test_events_in_a_filled_gap_are_not_appended_again(tmp_path: Path) -> None:
+    store, _ = await store_with_gap(tmp_path, closed=True)
+    again = await store.write(
+        lambda c: db.append_event(c, ROOM, "$e5", pdu(5), redacted=False, now_ms=0)
+    )
+    assert again is None
+    assert await store.read(lambda c: db.held_event_ids(c, ROOM, ["$e5", "$e6", "$nope"])) == {
+        "$e5",
+        "$e6",
+    }
+    await store.aclose()
+
+
+async def test_a_snapshot_with_history_keeps_the_current_state(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "p.db", "local.test")
+    old_topic = {**pdu(2), "type": "m.room.topic", "state_key": "", "content": {"topic": "old"}}
+    new_topic = {**pdu(3), "type": "m.room.topic", "state_key": "", "content": {"topic": "new"}}
+
+    def write(conn: Any) -> None:
+        db.store_snapshot(
+            conn,
+            ROOM,
+            events={"$e3": new_topic, "$e4": pdu(4)},
+            redacted=[],
+            state={("m.room.topic", ""): "$e3"},
+            latest_event_id="$e4",
+            gap=False,
+            now_ms=0,
+            history=[("$e2", old_topic, False), ("$e3", new_topic, False)],
+            history_complete=False,
+        )
+
+    await store.write(write)
+    assert await store.read(lambda c: db.current_state_ids(c, ROOM)) == {
+        ("m.room.topic", ""): "$e3"
+    }
+    stream = await store.read(lambda c: db.stream_events(c, ROOM))
+    assert [(kind, e) for _, kind, e in stream] == [
+        ("gap", None),
+        ("event", "$e2"),
+        ("event", "$e3"),
+        ("event", "$e4"),
+    ]
+    await store.aclose()
+
+
+async def test_a_room_stored_before_the_first_view_backfills_before_its_first_event(
+    tmp_path: Path,
+) -> None:
+    """A room whose first peek stored only its latest event ($e3, with prev_events): the
+    history before it is a gap at position 0, filled and paged like any other."""
+    store = await Store.open(tmp_path / "p.db", "local.test")
+    await store.write(
+        lambda c: [
+            db.append_event(c, ROOM, f"$e{n}", pdu(n), redacted=False, now_ms=0) for n in (3, 4)
+        ]
+    )
+    assert await pages(store, None, "b", 5) == [
+        (["$e4", "$e3"], "pp1_0", None),
+        ([], None, reading.Backfill(anchor="$e3", gap_pos=0, room_left=5)),
+    ]
+    await store.write(lambda c: db.add_gap_fill(c, ROOM, 0, [("$e2", pdu(2), False)], closed=False))
+    assert await pages(store, reading.Point(0), "b", 5) == [
+        (["$e2"], "pp1_0_2", None),
+        ([], None, reading.Backfill(anchor="$e2", gap_pos=0, room_left=5)),
+    ]
+    await store.write(lambda c: db.add_gap_fill(c, ROOM, 0, [("$e1", pdu(1), False)], closed=True))
+    assert [e for ids, _, _ in await pages(store, None, "b", 3) for e in ids] == [
+        "$e4",
+        "$e3",
+        "$e2",
+        "$e1",
+    ]
+    forward = await pages(store, None, "f", 10)
+    assert forward[0][0] == ["$e1", "$e2", "$e3", "$e4"]
+    await store.aclose()
