@@ -21,7 +21,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from peekproxy import __version__, gc_policy
+from peekproxy import __version__, gc_policy, http_guard
 from peekproxy.api.client import client_app
 from peekproxy.api.delegation import delegation_routes, read_secret
 from peekproxy.api.errors import matrix_error_response
@@ -122,6 +122,8 @@ async def _start_listener(
     config: HypercornConfig,
     shutdown: trio.Event,
 ) -> str:
+    # No request may end the process or other connections (peekproxy/http_guard.py).
+    http_guard.install()
     framework: Any = app  # hypercorn's own ASGI type aliases are narrower than Starlette's
     try:
         binds: list[str] = await nursery.start(

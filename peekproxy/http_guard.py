@@ -1,0 +1,113 @@
+"""Two guards on hypercorn's trio worker, so that no request can stop a listener.
+
+Every listener (the daemon's federation, client and metrics listeners; the testbed's
+federation and admin listeners) is ``hypercorn.trio.serve``. With hypercorn 0.18 two things
+together let one request end the whole process:
+
+1. **HTTP/2 data on a stream that is already answered** (hypercorn issue #329, fix
+   proposed in PRs #312 and #334, not released). When the application has sent its whole
+   response (say a ``401`` before reading the body) the stream leaves
+   ``H2Protocol.streams``, but the client may still be sending the request body. Any body
+   larger than the 65 535-byte initial flow-control window (RFC 9113 §6.9.2) keeps arriving
+   after the answer, and ``H2Protocol._handle_events`` raises ``KeyError`` for its ``DATA``.
+   :class:`GuardedH2Protocol` drops such data but still hands its flow-control credit back
+   (connection and stream window), so the client finishes sending and reads its answer, and
+   other streams on the connection are not starved (RFC 9113 §8.1 lets a server answer
+   before the request is complete).
+2. **A connection's error ends the server.** The trio worker runs each connection
+   (``TCPServer``) in the listener's own nursery, so any exception escaping one connection
+   cancels every connection and ends ``serve`` with it. :class:`IsolatedTCPServer` logs
+   such an exception on ``peekproxy.http`` and closes only that connection.
+
+:func:`install` puts both classes where the trio worker looks them up
+(``hypercorn.trio.run.TCPServer`` and ``hypercorn.protocol.H2Protocol``). They rely on
+hypercorn internals, so ``pyproject.toml`` pins hypercorn to the release line they are
+tested against (``tests/test_http_robustness.py``); :func:`install` refuses any other.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import version
+from typing import Any
+
+import h2.events
+import hypercorn.protocol
+import hypercorn.trio.run
+import trio
+from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.trio.tcp_server import TCPServer
+
+__all__ = ["TESTED_HYPERCORN", "GuardedH2Protocol", "IsolatedTCPServer", "install"]
+
+log = logging.getLogger("peekproxy.http")
+
+#: The hypercorn release line whose internals these guards are written and tested against.
+TESTED_HYPERCORN = "0.18."
+
+
+class GuardedH2Protocol(H2Protocol):
+    """hypercorn's HTTP/2 protocol, minus the ``KeyError`` on data for an answered stream."""
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        # One event at a time: an earlier event's await may let the response finish, so
+        # whether a stream is still open is only known when its event comes up.
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                # The response is complete; the rest of the body is read and dropped.
+                self.connection.acknowledge_received_data(
+                    event.flow_controlled_length, event.stream_id
+                )
+                await self._flush()
+                continue
+            await super()._handle_events([event])
+
+
+class IsolatedTCPServer(TCPServer):
+    """hypercorn's per-connection handler; an error ends that connection, not the server."""
+
+    async def run(self) -> None:
+        peer = _peer(self.stream)
+        try:
+            await super().run()
+        except* Exception as group:  # Cancelled (a BaseException) still propagates
+            log.error(
+                "connection from %s failed and was closed (the listener goes on): %r",
+                peer,
+                group.exceptions[0],
+                exc_info=group,
+            )
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+
+def _peer(stream: Any) -> str:
+    try:
+        socket = getattr(stream, "transport_stream", stream).socket
+        host, port = socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, AttributeError, ValueError, TypeError):
+        return "?"
+
+
+def install() -> None:
+    """Make the hypercorn trio worker use :class:`IsolatedTCPServer` and
+    :class:`GuardedH2Protocol` (idempotent; call before ``hypercorn.trio.serve``).
+
+    Raises:
+        RuntimeError: the installed hypercorn is not the tested release line, or its
+            internals are not where the guards expect them.
+    """
+    installed = version("hypercorn")
+    if not installed.startswith(TESTED_HYPERCORN):
+        raise RuntimeError(
+            f"hypercorn {installed} is installed; peekproxy's listener guards are tested "
+            f"with hypercorn {TESTED_HYPERCORN}x only (see peekproxy/http_guard.py)"
+        )
+    worker, protocols = vars(hypercorn.trio.run), vars(hypercorn.protocol)
+    if worker.get("TCPServer") not in (TCPServer, IsolatedTCPServer) or protocols.get(
+        "H2Protocol"
+    ) not in (H2Protocol, GuardedH2Protocol):
+        raise RuntimeError("hypercorn internals changed: cannot install the listener guards")
+    worker["TCPServer"] = IsolatedTCPServer
+    protocols["H2Protocol"] = GuardedH2Protocol
