@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from peekproxy import __version__, gc_policy, http_guard
 from peekproxy.api.client import client_app
-from peekproxy.api.delegation import delegation_routes, read_secret
+from peekproxy.api.delegation import SecretFileError, delegation_routes, read_secret
 from peekproxy.api.errors import matrix_error_response
 from peekproxy.api.federation import federation_app
 from peekproxy.api.upstream_auth import UpstreamAuth
@@ -167,12 +167,17 @@ async def run_daemon(
     Raises:
         SigningKeyError: the signing key cannot be loaded.
         StoreError: the database cannot be used (StoreVersionError: it is too new).
-        DaemonError: a listener cannot bind (inside an ExceptionGroup).
+        DaemonError: the delegation secret file cannot be read or is empty; a listener
+            cannot bind (inside an ExceptionGroup).
     """
     if shutdown is None:
         shutdown = trio.Event()
     server = config.server
     signing_key = load_signing_key(server.signing_key_file)
+    try:
+        secret = read_secret(config.delegation.shared_secret_file)
+    except SecretFileError as e:  # check-config passed, but the file changed since
+        raise DaemonError(f"delegation.shared_secret_file: {e}") from None
     store = await Store.open(config.sqlite_path, server.server_name)
     federation = FederationClient.from_config(
         config.federation, server_name=server.server_name, signing_key=signing_key
@@ -199,7 +204,6 @@ async def run_daemon(
             sync_section=config.peeks.sync_section,
         ),
     )
-    secret = read_secret(config.delegation.shared_secret_file)
     limits = {
         "rate_limit_per_second": config.peeks.rate_limit_per_second,
         "rate_limit_burst": config.peeks.rate_limit_burst,
