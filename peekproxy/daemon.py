@@ -178,7 +178,9 @@ async def run_daemon(
         secret = read_secret(config.delegation.shared_secret_file)
     except SecretFileError as e:  # check-config passed, but the file changed since
         raise DaemonError(f"delegation.shared_secret_file: {e}") from None
-    store = await Store.open(config.sqlite_path, server.server_name)
+    # The database is bound to the server name only once the daemon has started (below):
+    # a start that fails must not leave a database that a corrected config is refused by.
+    store = await Store.open(config.sqlite_path, server.server_name, record_server_name=False)
     federation = FederationClient.from_config(
         config.federation, server_name=server.server_name, signing_key=signing_key
     )
@@ -272,6 +274,7 @@ async def run_daemon(
                         shutdown,
                     )
                 listening = Listening(client_url, federation_url, metrics_url)
+                await store.record_server_name()
                 log.info(
                     "peekproxy %s ready: server_name=%s key=%s client=%s federation=%s "
                     "key_server=%s/_matrix/key/v2/server metrics=%s",
