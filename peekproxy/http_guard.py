@@ -1,4 +1,4 @@
-"""Two guards on hypercorn's trio worker, so that no request can stop a listener.
+"""Guards on hypercorn's trio worker, so that no request can stop a listener.
 
 Every listener (the daemon's federation, client and metrics listeners; the testbed's
 federation and admin listeners) is ``hypercorn.trio.serve``. With hypercorn 0.18 two things
@@ -23,26 +23,42 @@ together let one request end the whole process:
    client gets its ``403``, then hypercorn tries a second response and h11 raises
    ``LocalProtocolError``), found by ``tests/http_fuzz.py``.
 
-:func:`install` puts both classes where the trio worker looks them up
-(``hypercorn.trio.run.TCPServer`` and ``hypercorn.protocol.H2Protocol``). They rely on
+A third guard is about the request after: an HTTP/1.1 answer sent before the request body
+has arrived says ``Connection: close`` (:class:`GuardedH11Protocol`), since hypercorn closes
+such a connection and a client that reused it would lose its next request.
+
+:func:`install` puts the classes where the trio worker looks them up
+(``hypercorn.trio.run.TCPServer``, ``hypercorn.protocol.H2Protocol`` and
+``hypercorn.protocol.H11Protocol``). They rely on
 hypercorn internals, so ``pyproject.toml`` pins hypercorn to the release line they are
 tested against (``tests/test_http_robustness.py``); :func:`install` refuses any other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from importlib.metadata import version
 from typing import Any
 
 import h2.events
+import h11
 import hypercorn.protocol
 import hypercorn.trio.run
 import trio
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import Response
 from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 
-__all__ = ["TESTED_HYPERCORN", "GuardedH2Protocol", "IsolatedTCPServer", "install"]
+__all__ = [
+    "TESTED_HYPERCORN",
+    "GuardedH2Protocol",
+    "GuardedH11Protocol",
+    "IsolatedTCPServer",
+    "install",
+]
 
 log = logging.getLogger("peekproxy.http")
 
@@ -65,6 +81,27 @@ class GuardedH2Protocol(H2Protocol):
                 await self._flush()
                 continue
             await super()._handle_events([event])
+
+
+class GuardedH11Protocol(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol; an answer sent before the request body has arrived
+    says ``Connection: close``.
+
+    hypercorn cannot start the next request on such a connection and closes it once the
+    answer is sent. Without the header a client may send its next request on it before the
+    close reaches it, and that request fails ("server disconnected without sending a
+    response"); RFC 9112 §9.6 asks a server that closes to say so.
+    """
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if (
+            isinstance(event, Response)
+            and event.status_code >= 200
+            and getattr(self.connection, "their_state", None) is h11.SEND_BODY
+            and not any(name.lower() == b"connection" for name, _ in event.headers)
+        ):
+            event = dataclasses.replace(event, headers=[*event.headers, (b"connection", b"close")])
+        await super().stream_send(event)
 
 
 class IsolatedTCPServer(TCPServer):
@@ -102,8 +139,9 @@ def _peer(stream: Any) -> str:
 
 
 def install() -> None:
-    """Make the hypercorn trio worker use :class:`IsolatedTCPServer` and
-    :class:`GuardedH2Protocol` (idempotent; call before ``hypercorn.trio.serve``).
+    """Make the hypercorn trio worker use :class:`IsolatedTCPServer`,
+    :class:`GuardedH2Protocol` and :class:`GuardedH11Protocol` (idempotent; call before
+    ``hypercorn.trio.serve``).
 
     Raises:
         RuntimeError: the installed hypercorn is not the tested release line, or its
@@ -116,9 +154,12 @@ def install() -> None:
             f"with hypercorn {TESTED_HYPERCORN}x only (see peekproxy/http_guard.py)"
         )
     worker, protocols = vars(hypercorn.trio.run), vars(hypercorn.protocol)
-    if worker.get("TCPServer") not in (TCPServer, IsolatedTCPServer) or protocols.get(
-        "H2Protocol"
-    ) not in (H2Protocol, GuardedH2Protocol):
+    if (
+        worker.get("TCPServer") not in (TCPServer, IsolatedTCPServer)
+        or protocols.get("H2Protocol") not in (H2Protocol, GuardedH2Protocol)
+        or protocols.get("H11Protocol") not in (H11Protocol, GuardedH11Protocol)
+    ):
         raise RuntimeError("hypercorn internals changed: cannot install the listener guards")
     worker["TCPServer"] = IsolatedTCPServer
     protocols["H2Protocol"] = GuardedH2Protocol
+    protocols["H11Protocol"] = GuardedH11Protocol

@@ -384,6 +384,52 @@ async def _ok() -> tuple[int, object]:
     return 200, {}
 
 
+async def test_an_http11_answer_before_the_body_does_not_break_the_next_request() -> None:
+    """A listener that answers before the request body has arrived (a 401 from an auth
+    check) closes the HTTP/1.1 connection (hypercorn cannot start the next request on it);
+    the answer must say ``Connection: close`` so that the client does not send its next
+    request on that connection (it used to fail: "Server disconnected without sending a
+    response", as in test_client_api under load)."""
+    from peekproxy.daemon import _hypercorn_config, _start_listener
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        status = 401 if scope["path"] == "/auth" else 200  # /auth answers before reading
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    body_sent = trio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b"{"
+        await trio.sleep(0.3)  # the answer comes before the rest of the body
+        yield b"}"
+        body_sent.set()
+
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        url = await _start_listener(
+            nursery,
+            "test",
+            app,
+            _hypercorn_config("127.0.0.1:0", grace=0.1, access_log=False),
+            shutdown,
+        )
+        async with httpx.AsyncClient(http1=True, timeout=10) as http:
+            early = await http.post(f"{url}/auth", content=slow_body())
+            assert early.status_code == 401
+            assert early.headers.get("connection") == "close"
+            assert body_sent.is_set()
+            after = await http.get(f"{url}/ok")  # on a new connection
+            assert after.status_code == 200
+        shutdown.set()
+
+
 def test_guards_refuse_an_untested_hypercorn(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(http_guard, "version", lambda name: "0.19.0")
     with pytest.raises(RuntimeError, match=r"hypercorn 0\.19\.0 is installed"):
