@@ -112,7 +112,8 @@ class IsolatedTCPServer(TCPServer):
         try:
             await super().run()
         except* Exception as group:  # Cancelled (a BaseException) still propagates
-            # One line: a client can cause this at will (see below), so no traceback flood.
+            # One line: a client can cause the known case at will (module docstring), so no
+            # traceback flood.
             log.warning(
                 "connection from %s failed and was closed (the listener goes on): %r",
                 peer,
