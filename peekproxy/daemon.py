@@ -21,9 +21,9 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from peekproxy import __version__, gc_policy
+from peekproxy import __version__, gc_policy, http_guard
 from peekproxy.api.client import client_app
-from peekproxy.api.delegation import delegation_routes, read_secret
+from peekproxy.api.delegation import SecretFileError, delegation_routes, read_secret
 from peekproxy.api.errors import matrix_error_response
 from peekproxy.api.federation import federation_app
 from peekproxy.api.upstream_auth import UpstreamAuth
@@ -122,6 +122,8 @@ async def _start_listener(
     config: HypercornConfig,
     shutdown: trio.Event,
 ) -> str:
+    # No request may end the process or other connections (peekproxy/http_guard.py).
+    http_guard.install()
     framework: Any = app  # hypercorn's own ASGI type aliases are narrower than Starlette's
     try:
         binds: list[str] = await nursery.start(
@@ -165,13 +167,20 @@ async def run_daemon(
     Raises:
         SigningKeyError: the signing key cannot be loaded.
         StoreError: the database cannot be used (StoreVersionError: it is too new).
-        DaemonError: a listener cannot bind (inside an ExceptionGroup).
+        DaemonError: the delegation secret file cannot be read or is empty; a listener
+            cannot bind (inside an ExceptionGroup).
     """
     if shutdown is None:
         shutdown = trio.Event()
     server = config.server
     signing_key = load_signing_key(server.signing_key_file)
-    store = await Store.open(config.sqlite_path, server.server_name)
+    try:
+        secret = read_secret(config.delegation.shared_secret_file)
+    except SecretFileError as e:  # check-config passed, but the file changed since
+        raise DaemonError(f"delegation.shared_secret_file: {e}") from None
+    # The database is bound to the server name only once the daemon has started (below):
+    # a start that fails must not leave a database that a corrected config is refused by.
+    store = await Store.open(config.sqlite_path, server.server_name, record_server_name=False)
     federation = FederationClient.from_config(
         config.federation, server_name=server.server_name, signing_key=signing_key
     )
@@ -197,7 +206,6 @@ async def run_daemon(
             sync_section=config.peeks.sync_section,
         ),
     )
-    secret = read_secret(config.delegation.shared_secret_file)
     limits = {
         "rate_limit_per_second": config.peeks.rate_limit_per_second,
         "rate_limit_burst": config.peeks.rate_limit_burst,
@@ -266,6 +274,7 @@ async def run_daemon(
                         shutdown,
                     )
                 listening = Listening(client_url, federation_url, metrics_url)
+                await store.record_server_name()
                 log.info(
                     "peekproxy %s ready: server_name=%s key=%s client=%s federation=%s "
                     "key_server=%s/_matrix/key/v2/server metrics=%s",

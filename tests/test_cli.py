@@ -107,6 +107,23 @@ def test_problems_found_only_when_the_config_is_used(server_dir: Path) -> None:
         )
 
 
+def test_an_empty_delegation_secret_is_a_config_error(server_dir: Path) -> None:
+    """An empty secret file used to start with the delegation API off (403 "the delegation
+    API is off"); a configured but empty secret is a mistake (issue 10 item 17)."""
+    secret = server_dir / "delegation.secret"
+    config = write_config(server_dir, extra={"delegation": f'shared_secret_file = "{secret}"'})
+    for content in ("", "\n", "  \nsecret-on-the-second-line\n"):
+        secret.write_text(content)
+        for command in ("check-config", "run"):
+            result = run_cli(command, "-c", str(config))
+            assert result.returncode == 2, (command, content, result.stderr)
+            [line] = result.stderr.strip().splitlines()
+            assert line.startswith("delegation.shared_secret_file: ")
+            assert "the first line (the secret) is empty" in line
+    secret.write_text("s3cret\n")
+    assert run_cli("check-config", "-c", str(config)).returncode == 0
+
+
 def test_tls_pair_and_values_are_checked(
     server_dir: Path, tls_files: tuple[Path, Path, Path]
 ) -> None:

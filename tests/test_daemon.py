@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 import trio.lowlevel
 from signedjson.key import decode_verify_key_bytes, generate_signing_key
@@ -144,6 +145,36 @@ async def test_busy_port_names_the_listener(server_dir: Path, spawn: Spawn) -> N
         in daemon.log
     )
     assert "Traceback" not in daemon.log and "stopped" not in daemon.log
+
+
+@pytest.mark.slow
+async def test_a_failed_start_leaves_the_database_unbound(server_dir: Path, spawn: Spawn) -> None:
+    """A start that fails (port in use) must not bind the database to its server name, or the
+    corrected config (another server name, a free port) would be refused (#10 item 18)."""
+    with trio.socket.socket() as busy:
+        await busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        wrong = write_config(
+            server_dir, server_name="typo.test", binds={"client": f"127.0.0.1:{port}"}
+        )
+        failed = await spawn(wrong, expect_ready=False)
+        with trio.fail_after(30):
+            assert await failed.wait() == 1
+    assert "Address already in use" in failed.log
+    fixed = await spawn(write_config(server_dir, server_name="right.test"))
+    async with _client() as http:
+        assert (await http.get(f"{fixed.client}/health")).status_code == 200
+    fixed.signal()
+    assert await fixed.wait() == 0
+    db = server_dir / "data" / "peekproxy.db"
+    info = dict(sqlite3.connect(db).execute("SELECT key, value FROM server_info").fetchall())
+    assert info["server_name"] == "right.test"
+    # A start that succeeded binds it: from then on the first name is refused.
+    again = await spawn(write_config(server_dir, server_name="typo.test"), expect_ready=False)
+    with trio.fail_after(30):
+        assert await again.wait() == 1
+    assert "belongs to server name 'right.test'" in again.log
 
 
 class _GatedKeyServer:

@@ -59,3 +59,19 @@ async def test_not_a_database(tmp_path: Path) -> None:
     path.write_bytes(b"definitely not sqlite" * 100)
     with pytest.raises(StoreError, match="cannot open database"):
         await Store.open(path, "a.example")
+
+
+async def test_server_name_is_recorded_only_when_asked(tmp_path: Path) -> None:
+    """The daemon opens with ``record_server_name=False`` and records once started: until
+    then another server name may still open the database."""
+    path = tmp_path / "p.db"
+    unbound = await Store.open(path, "typo.example", record_server_name=False)
+    assert "server_name" not in await unbound.server_info()
+    await unbound.aclose()
+    store = await Store.open(path, "b.example", record_server_name=False)
+    await store.record_server_name()
+    await store.record_server_name()  # idempotent
+    assert (await store.server_info())["server_name"] == "b.example"
+    await store.aclose()
+    with pytest.raises(StoreError, match=r"belongs to server name 'b\.example'"):
+        await Store.open(path, "typo.example", record_server_name=False)

@@ -44,7 +44,7 @@ from peekproxy.peeks import history, reading
 from peekproxy.peeks.service import PeekError, PeekService
 from peekproxy.peeks.sync import InvalidToken
 
-__all__ = ["TokenBucket", "delegation_routes", "read_secret", "timeline_limit"]
+__all__ = ["SecretFileError", "TokenBucket", "delegation_routes", "read_secret", "timeline_limit"]
 
 log = logging.getLogger("peekproxy.delegation")
 
@@ -77,12 +77,33 @@ def timeline_limit(filter_param: str | None) -> int:
     return min(limit, 100)
 
 
+class SecretFileError(ValueError):
+    """``delegation.shared_secret_file`` cannot give a secret; the message says why."""
+
+
 def read_secret(path: Path | None) -> str | None:
-    """The shared secret (first line of the file), or ``None`` when not configured."""
+    """The shared secret: the first line of the file, without surrounding whitespace.
+    ``None`` when no file is configured (the delegation API is off).
+
+    Raises:
+        SecretFileError: the file cannot be read, is not UTF-8, or its first line is empty
+            (an empty secret would be a configuration mistake, not "off").
+    """
     if path is None:
         return None
-    secret = path.read_text().strip()
-    return secret or None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SecretFileError(f"{path} is not UTF-8 text") from None
+    except OSError as e:
+        raise SecretFileError(f"cannot read {path}: {e.strerror or e}") from None
+    secret = text.split("\n", 1)[0].strip()
+    if not secret:
+        raise SecretFileError(
+            f"{path}: the first line (the secret) is empty; write a secret there, or unset "
+            "the key to turn the delegation API off"
+        )
+    return secret
 
 
 class PeekBody(BaseModel):

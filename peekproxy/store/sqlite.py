@@ -11,8 +11,10 @@
 * ``journal_mode=WAL``, ``synchronous=FULL``: a committed write survives a crash of the process
   and of the machine.
 * Schema migrations run on open; a database from a newer peekproxy is refused, and so is a
-  database created for another server name, and one another process holds open (an
-  exclusive ``flock`` on ``<database>.lock``).
+  database bound to another server name, and one another process holds open (an
+  exclusive ``flock`` on ``<database>.lock``). A database is bound to a server name by
+  :meth:`Store.record_server_name` (the daemon calls it once it has started, so a start that
+  fails leaves an unbound database that any server name may use).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def _lock(path: Path) -> int:
 
 
 def _open_sync(
-    path: Path, server_name: str
+    path: Path, server_name: str, record: bool
 ) -> tuple[sqlite3.Connection, list[sqlite3.Connection], int]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,14 +85,14 @@ def _open_sync(
         ) from None
     lock = _lock(path)
     try:
-        return (*_open_locked(path, server_name), lock)
+        return (*_open_locked(path, server_name, record), lock)
     except BaseException:
         os.close(lock)
         raise
 
 
 def _open_locked(
-    path: Path, server_name: str
+    path: Path, server_name: str, record: bool
 ) -> tuple[sqlite3.Connection, list[sqlite3.Connection]]:
     try:
         writer = _connect(path)
@@ -112,14 +114,11 @@ def _open_locked(
             )
         apply_migrations(writer, migrations)
         row = writer.execute("SELECT value FROM server_info WHERE key = 'server_name'").fetchone()
-        if row is None:
+        if row is None and record:
             writer.execute("BEGIN IMMEDIATE")
-            writer.executemany(
-                "INSERT INTO server_info (key, value) VALUES (?, ?)",
-                [("server_name", server_name), ("created_ts", str(int(time.time() * 1000)))],
-            )
+            _insert_server_name(writer, server_name)
             writer.execute("COMMIT")
-        elif row[0] != server_name:
+        elif row is not None and row[0] != server_name:
             raise StoreError(
                 f"database {path} belongs to server name {row[0]!r}, but the config says "
                 f"{server_name!r}; a server name cannot change (use a new data_dir)"
@@ -135,13 +134,28 @@ def _open_locked(
     return writer, readers
 
 
+def _insert_server_name(conn: sqlite3.Connection, server_name: str) -> None:
+    """Bind the database to ``server_name`` unless it is bound (inside a write transaction);
+    ``created_ts`` (ms) is when that happened."""
+    conn.executemany(
+        "INSERT OR IGNORE INTO server_info (key, value) VALUES (?, ?)",
+        [("server_name", server_name), ("created_ts", str(int(time.time() * 1000)))],
+    )
+
+
 class Store:
     """The daemon's database. Open with :meth:`open`; close with :meth:`aclose`."""
 
     def __init__(
-        self, path: Path, writer: sqlite3.Connection, readers: list[sqlite3.Connection], lock: int
+        self,
+        path: Path,
+        server_name: str,
+        writer: sqlite3.Connection,
+        readers: list[sqlite3.Connection],
+        lock: int,
     ) -> None:
         self.path = path
+        self.server_name = server_name
         self._lock = lock
         self._writer = writer
         self._readers = readers
@@ -169,15 +183,26 @@ class Store:
         self._hook_apply = apply
 
     @classmethod
-    async def open(cls, path: Path, server_name: str) -> Store:
-        """Open (creating and migrating as needed) the database at ``path``.
+    async def open(cls, path: Path, server_name: str, *, record_server_name: bool = True) -> Store:
+        """Open (creating and migrating as needed) the database at ``path`` for
+        ``server_name``. An unbound database is bound to it at once, unless
+        ``record_server_name`` is false (then :meth:`record_server_name` does it later).
 
         Raises:
             StoreVersionError: the database is newer than this peekproxy.
-            StoreError: unusable file, or a database created for another server name.
+            StoreError: unusable file, or a database bound to another server name.
         """
-        writer, readers, lock = await trio.to_thread.run_sync(_open_sync, path, server_name)
-        return cls(path, writer, readers, lock)
+        writer, readers, lock = await trio.to_thread.run_sync(
+            _open_sync, path, server_name, record_server_name
+        )
+        return cls(path, server_name, writer, readers, lock)
+
+    async def record_server_name(self) -> None:
+        """Bind the database to the server name given to :meth:`open`, if it is not bound
+        yet; from then on :meth:`open` refuses any other name. The daemon calls this once it
+        has started, so that a start that fails (a port in use, say) leaves no binding that
+        a corrected config with another server name would be refused by."""
+        await self.write(lambda conn: _insert_server_name(conn, self.server_name))
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in one write transaction and return its result once committed.

@@ -1,0 +1,166 @@
+"""Guards on hypercorn's trio worker, so that no request can stop a listener.
+
+Every listener (the daemon's federation, client and metrics listeners; the testbed's
+federation and admin listeners) is ``hypercorn.trio.serve``. With hypercorn 0.18 two things
+together let one request end the whole process:
+
+1. **HTTP/2 data on a stream that is already answered** (hypercorn issue #329, fix
+   proposed in PRs #312 and #334, not released). When the application has sent its whole
+   response (say a ``401`` before reading the body) the stream leaves
+   ``H2Protocol.streams``, but the client may still be sending the request body. Any body
+   larger than the 65 535-byte initial flow-control window (RFC 9113 §6.9.2) keeps arriving
+   after the answer, and ``H2Protocol._handle_events`` raises ``KeyError`` for its ``DATA``.
+   :class:`GuardedH2Protocol` drops such data but still hands its flow-control credit back
+   (connection and stream window), so the client finishes sending and reads its answer, and
+   other streams on the connection are not starved (RFC 9113 §8.1 lets a server answer
+   before the request is complete).
+2. **A connection's error ends the server.** The trio worker runs each connection
+   (``TCPServer``) in the listener's own nursery, so any exception escaping one connection
+   cancels every connection and ends ``serve`` with it. :class:`IsolatedTCPServer` logs
+   such an exception on ``peekproxy.http`` (one warning line; the traceback at debug level)
+   and closes only that connection. Known to need it with hypercorn 0.18: a WebSocket
+   upgrade request followed at once by more bytes (none of our apps serves WebSockets; the
+   client gets its ``403``, then hypercorn tries a second response and h11 raises
+   ``LocalProtocolError``), found by ``tests/http_fuzz.py``.
+
+A third guard is about the request after: an HTTP/1.1 answer sent before the request body
+has arrived says ``Connection: close`` (:class:`GuardedH11Protocol`), since hypercorn closes
+such a connection and a client that reused it would lose its next request.
+
+:func:`install` puts the classes where the trio worker looks them up
+(``hypercorn.trio.run.TCPServer``, ``hypercorn.protocol.H2Protocol`` and
+``hypercorn.protocol.H11Protocol``). They rely on
+hypercorn internals, so ``pyproject.toml`` pins hypercorn to the release line they are
+tested against (``tests/test_http_robustness.py``); :func:`install` refuses any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from importlib.metadata import version
+from typing import Any
+
+import h2.events
+import h11
+import hypercorn.protocol
+import hypercorn.trio.run
+import trio
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import Response
+from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.tcp_server import TCPServer
+
+__all__ = [
+    "TESTED_HYPERCORN",
+    "GuardedH2Protocol",
+    "GuardedH11Protocol",
+    "IsolatedTCPServer",
+    "install",
+]
+
+log = logging.getLogger("peekproxy.http")
+
+#: The hypercorn release line whose internals these guards are written and tested against.
+TESTED_HYPERCORN = "0.18."
+
+
+class GuardedH2Protocol(H2Protocol):
+    """hypercorn's HTTP/2 protocol, minus the ``KeyError`` on data for an answered stream."""
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        # One event at a time: an earlier event's await may let the response finish, so
+        # whether a stream is still open is only known when its event comes up.
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                # The response is complete; the rest of the body is read and dropped.
+                self.connection.acknowledge_received_data(
+                    event.flow_controlled_length, event.stream_id
+                )
+                await self._flush()
+                continue
+            await super()._handle_events([event])
+
+
+class GuardedH11Protocol(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol; an answer sent before the request body has arrived
+    says ``Connection: close``.
+
+    hypercorn cannot start the next request on such a connection and closes it once the
+    answer is sent. Without the header a client may send its next request on it before the
+    close reaches it, and that request fails ("server disconnected without sending a
+    response"); RFC 9112 §9.6 asks a server that closes to say so.
+    """
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if (
+            isinstance(event, Response)
+            and event.status_code >= 200
+            and getattr(self.connection, "their_state", None) is h11.SEND_BODY
+            and not any(name.lower() == b"connection" for name, _ in event.headers)
+        ):
+            event = dataclasses.replace(event, headers=[*event.headers, (b"connection", b"close")])
+        await super().stream_send(event)
+
+
+class IsolatedTCPServer(TCPServer):
+    """hypercorn's per-connection handler; an error ends that connection, not the server."""
+
+    async def run(self) -> None:
+        peer = _peer(self.stream)
+        try:
+            await super().run()
+        except* Exception as group:  # Cancelled (a BaseException) still propagates
+            # One line: a client can cause the known case at will (module docstring), so no
+            # traceback flood.
+            log.warning(
+                "connection from %s failed and was closed (the listener goes on): %r",
+                peer,
+                _first_leaf(group),
+            )
+            log.debug("connection from %s failed", peer, exc_info=group)
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+
+def _first_leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def _peer(stream: Any) -> str:
+    try:
+        socket = getattr(stream, "transport_stream", stream).socket
+        host, port = socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, AttributeError, ValueError, TypeError):
+        return "?"
+
+
+def install() -> None:
+    """Make the hypercorn trio worker use :class:`IsolatedTCPServer`,
+    :class:`GuardedH2Protocol` and :class:`GuardedH11Protocol` (idempotent; call before
+    ``hypercorn.trio.serve``).
+
+    Raises:
+        RuntimeError: the installed hypercorn is not the tested release line, or its
+            internals are not where the guards expect them.
+    """
+    installed = version("hypercorn")
+    if not installed.startswith(TESTED_HYPERCORN):
+        raise RuntimeError(
+            f"hypercorn {installed} is installed; peekproxy's listener guards are tested "
+            f"with hypercorn {TESTED_HYPERCORN}x only (see peekproxy/http_guard.py)"
+        )
+    worker, protocols = vars(hypercorn.trio.run), vars(hypercorn.protocol)
+    if (
+        worker.get("TCPServer") not in (TCPServer, IsolatedTCPServer)
+        or protocols.get("H2Protocol") not in (H2Protocol, GuardedH2Protocol)
+        or protocols.get("H11Protocol") not in (H11Protocol, GuardedH11Protocol)
+    ):
+        raise RuntimeError("hypercorn internals changed: cannot install the listener guards")
+    worker["TCPServer"] = IsolatedTCPServer
+    protocols["H2Protocol"] = GuardedH2Protocol
+    protocols["H11Protocol"] = GuardedH11Protocol
