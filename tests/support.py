@@ -96,15 +96,18 @@ class DaemonProcess:
             self._output = trio.Event()
         self._output.set()
 
-    async def wait_for_log(self, pattern: bytes) -> re.Match[bytes]:
-        """Wait until ``pattern`` appears in stderr (fail if the process exits first)."""
-        while True:
-            match = re.search(pattern, self.stderr)
-            if match:
-                return match
-            if self.process.returncode is not None and self._output.is_set():
-                raise AssertionError(f"daemon exited ({self.process.returncode}):\n{self.log}")
-            await self._output.wait()
+    async def wait_for_log(self, pattern: bytes, timeout: float = 60.0) -> re.Match[bytes]:
+        """Wait until ``pattern`` appears in stderr (fail if the process exits first, or
+        with the log after ``timeout`` seconds)."""
+        with trio.move_on_after(timeout):
+            while True:
+                match = re.search(pattern, self.stderr)
+                if match:
+                    return match
+                if self.process.returncode is not None and self._output.is_set():
+                    raise AssertionError(f"daemon exited ({self.process.returncode}):\n{self.log}")
+                await self._output.wait()
+        raise AssertionError(f"{pattern!r} not logged within {timeout} s:\n{self.log}")
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.process.send_signal(signum)
