@@ -98,9 +98,8 @@ async def _sync_room(world: PeekWorld, since: str, room_id: str) -> tuple[dict[s
 async def test_full_renewal_reply_ahead_of_delivery_makes_no_gap(
     nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
 ) -> None:
-    world = await build_world(
-        nursery, tls_ca, tmp_path, spawn, testbed_peeks={"renew_reply": "full"}
-    )
+    world = await build_world(nursery, tls_ca, tmp_path, spawn)
+    world.testbed.faults.update({"renew_full": 1})  # renewals answered as Dendrite does
     world.testbed.renewal_interval_ms = 2_000  # renewed every second
     room_id = world.create_room("10")
     assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
