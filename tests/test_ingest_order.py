@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -287,6 +288,31 @@ async def test_200_messages_arrive_once_in_order_through_lagging_deliveries_and_
         await trio.sleep(1)  # a duplicate would show up by now
         done.set()
     assert seen == sent  # each once, in the order sent
+    # /messages pages back through the same order.
+    history: list[str] = []
+    since: str | None = token
+    async with httpx.AsyncClient(timeout=30) as http:
+        for _ in range(10):
+            response = await http.get(
+                f"{world.daemon.client}/_peekproxy/v1/rooms/{quote(room_id, safe='')}/messages",
+                params={
+                    "user_id": "@alice:peekproxy.test",
+                    "device_id": "D1",
+                    "dir": "b",
+                    "from": since,
+                    "limit": "100",
+                },
+                headers={"Authorization": f"Bearer {SECRET}"},
+            )
+            assert response.status_code == 200, response.text
+            page = response.json()
+            history += [
+                e["content"]["body"] for e in page["chunk"] if e["type"] == "m.room.message"
+            ]
+            since = page.get("end")
+            if len(history) >= len(sent) or since is None:
+                break
+    assert history[: len(sent)] == sent[::-1]
     assert limited and not any(limited)
     assert failed_syncs > 0  # the device did sync across the restart
     assert len(world.log_of("renew")) - renewals >= 3  # full renewal replies raced deliveries
