@@ -71,22 +71,31 @@ async def test_dag_order_puts_each_event_after_its_prev_events(tmp_path: Path) -
 
 async def test_late_events_behind_a_gap_are_stored_but_not_appended(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "p.db", "a.example")
-    pdus = [_pdu(f"${i}", i, [f"${i - 1}"] if i > 1 else [], str(i)) for i in range(1, 7)]
-    items = [(p["event_id"], p, False) for p in pdus]
+    pdus = {i: _pdu(f"${i}", i, [f"${i - 1}"] if i > 1 else [], str(i)) for i in range(1, 7)}
+
+    def append(conn: Any, *numbers: int) -> list[int | None]:
+        return [
+            db.append_event(conn, "!r:x", f"${i}", pdus[i], redacted=False, now_ms=1)
+            for i in numbers
+        ]
+
     try:
-        await store.write(lambda c: db.append_in_dag_order(c, "!r:x", items[:2], now_ms=1))
+        await store.write(lambda c: append(c, 1, 2))
         # $5 arrives; $3 and $4 could not be fetched: a gap before it.
-        _, gap = await store.write(
-            lambda c: db.append_in_dag_order(c, "!r:x", [items[4]], now_ms=1)
-        )
-        assert gap
+        await store.write(lambda c: (db.add_gap(c, "!r:x", 1), append(c, 5)))
         # Then the delayed deliveries of $3 and $4 (and $5 again), and a new $6.
-        late = [items[2], items[3], items[4], items[5]]
-        appended, _ = await store.write(lambda c: db.append_in_dag_order(c, "!r:x", late, now_ms=1))
-        assert appended == ["$6"]
+        late = await store.write(lambda c: append(c, 3, 4, 5, 6))
+        assert late[:3] == [None, None, None] and late[3] is not None
         assert await _bodies(store) == ["1", "2", "gap", "5", "6"]
         stored = await store.read(lambda c: db.known_event_ids(c, ["$3", "$4"]))
-        assert stored == {"$3", "$4"}  # kept (no refetch), but behind the gap
+        assert stored == {"$3", "$4"}  # kept (never fetched again), but behind the gap
+        # The same through append_in_dag_order: the gap is marked where parents are unknown.
+        y5, y6 = _pdu("$y5", 5, ["$y4"], "y5"), _pdu("$y6", 6, ["$y5"], "y6")
+        items = [("$y6", y6, False), ("$y5", y5, False)]
+        appended, gap = await store.write(
+            lambda c: db.append_in_dag_order(c, "!r:y", items, now_ms=1)
+        )
+        assert appended == ["$y5", "$y6"] and gap
     finally:
         await store.aclose()
 
