@@ -104,15 +104,34 @@ async def test_lapse_is_repeeked_with_a_gap(world: PeekWorld) -> None:
     # The testbed expires the peek; peekproxy is not told (there is no notification).
     [(_, origin, _, peek_id)] = world.log_of("start")
     assert world.testbed.peeks.delete(origin, room_id, peek_id, world.testbed.clock_ms())
+    world.send(room_id, "missed while expired")
+    world.send(room_id, "latest while expired")
+    # The next renewal is answered as a new peek (full state), whose latest event peekproxy
+    # lacks: a successful renewal is no lapse, so what lies between is fetched.
+    await world.testbed.wait_until(lambda: len(world.log_of("start")) == 2)
+    for _ in range(100):
+        if world.stream(room_id)[-1] == ("event", "latest while expired"):
+            break
+        await trio.sleep(0.1)
+    assert world.stream(room_id)[-3:] == [
+        ("event", "before the lapse"),
+        ("event", "missed while expired"),
+        ("event", "latest while expired"),
+    ]
+    # A refused renewal is a lapse (Decision 4): the re-peek is a new peek, after a gap.
+    world.testbed.faults.update(
+        {"peek_count": 1, "peek_status": 404, "peek_errcode": "M_NOT_FOUND"}
+    )
+    [*_, (_, origin, _, peek_id)] = world.log_of("start")
+    assert world.testbed.peeks.delete(origin, room_id, peek_id, world.testbed.clock_ms())
     world.send(room_id, "missed while lapsed")
     world.send(room_id, "latest while lapsed")
-    # The next renewal is answered as a new peek, whose latest event peekproxy lacks.
-    await world.daemon.wait_for_log(rb"recorded a gap")
+    await world.daemon.wait_for_log(rb"after a gap")
     stream = world.stream(room_id)
     # The new snapshot brings the events missed meanwhile from /backfill: they join what
     # is held, yet the gap stays for the sync (decision 4), closed for /messages.
     assert stream[-4:] == [
-        ("event", "before the lapse"),
+        ("event", "latest while expired"),
         ("gap", None),
         ("event", "missed while lapsed"),
         ("event", "latest while lapsed"),
@@ -268,13 +287,18 @@ async def test_restart_resumes_marks_a_gap_and_loses_nothing_acknowledged(
     sub = world.subscription(room_id)
     assert sub["state"] == "active"
 
-    # A lapse while down: the testbed expires the peek, events go undelivered.
+    # A lapse while down: the testbed expires the peek and refuses the renewal, events go
+    # undelivered.
     await world.restart(spawn, kill=True)
     [(_, origin, _, peek_id)] = world.log_of("start")
     world.testbed.peeks.delete(origin, room_id, peek_id, world.testbed.clock_ms())
+    world.testbed.faults.update(
+        {"peek_count": 1, "peek_status": 404, "peek_errcode": "M_NOT_FOUND"}
+    )
     world.send(room_id, "while down")
-    # The renewal finds the peek gone: the new peek's state comes with a gap.
-    await world.daemon.wait_for_log(rb"recorded a gap|after a gap")
+    # The renewal is refused: the new peek's state comes with a gap, and the first view's
+    # history joins what is held ("acknowledged 4").
+    await world.daemon.wait_for_log(rb"after a gap")
     assert world.stream(room_id)[-3:] == [
         ("event", "acknowledged 4"),
         ("gap", None),

@@ -150,6 +150,10 @@ async def test_renewal_and_expiry(world: World) -> None:
     assert first["renewal_interval"] == 2_000
     now[0] += 1_500
     assert await world.peek(room_id) == {}  # re-PUT renews; R3 says the reply is {}
+    world.testbed.faults.update({"renew_full": 1})  # Dendrite answers every renewal in full
+    renewed = await world.peek(room_id)
+    assert renewed["latest_event"] == first["latest_event"] and renewed["state"]
+    world.testbed.faults.update({"renew_full": 0})
     renew = f"/_matrix/federation/v1/peek/{path_segment(room_id)}/abcd1234/renew"
     now[0] += 1_500
     assert await world.peer.client.post_json(world.name, renew, {}) == {"renewal_interval": 2_000}

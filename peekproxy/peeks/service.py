@@ -66,7 +66,12 @@ log = logging.getLogger("peekproxy.peeks")
 
 SUPPORTED_VERSIONS = sorted(KNOWN_ROOM_VERSIONS, key=int)
 MAX_PDUS, MAX_EDUS = 50, 100
+#: Events asked for per ``get_missing_events`` round, and at most this many rounds' worth
+#: in one fill (of one room in one ``/send``, or of one renewal reply).
 MISSING_EVENTS_LIMIT = 20
+MISSING_EVENTS_MAX = 200
+#: One fill (all its rounds together) may take this long, in seconds.
+MISSING_EVENTS_TIMEOUT_S = 10.0
 RATE_LIMIT_WAIT_MAX_MS = 10_000
 #: One candidate may hold a new peek up this long (the room is locked meanwhile).
 PEEK_PUT_TIMEOUT_S = 15.0
@@ -121,7 +126,9 @@ class PeekService:
         self._changed: dict[str, trio.Event] = {}
         self._tasks: set[str] = set()
         self._room_locks: dict[str, trio.Lock] = {}
-        self._origin_locks: dict[str, trio.Lock] = {}
+        #: /send is serialized per (origin, txnId) (idempotency) and per room (append order).
+        self._txn_locks: dict[tuple[str, str], trio.Lock] = {}
+        self._ingest_locks: dict[str, trio.Lock] = {}
         self._device_locks: dict[tuple[str, str], trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self.notifier = Notifier()
@@ -836,41 +843,112 @@ class PeekService:
                     )
             return
         now = self.clock_ms()
+        if is_empty_renewal(body):
+            async with self._lock(room_id):
+                current = self.subscriptions[room_id]
+                if current.peek_id == peek_id:
+                    await self._save(
+                        subs.renewed(
+                            current, now_ms=now, max_renewal_ms=self.settings.renewal_max_ms
+                        )
+                    )
+                    log.debug("renewed peek %s of %s", peek_id, room_id)
+            return
+        try:
+            validated = await self._validate(body, room_id)
+        except InvalidPeekResponse as e:
+            log.warning("invalid renewal reply from %s for %s: %s", server, room_id, e)
+            async with self._lock(room_id):
+                current = self.subscriptions[room_id]
+                if current.peek_id == peek_id:
+                    await self._save(subs.renewal_failed(current, refused=True, now_ms=now))
+            return
+        # A full reply to a live renewal (Dendrite always answers so) is not a lapse: what
+        # lies between our newest events and its latest event is fetched, not skipped.
+        fill = await self._renewal_fill(server, room_id, validated)
         async with self._lock(room_id):
             current = self.subscriptions[room_id]
             if current.peek_id != peek_id:
                 return
-            if is_empty_renewal(body):
-                await self._save(
-                    subs.renewed(current, now_ms=now, max_renewal_ms=self.settings.renewal_max_ms)
-                )
-                log.debug("renewed peek %s of %s", peek_id, room_id)
-                return
-            try:
-                validated = await self._validate(body, room_id)
-            except InvalidPeekResponse as e:
-                log.warning("invalid renewal reply from %s for %s: %s", server, room_id, e)
-                await self._save(subs.renewal_failed(current, refused=True, now_ms=now))
-                return
-            ours = await self.store.read(lambda c: db.current_state_ids(c, room_id))
-            seen = await self.store.read(
-                lambda c: db.known_event_ids(c, [validated.latest_event_id])
-            )
             renewed = subs.renewed(
                 current,
                 now_ms=now,
                 max_renewal_ms=self.settings.renewal_max_ms,
                 remote_interval_ms=validated.renewal_interval_ms,
             )
-            # A full reply is what a lapsed peek gets (R3 answers a live renewal with {}).
-            # Nothing was missed only if we hold its latest event and the same state.
-            if ours != validated.state or validated.latest_event_id not in seen:
-                await self._store_snapshot(renewed, validated, gap=True)
-                log.info(
-                    "renewal reply for %s shows events or state we lack: recorded a gap", room_id
-                )
-            else:
-                await self._save(renewed)
+            changed, gap = await self._store_renewal(renewed, validated, fill)
+        if changed:
+            self.on_room_change(room_id)
+        if gap:
+            log.info("renewal reply for %s shows events we cannot fetch: recorded a gap", room_id)
+
+    async def _renewal_fill(
+        self, server: str, room_id: str, validated: ValidatedPeek
+    ) -> list[tuple[str, dict[str, Any], bool]]:
+        """The events between our newest stored ones and a full renewal reply's latest
+        event (``get_missing_events`` from ``server``); none when we hold that event."""
+        latest = validated.latest_event_id
+        known = await self.store.read(partial(db.known_event_ids, event_ids=[latest]))
+        if latest in known:
+            return []
+        pdu = validated.events[latest]
+        prevs = db.event_refs(pdu.get("prev_events"))
+        known = await self.store.read(partial(db.known_event_ids, event_ids=prevs))
+        if all(p in known for p in prevs):
+            return []
+        fill = await self._fetch_missing(
+            server, room_id, [latest], room_version(validated.room_version), known=known
+        )
+        log.info(
+            "renewal reply for %s is ahead of us: fetched %d events before its latest event",
+            room_id,
+            len(fill),
+        )
+        return fill
+
+    async def _store_renewal(
+        self,
+        sub: Subscription,
+        validated: ValidatedPeek,
+        fill: list[tuple[str, dict[str, Any], bool]],
+    ) -> tuple[bool, bool]:
+        """Store a full renewal reply: the fetched events and its latest event appended in
+        DAG order (a gap only before what could not be fetched), then its state. A reply
+        whose latest event we hold already changes nothing but the state, and that only
+        when that event is still our newest. Returns whether the room changed and whether a
+        gap was recorded."""
+        now = self.clock_ms()
+        room_id, latest = sub.room_id, validated.latest_event_id
+
+        def write(conn: Any) -> tuple[bool, bool]:
+            db.save_subscription(conn, sub)
+            if db.known_event_ids(conn, [latest]):
+                newest = db.newest_event_ids(conn, room_id, 1) == [latest]
+                if newest and db.current_state_ids(conn, room_id) != validated.state:
+                    db.replace_state(conn, room_id, validated.state)
+                    return True, False
+                return False, False
+            _, gap = db.append_in_dag_order(
+                conn,
+                room_id,
+                [*fill, (latest, validated.events[latest], latest in validated.redacted)],
+                now_ms=now,
+            )
+            db.store_snapshot(
+                conn,
+                room_id,
+                events=validated.events,
+                redacted=validated.redacted,
+                state=validated.state,
+                latest_event_id=latest,
+                gap=False,
+                now_ms=now,
+            )
+            return True, gap
+
+        changed, gap = await self.store.write(write)
+        self.subscriptions[room_id] = sub
+        return changed, gap
 
     async def _delete_pending(self, room_id: str) -> bool:
         """DELETE every pending peek; True when none is left."""
@@ -925,12 +1003,17 @@ class PeekService:
                 "M_BAD_JSON",
                 f"a transaction may hold at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs",
             )
-        lock = self._origin_locks.setdefault(origin, trio.Lock())
-        async with lock:
-            stored = await self.store.read(lambda c: db.txn_response(c, origin, txn_id))
-            if stored is not None:
-                return stored
-            return await self._ingest_locked(origin, txn_id, pdus, edus)
+        key = (origin, txn_id)
+        lock = self._txn_locks.setdefault(key, trio.Lock())
+        try:
+            async with lock:
+                stored = await self.store.read(lambda c: db.txn_response(c, origin, txn_id))
+                if stored is not None:
+                    return stored
+                return await self._ingest_locked(origin, txn_id, pdus, edus)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._txn_locks.pop(key, None)
 
     async def _ingest_locked(
         self, origin: str, txn_id: str, pdus: list[Any], edus: list[Any]
@@ -948,47 +1031,17 @@ class PeekService:
             assert isinstance(room_id, str)
             by_room.setdefault(room_id, []).append(pdu)
 
-        writes: list[tuple[str, str | None, dict[str, Any] | None, bool]] = []
         unpeekable: dict[str, str] = {}
-        for room_id, room_pdus in by_room.items():
-            sub = self.subscriptions[room_id]
-            assert sub.room_version is not None
-            rules = room_version(sub.room_version)
-            await self._fetch_signer_keys(room_pdus, sub.room_version)
-            refs = [ref for p in room_pdus for ref in _refs(p.get("prev_events"))]
-            known = await self.store.read(partial(db.known_event_ids, event_ids=refs))
-            for pdu in room_pdus:
-                verdict = check_pdu(pdu, rules, self.keyring.lookup)
-                event_id = verdict.event_id
-                if verdict.outcome == "reject" or verdict.pdu is None or event_id is None:
-                    if event_id is not None:
-                        results[event_id] = {"error": verdict.reason}
-                    log.info("rejected PDU %s from %s: %s", event_id, origin, verdict.reason)
-                    continue
-                missing = [p for p in _refs(pdu.get("prev_events")) if p not in known]
-                if missing:
-                    fetched = await self._missing_events(
-                        origin, room_id, event_id, missing, rules, known
-                    )
-                    # What get_missing_events could not supply (its limit, or a failure) is a
-                    # gap: before the fetched events when their own prev_events are unknown.
-                    before = [p for _, f, _ in fetched for p in _refs(f.get("prev_events"))]
-                    before = [p for p in before if p not in known]
-                    known |= await self.store.read(partial(db.known_event_ids, event_ids=before))
-                    fetched_ids = {fetched_id for fetched_id, _, _ in fetched}
-                    if any(p not in known and p not in fetched_ids for p in before):
-                        writes.append((room_id, None, None, False))
-                    for fetched_id, fetched_pdu, fetched_redacted in fetched:
-                        writes.append((room_id, fetched_id, fetched_pdu, fetched_redacted))
-                        known.add(fetched_id)
-                    if any(p not in known for p in missing):
-                        writes.append((room_id, None, None, False))  # a gap before this event
-                writes.append((room_id, event_id, verdict.pdu, verdict.outcome == "redact"))
-                known.add(event_id)
-                results[event_id] = {}
-                reason = _unpeekable_reason(verdict.pdu)
-                if reason:
-                    unpeekable[room_id] = reason
+
+        async def one_room(room_id: str, room_pdus: list[dict[str, Any]]) -> None:
+            # Rooms are independent: one waiting for get_missing_events holds up no other.
+            lock = self._ingest_locks.setdefault(room_id, trio.Lock())
+            async with lock:
+                await self._ingest_room(origin, room_id, room_pdus, results, unpeekable)
+
+        async with trio.open_nursery() as nursery:
+            for room_id, room_pdus in by_room.items():
+                nursery.start_soon(one_room, room_id, room_pdus)
         ephemeral = [
             item
             for edu in edus
@@ -999,18 +1052,12 @@ class PeekService:
         now = self.clock_ms()
 
         def write(conn: Any) -> None:
-            for room_id, event_id, pdu, redacted in writes:
-                if event_id is None:
-                    db.add_gap(conn, room_id, now)
-                else:
-                    assert pdu is not None
-                    db.append_event(conn, room_id, event_id, pdu, redacted=redacted, now_ms=now)
             for room_id, edu_type, content in ephemeral:
                 db.save_ephemeral(conn, room_id, edu_type, content, now)
             db.save_txn(conn, origin, txn_id, response, now)
 
         await self.store.write(write)
-        for room_id in {w[0] for w in writes} | {e[0] for e in ephemeral}:
+        for room_id in {e[0] for e in ephemeral}:
             self.on_room_change(room_id)
         for room_id, reason in unpeekable.items():
             async with self._lock(room_id):
@@ -1020,63 +1067,128 @@ class PeekService:
             log.info("%s is no longer peekable (%s): peeks ended", room_id, reason)
         return response
 
-    async def _missing_events(
+    async def _ingest_room(
         self,
         origin: str,
         room_id: str,
-        event_id: str,
-        missing: list[str],
+        room_pdus: list[dict[str, Any]],
+        results: dict[str, dict[str, str]],
+        unpeekable: dict[str, str],
+    ) -> None:
+        """Check one room's PDUs of a transaction, fetch the ``prev_events`` we lack from
+        ``origin``, and store them in DAG order (a gap before what could not be fetched)."""
+        sub = self.subscriptions[room_id]
+        assert sub.room_version is not None
+        rules = room_version(sub.room_version)
+        await self._fetch_signer_keys(room_pdus, sub.room_version)
+        refs = [ref for p in room_pdus for ref in db.event_refs(p.get("prev_events"))]
+        known = await self.store.read(partial(db.known_event_ids, event_ids=refs))
+        batch: list[tuple[str, dict[str, Any], bool]] = []
+        for pdu in room_pdus:
+            verdict = check_pdu(pdu, rules, self.keyring.lookup)
+            event_id = verdict.event_id
+            if verdict.outcome == "reject" or verdict.pdu is None or event_id is None:
+                if event_id is not None:
+                    results[event_id] = {"error": verdict.reason}
+                log.info("rejected PDU %s from %s: %s", event_id, origin, verdict.reason)
+                continue
+            batch.append((event_id, verdict.pdu, verdict.outcome == "redact"))
+            known.add(event_id)
+            results[event_id] = {}
+            reason = _unpeekable_reason(verdict.pdu)
+            if reason:
+                unpeekable[room_id] = reason
+        lacking = [
+            event_id
+            for event_id, pdu, _ in batch
+            if any(p not in known for p in db.event_refs(pdu.get("prev_events")))
+        ]
+        fetched = []
+        if lacking:
+            fetched = await self._fetch_missing(origin, room_id, lacking, rules, known=known)
+        now = self.clock_ms()
+        await self.store.write(
+            lambda conn: db.append_in_dag_order(conn, room_id, [*fetched, *batch], now_ms=now)
+        )
+        if batch or fetched:
+            self.on_room_change(room_id)
+
+    async def _fetch_missing(
+        self,
+        server: str,
+        room_id: str,
+        latest: list[str],
         rules: Any,
+        *,
         known: set[str],
     ) -> list[tuple[str, dict[str, Any], bool]]:
-        """Fetch the events before ``event_id`` we lack from ``origin`` (one bounded
-        ``get_missing_events``); verified, oldest first."""
-        earliest = await self.store.read(
-            lambda c: [
-                e for _, kind, e in db.stream_events(c, room_id)[-10:] if kind == "event" and e
-            ]
-        )
-        try:
-            answer = await self.client.post_json(
-                origin,
-                f"/_matrix/federation/v1/get_missing_events/{path_segment(room_id)}",
-                {
-                    "earliest_events": earliest,
-                    "latest_events": [event_id],
-                    "limit": MISSING_EVENTS_LIMIT,
-                    "min_depth": 0,
-                },
-            )
-        except FederationError as e:
-            log.info("could not fetch events missing before %s from %s: %s", event_id, origin, e)
-            return []
-        events = answer.get("events") if isinstance(answer, dict) else None
-        if not isinstance(events, list):
-            return []
-        await self._fetch_signer_keys(events, rules.identifier)
-        found = []
-        for pdu in events:
-            verdict = check_pdu(pdu, rules, self.keyring.lookup)
-            if verdict.outcome == "reject" or verdict.pdu is None or verdict.event_id is None:
-                continue
-            if verdict.pdu.get("room_id") != room_id or verdict.event_id in known:
-                continue
-            found.append((verdict.event_id, verdict.pdu, verdict.outcome == "redact"))
-        found.sort(key=lambda item: item[1].get("depth", 0))
-        return found
-
-
-def _refs(value: Any) -> list[str]:
-    """Event IDs in prev_events/auth_events (v1/v2 pairs or plain strings)."""
-    if not isinstance(value, list):
-        return []
-    out = []
-    for item in value:
-        if isinstance(item, str):
-            out.append(item)
-        elif isinstance(item, list) and item and isinstance(item[0], str):
-            out.append(item[0])
-    return out
+        """Fetch the ancestors of ``latest`` that are not in ``known`` from ``server``
+        (SSAPI ``POST /get_missing_events``, :data:`MISSING_EVENTS_LIMIT` a round, again
+        from the oldest ones found while their ``prev_events`` are unknown): at most
+        :data:`MISSING_EVENTS_MAX` events within :data:`MISSING_EVENTS_TIMEOUT_S` seconds.
+        Returns (event ID, PDU, redacted) of the verified ones, unordered; a failure
+        returns what was found so far."""
+        earliest = await self.store.read(lambda c: db.newest_event_ids(c, room_id, 10))
+        known = set(known)
+        found: dict[str, tuple[str, dict[str, Any], bool]] = {}
+        frontier = list(latest)
+        path = f"/_matrix/federation/v1/get_missing_events/{path_segment(room_id)}"
+        with trio.move_on_after(MISSING_EVENTS_TIMEOUT_S) as scope:
+            while frontier and len(found) < MISSING_EVENTS_MAX:
+                try:
+                    answer = await self.client.post_json(
+                        server,
+                        path,
+                        {
+                            "earliest_events": earliest,
+                            "latest_events": frontier,
+                            "limit": min(MISSING_EVENTS_LIMIT, MISSING_EVENTS_MAX - len(found)),
+                            "min_depth": 0,
+                        },
+                        timeout=MISSING_EVENTS_TIMEOUT_S,
+                    )
+                except FederationError as e:
+                    log.info("could not fetch events missing in %s from %s: %s", room_id, server, e)
+                    break
+                events = answer.get("events") if isinstance(answer, dict) else None
+                if not isinstance(events, list):
+                    break
+                await self._fetch_signer_keys(events, rules.identifier)
+                new = []
+                for pdu in events:
+                    verdict = check_pdu(pdu, rules, self.keyring.lookup)
+                    if (
+                        verdict.outcome == "reject"
+                        or verdict.pdu is None
+                        or verdict.event_id is None
+                    ):
+                        continue
+                    if verdict.pdu.get("room_id") != room_id or verdict.event_id in known:
+                        continue
+                    if verdict.event_id not in found:
+                        found[verdict.event_id] = (
+                            verdict.event_id,
+                            verdict.pdu,
+                            verdict.outcome == "redact",
+                        )
+                        new.append(verdict.event_id)
+                if not new:
+                    break
+                # Go on from the events found whose parents are still neither held nor found.
+                refs = {p for e in new for p in db.event_refs(found[e][1].get("prev_events"))}
+                refs -= found.keys() | known
+                known |= await self.store.read(partial(db.known_event_ids, event_ids=refs))
+                frontier = [
+                    e
+                    for e in new
+                    if any(
+                        p not in known and p not in found
+                        for p in db.event_refs(found[e][1].get("prev_events"))
+                    )
+                ]
+        if scope.cancelled_caught:
+            log.info("fetching events missing in %s from %s timed out", room_id, server)
+        return list(found.values())
 
 
 def _best_effort_event_id(pdu: Any) -> str | None:

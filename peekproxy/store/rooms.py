@@ -7,6 +7,7 @@ transaction and its idempotency record commit together.
 
 from __future__ import annotations
 
+import graphlib
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,11 +21,18 @@ __all__ = [
     "add_gap",
     "add_gap_fill",
     "append_event",
+    "append_in_dag_order",
     "current_state_ids",
+    "dag_order",
     "device_peek_count",
+    "event_refs",
     "held_event_ids",
+    "history_floor",
+    "in_stream",
     "known_event_ids",
     "load_subscriptions",
+    "newest_event_ids",
+    "replace_state",
     "save_ephemeral",
     "save_subscription",
     "save_txn",
@@ -169,19 +177,15 @@ def store_snapshot(
     redacted_ids = set(redacted)
     for event_id, pdu in events.items():
         _insert_event(conn, room_id, event_id, pdu, event_id in redacted_ids)
-    conn.execute("DELETE FROM room_state WHERE room_id = ?", (room_id,))
-    conn.executemany(
-        "INSERT INTO room_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?)",
-        [(room_id, t, k, e) for (t, k), e in state.items()],
-    )
+    replace_state(conn, room_id, state)
     position = 0
-    if _on_stream(conn, latest_event_id):
+    if in_stream(conn, latest_event_id):
         return position
     # Only when the latest event is new can anything have been missed before it.
     shown = []
     for event_id, pdu, is_redacted in history or ():
         _insert_event(conn, room_id, event_id, pdu, is_redacted)
-        if not _on_stream(conn, event_id) and event_id != latest_event_id:
+        if not in_stream(conn, event_id) and event_id != latest_event_id:
             shown.append(event_id)
     if gap or (history is not None and not history_complete):
         position = _stream_row(conn, room_id, "gap", None, now_ms)
@@ -195,8 +199,37 @@ def store_snapshot(
     return position
 
 
-def _on_stream(conn: sqlite3.Connection, event_id: str) -> bool:
-    """Whether a client sees the event when paging: on a room stream, or in a filled gap."""
+def history_floor(conn: sqlite3.Connection, room_id: str) -> int | None:
+    """The ``depth`` of the event the room's stream resumes with after its newest gap (or,
+    with no gap, of its first event: the latest event of the first peek), ``None`` for an
+    empty stream. History below it is what the gap (or the peek's start) stands for."""
+    gap = conn.execute(
+        "SELECT stream_pos FROM room_stream WHERE room_id = ? AND kind = 'gap' "
+        "ORDER BY stream_pos DESC LIMIT 1",
+        (room_id,),
+    ).fetchone()
+    row = conn.execute(
+        "SELECT json_extract(e.pdu_json, '$.depth') FROM room_stream s "
+        "JOIN events e ON e.event_id = s.event_id WHERE s.room_id = ? AND s.kind = 'event' "
+        "AND s.stream_pos > ? ORDER BY s.stream_pos LIMIT 1",
+        (room_id, gap[0] if gap else 0),
+    ).fetchone()
+    return row[0] if row is not None and isinstance(row[0], int) else None
+
+
+def _newest_depth(conn: sqlite3.Connection, room_id: str) -> int | None:
+    row = conn.execute(
+        "SELECT json_extract(e.pdu_json, '$.depth') FROM room_stream s "
+        "JOIN events e ON e.event_id = s.event_id WHERE s.room_id = ? AND s.kind = 'event' "
+        "ORDER BY s.stream_pos DESC LIMIT 1",
+        (room_id,),
+    ).fetchone()
+    return row[0] if row is not None and isinstance(row[0], int) else None
+
+
+def in_stream(conn: sqlite3.Connection, event_id: str) -> bool:
+    """Whether a client sees the event when paging: on a room stream, or in a filled gap
+    (not only stored)."""
     return (
         conn.execute(
             "SELECT 1 FROM room_stream WHERE event_id = ? AND kind = 'event'", (event_id,)
@@ -248,7 +281,7 @@ def add_gap_fill(
     added = 0
     for event_id, pdu, redacted in events:
         _insert_event(conn, room_id, event_id, pdu, redacted)
-        if _on_stream(conn, event_id):
+        if in_stream(conn, event_id):
             continue
         seq += 1
         added += 1
@@ -264,6 +297,17 @@ def add_gap_fill(
     return added
 
 
+def replace_state(
+    conn: sqlite3.Connection, room_id: str, state: Mapping[tuple[str, str], str]
+) -> None:
+    """Make ``state`` ((type, state_key) → event ID) the room's whole current state."""
+    conn.execute("DELETE FROM room_state WHERE room_id = ?", (room_id,))
+    conn.executemany(
+        "INSERT INTO room_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?)",
+        [(room_id, t, k, e) for (t, k), e in state.items()],
+    )
+
+
 def append_event(
     conn: sqlite3.Connection,
     room_id: str,
@@ -274,10 +318,22 @@ def append_event(
     now_ms: int,
 ) -> int | None:
     """Append one event to the room's stream (once: ``None`` when it was already there).
-    A state event becomes the room's current state for its (type, state_key)."""
+    A state event becomes the room's current state for its (type, state_key).
+
+    An event that arrives late, below the room's :func:`history_floor` (its ``depth`` is
+    lower than the event after the newest gap), is stored but not appended (``None``): it
+    belongs to the history that gap stands for, and appending it would put it after its
+    descendants."""
     _insert_event(conn, room_id, event_id, pdu, redacted)
-    if _on_stream(conn, event_id):
+    if in_stream(conn, event_id):
         return None
+    depth = pdu.get("depth")
+    if isinstance(depth, int):
+        newest = _newest_depth(conn, room_id)  # cheap; the floor is looked up only when late
+        if newest is not None and depth < newest:
+            floor = history_floor(conn, room_id)
+            if floor is not None and depth < floor:
+                return None
     position = _stream_row(conn, room_id, "event", event_id, now_ms)
     state_key = pdu.get("state_key")
     if isinstance(state_key, str):
@@ -292,6 +348,85 @@ def append_event(
 def add_gap(conn: sqlite3.Connection, room_id: str, now_ms: int) -> int:
     """Mark that history is missing at this point of the room's stream."""
     return _stream_row(conn, room_id, "gap", None, now_ms)
+
+
+def append_in_dag_order(
+    conn: sqlite3.Connection,
+    room_id: str,
+    events: Sequence[tuple[str, Mapping[str, Any], bool]],
+    *,
+    now_ms: int,
+) -> tuple[list[str], bool]:
+    """Append (event ID, PDU, redacted) ``events`` of one room in DAG order: each after
+    its ``prev_events`` (ties by ``depth``, then as given), each once. An event with a
+    ``prev_events`` entry that is neither stored nor among ``events`` gets a gap marker
+    before it. Returns the IDs appended to the stream (see :func:`append_event` for the
+    ones that are only stored) and whether a gap was marked."""
+    appended, gap = [], False
+    for event_id, pdu, redacted in dag_order(events):
+        if in_stream(conn, event_id):
+            continue
+        prevs = set(event_refs(pdu.get("prev_events")))
+        if prevs and len(known_event_ids(conn, prevs)) < len(prevs):
+            add_gap(conn, room_id, now_ms)
+            gap = True
+        if append_event(conn, room_id, event_id, pdu, redacted=redacted, now_ms=now_ms):
+            appended.append(event_id)
+    return appended, gap
+
+
+def dag_order(
+    events: Sequence[tuple[str, Mapping[str, Any], bool]],
+) -> list[tuple[str, Mapping[str, Any], bool]]:
+    """``events`` sorted topologically by ``prev_events`` (parents first; among events
+    ready together, lower ``depth`` first, then as given). Duplicates are dropped."""
+    by_id: dict[str, tuple[int, tuple[str, Mapping[str, Any], bool]]] = {}
+    for index, item in enumerate(events):
+        by_id.setdefault(item[0], (index, item))
+    sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
+    for event_id, (_, (_, pdu, _)) in by_id.items():
+        sorter.add(event_id, *(p for p in event_refs(pdu.get("prev_events")) if p in by_id))
+    try:
+        sorter.prepare()
+    except graphlib.CycleError:  # only forged events make a cycle: fall back to depth
+        return [item for _, item in sorted(by_id.values(), key=lambda v: _depth_key(*v))]
+    ordered: list[tuple[str, Mapping[str, Any], bool]] = []
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=lambda e: _depth_key(*by_id[e]))
+        ordered.extend(by_id[e][1] for e in ready)
+        sorter.done(*ready)
+    return ordered
+
+
+def _depth_key(index: int, item: tuple[str, Mapping[str, Any], bool]) -> tuple[int, int]:
+    depth = item[1].get("depth")
+    return (depth if isinstance(depth, int) else 0, index)
+
+
+def event_refs(value: Any) -> list[str]:
+    """Event IDs in ``prev_events``/``auth_events`` (v1/v2 ``[id, hashes]`` pairs or plain
+    strings)."""
+    if not isinstance(value, list):
+        return []
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, list) and item and isinstance(item[0], str):
+            out.append(item[0])
+    return out
+
+
+def newest_event_ids(conn: sqlite3.Connection, room_id: str, count: int) -> list[str]:
+    """The IDs of the room's newest ``count`` events on its stream, newest first."""
+    return [
+        str(r[0])
+        for r in conn.execute(
+            "SELECT event_id FROM room_stream WHERE room_id = ? AND kind = 'event' "
+            "ORDER BY stream_pos DESC LIMIT ?",
+            (room_id, count),
+        )
+    ]
 
 
 def current_state_ids(conn: sqlite3.Connection, room_id: str) -> dict[tuple[str, str], str]:

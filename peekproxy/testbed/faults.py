@@ -1,8 +1,8 @@
 """Fault injection for the testbed's outgoing event stream and its peek endpoint.
 
 The ``*_next`` and ``peek_count`` counters are consumed one per use: ``drop_next = 2`` drops
-the next two transactions. ``delay_ms`` and the ``peek_status``/``peek_errcode``/
-``peek_retry_after_ms`` settings stay as set until changed.
+the next two transactions. ``delay_ms``, ``renew_full`` and the ``peek_status``/
+``peek_errcode``/``peek_retry_after_ms`` settings stay as set until changed.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ class Faults:
     Settings (kept until changed):
 
     * ``delay_ms``: wait this long before sending each transaction.
+    * ``renew_full``: 1 makes a re-PUT of a live peek answer the full state, as Dendrite
+      does, whatever the config's ``renew_reply`` says; 0 (the default) leaves it to the
+      config.
     * ``peek_status``: the HTTP status of an injected peek failure, 400-599 (500).
     * ``peek_errcode``: its ``errcode``; ``None`` (the default) means ``M_LIMIT_EXCEEDED``
       for 429 and ``M_UNKNOWN`` otherwise (e.g. ``M_NOT_FOUND`` or ``M_UNRECOGNIZED`` with
@@ -46,6 +49,7 @@ class Faults:
     """
 
     delay_ms: int = 0
+    renew_full: int = 0
     drop_next: int = 0
     duplicate_next: int = 0
     resend_next: int = 0
@@ -81,6 +85,8 @@ class Faults:
                 raise ValueError(f"{name} must be a non-negative integer")
             if name == "peek_status" and not 400 <= value <= 599:
                 raise ValueError("peek_status must be an HTTP error status, 400-599")
+            if name == "renew_full" and value > 1:
+                raise ValueError("renew_full must be 0 or 1")
         for name, value in changes.items():
             setattr(self, name, value)
 

@@ -536,7 +536,7 @@ class Testbed:
         if self.peeks.renew(origin, room_id, peek_id, now) is not None:
             log.info("peek %r of %s renewed by %s", peek_id, room_id, origin)
             self._record("renew", origin, room_id, peek_id)
-            if self.config.peeks.renew_reply == "empty":
+            if self.config.peeks.renew_reply == "empty" and not self.faults.renew_full:
                 return {}
             return self.peek_response(room)
         self.peeks.start(origin, room_id, peek_id, now, self.renewal_interval_ms)
