@@ -228,12 +228,14 @@ async def test_peek_room(world: PeekWorld) -> None:
 
 
 async def make_gap(world: PeekWorld, room_id: str, lost: int, tag: str) -> None:
-    """Withhold ``lost`` + 20 events, then send one: peekproxy's get_missing_events (20 at
-    most) brings the newest 20 and leaves a gap of ``lost`` events before them."""
-    world.testbed.faults.update({"withhold_next": lost + 20})
-    for i in range(lost + 20):
+    """Withhold ``lost`` events, then send one whose ``get_missing_events`` the testbed
+    answers with nothing: peekproxy records a gap of ``lost`` events before it."""
+    world.testbed.faults.update({"withhold_next": lost, "missing_events_empty_next": 1})
+    for i in range(lost):
         world.send(room_id, f"{tag} withheld {i}")
     await world.wait_delivered(world.send(room_id, f"{tag} after"))
+    kept = [world.send(room_id, f"{tag} kept {i}") for i in range(20)]
+    await world.wait_delivered(*kept)
 
 
 @pytest.mark.slow

@@ -45,6 +45,9 @@ class Faults:
     * ``forge_next``: the next N events are pushed with a corrupted signature.
     * ``backfill_fail_next``: the next N ``GET /backfill`` requests answer
       ``500 M_UNKNOWN``.
+    * ``missing_events_empty_next``: the next N ``POST /get_missing_events`` requests are
+      answered with no events (what a server that lost them would say), so withheld events
+      become a gap at the receiver.
     * ``peek_count``: the next N peek PUTs fail with ``peek_status``/``peek_errcode``.
     """
 
@@ -57,6 +60,7 @@ class Faults:
     withhold_next: int = 0
     forge_next: int = 0
     backfill_fail_next: int = 0
+    missing_events_empty_next: int = 0
     peek_status: int = 500
     peek_errcode: str | None = None
     peek_count: int = 0

@@ -753,6 +753,8 @@ def federation_app(testbed: Testbed) -> Starlette:
             raise MatrixError(
                 400, "M_BAD_JSON", "earliest_events/latest_events lists, limit/min_depth integers"
             )
+        if testbed.faults.take("missing_events_empty_next"):
+            return JSONResponse({"events": []})
         events = room.missing_events(earliest, latest, max(0, min(limit, 1000)), min_depth)
         return JSONResponse({"events": events})
 
