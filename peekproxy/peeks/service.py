@@ -319,10 +319,14 @@ class PeekService:
                     await self._after_failed_start(room_id, e)
                     raise
             await self._save(sub)
-            now = self.clock_ms()
-            await self.store.write(
-                lambda c: db.set_device_peek(c, user_id, device_id, room_id, "active", now)
-            )
+            if current != "active":
+                # Only a new (or dormant, or ended) peek moves the device peek: its
+                # changed_pos makes the next sync show the room afresh. Peeking again
+                # changes nothing a client sees (acceptance scenario 9).
+                now = self.clock_ms()
+                await self.store.write(
+                    lambda c: db.set_device_peek(c, user_id, device_id, room_id, "active", now)
+                )
         self._poke(room_id)
         self.on_room_change(room_id)
         self.notifier.notify_device((user_id, device_id))
