@@ -91,6 +91,41 @@ async def idle_world(
     )
 
 
+async def test_unpeek_ends_a_dormant_peek(idle_world: PeekWorld) -> None:
+    world = idle_world
+    room_id = world.create_room("10")
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    synced = await world.sync()
+    assert room_id in synced["rooms"]["peek"]
+    # The device stops syncing: its peek goes dormant and the remote peek is DELETEd.
+    await world.daemon.wait_for_log(rb"is dormant")
+    await world.daemon.wait_for_log(rb"stopped peek")
+    assert world.rows("SELECT state FROM device_peeks WHERE room_id = ?", room_id) == [("dormant",)]
+
+    unpeeked = await world.unpeek(room_id)
+    assert unpeeked.status_code == 200, unpeeked.text
+    assert unpeeked.json() == {}
+    # Decision 7: the room is in rooms.leave (nothing happened since the last sync: {}),
+    # and the dormant peek is not restored: no new remote peek.
+    after = await world.sync(since=synced["next_batch"])
+    assert room_id not in after["rooms"]["peek"]
+    assert after["rooms"]["leave"] == {room_id: {}}
+    quiet = await world.sync(since=after["next_batch"], timeout_ms=300)
+    assert quiet["rooms"]["peek"] == {} and quiet["rooms"]["leave"] == {}
+    assert len(world.log_of("start")) == 1
+    sub = world.subscription(room_id)
+    assert (sub["state"], sub["wanted"], sub["pending_deletes_json"]) == ("dormant", 0, "[]")
+    assert world.rows("SELECT state FROM device_peeks WHERE room_id = ?", room_id) == [("ended",)]
+    # Ended now: a second unpeek is refused (decision 7) ...
+    twice = await world.unpeek(room_id)
+    assert twice.status_code == 400 and twice.json()["errcode"] == "M_BAD_STATE"
+    # ... and a new peek starts afresh, with the full state (scenario 12).
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    back = await world.sync(since=quiet["next_batch"])
+    assert "m.room.create" in shown_types(back["rooms"]["peek"][room_id])
+    assert len(world.log_of("start")) == 2
+
+
 async def test_peeking_a_dormant_peek_again_restores_it_with_a_gap(idle_world: PeekWorld) -> None:
     world = idle_world
     room_id = world.create_room("12", topic="before")

@@ -365,7 +365,8 @@ class PeekService:
         self._poke(room_id)
 
     async def unpeek(self, user_id: str, device_id: str, room_id: str) -> None:
-        """End a device's peek (Decision 7 errors).
+        """End a device's peek, active or dormant; its next sync shows the room in
+        ``rooms.leave`` (protocol.md decision 7, with its errors).
 
         Raises:
             PeekError: 404 M_NOT_FOUND never peeked / unknown room; 400 M_BAD_STATE known
@@ -384,8 +385,10 @@ class PeekService:
                 if known is not None and known.room_version is not None:
                     raise PeekError(400, "M_BAD_STATE", f"this device is not peeking {room_id}")
                 raise PeekError(404, "M_NOT_FOUND", f"{room_id} was never peeked")
-            if state != "active":
+            if state == "ended":
                 raise PeekError(400, "M_BAD_STATE", f"this device is not peeking {room_id}")
+            # An active peek, or a dormant one (its device went idle, decision 9): both end
+            # here, and the room goes to rooms.leave rather than being restored.
             now = self.clock_ms()
 
             def end(conn: Any) -> int:
