@@ -10,6 +10,7 @@ peekproxy is a child process, the testbed the remote room host, all over TLS and
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +151,115 @@ async def test_peeking_a_dormant_peek_again_restores_it_with_a_gap(idle_world: P
     ]
     assert topics == ["after"]
     assert len(world.log_of("start")) == 2
+
+
+async def _failing_world(
+    nursery: trio.Nursery,
+    tls_ca: trustme.CA,
+    tmp_path: Path,
+    spawn: Spawn,
+    *,
+    rooms: int,
+    destination_backoff_s: float,
+) -> tuple[PeekWorld, list[str], list[tuple[float, str]]]:
+    """``rooms`` rooms peeked through the hints other.test (which answers every PUT with
+    500) and the testbed, renewed every second; the per-destination back-off starts at
+    ``destination_backoff_s`` (and stays there when it is tiny). Returns the world, the
+    rooms and other.test's PUTs (trio time, path)."""
+    tiny = destination_backoff_s < 0.1
+    world = await build_world(
+        nursery,
+        tls_ca,
+        tmp_path,
+        spawn,
+        peeks_env={
+            "PEEKPROXY_PEEKS__LINGER": "0.2",
+            "PEEKPROXY_FEDERATION__BACKOFF_INITIAL": str(destination_backoff_s),
+            "PEEKPROXY_FEDERATION__BACKOFF_MAX": str(destination_backoff_s if tiny else 60),
+        },
+    )
+    world.testbed.renewal_interval_ms = 2_000  # renewed every second
+    other = await world.add_server(nursery, tls_ca, tmp_path, "other.test")
+    other_puts: list[tuple[float, str]] = []
+
+    async def broken(scope: Any, body: bytes) -> tuple[int, Any]:
+        if scope["method"] == "PUT":
+            other_puts.append((trio.current_time(), scope["path"]))
+        return 500, {"errcode": "M_UNKNOWN", "error": "internal server error"}
+
+    other.handler = broken
+    room_ids = [world.create_room("10") for _ in range(rooms)]
+    for room_id in room_ids:
+        peeked = await world.peek(room_id, hints=["other.test", TESTBED])
+        assert peeked.status_code == 200, peeked.text
+    assert len(world.log_of("start")) == rooms
+    return world, room_ids, other_puts
+
+
+async def _fail_for_ten_seconds(
+    world: PeekWorld, rooms: list[str], other_puts: list[tuple[float, str]]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """The testbed answers every peek PUT (renewals included) with 500 for 10 s: the PUTs
+    each room got at the testbed and at other.test meanwhile. Then the testbed recovers, and
+    every room must be peeked again (the back-off never gives up)."""
+    from urllib.parse import unquote
+
+    world.testbed.faults.update({"peek_count": 10**9, "peek_status": 500})
+    started, start_ms = trio.current_time(), world.testbed.clock_ms()
+    await trio.sleep(10)  # the measurement window itself: real time is the point here
+    window = [
+        r
+        for r in world.testbed.peek_requests
+        if r.method == "PUT" and start_ms <= r.at_ms <= start_ms + 10_000
+    ]
+    assert all(r.status == 500 for r in window)
+    testbed = {room_id: sum(r.room_id == room_id for r in window) for room_id in rooms}
+    other = {
+        room_id: sum(
+            started <= at <= started + 10 and unquote(path).split("/")[5] == room_id
+            for at, path in other_puts
+        )
+        for room_id in rooms
+    }
+    print(f"PUTs in 10 s: testbed {sorted(testbed.values())}, other.test {sorted(other.values())}")
+    world.testbed.faults.update({"peek_count": 0})
+    with trio.fail_after(90):  # the room back-off stays under 72 s
+        for room_id in rooms:  # logged once stored: a new peek, after a gap (decision 4)
+            await world.daemon.wait_for_log(
+                rb"peeking " + re.escape(room_id.encode()) + rb" through testbed\.test .*gap"
+            )
+            assert world.subscription(room_id)["state"] == "active"
+    return testbed, other
+
+
+async def test_a_failing_target_is_asked_with_back_off_per_room(
+    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    """The room's own back-off alone (the per-destination one made negligible)."""
+    world, rooms, other_puts = await _failing_world(
+        nursery, tls_ca, tmp_path, spawn, rooms=1, destination_backoff_s=0.01
+    )
+    testbed, other = await _fail_for_ten_seconds(world, rooms, other_puts)
+    # docs/peeking.md: the renewal due within the first second fails (1), is retried after
+    # ≥ 0.8 s (2), and once more when the 2 s interval runs out (3); the room has lapsed and
+    # is re-peeked at once (4, other.test 1); the failures in a row then wait ≥ 0.8·8 s
+    # (5, other.test 2) and ≥ 0.8·16 s (past the window). The old code: hundreds a second.
+    assert all(n <= 5 for n in testbed.values()), testbed
+    assert all(n <= 2 for n in other.values()), other
+
+
+async def test_a_failing_target_is_asked_with_back_off_per_destination(
+    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    """Four rooms at one failing destination: its 5xx answers back the destination off
+    (1 s doubling, ±20 %), so the rooms together ask it about as often as one would."""
+    world, rooms, other_puts = await _failing_world(
+        nursery, tls_ca, tmp_path, spawn, rooms=4, destination_backoff_s=1
+    )
+    testbed, other = await _fail_for_ten_seconds(world, rooms, other_puts)
+    # After a 5xx the destination is not asked for ≥ 0.8 s, then ≥ 1.6 s, ≥ 3.2 s, ≥ 6.4 s:
+    # at most 4 moments in 10 s, each letting through the requests that start together
+    # (rooms whose retries fall within one round trip; rarely more than one). The rooms'
+    # own back-off alone would allow 4 × 5.
+    assert sum(testbed.values()) <= 8, testbed
+    assert sum(other.values()) <= 8, other
