@@ -271,8 +271,9 @@ async def test_history_visibility_change_ends_peeks(world: PeekWorld) -> None:
 async def test_restart_resumes_marks_a_gap_and_loses_nothing_acknowledged(
     world: PeekWorld, spawn: Spawn
 ) -> None:
-    # Long enough that a restart under load does not outlast it (the peek would lapse).
-    world.testbed.renewal_interval_ms = 10_000
+    # Long enough that the restarts below (a second or more each on a loaded machine) never
+    # outlast it: the peek must not lapse while peekproxy restarts.
+    world.testbed.renewal_interval_ms = 20_000
     room_id = world.create_room("10")
     assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
     acknowledged = [world.send(room_id, f"acknowledged {i}") for i in range(5)]

@@ -38,9 +38,12 @@ def test_intervals_are_clamped() -> None:
 
 def test_unreachable_renewal_lapses_only_after_the_interval() -> None:
     sub = _active()
-    sub = subs.renewal_failed(sub, refused=False, now_ms=1_000)
-    assert sub.state is SubState.ACTIVE and sub.renew_at_ms == 1_000 + subs.RENEW_RETRY_MS
-    sub = subs.renewal_failed(sub, refused=False, now_ms=2_000)
+    sub = subs.renewal_failed(sub, refused=False, now_ms=1_000, draw=0.0)
+    # Retried after the back-off (0.8 s at the least), never after the interval runs out.
+    assert sub.state is SubState.ACTIVE and sub.renew_at_ms == 1_800
+    sub = subs.renewal_failed(sub, refused=False, now_ms=1_800, draw=0.0)
+    assert sub.state is SubState.ACTIVE and sub.renew_at_ms == 2_000
+    sub = subs.renewal_failed(sub, refused=False, now_ms=2_000, draw=0.0)
     assert sub.state is SubState.LAPSED
     assert subs.plan(sub, 2_000) == (Action.PEEK, None)  # re-peek (with a gap) while wanted
 

@@ -212,6 +212,18 @@ async def test_peek_errors(world: World) -> None:
     assert (caught.value.status, caught.value.errcode) == (429, "M_LIMIT_EXCEEDED")
     assert caught.value.json is not None and caught.value.json["retry_after_ms"] == 1500
     assert "state" in await world.peek(room_id)  # the fault was used up
+    # Every peek request is logged with the status it got, injected faults included.
+    async with admin(world.listening) as http:
+        logged = (await http.get("/peek_requests")).json()["requests"]
+    assert [(r["method"], r["status"]) for r in logged] == [
+        ("PUT", 404),
+        ("PUT", 400),
+        ("PUT", 400),
+        ("PUT", 400),
+        ("PUT", 429),
+        ("PUT", 200),
+    ]
+    assert {r["origin"] for r in logged} == {world.peer.name}
     # Unsigned requests are refused.
     context = ssl.create_default_context(cafile=str(world.peer.ca_file))
     async with httpx.AsyncClient(verify=context) as http:

@@ -11,7 +11,8 @@
 5. read at most ``max_response_bytes`` of the answer.
 
 Failures are typed (:class:`FederationError` subclasses) and say whether retrying later may
-help (``retryable``). Connection-level failures put the destination in exponential back-off.
+help (``retryable``). Connection failures, timeouts and 5xx answers put the destination in
+exponential back-off with jitter (:class:`Backoff`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import random
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +35,7 @@ import httpx
 import trio
 from signedjson.types import SigningKey
 
+from peekproxy.backoff import backoff_delay
 from peekproxy.federation.discovery import (
     WELL_KNOWN_MAX_BYTES,
     DnsError,
@@ -193,11 +196,20 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 
 @dataclass
 class Backoff:
-    """Per-destination exponential back-off after connection failures (seconds)."""
+    """Per-destination exponential back-off with jitter (seconds).
+
+    A failure is a connection failure, a timeout or a 5xx answer. After the n-th failure in
+    a row the destination is not asked for :func:`~peekproxy.backoff.backoff_delay`
+    ``(n, initial, maximum, draw())`` seconds (``initial`` doubling up to ``maximum``,
+    ±20 %). Failures reported while it is already backing off (requests that were in flight
+    together, e.g. many rooms' peeks) count once. A success (any answer below 500) ends it.
+    """
 
     initial: float
     maximum: float
     clock: Callable[[], float]
+    #: Draws the jitter: a number in [0, 1).
+    draw: Callable[[], float] = random.random
     _state: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     def check(self, destination: str) -> None:
@@ -209,9 +221,13 @@ class Backoff:
                 raise DestinationBackingOff(destination, wait)
 
     def failed(self, destination: str) -> None:
-        count = self._state.get(destination, (0, 0.0))[0] + 1
-        delay = min(self.initial * 2 ** (count - 1), self.maximum)
-        self._state[destination] = (count, self.clock() + delay)
+        now = self.clock()
+        count, until = self._state.get(destination, (0, 0.0))
+        if until > now:
+            return  # already backing off: the same outage, seen by another request
+        count += 1
+        delay = backoff_delay(count, self.initial, self.maximum, self.draw())
+        self._state[destination] = (count, now + delay)
 
     def succeeded(self, destination: str) -> None:
         self._state.pop(destination, None)
@@ -386,7 +402,9 @@ class FederationClient:
             raise DestinationUnreachable(
                 destination, f"request timed out after {budget:g} s while {phase}"
             )
-        if self._backoff is not None:
+        if response.status >= 500:
+            self._failed(destination)  # the remote is there but failing: back off too
+        elif self._backoff is not None:
             self._backoff.succeeded(destination)
         if response.status >= 300:
             raise RemoteError(destination, response.status, response.body)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ from typing import Any
 
 import trio
 
+from peekproxy.backoff import backoff_delay
 from peekproxy.federation.client import FederationClient, FederationError, RemoteError, path_segment
 from peekproxy.federation.events import compute_event_id
 from peekproxy.federation.keyring import Keyring
@@ -75,7 +77,8 @@ MISSING_EVENTS_TIMEOUT_S = 10.0
 RATE_LIMIT_WAIT_MAX_MS = 10_000
 #: One candidate may hold a new peek up this long (the room is locked meanwhile).
 PEEK_PUT_TIMEOUT_S = 15.0
-REPEEK_BACKOFF_S = (1.0, 60.0)
+#: Retries of failed DELETEs of a room: 1 s doubling to 5 min, ±20 % (re-peeks and renewals
+#: back off in the subscription itself: ``subscription.RETRY_BACKOFF_MS``).
 DELETE_BACKOFF_S = (1.0, 300.0)
 
 
@@ -160,7 +163,8 @@ class PeekService:
         loaded = await self.store.read(db.load_subscriptions)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            resumed = [self._resume(sub, now) for sub in loaded]
+            spread = subs.resume_spread_ms(len(loaded))
+            resumed = [self._resume(sub, now, spread) for sub in loaded]
 
             def save_all(conn: Any) -> None:  # one transaction: one fsync, not one per room
                 for sub in resumed:
@@ -203,15 +207,9 @@ class PeekService:
             log.exception("the live window is out of step: syncs read the database from now on")
 
     @staticmethod
-    def _resume(sub: Subscription, now_ms: int) -> Subscription:
-        if sub.state is SubState.ACTIVE:
-            deadline = (sub.last_renewed_ms or 0) + (sub.remote_interval_ms or 0)
-            if now_ms >= deadline:
-                return subs.replace_peek(subs.renewal_failed(sub, refused=True, now_ms=now_ms))
-            return replace(sub, renew_at_ms=now_ms)
-        if sub.state is SubState.STARTING:
-            return subs.unwanted(sub, now_ms=now_ms, linger_ms=0)
-        return sub
+    def _resume(sub: Subscription, now_ms: int, spread_ms: int) -> Subscription:
+        # Renewals (and re-peeks) after a restart are spread out, each still in time.
+        return subs.resumed(sub, now_ms=now_ms, draw=random.random(), spread_ms=spread_ms)
 
     def _ensure_task(self, room_id: str) -> None:
         if room_id in self._tasks or self._nursery is None:
@@ -330,10 +328,14 @@ class PeekService:
                     await self._after_failed_start(room_id, e)
                     raise
             await self._save(sub)
-            now = self.clock_ms()
-            await self.store.write(
-                lambda c: db.set_device_peek(c, user_id, device_id, room_id, "active", now)
-            )
+            if current != "active":
+                # Only a new (or dormant, or ended) peek moves the device peek: its
+                # changed_pos makes the next sync show the room afresh. Peeking again
+                # changes nothing a client sees (acceptance scenario 9).
+                now = self.clock_ms()
+                await self.store.write(
+                    lambda c: db.set_device_peek(c, user_id, device_id, room_id, "active", now)
+                )
         self._poke(room_id)
         self.on_room_change(room_id)
         self.notifier.notify_device((user_id, device_id))
@@ -365,14 +367,21 @@ class PeekService:
         sub = self.subscriptions[room_id]
         others = await self.store.read(lambda c: db.device_peek_count(c, room_id))
         if others and sub.state is SubState.FAILED and sub.room_version is not None:
-            sub = replace(sub, state=SubState.LAPSED, wanted=True)
+            # Every candidate just failed: the room's task retries after the back-off.
+            sub = subs.repeek_failed(
+                replace(sub, wanted=True),
+                now_ms=self.clock_ms(),
+                draw=random.random(),
+                not_before_ms=_retry_after(self.clock_ms(), error),
+            )
         elif not others:
             sub = replace(sub, wanted=False)
         await self._save(sub)
         self._poke(room_id)
 
     async def unpeek(self, user_id: str, device_id: str, room_id: str) -> None:
-        """End a device's peek (Decision 7 errors).
+        """End a device's peek, active or dormant; its next sync shows the room in
+        ``rooms.leave`` (protocol.md decision 7, with its errors).
 
         Raises:
             PeekError: 404 M_NOT_FOUND never peeked / unknown room; 400 M_BAD_STATE known
@@ -391,8 +400,10 @@ class PeekService:
                 if known is not None and known.room_version is not None:
                     raise PeekError(400, "M_BAD_STATE", f"this device is not peeking {room_id}")
                 raise PeekError(404, "M_NOT_FOUND", f"{room_id} was never peeked")
-            if state != "active":
+            if state == "ended":
                 raise PeekError(400, "M_BAD_STATE", f"this device is not peeking {room_id}")
+            # An active peek, or a dormant one (its device went idle, decision 9): both end
+            # here, and the room goes to rooms.leave rather than being restored.
             now = self.clock_ms()
 
             def end(conn: Any) -> int:
@@ -542,6 +553,13 @@ class PeekService:
                             e.error,
                         )
                         sub = self.subscriptions[room_id]
+                        if e.status != 403:  # the room's task retries after the back-off
+                            sub = subs.repeek_failed(
+                                sub,
+                                now_ms=self.clock_ms(),
+                                draw=random.random(),
+                                not_before_ms=_retry_after(self.clock_ms(), e),
+                            )
                 await self._save(sub)
                 now = self.clock_ms()
                 await self.store.write(
@@ -607,8 +625,7 @@ class PeekService:
     # -- the subscription task ------------------------------------------------------------
 
     async def _run_subscription(self, room_id: str) -> None:
-        backoff = REPEEK_BACKOFF_S[0]
-        delete_backoff = DELETE_BACKOFF_S[0]
+        delete_failures = 0
         try:
             while True:
                 changed = self._changed.setdefault(room_id, trio.Event())
@@ -630,14 +647,15 @@ class PeekService:
                         await self._save(subs.stopping(self.subscriptions[room_id]))
                 elif action is Action.DELETE:
                     if await self._delete_pending(room_id):
-                        delete_backoff = DELETE_BACKOFF_S[0]
+                        delete_failures = 0
                     else:
+                        delete_failures += 1
+                        delay = backoff_delay(delete_failures, *DELETE_BACKOFF_S, random.random())
                         async with self._lock(room_id):
-                            retry_at = self.clock_ms() + int(delete_backoff * 1000)
+                            retry_at = self.clock_ms() + int(delay * 1000)
                             await self._save(
                                 subs.delete_failed(self.subscriptions[room_id], retry_at)
                             )
-                        delete_backoff = min(delete_backoff * 2, DELETE_BACKOFF_S[1])
                 elif action is Action.PEEK:
                     async with self._lock(room_id):
                         sub = self.subscriptions[room_id]
@@ -645,17 +663,28 @@ class PeekService:
                             continue
                         try:
                             sub = await self._establish(sub, gap=sub.room_version is not None)
-                            backoff = REPEEK_BACKOFF_S[0]
                         except PeekError as e:
-                            log.warning("re-peek of %s failed: %s", room_id, e.error)
+                            # _establish saved the failed attempt (its old peek queued for
+                            # DELETE); the room waits out its back-off in plan(), which a
+                            # poke cannot cut short.
+                            sub = self.subscriptions[room_id]
                             if e.status == 403:
                                 sub = subs.ended(sub, e.error)
                                 await self._end_device_peeks(room_id)
+                            else:
+                                sub = subs.repeek_failed(
+                                    sub,
+                                    now_ms=self.clock_ms(),
+                                    draw=random.random(),
+                                    not_before_ms=_retry_after(self.clock_ms(), e),
+                                )
+                            log.warning(
+                                "re-peek of %s failed (%d in a row): %s",
+                                room_id,
+                                sub.failures,
+                                e.error,
+                            )
                         await self._save(sub)
-                    if sub.state is not SubState.ACTIVE and sub.wanted:
-                        with trio.move_on_after(backoff):
-                            await changed.wait()
-                        backoff = min(backoff * 2, REPEEK_BACKOFF_S[1])
         finally:
             self._tasks.discard(room_id)
 
@@ -839,7 +868,9 @@ class PeekService:
                 current = self.subscriptions[room_id]
                 if current.peek_id == peek_id:
                     await self._save(
-                        subs.renewal_failed(current, refused=refused, now_ms=self.clock_ms())
+                        subs.renewal_failed(
+                            current, refused=refused, now_ms=self.clock_ms(), draw=random.random()
+                        )
                     )
             return
         now = self.clock_ms()
@@ -861,7 +892,9 @@ class PeekService:
             async with self._lock(room_id):
                 current = self.subscriptions[room_id]
                 if current.peek_id == peek_id:
-                    await self._save(subs.renewal_failed(current, refused=True, now_ms=now))
+                    await self._save(
+                        subs.renewal_failed(current, refused=True, now_ms=now, draw=random.random())
+                    )
             return
         # A full reply to a live renewal (Dendrite always answers so) is not a lapse: what
         # lies between our newest events and its latest event is fetched, not skipped.
@@ -1189,6 +1222,13 @@ class PeekService:
         if scope.cancelled_caught:
             log.info("fetching events missing in %s from %s timed out", room_id, server)
         return list(found.values())
+
+
+def _retry_after(now_ms: int, error: PeekError) -> int | None:
+    """When a failed peek may be tried again at the earliest (ms): after the
+    ``retry_after_ms`` of a 429, else ``None``."""
+    wait = error.extra.get("retry_after_ms")
+    return now_ms + wait if isinstance(wait, int) else None
 
 
 def _best_effort_event_id(pdu: Any) -> str | None:

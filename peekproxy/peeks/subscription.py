@@ -18,6 +18,14 @@ States::
 Decisions from protocol.md: renew at half the remote interval clamped to [1 s, max]
 (decision 3); after any lapse the next successful PUT is a new peek and a gap (decision 4);
 stop after ``linger`` once no device wants the room.
+
+Back-off (docs/peeking.md): failed renewals and re-peeks of a room count as failures in a
+row (``failures``); after the n-th one the room waits
+:func:`~peekproxy.backoff.backoff_delay` ``(n, 1 s, 60 s, draw)`` (±20 %) before it asks
+again — a renewal retry never later than the moment the peek would lapse, a re-peek never
+before ``retry_at_ms``. The caller draws the jitter (``draw`` in [0, 1)); nothing here is
+random. After a restart, :func:`resumed` spreads the renewals and re-peeks out (about 100
+a second, over at most a minute).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 
+from peekproxy.backoff import backoff_delay
 from peekproxy.peeks.outcomes import renewal_delay_ms
 
 __all__ = [
@@ -37,7 +46,10 @@ __all__ = [
     "plan",
     "renewal_failed",
     "renewed",
+    "repeek_failed",
     "replace_peek",
+    "resume_spread_ms",
+    "resumed",
     "start_failed",
     "started",
     "stopping",
@@ -45,8 +57,14 @@ __all__ = [
     "wanted",
 ]
 
-#: After a failed renewal that has not lapsed yet, try again this soon (ms).
-RENEW_RETRY_MS = 2_000
+#: Retries of a room's renewal or re-peek: the first waits 1 s, doubling up to 60 s (ms;
+#: ±20 % jitter, see :func:`peekproxy.backoff.backoff_delay`).
+RETRY_BACKOFF_MS = (1_000, 60_000)
+#: After a restart, renewals and re-peeks are spread over ``RESUME_SPACING_MS`` per stored
+#: subscription (about 100 a second), at most ``RESUME_SPREAD_MS`` (ms): see
+#: :func:`resume_spread_ms`.
+RESUME_SPACING_MS = 10
+RESUME_SPREAD_MS = 60_000
 
 
 class SubState(enum.StrEnum):
@@ -86,6 +104,11 @@ class Subscription:
     pending_deletes: tuple[tuple[str, str], ...] = field(default=())
     #: After a failed DELETE, do not try again before this (not persisted).
     delete_retry_at_ms: int | None = None
+    #: Failed renewals and re-peeks in a row since the remote last confirmed the peek (not
+    #: persisted: a restart starts the back-off afresh).
+    failures: int = 0
+    #: LAPSED: do not re-peek before this (back-off after failures; not persisted).
+    retry_at_ms: int | None = None
 
     @property
     def has_remote_peek(self) -> bool:
@@ -109,8 +132,12 @@ def plan(sub: Subscription, now_ms: int) -> tuple[Action | None, int | None]:
     by DELETEs of older peeks that keep failing (those are retried at
     ``delete_retry_at_ms``)."""
     wakes: list[int] = []
-    if sub.state is SubState.STARTING or (sub.state is SubState.LAPSED and sub.wanted):
+    if sub.state is SubState.STARTING:
         return Action.PEEK, None
+    if sub.state is SubState.LAPSED and sub.wanted:
+        if sub.retry_at_ms is None or now_ms >= sub.retry_at_ms:
+            return Action.PEEK, None
+        wakes.append(sub.retry_at_ms)  # backing off; older peeks may be DELETEd meanwhile
     if sub.state is SubState.ACTIVE:
         if sub.renew_at_ms is None or now_ms >= sub.renew_at_ms:
             return Action.RENEW, None
@@ -147,6 +174,8 @@ def started(
         last_renewed_ms=now_ms,
         renew_at_ms=now_ms + renewal_delay_ms(remote_interval_ms, max_renewal_ms),
         ended_reason=None,
+        failures=0,
+        retry_at_ms=None,
     )
 
 
@@ -169,18 +198,80 @@ def renewed(
         remote_interval_ms=interval,
         last_renewed_ms=now_ms,
         renew_at_ms=now_ms + renewal_delay_ms(interval, max_renewal_ms),
+        failures=0,
     )
 
 
-def renewal_failed(sub: Subscription, *, refused: bool, now_ms: int) -> Subscription:
+def renewal_failed(
+    sub: Subscription, *, refused: bool, now_ms: int, draw: float = 0.5
+) -> Subscription:
     """A renewal failed. ``refused``: the remote said the peek is gone (404, 403, ...): it
-    has lapsed. Otherwise (unreachable, 5xx) it lapses only once the remote interval has
-    passed since the last confirmation; until then, retry soon."""
+    has lapsed, and is re-peeked at once. Otherwise (unreachable, 5xx) it lapses only once
+    the remote interval has passed since the last confirmation; until then the renewal is
+    retried after the back-off (``draw`` in [0, 1) picks the jitter), but no later than
+    that moment."""
     interval = sub.remote_interval_ms or 0
     last = sub.last_renewed_ms or 0
+    failures = sub.failures + 1
     if refused or now_ms >= last + interval:
-        return replace(sub, state=SubState.LAPSED, renew_at_ms=None)
-    return replace(sub, renew_at_ms=now_ms + RENEW_RETRY_MS)
+        return replace(
+            sub, state=SubState.LAPSED, renew_at_ms=None, failures=failures, retry_at_ms=None
+        )
+    delay = backoff_delay(failures, *RETRY_BACKOFF_MS, draw)
+    return replace(sub, renew_at_ms=min(now_ms + int(delay), last + interval), failures=failures)
+
+
+def repeek_failed(
+    sub: Subscription, *, now_ms: int, draw: float, not_before_ms: int | None = None
+) -> Subscription:
+    """A re-peek of a lapsed room failed at every candidate (5xx, unreachable, 429, ...):
+    it stays LAPSED and is tried again after the back-off (``draw`` in [0, 1) picks the
+    jitter), and not before ``not_before_ms`` (a remote's ``retry_after_ms``). A room that
+    was never peeked (no room version) is FAILED instead: its devices got the error."""
+    failures = sub.failures + 1
+    retry = now_ms + int(backoff_delay(failures, *RETRY_BACKOFF_MS, draw))
+    if not_before_ms is not None:
+        retry = max(retry, not_before_ms)
+    return replace(
+        sub,
+        state=SubState.LAPSED if sub.room_version is not None else SubState.FAILED,
+        server=None,
+        peek_id=None,
+        renew_at_ms=None,
+        failures=failures,
+        retry_at_ms=retry,
+    )
+
+
+def resume_spread_ms(subscriptions: int) -> int:
+    """Over how long (ms) to spread the renewals and re-peeks of ``subscriptions`` stored
+    subscriptions after a restart: ``RESUME_SPACING_MS`` each, at most ``RESUME_SPREAD_MS``
+    (1 room: 10 ms; 100: 1 s; 6,000 and more: a minute)."""
+    return min(RESUME_SPREAD_MS, max(0, subscriptions) * RESUME_SPACING_MS)
+
+
+def resumed(sub: Subscription, *, now_ms: int, draw: float, spread_ms: int) -> Subscription:
+    """A stored subscription after a restart (``spread_ms`` from :func:`resume_spread_ms`).
+
+    An active peek is renewed at ``now_ms + draw * window``, ``window`` being ``spread_ms``
+    but at most half the time the peek has left before its remote interval runs out: many
+    rooms do not renew all at once, and each still renews in time. One whose interval ran
+    out while peekproxy was down has lapsed (its old peek is DELETEd). Lapsed rooms still
+    wanted are re-peeked at ``now_ms + draw * spread_ms``. A peek that was still starting is
+    abandoned. ``draw`` is in [0, 1).
+    """
+    if sub.state is SubState.ACTIVE:
+        deadline = (sub.last_renewed_ms or 0) + (sub.remote_interval_ms or 0)
+        if now_ms >= deadline:
+            sub = replace_peek(renewal_failed(sub, refused=True, now_ms=now_ms, draw=draw))
+        else:
+            window = min(spread_ms, (deadline - now_ms) // 2)
+            return replace(sub, renew_at_ms=now_ms + int(draw * window))
+    if sub.state is SubState.LAPSED and sub.wanted:
+        return replace(sub, retry_at_ms=now_ms + int(draw * spread_ms))
+    if sub.state is SubState.STARTING:
+        return unwanted(sub, now_ms=now_ms, linger_ms=0)
+    return sub
 
 
 def wanted(sub: Subscription, candidates: tuple[str, ...] = ()) -> Subscription:

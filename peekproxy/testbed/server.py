@@ -16,8 +16,9 @@ import logging
 import os
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes
@@ -69,6 +70,27 @@ class TestbedListening:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+#: How many peek requests :attr:`Testbed.peek_requests` remembers (the oldest go first).
+PEEK_REQUESTS_KEPT = 10_000
+
+
+@dataclass(frozen=True)
+class PeekRequest:
+    """One authenticated request to the peek endpoint, as answered: ``method`` (``PUT``,
+    ``DELETE``, or ``POST`` for an R4 renew), ``status`` (the HTTP status sent, injected
+    faults included) and ``at_ms`` (wall clock, ms)."""
+
+    method: str
+    origin: str
+    room_id: str
+    peek_id: str
+    status: int
+    at_ms: int
+
+    def to_json(self) -> dict[str, str | int]:
+        return asdict(self)
 
 
 #: State the admin API does not set directly, and what to do instead.
@@ -126,6 +148,9 @@ class Testbed:
         #: Every peek request handled: (action, origin, room_id, peek_id), action being
         #: "start", "renew" (re-PUT or R4), "delete", "expire" (admin) or "end".
         self.peek_log: list[tuple[str, str, str, str]] = []
+        #: Every authenticated peek request and its status, failures included (the newest
+        #: ``PEEK_REQUESTS_KEPT``): what a peeker really sent, e.g. while faults are injected.
+        self.peek_requests: deque[PeekRequest] = deque(maxlen=PEEK_REQUESTS_KEPT)
         self._activity = trio.Event()
         self._rate = _TokenBucket(
             config.peeks.rate_limit_per_second, config.peeks.rate_limit_burst, time.monotonic
@@ -676,14 +701,26 @@ def federation_app(testbed: Testbed) -> Starlette:
             raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
         origin, content = await auth(request)
         room_id, peek_id = segments[0], segments[1]
-        if renewing:
-            return JSONResponse(testbed.renew_peek(origin, room_id, peek_id))
-        if request.method == "DELETE":
-            return JSONResponse(testbed.delete_peek(origin, room_id, peek_id))
-        if not isinstance(content, dict):
-            raise MatrixError(400, "M_BAD_JSON", "the peek request body must be a JSON object")
-        versions = request.query_params.getlist("ver") or ["1"]
-        return JSONResponse(testbed.put_peek(origin, room_id, peek_id, versions))
+        status = 500
+        try:
+            if renewing:
+                answer = testbed.renew_peek(origin, room_id, peek_id)
+            elif request.method == "DELETE":
+                answer = testbed.delete_peek(origin, room_id, peek_id)
+            elif not isinstance(content, dict):
+                raise MatrixError(400, "M_BAD_JSON", "the peek request body must be a JSON object")
+            else:
+                versions = request.query_params.getlist("ver") or ["1"]
+                answer = testbed.put_peek(origin, room_id, peek_id, versions)
+            status = 200
+            return JSONResponse(answer)
+        except MatrixError as e:
+            status = e.status
+            raise
+        finally:
+            testbed.peek_requests.append(
+                PeekRequest(request.method, origin, room_id, peek_id, status, _now_ms())
+            )
 
     async def event(request: Request) -> Response:
         origin, _ = await auth(request)
@@ -863,6 +900,10 @@ def admin_app(testbed: Testbed, token: str) -> Starlette:
         active = testbed.peeks.active(testbed.clock_ms())
         return JSONResponse({"peeks": [p.to_json() for p in active]})
 
+    async def peek_requests(request: Request) -> Response:
+        check(request)
+        return JSONResponse({"requests": [r.to_json() for r in testbed.peek_requests]})
+
     async def expire_peek(request: Request) -> Response:
         check(request)
         # Raw segments, so that peek IDs holding "/" (as %2F) can be named.
@@ -920,6 +961,7 @@ def admin_app(testbed: Testbed, token: str) -> Starlette:
                 f"{prefix}/rooms/{{room_id}}/members/{{membership}}", membership, methods=["POST"]
             ),
             Route(f"{prefix}/peeks", peeks, methods=["GET"]),
+            Route(f"{prefix}/peek_requests", peek_requests, methods=["GET"]),
             Route(f"{prefix}/peeks/{{rest:path}}", expire_peek, methods=["DELETE"]),
             Route(f"{prefix}/faults", faults, methods=["GET", "PUT"]),
             Route(f"{prefix}/outbox", outbox, methods=["GET"]),
