@@ -47,7 +47,7 @@ async def test_peeking_again_changes_nothing_the_device_sees(world: PeekWorld) -
     token = (await world.sync())["next_batch"]
     assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
     first = await world.sync(since=token)
-    assert bodies(first["rooms"]["peek"][room_id]) == ["old news"]
+    assert bodies(first["rooms"]["peek"][room_id])[-1] == "old news"  # after the room's set-up
     quiet = await world.sync(since=first["next_batch"])
     assert room_id not in quiet["rooms"]["peek"]
 
