@@ -5,6 +5,7 @@ never stored). No request may end in a 500."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -116,11 +117,31 @@ async def test_user_and_device_ids_given_once_and_bounded(world: PeekWorld) -> N
     )
     assert room_id in synced.json()["rooms"]["peek"]
 
-    # Overlong IDs never reach the log in full (the access log has no query string; our own
-    # lines quote at most 40 characters).
+    # Over-long IDs in the path (room ID, alias, event ID) are refused as well.
+    long_room = "!" + "r" * 300 + ":testbed.test"
+    long_paths = [
+        ("POST", f"/peek/{quote(long_room, safe='')}", {}),
+        ("POST", f"/peek/{quote('#' + 'a' * 300 + ':testbed.test', safe='')}", {}),
+        ("POST", f"/rooms/{quote(long_room, safe='')}/unpeek", {}),
+        ("GET", f"/rooms/{quote(long_room, safe='')}/state", None),
+        ("POST", "/peek_room", {"room": long_room}),
+    ]
+    for method, path, body in long_paths:
+        response = await request(
+            world, method, path, [("user_id", ALICE), ("device_id", "D1")], body
+        )
+        assert_error(response, 400, "M_INVALID_PARAM")
+
+    # Over-long IDs never reach the log in full: the access log has no query string and
+    # cuts long path segments; our own lines quote at most 40 characters.
     await world.daemon.wait_for_log(rb"peeks " + room_id.encode())
-    assert long_user not in world.daemon.log and long_device not in world.daemon.log
-    assert "u" * 41 not in world.daemon.log
+    marker = await request(world, "GET", "/rooms/!last:x/state", [("user_id", ALICE)])
+    assert_error(marker, 400, "M_MISSING_PARAM")
+    await world.daemon.wait_for_log(rb'"GET /_peekproxy/v1/rooms/!last:x/state HTTP/1.1" 400')
+    log = world.daemon.log
+    assert re.search(r"/rooms/!rrrrr+…\[314 bytes\]/unpeek", log), log[-2000:]
+    assert long_user not in log and long_device not in log and long_room not in log
+    assert "u" * 41 not in log and "r" * 41 not in log and "a" * 41 not in log
 
 
 @pytest.mark.slow
@@ -181,6 +202,10 @@ def test_device_params_unit() -> None:
         assert caught.value.status == 400 and caught.value.errcode == errcode, given
         assert "x" * 41 not in caught.value.error
     check_hints(["a.test", "a.test:8448", "1.2.3.4", "[::1]:8448"])
+    from peekproxy.logs import short_path
+
+    assert short_path("/a/" + "é" * 128 + "/b") == "/a/" + "é" * 40 + "…[256 bytes]/b"
+    assert short_path("/a/" + "x" * 255) == "/a/" + "x" * 255
     for bad in BAD_HINTS:
         with pytest.raises(MatrixError) as caught:
             check_hints(["ok.test", bad])
