@@ -20,6 +20,7 @@ from tests.peek_world import PEEKPROXY, TESTBED, PeekWorld, build_world
 BOB = "@bob:other.test"  # joined
 DAVE = "@dave:other.test"  # joined
 CAROL = "@carol:other.test"  # not joined
+ERIN = "@erin:other.test"  # joins later
 ADMIN = f"@admin:{TESTBED}"
 
 
@@ -98,8 +99,19 @@ async def test_relayed_typing_and_receipts_reach_the_sync(
     quiet = await world.sync(since=since, timeout_ms=300)
     assert room_id not in quiet["rooms"]["peek"]
 
+    # A user who joins and types at once (one transaction: the join PDU, then the EDU)
+    # counts: membership is checked after the transaction's events are stored.
+    world.testbed.membership(room_id, ERIN, "join")
+    world.testbed.typing(room_id, ERIN, True)
+    await delivered(world)
+    assert any(t.event_ids and t.edu_types for t in world.testbed.senders[PEEKPROXY].transactions)
+    synced = await world.sync(since=since)
+    assert ephemeral(synced, room_id) == {"m.typing": {"user_ids": sorted([ADMIN, DAVE, ERIN])}}
+    joins = [e for e in synced["rooms"]["peek"][room_id]["timeline"]["events"]]
+    assert [e["state_key"] for e in joins] == [ERIN]
+
     # Another device that starts peeking now sees who is typing (and the receipts).
     assert (await world.peek(room_id, device="D2")).status_code == 200
     fresh = ephemeral(await world.sync(device="D2"), room_id)
-    assert fresh["m.typing"] == {"user_ids": sorted([ADMIN, DAVE])}
+    assert fresh["m.typing"] == {"user_ids": sorted([ADMIN, DAVE, ERIN])}
     assert set(fresh["m.receipt"][message]["m.read"]) == {BOB, DAVE}
