@@ -305,17 +305,17 @@ def typing_now(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
 
 
 def stop_typing(
-    conn: sqlite3.Connection, room_id: str, user_id: str, position: int | None, now_ms: int
+    conn: sqlite3.Connection, room_id: str, user_id: str, position: int, now_ms: int
 ) -> bool:
     """Store that ``user_id`` stopped typing in the room (the typing timeout ran out), if
-    their latest ``m.typing`` row is still the typing one at ``position`` (any typing row
-    when ``None``). Returns whether a row was written."""
+    their latest ``m.typing`` row is still the typing one at stream position ``position``.
+    Returns whether a row was written."""
     row = conn.execute(
         "SELECT stream_pos FROM ephemeral WHERE room_id = ? AND edu_type = 'm.typing' AND "
         "user_id = ? AND typing = 1",
         (room_id, user_id),
     ).fetchone()
-    if row is None or (position is not None and int(row[0]) != position):
+    if row is None or int(row[0]) != position:
         return False
     save_ephemeral(conn, room_id, "m.typing", {"user_id": user_id, "typing": False}, now_ms)
     return True
