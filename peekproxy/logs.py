@@ -1,7 +1,8 @@
 """Logging to stderr: plain text (no timestamp under journald) or one JSON object per line.
 
 Loggers: ``peekproxy.*`` for the daemon, ``peekproxy.access`` for the access log (path
-without query string, so access tokens never reach the log), ``peekproxy.http`` for
+without query string, so access tokens never reach the log; a path segment over 255 bytes,
+such as an over-long room ID, shows only its first 40 characters), ``peekproxy.http`` for
 hypercorn's own messages.
 """
 
@@ -11,12 +12,44 @@ import json
 import logging
 import os
 import sys
+from collections.abc import MutableMapping
 from typing import Literal
 
-__all__ = ["ACCESS_LOG_FORMAT", "JsonFormatter", "setup_logging"]
+__all__ = ["ACCESS_LOG_FORMAT", "JsonFormatter", "setup_logging", "short_path"]
 
 #: hypercorn access-log atoms: client, "METHOD PATH PROTO" (no query), status, bytes, seconds.
 ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s HTTP/%(H)s" %(s)s %(b)s %(L)ss'
+
+
+#: A path segment longer than this many UTF-8 bytes (the spec's limit on identifiers) is
+#: logged by its first ``SHOWN_CHARS`` characters only.
+MAX_SEGMENT_BYTES = 255
+SHOWN_CHARS = 40
+
+
+def short_path(path: str) -> str:
+    """``path`` (decoded, as ASGI gives it) with every segment over 255 bytes cut to its
+    first 40 characters plus ``…[<n> bytes]``: an identifier that long is invalid, and is
+    never logged in full."""
+    segments = path.split("/")
+    for i, segment in enumerate(segments):
+        size = len(segment.encode("utf-8", "surrogatepass"))
+        if size > MAX_SEGMENT_BYTES:
+            segments[i] = f"{segment[:SHOWN_CHARS]}…[{size} bytes]"
+    return "/".join(segments)
+
+
+class _ShortPaths(logging.Filter):
+    """Applies :func:`short_path` to the path atoms of hypercorn's access-log records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        atoms = record.args
+        if isinstance(atoms, MutableMapping):
+            for key in ("U", "r"):
+                value = atoms.get(key)
+                if isinstance(value, str):
+                    atoms[key] = short_path(value)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -48,7 +81,10 @@ def setup_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("peekproxy.access").disabled = not access_log
+    access = logging.getLogger("peekproxy.access")
+    access.disabled = not access_log
+    if not any(isinstance(f, _ShortPaths) for f in access.filters):
+        access.addFilter(_ShortPaths())
     # hypercorn's own start-up chatter ("Running on ...") duplicates our ready line.
     logging.getLogger("peekproxy.http").setLevel(max(logging.WARNING, root.level))
     # httpx logs full request URLs at INFO; keep them at DEBUG-only.

@@ -7,6 +7,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
+import pytest
 import trio
 import trustme
 
@@ -87,3 +88,41 @@ async def test_client_endpoints_with_homeserver_tokens(
     assert unknown.status_code == 401 and unknown.json()["errcode"] == "M_UNKNOWN_TOKEN"
     assert len(world.log_of("start")) == 1  # one subscription for all of it
     assert token not in world.daemon.log  # tokens are never logged
+
+
+@pytest.mark.slow
+async def test_client_endpoints_refuse_bad_server_hints(
+    synapse: Synapse, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    """Front mode runs the same handlers: a hint that is not a server name is a 400 on every
+    client prefix, before any lookup (issue 10 item 16)."""
+    world = await build_world(
+        nursery,
+        tls_ca,
+        tmp_path,
+        spawn,
+        peeks_env={"PEEKPROXY_UPSTREAM__HOMESERVER_URL": synapse.client},
+    )
+    token = synapse.register("hint-user")
+    room_id = world.create_room("10")
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=world.daemon.client, timeout=60) as http:
+        for prefix in PREFIXES:
+            responses = [
+                await http.post(
+                    f"{prefix}/peek/{quote(room_id, safe='')}",
+                    params=[("server_name", TESTBED), ("server_name", "not a server")],
+                    json={},
+                    headers=auth,
+                ),
+                await http.post(
+                    f"{prefix}/peek_room",
+                    json={"room": room_id, "servers": [TESTBED, "x.test/path"]},
+                    headers=auth,
+                ),
+            ]
+            for response in responses:
+                assert response.status_code == 400, response.text
+                assert response.json()["errcode"] == "M_INVALID_PARAM"
+                assert "server hint" in response.json()["error"]
+    assert world.log_of("start") == []

@@ -142,16 +142,39 @@ def test_rows_out_of_order_break_the_window_for_good() -> None:
     assert window.answer(ALICE, 11, timeline_limit=10, room_version_of=version_10) is None
 
 
-def test_only_the_newest_edu_of_each_type_is_shown() -> None:
-    window = window_with_alice()
-    typing = [
-        StreamChange(11, ROOM, "ephemeral", edu_type="m.typing", content={"user_id": "@a:r"}),
-        StreamChange(12, ROOM, "ephemeral", edu_type="m.typing", content={"user_id": "@b:r"}),
-    ]
-    window.apply(typing, 12)
-    answer = window.answer(ALICE, 10, timeline_limit=10, room_version_of=version_10)
+def _typing(pos: int, user_id: str, typing: bool = True) -> StreamChange:
+    content = {"room_id": ROOM, "user_id": user_id, "typing": typing}
+    return StreamChange(pos, ROOM, "ephemeral", edu_type="m.typing", content=content)
+
+
+def _typing_shown(window: LiveWindow, since: int) -> list[Any] | None:
+    answer = window.answer(ALICE, since, timeline_limit=10, room_version_of=version_10)
     assert answer is not None
-    assert answer.views[ROOM].ephemeral == [("m.typing", {"user_id": "@b:r"}, 12)]
+    built = build_sync(
+        since=since, upto=answer.upto, peeks=answer.peeks, rooms=answer.views, now_ms=0
+    )
+    room = built["rooms"]["peek"].get(ROOM)
+    if room is None:
+        return None
+    return [
+        e["content"]["user_ids"] for e in room["ephemeral"]["events"] if e["type"] == "m.typing"
+    ]
+
+
+def test_every_user_typing_is_shown() -> None:
+    """Two users typing in one sync range are both listed, and a user who started typing
+    before ``since`` is still listed when someone else starts (issue 10 item 8)."""
+    window = window_with_alice()
+    window.apply([_typing(11, "@a:r"), _typing(12, "@b:r")], 12)
+    assert _typing_shown(window, 10) == [["@a:r", "@b:r"]]
+    assert _typing_shown(window, 11) == [["@a:r", "@b:r"]]
+    assert _typing_shown(window, 12) is None  # no news
+    window.apply([_typing(13, "@a:r", False)], 13)
+    assert _typing_shown(window, 12) == [["@b:r"]]
+    window.apply([message(14)], 14)
+    assert _typing_shown(window, 13) == []  # news, but no typing change: no m.typing event
+    window.apply([_typing(15, "@b:r", False)], 15)
+    assert _typing_shown(window, 14) == [[]]
 
 
 # -- the store's commit hook ----------------------------------------------------------------
@@ -335,12 +358,14 @@ async def test_memory_answers_equal_store_answers(tmp_path: Path, seed: int) -> 
             await store.write(partial(db.add_gap, room_id=room_id, now_ms=0))
         elif roll < 0.85:
             edu_type = rng.choice(["m.typing", "m.receipt"])
+            # Several users, so that typing and receipts of different users overlap.
+            user = rng.choice(["@carol:remote.test", "@dave:remote.test", "@erin:other.test"])
             content: dict[str, Any] = (
-                {"room_id": room_id, "user_id": "@carol:remote.test", "typing": rng.random() < 0.5}
+                {"room_id": room_id, "user_id": user, "typing": rng.random() < 0.6}
                 if edu_type == "m.typing"
                 else {
-                    "m.read": {
-                        "@carol:remote.test": {"event_ids": [f"$event{n}"], "data": {"ts": n}}
+                    rng.choice(["m.read", "m.read.private"]): {
+                        user: {"event_ids": [f"$event{n}"], "data": {"ts": n}}
                     }
                 }
             )

@@ -152,3 +152,41 @@ async def test_a_shared_response_is_not_reused_with_a_stale_age(tmp_path: Path) 
     again = await service.sync(*ALICE, since=first["next_batch"], timeout_ms=0)
     age = again["rooms"]["peek"][ROOM]["timeline"]["events"][0]["unsigned"]["age"]
     assert age == 604_000 - 1  # fails: still 3999
+
+
+async def _typing(store: Store, room_id: str, user_id: str, typing: bool) -> None:
+    content = {"room_id": room_id, "user_id": user_id, "typing": typing}
+    await store.write(
+        partial(db.save_ephemeral, room_id=room_id, edu_type="m.typing", content=content, now_ms=0)
+    )
+
+
+async def test_several_users_typing_from_memory_equal_the_store(tmp_path: Path) -> None:
+    """Typing per user (issue 10 item 8): memory lists everyone typing, including users who
+    started before ``since``, exactly as the store does."""
+    store, service = await _service(tmp_path)
+    await _set_peek(store, ROOM, "active")
+    first = await service.sync(*ALICE, since=None, timeout_ms=0)
+    await _typing(store, ROOM, "@bob:other.test", True)
+    await _typing(store, ROOM, "@dave:other.test", True)
+    tokens = [first["next_batch"]]
+    for user, typing in [("@erin:third.test", True), ("@bob:other.test", False)]:
+        answer = await service.sync(*ALICE, since=tokens[-1], timeout_ms=0)
+        tokens.append(answer["next_batch"])
+        await _typing(store, ROOM, user, typing)
+    await _event(store, 9, ROOM)
+    shown = []
+    for token in tokens:
+        before = service.live.answer(
+            ALICE, decode_token(token), timeline_limit=10, room_version_of=lambda r: "10"
+        )
+        assert before is not None  # answered from memory
+        answer = await service.sync(*ALICE, since=token, timeout_ms=0)
+        assert answer == await _store_answer(store, decode_token(token))
+        events = answer["rooms"]["peek"][ROOM]["ephemeral"]["events"]
+        shown.append([e["content"]["user_ids"] for e in events if e["type"] == "m.typing"])
+    assert shown == [
+        [["@dave:other.test", "@erin:third.test"]],
+        [["@dave:other.test", "@erin:third.test"]],
+        [["@dave:other.test", "@erin:third.test"]],
+    ]

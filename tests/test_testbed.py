@@ -940,3 +940,57 @@ async def test_outbox_shows_retries_and_given_up_transactions(world: World) -> N
     assert statuses[0] == ([retried], "sent")
     assert statuses[1][0] == [given_up] and statuses[1][1].startswith("failed: HTTP 403")
     assert statuses[2] == ([after], "sent") and outbox["sending"] is None
+
+
+async def test_edus_and_remote_servers_users(world: World) -> None:
+    """Typing and receipts for users of any server go to the room's peekers (issue 10 item
+    8); users of a simulated remote server join with that server's signature, and rooms
+    holding their events load again after a restart."""
+    room_id = await world.create_room(room_version="10")
+    room = quote(room_id, safe="")
+    async with admin(world.listening) as http:
+        unknown = await http.post(f"/rooms/{room}/members/join", json={"user": "@bob:other.test"})
+        assert unknown.status_code == 400  # not a user of this server, nor of a simulated one
+        bad = await http.post("/remote_servers", json={"server_name": "not a name"})
+        assert bad.status_code == 400 and bad.json()["errcode"] == "M_INVALID_PARAM"
+        own = await http.post("/remote_servers", json={"server_name": world.name})
+        assert own.status_code == 400
+        added = await http.post("/remote_servers", json={"server_name": "other.test"})
+        assert added.status_code == 200
+        document = added.json()["remote_servers"]["other.test"]
+        assert document["server_name"] == "other.test" and document["verify_keys"]
+        joined = await http.post(f"/rooms/{room}/members/join", json={"user": "@bob:other.test"})
+        assert joined.status_code == 200, joined.text
+        join_pdu = world.testbed.rooms[room_id].event(joined.json()["event_id"])
+        assert join_pdu is not None and set(join_pdu["signatures"]) == {"other.test"}
+
+        await world.peek(room_id)
+        typing = await http.post(f"/rooms/{room}/typing", json={"user": "@carol:far.test"})
+        assert typing.json() == {"destinations": [world.peer.name]}
+        message = await world.send(room_id, "read me")
+        receipt = await http.post(
+            f"/rooms/{room}/receipt", json={"user": "@bob:other.test", "event_id": message}
+        )
+        assert receipt.status_code == 200
+        stops = await http.post(f"/rooms/{room}/typing", json={"user": "alice", "typing": False})
+        assert stops.status_code == 200
+        assert (await http.post(f"/rooms/{room}/typing", json={"user": "@x"})).status_code == 400
+        await world.testbed.senders[world.peer.name].wait_idle()
+        outbox = (await http.get("/outbox")).json()[world.peer.name]["transactions"]
+    edus = [edu for t in world.peer.transactions for edu in t["body"].get("edus", [])]
+    assert edus[0] == {
+        "edu_type": "m.typing",
+        "content": {"room_id": room_id, "user_id": "@carol:far.test", "typing": True},
+    }
+    assert edus[1]["edu_type"] == "m.receipt"
+    assert edus[1]["content"][room_id]["m.read"]["@bob:other.test"]["event_ids"] == [message]
+    assert edus[2]["content"]["user_id"] == f"@alice:{world.name}"
+    assert edus[2]["content"]["typing"] is False
+    assert [e for t in outbox for e in t["edu_types"]] == ["m.typing", "m.receipt", "m.typing"]
+    # A restarted testbed loads the room with the remote user's join (and the key).
+    restarted = Testbed(
+        world.testbed.config, world.testbed.signing_key, world.testbed.client, world.testbed.keyring
+    )
+    assert restarted.load_rooms() >= 1
+    assert restarted.rooms[room_id].membership("@bob:other.test") == "join"
+    assert set(restarted.remote_keys) == {"other.test"}

@@ -39,16 +39,33 @@ from starlette.routing import Route
 
 from peekproxy.api.errors import MatrixError
 from peekproxy.api.federation_auth import read_json_body
-from peekproxy.identifiers import InvalidIdentifier, RoomId, UserId
+from peekproxy.identifiers import (
+    MAX_IDENTIFIER_BYTES,
+    InvalidIdentifier,
+    RoomId,
+    ServerName,
+    UserId,
+)
 from peekproxy.peeks import history, reading
 from peekproxy.peeks.service import PeekError, PeekService
 from peekproxy.peeks.sync import InvalidToken
 
-__all__ = ["SecretFileError", "TokenBucket", "delegation_routes", "read_secret", "timeline_limit"]
+__all__ = [
+    "SecretFileError",
+    "TokenBucket",
+    "check_hints",
+    "delegation_routes",
+    "device_params",
+    "read_secret",
+    "timeline_limit",
+]
 
 log = logging.getLogger("peekproxy.delegation")
 
 MAX_SYNC_TIMEOUT_MS = 300_000
+#: Longest ``user_id`` / ``device_id`` accepted, in UTF-8 bytes (spec appendix §User
+#: Identifiers: 255 bytes; device IDs get the same bound).
+MAX_ID_BYTES = MAX_IDENTIFIER_BYTES
 DEFAULT_TIMELINE_LIMIT = 10
 
 
@@ -75,6 +92,66 @@ def timeline_limit(filter_param: str | None) -> int:
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise MatrixError(400, "M_INVALID_PARAM", "room.timeline.limit must be a positive integer")
     return min(limit, 100)
+
+
+def _shown(value: str) -> str:
+    """``value`` as error messages and logs quote it: at most 40 characters, repr-escaped."""
+    return repr(value[:40]) + ("..." if len(value) > 40 else "")
+
+
+def device_params(getlist: Callable[[str], list[str]]) -> tuple[str, str]:
+    """(user ID, device ID) from the ``user_id`` and ``device_id`` query parameters
+    (``getlist`` gives every value of a parameter, in order).
+
+    Each must be given exactly once: a repeated parameter is ambiguous (which one did the
+    homeserver authenticate?), so it is refused rather than "the last one wins". Both are at
+    most 255 bytes of UTF-8 (the spec's limit on user IDs, applied to device IDs too). Error
+    messages quote at most the first 40 characters of a value.
+
+    Raises:
+        MatrixError: 400 ``M_MISSING_PARAM`` (missing or empty), 400 ``M_INVALID_PARAM``
+            (given twice, over 255 bytes, or ``user_id`` not a user ID).
+    """
+    values = {name: getlist(name) for name in ("user_id", "device_id")}
+    for name, given in values.items():
+        if len(given) > 1:
+            raise MatrixError(400, "M_INVALID_PARAM", f"{name} is given {len(given)} times")
+    user_id = values["user_id"][0] if values["user_id"] else ""
+    device_id = values["device_id"][0] if values["device_id"] else ""
+    if not user_id or not device_id:
+        raise MatrixError(400, "M_MISSING_PARAM", "user_id and device_id are required")
+    for name, value in (("user_id", user_id), ("device_id", device_id)):
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_ID_BYTES:
+            raise MatrixError(
+                400,
+                "M_INVALID_PARAM",
+                f"{name} is {size} bytes long, more than {MAX_ID_BYTES}: {_shown(value)}",
+            )
+    try:
+        UserId.parse(user_id)
+    except InvalidIdentifier as e:
+        raise MatrixError(400, "M_INVALID_PARAM", f"user_id: {e}") from None
+    return user_id, device_id
+
+
+def check_hints(hints: Sequence[str]) -> None:
+    """Refuse server hints (``server_name`` query parameters, body ``servers``) that are
+    not server names (spec appendix §Server Name), before anything is looked up or stored.
+
+    Raises:
+        MatrixError: 400 ``M_INVALID_PARAM`` naming the first bad hint.
+    """
+    for hint in hints:
+        try:
+            ServerName.parse(hint)
+        except InvalidIdentifier:
+            raise MatrixError(
+                400,
+                "M_INVALID_PARAM",
+                f"server hint {_shown(hint)} is not a valid server name "
+                "(hostname or IP literal, optional :port)",
+            ) from None
 
 
 class SecretFileError(ValueError):
@@ -180,15 +257,7 @@ def delegation_routes(
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {secret}".encode()):
             raise MatrixError(401, "M_UNKNOWN_TOKEN", "missing or wrong delegation secret")
-        user_id = request.query_params.get("user_id")
-        device_id = request.query_params.get("device_id")
-        if not user_id or not device_id:
-            raise MatrixError(400, "M_MISSING_PARAM", "user_id and device_id are required")
-        try:
-            UserId.parse(user_id)
-        except InvalidIdentifier as e:
-            raise MatrixError(400, "M_INVALID_PARAM", f"user_id: {e}") from None
-        return user_id, device_id
+        return device_params(request.query_params.getlist)
 
     async def body_of(request: Request) -> Any:
         body = await read_json_body(request)
@@ -205,6 +274,7 @@ def delegation_routes(
             )
 
     async def start_peek(user_id: str, device_id: str, room: str, hints: list[str]) -> str:
+        check_hints(hints)  # before any lookup, and before a rate-limit token is spent
         rate_limit(user_id)
         try:
             return await service.peek(user_id, device_id, room, hints)

@@ -16,8 +16,10 @@ store. It answers only the common case of an incremental sync (protocol.md §2.5
   the timeline ``limited``, which needs the room's state).
 
 Within those limits the answer equals what the store snapshot gives: the same events, the
-same positions, and for EDUs the newest ``m.typing`` / ``m.receipt`` per room, as the
-``ephemeral`` table keeps them.
+same positions, and the same per-user ``m.typing`` / ``m.receipt`` rows. The users typing
+now are kept per room outside the trimmed rows (a sync lists every user typing, however
+long ago they started), from the window's start on: the service ends all typing when it
+starts (``PeekService.run``), so nobody types before the window's start.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ class LiveWindow:
         #: Room views built since the last apply, by (room, first new position, limit); the
         #: devices woken by one change share them. ``None``: the timeline would be limited.
         self._views: dict[tuple[str, int, int], RoomView | None] = {}
+        #: Per room, the users typing now and their latest ``m.typing`` row.
+        self._typing: dict[str, dict[str, StreamChange]] = {}
         self.broken = False
 
     def start(self, upto: int) -> None:
@@ -112,6 +116,7 @@ class LiveWindow:
         self._rooms.clear()
         self._devices.clear()
         self._views.clear()
+        self._typing.clear()
 
     def apply(self, changes: Iterable[StreamChange], upto: int) -> None:
         """Apply one committed write: its stream rows in position order, all after the
@@ -135,6 +140,8 @@ class LiveWindow:
             elif change.kind in ROOM_KINDS:
                 self._rooms.setdefault(change.room_id, deque()).append(change)
                 self._order.append((change.pos, change.room_id))
+                if change.edu_type == "m.typing":
+                    self._apply_typing(change)
         if upto < last:
             self.broken = True
             raise ValueError(f"watermark {upto} is behind stream row {last}")
@@ -146,6 +153,19 @@ class LiveWindow:
             if not items:
                 del self._rooms[room_id]
             self.complete_after = pos
+
+    def _apply_typing(self, change: StreamChange) -> None:
+        content = change.content or {}
+        user_id = content.get("user_id")
+        if not isinstance(user_id, str):
+            return
+        room = self._typing.setdefault(change.room_id, {})
+        if content.get("typing") is True:
+            room[user_id] = change
+        else:
+            room.pop(user_id, None)
+            if not room:
+                del self._typing[change.room_id]
 
     def _apply_device(self, change: StreamChange) -> None:
         if change.device is None or change.peek_state is None:
@@ -255,13 +275,18 @@ class LiveWindow:
         recent: list[StreamItem] = []
         events: dict[str, Mapping[str, Any]] = {}
         redacted: set[str] = set()
-        latest_edu: dict[str, StreamChange] = {}
+        # Who was typing before ``since`` (the rows after it are among ``newer``).
+        ephemeral: list[tuple[str, Mapping[str, Any], int]] = [
+            ("m.typing", row.content or {}, row.pos)
+            for row in self._typing.get(room_id, {}).values()
+            if row.pos < newer[0].pos
+        ]
         for item in newer:
             if item.kind == "gap":
                 raise _Limited
             if item.kind == "ephemeral":
                 if item.edu_type is not None:
-                    latest_edu[item.edu_type] = item
+                    ephemeral.append((item.edu_type, item.content or {}, item.pos))
                 continue
             if item.event_id is None or item.pdu is None:
                 raise _Limited  # not expected: let the store answer
@@ -271,12 +296,7 @@ class LiveWindow:
                 redacted.add(item.event_id)
         if len(recent) > limit:
             raise _Limited
-        # The newest EDU of each type after ``since`` is the room's newest (the window holds
-        # everything after ``since``): the one row the store's ``ephemeral`` table keeps.
-        ephemeral = [
-            (edu_type, item.content or {}, item.pos)
-            for edu_type, item in sorted(latest_edu.items())
-        ]
+        ephemeral.sort(key=lambda row: row[2])
         return RoomView(
             room_id=room_id,
             room_version=room_version or FALLBACK_ROOM_VERSION,

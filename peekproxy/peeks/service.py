@@ -30,7 +30,7 @@ from peekproxy.federation.events import compute_event_id
 from peekproxy.federation.keyring import Keyring
 from peekproxy.federation.pdu import check_pdu
 from peekproxy.federation.room_versions import KNOWN_ROOM_VERSIONS, UnknownRoomVersion, room_version
-from peekproxy.identifiers import InvalidIdentifier, RoomAlias, RoomId
+from peekproxy.identifiers import InvalidIdentifier, RoomAlias, RoomId, UserId
 from peekproxy.metrics import SYNC_ANSWERS
 from peekproxy.peeks import history
 from peekproxy.peeks import subscription as subs
@@ -80,6 +80,10 @@ PEEK_PUT_TIMEOUT_S = 15.0
 #: Retries of failed DELETEs of a room: 1 s doubling to 5 min, ±20 % (re-peeks and renewals
 #: back off in the subscription itself: ``subscription.RETRY_BACKOFF_MS``).
 DELETE_BACKOFF_S = (1.0, 300.0)
+#: A remote user stops typing this long after the last ``m.typing`` saying they type (the
+#: EDU's ``timeout`` is not sent over federation). Synapse's receiving side uses the same
+#: 60 s (``FEDERATION_TIMEOUT``) and its sending side repeats ``typing: true`` every 40 s.
+TYPING_TIMEOUT_MS = 60_000
 
 
 class PeekError(Exception):
@@ -151,6 +155,9 @@ class PeekService:
         self._built: dict[str, Any] = {}
         #: Servers that showed they lack MSC2444: skipped by _establish for an hour.
         self.unsupported = UnsupportedServers()
+        #: (expires at ms, room, user, stream position) per ``typing: true`` row stored.
+        self._typing_heap: list[tuple[int, str, str, int]] = []
+        self._typing_changed = trio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -160,6 +167,11 @@ class PeekService:
         now = self.clock_ms()
         self.store.set_commit_hook(self._read_changes, self._apply_changes)
         await self.store.write(lambda conn: None)  # starts the live window at the newest row
+        # Typing does not outlive a restart (its expiry timers are in memory): whoever was
+        # typing has stopped; a remote that still types says so again within 40 s.
+        await self.store.write(
+            lambda conn: [db.stop_typing(conn, r, u, p, now) for r, u, p in db.typing_now(conn)]
+        )
         loaded = await self.store.read(db.load_subscriptions)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -184,6 +196,7 @@ class PeekService:
             for user_id, device_id in active:  # the idle clock restarts with the daemon
                 self._mark_seen((str(user_id), str(device_id)), now)
             nursery.start_soon(self._reap_idle)
+            nursery.start_soon(self._expire_typing)
             task_status.started()
             await trio.sleep_forever()
 
@@ -1075,22 +1088,31 @@ class PeekService:
         async with trio.open_nursery() as nursery:
             for room_id, room_pdus in by_room.items():
                 nursery.start_soon(one_room, room_id, room_pdus)
-        ephemeral = [
-            item
-            for edu in edus
-            for item in _ephemeral(edu, origin)
-            if item[0] in self.subscriptions and self.subscriptions[item[0]].accepts_events
-        ]
+        ephemeral = self._accepted_ephemeral(origin, edus)
         response = {"pdus": results}
         now = self.clock_ms()
 
-        def write(conn: Any) -> None:
-            for room_id, edu_type, content in ephemeral:
-                db.save_ephemeral(conn, room_id, edu_type, content, now)
+        def write(conn: Any) -> tuple[set[str], list[tuple[str, str, int]]]:
+            edu_rooms: set[str] = set()
+            typing: list[tuple[str, str, int]] = []
+            for room_id, edu_type, user_id, content, relayed in ephemeral:
+                # A relayed EDU counts only for a user joined to the room, as the state
+                # stands after this transaction's PDUs.
+                if relayed and db.membership(conn, room_id, user_id) != "join":
+                    log.debug("ignored %s of %s relayed by %s", edu_type, user_id, origin)
+                    continue
+                for _, position, is_typing in db.save_ephemeral(
+                    conn, room_id, edu_type, content, now
+                ):
+                    edu_rooms.add(room_id)
+                    if is_typing:
+                        typing.append((room_id, user_id, position))
             db.save_txn(conn, origin, txn_id, response, now)
+            return edu_rooms, typing
 
-        await self.store.write(write)
-        for room_id in {e[0] for e in ephemeral}:
+        edu_rooms, typing = await self.store.write(write)
+        self._typing_started(typing, now)
+        for room_id in edu_rooms:
             self.on_room_change(room_id)
         for room_id, reason in unpeekable.items():
             async with self._lock(room_id):
@@ -1099,6 +1121,69 @@ class PeekService:
             self._poke(room_id)
             log.info("%s is no longer peekable (%s): peeks ended", room_id, reason)
         return response
+
+    def _accepted_ephemeral(
+        self, origin: str, edus: list[Any]
+    ) -> list[tuple[str, str, str, dict[str, Any], bool]]:
+        """The per-user ``m.typing`` / ``m.receipt`` contents of a transaction's EDUs that
+        peekproxy keeps: (room ID, EDU type, user ID, content, relayed).
+
+        A server speaks for its own users; the room's current peek target (the server its
+        subscription peeks through) also relays EDUs of other servers' users, as it relays
+        their events (MSC2444: the target sends what it sees "as if it were joined") —
+        ``relayed`` ones count only for users joined to the room (checked when stored).
+        Everything else is ignored: rooms not peeked, other servers' users from a server
+        that is not the target, malformed EDUs, other EDU types.
+        """
+        kept = []
+        for edu in edus:
+            for room_id, edu_type, user_id, content in _ephemeral(edu):
+                sub = self.subscriptions.get(room_id)
+                if sub is None or not sub.accepts_events:
+                    continue
+                if user_id.partition(":")[2] == origin:
+                    kept.append((room_id, edu_type, user_id, content, False))
+                elif origin == sub.server:
+                    kept.append((room_id, edu_type, user_id, content, True))
+        return kept
+
+    def _typing_started(self, typing: list[tuple[str, str, int]], now_ms: int) -> None:
+        """Each (room, user, stream position) of a stored ``typing: true`` ends after
+        ``TYPING_TIMEOUT_MS`` unless a newer ``m.typing`` of the user replaced it."""
+        if not typing:
+            return
+        for room_id, user_id, position in typing:
+            heapq.heappush(
+                self._typing_heap, (now_ms + TYPING_TIMEOUT_MS, room_id, user_id, position)
+            )
+        self._typing_changed.set()
+        self._typing_changed = trio.Event()
+
+    async def _expire_typing(self) -> None:
+        """Store ``typing: false`` for each user whose typing timed out (their ``m.typing``
+        row was not replaced since), so that syncs show them stopping."""
+        heap = self._typing_heap
+        while True:
+            now = self.clock_ms()
+            due = []
+            while heap and heap[0][0] <= now:
+                due.append(heapq.heappop(heap))
+            if due:
+
+                def expire(
+                    conn: Any, due: list[tuple[int, str, str, int]] = due, now: int = now
+                ) -> set[str]:
+                    return {r for _, r, u, p in due if db.stop_typing(conn, r, u, p, now)}
+
+                for room_id in await self.store.write(expire):
+                    self.on_room_change(room_id)
+                continue
+            changed = self._typing_changed
+            if not heap:
+                await changed.wait()
+            else:
+                with trio.move_on_after(max(0.0, (heap[0][0] - now) / 1000)):
+                    await changed.wait()
 
     async def _ingest_room(
         self,
@@ -1260,30 +1345,39 @@ def _unpeekable_reason(pdu: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _ephemeral(edu: Any, origin: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """(room ID, EDU type, content) for m.typing / m.receipt EDUs about users of ``origin``
-    (a server speaks only for its own users); other EDUs are ignored."""
+def _ephemeral(edu: Any) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(room ID, EDU type, user ID, content for that user alone) for each user an
+    ``m.typing`` / ``m.receipt`` EDU speaks of (SSAPI §Typing Notifications, §Receipts);
+    malformed parts and other EDUs give nothing. Content: ``m.typing`` ``{"room_id",
+    "user_id", "typing": bool}``; ``m.receipt`` ``{receipt_type: {user_id: receipt}}``."""
     if not isinstance(edu, dict) or not isinstance(edu.get("content"), dict):
         return []
     kind, content = edu.get("edu_type"), edu["content"]
 
-    def own(user_id: Any) -> bool:
-        return isinstance(user_id, str) and user_id.partition(":")[2] == origin
+    def user(value: Any) -> bool:
+        try:
+            UserId.parse(value)
+        except InvalidIdentifier:
+            return False
+        return True
 
-    if kind == "m.typing" and isinstance(content.get("room_id"), str):
-        return [(content["room_id"], "m.typing", content)] if own(content.get("user_id")) else []
+    if kind == "m.typing":
+        room_id, user_id, typing = (content.get(k) for k in ("room_id", "user_id", "typing"))
+        if isinstance(room_id, str) and user(user_id) and isinstance(typing, bool):
+            return [
+                (room_id, kind, user_id, {"room_id": room_id, "user_id": user_id, "typing": typing})
+            ]
+        return []
     if kind == "m.receipt":
         found = []
-        for room, by_type in content.items():
-            if not (isinstance(room, str) and isinstance(by_type, dict)):
+        for room_id, by_type in content.items():
+            if not (isinstance(room_id, str) and isinstance(by_type, dict)):
                 continue
-            kept = {
-                receipt_type: {u: d for u, d in users.items() if own(u)}
-                for receipt_type, users in by_type.items()
-                if isinstance(users, dict)
-            }
-            kept = {t: users for t, users in kept.items() if users}
-            if kept:
-                found.append((room, "m.receipt", kept))
+            for receipt_type, users in by_type.items():
+                if not isinstance(users, dict):
+                    continue
+                for user_id, receipt in users.items():
+                    if user(user_id) and isinstance(receipt, dict):
+                        found.append((room_id, kind, user_id, {receipt_type: {user_id: receipt}}))
         return found
     return []

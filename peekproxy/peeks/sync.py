@@ -119,7 +119,12 @@ class RoomView:
     events: Mapping[str, Mapping[str, Any]]
     #: Event IDs stored redacted (their content hash did not match).
     redacted: Set[str]
-    #: (EDU type, stored content, stream position) for ``m.typing`` / ``m.receipt``.
+    #: (EDU type, stored content, stream position) of the room's per-user ``m.typing`` /
+    #: ``m.receipt`` rows (see :func:`_ephemeral`): at least every row with ``since < pos <=
+    #: upto`` (every row up to ``upto`` for a room shown afresh), plus each user's latest
+    #: ``m.typing`` row before that when it says they are typing. Content: ``m.typing``
+    #: ``{"user_id", "typing"}``; ``m.receipt`` ``{receipt_type: {user_id: {"event_ids",
+    #: "data"}}}``.
     ephemeral: Sequence[tuple[str, Mapping[str, Any], int]] = ()
 
 
@@ -371,19 +376,26 @@ def _shown_pdu(view: RoomView, event_id: str, pdu: Mapping[str, Any]) -> Mapping
 
 
 def _ephemeral(view: RoomView, after: int | None, upto: int) -> list[dict[str, Any]]:
-    """Client-format typing and receipt events from the EDUs with ``after < pos <= upto``."""
+    """Client-format typing and receipt events for the range ``(after, upto]``.
+
+    ``m.typing`` (client-server API §Typing Notifications) is there when some user's typing
+    changed in the range, and lists **every** user typing as of ``upto`` (each user's
+    latest row, in or before the range), sorted. ``m.receipt`` holds the receipts received
+    in the range, every user's (a later receipt of a user and type replaces the earlier).
+    """
     typing: dict[str, bool] = {}
     saw_typing = False
     receipts: dict[str, dict[str, dict[str, Any]]] = {}
     for edu_type, content, pos in sorted(view.ephemeral, key=lambda edu: edu[2]):
-        if pos > upto or (after is not None and pos <= after):
+        if pos > upto:
             continue
+        in_range = after is None or pos > after
         if edu_type == "m.typing":
-            saw_typing = True
+            saw_typing = saw_typing or in_range
             user_id = content.get("user_id")
             if isinstance(user_id, str):
                 typing[user_id] = content.get("typing") is True
-        elif edu_type == "m.receipt":
+        elif edu_type == "m.receipt" and in_range:
             _merge_receipts(receipts, content)
     events: list[dict[str, Any]] = []
     if saw_typing:

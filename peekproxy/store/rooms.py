@@ -31,15 +31,18 @@ __all__ = [
     "in_stream",
     "known_event_ids",
     "load_subscriptions",
+    "membership",
     "newest_event_ids",
     "replace_state",
     "save_ephemeral",
     "save_subscription",
     "save_txn",
     "set_device_peek",
+    "stop_typing",
     "store_snapshot",
     "stream_changes",
     "txn_response",
+    "typing_now",
 ]
 
 
@@ -470,16 +473,83 @@ def save_txn(
     )
 
 
+def _ephemeral_rows(
+    room_id: str, edu_type: str, content: Mapping[str, Any]
+) -> Iterator[tuple[str, str, dict[str, Any], bool]]:
+    """(user ID, receipt type or '', per-user content, typing) for each user an EDU's room
+    content speaks of; malformed parts are skipped."""
+    if edu_type == "m.typing":
+        user_id = content.get("user_id")
+        if isinstance(user_id, str):
+            typing = content.get("typing") is True
+            yield user_id, "", {"room_id": room_id, "user_id": user_id, "typing": typing}, typing
+    elif edu_type == "m.receipt":
+        for receipt_type, by_user in content.items():
+            if not isinstance(receipt_type, str) or not isinstance(by_user, Mapping):
+                continue
+            for user_id, receipt in by_user.items():
+                if isinstance(user_id, str) and isinstance(receipt, Mapping):
+                    yield user_id, receipt_type, {receipt_type: {user_id: dict(receipt)}}, False
+
+
 def save_ephemeral(
     conn: sqlite3.Connection, room_id: str, edu_type: str, content: Mapping[str, Any], now_ms: int
-) -> int:
-    position = _stream_row(conn, room_id, "ephemeral", None, now_ms)
-    conn.execute(
-        "INSERT OR REPLACE INTO ephemeral (room_id, edu_type, content_json, stream_pos) "
-        "VALUES (?, ?, ?, ?)",
-        (room_id, edu_type, _dumps(content), position),
-    )
-    return position
+) -> list[tuple[str, int, bool]]:
+    """Store an ``m.typing`` or ``m.receipt`` EDU's content for one room, one row per user
+    (and receipt type), each with its own stream position; a user's row replaces their
+    previous one of the same key.
+
+    ``content``: ``m.typing`` ``{"user_id": ..., "typing": bool}`` (the EDU's content);
+    ``m.receipt`` ``{receipt_type: {user_id: {"event_ids": [...], "data": {...}}}}`` (the
+    EDU's content for this room). Returns (user ID, stream position, typing) per row
+    written, in order.
+    """
+    written = []
+    for user_id, receipt_type, row, typing in _ephemeral_rows(room_id, edu_type, content):
+        position = _stream_row(conn, room_id, "ephemeral", None, now_ms)
+        conn.execute(
+            "INSERT OR REPLACE INTO ephemeral (room_id, edu_type, user_id, receipt_type, "
+            "content_json, typing, stream_pos) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (room_id, edu_type, user_id, receipt_type, _dumps(row), int(typing), position),
+        )
+        written.append((user_id, position, typing))
+    return written
+
+
+def typing_now(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+    """(room ID, user ID, stream position) of every user whose latest ``m.typing`` says
+    they are typing."""
+    return [
+        (str(r), str(u), int(p))
+        for r, u, p in conn.execute(
+            "SELECT room_id, user_id, stream_pos FROM ephemeral WHERE typing = 1 "
+            "ORDER BY stream_pos"
+        )
+    ]
+
+
+def stop_typing(
+    conn: sqlite3.Connection, room_id: str, user_id: str, position: int, now_ms: int
+) -> bool:
+    """Store that ``user_id`` stopped typing in the room (the typing timeout ran out), if
+    their latest ``m.typing`` row is still the typing one at stream position ``position``.
+    Returns whether a row was written."""
+    row = conn.execute(
+        "SELECT stream_pos FROM ephemeral WHERE room_id = ? AND edu_type = 'm.typing' AND "
+        "user_id = ? AND typing = 1",
+        (room_id, user_id),
+    ).fetchone()
+    if row is None or int(row[0]) != position:
+        return False
+    save_ephemeral(conn, room_id, "m.typing", {"user_id": user_id, "typing": False}, now_ms)
+    return True
+
+
+def membership(conn: sqlite3.Connection, room_id: str, user_id: str) -> str | None:
+    """The user's ``membership`` in the room's current state (``None``: no member event)."""
+    content = state_content(conn, room_id, "m.room.member", user_id)
+    value = content.get("membership") if content is not None else None
+    return value if isinstance(value, str) else None
 
 
 def set_device_peek(
@@ -654,9 +724,16 @@ def rooms_changed(conn: sqlite3.Connection, room_ids: Iterable[str], since: int,
 
 
 def room_view_rows(
-    conn: sqlite3.Connection, room_id: str, since: int | None, upto: int, limit: int
+    conn: sqlite3.Connection,
+    room_id: str,
+    since: int | None,
+    upto: int,
+    limit: int,
+    ephemeral_since: int | None = None,
 ) -> dict[str, Any]:
-    """What the sync builder needs of one room, read in one go (see peeks/sync.py)."""
+    """What the sync builder needs of one room, read in one go (see peeks/sync.py). The
+    EDU rows are those after ``ephemeral_since`` (all when ``None``) plus the typing ones
+    (see :class:`~peekproxy.peeks.sync.RoomView`)."""
     floor = since if since is not None else upto
     newer = conn.execute(
         "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
@@ -690,12 +767,15 @@ def room_view_rows(
         events[event_id] = json.loads(pdu_json)
         if is_redacted:
             redacted.add(event_id)
+    # The EDU rows in the range (all of them for a room shown afresh), and the typing rows of
+    # the users typing now: the m.typing event lists every user currently typing.
+    edu_floor = -1 if ephemeral_since is None else ephemeral_since
     ephemeral = [
         (str(t), json.loads(c), int(p))
         for t, c, p in conn.execute(
             "SELECT edu_type, content_json, stream_pos FROM ephemeral WHERE room_id = ? AND "
-            "stream_pos <= ?",
-            (room_id, upto),
+            "stream_pos <= ? AND (stream_pos > ? OR typing = 1) ORDER BY stream_pos",
+            (room_id, upto, edu_floor),
         )
     ]
     return {
@@ -735,7 +815,17 @@ def sync_snapshot(
             if peek.state == "active" or (
                 peek.state == "ended" and since is not None and since < peek.changed_pos <= upto
             ):
-                rows = room_view_rows(conn, peek.room_id, since, upto, limit)
+                shown_afresh = peek.state == "active" and (
+                    since is None or peek.changed_pos > since
+                )
+                rows = room_view_rows(
+                    conn,
+                    peek.room_id,
+                    since,
+                    upto,
+                    limit,
+                    ephemeral_since=None if shown_afresh else since,
+                )
                 views[peek.room_id] = RoomView(
                     room_id=peek.room_id,
                     room_version=rows["room_version"],

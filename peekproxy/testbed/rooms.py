@@ -14,7 +14,9 @@ only :meth:`TestbedRoom.create` draws randomness (the opaque part of a v10/v11 r
 Scope and simplifications (this is a test peer, not a homeserver):
 
 * room versions 10, 11 and 12 only (:data:`SUPPORTED_ROOM_VERSIONS`);
-* only local users (``@x:<server_name>``) send events;
+* local users (``@x:<server_name>``) send events; so may users of a *simulated remote
+  server* whose signing key the caller holds (``origin=`` of :meth:`TestbedRoom.send`): the
+  testbed then stands in for that server, as if its events had come over federation;
 * state is a linear fold over the events in stream order. ``send(prev_events=...)`` can fork
   the DAG, but there is no state resolution: ``auth_events`` and state still come from that
   fold;
@@ -447,9 +449,13 @@ class TestbedRoom:
         now_ms: int,
         state_key: str | None = None,
         prev_events: Sequence[str] | None = None,
+        origin: str | None = None,
     ) -> tuple[str, dict[str, Any]]:
         """Create, hash (SSAPI §Calculating the content hash) and sign (APPX §Signing
         Events) the next event, append it and return ``(event_id, pdu)``.
+
+        ``origin`` (default: this room's server) is the server whose user sends it and
+        whose key ``signing_key`` is: another server's user is simulated that way.
 
         * ``prev_events`` default to ``[latest event ID]`` (a linear DAG); ``depth`` is the
           largest depth among them + 1; ``origin_server_ts`` is ``now_ms``. No top-level
@@ -465,7 +471,7 @@ class TestbedRoom:
           public half ("accept"), so a float, an out-of-range integer or an oversized event
           is refused here rather than by the peers.
 
-        Who may send: ``sender`` must be a user of this server and joined. A user who is not
+        Who may send: ``sender`` must be a user of ``origin`` and joined. A user who is not
         joined may send only their own membership: ``join`` when the room is public, they
         are invited, or it is the creator's first join right after the create event;
         ``knock`` when the join rule is ``knock``/``knock_restricted``; ``leave`` to decline
@@ -496,17 +502,28 @@ class TestbedRoom:
             now_ms=now_ms,
             state_key=state_key,
             prev_events=prev_events,
+            origin=origin,
         )
 
-    def join(self, signing_key: SigningKey, user: str, now_ms: int) -> tuple[str, dict[str, Any]]:
+    def join(
+        self, signing_key: SigningKey, user: str, now_ms: int, *, origin: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
         """``user`` joins (``{"displayname": <localpart>, "membership": "join"}``); see
-        :meth:`send` for the rules and errors."""
+        :meth:`send` for the rules, errors and ``origin``."""
         content = {"displayname": _localpart(user), "membership": "join"}
         return self.send(
-            signing_key, sender=user, type=_MEMBER, state_key=user, content=content, now_ms=now_ms
+            signing_key,
+            sender=user,
+            type=_MEMBER,
+            state_key=user,
+            content=content,
+            now_ms=now_ms,
+            origin=origin,
         )
 
-    def leave(self, signing_key: SigningKey, user: str, now_ms: int) -> tuple[str, dict[str, Any]]:
+    def leave(
+        self, signing_key: SigningKey, user: str, now_ms: int, *, origin: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
         """``user`` leaves (``{"membership": "leave"}``); see :meth:`send`."""
         return self.send(
             signing_key,
@@ -515,6 +532,7 @@ class TestbedRoom:
             state_key=user,
             content={"membership": "leave"},
             now_ms=now_ms,
+            origin=origin,
         )
 
     def redact_event(
@@ -561,10 +579,12 @@ class TestbedRoom:
         state_key: str | None = None,
         prev_events: Sequence[str] | None = None,
         extra: Mapping[str, Any] | None = None,
+        origin: str | None = None,
     ) -> tuple[str, dict[str, Any]]:
         if not self.events:
             raise RoomError("the room has no create event")
-        self._check_local(sender, self.server_name)
+        origin = origin or self.server_name
+        self._check_local(sender, origin)
         if not isinstance(type, str) or not type:
             raise RoomError("'type' must be a non-empty string")
         if type == "m.room.create":
@@ -605,8 +625,8 @@ class TestbedRoom:
         }
         if state_key is not None:
             fields["state_key"] = state_key
-        pdu = self._sign(fields, self.rules, self.server_name, signing_key)
-        event_id = self._verify(pdu, self.rules, self.server_name, signing_key)
+        pdu = self._sign(fields, self.rules, origin, signing_key)
+        event_id = self._verify(pdu, self.rules, origin, signing_key)
         self._append(event_id, pdu)
         return event_id, pdu
 
@@ -1149,9 +1169,11 @@ class TestbedRoom:
         *,
         server_name: str | None = None,
         signing_key: SigningKey | None = None,
+        remote_keys: Mapping[str, SigningKey] | None = None,
     ) -> TestbedRoom:
         """Rebuild a room saved by :meth:`to_json`: event IDs are recomputed (reference
-        hashes), the indexes and state rebuilt. The PDUs are copied.
+        hashes), the indexes and state rebuilt. The PDUs are copied. ``remote_keys``: the
+        keys of simulated remote servers (server name → key), for their users' events.
 
         Checks, each failing with :class:`RoomError`: the fields and their types; the saved
         ``server_name`` is ``server_name`` (when given: a room of another server's data
@@ -1192,7 +1214,12 @@ class TestbedRoom:
         key_id = ""
         if signing_key is not None:
             key_id = f"{signing_key.alg}:{signing_key.version}"
-            keys = key_table({(saved_server, key_id): VerifyKeyInfo(get_verify_key(signing_key))})
+            keys = key_table(
+                {
+                    (server, f"{key.alg}:{key.version}"): VerifyKeyInfo(get_verify_key(key))
+                    for server, key in {**(remote_keys or {}), saved_server: signing_key}.items()
+                }
+            )
         pdus: list[dict[str, Any]] = []
         event_ids: list[str] = []
         for position, raw in enumerate(events):

@@ -1,12 +1,14 @@
 """The testbed's outgoing event stream: one sender per destination server.
 
 Events are pushed with signed ``PUT /_matrix/federation/v1/send/{txnId}`` transactions of at
-most 50 PDUs, in order. A transaction is retried with the same txnId (back-off from 0.2 s,
-doubling up to 30 s) until the destination answers 200, as SSAPI §Transactions requires, as
-long as the failure is one that may pass: a 5xx, a 429, or a network error (DNS, connection,
-TLS, timeout). Anything else gives the transaction up (status ``failed: <reason>``) and the
-sender goes on with the next one: a 4xx other than 429, a destination the IP blacklist
-refuses, or an answer that is not usable (not JSON, too large).
+most 50 PDUs, in order; EDUs (typing, receipts) queued meanwhile ride along (at most 100 per
+transaction, SSAPI §Transactions), or go alone when no PDU is waiting. A transaction is
+retried with the same txnId (back-off from 0.2 s, doubling up to 30 s) until the destination
+answers 200, as SSAPI §Transactions requires, as long as the failure is one that may pass: a
+5xx, a 429, or a network error (DNS, connection, TLS, timeout). Anything else gives the
+transaction up (status ``failed: <reason>``) and the sender goes on with the next one: a 4xx
+other than 429, a destination the IP blacklist refuses, or an answer that is not usable (not
+JSON, too large).
 Faults (:class:`~peekproxy.testbed.faults.Faults`) bend these rules on purpose.
 """
 
@@ -36,6 +38,7 @@ __all__ = ["DestinationSender", "SendingTransaction", "SentTransaction"]
 log = logging.getLogger("peekproxy.testbed.sender")
 
 MAX_PDUS = 50
+MAX_EDUS = 100
 
 
 @dataclass
@@ -45,9 +48,16 @@ class SentTransaction:
     txn_id: str
     event_ids: list[str]
     status: str  # "sent", "dropped", "failed: <reason>"
+    #: The ``edu_type`` of each EDU it carried.
+    edu_types: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"txn_id": self.txn_id, "event_ids": self.event_ids, "status": self.status}
+        return {
+            "txn_id": self.txn_id,
+            "event_ids": self.event_ids,
+            "edu_types": self.edu_types,
+            "status": self.status,
+        }
 
 
 @dataclass
@@ -80,6 +90,7 @@ class DestinationSender:
     #: failed attempt, so watchers can re-check the outbox.
     on_delivered: Callable[[], None] = lambda: None
     pending: deque[tuple[str, dict[str, Any]]] = field(default_factory=deque)
+    pending_edus: deque[dict[str, Any]] = field(default_factory=deque)
     transactions: list[SentTransaction] = field(default_factory=list)
     withheld: list[str] = field(default_factory=list)
     #: The transaction in flight (its events are no longer in ``pending``), or ``None``.
@@ -102,10 +113,16 @@ class DestinationSender:
         self._idle = trio.Event()
         self._wakeup.set()
 
+    def enqueue_edu(self, edu: dict[str, Any]) -> None:
+        """Queue one EDU (``{"edu_type": ..., "content": ...}``) for delivery."""
+        self.pending_edus.append(edu)
+        self._idle = trio.Event()
+        self._wakeup.set()
+
     async def wait_idle(self) -> None:
         """Wait until everything queued so far has been handled (also the transaction in
         flight)."""
-        if self.pending or self.sending is not None:
+        if self.pending or self.pending_edus or self.sending is not None:
             await self._idle.wait()
 
     def _next_txn_id(self) -> str:
@@ -114,16 +131,16 @@ class DestinationSender:
 
     async def run(self) -> None:
         while True:
-            if not self.pending:
+            if not self.pending and not self.pending_edus:
                 self._idle.set()
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 continue
-            if self.faults.reorder_next and len(self.pending) < 2:
+            if self.pending and self.faults.reorder_next and len(self.pending) < 2:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 continue
-            if self.faults.take("reorder_next"):
+            if self.pending and self.faults.take("reorder_next"):
                 first = self.pending.popleft()
                 second = self.pending.popleft()
                 self.pending.appendleft(first)  # still pending while the second is sent
@@ -135,20 +152,26 @@ class DestinationSender:
 
     async def _deliver(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         event_ids = [event_id for event_id, _ in batch]
+        edus = [self.pending_edus.popleft() for _ in range(min(MAX_EDUS, len(self.pending_edus)))]
         txn_id = self._next_txn_id()
         self.sending = SendingTransaction(txn_id, event_ids)
         try:
-            await self._deliver_batch(txn_id, event_ids, batch)
+            await self._deliver_batch(txn_id, event_ids, batch, edus)
         finally:
             self.sending = None
 
     async def _deliver_batch(
-        self, txn_id: str, event_ids: list[str], batch: list[tuple[str, dict[str, Any]]]
+        self,
+        txn_id: str,
+        event_ids: list[str],
+        batch: list[tuple[str, dict[str, Any]]],
+        edus: list[dict[str, Any]],
     ) -> None:
+        edu_types = [str(edu.get("edu_type")) for edu in edus]
         if self.faults.delay_ms:
             await trio.sleep(self.faults.delay_ms / 1000)
         if self.faults.take("drop_next"):
-            self.transactions.append(SentTransaction(txn_id, event_ids, "dropped"))
+            self.transactions.append(SentTransaction(txn_id, event_ids, "dropped", edu_types))
             self.on_delivered()
             return
         body: dict[str, Any] = {
@@ -156,8 +179,10 @@ class DestinationSender:
             "origin_server_ts": int(time.time() * 1000),
             "pdus": [pdu for _, pdu in batch],
         }
+        if edus:
+            body["edus"] = edus
         status = await self._put_until_ok(txn_id, event_ids, body)
-        self.transactions.append(SentTransaction(txn_id, event_ids, status))
+        self.transactions.append(SentTransaction(txn_id, event_ids, status, edu_types))
         self.on_delivered()
         if self.faults.take("duplicate_next"):
             status = await self._put_until_ok(txn_id, event_ids, body)

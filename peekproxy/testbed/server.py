@@ -39,7 +39,7 @@ from peekproxy.daemon import DaemonError, _hypercorn_config, _start_listener
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring, TrustedNotary
 from peekproxy.federation.signing_key import key_id, server_key_document, write_new_signing_key
-from peekproxy.identifiers import InvalidIdentifier, RoomAlias, UserId
+from peekproxy.identifiers import InvalidIdentifier, RoomAlias, ServerName, UserId
 from peekproxy.testbed.config import TestbedConfig
 from peekproxy.testbed.faults import Faults
 from peekproxy.testbed.peeks import PeekRegistry
@@ -145,6 +145,10 @@ class Testbed:
         self.renewal_interval_ms = int(config.peeks.renewal_interval * 1000)
         self.senders: dict[str, DestinationSender] = {}
         self.nursery: trio.Nursery | None = None
+        #: Simulated remote servers (server name → signing key): their users may join and
+        #: send here as if their events had come over federation. Kept in
+        #: ``<data_dir>/remote_keys/<server>.key``.
+        self.remote_keys: dict[str, SigningKey] = {}
         #: Every peek request handled: (action, origin, room_id, peek_id), action being
         #: "start", "renew" (re-PUT or R4), "delete", "expire" (admin) or "end".
         self.peek_log: list[tuple[str, str, str, str]] = []
@@ -179,6 +183,43 @@ class Testbed:
     def rooms_dir(self) -> Path:
         return self.config.server.data_dir / "rooms"
 
+    @property
+    def remote_keys_dir(self) -> Path:
+        return self.config.server.data_dir / "remote_keys"
+
+    def add_remote_server(self, server_name: str) -> SigningKey:
+        """Simulate another server's users here: its signing key (made once, kept in
+        ``remote_keys/``). Whoever checks their events must be able to fetch that key from
+        ``server_name`` (the test or operator serves it; see ``server_key_document``).
+
+        Raises:
+            MatrixError: 400 ``M_INVALID_PARAM``: not a server name, or this testbed's own.
+        """
+        try:
+            ServerName.parse(server_name)
+        except InvalidIdentifier as e:
+            raise MatrixError(400, "M_INVALID_PARAM", f"server_name: {e}") from None
+        if server_name == self.server_name or "/" in server_name:
+            raise MatrixError(400, "M_INVALID_PARAM", f"{server_name!r} is not a remote server")
+        key = self.remote_keys.get(server_name)
+        if key is None:
+            self.remote_keys_dir.mkdir(parents=True, exist_ok=True)
+            key = _load_or_create_key(self.remote_keys_dir / f"{server_name}.key")
+            self.remote_keys[server_name] = key
+        return key
+
+    def _signer_of(self, user_id: str) -> tuple[str, SigningKey]:
+        """(full user ID, signing key) for a local user or a simulated remote server's user."""
+        server = user_id.partition(":")[2] if user_id.startswith("@") else ""
+        key = self.remote_keys.get(server)
+        if key is not None:
+            try:
+                UserId.parse(user_id)
+            except InvalidIdentifier as e:
+                raise MatrixError(400, "M_INVALID_PARAM", f"bad user ID: {e}") from None
+            return user_id, key
+        return self.local_user(user_id), self.signing_key
+
     def load_rooms(self) -> int:
         """Load rooms saved in ``<data_dir>/rooms``; returns how many. They are kept in
         creation order (the create event's ``origin_server_ts``, then the room ID), and the
@@ -189,6 +230,8 @@ class Testbed:
                 fails the room checks (content hashes, signatures by this testbed's key, the
                 DAG), belongs to another server name, or repeats a room of another file.
         """
+        for key_file in sorted(self.remote_keys_dir.glob("*.key")):
+            self.remote_keys[key_file.stem] = _load_or_create_key(key_file)
         if not self.rooms_dir.is_dir():
             return 0
         loaded: dict[str, tuple[TestbedRoom, Path]] = {}
@@ -222,7 +265,10 @@ class Testbed:
             raise DaemonError(f"{file}: not valid JSON (truncated?): {e}") from None
         try:
             return TestbedRoom.from_json(
-                data, server_name=self.server_name, signing_key=self.signing_key
+                data,
+                server_name=self.server_name,
+                signing_key=self.signing_key,
+                remote_keys=self.remote_keys,
             )
         except RoomError as e:
             raise DaemonError(f"{file}: {e}") from None
@@ -423,19 +469,22 @@ class Testbed:
     def membership(
         self, room_id: str, user: str, membership: str, *, sender: str | None = None
     ) -> str:
-        """``user`` joins or leaves, or ``sender`` (default ``admin``) invites them.
+        """``user`` joins or leaves, or ``sender`` (default ``admin``) invites them. A user
+        of a simulated remote server (:meth:`add_remote_server`) joins and leaves with that
+        server's signature.
 
         Raises:
             MatrixError: 404 unknown room or membership; 400 ``M_INVALID_PARAM``.
         """
         room = self.room(room_id)
-        target = self.local_user(user)
+        target, key = self._signer_of(user)
+        origin = target.partition(":")[2]
         now = self.clock_ms()
         try:
             if membership == "join":
-                event_id, pdu = room.join(self.signing_key, target, now)
+                event_id, pdu = room.join(key, target, now, origin=origin)
             elif membership == "leave":
-                event_id, pdu = room.leave(self.signing_key, target, now)
+                event_id, pdu = room.leave(key, target, now, origin=origin)
             elif membership == "invite":
                 event_id, pdu = room.send(
                     self.signing_key,
@@ -496,6 +545,47 @@ class Testbed:
             if self.nursery is not None:
                 self.nursery.start_soon(sender.run)
         return sender
+
+    # -- EDUs: typing and receipts -----------------------------------------------------------
+
+    def send_edu(self, room_id: str, edu_type: str, content: dict[str, Any]) -> list[str]:
+        """Push one EDU to every server peeking the room (as it relays events: the users it
+        speaks of may belong to any server). Returns those destinations, sorted.
+
+        Raises:
+            MatrixError: 404 unknown room.
+        """
+        room = self.room(room_id)
+        destinations = sorted(self.peeks.destinations(room.room_id, self.clock_ms()))
+        for destination in destinations:
+            self.sender(destination).enqueue_edu({"edu_type": edu_type, "content": content})
+        self.poke()
+        return destinations
+
+    def _any_user(self, user: str) -> str:
+        full = user if user.startswith("@") else f"@{user}:{self.server_name}"
+        try:
+            UserId.parse(full)
+        except InvalidIdentifier as e:
+            raise MatrixError(400, "M_INVALID_PARAM", f"bad user ID: {e}") from None
+        return full
+
+    def typing(self, room_id: str, user: str, typing: bool) -> list[str]:
+        """An ``m.typing`` EDU (SSAPI §Typing Notifications) for ``user`` — of this server or
+        any other, joined or not — to the room's peekers; see :meth:`send_edu`."""
+        room = self.room(room_id)
+        content = {"room_id": room.room_id, "user_id": self._any_user(user), "typing": typing}
+        return self.send_edu(room.room_id, "m.typing", content)
+
+    def receipt(
+        self, room_id: str, user: str, event_id: str, receipt_type: str = "m.read"
+    ) -> list[str]:
+        """An ``m.receipt`` EDU (SSAPI §Receipts): ``user`` (any server) has read up to
+        ``event_id``; see :meth:`send_edu`."""
+        room = self.room(room_id)
+        receipt = {"event_ids": [event_id], "data": {"ts": self.clock_ms()}}
+        content = {room.room_id: {receipt_type: {self._any_user(user): receipt}}}
+        return self.send_edu(room.room_id, "m.receipt", content)
 
     # -- peeks (MSC2444 R3 + R4 renew) -------------------------------------------------------
 
@@ -624,6 +714,21 @@ class SendBody(_Body):
 class MembershipBody(_Body):
     user: str
     sender: str | None = None  # the inviter (invite only; default "admin")
+
+
+class TypingBody(_Body):
+    user: str
+    typing: bool = True
+
+
+class ReceiptBody(_Body):
+    user: str
+    event_id: str
+    receipt_type: str = "m.read"
+
+
+class RemoteServerBody(_Body):
+    server_name: str
 
 
 class ConfigBody(_Body):
@@ -895,6 +1000,34 @@ def admin_app(testbed: Testbed, token: str) -> Starlette:
         )
         return JSONResponse({"event_id": event_id})
 
+    async def typing(request: Request) -> Response:
+        check(request)
+        spec = _parse(TypingBody, await body(request))
+        sent = testbed.typing(request.path_params["room_id"], spec.user, spec.typing)
+        return JSONResponse({"destinations": sent})
+
+    async def receipt(request: Request) -> Response:
+        check(request)
+        spec = _parse(ReceiptBody, await body(request))
+        sent = testbed.receipt(
+            request.path_params["room_id"], spec.user, spec.event_id, spec.receipt_type
+        )
+        return JSONResponse({"destinations": sent})
+
+    async def remote_servers(request: Request) -> Response:
+        check(request)
+        if request.method == "POST":
+            testbed.add_remote_server(_parse(RemoteServerBody, await body(request)).server_name)
+        now = testbed.clock_ms()
+        return JSONResponse(
+            {
+                "remote_servers": {
+                    name: server_key_document(name, key, now_ms=now, valid_for_ms=86_400_000)
+                    for name, key in sorted(testbed.remote_keys.items())
+                }
+            }
+        )
+
     async def peeks(request: Request) -> Response:
         check(request)
         active = testbed.peeks.active(testbed.clock_ms())
@@ -956,10 +1089,13 @@ def admin_app(testbed: Testbed, token: str) -> Starlette:
             Route(f"{prefix}/rooms", rooms, methods=["GET", "POST"]),
             Route(f"{prefix}/rooms/{{room_id}}", room, methods=["GET"]),
             Route(f"{prefix}/rooms/{{room_id}}/events", events, methods=["GET"]),
+            Route(f"{prefix}/rooms/{{room_id}}/typing", typing, methods=["POST"]),
+            Route(f"{prefix}/rooms/{{room_id}}/receipt", receipt, methods=["POST"]),
             Route(f"{prefix}/rooms/{{room_id}}/{{kind:str}}", send, methods=["POST"]),
             Route(
                 f"{prefix}/rooms/{{room_id}}/members/{{membership}}", membership, methods=["POST"]
             ),
+            Route(f"{prefix}/remote_servers", remote_servers, methods=["GET", "POST"]),
             Route(f"{prefix}/peeks", peeks, methods=["GET"]),
             Route(f"{prefix}/peek_requests", peek_requests, methods=["GET"]),
             Route(f"{prefix}/peeks/{{rest:path}}", expire_peek, methods=["DELETE"]),
