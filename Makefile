@@ -6,7 +6,7 @@ SYNAPSE_VENV := .synapse-venv
 DEMO_FLAGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test demo lint test-deps dnsmasq clean
+.PHONY: test test-fast demo lint test-deps dnsmasq clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-deps: $(VENV)/.installed $(SYNAPSE_VENV)/.installed dnsmasq
 ## make test: lint (ruff), type-check (mypy) and run the whole test suite.
 test: test-deps lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## make test-fast: lint, then the tests that start no process (no daemon, testbed or Synapse).
+test-fast: $(VENV)/.installed lint
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -27,6 +27,16 @@ def server_dir(tmp_path: Path) -> Path:
 
 Spawn = Callable[..., Awaitable[DaemonProcess]]
 
+#: Fixtures that start real processes (peekproxy, a testbed, Synapse): a test using one is
+#: an end-to-end test, marked ``slow`` so that ``-m "not slow"`` runs the fast set alone.
+PROCESS_FIXTURES = frozenset({"spawn", "synapse"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture
 async def spawn() -> AsyncIterator[Spawn]:
