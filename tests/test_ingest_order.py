@@ -328,3 +328,31 @@ async def test_200_messages_arrive_once_in_order_through_lagging_deliveries_and_
     assert "gap" not in [kind for kind, _ in world.stream(room_id)]
     assert b"recorded a gap" not in world.daemon.stderr
     assert b"is ahead of us: fetched" in world.daemon.stderr  # a reply did run ahead
+
+
+async def test_events_pushed_while_a_peek_is_set_up_are_kept(
+    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    """The target pushes a room's events as soon as it has answered the peek's PUT; one
+    that arrives while peekproxy still fetches the first view waits for the set-up instead
+    of being refused (the target would not send it again)."""
+    world = await build_world(nursery, tls_ca, tmp_path, spawn)
+    room_id = world.create_room("10")
+    world.send(room_id, "before the peek")
+    world.testbed.faults.update({"backfill_delay_ms": 1_500})  # a slow first view
+    answers: list[httpx.Response] = []
+
+    async def peek() -> None:
+        answers.append(await world.peek(room_id, hints=[TESTBED]))
+
+    async with trio.open_nursery() as peeking:
+        peeking.start_soon(peek)
+        await world.testbed.wait_until(lambda: len(world.log_of("start")) == 1)
+        during = world.send(room_id, "during the set-up")
+        await world.wait_delivered(during)  # answered once the set-up is stored
+    assert [a.status_code for a in answers] == [200]
+    timeline = (await world.sync())["rooms"]["peek"][room_id]["timeline"]
+    assert [e["content"].get("body") for e in timeline["events"]][-2:] == [
+        "before the peek",
+        "during the set-up",
+    ]

@@ -77,6 +77,8 @@ MISSING_EVENTS_TIMEOUT_S = 10.0
 RATE_LIMIT_WAIT_MAX_MS = 10_000
 #: One candidate may hold a new peek up this long (the room is locked meanwhile).
 PEEK_PUT_TIMEOUT_S = 15.0
+#: How long a ``/send`` waits for the peek of its room being set up meanwhile.
+SETUP_WAIT_S = 30.0
 #: Retries of failed DELETEs of a room: 1 s doubling to 5 min, ±20 % (re-peeks and renewals
 #: back off in the subscription itself: ``subscription.RETRY_BACKOFF_MS``).
 DELETE_BACKOFF_S = (1.0, 300.0)
@@ -1066,6 +1068,7 @@ class PeekService:
     ) -> dict[str, Any]:
         results: dict[str, dict[str, str]] = {}
         by_room: dict[str, list[dict[str, Any]]] = {}
+        await self._wait_for_setups(pdus)
         for pdu in pdus:
             room_id = pdu.get("room_id") if isinstance(pdu, dict) else None
             sub = self.subscriptions.get(room_id) if isinstance(room_id, str) else None
@@ -1121,6 +1124,21 @@ class PeekService:
             self._poke(room_id)
             log.info("%s is no longer peekable (%s): peeks ended", room_id, reason)
         return response
+
+    async def _wait_for_setups(self, pdus: list[Any]) -> None:
+        """Wait (at most :data:`SETUP_WAIT_S`) for the peeks being set up of the rooms these
+        PDUs belong to. A target pushes a room's events as soon as it has answered the
+        peek's PUT, while peekproxy is still checking the answer and fetching the first
+        view; refused, such an event would not be sent again (until a later event brings it
+        with ``get_missing_events``, or never in a quiet room)."""
+        for room_id in {p.get("room_id") for p in pdus if isinstance(p, dict)}:
+            lock = self._room_locks.get(room_id) if isinstance(room_id, str) else None
+            sub = self.subscriptions.get(room_id) if isinstance(room_id, str) else None
+            if lock is None or not lock.locked() or (sub is not None and sub.accepts_events):
+                continue
+            with trio.move_on_after(SETUP_WAIT_S):
+                async with lock:  # the set-up holds the room's lock until it is stored
+                    pass
 
     def _accepted_ephemeral(
         self, origin: str, edus: list[Any]

@@ -23,6 +23,7 @@ class Faults:
     Settings (kept until changed):
 
     * ``delay_ms``: wait this long before sending each transaction.
+    * ``backfill_delay_ms``: wait this long before answering each ``GET /backfill``.
     * ``renew_full``: 1 makes a re-PUT of a live peek answer the full state, as Dendrite
       does, whatever the config's ``renew_reply`` says; 0 (the default) leaves it to the
       config.
@@ -52,6 +53,7 @@ class Faults:
     """
 
     delay_ms: int = 0
+    backfill_delay_ms: int = 0
     renew_full: int = 0
     drop_next: int = 0
     duplicate_next: int = 0

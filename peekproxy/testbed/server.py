@@ -868,6 +868,8 @@ def federation_app(testbed: Testbed) -> Starlette:
             raise MatrixError(400, "M_INVALID_PARAM", "limit must be an integer") from None
         if not starts or any(room.index_of(e) is None for e in starts):
             raise MatrixError(400, "M_INVALID_PARAM", "v must name events of the room")
+        if testbed.faults.backfill_delay_ms:
+            await trio.sleep(testbed.faults.backfill_delay_ms / 1000)
         if testbed.faults.take("backfill_fail_next"):
             raise MatrixError(500, "M_UNKNOWN", "injected backfill failure")
         return JSONResponse(
