@@ -1081,12 +1081,23 @@ class PeekService:
             by_room.setdefault(room_id, []).append(pdu)
 
         unpeekable: dict[str, str] = {}
+        # Rooms stored while others of the transaction are still pending are shown at once;
+        # the rest wake their devices after the transaction's record is written, so that
+        # this last write does not wait behind the woken long-polls.
+        pending = len(by_room)
+        woken_later: set[str] = set()
 
         async def one_room(room_id: str, room_pdus: list[dict[str, Any]]) -> None:
+            nonlocal pending
             # Rooms are independent: one waiting for get_missing_events holds up no other.
             lock = self._ingest_locks.setdefault(room_id, trio.Lock())
             async with lock:
-                await self._ingest_room(origin, room_id, room_pdus, results, unpeekable)
+                changed = await self._ingest_room(origin, room_id, room_pdus, results, unpeekable)
+            pending -= 1
+            if changed and pending:
+                self.on_room_change(room_id)
+            elif changed:
+                woken_later.add(room_id)
 
         async with trio.open_nursery() as nursery:
             for room_id, room_pdus in by_room.items():
@@ -1115,7 +1126,7 @@ class PeekService:
 
         edu_rooms, typing = await self.store.write(write)
         self._typing_started(typing, now)
-        for room_id in edu_rooms:
+        for room_id in edu_rooms | woken_later:
             self.on_room_change(room_id)
         for room_id, reason in unpeekable.items():
             async with self._lock(room_id):
@@ -1210,9 +1221,10 @@ class PeekService:
         room_pdus: list[dict[str, Any]],
         results: dict[str, dict[str, str]],
         unpeekable: dict[str, str],
-    ) -> None:
+    ) -> bool:
         """Check one room's PDUs of a transaction, fetch the ``prev_events`` we lack from
-        ``origin``, and store them in DAG order (a gap before what could not be fetched)."""
+        ``origin``, and store them in DAG order (a gap before what could not be fetched).
+        Returns whether anything was stored (the caller wakes the room's syncs)."""
         sub = self.subscriptions[room_id]
         assert sub.room_version is not None
         rules = room_version(sub.room_version)
@@ -1246,8 +1258,7 @@ class PeekService:
         await self.store.write(
             lambda conn: db.append_in_dag_order(conn, room_id, [*fetched, *batch], now_ms=now)
         )
-        if batch or fetched:
-            self.on_room_change(room_id)
+        return bool(batch or fetched)
 
     async def _fetch_missing(
         self,
