@@ -33,6 +33,7 @@ __all__ = [
     "content_hash",
     "content_hash_input",
     "event_id_from_reference_hash",
+    "event_refs",
     "hash_inputs",
     "redact",
     "reference_hash",
@@ -272,3 +273,17 @@ def room_id_for_create(create_pdu: Mapping[str, Any], rules: RoomVersion) -> str
     if not isinstance(room_id, str):
         raise ValueError("m.room.create event has no string room_id")
     return room_id
+
+
+def event_refs(value: Any) -> list[str]:
+    """The event IDs a PDU's ``prev_events`` or ``auth_events`` field names: plain IDs
+    (room versions 3+) or ``[id, hashes]`` pairs (v1, v2); anything malformed is skipped."""
+    if not isinstance(value, list):
+        return []
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, list) and item and isinstance(item[0], str):
+            out.append(item[0])
+    return out

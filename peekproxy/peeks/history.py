@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peekproxy.federation.client import FederationClient, FederationError, path_segment
-from peekproxy.federation.events import room_id_for_create
+from peekproxy.federation.events import event_refs, room_id_for_create
 from peekproxy.federation.keyring import KeyFetchError, Keyring
 from peekproxy.federation.pdu import check_pdu, signer_key_ids
 from peekproxy.federation.room_versions import RoomVersion, UnknownRoomVersion, room_version
@@ -75,16 +75,7 @@ class Backfilled:
 
     @property
     def prev_events(self) -> list[str]:
-        refs = self.pdu.get("prev_events")
-        if not isinstance(refs, list):
-            return []
-        out = []
-        for ref in refs:  # plain IDs (v3+) or [id, hashes] pairs (v1, v2)
-            if isinstance(ref, str):
-                out.append(ref)
-            elif isinstance(ref, list) and ref and isinstance(ref[0], str):
-                out.append(ref[0])
-        return out
+        return event_refs(self.pdu.get("prev_events"))
 
 
 def _in_room(pdu: dict[str, Any], room_id: str, rules: RoomVersion) -> bool:

@@ -26,7 +26,7 @@ import trio
 
 from peekproxy.backoff import backoff_delay
 from peekproxy.federation.client import FederationClient, FederationError, RemoteError, path_segment
-from peekproxy.federation.events import compute_event_id
+from peekproxy.federation.events import compute_event_id, event_refs
 from peekproxy.federation.keyring import Keyring
 from peekproxy.federation.pdu import check_pdu
 from peekproxy.federation.room_versions import KNOWN_ROOM_VERSIONS, UnknownRoomVersion, room_version
@@ -940,7 +940,7 @@ class PeekService:
         if latest in known:
             return []
         pdu = validated.events[latest]
-        prevs = db.event_refs(pdu.get("prev_events"))
+        prevs = event_refs(pdu.get("prev_events"))
         known = await self.store.read(partial(db.known_event_ids, event_ids=prevs))
         if all(p in known for p in prevs):
             return []
@@ -1229,7 +1229,7 @@ class PeekService:
         assert sub.room_version is not None
         rules = room_version(sub.room_version)
         await self._fetch_signer_keys(room_pdus, sub.room_version)
-        refs = [ref for p in room_pdus for ref in db.event_refs(p.get("prev_events"))]
+        refs = [ref for p in room_pdus for ref in event_refs(p.get("prev_events"))]
         known = await self.store.read(partial(db.known_event_ids, event_ids=refs))
         batch: list[tuple[str, dict[str, Any], bool]] = []
         for pdu in room_pdus:
@@ -1249,7 +1249,7 @@ class PeekService:
         lacking = [
             event_id
             for event_id, pdu, _ in batch
-            if any(p not in known for p in db.event_refs(pdu.get("prev_events")))
+            if any(p not in known for p in event_refs(pdu.get("prev_events")))
         ]
         fetched = []
         if lacking:
@@ -1322,7 +1322,7 @@ class PeekService:
                 if not new:
                     break
                 # Go on from the events found whose parents are still neither held nor found.
-                refs = {p for e in new for p in db.event_refs(found[e][1].get("prev_events"))}
+                refs = {p for e in new for p in event_refs(found[e][1].get("prev_events"))}
                 refs -= found.keys() | known
                 known |= await self.store.read(partial(db.known_event_ids, event_ids=refs))
                 frontier = [
@@ -1330,7 +1330,7 @@ class PeekService:
                     for e in new
                     if any(
                         p not in known and p not in found
-                        for p in db.event_refs(found[e][1].get("prev_events"))
+                        for p in event_refs(found[e][1].get("prev_events"))
                     )
                 ]
         if scope.cancelled_caught:

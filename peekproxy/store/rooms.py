@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from peekproxy.federation.events import event_refs
 from peekproxy.peeks.live import StreamChange
 from peekproxy.peeks.subscription import Subscription, SubState
 from peekproxy.peeks.sync import FALLBACK_ROOM_VERSION, DevicePeek, RoomView, StreamItem
@@ -25,7 +26,6 @@ __all__ = [
     "current_state_ids",
     "dag_order",
     "device_peek_count",
-    "event_refs",
     "held_event_ids",
     "history_floor",
     "in_stream",
@@ -404,20 +404,6 @@ def dag_order(
 def _depth_key(index: int, item: tuple[str, Mapping[str, Any], bool]) -> tuple[int, int]:
     depth = item[1].get("depth")
     return (depth if isinstance(depth, int) else 0, index)
-
-
-def event_refs(value: Any) -> list[str]:
-    """Event IDs in ``prev_events``/``auth_events`` (v1/v2 ``[id, hashes]`` pairs or plain
-    strings)."""
-    if not isinstance(value, list):
-        return []
-    out = []
-    for item in value:
-        if isinstance(item, str):
-            out.append(item)
-        elif isinstance(item, list) and item and isinstance(item[0], str):
-            out.append(item[0])
-    return out
 
 
 def newest_event_ids(conn: sqlite3.Connection, room_id: str, count: int) -> list[str]:
