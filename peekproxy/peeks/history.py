@@ -23,8 +23,8 @@ from typing import Any
 
 from peekproxy.federation.client import FederationClient, FederationError, path_segment
 from peekproxy.federation.events import event_refs, room_id_for_create
-from peekproxy.federation.keyring import KeyFetchError, Keyring
-from peekproxy.federation.pdu import check_pdu, signer_key_ids
+from peekproxy.federation.keyring import Keyring
+from peekproxy.federation.pdu import check_pdu
 from peekproxy.federation.room_versions import RoomVersion, UnknownRoomVersion, room_version
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
@@ -129,11 +129,8 @@ async def fetch_backfill(
     if not isinstance(pdus, list):
         raise BackfillFailed(f"{server}: the answer has no pdus list", retryable=False)
     pdus = [p for p in pdus if isinstance(p, dict)]
-    for signer, key_ids in signer_key_ids(pdus, rules).items():
-        try:
-            await keyring.fetch_keys(signer, key_ids)
-        except KeyFetchError as e:
-            log.info("keys for backfilled PDUs: %s", e)
+    for problem in await keyring.fetch_signer_keys(pdus, rules):
+        log.info("keys for backfilled PDUs: %s", problem)
     found: list[tuple[int, int, Backfilled]] = []
     seen: set[str] = set()
     rejected = 0
