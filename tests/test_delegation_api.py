@@ -380,6 +380,31 @@ async def test_first_sync_after_a_peek_shows_the_newest_events(world: PeekWorld)
     assert first["limited"] is False
 
 
+async def test_first_sync_runs_past_a_gap_over_which_nothing_is_missing(
+    world: PeekWorld,
+) -> None:
+    """Item 7 after a re-peek: the room was peeked, released (its remote peek DELETEd) and
+    peeked again by another device; the first view's history joined what was held, so that
+    device's first sync shows its timeline limit of newest events across the re-peek."""
+    room_id = world.create_room("10")
+    for i in range(20):
+        world.send(room_id, f"early {i}")
+    assert (await world.peek(room_id, device="D2", hints=[TESTBED])).status_code == 200
+    await world.sync(device="D2")
+    assert (await world.unpeek(room_id, device="D2")).status_code == 200
+    await world.daemon.wait_for_log(rb"stopped peek")  # nobody peeks: DELETEd after linger
+    for i in range(3):
+        world.send(room_id, f"later {i}")
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    assert ("gap", None) in world.stream(room_id)  # the re-peek is a gap (decision 4) ...
+    timeline = (await world.sync(limit=10))["rooms"]["peek"][room_id]["timeline"]
+    # ... over which nothing is missing: the new device sees the 10 newest events.
+    assert [e["event_id"] for e in timeline["events"]] == room_history(world, room_id)[-10:]
+    assert timeline["limited"] is True
+    paged = await page_through(world, room_id, timeline["prev_batch"], itertools.repeat(7))
+    assert [e["event_id"] for e in paged] == room_history(world, room_id)[-11::-1]
+
+
 @pytest.mark.slow
 async def test_history_when_the_remote_backfill_fails(world: PeekWorld) -> None:
     """A failed first-view fetch does not fail the peek: the first sync is limited with a

@@ -709,6 +709,16 @@ def rooms_changed(conn: sqlite3.Connection, room_ids: Iterable[str], since: int,
     return row is not None
 
 
+#: A ``room_stream`` condition: not a gap row that is closed with no events of its own
+#: (nothing is missing there).
+_NOT_AN_EMPTY_CLOSED_GAP = (
+    " AND NOT (kind = 'gap' AND EXISTS (SELECT 1 FROM gap_fills f WHERE f.room_id = "
+    "room_stream.room_id AND f.gap_pos = room_stream.stream_pos AND f.closed = 1 AND NOT "
+    "EXISTS (SELECT 1 FROM gap_events g WHERE g.room_id = f.room_id AND g.gap_pos = "
+    "f.gap_pos)))"
+)
+
+
 def room_view_rows(
     conn: sqlite3.Connection,
     room_id: str,
@@ -716,30 +726,35 @@ def room_view_rows(
     upto: int,
     limit: int,
     ephemeral_since: int | None = None,
+    *,
+    afresh: bool = False,
 ) -> dict[str, Any]:
     """What the sync builder needs of one room, read in one go (see peeks/sync.py). The
     EDU rows are those after ``ephemeral_since`` (all when ``None``) plus the typing ones
-    (see :class:`~peekproxy.peeks.sync.RoomView`)."""
+    (see :class:`~peekproxy.peeks.sync.RoomView`).
+
+    ``afresh``: the room is shown to the device as new (its first sync after a peek), so a
+    gap marker over which nothing is missing (closed at once: the first view's history
+    joined what was held) is left out; its timeline runs on past it, as on a join. A device
+    that already has the room still meets it (decision 4: ``limited`` after a re-peek)."""
     floor = since if since is not None else upto
-    newer = conn.execute(
+    rows = (
         "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
-        "kind IN ('event', 'gap') AND stream_pos > ? AND stream_pos <= ? ORDER BY stream_pos",
+        "kind IN ('event', 'gap')" + (_NOT_AN_EMPTY_CLOSED_GAP if afresh else "")
+    )
+    newer = conn.execute(
+        rows + " AND stream_pos > ? AND stream_pos <= ? ORDER BY stream_pos",
         (room_id, floor, upto),
     ).fetchall()
     older = conn.execute(
-        "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
-        "kind IN ('event', 'gap') AND stream_pos <= ? ORDER BY stream_pos DESC LIMIT ?",
+        rows + " AND stream_pos <= ? ORDER BY stream_pos DESC LIMIT ?",
         (room_id, floor, limit + 2),
     ).fetchall()
     older.reverse()
     has_earlier = False
     if older:
         has_earlier = (
-            conn.execute(
-                "SELECT 1 FROM room_stream WHERE room_id = ? AND kind IN ('event', 'gap') AND "
-                "stream_pos < ? LIMIT 1",
-                (room_id, older[0][0]),
-            ).fetchone()
+            conn.execute(rows + " AND stream_pos < ? LIMIT 1", (room_id, older[0][0])).fetchone()
             is not None
         )
     recent = [(int(p), str(k), e) for p, k, e in (*older, *newer)]
@@ -811,6 +826,7 @@ def sync_snapshot(
                     upto,
                     limit,
                     ephemeral_since=None if shown_afresh else since,
+                    afresh=shown_afresh,
                 )
                 views[peek.room_id] = RoomView(
                     room_id=peek.room_id,
