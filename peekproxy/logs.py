@@ -87,5 +87,8 @@ def setup_logging(
         access.addFilter(_ShortPaths())
     # hypercorn's own start-up chatter ("Running on ...") duplicates our ready line.
     logging.getLogger("peekproxy.http").setLevel(max(logging.WARNING, root.level))
-    # httpx logs full request URLs at INFO; keep them at DEBUG-only.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    # httpx logs full request URLs at INFO; the HTTP libraries log headers at DEBUG (hpack
+    # every decoded header of an HTTP/2 request, Authorization included): never below
+    # WARNING, whatever the level, so tokens and secrets cannot reach the log.
+    for name in ("httpx", "httpcore", "hpack", "h2", "h11"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -50,7 +50,9 @@ class RequestMetrics:
 
         async def send_and_count(message: Message) -> None:
             if message["type"] == "http.response.start":
-                HTTP_REQUESTS.labels(self.listener, scope["method"], str(message["status"])).inc()
+                HTTP_REQUESTS.labels(
+                    self.listener, _method_label(scope["method"]), str(message["status"])
+                ).inc()
                 HTTP_REQUEST_SECONDS.labels(self.listener).observe(time.perf_counter() - start)
             await send(message)
 
@@ -61,3 +63,12 @@ def metrics_app() -> ASGIApp:
     """The ASGI app for ``GET /metrics`` (Prometheus text format)."""
     app: ASGIApp = make_asgi_app()
     return app
+
+
+#: The methods counted by name; any other is counted as ``other``, so that a client
+#: sending made-up methods cannot create new series without end.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
+def _method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"

@@ -472,3 +472,13 @@ def test_token_bucket() -> None:
     assert bucket.take("a") == 2000
     with pytest.raises(ValueError):
         TokenBucket(0, 1)
+
+
+async def test_peek_and_unpeek_take_no_body(world: PeekWorld) -> None:
+    """The body of /peek and /unpeek is optional (docs/delegation-api.md): none is `{}`."""
+    room_id = world.create_room("10")
+    room = quote(room_id, safe="")
+    peeked = await call(world, "POST", f"/peek/{room}", params={"server_name": TESTBED})
+    assert peeked.status_code == 200, peeked.text
+    unpeeked = await call(world, "POST", f"/rooms/{room}/unpeek")
+    assert unpeeked.status_code == 200 and unpeeked.json() == {}

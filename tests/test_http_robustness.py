@@ -434,3 +434,26 @@ def test_guards_refuse_an_untested_hypercorn(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(http_guard, "version", lambda name: "0.19.0")
     with pytest.raises(RuntimeError, match=r"hypercorn 0\.19\.0 is installed"):
         http_guard.install()
+
+
+async def test_debug_logs_hold_no_token_and_odd_methods_make_no_series(
+    server_dir: Path, spawn: Spawn
+) -> None:
+    """At log level DEBUG an HTTP/2 request's headers are not logged (hpack logs each
+    decoded header at DEBUG, Authorization included), nor is a query's access token; and
+    made-up methods are counted as ``other``, so no request creates metric series at will."""
+    daemon = await spawn(write_config(server_dir), env={"PEEKPROXY_LOGGING__LEVEL": "DEBUG"})
+    secret = "s3cr3t-" + os.urandom(8).hex()
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=20) as http:  # h2c
+        answer = await http.get(
+            f"{daemon.client}/_peekproxy/v1/sync",
+            params={"user_id": "@a:b", "device_id": "D", "access_token": secret},
+            headers={"Authorization": f"Bearer {secret}"},
+        )
+        assert answer.http_version == "HTTP/2" and answer.status_code in (401, 403)
+        for method in ("ZZMETHOD1", "ZZMETHOD2"):
+            odd = await http.request(method, f"{daemon.client}/health")
+            assert odd.status_code == 405
+        metrics = (await http.get(f"{daemon.metrics}/metrics")).text
+    assert secret not in daemon.log
+    assert "ZZMETHOD" not in metrics and 'method="other"' in metrics

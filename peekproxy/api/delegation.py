@@ -260,7 +260,7 @@ def delegation_routes(
         return device_params(request.query_params.getlist)
 
     async def body_of(request: Request) -> Any:
-        body = await read_json_body(request)
+        body = await read_json_body(request, optional=True)  # no body: as {}
         return {} if body is None else body
 
     def rate_limit(user_id: str) -> None:

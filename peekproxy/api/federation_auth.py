@@ -45,8 +45,9 @@ def raw_request_target(request: Request) -> str:
     return f"{target}?{query.decode('latin-1')}" if query else target
 
 
-async def read_json_body(request: Request) -> Any:
-    """The JSON body of a PUT/POST (``None`` for other methods).
+async def read_json_body(request: Request, *, optional: bool = False) -> Any:
+    """The JSON body of a PUT/POST (``None`` for other methods, and for an empty body when
+    ``optional``).
 
     Raises:
         MatrixError: 413 ``M_TOO_LARGE``; 400 ``M_NOT_JSON``.
@@ -58,6 +59,8 @@ async def read_json_body(request: Request) -> Any:
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise MatrixError(413, "M_TOO_LARGE", "request body too large")
+    if optional and not body.strip():
+        return None
     try:
         return json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError):
