@@ -42,6 +42,7 @@ from importlib.metadata import version
 from typing import Any
 
 import h2.events
+import h2.exceptions
 import h11
 import hypercorn.protocol
 import hypercorn.trio.run
@@ -57,6 +58,7 @@ __all__ = [
     "GuardedH2Protocol",
     "GuardedH11Protocol",
     "IsolatedTCPServer",
+    "QuietProtocolErrors",
     "install",
 ]
 
@@ -124,6 +126,26 @@ class IsolatedTCPServer(TCPServer):
                 await self.stream.aclose()
 
 
+class QuietProtocolErrors(logging.Filter):
+    """On hypercorn's error logger: "Error in ASGI Framework" caused by the client breaking
+    the HTTP protocol (h11's ``LocalProtocolError`` / ``RemoteProtocolError``, h2's
+    ``ProtocolError``: e.g. the WebSocket upgrade followed at once by more bytes, above)
+    becomes one warning line, without the traceback a client could otherwise make us write
+    for every such request."""
+
+    _CLIENT_ERRORS = (h11.LocalProtocolError, h11.RemoteProtocolError, h2.exceptions.ProtocolError)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and record.getMessage() == "Error in ASGI Framework":
+            leaf = _first_leaf(error)
+            if isinstance(leaf, self._CLIENT_ERRORS):
+                record.msg, record.args = "request ended by an HTTP protocol error: %r", (leaf,)
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _first_leaf(error: BaseException) -> BaseException:
     while isinstance(error, BaseExceptionGroup):
         error = error.exceptions[0]
@@ -161,6 +183,8 @@ def install() -> None:
         or protocols.get("H11Protocol") not in (H11Protocol, GuardedH11Protocol)
     ):
         raise RuntimeError("hypercorn internals changed: cannot install the listener guards")
+    if not any(isinstance(f, QuietProtocolErrors) for f in log.filters):
+        log.addFilter(QuietProtocolErrors())
     worker["TCPServer"] = IsolatedTCPServer
     protocols["H2Protocol"] = GuardedH2Protocol
     protocols["H11Protocol"] = GuardedH11Protocol

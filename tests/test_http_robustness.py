@@ -457,3 +457,29 @@ async def test_debug_logs_hold_no_token_and_odd_methods_make_no_series(
         metrics = (await http.get(f"{daemon.metrics}/metrics")).text
     assert secret not in daemon.log
     assert "ZZMETHOD" not in metrics and 'method="other"' in metrics
+
+
+async def test_a_protocol_error_is_one_log_line_not_a_traceback(
+    server_dir: Path, spawn: Spawn
+) -> None:
+    """A WebSocket upgrade followed at once by more bytes makes hypercorn break h11's state
+    (module docstring of http_guard): each such request is one warning line, so a client
+    cannot flood the log with tracebacks."""
+    daemon = await spawn(write_config(server_dir))
+    host, port = daemon.client.removeprefix("http://").rsplit(":", 1)
+    request = (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        b"\x81\x05hello"
+    )
+    for _ in range(3):
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(request)
+        with trio.move_on_after(5):
+            while await stream.receive_some(65536):
+                pass
+        await stream.aclose()
+    await daemon.wait_for_log(rb"(?s)(protocol error.*){3}")
+    assert "Traceback" not in daemon.log and "Error in ASGI Framework" not in daemon.log
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{daemon.client}/health")).status_code == 200
