@@ -210,3 +210,18 @@ def test_device_params_unit() -> None:
         with pytest.raises(MatrixError) as caught:
             check_hints(["ok.test", bad])
         assert caught.value.errcode == "M_INVALID_PARAM"
+
+
+async def test_overlong_room_ids_and_aliases_are_not_echoed_in_full(world: PeekWorld) -> None:
+    """A 5,000-character alias or room ID is refused with 400, and the error quotes only its
+    start (as the logs do)."""
+    me = [("user_id", "@alice:peekproxy.test"), ("device_id", "D1")]
+    for value in ("#" + "a" * 5000 + ":x.test", "!" + "b" * 5000 + ":x.test"):
+        path = quote(value, safe="")
+        for method, route in (("POST", f"/peek/{path}"), ("POST", f"/rooms/{path}/unpeek")):
+            if route.startswith("/rooms/") and value.startswith("#"):
+                continue  # unpeek takes room IDs only
+            body = assert_error(
+                await request(world, method, route, me, json={}), 400, "M_INVALID_PARAM"
+            )
+            assert len(body["error"]) < 300, body["error"][:400]

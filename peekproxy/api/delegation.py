@@ -351,7 +351,7 @@ def delegation_routes(
         try:
             RoomId.parse(room_id)
         except InvalidIdentifier as e:
-            raise MatrixError(400, "M_INVALID_PARAM", f"{room_id!r}: {e}") from None
+            raise MatrixError(400, "M_INVALID_PARAM", str(e)) from None
         if not await service.store.read(
             lambda c: reading.device_is_peeking(c, user_id, device_id, room_id)
         ):

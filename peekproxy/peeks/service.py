@@ -260,7 +260,7 @@ class PeekService:
             else:
                 return str(RoomId.parse(room_id_or_alias)), []
         except InvalidIdentifier as e:
-            raise PeekError(400, "M_INVALID_PARAM", f"{room_id_or_alias!r}: {e}") from None
+            raise PeekError(400, "M_INVALID_PARAM", str(e)) from None  # e names the value, cut
         server = str(alias.server_name)
         try:
             answer = await self.client.get_json(
@@ -405,7 +405,7 @@ class PeekService:
         try:
             RoomId.parse(room_id)
         except InvalidIdentifier as e:
-            raise PeekError(400, "M_INVALID_PARAM", f"{room_id!r}: {e}") from None
+            raise PeekError(400, "M_INVALID_PARAM", str(e)) from None
         async with self._lock(room_id):
             state = await self.store.read(
                 lambda c: db.device_peek_state(c, user_id, device_id, room_id)
