@@ -553,7 +553,15 @@ class PeekService:
         for room_id in room_ids:
             async with self._lock(room_id):
                 sub = self.subscriptions.get(room_id)
-                if sub is None:
+                state = await self.store.read(
+                    partial(
+                        db.device_peek_state,
+                        user_id=user_id,
+                        device_id=device_id,
+                        room_id=room_id,
+                    )
+                )
+                if sub is None or state != "dormant":  # unpeeked meanwhile: stays ended
                     continue
                 sub = subs.wanted(sub)
                 if not sub.has_remote_peek:
@@ -1142,9 +1150,12 @@ class PeekService:
         peek's PUT, while peekproxy is still checking the answer and fetching the first
         view; refused, such an event would not be sent again (until a later event brings it
         with ``get_missing_events``, or never in a quiet room)."""
-        for room_id in {p.get("room_id") for p in pdus if isinstance(p, dict)}:
-            lock = self._room_locks.get(room_id) if isinstance(room_id, str) else None
-            sub = self.subscriptions.get(room_id) if isinstance(room_id, str) else None
+        rooms = {
+            p["room_id"] for p in pdus if isinstance(p, dict) and isinstance(p.get("room_id"), str)
+        }
+        for room_id in rooms:
+            lock = self._room_locks.get(room_id)
+            sub = self.subscriptions.get(room_id)
             if lock is None or not lock.locked() or (sub is not None and sub.accepts_events):
                 continue
             with trio.move_on_after(SETUP_WAIT_S):

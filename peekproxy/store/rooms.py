@@ -176,14 +176,25 @@ def store_snapshot(
     held on the stream, or the room's first event). A gap marker precedes them when history
     is missing, and always when ``gap`` (a re-peek, decision 4: syncs get ``limited``); a
     marker over complete history is closed at once, so ``/messages`` does not stop there.
+
+    A snapshot older than what the stream already shows changes neither the stream nor the
+    state (its events are stored): its latest event is held but no longer the newest (a
+    ``/send`` brought newer events while the snapshot was on its way), or it is new but
+    deeper in the DAG than the newest event shown. Appending it would put it after its
+    descendants, and its state would roll back theirs.
     """
     redacted_ids = set(redacted)
     for event_id, pdu in events.items():
         _insert_event(conn, room_id, event_id, pdu, event_id in redacted_ids)
-    replace_state(conn, room_id, state)
     position = 0
     if in_stream(conn, latest_event_id):
+        if newest_event_ids(conn, room_id, 1) == [latest_event_id]:
+            replace_state(conn, room_id, state)
         return position
+    depth, newest = events[latest_event_id].get("depth"), _newest_depth(conn, room_id)
+    if isinstance(depth, int) and newest is not None and depth < newest:
+        return position
+    replace_state(conn, room_id, state)
     # Only when the latest event is new can anything have been missed before it.
     shown = []
     for event_id, pdu, is_redacted in history or ():
