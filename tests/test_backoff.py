@@ -98,6 +98,12 @@ async def test_5xx_answers_back_the_destination_off_and_4xx_do_not(world: World)
         await get()
     assert caught.value.retry_in == pytest.approx(1.2)  # the 404 ended the earlier outage
     assert len(app.requests) == 3
+    # The destination sends us a transaction: it is up, so what that /send needs from it
+    # (get_missing_events) is asked at once, not refused by the back-off.
+    statuses.append(200)
+    client.heard_from("flaky.test:8449")
+    await get()
+    assert len(app.requests) == 4
     await client.aclose()
 
 

@@ -356,3 +356,26 @@ async def test_events_pushed_while_a_peek_is_set_up_are_kept(
         "before the peek",
         "during the set-up",
     ]
+
+
+async def test_a_send_is_completed_while_its_origin_is_backed_off(
+    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    """A failed request to the target backs it off (a 5xx here); its next /send proves it
+    is up, so the events that /send lacks are still fetched: no false gap."""
+    world = await build_world(
+        nursery,
+        tls_ca,
+        tmp_path,
+        spawn,
+        peeks_env={"PEEKPROXY_FEDERATION__BACKOFF_INITIAL": "60s"},
+    )
+    world.testbed.renewal_interval_ms = 2_000  # renewed after a second
+    room_id = world.create_room("10")
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    world.testbed.faults.update({"peek_count": 1, "peek_status": 500})
+    await world.daemon.wait_for_log(rb"renewal of .* failed")  # backed off for a minute
+    world.testbed.faults.update({"withhold_next": 1})
+    world.send(room_id, "withheld")
+    await world.wait_delivered(world.send(room_id, "after"))
+    assert world.stream(room_id)[-2:] == [("event", "withheld"), ("event", "after")]

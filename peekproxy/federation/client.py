@@ -420,6 +420,13 @@ class FederationClient:
     async def post_json(self, destination: str, path: str, content: Any, **kwargs: Any) -> Any:
         return (await self.request("POST", destination, path, content=content, **kwargs)).json()
 
+    def heard_from(self, destination: str) -> None:
+        """``destination`` just sent us an authenticated request (a ``/send``): it is up,
+        so its back-off ends (as Synapse does on inbound traffic). A fetch that this very
+        request needs, such as ``get_missing_events``, must not be refused locally."""
+        if self._backoff is not None:
+            self._backoff.succeeded(destination)
+
     def _failed(self, destination: str) -> None:
         if self._backoff is not None:
             self._backoff.failed(destination)

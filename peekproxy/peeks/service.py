@@ -851,19 +851,26 @@ class PeekService:
             return None
         if await self.store.read(lambda c: db.held_event_ids(c, sub.room_id, [latest])):
             return None
-        try:
-            fetched = await history.fetch_backfill(
-                self.client,
-                self.keyring,
-                server=sub.server,
-                room_id=sub.room_id,
-                version=sub.room_version,
-                anchors=[latest],
-                limit=history.FIRST_VIEW_LIMIT + 1,  # /backfill includes the anchor itself
-                timeout=history.FIRST_VIEW_TIMEOUT_S,
-            )
-        except history.BackfillFailed as e:
-            log.info("no history before the latest event of %s (%s): a gap", sub.room_id, e)
+        fetched: list[history.Backfilled] | None = None
+        # One deadline for the whole fetch, its signers' keys included: the room's lock is
+        # held meanwhile, and /send of the room waits for it (_wait_for_setups).
+        with trio.move_on_after(history.FIRST_VIEW_TIMEOUT_S):
+            try:
+                fetched = await history.fetch_backfill(
+                    self.client,
+                    self.keyring,
+                    server=sub.server,
+                    room_id=sub.room_id,
+                    version=sub.room_version,
+                    anchors=[latest],
+                    limit=history.FIRST_VIEW_LIMIT + 1,  # /backfill includes the anchor
+                    timeout=history.FIRST_VIEW_TIMEOUT_S,
+                )
+            except history.BackfillFailed as e:
+                log.info("no history before the latest event of %s (%s): a gap", sub.room_id, e)
+                return [], False
+        if fetched is None:
+            log.info("no history before the latest event of %s (timed out): a gap", sub.room_id)
             return [], False
         ids = [e.event_id for e in fetched]
         held = await self.store.read(lambda c: db.held_event_ids(c, sub.room_id, ids))
@@ -1059,6 +1066,7 @@ class PeekService:
                 "M_BAD_JSON",
                 f"a transaction may hold at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs",
             )
+        self.client.heard_from(origin)  # it is up: fetching what its events lack may go on
         key = (origin, txn_id)
         lock = self._txn_locks.setdefault(key, trio.Lock())
         try:
