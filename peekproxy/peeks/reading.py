@@ -50,7 +50,7 @@ import contextlib
 import json
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -78,7 +78,6 @@ __all__ = [
     "room_version_of",
     "shown_event",
     "signer_key_ids",
-    "stream_event_ids",
 ]
 
 DEFAULT_LIMIT = 10
@@ -420,18 +419,6 @@ def _after_hole(conn: sqlite3.Connection, room_id: str, gap_pos: int) -> Point:
         (room_id, gap_pos),
     ).fetchone()
     return Point(gap_pos, int(row[0]) + 1)
-
-
-def stream_event_ids(conn: sqlite3.Connection, event_ids: Iterable[str]) -> set[str]:
-    """Which of ``event_ids`` are on the room stream (a client sees them when paging)."""
-    return {
-        str(r[0])
-        for r in select_in(
-            conn,
-            "SELECT event_id FROM room_stream WHERE kind = 'event' AND event_id IN ({marks})",
-            event_ids,
-        )
-    }
 
 
 def read_state(conn: sqlite3.Connection, room_id: str) -> list[tuple[str, dict[str, Any], bool]]:
