@@ -16,25 +16,12 @@ import pytest
 import trio
 import trio.testing
 
-from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
-from peekproxy.federation.discovery import DnspythonLookup
 from peekproxy.peeks.service import TYPING_TIMEOUT_MS, PeekService, PeekSettings
 from peekproxy.peeks.subscription import Subscription, SubState
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 from peekproxy.store.migrations import apply_migrations, available_migrations
-
-
-def _unused_client() -> FederationClient:
-    """A federation client the service holds but these tests never make send anything."""
-    return FederationClient(
-        server_name=None,
-        signing_key=None,
-        dns=DnspythonLookup(),
-        ip_filter=IpFilter([]),
-        ssl_context=build_ssl_context(),
-    )
-
+from tests.offline import offline_client
 
 ROOM = "!room:remote.test"
 TARGET = "remote.test"  # the server peekproxy peeks ROOM through
@@ -120,7 +107,7 @@ async def start(
     )
     service = PeekService(
         store=store,
-        client=_unused_client(),  # no subscription task runs here: it sends nothing
+        client=offline_client(),  # no subscription task runs here: it sends nothing
         keyring=None,  # type: ignore[arg-type]
         settings=PeekSettings(
             linger_ms=0, renewal_max_ms=1_800_000, max_peeks_per_device=100, max_remote_peeks=10
@@ -229,7 +216,7 @@ async def test_typing_does_not_survive_a_restart(nursery: trio.Nursery, tmp_path
     # A new service on the same database (its timers are gone with the old one).
     restarted = PeekService(
         store=world.store,
-        client=_unused_client(),
+        client=offline_client(),
         keyring=None,  # type: ignore[arg-type]
         settings=world.service.settings,
         clock_ms=lambda: 5_000,

@@ -12,13 +12,11 @@ import pytest
 import trio
 import trio.testing
 
-from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
-from peekproxy.federation.discovery import DnspythonLookup
-from peekproxy.federation.keyring import Keyring
-from peekproxy.peeks.service import PeekService, PeekSettings
+from peekproxy.peeks.service import PeekService
 from peekproxy.peeks.subscription import Subscription, SubState
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
+from tests.offline import offline_service
 
 ROOM = "!room:remote.test"
 ALICE = ("@alice:local.test", "PHONE")
@@ -72,26 +70,7 @@ async def test_only_devices_that_stop_syncing_go_dormant(
     dormant = Subscription(room_id=ROOM, state=SubState.DORMANT, candidates=("remote.test",))
     await store.write(lambda c: db.save_subscription(c, dormant))
     await activate(store, ALICE, BOB, CAROL)
-    client = FederationClient(
-        server_name=None,
-        signing_key=None,
-        dns=DnspythonLookup(),
-        ip_filter=IpFilter([]),
-        ssl_context=build_ssl_context(),
-    )
-    service = PeekService(
-        store=store,
-        client=client,
-        keyring=Keyring(client),
-        settings=PeekSettings(
-            linger_ms=0,
-            renewal_max_ms=1_800_000,
-            max_peeks_per_device=100,
-            max_remote_peeks=10,
-            idle_timeout_ms=60_000,
-        ),
-        clock_ms=lambda: int(trio.current_time() * 1000),
-    )
+    service = offline_service(store)
     drops = DropLog(service)
     monkeypatch.setattr(service, "_make_dormant", drops.make_dormant)
 
@@ -139,5 +118,5 @@ async def test_only_devices_that_stop_syncing_go_dormant(
         assert drops.times(CAROL)[1] - carol_seen == 61
         assert await state(CAROL) == "dormant"
         nursery.cancel_scope.cancel()
-    await client.aclose()
+    await service.client.aclose()
     await store.aclose()

@@ -18,6 +18,7 @@ from peekproxy.peeks.validation import ValidatedPeek
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 from tests.conftest import Spawn
+from tests.offline import offline_service
 from tests.peek_world import PEEKPROXY, SECRET, TESTBED, build_world
 from tests.test_ingest_order import _bodies, _pdu
 
@@ -149,11 +150,6 @@ async def test_unpeek_of_a_dormant_peek_while_its_sync_restores_other_rooms(tmp_
     from dataclasses import replace as dc_replace
     from functools import partial
 
-    from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
-    from peekproxy.federation.discovery import DnspythonLookup
-    from peekproxy.federation.keyring import Keyring
-    from peekproxy.peeks.service import PeekSettings
-
     r1, r2 = "!a:remote.test", "!b:remote.test"
     alice = ("@alice:local.test", "PHONE")
     store = await Store.open(tmp_path / "p.db", "local.test")
@@ -176,26 +172,7 @@ async def test_unpeek_of_a_dormant_peek_while_its_sync_restores_other_rooms(tmp_
                 now_ms=0,
             )
         )
-    client = FederationClient(
-        server_name=None,
-        signing_key=None,
-        dns=DnspythonLookup(),
-        ip_filter=IpFilter([]),
-        ssl_context=build_ssl_context(),
-    )
-    service = PeekService(
-        store=store,
-        client=client,
-        keyring=Keyring(client),
-        settings=PeekSettings(
-            linger_ms=0,
-            renewal_max_ms=1_800_000,
-            max_peeks_per_device=100,
-            max_remote_peeks=10,
-            idle_timeout_ms=60_000,
-        ),
-        clock_ms=lambda: int(trio.current_time() * 1000),
-    )
+    service = offline_service(store)
     service.subscriptions = {s.room_id: s for s in await store.read(db.load_subscriptions)}
     gate = trio.Event()
 
@@ -221,32 +198,9 @@ async def test_a_pdu_with_a_non_string_room_id_does_not_fail_the_transaction(
     """_wait_for_setups builds a set of the PDUs' room_id values: an unhashable one (a list
     or an object, from a buggy or hostile origin) raises TypeError -> HTTP 500 for the whole
     transaction; the origin retries it forever and its other rooms' events queue behind it."""
-    from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
-    from peekproxy.federation.discovery import DnspythonLookup
-    from peekproxy.federation.keyring import Keyring
-    from peekproxy.peeks.service import PeekSettings
 
     store = await Store.open(tmp_path / "p.db", "local.test")
-    client = FederationClient(
-        server_name=None,
-        signing_key=None,
-        dns=DnspythonLookup(),
-        ip_filter=IpFilter([]),
-        ssl_context=build_ssl_context(),
-    )
-    service = PeekService(
-        store=store,
-        client=client,
-        keyring=Keyring(client),
-        settings=PeekSettings(
-            linger_ms=0,
-            renewal_max_ms=1_800_000,
-            max_peeks_per_device=100,
-            max_remote_peeks=10,
-            idle_timeout_ms=60_000,
-        ),
-        clock_ms=lambda: int(trio.current_time() * 1000),
-    )
+    service = offline_service(store)
     try:
         answer = await service.ingest(
             "remote.test", "t1", {"pdus": [{"room_id": ["!a:b"], "type": "m.room.message"}]}
