@@ -951,13 +951,9 @@ class PeekService:
         """The events between our newest stored ones and a full renewal reply's latest
         event (``get_missing_events`` from ``server``); none when we hold that event."""
         latest = validated.latest_event_id
-        known = await self.store.read(partial(db.known_event_ids, event_ids=[latest]))
-        if latest in known:
-            return []
-        pdu = validated.events[latest]
-        prevs = event_refs(pdu.get("prev_events"))
-        known = await self.store.read(partial(db.known_event_ids, event_ids=prevs))
-        if all(p in known for p in prevs):
+        prevs = event_refs(validated.events[latest].get("prev_events"))
+        known = await self.store.read(partial(db.known_event_ids, event_ids=[latest, *prevs]))
+        if latest in known or all(p in known for p in prevs):
             return []
         fill = await self._fetch_missing(
             server, room_id, [latest], room_version(validated.room_version), known=known
