@@ -7,6 +7,7 @@ verifies peekproxy's certificate, keys and X-Matrix signatures for real.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import threading
@@ -82,11 +83,38 @@ def synapse_python() -> str:
     return python
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """A TCP port free on 127.0.0.1 now, below the kernel's ephemeral range.
+
+    A port the kernel hands out (``bind(0)``) is from the ephemeral range, so while a test restarts
+    the daemon on it, any outgoing connection may take it as its source port and the restart fails
+    with "Address already in use". Ports below that range are never chosen by the kernel.
+    """
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(10000, max(low, 10001))
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free TCP port below the ephemeral range")
 
 
 @dataclass
