@@ -360,12 +360,12 @@ async def memory(rooms: int, peeks: int, directory: Path) -> None:
     import logging
 
     logging.disable(logging.WARNING)  # renewals to the made-up remote fail: not the point
+    from peekproxy.core.subscription import Subscription, SubState
+    from peekproxy.core.sync import DevicePeek
     from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
     from peekproxy.federation.discovery import DnspythonLookup
     from peekproxy.federation.keyring import Keyring
     from peekproxy.peeks.service import PeekService, PeekSettings
-    from peekproxy.peeks.subscription import Subscription, SubState
-    from peekproxy.peeks.sync import DevicePeek
     from peekproxy.store import Store
     from peekproxy.store import rooms as db
 

@@ -2,7 +2,7 @@
 
 Run with ``.venv/bin/python bench/pdu_verify.py [--rounds N] [--versions 10,11,12]``.
 
-* **full**: :func:`peekproxy.federation.pdu.check_pdu` on every event of the Synapse fixture
+* **full**: :func:`peekproxy.core.pdu.check_pdu` on every event of the Synapse fixture
   rooms (format and strict canonical-JSON checks, content hash, redaction, reference hash
   and event ID, ed25519 signature verification);
 * **floor**: for the same events, only what no verifier can avoid: one pynacl
@@ -26,9 +26,9 @@ from typing import Any
 from nacl.signing import VerifyKey
 from unpaddedbase64 import decode_base64
 
-from peekproxy.federation.events import redact, reference_hash_input
-from peekproxy.federation.pdu import KeyLookup, VerifyKeyInfo, check_pdu, key_table
-from peekproxy.federation.room_versions import RoomVersion, room_version
+from peekproxy.core.events import redact, reference_hash_input
+from peekproxy.core.pdu import KeyLookup, VerifyKeyInfo, check_pdu, key_table
+from peekproxy.core.room_versions import RoomVersion, room_version
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "synapse-pdus"
 GOAL = 0.6

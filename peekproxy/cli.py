@@ -16,7 +16,7 @@ from pathlib import Path
 
 from peekproxy import __version__
 from peekproxy.config import Config, ConfigError, load_config
-from peekproxy.identifiers import InvalidIdentifier, ServerName
+from peekproxy.core.identifiers import InvalidIdentifier, ServerName
 
 __all__ = ["main", "render_config"]
 

@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from peekproxy.identifiers import InvalidIdentifier, ServerName
+from peekproxy.core.identifiers import InvalidIdentifier, ServerName
 
 __all__ = [
     "DEFAULT_IP_RANGE_BLACKLIST",

@@ -12,10 +12,10 @@ import pytest
 import trio
 import trustme
 
-from peekproxy.backoff import backoff_delay
+from peekproxy.core import subscription as subs
+from peekproxy.core.backoff import backoff_delay
+from peekproxy.core.subscription import Action, Subscription, SubState
 from peekproxy.federation.client import Backoff, DestinationBackingOff, RemoteError
-from peekproxy.peeks import subscription as subs
-from peekproxy.peeks.subscription import Action, Subscription, SubState
 from tests.test_discovery import World
 
 MAX = 1_800_000

@@ -17,8 +17,8 @@ from signedjson.key import decode_verify_key_bytes, generate_signing_key
 from signedjson.sign import verify_signed_json
 from unpaddedbase64 import decode_base64
 
+from peekproxy.core.xmatrix import authorization_header
 from peekproxy.federation.signing_key import server_key_document
-from peekproxy.federation.xmatrix import authorization_header
 from tests.conftest import Spawn
 from tests.support import DaemonProcess, JsonApp, serve_app, write_config
 

@@ -16,8 +16,8 @@ import pytest
 import trio
 import trio.testing
 
+from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.peeks.service import TYPING_TIMEOUT_MS, PeekService, PeekSettings
-from peekproxy.peeks.subscription import Subscription, SubState
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 from peekproxy.store.migrations import apply_migrations, available_migrations

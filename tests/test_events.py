@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from signedjson.key import decode_signing_key_base64, encode_verify_key_base64, get_verify_key
 from unpaddedbase64 import decode_base64, encode_base64
 
-from peekproxy.federation.canonical_json import (
+from peekproxy.core.canonical_json import (
     MAX_SAFE_INTEGER,
     CanonicalJSONError,
     check_canonical,
@@ -27,7 +27,7 @@ from peekproxy.federation.canonical_json import (
     encode_canonical,
     loads_strict,
 )
-from peekproxy.federation.events import (
+from peekproxy.core.events import (
     compute_event_id,
     content_hash,
     content_hash_input,
@@ -38,7 +38,7 @@ from peekproxy.federation.events import (
     reference_hash_input,
     room_id_for_create,
 )
-from peekproxy.federation.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion, room_version
+from peekproxy.core.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion, room_version
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "synapse-pdus"
 VERSIONS = [str(n) for n in range(1, 13)]

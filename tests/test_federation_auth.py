@@ -10,8 +10,8 @@ import httpx
 import trio
 from signedjson.key import generate_signing_key
 
+from peekproxy.core.xmatrix import authorization_header
 from peekproxy.federation.signing_key import server_key_document
-from peekproxy.federation.xmatrix import authorization_header
 from tests.conftest import Spawn
 from tests.support import JsonApp, serve_app, write_config
 

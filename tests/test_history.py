@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from peekproxy.core.sync import InvalidToken, decode_token
 from peekproxy.peeks import reading
 from peekproxy.peeks.history import Backfilled, new_history
-from peekproxy.peeks.sync import InvalidToken, decode_token
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 

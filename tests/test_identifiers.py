@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peekproxy.identifiers import (
+from peekproxy.core.identifiers import (
     EventId,
     InvalidIdentifier,
     RoomAlias,

@@ -12,8 +12,8 @@ import pytest
 import trio
 import trio.testing
 
+from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.peeks.service import PeekService
-from peekproxy.peeks.subscription import Subscription, SubState
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 from tests.offline import offline_service

@@ -13,6 +13,8 @@ from signedjson.key import encode_verify_key_base64, generate_signing_key, get_v
 from signedjson.sign import sign_json
 
 from peekproxy.config import DEFAULT_IP_RANGE_BLACKLIST
+from peekproxy.core.room_versions import room_version
+from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
 from peekproxy.federation.discovery import DnspythonLookup
 from peekproxy.federation.keyring import (
@@ -23,10 +25,8 @@ from peekproxy.federation.keyring import (
     TrustedNotary,
     parse_key_document,
 )
-from peekproxy.federation.room_versions import room_version
 from peekproxy.federation.signing_key import server_key_document
 from peekproxy.peeks.service import PeekService, PeekSettings
-from peekproxy.peeks.subscription import Subscription, SubState
 from peekproxy.store import Store
 from peekproxy.testbed.rooms import TestbedRoom
 from tests.support import JsonApp, serve_app

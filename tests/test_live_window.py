@@ -1,4 +1,4 @@
-"""The live window (peeks/live.py): answering incremental syncs from memory.
+"""The live window (core/live.py): answering incremental syncs from memory.
 
 Unit tests of the pure window, the store's commit hook that feeds it, and an equivalence
 test: over random streams written to a real SQLite store, every sync the window answers
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import trio
 
-from peekproxy.peeks.live import LiveWindow, StreamChange
-from peekproxy.peeks.sync import DevicePeek, build_sync
+from peekproxy.core.live import LiveWindow, StreamChange
+from peekproxy.core.sync import DevicePeek, build_sync
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from peekproxy.peeks.live import LiveWindow
+from peekproxy.core.live import LiveWindow
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 from tests.test_live_window import (

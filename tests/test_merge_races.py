@@ -12,9 +12,9 @@ import trio
 import trio.testing
 import trustme
 
+from peekproxy.core.subscription import Subscription, SubState
+from peekproxy.core.validation import ValidatedPeek
 from peekproxy.peeks.service import PeekService
-from peekproxy.peeks.subscription import Subscription, SubState
-from peekproxy.peeks.validation import ValidatedPeek
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 from tests.conftest import Spawn

@@ -19,8 +19,8 @@ from nacl.signing import SigningKey
 from signedjson.key import decode_verify_key_bytes
 from unpaddedbase64 import decode_base64, encode_base64
 
-from peekproxy.federation.events import content_hash, redact, reference_hash_input
-from peekproxy.federation.pdu import (
+from peekproxy.core.events import content_hash, redact, reference_hash_input
+from peekproxy.core.pdu import (
     MAX_PDU_BYTES,
     KeyLookup,
     PduVerdict,
@@ -31,7 +31,7 @@ from peekproxy.federation.pdu import (
     required_signers,
     signer_key_validity,
 )
-from peekproxy.federation.room_versions import RoomVersion, room_version
+from peekproxy.core.room_versions import RoomVersion, room_version
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "synapse-pdus"
 VERSIONS = [str(n) for n in range(1, 13)]
@@ -459,7 +459,7 @@ def test_size_limit_includes_signatures() -> None:
     rules = room_version("10")
     base = make_pdu(rules, content={"body": ""})
     # Pad the content so that the PDU is exactly at the limit, then one byte over.
-    from peekproxy.federation.canonical_json import encode_canonical
+    from peekproxy.core.canonical_json import encode_canonical
 
     padding = MAX_PDU_BYTES - len(encode_canonical(base))
     at_limit = make_pdu(rules, content={"body": "x" * padding})

@@ -14,8 +14,8 @@ import trustme
 from nacl.signing import SigningKey
 from unpaddedbase64 import encode_base64
 
-from peekproxy.federation.events import content_hash, redact, reference_hash_input
-from peekproxy.federation.room_versions import room_version
+from peekproxy.core.events import content_hash, redact, reference_hash_input
+from peekproxy.core.room_versions import room_version
 from tests.dns import start_dnsmasq
 from tests.support import JsonApp, issue_cert, run_cli, serve_app
 

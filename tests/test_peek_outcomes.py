@@ -9,15 +9,7 @@ from typing import Any
 
 import pytest
 
-from peekproxy.federation.client import (
-    BadResponse,
-    DestinationBackingOff,
-    DestinationBlocked,
-    DestinationUnreachable,
-    FederationError,
-    RemoteError,
-)
-from peekproxy.peeks.outcomes import (
+from peekproxy.core.outcomes import (
     PeekAttemptFailure,
     PeekFailureKind,
     PeekFailureSummary,
@@ -27,7 +19,15 @@ from peekproxy.peeks.outcomes import (
     renewal_delay_ms,
     summarize_failures,
 )
-from peekproxy.peeks.validation import InvalidPeekResponse, RoomNotPeekable
+from peekproxy.core.validation import InvalidPeekResponse, RoomNotPeekable
+from peekproxy.federation.client import (
+    BadResponse,
+    DestinationBackingOff,
+    DestinationBlocked,
+    DestinationUnreachable,
+    FederationError,
+    RemoteError,
+)
 
 K = PeekFailureKind
 V12_ROOM = "!Ebs45sjfzusd2e7o8S-D-XoUPlbQKc1otQshU5Hl_ac"

@@ -22,15 +22,15 @@ import pytest
 from signedjson.key import generate_signing_key, get_verify_key
 from unpaddedbase64 import encode_base64
 
-from peekproxy.federation.events import (
+from peekproxy.core.events import (
     compute_event_id,
     content_hash,
     redact,
     reference_hash_input,
 )
-from peekproxy.federation.pdu import KeyLookup, VerifyKeyInfo, key_table
-from peekproxy.federation.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion, room_version
-from peekproxy.peeks.validation import (
+from peekproxy.core.pdu import KeyLookup, VerifyKeyInfo, key_table
+from peekproxy.core.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion, room_version
+from peekproxy.core.validation import (
     DEFAULT_RENEWAL_INTERVAL_MS,
     InvalidPeekResponse,
     RoomNotPeekable,

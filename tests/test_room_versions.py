@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from peekproxy.federation.room_versions import (
+from peekproxy.core.room_versions import (
     KNOWN_ROOM_VERSIONS,
     EventIdFormat,
     RoomVersion,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from peekproxy.peeks import subscription as subs
-from peekproxy.peeks.subscription import Action, Subscription, SubState
+from peekproxy.core import subscription as subs
+from peekproxy.core.subscription import Action, Subscription, SubState
 
 MAX = 1_800_000
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from peekproxy.peeks.sync import (
+from peekproxy.core.sync import (
     SYNC_TOKEN_PREFIX,
     DevicePeek,
     InvalidToken,

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import trio
 
+from peekproxy.core.sync import build_sync, decode_token
 from peekproxy.peeks.service import PeekService, PeekSettings
-from peekproxy.peeks.sync import build_sync, decode_token
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 

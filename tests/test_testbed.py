@@ -19,10 +19,10 @@ import trio
 import trustme
 from signedjson.key import encode_verify_key_base64, get_verify_key
 
+from peekproxy.core.pdu import check_pdu
+from peekproxy.core.room_versions import KNOWN_ROOM_VERSIONS, room_version
 from peekproxy.federation.client import RemoteError, path_segment
 from peekproxy.federation.keyring import Keyring
-from peekproxy.federation.pdu import check_pdu
-from peekproxy.federation.room_versions import KNOWN_ROOM_VERSIONS, room_version
 from peekproxy.testbed.server import Testbed, TestbedListening
 from tests.peer import Peer, loopback_client
 from tests.support import issue_cert

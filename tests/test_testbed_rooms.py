@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from signedjson.key import generate_signing_key, get_verify_key
 
-from peekproxy.federation.events import compute_event_id, room_id_for_create
-from peekproxy.federation.pdu import KeyLookup, VerifyKeyInfo, check_pdu, key_table
+from peekproxy.core.events import compute_event_id, room_id_for_create
+from peekproxy.core.pdu import KeyLookup, VerifyKeyInfo, check_pdu, key_table
 from peekproxy.testbed.rooms import (
     HISTORY_VISIBILITIES,
     JOIN_RULES,

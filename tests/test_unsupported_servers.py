@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from peekproxy.core.outcomes import PeekFailureKind, classify_peek_error, summarize_failures
+from peekproxy.core.unsupported import UNSUPPORTED_HOLD_MS, UnsupportedServers
 from peekproxy.federation.client import (
     BadResponse,
     DestinationUnreachable,
     FederationError,
     RemoteError,
 )
-from peekproxy.peeks.outcomes import PeekFailureKind, classify_peek_error, summarize_failures
-from peekproxy.peeks.unsupported import UNSUPPORTED_HOLD_MS, UnsupportedServers
 
 UNRECOGNIZED = b'{"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}'
 

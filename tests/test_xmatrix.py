@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from signedjson.key import decode_signing_key_base64, generate_signing_key, get_verify_key
 
-from peekproxy.federation.xmatrix import (
+from peekproxy.core.xmatrix import (
     XMatrixError,
     authorization_header,
     parse_authorization,

@@ -39,16 +39,16 @@ from starlette.routing import Route
 
 from peekproxy.api.errors import MatrixError
 from peekproxy.api.federation_auth import read_json_body
-from peekproxy.identifiers import (
+from peekproxy.core.identifiers import (
     MAX_IDENTIFIER_BYTES,
     InvalidIdentifier,
     RoomId,
     ServerName,
     UserId,
 )
+from peekproxy.core.sync import InvalidToken
 from peekproxy.peeks import history, reading
 from peekproxy.peeks.service import PeekError, PeekService
-from peekproxy.peeks.sync import InvalidToken
 
 __all__ = [
     "SecretFileError",

@@ -24,9 +24,9 @@ from starlette.routing import Route
 from peekproxy import __version__
 from peekproxy.api.errors import MatrixError, exception_handlers
 from peekproxy.api.federation_auth import authenticate
+from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias
 from peekproxy.federation.keyring import Keyring
 from peekproxy.federation.signing_key import server_key_document
-from peekproxy.identifiers import InvalidIdentifier, RoomAlias
 from peekproxy.metrics import RequestMetrics
 from peekproxy.peeks.service import PeekError, PeekService
 

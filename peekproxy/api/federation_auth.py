@@ -17,8 +17,8 @@ from typing import Any
 from starlette.requests import Request
 
 from peekproxy.api.errors import MatrixError
+from peekproxy.core.xmatrix import XMatrixError, parse_authorization, verify_request
 from peekproxy.federation.keyring import KeyFetchError, Keyring
-from peekproxy.federation.xmatrix import XMatrixError, parse_authorization, verify_request
 
 __all__ = ["AuthenticatedRequest", "authenticate", "raw_request_target"]
 

@@ -35,7 +35,17 @@ import httpx
 import trio
 from signedjson.types import SigningKey
 
-from peekproxy.backoff import backoff_delay
+from peekproxy.core.backoff import backoff_delay
+from peekproxy.core.federation_errors import (
+    BadResponse,
+    DestinationBackingOff,
+    DestinationBlocked,
+    DestinationUnreachable,
+    FederationError,
+    RemoteError,
+)
+from peekproxy.core.identifiers import InvalidIdentifier, ServerName
+from peekproxy.core.xmatrix import authorization_header
 from peekproxy.federation.discovery import (
     WELL_KNOWN_MAX_BYTES,
     DnsError,
@@ -50,8 +60,6 @@ from peekproxy.federation.discovery import (
     well_known_cache_period,
 )
 from peekproxy.federation.transport import ROUTE_EXTENSION, FederationTransport, Route
-from peekproxy.federation.xmatrix import authorization_header
-from peekproxy.identifiers import InvalidIdentifier, ServerName
 
 __all__ = [
     "Backoff",
@@ -71,65 +79,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NetworkType = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class FederationError(Exception):
-    """An outbound federation request failed. ``retryable``: trying later may succeed."""
-
-    retryable = True
-
-    def __init__(self, destination: str, reason: str) -> None:
-        super().__init__(f"{destination}: {reason}")
-        self.destination = destination
-        self.reason = reason
-
-
-class DestinationUnreachable(FederationError):
-    """DNS, connection, TLS or timeout failure."""
-
-
-class DestinationBlocked(FederationError):
-    """Every address of the destination is in the IP blacklist."""
-
-    retryable = False
-
-
-class DestinationBackingOff(FederationError):
-    """The destination failed recently; no request was sent. ``retry_in`` seconds."""
-
-    def __init__(self, destination: str, retry_in: float) -> None:
-        super().__init__(destination, f"backing off after failures; retry in {retry_in:.1f}s")
-        self.retry_in = retry_in
-
-
-class BadResponse(FederationError):
-    """The answer is not usable (too large, or not JSON where JSON was expected)."""
-
-    retryable = False
-
-
-class RemoteError(FederationError):
-    """The remote answered with an HTTP error status (``status``, ``errcode``, ``body``)."""
-
-    def __init__(self, destination: str, status: int, body: bytes) -> None:
-        self.status = status
-        self.body = body
-        self.json: dict[str, Any] | None = None
-        try:
-            parsed = json.loads(body) if body else None
-            if isinstance(parsed, dict):
-                self.json = parsed
-        except ValueError:
-            pass
-        self.errcode: str | None = None
-        error = ""
-        if self.json is not None:
-            errcode = self.json.get("errcode")
-            self.errcode = errcode if isinstance(errcode, str) else None
-            error = str(self.json.get("error", ""))[:200]
-        detail = " ".join(x for x in (self.errcode, error) if x) or "no Matrix error body"
-        super().__init__(destination, f"HTTP {status} {detail}")
-        self.retryable = status >= 500 or status == 429
 
 
 @dataclass(frozen=True)
@@ -199,7 +148,7 @@ class Backoff:
     """Per-destination exponential back-off with jitter (seconds).
 
     A failure is a connection failure, a timeout or a 5xx answer. After the n-th failure in
-    a row the destination is not asked for :func:`~peekproxy.backoff.backoff_delay`
+    a row the destination is not asked for :func:`~peekproxy.core.backoff.backoff_delay`
     ``(n, initial, maximum, draw())`` seconds (``initial`` doubling up to ``maximum``,
     ±20 %). Failures reported while it is already backing off (requests that were in flight
     together, e.g. many rooms' peeks) count once. A success (any answer below 500) ends it.

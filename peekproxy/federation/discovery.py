@@ -39,7 +39,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from peekproxy.identifiers import InvalidIdentifier, ServerName
+from peekproxy.core.identifiers import InvalidIdentifier, ServerName
 
 __all__ = [
     "DnsError",

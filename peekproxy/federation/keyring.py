@@ -38,9 +38,9 @@ from signedjson.sign import SignatureVerifyException, verify_signed_json
 from signedjson.types import VerifyKey
 from unpaddedbase64 import decode_base64
 
+from peekproxy.core.pdu import VerifyKeyInfo, signer_key_ids, signer_key_validity
+from peekproxy.core.room_versions import RoomVersion
 from peekproxy.federation.client import FederationClient, FederationError
-from peekproxy.federation.pdu import VerifyKeyInfo, signer_key_ids, signer_key_validity
-from peekproxy.federation.room_versions import RoomVersion
 from peekproxy.store import Store
 
 __all__ = ["KEY_VALIDITY_CAP_MS", "KeyFetchError", "Keyring", "StoredKey", "TrustedNotary"]
@@ -81,7 +81,7 @@ class StoredKey:
         return self.expired_ts is not None
 
     def info(self) -> VerifyKeyInfo:
-        """The form :func:`peekproxy.federation.pdu.check_pdu` consumes."""
+        """The form :func:`peekproxy.core.pdu.check_pdu` consumes."""
         if self.is_old:
             return VerifyKeyInfo(self.verify_key, None, self.expired_ts)
         return VerifyKeyInfo(self.verify_key, self.effective_valid_until_ts, None)
@@ -405,7 +405,7 @@ class Keyring:
     # -- uses --------------------------------------------------------------------------------
 
     async def fetch_signer_keys(self, pdus: Iterable[Any], rules: RoomVersion) -> list[str]:
-        """Fetch what :func:`~peekproxy.federation.pdu.check_pdu` needs for ``pdus``: the
+        """Fetch what :func:`~peekproxy.core.pdu.check_pdu` needs for ``pdus``: the
         key IDs each required signer signed with, and, for room versions 5 and later, valid
         until the newest ``origin_server_ts`` among its PDUs. A cached key that expires
         before that is fetched again with that ``minimum_valid_until_ts``: from the server,

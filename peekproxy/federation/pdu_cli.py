@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from peekproxy.federation.pdu import KeyLookup, VerifyKeyInfo
+    from peekproxy.core.pdu import KeyLookup, VerifyKeyInfo
 
 __all__ = ["add_pdu_parser", "fetch_keys_for", "parse_key_option", "run_pdu_check"]
 
@@ -92,7 +92,7 @@ def fetch_keys_for(wanted: Mapping[str, set[str]], config_path: str | None) -> K
 
 
 def _wanted_keys(pdus: Iterable[Any], rules: Any) -> dict[str, set[str]]:
-    from peekproxy.federation.pdu import signer_key_ids
+    from peekproxy.core.pdu import signer_key_ids
 
     return {server: set(ids) for server, ids in signer_key_ids(pdus, rules).items()}
 
@@ -105,8 +105,8 @@ def parse_key_option(value: str) -> tuple[str, str, VerifyKeyInfo]:
         UsageError: not four parts, an algorithm other than ed25519, a bad key version or
             server name, or not the base64 of a 32-byte key.
     """
-    from peekproxy.federation.pdu import VerifyKeyInfo
-    from peekproxy.identifiers import InvalidIdentifier, ServerName
+    from peekproxy.core.identifiers import InvalidIdentifier, ServerName
+    from peekproxy.core.pdu import VerifyKeyInfo
 
     parts = value.rsplit(":", 3)
     if len(parts) != 4:
@@ -128,7 +128,7 @@ def parse_key_option(value: str) -> tuple[str, str, VerifyKeyInfo]:
 
 
 def _read_input(source: str) -> Any:
-    from peekproxy.federation.canonical_json import CanonicalJSONError, loads_strict
+    from peekproxy.core.canonical_json import CanonicalJSONError, loads_strict
 
     try:
         data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
@@ -170,7 +170,7 @@ def _split_input(document: Any) -> tuple[list[Any], Mapping[str, Any]]:
 
 
 def _fixture_keys(metadata: Mapping[str, Any]) -> dict[tuple[str, str], VerifyKeyInfo]:
-    from peekproxy.federation.pdu import VerifyKeyInfo
+    from peekproxy.core.pdu import VerifyKeyInfo
 
     server, verify_keys = metadata.get("server_name"), metadata.get("verify_keys")
     if not isinstance(server, str) or not isinstance(verify_keys, dict):
@@ -196,8 +196,8 @@ def run_pdu_check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from peekproxy.federation.pdu import check_pdu, key_table
-    from peekproxy.federation.room_versions import UnknownRoomVersion, room_version
+    from peekproxy.core.pdu import check_pdu, key_table
+    from peekproxy.core.room_versions import UnknownRoomVersion, room_version
 
     table: dict[tuple[str, str], VerifyKeyInfo] = {}
     for value in args.key:

@@ -8,7 +8,7 @@ Two users (the design is in :mod:`peekproxy.peeks.reading` and ``docs/peeking.md
 * ``/messages`` fills a gap of the stream (or what precedes its first event) one round at a
   time, storing what it fetched keyed to that gap (:func:`fill_gap`).
 
-Every PDU is verified like a ``/send`` PDU (:func:`peekproxy.federation.pdu.check_pdu`, the
+Every PDU is verified like a ``/send`` PDU (:func:`peekproxy.core.pdu.check_pdu`, the
 signers' keys through the keyring): a rejected PDU is dropped, a content-hash mismatch is
 kept redacted. Requests are bounded by a timeout; a failure is a :class:`BackfillFailed`
 that says whether trying again later may help.
@@ -21,11 +21,11 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from peekproxy.core.events import event_refs, room_id_for_create
+from peekproxy.core.pdu import check_pdu
+from peekproxy.core.room_versions import RoomVersion, UnknownRoomVersion, room_version
 from peekproxy.federation.client import FederationClient, FederationError, path_segment
-from peekproxy.federation.events import event_refs, room_id_for_create
 from peekproxy.federation.keyring import Keyring
-from peekproxy.federation.pdu import check_pdu
-from peekproxy.federation.room_versions import RoomVersion, UnknownRoomVersion, room_version
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 

@@ -54,10 +54,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from peekproxy.federation.events import redact
-from peekproxy.federation.pdu import signer_key_ids
-from peekproxy.federation.room_versions import UnknownRoomVersion, room_version
-from peekproxy.peeks.sync import InvalidToken, client_event
+from peekproxy.core.events import redact
+from peekproxy.core.pdu import signer_key_ids
+from peekproxy.core.room_versions import UnknownRoomVersion, room_version
+from peekproxy.core.sync import InvalidToken, client_event
 from peekproxy.store.rooms import max_stream_pos, room_version_of, select_in
 
 __all__ = [

@@ -1,13 +1,13 @@
 """The I/O shell around the peek core: remote subscriptions, device peeks, ``/send`` ingest.
 
 One :class:`PeekService` per daemon. It owns a task per subscribed room that asks
-:func:`peekproxy.peeks.subscription.plan` what to do and does it: PUT a peek through the
+:func:`peekproxy.core.subscription.plan` what to do and does it: PUT a peek through the
 candidate servers, re-PUT it before it lapses, DELETE it when no device wants it any more
 (after ``peeks.linger``), re-peek after a lapse (recording a gap). Client requests never wait
 for a renewal or a DELETE; they wait only for the first PUT of a room nobody peeks yet.
 
-Everything a remote server sends is checked (:func:`peekproxy.federation.pdu.check_pdu`,
-:func:`peekproxy.peeks.validation.validate_peek_response`) and stored before it is
+Everything a remote server sends is checked (:func:`peekproxy.core.pdu.check_pdu`,
+:func:`peekproxy.core.validation.validate_peek_response`) and stored before it is
 acknowledged.
 """
 
@@ -24,19 +24,12 @@ from typing import Any
 
 import trio
 
-from peekproxy.backoff import backoff_delay
-from peekproxy.federation.client import FederationClient, FederationError, RemoteError, path_segment
-from peekproxy.federation.events import compute_event_id, event_refs
-from peekproxy.federation.keyring import Keyring
-from peekproxy.federation.pdu import check_pdu
-from peekproxy.federation.room_versions import KNOWN_ROOM_VERSIONS, UnknownRoomVersion, room_version
-from peekproxy.identifiers import InvalidIdentifier, RoomAlias, RoomId, UserId
-from peekproxy.metrics import SYNC_ANSWERS
-from peekproxy.peeks import history
-from peekproxy.peeks import subscription as subs
-from peekproxy.peeks.live import LiveAnswer, LiveWindow, StreamChange
-from peekproxy.peeks.notifier import Notifier
-from peekproxy.peeks.outcomes import (
+from peekproxy.core import subscription as subs
+from peekproxy.core.backoff import backoff_delay
+from peekproxy.core.events import compute_event_id, event_refs
+from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, RoomId, UserId
+from peekproxy.core.live import LiveAnswer, LiveWindow, StreamChange
+from peekproxy.core.outcomes import (
     PeekAttemptFailure,
     PeekFailureKind,
     candidate_servers,
@@ -44,14 +37,16 @@ from peekproxy.peeks.outcomes import (
     new_peek_id,
     summarize_failures,
 )
-from peekproxy.peeks.subscription import Action, Subscription, SubState
-from peekproxy.peeks.sync import (
+from peekproxy.core.pdu import check_pdu
+from peekproxy.core.room_versions import KNOWN_ROOM_VERSIONS, UnknownRoomVersion, room_version
+from peekproxy.core.subscription import Action, Subscription, SubState
+from peekproxy.core.sync import (
     InvalidToken,
     build_sync,
     decode_token,
 )
-from peekproxy.peeks.unsupported import UnsupportedServers
-from peekproxy.peeks.validation import (
+from peekproxy.core.unsupported import UnsupportedServers
+from peekproxy.core.validation import (
     InvalidPeekResponse,
     ValidatedPeek,
     is_empty_renewal,
@@ -59,6 +54,11 @@ from peekproxy.peeks.validation import (
     response_room_version,
     validate_peek_response,
 )
+from peekproxy.federation.client import FederationClient, FederationError, RemoteError, path_segment
+from peekproxy.federation.keyring import Keyring
+from peekproxy.metrics import SYNC_ANSWERS
+from peekproxy.peeks import history
+from peekproxy.peeks.notifier import Notifier
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 

@@ -13,10 +13,10 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from peekproxy.federation.events import event_refs
-from peekproxy.peeks.live import StreamChange
-from peekproxy.peeks.subscription import Subscription, SubState
-from peekproxy.peeks.sync import FALLBACK_ROOM_VERSION, DevicePeek, RoomView, StreamItem
+from peekproxy.core.events import event_refs
+from peekproxy.core.live import StreamChange
+from peekproxy.core.subscription import Subscription, SubState
+from peekproxy.core.sync import FALLBACK_ROOM_VERSION, DevicePeek, RoomView, StreamItem
 
 __all__ = [
     "add_gap",
@@ -740,9 +740,9 @@ def room_view_rows(
     *,
     afresh: bool = False,
 ) -> dict[str, Any]:
-    """What the sync builder needs of one room, read in one go (see peeks/sync.py). The
+    """What the sync builder needs of one room, read in one go (see core/sync.py). The
     EDU rows are those after ``ephemeral_since`` (all when ``None``) plus the typing ones
-    (see :class:`~peekproxy.peeks.sync.RoomView`).
+    (see :class:`~peekproxy.core.sync.RoomView`).
 
     ``afresh``: the room is shown to the device as new (its first sync after a peek), so a
     gap marker over which nothing is missing (closed at once: the first view's history
@@ -810,9 +810,9 @@ def sync_snapshot(
     limit: int,
 ) -> dict[str, Any]:
     """Everything one /sync needs, in one read: ``peeks`` (the device's
-    :class:`~peekproxy.peeks.sync.DevicePeek` list), ``upto`` (the newest position),
+    :class:`~peekproxy.core.sync.DevicePeek` list), ``upto`` (the newest position),
     ``active`` (rooms with an active peek, sorted), ``changed`` (whether anything changed
-    since ``since``) and, if so, ``views``: a :class:`~peekproxy.peeks.sync.RoomView` of
+    since ``since``) and, if so, ``views``: a :class:`~peekproxy.core.sync.RoomView` of
     each room to show."""
     peeks = [DevicePeek(r, s, p) for r, s, p in device_peeks(conn, user_id, device_id)]
     upto = max_stream_pos(conn)

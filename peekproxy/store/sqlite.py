@@ -5,7 +5,7 @@
   stored.
 * A commit hook (:meth:`Store.set_commit_hook`) reads what a write changed inside its
   transaction and is handed it after the commit, in commit order, before the next write
-  starts: the live window (peekproxy/peeks/live.py) follows the stream this way.
+  starts: the live window (peekproxy/core/live.py) follows the stream this way.
 * Two reader connections (WAL lets them read while the writer writes); each
   :meth:`Store.read` is one read transaction, so its queries see one commit.
 * ``journal_mode=WAL``, ``synchronous=FULL``: a committed write survives a crash of the process

@@ -47,10 +47,10 @@ from signedjson.sign import sign_json
 from signedjson.types import SigningKey
 from unpaddedbase64 import encode_base64
 
-from peekproxy.federation.events import compute_event_id, content_hash, redact, room_id_for_create
-from peekproxy.federation.pdu import VerifyKeyInfo, check_pdu, key_table
-from peekproxy.federation.room_versions import RoomVersion, UnknownRoomVersion, room_version
-from peekproxy.identifiers import InvalidIdentifier, RoomAlias, ServerName, UserId
+from peekproxy.core.events import compute_event_id, content_hash, redact, room_id_for_create
+from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, ServerName, UserId
+from peekproxy.core.pdu import VerifyKeyInfo, check_pdu, key_table
+from peekproxy.core.room_versions import RoomVersion, UnknownRoomVersion, room_version
 
 __all__ = [
     "HISTORY_VISIBILITIES",
@@ -467,7 +467,7 @@ class TestbedRoom:
           the ``m.room.third_party_invite`` named by ``third_party_invite.signed.token``, and
           the member event of ``join_authorised_via_users_server`` (each if it exists, no
           duplicates).
-        * The new PDU must pass :func:`~peekproxy.federation.pdu.check_pdu` with the key's
+        * The new PDU must pass :func:`~peekproxy.core.pdu.check_pdu` with the key's
           public half ("accept"), so a float, an out-of-range integer or an oversized event
           is refused here rather than by the peers.
 
@@ -1181,7 +1181,7 @@ class TestbedRoom:
         that ``room_version``; the room ID (v12: the create event's hash, which has no
         ``room_id``; before: every event's ``room_id``); every content hash; with
         ``signing_key``, every event passes the receipt checks a peer runs
-        (:func:`~peekproxy.federation.pdu.check_pdu` with that key's public half, so also
+        (:func:`~peekproxy.core.pdu.check_pdu` with that key's public half, so also
         the signatures); unique event IDs; ``prev_events``/``auth_events`` naming earlier
         events.
         """

@@ -35,11 +35,11 @@ from starlette.routing import Route
 from peekproxy import __version__
 from peekproxy.api.errors import MatrixError, exception_handlers
 from peekproxy.api.federation_auth import authenticate, read_json_body
+from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, ServerName, UserId
 from peekproxy.daemon import DaemonError, _hypercorn_config, _start_listener
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring, TrustedNotary
 from peekproxy.federation.signing_key import key_id, server_key_document, write_new_signing_key
-from peekproxy.identifiers import InvalidIdentifier, RoomAlias, ServerName, UserId
 from peekproxy.testbed.config import TestbedConfig
 from peekproxy.testbed.faults import Faults
 from peekproxy.testbed.peeks import PeekRegistry

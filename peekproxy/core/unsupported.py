@@ -4,7 +4,7 @@ Pure: no I/O, no clock (times are passed in, ms since the epoch).
 
 A server whose answer to ``PUT /_matrix/federation/v1/peek/{roomId}/{peekId}`` shows it has no
 MSC2444 endpoint — 400/404/405 ``M_UNRECOGNIZED``, a 404/405 without a Matrix error, or a
-non-JSON page (:attr:`~peekproxy.peeks.outcomes.PeekFailureKind.UNSUPPORTED`; Synapse, for
+non-JSON page (:attr:`~peekproxy.core.outcomes.PeekFailureKind.UNSUPPORTED`; Synapse, for
 one, answers ``404 M_UNRECOGNIZED``, protocol.md §4) will answer the same for every room. It
 is not asked again for :data:`UNSUPPORTED_HOLD_MS` (1 h): the candidate loop skips it, and the
 skip still counts as that server's failure, so a device's ``502`` names it and why
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peekproxy.peeks.outcomes import PeekAttemptFailure, PeekFailureKind
+from peekproxy.core.outcomes import PeekAttemptFailure, PeekFailureKind
 
 __all__ = ["UNSUPPORTED_HOLD_MS", "UnsupportedServers"]
 

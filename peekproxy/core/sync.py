@@ -30,8 +30,8 @@ from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
-from peekproxy.federation.events import redact
-from peekproxy.federation.room_versions import UnknownRoomVersion, room_version
+from peekproxy.core.events import redact
+from peekproxy.core.room_versions import UnknownRoomVersion, room_version
 
 __all__ = [
     "FALLBACK_ROOM_VERSION",

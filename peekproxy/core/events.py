@@ -1,8 +1,8 @@
 """Pure event algorithms: redaction, content hash, reference hash, event and room IDs.
 
 Every function takes the PDU as parsed JSON (a mapping) and, where the algorithm depends on
-the room version, its :class:`~peekproxy.federation.room_versions.RoomVersion`. Nothing here
-does I/O or checks signatures (see :mod:`peekproxy.federation.pdu`).
+the room version, its :class:`~peekproxy.core.room_versions.RoomVersion`. Nothing here
+does I/O or checks signatures (see :mod:`peekproxy.core.pdu`).
 
 Byte-level facts (SSAPI §Calculating the content hash / reference hash; APPX §Signing
 Details):
@@ -25,8 +25,8 @@ from typing import Any
 
 from unpaddedbase64 import encode_base64
 
-from peekproxy.federation.canonical_json import encode_canonical
-from peekproxy.federation.room_versions import EventIdFormat, RedactionRules, RoomVersion
+from peekproxy.core.canonical_json import encode_canonical
+from peekproxy.core.room_versions import EventIdFormat, RedactionRules, RoomVersion
 
 __all__ = [
     "compute_event_id",
@@ -162,7 +162,7 @@ def content_hash_input(pdu: Mapping[str, Any]) -> bytes:
 
     Raises:
         ValueError, TypeError, RecursionError: ``pdu`` cannot be encoded (see
-            :func:`~peekproxy.federation.canonical_json.encode_canonical`).
+            :func:`~peekproxy.core.canonical_json.encode_canonical`).
     """
     return encode_canonical({k: v for k, v in pdu.items() if k not in _NOT_HASHED})
 

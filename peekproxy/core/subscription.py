@@ -21,7 +21,7 @@ stop after ``linger`` once no device wants the room.
 
 Back-off (docs/peeking.md): failed renewals and re-peeks of a room count as failures in a
 row (``failures``); after the n-th one the room waits
-:func:`~peekproxy.backoff.backoff_delay` ``(n, 1 s, 60 s, draw)`` (±20 %) before it asks
+:func:`~peekproxy.core.backoff.backoff_delay` ``(n, 1 s, 60 s, draw)`` (±20 %) before it asks
 again — a renewal retry never later than the moment the peek would lapse, a re-peek never
 before ``retry_at_ms``. The caller draws the jitter (``draw`` in [0, 1)); nothing here is
 random. After a restart, :func:`resumed` spreads the renewals and re-peeks out (about 100
@@ -33,8 +33,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 
-from peekproxy.backoff import backoff_delay
-from peekproxy.peeks.outcomes import renewal_delay_ms
+from peekproxy.core.backoff import backoff_delay
+from peekproxy.core.outcomes import renewal_delay_ms
 
 __all__ = [
     "Action",
@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 #: Retries of a room's renewal or re-peek: the first waits 1 s, doubling up to 60 s (ms;
-#: ±20 % jitter, see :func:`peekproxy.backoff.backoff_delay`).
+#: ±20 % jitter, see :func:`peekproxy.core.backoff.backoff_delay`).
 RETRY_BACKOFF_MS = (1_000, 60_000)
 #: After a restart, renewals and re-peeks are spread over ``RESUME_SPACING_MS`` per stored
 #: subscription (about 100 a second), at most ``RESUME_SPREAD_MS`` (ms): see

@@ -27,14 +27,14 @@ from nacl.signing import VerifyKey
 from signedjson.types import VerifyKey as SignedJsonVerifyKey
 from unpaddedbase64 import decode_base64, encode_base64
 
-from peekproxy.federation.canonical_json import (
+from peekproxy.core.canonical_json import (
     MAX_SAFE_INTEGER,
     check_canonical_numbers,
     encode_canonical,
 )
-from peekproxy.federation.events import event_id_from_reference_hash, hash_inputs
-from peekproxy.federation.room_versions import EventIdFormat, RoomVersion
-from peekproxy.identifiers import EventId, InvalidIdentifier, RoomId, UserId
+from peekproxy.core.events import event_id_from_reference_hash, hash_inputs
+from peekproxy.core.identifiers import EventId, InvalidIdentifier, RoomId, UserId
+from peekproxy.core.room_versions import EventIdFormat, RoomVersion
 
 __all__ = [
     "MAX_PDU_BYTES",

@@ -5,7 +5,7 @@ Pure: no I/O, no clock. The store hands every committed write's new stream rows 
 :meth:`LiveWindow.apply`, in commit order (see ``Store.set_commit_hook``); the window keeps
 the newest ``capacity`` room items (events, gaps, EDUs) and each known device's peeks.
 
-:meth:`LiveWindow.answer` returns what :func:`~peekproxy.peeks.sync.build_sync` needs for one
+:meth:`LiveWindow.answer` returns what :func:`~peekproxy.core.sync.build_sync` needs for one
 device, or ``None`` when memory cannot answer for certain and the caller must read the
 store. It answers only the common case of an incremental sync (protocol.md §2.5):
 
@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from peekproxy.peeks.sync import FALLBACK_ROOM_VERSION, DevicePeek, RoomView, StreamItem
+from peekproxy.core.sync import FALLBACK_ROOM_VERSION, DevicePeek, RoomView, StreamItem
 
 __all__ = ["DEFAULT_CAPACITY", "LiveAnswer", "LiveWindow", "StreamChange"]
 

@@ -1,8 +1,8 @@
 """Validation of an MSC2444 peek response (the 200 answer to ``PUT /peek/{roomId}/{peekId}``).
 
-Pure: no I/O. The keys arrive through a :class:`~peekproxy.federation.pdu.KeyLookup` that
+Pure: no I/O. The keys arrive through a :class:`~peekproxy.core.pdu.KeyLookup` that
 the caller fills beforehand (fetch the keys of
-:func:`~peekproxy.federation.pdu.required_signers` for each PDU of
+:func:`~peekproxy.core.pdu.required_signers` for each PDU of
 :func:`peek_response_pdus`).
 
 Shapes (protocol.md decision 1, §1.3, §1.4):
@@ -19,7 +19,7 @@ Shapes (protocol.md decision 1, §1.3, §1.4):
 
 The response is checked "just as the one returned by the /send_join API" (MSC2444 R2-R4)
 as far as a server without auth rules can: SSAPI §Checks performed on receipt of a PDU
-steps 1-3 for every PDU (:func:`~peekproxy.federation.pdu.check_pdu`), then the structure
+steps 1-3 for every PDU (:func:`~peekproxy.core.pdu.check_pdu`), then the structure
 (one ``m.room.create`` of the announced version for the right room, a well-formed state
 map whose auth events the response covers). Authorization rules and state resolution are
 not run: the remote is trusted to have computed the state correctly, but it cannot forge
@@ -32,9 +32,9 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from peekproxy.federation.events import redact, room_id_for_create
-from peekproxy.federation.pdu import KeyLookup, PduVerdict, check_pdu
-from peekproxy.federation.room_versions import RoomVersion, UnknownRoomVersion, room_version
+from peekproxy.core.events import redact, room_id_for_create
+from peekproxy.core.pdu import KeyLookup, PduVerdict, check_pdu
+from peekproxy.core.room_versions import RoomVersion, UnknownRoomVersion, room_version
 
 __all__ = [
     "DEFAULT_RENEWAL_INTERVAL_MS",
@@ -92,7 +92,7 @@ class ValidatedPeek:
       R4: every event of ``events`` reachable from the state through ``auth_events`` (plus
       the v12 create event), in the order of ``events``.
     * ``renewal_interval_ms``: the remote's ``renewal_interval`` (ms, > 0, not clamped: see
-      :func:`~peekproxy.peeks.outcomes.renewal_delay_ms`), or
+      :func:`~peekproxy.core.outcomes.renewal_delay_ms`), or
       :data:`DEFAULT_RENEWAL_INTERVAL_MS` when the response has none.
     * ``redacted``: the IDs of events stored redacted (content hash mismatch).
     """
@@ -453,7 +453,7 @@ def validate_peek_response(
             ``null``: :data:`DEFAULT_RENEWAL_INTERVAL_MS`); ``room_version``
             not a string, unknown, or not in ``supported_versions``; a malformed shape; an
             ``m.room.create`` whose ``content.room_version`` (absent: ``"1"``) is not the
-            response's; a PDU that :func:`~peekproxy.federation.pdu.check_pdu` rejects
+            response's; a PDU that :func:`~peekproxy.core.pdu.check_pdu` rejects
             (bad format, forged or missing signature), named with its place and ID; a PDU
             of another room (v12: a create event whose hash is not ``room_id``); two
             different events with one ID; a state entry without ``state_key``; two state

@@ -20,14 +20,14 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from peekproxy.federation.client import (
+from peekproxy.core.federation_errors import (
     BadResponse,
     DestinationBackingOff,
     FederationError,
     RemoteError,
 )
-from peekproxy.identifiers import InvalidIdentifier, RoomId, ServerName
-from peekproxy.peeks.validation import InvalidPeekResponse, RoomNotPeekable
+from peekproxy.core.identifiers import InvalidIdentifier, RoomId, ServerName
+from peekproxy.core.validation import InvalidPeekResponse, RoomNotPeekable
 
 __all__ = [
     "MAX_REMOTE_INTERVAL_MS",
@@ -197,8 +197,8 @@ def classify_peek_error(server: str, error: Exception) -> PeekAttemptFailure:
     RemoteError, any other status (5xx, other 4xx, 3xx)           SERVER_ERROR
     BadResponse "not JSON" (an HTML page, ...)                    UNSUPPORTED
     BadResponse otherwise (too large)                             INVALID_RESPONSE
-    :class:`~peekproxy.peeks.validation.RoomNotPeekable`          FORBIDDEN
-    :class:`~peekproxy.peeks.validation.InvalidPeekResponse`      INVALID_RESPONSE
+    :class:`~peekproxy.core.validation.RoomNotPeekable`          FORBIDDEN
+    :class:`~peekproxy.core.validation.InvalidPeekResponse`      INVALID_RESPONSE
     other FederationError (unreachable, blocked, backing off)     UNREACHABLE
     anything else                                                 UNREACHABLE
     ============================================================  ==========================

@@ -16,7 +16,7 @@ from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_json
 from signedjson.types import SigningKey, VerifyKey
 
-from peekproxy.identifiers import InvalidIdentifier, ServerName
+from peekproxy.core.identifiers import InvalidIdentifier, ServerName
 
 __all__ = [
     "XMatrixAuth",

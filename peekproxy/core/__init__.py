@@ -1,0 +1,12 @@
+"""The functional core: Matrix rules and peek logic as pure code.
+
+Everything here takes values and returns values or decisions: typed identifiers, room versions,
+canonical JSON, event hashing and redaction, PDU verdicts, X-Matrix headers, the subscription state
+machine, failure classification, validation of peek responses, the `/sync` builder and the live
+window.
+
+May import: the standard library, pure libraries (signedjson, pynacl, unpaddedbase64, canonical JSON
+helpers) and other ``peekproxy.core`` modules. Must not import: ``trio``, ``httpx``, ``sqlite3``,
+``psycopg``, the store, the services, the API, the federation shell. An import-linter contract in
+``make test`` keeps it so.
+"""
