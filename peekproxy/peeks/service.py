@@ -59,6 +59,7 @@ from peekproxy.federation.keyring import Keyring
 from peekproxy.metrics import SYNC_ANSWERS
 from peekproxy.peeks import history
 from peekproxy.peeks.notifier import Notifier
+from peekproxy.services.errors import PeekError
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 
@@ -86,14 +87,6 @@ DELETE_BACKOFF_S = (1.0, 300.0)
 #: EDU's ``timeout`` is not sent over federation). Synapse's receiving side uses the same
 #: 60 s (``FEDERATION_TIMEOUT``) and its sending side repeats ``typing: true`` every 40 s.
 TYPING_TIMEOUT_MS = 60_000
-
-
-class PeekError(Exception):
-    """A peek request failed; ``status``/``errcode``/``error`` go to the client as is."""
-
-    def __init__(self, status: int, errcode: str, error: str, **extra: Any) -> None:
-        super().__init__(f"{status} {errcode}: {error}")
-        self.status, self.errcode, self.error, self.extra = status, errcode, error, extra
 
 
 @dataclass(frozen=True)
