@@ -1,7 +1,8 @@
 """Matrix error responses: ``{"errcode": ..., "error": ...}`` with the right HTTP status.
 
-Handlers raise :class:`MatrixError`; :func:`exception_handlers` turns it (and Starlette's
-404/405) into JSON. Client-server API §Standard error response; server-server API
+Handlers raise :class:`MatrixError`, services raise
+:class:`peekproxy.services.errors.PeekError`; :func:`exception_handlers` turns both (and
+Starlette's 404/405) into JSON. Client-server API §Standard error response; server-server API
 §Unsupported endpoints (404/405 ``M_UNRECOGNIZED``).
 """
 
@@ -14,6 +15,8 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+from peekproxy.services.errors import PeekError
 
 __all__ = ["MatrixError", "exception_handlers", "matrix_error_response"]
 
@@ -55,6 +58,13 @@ async def _matrix_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
 
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, PeekError)
+    return await _matrix_error(
+        request, MatrixError(exc.status, exc.errcode, exc.error, **exc.extra)
+    )
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code in (404, 405):
@@ -69,4 +79,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 def exception_handlers() -> dict[Any, Any]:
     """The exception handlers every peekproxy ASGI app installs."""
-    return {MatrixError: _matrix_error, HTTPException: _http_error, Exception: _unexpected}
+    return {
+        MatrixError: _matrix_error,
+        PeekError: _service_error,
+        HTTPException: _http_error,
+        Exception: _unexpected,
+    }

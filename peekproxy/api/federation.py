@@ -28,7 +28,7 @@ from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias
 from peekproxy.federation.keyring import Keyring
 from peekproxy.federation.signing_key import server_key_document
 from peekproxy.metrics import RequestMetrics
-from peekproxy.peeks.service import PeekError, PeekService
+from peekproxy.peeks.service import PeekService
 
 __all__ = ["federation_app"]
 
@@ -87,11 +87,7 @@ def federation_app(
         txn_id = request.path_params["txn_id"]
         if peeks is None:
             raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
-        try:
-            answer = await peeks.ingest(auth.origin, txn_id, auth.content)
-        except PeekError as e:
-            raise MatrixError(e.status, e.errcode, e.error) from None
-        return JSONResponse(answer)
+        return JSONResponse(await peeks.ingest(auth.origin, txn_id, auth.content))
 
     app = Starlette(
         routes=[
