@@ -44,7 +44,7 @@ def preflight(config: Config) -> list[str]:
     """Problems that only show when the config is used: an unreadable signing key or
     delegation secret, a data directory that cannot be one, two listeners on one address.
     One line per problem."""
-    from peekproxy.api.delegation import SecretFileError, read_secret
+    from peekproxy.api.delegation_params import SecretFileError, read_secret
     from peekproxy.federation.signing_key import SigningKeyError, load_signing_key
 
     problems = []

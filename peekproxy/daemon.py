@@ -23,7 +23,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from peekproxy import __version__, gc_policy, http_guard
 from peekproxy.api.client import client_app
-from peekproxy.api.delegation import SecretFileError, delegation_routes, read_secret
+from peekproxy.api.delegation import delegation_routes
+from peekproxy.api.delegation_params import SecretFileError, read_secret
 from peekproxy.api.errors import matrix_error_response
 from peekproxy.api.federation import federation_app
 from peekproxy.api.upstream_auth import UpstreamAuth
@@ -35,6 +36,7 @@ from peekproxy.logs import ACCESS_LOG_FORMAT
 from peekproxy.metrics import metrics_app
 from peekproxy.peeks.service import PeekService, PeekSettings
 from peekproxy.sdnotify import sd_notify
+from peekproxy.services.reads import HistoryReads
 from peekproxy.store import Store
 
 __all__ = ["DaemonError", "Listening", "run_daemon"]
@@ -206,11 +208,24 @@ async def run_daemon(
             sync_section=config.peeks.sync_section,
         ),
     )
+
+    def following_server(room_id: str) -> str | None:
+        """The server ``room_id``'s remote peek is held at (``None``: not peeked now)."""
+        sub = peeks.subscriptions.get(room_id)
+        return sub.server if sub is not None else None
+
+    reads = HistoryReads(
+        store=store,
+        client=federation,
+        keyring=keyring,
+        server_of=following_server,
+        clock_ms=peeks.clock_ms,
+    )
     limits = {
         "rate_limit_per_second": config.peeks.rate_limit_per_second,
         "rate_limit_burst": config.peeks.rate_limit_burst,
     }
-    client_routes = delegation_routes(peeks, secret, **limits)  # type: ignore[arg-type]
+    client_routes = delegation_routes(peeks, secret, reads=reads, **limits)  # type: ignore[arg-type]
     upstream = None
     if config.upstream.homeserver_url:
         # Front mode: the MSC2753 client endpoints, with the homeserver's access tokens.
@@ -218,6 +233,7 @@ async def run_daemon(
         client_routes += delegation_routes(
             peeks,
             None,
+            reads=reads,
             auth=upstream,
             prefixes=CLIENT_PREFIXES,
             with_sync=False,

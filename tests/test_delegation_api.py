@@ -16,7 +16,7 @@ import pytest
 import trio
 import trustme
 
-from peekproxy.api.delegation import TokenBucket
+from peekproxy.api.delegation_params import TokenBucket
 from tests.conftest import Spawn
 from tests.peek_world import SECRET, TESTBED, PeekWorld, build_world
 

@@ -183,7 +183,7 @@ async def test_server_hints_must_be_server_names(world: PeekWorld) -> None:
 
 
 def test_device_params_unit() -> None:
-    from peekproxy.api.delegation import check_hints, device_params
+    from peekproxy.api.delegation_params import check_hints, device_params
 
     def params(**given: list[str]) -> Any:
         return lambda name: given.get(name, [])
