@@ -12,7 +12,6 @@ Failures the client should see are :class:`peekproxy.services.errors.PeekError`.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +23,6 @@ from peekproxy.services.errors import PeekError
 from peekproxy.store import Store
 
 __all__ = ["HistoryReads", "Messages"]
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -49,7 +44,8 @@ class HistoryReads:
         keyring: the keys of the servers that signed backfilled PDUs.
         server_of: the server a room is followed through (its remote peek's server), or
             ``None`` when it is not followed now: gaps are then passed over, not filled.
-        clock_ms: the wall clock in ms since the epoch (for ``unsigned.age``).
+        clock_ms: the wall clock in ms since the epoch (for ``unsigned.age``): the daemon's
+            one clock, as the peek service's.
     """
 
     def __init__(
@@ -59,7 +55,7 @@ class HistoryReads:
         client: FederationClient,
         keyring: Keyring,
         server_of: Callable[[str], str | None],
-        clock_ms: Callable[[], int] = _now_ms,
+        clock_ms: Callable[[], int],
     ) -> None:
         self.store = store
         self.client = client
