@@ -1,10 +1,13 @@
-"""The daemon: opens the store, loads the signing key and serves the listeners.
+"""The daemon (``peekproxy run``): assembly only.
 
-Everything runs in one trio nursery owned by :func:`run_daemon`. Each listener is a
-hypercorn trio worker started with ``nursery.start``, so readiness is known: the
-``ready`` log line and ``READY=1`` (systemd) come only once every listener is bound.
-SIGINT/SIGTERM stop accepting connections and give in-flight requests
-``server.shutdown_grace`` seconds to finish; a second signal stops at once.
+:func:`run_daemon` turns the config into the parts and serves them: signing key and
+delegation secret, the store, the federation client and keyring, the peek service, then the
+apps of the federation, client and (optional) metrics listeners, served with
+:mod:`peekproxy.serving` (hypercorn settings, listener guards, signals, graceful drain).
+Everything runs in one trio nursery. The ``ready`` log line and ``READY=1`` (systemd) come
+only once every listener is bound. SIGINT/SIGTERM stop accepting connections and give
+in-flight requests ``server.shutdown_grace`` seconds to finish; a second signal stops at
+once.
 """
 
 from __future__ import annotations
