@@ -8,6 +8,7 @@ testbed as processes in tests/test_daemon.py and tests/test_testbed.py.
 
 from __future__ import annotations
 
+import ast
 import logging
 import signal
 import socket
@@ -19,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 
+from peekproxy import serving
 from peekproxy.serving import (
     LISTEN_BACKLOG,
     ServingError,
@@ -132,3 +134,20 @@ async def test_first_signal_asks_for_shutdown_and_a_second_stops_now(
     assert nursery.cancel_scope.cancelled_caught
     assert "SIGINT received: shutting down" in caplog.text
     assert "second SIGINT: stopping now" in caplog.text
+
+
+def test_serving_imports_no_app_service_store_or_config() -> None:
+    """The package docstring's import rule: serving knows hypercorn and trio, not what it
+    serves (so the daemon, the testbed and what comes next can all use it)."""
+    package = Path(serving.__file__).parent
+    imported = set()
+    for module in package.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text("utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+    ours = {name for name in imported if name.split(".")[0] == "peekproxy"}
+    assert ours <= {"peekproxy.logs"} | {
+        f"peekproxy.serving.{m.stem}" for m in package.glob("*.py")
+    }
