@@ -138,9 +138,10 @@ def _cmd_generate_signing_key(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from peekproxy.daemon import DaemonError, _leaves, run_daemon
+    from peekproxy.daemon import run_daemon
     from peekproxy.federation.signing_key import SigningKeyError
     from peekproxy.logs import setup_logging
+    from peekproxy.serving import ServingError, failure_message
     from peekproxy.store import StoreError
 
     config = _load_checked(args.config)
@@ -150,8 +151,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     failure: str | None = None
     try:
         trio.run(run_daemon, config)
-    except* (SigningKeyError, StoreError, DaemonError) as group:
-        failure = "; ".join(str(e) for e in _leaves(group))
+    except* (SigningKeyError, StoreError, ServingError) as group:
+        failure = failure_message(group)
     if failure:
         log.error("cannot start: %s", failure)
         return EXIT_FAILURE

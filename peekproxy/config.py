@@ -42,6 +42,11 @@ __all__ = [
     "ENV_PREFIX",
     "Config",
     "ConfigError",
+    "Section",
+    "apply_override",
+    "check_server_name",
+    "describe_error",
+    "env_overrides",
     "load_config",
     "parse_duration",
     "read_toml",
@@ -130,7 +135,12 @@ def _existing_file(value: Path, info: ValidationInfo) -> Path:
     return value
 
 
-def _server_name(value: str) -> str:
+def check_server_name(value: str) -> str:
+    """Validator: ``value`` unchanged if it is a server name (spec: appendix, server name).
+
+    Raises:
+        ValueError: not a server name (the message says why).
+    """
     try:
         ServerName.parse(value)
     except InvalidIdentifier as e:
@@ -164,11 +174,14 @@ IPNetwork = Annotated[
 ]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """Base of every config section (peekproxy's and the testbed's): unknown keys are
+    errors, values are strict and the result is frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
 
-class OldVerifyKey(_Section):
+class OldVerifyKey(Section):
     """A retired public key still published in ``old_verify_keys``."""
 
     key: str = Field(description="unpadded base64 ed25519 public key")
@@ -188,8 +201,8 @@ class OldVerifyKey(_Section):
         return value
 
 
-class ServerSection(_Section):
-    server_name: Annotated[str, AfterValidator(_server_name)]
+class ServerSection(Section):
+    server_name: Annotated[str, AfterValidator(check_server_name)]
     signing_key_file: ExistingFile
     data_dir: ConfigPath = Path("data")
     key_valid_for: Duration = Field(default=86400.0, gt=3600.0, le=30 * 86400.0)
@@ -205,11 +218,11 @@ class ServerSection(_Section):
         return value
 
 
-class ClientListener(_Section):
+class ClientListener(Section):
     bind: Bind = "127.0.0.1:8008"
 
 
-class FederationListener(_Section):
+class FederationListener(Section):
     bind: Bind = "127.0.0.1:8448"
     tls_certificate_file: ExistingFile | None = None
     tls_private_key_file: ExistingFile | None = None
@@ -235,18 +248,18 @@ class FederationListener(_Section):
         return self.tls_certificate_file is not None
 
 
-class MetricsListener(_Section):
+class MetricsListener(Section):
     enabled: bool = True
     bind: Bind = "127.0.0.1:9108"
 
 
-class ListenersSection(_Section):
+class ListenersSection(Section):
     client: ClientListener = ClientListener()
     federation: FederationListener = FederationListener()
     metrics: MetricsListener = MetricsListener()
 
 
-class StoreSection(_Section):
+class StoreSection(Section):
     sqlite_path: ConfigPath | None = None
     postgres: dict[str, Any] | None = None
 
@@ -258,17 +271,17 @@ class StoreSection(_Section):
         return value
 
 
-class TrustedKeyServer(_Section):
+class TrustedKeyServer(Section):
     """A notary asked for other servers' keys when they cannot be fetched directly."""
 
-    server_name: Annotated[str, AfterValidator(_server_name)]
+    server_name: Annotated[str, AfterValidator(check_server_name)]
     verify_keys: dict[str, str] = Field(
         default_factory=dict,
         description="key ID -> unpadded base64 public key; empty: fetch from the notary itself",
     )
 
 
-class FederationSection(_Section):
+class FederationSection(Section):
     ip_range_blacklist: list[IPNetwork] = Field(
         default_factory=lambda: [ipaddress.ip_network(n) for n in DEFAULT_IP_RANGE_BLACKLIST]
     )
@@ -285,7 +298,7 @@ class FederationSection(_Section):
     trusted_key_servers: list[TrustedKeyServer] = Field(default_factory=list)
 
 
-class PeeksSection(_Section):
+class PeeksSection(Section):
     idle_timeout: Duration = Field(default=600.0, gt=0)
     linger: Duration = Field(default=60.0, ge=0)
     renewal_interval_max: Duration = Field(default=1800.0, ge=1.0)
@@ -296,7 +309,7 @@ class PeeksSection(_Section):
     sync_section: Literal["peek", "peeking"] = "peek"
 
 
-class UpstreamSection(_Section):
+class UpstreamSection(Section):
     homeserver_url: str | None = None
 
     @field_validator("homeserver_url")
@@ -307,17 +320,17 @@ class UpstreamSection(_Section):
         return value
 
 
-class DelegationSection(_Section):
+class DelegationSection(Section):
     shared_secret_file: ExistingFile | None = None
 
 
-class LoggingSection(_Section):
+class LoggingSection(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
     access_log: bool = True
 
 
-class Config(_Section):
+class Config(Section):
     """The whole validated configuration (one attribute per TOML section)."""
 
     server: ServerSection
@@ -335,7 +348,11 @@ class Config(_Section):
         return self.store.sqlite_path or self.server.data_dir / "peekproxy.db"
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, Any]]:
+def env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, Any]]:
+    """The ``PEEKPROXY_<SECTION>__<KEY>`` variables of ``environ``, by lower-case key path:
+    ``(variable name, value)``, the value parsed as a TOML value when it is one, else the
+    raw string. A name with an empty part is kept under the path ``("(NAME)",)``, so that
+    validation names it."""
     overrides: dict[tuple[str, ...], tuple[str, Any]] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
@@ -351,7 +368,10 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[st
     return overrides
 
 
-def _apply(data: dict[str, Any], parts: tuple[str, ...], value: Any) -> str | None:
+def apply_override(data: dict[str, Any], parts: tuple[str, ...], value: Any) -> str | None:
+    """Set the key path ``parts`` of the parsed TOML ``data`` to ``value``, creating tables
+    on the way; returns ``None``, or the problem (``"a.b is not a table"``) when the path
+    goes through a value that is not a table."""
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -362,7 +382,10 @@ def _apply(data: dict[str, Any], parts: tuple[str, ...], value: Any) -> str | No
     return None
 
 
-def _describe(error: Mapping[str, Any], env_names: Mapping[tuple[str, ...], str]) -> str:
+def describe_error(error: Mapping[str, Any], env_names: Mapping[tuple[str, ...], str]) -> str:
+    """One pydantic validation error as one line ``<key.path>: <problem>``, with
+    ``(from <VARIABLE>)`` when an environment override (``env_names``: variable names by
+    key path) set that key or a table around it."""
     loc = tuple(str(p) for p in error["loc"])
     key = ".".join(loc) or "(top level)"
     kind = error["type"]
@@ -420,12 +443,12 @@ def load_federation_section(
     data = read_toml(file)
     section = {"federation": data.get("federation", {})}
     env_names: dict[tuple[str, ...], str] = {}
-    for parts, (name, value) in _env_overrides(os.environ if environ is None else environ).items():
+    for parts, (name, value) in env_overrides(os.environ if environ is None else environ).items():
         if parts[0] == "federation":
-            _apply(section, parts, value)
+            apply_override(section, parts, value)
             env_names[parts] = name
 
-    class _Only(_Section):
+    class _Only(Section):
         federation: FederationSection = FederationSection()
 
     try:
@@ -433,7 +456,7 @@ def load_federation_section(
             section, context={"base_dir": file.resolve().parent, "check_files": True}
         ).federation
     except ValidationError as e:
-        raise ConfigError([_describe(err, env_names) for err in e.errors()]) from None
+        raise ConfigError([describe_error(err, env_names) for err in e.errors()]) from None
 
 
 def load_config(
@@ -457,8 +480,8 @@ def load_config(
 
     env_names: dict[tuple[str, ...], str] = {}
     problems: list[str] = []
-    for parts, (name, value) in _env_overrides(os.environ if environ is None else environ).items():
-        trouble = _apply(data, parts, value)
+    for parts, (name, value) in env_overrides(os.environ if environ is None else environ).items():
+        trouble = apply_override(data, parts, value)
         if trouble:
             problems.append(f"{'.'.join(parts)}: {trouble} (from {name})")
         env_names[parts] = name
@@ -467,7 +490,7 @@ def load_config(
             data, context={"base_dir": file.resolve().parent, "check_files": check_files}
         )
     except ValidationError as e:
-        problems.extend(_describe(err, env_names) for err in e.errors())
+        problems.extend(describe_error(err, env_names) for err in e.errors())
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)

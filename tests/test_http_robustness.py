@@ -1,4 +1,4 @@
-"""No request may stop a listener (issue 10 item 1; peekproxy/http_guard.py).
+"""No request may stop a listener (issue 10 item 1; peekproxy/serving/guards.py).
 
 Real processes, real sockets: ``peekproxy run`` (federation over TLS with ALPN ``h2``, client
 and metrics listeners in plain HTTP, where HTTP/2 is h2c by prior knowledge) and ``peekproxy
@@ -29,7 +29,7 @@ import pytest
 import trio
 import trustme
 
-from peekproxy import http_guard
+from peekproxy.serving import guards, install_guards
 from tests import http_fuzz
 from tests.conftest import Spawn
 from tests.support import DaemonProcess, issue_cert, write_config
@@ -346,7 +346,7 @@ async def test_a_failing_connection_ends_only_that_connection(
     closes that connection; the listener and its other connections go on."""
     from hypercorn.protocol.h11 import H11Protocol
 
-    from peekproxy.daemon import _hypercorn_config, _start_listener
+    from peekproxy.serving import hypercorn_config, start_listener
     from tests.support import JsonApp
 
     original = H11Protocol.handle
@@ -360,11 +360,11 @@ async def test_a_failing_connection_ends_only_that_connection(
     app: Any = JsonApp({("GET", "/ok"): lambda scope, body: _ok()})
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        url = await _start_listener(
+        url = await start_listener(
             nursery,
             "test",
             app,
-            _hypercorn_config("127.0.0.1:0", grace=0.1, access_log=False),
+            hypercorn_config("127.0.0.1:0", grace=0.1, access_log=False),
             shutdown,
         )
         host, port = url.removeprefix("http://").rsplit(":", 1)
@@ -390,7 +390,7 @@ async def test_an_http11_answer_before_the_body_does_not_break_the_next_request(
     the answer must say ``Connection: close`` so that the client does not send its next
     request on that connection (it used to fail: "Server disconnected without sending a
     response", as in test_client_api under load)."""
-    from peekproxy.daemon import _hypercorn_config, _start_listener
+    from peekproxy.serving import hypercorn_config, start_listener
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -413,11 +413,11 @@ async def test_an_http11_answer_before_the_body_does_not_break_the_next_request(
 
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        url = await _start_listener(
+        url = await start_listener(
             nursery,
             "test",
             app,
-            _hypercorn_config("127.0.0.1:0", grace=0.1, access_log=False),
+            hypercorn_config("127.0.0.1:0", grace=0.1, access_log=False),
             shutdown,
         )
         async with httpx.AsyncClient(http1=True, timeout=10) as http:
@@ -431,9 +431,9 @@ async def test_an_http11_answer_before_the_body_does_not_break_the_next_request(
 
 
 def test_guards_refuse_an_untested_hypercorn(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http_guard, "version", lambda name: "0.19.0")
+    monkeypatch.setattr(guards, "version", lambda name: "0.19.0")
     with pytest.raises(RuntimeError, match=r"hypercorn 0\.19\.0 is installed"):
-        http_guard.install()
+        install_guards()
 
 
 async def test_debug_logs_hold_no_token_and_odd_methods_make_no_series(
@@ -463,7 +463,7 @@ async def test_a_protocol_error_is_one_log_line_not_a_traceback(
     server_dir: Path, spawn: Spawn
 ) -> None:
     """A WebSocket upgrade followed at once by more bytes makes hypercorn break h11's state
-    (module docstring of http_guard): each such request is one warning line, so a client
+    (module docstring of serving/guards.py): each such request is one warning line, so a client
     cannot flood the log with tracebacks."""
     daemon = await spawn(write_config(server_dir))
     host, port = daemon.client.removeprefix("http://").rsplit(":", 1)

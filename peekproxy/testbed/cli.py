@@ -47,8 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     import trio
 
     from peekproxy.config import ConfigError
-    from peekproxy.daemon import DaemonError, _leaves, _watch_signals
     from peekproxy.logs import setup_logging
+    from peekproxy.serving import ServingError, failure_message, watch_signals
     from peekproxy.testbed.server import run_testbed
 
     try:
@@ -64,15 +64,15 @@ def _run(args: argparse.Namespace) -> int:
     async def main() -> None:
         shutdown = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, shutdown, nursery.cancel_scope)
+            nursery.start_soon(watch_signals, shutdown, nursery.cancel_scope)
             await run_testbed(config, shutdown=shutdown)
             nursery.cancel_scope.cancel()
 
     failure = None
     try:
         trio.run(main)
-    except* (DaemonError, OSError) as group:
-        failure = "; ".join(str(e) for e in _leaves(group))
+    except* (ServingError, OSError) as group:
+        failure = failure_message(group)
     if failure:
         print(f"testbed: cannot start: {failure}", file=sys.stderr)
         return 1

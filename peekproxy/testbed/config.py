@@ -23,11 +23,11 @@ from peekproxy.config import (
     FederationListener,
     FederationSection,
     LoggingSection,
-    _apply,
-    _describe,
-    _env_overrides,
-    _Section,
-    _server_name,
+    Section,
+    apply_override,
+    check_server_name,
+    describe_error,
+    env_overrides,
     read_toml,
 )
 
@@ -36,8 +36,8 @@ __all__ = ["TestbedConfig", "load_testbed_config", "testbed_config_from_flags"]
 ENV_PREFIX = "PEEKPROXY_TESTBED_"
 
 
-class TestbedServer(_Section):
-    server_name: Annotated[str, AfterValidator(_server_name)]
+class TestbedServer(Section):
+    server_name: Annotated[str, AfterValidator(check_server_name)]
     data_dir: ConfigPath = Path("testbed-data")
     signing_key_file: ConfigPath | None = None
 
@@ -47,24 +47,24 @@ class TestbedServer(_Section):
         return self.signing_key_file or self.data_dir / "signing.key"
 
 
-class AdminListener(_Section):
+class AdminListener(Section):
     bind: Bind = "127.0.0.1:8009"
     token_file: ConfigPath | None = None
 
 
-class TestbedListeners(_Section):
+class TestbedListeners(Section):
     federation: FederationListener = FederationListener(bind="127.0.0.1:8448")
     admin: AdminListener = AdminListener()
 
 
-class TestbedPeeks(_Section):
+class TestbedPeeks(Section):
     renewal_interval: Duration = Field(default=3600.0, ge=0.1)
     renew_reply: Literal["empty", "full"] = "empty"
     rate_limit_per_second: float = Field(default=20.0, gt=0)
     rate_limit_burst: int = Field(default=50, ge=1)
 
 
-class TestbedConfig(_Section):
+class TestbedConfig(Section):
     """The testbed's validated configuration."""
 
     server: TestbedServer
@@ -84,7 +84,7 @@ def _validate(data: dict[str, Any], base_dir: Path, env_names: Mapping[Any, str]
             data, context={"base_dir": base_dir, "check_files": True}
         )
     except ValidationError as e:
-        raise ConfigError([_describe(err, env_names) for err in e.errors()]) from None
+        raise ConfigError([describe_error(err, env_names) for err in e.errors()]) from None
 
 
 def _apply_environment(data: dict[str, Any], environ: Mapping[str, str] | None) -> dict[Any, str]:
@@ -101,9 +101,9 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str] | None) 
     }
     names: dict[tuple[str, ...], str] = {}
     problems = []
-    for parts, (name, value) in _env_overrides(env).items():
+    for parts, (name, value) in env_overrides(env).items():
         original = name.replace("PEEKPROXY_", ENV_PREFIX, 1)
-        problem = _apply(data, parts, value)
+        problem = apply_override(data, parts, value)
         if problem is not None:
             problems.append(f"{problem} (from {original})")
         names[parts] = original

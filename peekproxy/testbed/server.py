@@ -36,10 +36,10 @@ from peekproxy import __version__
 from peekproxy.api.errors import MatrixError, exception_handlers
 from peekproxy.api.federation_auth import authenticate, read_json_body
 from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, ServerName, UserId
-from peekproxy.daemon import DaemonError, _hypercorn_config, _start_listener
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring, TrustedNotary
 from peekproxy.federation.signing_key import key_id, server_key_document, write_new_signing_key
+from peekproxy.serving import ServingError, hypercorn_config, open_listeners
 from peekproxy.testbed.config import TestbedConfig
 from peekproxy.testbed.faults import Faults
 from peekproxy.testbed.peeks import PeekRegistry
@@ -226,7 +226,7 @@ class Testbed:
         alias directory is rebuilt from their ``m.room.canonical_alias`` state.
 
         Raises:
-            DaemonError: ``<file>: <problem>`` for a file that cannot be read, is not JSON,
+            ServingError: ``<file>: <problem>`` for a file that cannot be read, is not JSON,
                 fails the room checks (content hashes, signatures by this testbed's key, the
                 DAG), belongs to another server name, or repeats a room of another file.
         """
@@ -238,7 +238,7 @@ class Testbed:
         for file in sorted(self.rooms_dir.glob("*.json")):
             room = self._load_room(file)
             if room.room_id in loaded:
-                raise DaemonError(
+                raise ServingError(
                     f"{file}: room {room.room_id} is also saved in {loaded[room.room_id][1]}"
                 )
             loaded[room.room_id] = (room, file)
@@ -256,13 +256,13 @@ class Testbed:
         try:
             text = file.read_text("utf-8")
         except UnicodeDecodeError:
-            raise DaemonError(f"{file}: not a saved room (not UTF-8 text)") from None
+            raise ServingError(f"{file}: not a saved room (not UTF-8 text)") from None
         except OSError as e:
-            raise DaemonError(f"{file}: cannot read it: {e.strerror or e}") from None
+            raise ServingError(f"{file}: cannot read it: {e.strerror or e}") from None
         try:
             data = json.loads(text)
         except (ValueError, RecursionError) as e:
-            raise DaemonError(f"{file}: not valid JSON (truncated?): {e}") from None
+            raise ServingError(f"{file}: not valid JSON (truncated?): {e}") from None
         try:
             return TestbedRoom.from_json(
                 data,
@@ -271,7 +271,7 @@ class Testbed:
                 remote_keys=self.remote_keys,
             )
         except RoomError as e:
-            raise DaemonError(f"{file}: {e}") from None
+            raise ServingError(f"{file}: {e}") from None
 
     def _save(self, room: TestbedRoom) -> None:
         self.rooms_dir.mkdir(parents=True, exist_ok=True)
@@ -1118,16 +1118,16 @@ def _load_or_create_key(path: Path) -> SigningKey:
     """The signing key in ``path``, created when missing.
 
     Raises:
-        DaemonError: ``<path>: <problem>`` for a file that holds no usable key.
+        ServingError: ``<path>: <problem>`` for a file that holds no usable key.
     """
     if path.exists():
         try:
             with open(path, encoding="utf-8") as stream:
                 keys = read_signing_keys(stream)
         except (ValueError, UnicodeDecodeError) as e:
-            raise DaemonError(f"{path}: not a signing key file: {e}") from None
+            raise ServingError(f"{path}: not a signing key file: {e}") from None
         if not keys:
-            raise DaemonError(f"{path}: the signing key file is empty")
+            raise ServingError(f"{path}: the signing key file is empty")
         key: SigningKey = keys[0]
         return key
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1138,15 +1138,15 @@ def _load_or_create_token(path: Path) -> str:
     """The admin token in ``path``, created when missing.
 
     Raises:
-        DaemonError: the file is empty or not text.
+        ServingError: the file is empty or not text.
     """
     if path.exists():
         try:
             token = path.read_text("utf-8").strip()
         except UnicodeDecodeError:
-            raise DaemonError(f"{path}: the admin token file is not text") from None
+            raise ServingError(f"{path}: the admin token file is not text") from None
         if not token:
-            raise DaemonError(f"{path}: the admin token file is empty")
+            raise ServingError(f"{path}: the admin token file is empty")
         return token
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(24)
@@ -1168,7 +1168,7 @@ async def run_testbed(
     so an in-process test can also drive the :class:`Testbed` object directly.
 
     Raises:
-        DaemonError: the data directory cannot be used (a damaged signing key, admin token
+        ServingError: the data directory cannot be used (a damaged signing key, admin token
             or room file, or rooms of another server name; the message names the file), or
             a listener cannot bind.
     """
@@ -1195,42 +1195,40 @@ async def run_testbed(
             for sender in testbed.senders.values():
                 nursery.start_soon(sender.run)
             listeners = config.listeners
-            federation_url = await _start_listener(
-                nursery,
-                "listeners.federation.bind",
-                federation_app(testbed),
-                _hypercorn_config(
-                    listeners.federation.bind,
-                    grace=1.0,
-                    access_log=config.logging.access_log,
-                    certfile=listeners.federation.tls_certificate_file,
-                    keyfile=listeners.federation.tls_private_key_file,
-                ),
-                shutdown,
-            )
-            admin_url = await _start_listener(
-                nursery,
-                "listeners.admin.bind",
-                admin_app(testbed, token),
-                _hypercorn_config(listeners.admin.bind, grace=1.0, access_log=False),
-                shutdown,
-            )
-            listening = TestbedListening(
-                federation_url, admin_url, token, config.server.server_name
-            )
-            log.info(
-                "testbed ready: server_name=%s key=%s federation=%s admin=%s token_file=%s "
-                "rooms=%d",
-                config.server.server_name,
-                key_id(signing_key),
-                federation_url,
-                admin_url,
-                config.token_file,
-                loaded,
-            )
-            task_status.started((listening, testbed))
-            await shutdown.wait()
-            nursery.cancel_scope.deadline = trio.current_time() + 2
+            async with open_listeners(shutdown) as servers:
+                federation_url = await servers.start(
+                    "listeners.federation.bind",
+                    federation_app(testbed),
+                    hypercorn_config(
+                        listeners.federation.bind,
+                        grace=1.0,
+                        access_log=config.logging.access_log,
+                        certfile=listeners.federation.tls_certificate_file,
+                        keyfile=listeners.federation.tls_private_key_file,
+                    ),
+                )
+                admin_url = await servers.start(
+                    "listeners.admin.bind",
+                    admin_app(testbed, token),
+                    hypercorn_config(listeners.admin.bind, grace=1.0, access_log=False),
+                )
+                listening = TestbedListening(
+                    federation_url, admin_url, token, config.server.server_name
+                )
+                log.info(
+                    "testbed ready: server_name=%s key=%s federation=%s admin=%s "
+                    "token_file=%s rooms=%d",
+                    config.server.server_name,
+                    key_id(signing_key),
+                    federation_url,
+                    admin_url,
+                    config.token_file,
+                    loaded,
+                )
+                task_status.started((listening, testbed))
+                await shutdown.wait()
+                # The listeners drain (1 s grace), the senders get 2 s in all.
+                nursery.cancel_scope.deadline = trio.current_time() + 2
     finally:
         with trio.CancelScope(shield=True):
             await client.aclose()

@@ -27,11 +27,11 @@ A third guard is about the request after: an HTTP/1.1 answer sent before the req
 has arrived says ``Connection: close`` (:class:`GuardedH11Protocol`), since hypercorn closes
 such a connection and a client that reused it would lose its next request.
 
-:func:`install` puts the classes where the trio worker looks them up
+:func:`install_guards` puts the classes where the trio worker looks them up
 (``hypercorn.trio.run.TCPServer``, ``hypercorn.protocol.H2Protocol`` and
 ``hypercorn.protocol.H11Protocol``). They rely on
 hypercorn internals, so ``pyproject.toml`` pins hypercorn to the release line they are
-tested against (``tests/test_http_robustness.py``); :func:`install` refuses any other.
+tested against (``tests/test_http_robustness.py``); :func:`install_guards` refuses any other.
 """
 
 from __future__ import annotations
@@ -53,13 +53,15 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 
+from peekproxy.serving.errors import exception_leaves
+
 __all__ = [
     "TESTED_HYPERCORN",
     "GuardedH2Protocol",
     "GuardedH11Protocol",
     "IsolatedTCPServer",
     "QuietProtocolErrors",
-    "install",
+    "install_guards",
 ]
 
 log = logging.getLogger("peekproxy.http")
@@ -119,7 +121,7 @@ class IsolatedTCPServer(TCPServer):
             log.warning(
                 "connection from %s failed and was closed (the listener goes on): %r",
                 peer,
-                _first_leaf(group),
+                exception_leaves(group)[0],
             )
             log.debug("connection from %s failed", peer, exc_info=group)
             with trio.CancelScope(shield=True):
@@ -138,18 +140,12 @@ class QuietProtocolErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if error is not None and record.getMessage() == "Error in ASGI Framework":
-            leaf = _first_leaf(error)
+            leaf = exception_leaves(error)[0]
             if isinstance(leaf, self._CLIENT_ERRORS):
                 record.msg, record.args = "request ended by an HTTP protocol error: %r", (leaf,)
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
                 record.exc_info, record.exc_text = None, None
         return True
-
-
-def _first_leaf(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
 
 
 def _peer(stream: Any) -> str:
@@ -161,7 +157,7 @@ def _peer(stream: Any) -> str:
         return "?"
 
 
-def install() -> None:
+def install_guards() -> None:
     """Make the hypercorn trio worker use :class:`IsolatedTCPServer`,
     :class:`GuardedH2Protocol` and :class:`GuardedH11Protocol` (idempotent; call before
     ``hypercorn.trio.serve``).
@@ -174,7 +170,7 @@ def install() -> None:
     if not installed.startswith(TESTED_HYPERCORN):
         raise RuntimeError(
             f"hypercorn {installed} is installed; peekproxy's listener guards are tested "
-            f"with hypercorn {TESTED_HYPERCORN}x only (see peekproxy/http_guard.py)"
+            f"with hypercorn {TESTED_HYPERCORN}x only (see peekproxy/serving/guards.py)"
         )
     worker, protocols = vars(hypercorn.trio.run), vars(hypercorn.protocol)
     if (
