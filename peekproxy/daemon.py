@@ -33,8 +33,8 @@ from peekproxy.federation.keyring import Keyring, TrustedNotary
 from peekproxy.federation.signing_key import key_id, load_signing_key
 from peekproxy.logs import ACCESS_LOG_FORMAT
 from peekproxy.metrics import metrics_app
-from peekproxy.peeks.service import PeekService, PeekSettings
 from peekproxy.sdnotify import sd_notify
+from peekproxy.services import PeekSettings, build_services
 from peekproxy.store import Store
 
 __all__ = ["DaemonError", "Listening", "run_daemon"]
@@ -193,7 +193,7 @@ async def run_daemon(
         ],
     )
     await keyring.load()
-    peeks = PeekService(
+    peeks = build_services(
         store=store,
         client=federation,
         keyring=keyring,

@@ -47,8 +47,9 @@ from peekproxy.core.identifiers import (
     UserId,
 )
 from peekproxy.core.sync import InvalidToken
-from peekproxy.peeks import history, reading
-from peekproxy.peeks.service import PeekError, PeekService
+from peekproxy.peeks import reading
+from peekproxy.services import Services, backfill
+from peekproxy.services.errors import PeekError
 
 __all__ = [
     "SecretFileError",
@@ -231,7 +232,7 @@ class TokenBucket:
 
 
 def delegation_routes(
-    service: PeekService,
+    service: Services,
     secret: str | None,
     *,
     rate_limit_per_second: float = 1.0,
@@ -277,7 +278,7 @@ def delegation_routes(
         check_hints(hints)  # before any lookup, and before a rate-limit token is spent
         rate_limit(user_id)
         try:
-            return await service.peek(user_id, device_id, room, hints)
+            return await service.syncing.peek(user_id, device_id, room, hints)
         except PeekError as e:
             raise MatrixError(e.status, e.errcode, e.error, **e.extra) from None
 
@@ -313,7 +314,7 @@ def delegation_routes(
         user_id, device_id = await device(request)
         await body_of(request)
         try:
-            await service.unpeek(user_id, device_id, request.path_params["room_id"])
+            await service.syncing.unpeek(user_id, device_id, request.path_params["room_id"])
         except PeekError as e:
             raise MatrixError(e.status, e.errcode, e.error, **e.extra) from None
         return JSONResponse({})
@@ -330,7 +331,7 @@ def delegation_routes(
             raise MatrixError(400, "M_INVALID_PARAM", "full_state must be true or false")
         limit = timeline_limit(params.get("filter"))
         try:
-            answer = await service.sync(
+            answer = await service.syncing.sync(
                 user_id,
                 device_id,
                 since=params.get("since"),
@@ -404,7 +405,7 @@ def delegation_routes(
             # refuses, or has nothing more: the page passes over the hole (it stays).
             where = page.backfill
             try:
-                helped = await history.fill_gap(
+                helped = await backfill.fill_gap(
                     service.store,
                     service.client,
                     service.keyring,
@@ -415,7 +416,7 @@ def delegation_routes(
                     anchor=where.anchor,
                     room_left=where.room_left,
                 )
-            except history.BackfillFailed as e:
+            except backfill.BackfillFailed as e:
                 if e.retryable:
                     raise MatrixError(
                         502, "M_UNKNOWN", f"could not fetch the history of {room_id}: {e.reason}"
