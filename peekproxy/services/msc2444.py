@@ -233,7 +233,7 @@ class Msc2444Peeks:
             return None
         fetched: list[backfill.Backfilled] | None = None
         # One deadline for the whole fetch, its signers' keys included: the room's lock is
-        # held meanwhile, and /send of the room waits for it (_wait_for_setups).
+        # held meanwhile, and /send of the room waits for it (Subscriptions.wait_for_setups).
         with trio.move_on_after(backfill.FIRST_VIEW_TIMEOUT_S):
             try:
                 fetched = await backfill.fetch_backfill(
