@@ -6,7 +6,7 @@
    long-poll has answered with it: p50, p99 and max, against the goal p99 ≤ 50 ms. The time
    for the event to reach peekproxy (one /send) is printed alongside, as the floor every
    device pays.
-2. **Memory.** In this process, a PeekService over a fresh database holding R rooms
+2. **Memory.** In this process, the peek services over a fresh database holding R rooms
    (default 10,000 subscriptions) and D device peeks (default 100,000) is started; the
    resident-memory growth divided by D is the cost per device peek (goal ≤ 2 KiB).
 
@@ -365,7 +365,7 @@ async def memory(rooms: int, peeks: int, directory: Path) -> None:
     from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
     from peekproxy.federation.discovery import DnspythonLookup
     from peekproxy.federation.keyring import Keyring
-    from peekproxy.peeks.service import PeekService, PeekSettings
+    from peekproxy.services import PeekSettings, build_services
     from peekproxy.store import Store
     from peekproxy.store import rooms as db
 
@@ -408,7 +408,7 @@ async def memory(rooms: int, peeks: int, directory: Path) -> None:
     )
     gc.collect()
     before = _rss_kib()
-    service = PeekService(
+    service = build_services(
         store=store,
         client=client,
         keyring=Keyring(client),
@@ -423,7 +423,7 @@ async def memory(rooms: int, peeks: int, directory: Path) -> None:
         await nursery.start(service.run)
         # Every device has synced once: the live window knows its peeks, as in steady state.
         # Read in chunks, as syncs would: one big temporary list would stay resident.
-        upto = service.live.watermark
+        upto = service.syncing.live.watermark
         assert upto is not None
         after_rowid = 0
         while True:
@@ -441,10 +441,10 @@ async def memory(rooms: int, peeks: int, directory: Path) -> None:
                 break
             after_rowid = chunk[-1][0]
             for _, user_id, device_id, room_id, state, changed_pos in chunk:
-                service.live.load_device(
+                service.syncing.live.load_device(
                     (user_id, device_id), [DevicePeek(room_id, state, changed_pos)], upto
                 )
-        devices = service.live.known_devices()
+        devices = service.syncing.live.known_devices()
         gc.collect()
         after = _rss_kib()
         nursery.cancel_scope.cancel()

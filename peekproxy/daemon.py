@@ -28,9 +28,8 @@ from peekproxy.config import Config
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring, TrustedNotary
 from peekproxy.federation.signing_key import key_id, load_signing_key
-from peekproxy.peeks.service import PeekService, PeekSettings
 from peekproxy.sdnotify import sd_notify
-from peekproxy.services.reads import HistoryReads
+from peekproxy.services import PeekSettings, build_services
 from peekproxy.serving import ServingError, hypercorn_config, open_listeners, watch_signals
 from peekproxy.store import Store
 
@@ -95,7 +94,7 @@ async def run_daemon(
         ],
     )
     await keyring.load()
-    peeks = PeekService(
+    peeks = build_services(
         store=store,
         client=federation,
         keyring=keyring,
@@ -109,23 +108,11 @@ async def run_daemon(
         ),
     )
 
-    def following_server(room_id: str) -> str | None:
-        """The server ``room_id``'s remote peek is held at (``None``: not peeked now)."""
-        sub = peeks.subscriptions.get(room_id)
-        return sub.server if sub is not None else None
-
-    reads = HistoryReads(
-        store=store,
-        client=federation,
-        keyring=keyring,
-        server_of=following_server,
-        clock_ms=peeks.clock_ms,
-    )
     limits = {
         "rate_limit_per_second": config.peeks.rate_limit_per_second,
         "rate_limit_burst": config.peeks.rate_limit_burst,
     }
-    client_routes = delegation_routes(peeks, secret, reads=reads, **limits)  # type: ignore[arg-type]
+    client_routes = delegation_routes(peeks, secret, **limits)  # type: ignore[arg-type]
     upstream = None
     if config.upstream.homeserver_url:
         # Front mode: the MSC2753 client endpoints, with the homeserver's access tokens.
@@ -133,7 +120,6 @@ async def run_daemon(
         client_routes += delegation_routes(
             peeks,
             None,
-            reads=reads,
             auth=upstream,
             prefixes=CLIENT_PREFIXES,
             with_sync=False,

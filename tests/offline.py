@@ -1,5 +1,6 @@
-"""A :class:`PeekService` driven in-process by a test, whose federation client sends nothing
-(no signing key, no server made reachable): for tests of the device side, ingest and races."""
+"""The peek services (:class:`~peekproxy.services.Services`) driven in-process by a test,
+whose federation client sends nothing (no signing key, no server made reachable): for tests
+of the device side, ingest and races."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import trio
 from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
 from peekproxy.federation.discovery import DnspythonLookup
 from peekproxy.federation.keyring import Keyring
-from peekproxy.peeks.service import PeekService, PeekSettings
+from peekproxy.services import PeekSettings, Services, build_services
 from peekproxy.store import Store
 
 #: Small caps, no linger, a one-minute idle timeout.
@@ -39,9 +40,9 @@ def offline_service(
     *,
     settings: PeekSettings = OFFLINE_SETTINGS,
     clock_ms: Callable[[], int] = lambda: int(trio.current_time() * 1000),
-) -> PeekService:
-    """A service over ``store`` with :func:`offline_client` (ms clock: trio's, by default)."""
+) -> Services:
+    """The services over ``store`` with :func:`offline_client` (ms clock: trio's, by default)."""
     client = offline_client()
-    return PeekService(
+    return build_services(
         store=store, client=client, keyring=Keyring(client), settings=settings, clock_ms=clock_ms
     )

@@ -17,7 +17,8 @@ import trio
 import trio.testing
 
 from peekproxy.core.subscription import Subscription, SubState
-from peekproxy.peeks.service import TYPING_TIMEOUT_MS, PeekService, PeekSettings
+from peekproxy.services import PeekSettings, Services, build_services
+from peekproxy.services.ingest import TYPING_TIMEOUT_MS
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 from peekproxy.store.migrations import apply_migrations, available_migrations
@@ -58,19 +59,21 @@ def member(user_id: str, membership: str) -> dict[str, Any]:
 
 
 class World:
-    def __init__(self, store: Store, service: PeekService) -> None:
+    def __init__(self, store: Store, service: Services) -> None:
         self.store, self.service = store, service
         self.token: str | None = None
         self.txn = 0
 
     async def send(self, origin: str, *edus: dict[str, Any]) -> None:
         self.txn += 1
-        answer = await self.service.ingest(origin, f"t{self.txn}", {"pdus": [], "edus": list(edus)})
+        answer = await self.service.ingest.receive(
+            origin, f"t{self.txn}", {"pdus": [], "edus": list(edus)}
+        )
         assert answer == {"pdus": {}}
 
     async def sync(self, timeout_ms: int = 0) -> dict[str, Any] | None:
         """The ephemeral events of ROOM in Alice's next sync, by type (None: no news)."""
-        answer = await self.service.sync(*ALICE, since=self.token, timeout_ms=timeout_ms)
+        answer = await self.service.syncing.sync(*ALICE, since=self.token, timeout_ms=timeout_ms)
         self.token = answer["next_batch"]
         room = answer["rooms"]["peek"].get(ROOM)
         if room is None:
@@ -105,7 +108,7 @@ async def start(
             now_ms=0,
         )
     )
-    service = PeekService(
+    service = build_services(
         store=store,
         client=offline_client(),  # no subscription task runs here: it sends nothing
         keyring=None,  # type: ignore[arg-type]
@@ -116,7 +119,7 @@ async def start(
     )
     await nursery.start(service.run)
     # The room is peeked through TARGET (set directly: no subscription task is started).
-    service.subscriptions[ROOM] = Subscription(
+    service.subscriptions.by_room[ROOM] = Subscription(
         room_id=ROOM,
         state=SubState.ACTIVE,
         candidates=(TARGET,),
@@ -214,7 +217,7 @@ async def test_typing_does_not_survive_a_restart(nursery: trio.Nursery, tmp_path
     assert await world.sync() is not None
     assert [u for _, u, _ in await world.store.read(db.typing_now)] == [BOB]
     # A new service on the same database (its timers are gone with the old one).
-    restarted = PeekService(
+    restarted = build_services(
         store=world.store,
         client=offline_client(),
         keyring=None,  # type: ignore[arg-type]

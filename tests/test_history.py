@@ -12,7 +12,7 @@ import pytest
 
 from peekproxy.core.sync import InvalidToken, decode_token
 from peekproxy.peeks import reading
-from peekproxy.peeks.history import Backfilled, new_history
+from peekproxy.services.backfill import Backfilled, new_history
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 

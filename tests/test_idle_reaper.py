@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from peekproxy.core.subscription import Subscription, SubState
-from peekproxy.peeks.service import PeekService
+from peekproxy.services import Services
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 from tests.offline import offline_service
@@ -41,11 +41,11 @@ async def activate(store: Store, *devices: tuple[str, str]) -> None:
 class DropLog:
     """Records each call of the service's ``_make_dormant``: which device, at what time."""
 
-    def __init__(self, service: PeekService) -> None:
+    def __init__(self, service: Services) -> None:
         self.calls: list[tuple[tuple[str, str], float]] = []
         self.finished: list[tuple[str, str]] = []
         self._changed = trio.Event()
-        self._original = service._make_dormant
+        self._original = service.syncing._make_dormant
 
     async def make_dormant(self, user_id: str, device_id: str) -> None:
         self.calls.append(((user_id, device_id), trio.current_time()))
@@ -72,7 +72,7 @@ async def test_only_devices_that_stop_syncing_go_dormant(
     await activate(store, ALICE, BOB, CAROL)
     service = offline_service(store)
     drops = DropLog(service)
-    monkeypatch.setattr(service, "_make_dormant", drops.make_dormant)
+    monkeypatch.setattr(service.syncing, "_make_dormant", drops.make_dormant)
 
     async def state(device: tuple[str, str]) -> str | None:
         return await store.read(lambda c: db.device_peek_state(c, *device, ROOM))
@@ -94,22 +94,22 @@ async def test_only_devices_that_stop_syncing_go_dormant(
             assert await state(device) == "dormant"
 
         await activate(store, ALICE, BOB, CAROL)
-        await service.sync(*ALICE, since=None, timeout_ms=0)
-        await service.sync(*BOB, since=None, timeout_ms=0)
+        await service.syncing.sync(*ALICE, since=None, timeout_ms=0)
+        await service.syncing.sync(*BOB, since=None, timeout_ms=0)
         bob_seen = trio.current_time()
-        assert service.live.knows(BOB)
+        assert service.syncing.live.knows(BOB)
         for _ in range(6):  # Alice keeps syncing every 20 s; Bob stops
             await advance(20)
             assert drops.times(ALICE) == [start + 61]  # never again
-            await service.sync(*ALICE, since=None, timeout_ms=0)
+            await service.syncing.sync(*ALICE, since=None, timeout_ms=0)
         await drops.wait_finished(BOB, 2)
         assert drops.times(BOB)[1] - bob_seen == 60
         assert await state(BOB) == "dormant"
-        assert not service.live.knows(BOB)  # an idle device leaves the live window
+        assert not service.syncing.live.knows(BOB)  # an idle device leaves the live window
         assert await state(ALICE) == "active"
 
         # Carol appears after the reaper planned its next wake-up: her own deadline counts.
-        await service.sync(*CAROL, since=None, timeout_ms=0)
+        await service.syncing.sync(*CAROL, since=None, timeout_ms=0)
         carol_seen = trio.current_time()
         await advance(59)
         assert len(drops.times(CAROL)) == 1

@@ -26,7 +26,7 @@ from peekproxy.federation.keyring import (
     parse_key_document,
 )
 from peekproxy.federation.signing_key import server_key_document
-from peekproxy.peeks.service import PeekService, PeekSettings
+from peekproxy.services import PeekSettings, build_services
 from peekproxy.store import Store
 from peekproxy.testbed.rooms import TestbedRoom
 from tests.support import JsonApp, serve_app
@@ -268,7 +268,7 @@ async def _ingest_later_event(
     store = await Store.open(tmp_path / "p.db", "me.test")
     client = _client(ca, server_name="me.test")
     keyring = Keyring(client, store, notaries or [])
-    service = PeekService(
+    service = build_services(
         store=store,
         client=client,
         keyring=keyring,
@@ -283,10 +283,10 @@ async def _ingest_later_event(
         creator=f"@admin:{remote.name}",
         now_ms=now,
     )
-    service.subscriptions[room.room_id] = Subscription(
+    service.subscriptions.by_room[room.room_id] = Subscription(
         room.room_id, SubState.ACTIVE, (remote.name,), "10", remote.name, "peek0001"
     )
-    first = await service.ingest(remote.name, "t1", {"pdus": room.events})
+    first = await service.ingest.receive(remote.name, "t1", {"pdus": room.events})
     assert all(v == {} for v in first["pdus"].values()), first
     assert remote.fetches == 1
     later, pdu = room.send(
@@ -296,7 +296,7 @@ async def _ingest_later_event(
         content={"msgtype": "m.text", "body": "ten minutes later"},
         now_ms=later_ts,
     )
-    answer = await service.ingest(remote.name, "t2", {"pdus": [pdu]})
+    answer = await service.ingest.receive(remote.name, "t2", {"pdus": [pdu]})
     return keyring, later_ts, answer["pdus"][later]
 
 

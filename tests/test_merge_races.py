@@ -14,7 +14,7 @@ import trustme
 
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.core.validation import ValidatedPeek
-from peekproxy.peeks.service import PeekService
+from peekproxy.services.subscriptions import Subscriptions
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 from tests.conftest import Spawn
@@ -62,8 +62,8 @@ async def test_renewal_reply_older_than_a_gap_is_not_appended_after_it(tmp_path:
             renewal_interval_ms=1000,
             redacted=frozenset(),
         )
-        fake = SimpleNamespace(store=store, subscriptions={}, clock_ms=lambda: 5)
-        await PeekService._store_renewal(fake, sub, validated, [])  # type: ignore[arg-type]
+        fake = SimpleNamespace(store=store, by_room={}, clock_ms=lambda: 5)
+        await Subscriptions._store_renewal(fake, sub, validated, [])  # type: ignore[arg-type]
         bodies = await _bodies(store)
         state = await store.read(lambda c: db.current_state_ids(c, "!r:x"))
         assert bodies == ["t1", "2", "gap", "t4"], bodies
@@ -100,8 +100,8 @@ async def test_renewal_reply_older_than_a_gap_keeps_state(tmp_path: Path) -> Non
             1000,
             frozenset(),
         )
-        fake = SimpleNamespace(store=store, subscriptions={}, clock_ms=lambda: 5)
-        await PeekService._store_renewal(fake, sub, validated, [])  # type: ignore[arg-type]
+        fake = SimpleNamespace(store=store, by_room={}, clock_ms=lambda: 5)
+        await Subscriptions._store_renewal(fake, sub, validated, [])  # type: ignore[arg-type]
         state = await store.read(lambda c: db.current_state_ids(c, "!r:x"))
         assert state[("m.room.topic", "")] == "$4", state
     finally:
@@ -173,18 +173,18 @@ async def test_unpeek_of_a_dormant_peek_while_its_sync_restores_other_rooms(tmp_
             )
         )
     service = offline_service(store)
-    service.subscriptions = {s.room_id: s for s in await store.read(db.load_subscriptions)}
+    service.subscriptions.by_room = {s.room_id: s for s in await store.read(db.load_subscriptions)}
     gate = trio.Event()
 
     async def establish(sub: Subscription, *, gap: bool) -> Subscription:
         await gate.wait()  # the re-peek of r1 takes a while
         return dc_replace(sub, state=SubState.ACTIVE, server="remote.test", peek_id="p")
 
-    service._establish = establish  # type: ignore[method-assign]
+    service.subscriptions._establish = establish  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial(service.sync, *alice, since=None, timeout_ms=0))
+        nursery.start_soon(partial(service.syncing.sync, *alice, since=None, timeout_ms=0))
         await trio.testing.wait_all_tasks_blocked()
-        await service.unpeek(*alice, r2)  # accepted: the peek of r2 was dormant
+        await service.syncing.unpeek(*alice, r2)  # accepted: the peek of r2 was dormant
         assert await store.read(lambda c: db.device_peek_state(c, *alice, r2)) == "ended"
         gate.set()
     state = await store.read(lambda c: db.device_peek_state(c, *alice, r2))
@@ -202,7 +202,7 @@ async def test_a_pdu_with_a_non_string_room_id_does_not_fail_the_transaction(
     store = await Store.open(tmp_path / "p.db", "local.test")
     service = offline_service(store)
     try:
-        answer = await service.ingest(
+        answer = await service.ingest.receive(
             "remote.test", "t1", {"pdus": [{"room_id": ["!a:b"], "type": "m.room.message"}]}
         )
         assert "pdus" in answer

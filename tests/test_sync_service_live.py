@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from peekproxy.core.sync import build_sync, decode_token
-from peekproxy.peeks.service import PeekService, PeekSettings
+from peekproxy.services import PeekSettings, Services, build_services
 from peekproxy.store import Store
 from peekproxy.store import rooms as db
 
@@ -30,9 +30,9 @@ def _pdu(n: int, room_id: str) -> dict[str, Any]:
     }
 
 
-async def _service(tmp_path: Path) -> tuple[Store, PeekService]:
+async def _service(tmp_path: Path) -> tuple[Store, Services]:
     store = await Store.open(tmp_path / "p.db", "local.test")
-    service = PeekService(
+    service = build_services(
         store=store,
         client=None,  # type: ignore[arg-type]  # not used by sync
         keyring=None,  # type: ignore[arg-type]
@@ -41,8 +41,8 @@ async def _service(tmp_path: Path) -> tuple[Store, PeekService]:
         ),
         clock_ms=lambda: 5_000,
     )
-    # What PeekService.run does first.
-    store.set_commit_hook(service._read_changes, service._apply_changes)
+    # What Services.run does first.
+    store.set_commit_hook(service.syncing._read_changes, service.syncing._apply_changes)
     await store.write(lambda conn: None)
     return store, service
 
@@ -106,7 +106,7 @@ async def test_a_peek_change_during_a_store_read_does_not_stick_in_memory(
     await _event(store, 1, ROOM)
 
     # An earlier sync: the service now watches ROOM for Alice.
-    await service.sync(*ALICE, since=None, timeout_ms=0)
+    await service.syncing.sync(*ALICE, since=None, timeout_ms=0)
 
     real_device_peeks = db.device_peeks
     raced = False
@@ -124,7 +124,7 @@ async def test_a_peek_change_during_a_store_read_does_not_stick_in_memory(
         return peeks
 
     monkeypatch.setattr(db, "device_peeks", device_peeks_then_a_write)
-    initial = await service.sync(*ALICE, since=None, timeout_ms=0)  # store path
+    initial = await service.syncing.sync(*ALICE, since=None, timeout_ms=0)  # store path
     monkeypatch.setattr(db, "device_peeks", real_device_peeks)
     since = decode_token(initial["next_batch"])
 
@@ -132,7 +132,7 @@ async def test_a_peek_change_during_a_store_read_does_not_stick_in_memory(
     await _event(store, 2, ROOM)
     await _event(store, 3, OTHER)
 
-    answer = await service.sync(*ALICE, since=initial["next_batch"], timeout_ms=0)
+    answer = await service.syncing.sync(*ALICE, since=initial["next_batch"], timeout_ms=0)
     stored = await _store_answer(store, since)
     assert answer == stored  # fails: memory shows the old peek set
 
@@ -142,14 +142,14 @@ async def test_a_shared_response_is_not_reused_with_a_stale_age(tmp_path: Path) 
     later (same news) gets the first build, with its ``unsigned.age``."""
     store, service = await _service(tmp_path)
     now = [5_000]
-    service.clock_ms = lambda: now[0]
+    service.syncing.clock_ms = lambda: now[0]
     await _set_peek(store, ROOM, "active")
-    first = await service.sync(*ALICE, since=None, timeout_ms=0)
+    first = await service.syncing.sync(*ALICE, since=None, timeout_ms=0)
     await _event(store, 1, ROOM)
-    live = await service.sync(*ALICE, since=first["next_batch"], timeout_ms=0)
+    live = await service.syncing.sync(*ALICE, since=first["next_batch"], timeout_ms=0)
     assert live["rooms"]["peek"][ROOM]["timeline"]["events"][0]["unsigned"]["age"] == 4_000 - 1
     now[0] += 600_000  # ten minutes later, the client retries the same token
-    again = await service.sync(*ALICE, since=first["next_batch"], timeout_ms=0)
+    again = await service.syncing.sync(*ALICE, since=first["next_batch"], timeout_ms=0)
     age = again["rooms"]["peek"][ROOM]["timeline"]["events"][0]["unsigned"]["age"]
     assert age == 604_000 - 1  # fails: still 3999
 
@@ -166,22 +166,22 @@ async def test_several_users_typing_from_memory_equal_the_store(tmp_path: Path) 
     started before ``since``, exactly as the store does."""
     store, service = await _service(tmp_path)
     await _set_peek(store, ROOM, "active")
-    first = await service.sync(*ALICE, since=None, timeout_ms=0)
+    first = await service.syncing.sync(*ALICE, since=None, timeout_ms=0)
     await _typing(store, ROOM, "@bob:other.test", True)
     await _typing(store, ROOM, "@dave:other.test", True)
     tokens = [first["next_batch"]]
     for user, typing in [("@erin:third.test", True), ("@bob:other.test", False)]:
-        answer = await service.sync(*ALICE, since=tokens[-1], timeout_ms=0)
+        answer = await service.syncing.sync(*ALICE, since=tokens[-1], timeout_ms=0)
         tokens.append(answer["next_batch"])
         await _typing(store, ROOM, user, typing)
     await _event(store, 9, ROOM)
     shown = []
     for token in tokens:
-        before = service.live.answer(
+        before = service.syncing.live.answer(
             ALICE, decode_token(token), timeline_limit=10, room_version_of=lambda r: "10"
         )
         assert before is not None  # answered from memory
-        answer = await service.sync(*ALICE, since=token, timeout_ms=0)
+        answer = await service.syncing.sync(*ALICE, since=token, timeout_ms=0)
         assert answer == await _store_answer(store, decode_token(token))
         events = answer["rooms"]["peek"][ROOM]["ephemeral"]["events"]
         shown.append([e["content"]["user_ids"] for e in events if e["type"] == "m.typing"])

@@ -48,8 +48,9 @@ from peekproxy.api.delegation_params import (
 )
 from peekproxy.api.errors import MatrixError
 from peekproxy.api.federation_auth import read_json_body
-from peekproxy.peeks.service import PeekService
+from peekproxy.services import Services
 from peekproxy.services.reads import HistoryReads
+from peekproxy.services.syncing import Syncing
 
 __all__ = ["DelegationApi", "delegation_routes"]
 
@@ -78,7 +79,7 @@ class DelegationApi:
 
     def __init__(
         self,
-        peeks: PeekService,
+        peeks: Syncing,
         reads: HistoryReads,
         *,
         secret: str | None,
@@ -231,10 +232,9 @@ class DelegationApi:
 
 
 def delegation_routes(
-    service: PeekService,
+    service: Services,
     secret: str | None,
     *,
-    reads: HistoryReads,
     rate_limit_per_second: float = 1.0,
     rate_limit_burst: int = 10,
     auth: DeviceAuth | None = None,
@@ -248,8 +248,8 @@ def delegation_routes(
     how fast each user may start peeks (``peek`` and ``peek_room`` requests).
     """
     api = DelegationApi(
-        service,
-        reads,
+        service.syncing,
+        service.reads,
         secret=secret,
         auth=auth,
         rate_limit_per_second=rate_limit_per_second,

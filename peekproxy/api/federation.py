@@ -5,7 +5,7 @@
 * ``GET /_matrix/federation/v1/query/directory?room_alias=`` — X-Matrix verified; peekproxy
   hosts no aliases, so a well-formed alias gets ``404 M_NOT_FOUND`` (SSAPI §Room Aliases).
 * ``PUT /_matrix/federation/v1/send/{txnId}`` — X-Matrix verified; events of peeked rooms
-  (see :meth:`peekproxy.peeks.service.PeekService.ingest`).
+  (see :meth:`peekproxy.services.ingest.Ingest.receive`).
 * Anything else — ``404``/``405`` ``M_UNRECOGNIZED`` (SSAPI §Unsupported endpoints).
 """
 
@@ -28,7 +28,7 @@ from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias
 from peekproxy.federation.keyring import Keyring
 from peekproxy.federation.signing_key import server_key_document
 from peekproxy.metrics import RequestMetrics
-from peekproxy.peeks.service import PeekService
+from peekproxy.services import Services
 
 __all__ = ["federation_app"]
 
@@ -42,7 +42,7 @@ def federation_app(
     key_valid_for_ms: int,
     old_verify_keys: Mapping[str, tuple[str, int]],
     keyring: Keyring,
-    peeks: PeekService | None = None,
+    peeks: Services | None = None,
     clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
 ) -> RequestMetrics:
     """Build the federation ASGI app.
@@ -87,7 +87,7 @@ def federation_app(
         txn_id = request.path_params["txn_id"]
         if peeks is None:
             raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
-        return JSONResponse(await peeks.ingest(auth.origin, txn_id, auth.content))
+        return JSONResponse(await peeks.ingest.receive(auth.origin, txn_id, auth.content))
 
     app = Starlette(
         routes=[

@@ -26,9 +26,10 @@ from typing import Any
 from unpaddedbase64 import encode_base64
 
 from peekproxy.core.canonical_json import encode_canonical
-from peekproxy.core.room_versions import EventIdFormat, RedactionRules, RoomVersion
+from peekproxy.core.room_versions import EventIdFormat, RedactionRules, RoomVersion, room_version
 
 __all__ = [
+    "best_effort_event_id",
     "compute_event_id",
     "content_hash",
     "content_hash_input",
@@ -287,3 +288,16 @@ def event_refs(value: Any) -> list[str]:
         elif isinstance(item, list) and item and isinstance(item[0], str):
             out.append(item[0])
     return out
+
+
+def best_effort_event_id(pdu: Any) -> str | None:
+    """The ID of a PDU of a room we do not know the version of: its ``event_id`` field
+    (v1/v2), else the reference hash under the current default room version's rules."""
+    if not isinstance(pdu, dict):
+        return None
+    if isinstance(pdu.get("event_id"), str):
+        return str(pdu["event_id"])
+    try:
+        return compute_event_id(pdu, room_version("12"))
+    except Exception:
+        return None

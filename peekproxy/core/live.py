@@ -19,7 +19,7 @@ Within those limits the answer equals what the store snapshot gives: the same ev
 same positions, and the same per-user ``m.typing`` / ``m.receipt`` rows. The users typing
 now are kept per room outside the trimmed rows (a sync lists every user typing, however
 long ago they started), from the window's start on: the service ends all typing when it
-starts (``PeekService.run``), so nobody types before the window's start.
+starts (``Services.run``), so nobody types before the window's start.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ __all__ = [
     "classify_peek_error",
     "new_peek_id",
     "renewal_delay_ms",
+    "retry_not_before",
     "summarize_failures",
 ]
 
@@ -321,3 +322,9 @@ def new_peek_id() -> str:
     """A fresh peek ID: 8 characters from ``[0-9a-zA-Z]`` drawn with :mod:`secrets`
     (protocol.md decision 2; valid under every MSC2444 revision, §1.2). 62^8 ≈ 2^47."""
     return "".join(secrets.choice(PEEK_ID_ALPHABET) for _ in range(PEEK_ID_LENGTH))
+
+
+def retry_not_before(now_ms: int, retry_after_ms: object) -> int | None:
+    """When a failed peek may be tried again at the earliest (ms since the epoch): after
+    the ``retry_after_ms`` of a 429 (``M_LIMIT_EXCEEDED``), else ``None``."""
+    return now_ms + retry_after_ms if isinstance(retry_after_ms, int) else None

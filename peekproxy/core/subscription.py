@@ -1,8 +1,9 @@
 """The remote peek subscription of one room, as a pure state machine.
 
 A subscription is one MSC2444 peek shared by every device peeking the room. The shell
-(:mod:`peekproxy.peeks.service`) asks :func:`plan` what to do next, performs it (a PUT, a
-re-PUT, a DELETE), and feeds the result back through the transition functions. Time is
+(:mod:`peekproxy.services.subscriptions`, through its room follower) asks :func:`plan` what
+to do next, performs it (a PUT, a re-PUT, a DELETE), and feeds the result back through the
+transition functions. Time is
 passed in (wall-clock ms); nothing here does I/O.
 
 States::

@@ -5,7 +5,7 @@ endpoints in front mode) with client events (client-server API §Room Events): i
 through a room's stored history (the rules are in :mod:`peekproxy.peeks.reading`), and when
 a backward page meets a gap it runs one ``/backfill`` round at the server the room is
 followed through (server-server API §Backfilling; every fetched PDU is checked like a
-``/send`` PDU by :func:`peekproxy.peeks.history.fill_gap`) and reads the page again.
+``/send`` PDU by :func:`peekproxy.services.backfill.fill_gap`) and reads the page again.
 Failures the client should see are :class:`peekproxy.services.errors.PeekError`.
 """
 
@@ -18,7 +18,8 @@ from typing import Any
 
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
-from peekproxy.peeks import history, reading
+from peekproxy.peeks import reading
+from peekproxy.services import backfill
 from peekproxy.services.errors import PeekError
 from peekproxy.store import Store
 
@@ -121,7 +122,7 @@ class HistoryReads:
             # refuses, or has nothing more: the page passes over the hole (it stays).
             where = page.backfill
             try:
-                helped = await history.fill_gap(
+                helped = await backfill.fill_gap(
                     self.store,
                     self.client,
                     self.keyring,
@@ -132,7 +133,7 @@ class HistoryReads:
                     anchor=where.anchor,
                     room_left=where.room_left,
                 )
-            except history.BackfillFailed as e:
+            except backfill.BackfillFailed as e:
                 if e.retryable:
                     raise PeekError(
                         502, "M_UNKNOWN", f"could not fetch the history of {room_id}: {e.reason}"

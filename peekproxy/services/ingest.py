@@ -1,0 +1,309 @@
+"""Inbound ``PUT /_matrix/federation/v1/send/{txnId}`` (SSAPI §Transactions).
+
+Every PDU of a followed room is checked (:func:`peekproxy.core.pdu.check_pdu`, its signers'
+keys through the keyring), the ``prev_events`` we lack fetched from the origin
+(``get_missing_events``), and what passed stored in DAG order, each room on its own (rooms
+in parallel); ``m.typing`` / ``m.receipt`` EDUs are stored per user, then the transaction's
+answer (idempotency per origin and transaction ID). The transaction is answered once all of
+it is stored. A state event that ends peeking (decision 10) ends the room's peeks.
+
+Typing expiry: a remote user stops typing :data:`TYPING_TIMEOUT_MS` after the last
+``typing: true`` (a stored ``typing: false`` row, which wakes the room's syncs).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import trio
+
+from peekproxy.core.ephemeral import per_user_edus
+from peekproxy.core.events import best_effort_event_id, event_refs
+from peekproxy.core.pdu import check_pdu
+from peekproxy.core.peekability import unpeekable_reason
+from peekproxy.core.room_versions import room_version
+from peekproxy.federation.client import FederationClient
+from peekproxy.federation.keyring import Keyring
+from peekproxy.services.errors import PeekError
+from peekproxy.services.missing_events import MissingEvents
+from peekproxy.services.notifier import Notifier
+from peekproxy.services.settings import now_ms
+from peekproxy.services.subscriptions import Subscriptions
+from peekproxy.store import Store
+from peekproxy.store import rooms as db
+
+__all__ = ["MAX_EDUS", "MAX_PDUS", "TYPING_TIMEOUT_MS", "Ingest"]
+
+log = logging.getLogger("peekproxy.peeks")
+
+MAX_PDUS, MAX_EDUS = 50, 100
+#: A remote user stops typing this long after the last ``m.typing`` saying they type (the
+#: EDU's ``timeout`` is not sent over federation). Synapse's receiving side uses the same
+#: 60 s (``FEDERATION_TIMEOUT``) and its sending side repeats ``typing: true`` every 40 s.
+TYPING_TIMEOUT_MS = 60_000
+
+
+class Ingest:
+    """``/send`` transactions from other servers, and typing expiry."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        client: FederationClient,
+        keyring: Keyring,
+        missing: MissingEvents,
+        subscriptions: Subscriptions,
+        notifier: Notifier,
+        clock_ms: Callable[[], int] = now_ms,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.keyring = keyring
+        self.missing = missing
+        self.subscriptions = subscriptions
+        self.notifier = notifier
+        self.clock_ms = clock_ms
+        #: /send is serialized per (origin, txnId) (idempotency) and per room (append order).
+        self._txn_locks: dict[tuple[str, str], trio.Lock] = {}
+        self._ingest_locks: dict[str, trio.Lock] = {}
+        #: (expires at ms, room, user, stream position) per ``typing: true`` row stored.
+        self._typing_heap: list[tuple[int, str, str, int]] = []
+        self._typing_changed = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """End the typing left from before a restart, then expire typing until cancelled."""
+        now = self.clock_ms()
+        # Typing does not outlive a restart (its expiry timers are in memory): whoever was
+        # typing has stopped; a remote that still types says so again within 40 s.
+        await self.store.write(
+            lambda conn: [db.stop_typing(conn, r, u, p, now) for r, u, p in db.typing_now(conn)]
+        )
+        task_status.started()
+        await self._expire_typing()
+
+    async def receive(self, origin: str, txn_id: str, body: Any) -> dict[str, Any]:
+        """Handle ``PUT /_matrix/federation/v1/send/{txnId}`` from ``origin`` (verified).
+
+        Idempotent per (origin, txn_id): a replay gets the stored answer and stores nothing.
+        Answers ``{"pdus": {event_id: {} | {"error": reason}}}`` once everything accepted
+        is stored.
+
+        Raises:
+            PeekError: 400 for a malformed transaction (not an object, > 50 PDUs, > 100 EDUs).
+        """
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("pdus", []), list)
+            or not isinstance(body.get("edus", []), list)
+        ):
+            raise PeekError(400, "M_BAD_JSON", "a transaction needs pdus (and edus) lists")
+        pdus, edus = body.get("pdus", []), body.get("edus", [])
+        if len(pdus) > MAX_PDUS or len(edus) > MAX_EDUS:
+            raise PeekError(
+                400,
+                "M_BAD_JSON",
+                f"a transaction may hold at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs",
+            )
+        self.client.heard_from(origin)  # it is up: fetching what its events lack may go on
+        key = (origin, txn_id)
+        lock = self._txn_locks.setdefault(key, trio.Lock())
+        try:
+            async with lock:
+                stored = await self.store.read(lambda c: db.txn_response(c, origin, txn_id))
+                if stored is not None:
+                    return stored
+                return await self._ingest_locked(origin, txn_id, pdus, edus)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._txn_locks.pop(key, None)
+
+    async def _ingest_locked(
+        self, origin: str, txn_id: str, pdus: list[Any], edus: list[Any]
+    ) -> dict[str, Any]:
+        results: dict[str, dict[str, str]] = {}
+        by_room: dict[str, list[dict[str, Any]]] = {}
+        # Wait for the peeks being set up of these PDUs' rooms (their targets push events as
+        # soon as they answered the PUT).
+        await self.subscriptions.wait_for_setups(
+            {
+                p["room_id"]
+                for p in pdus
+                if isinstance(p, dict) and isinstance(p.get("room_id"), str)
+            }
+        )
+        for pdu in pdus:
+            room_id = pdu.get("room_id") if isinstance(pdu, dict) else None
+            sub = self.subscriptions.get(room_id) if isinstance(room_id, str) else None
+            if sub is None or not sub.accepts_events:
+                event_id = best_effort_event_id(pdu)
+                if event_id is not None:
+                    results[event_id] = {"error": "this server is not peeking that room"}
+                continue
+            assert isinstance(room_id, str)
+            by_room.setdefault(room_id, []).append(pdu)
+
+        unpeekable: dict[str, str] = {}
+        # Rooms stored while others of the transaction are still pending are shown at once;
+        # the rest wake their devices after the transaction's record is written, so that
+        # this last write does not wait behind the woken long-polls.
+        pending = len(by_room)
+        woken_later: set[str] = set()
+
+        async def one_room(room_id: str, room_pdus: list[dict[str, Any]]) -> None:
+            nonlocal pending
+            # Rooms are independent: one waiting for get_missing_events holds up no other.
+            lock = self._ingest_locks.setdefault(room_id, trio.Lock())
+            async with lock:
+                changed = await self._ingest_room(origin, room_id, room_pdus, results, unpeekable)
+            pending -= 1
+            if changed and pending:
+                self.notifier.notify_room(room_id)
+            elif changed:
+                woken_later.add(room_id)
+
+        async with trio.open_nursery() as nursery:
+            for room_id, room_pdus in by_room.items():
+                nursery.start_soon(one_room, room_id, room_pdus)
+        ephemeral = self._accepted_ephemeral(origin, edus)
+        response = {"pdus": results}
+        now = self.clock_ms()
+
+        def write(conn: Any) -> tuple[set[str], list[tuple[str, str, int]]]:
+            edu_rooms: set[str] = set()
+            typing: list[tuple[str, str, int]] = []
+            for room_id, edu_type, user_id, content, relayed in ephemeral:
+                # A relayed EDU counts only for a user joined to the room, as the state
+                # stands after this transaction's PDUs.
+                if relayed and db.membership(conn, room_id, user_id) != "join":
+                    log.debug("ignored %s of %s relayed by %s", edu_type, user_id, origin)
+                    continue
+                for _, position, is_typing in db.save_ephemeral(
+                    conn, room_id, edu_type, content, now
+                ):
+                    edu_rooms.add(room_id)
+                    if is_typing:
+                        typing.append((room_id, user_id, position))
+            db.save_txn(conn, origin, txn_id, response, now)
+            return edu_rooms, typing
+
+        edu_rooms, typing = await self.store.write(write)
+        self._typing_started(typing, now)
+        for room_id in edu_rooms | woken_later:
+            self.notifier.notify_room(room_id)
+        for room_id, reason in unpeekable.items():
+            await self.subscriptions.end_peeking(room_id, reason)
+        return response
+
+    def _accepted_ephemeral(
+        self, origin: str, edus: list[Any]
+    ) -> list[tuple[str, str, str, dict[str, Any], bool]]:
+        """The per-user ``m.typing`` / ``m.receipt`` contents of a transaction's EDUs that
+        peekproxy keeps: (room ID, EDU type, user ID, content, relayed).
+
+        A server speaks for its own users; the room's current peek target (the server its
+        subscription peeks through) also relays EDUs of other servers' users, as it relays
+        their events (MSC2444: the target sends what it sees "as if it were joined") —
+        ``relayed`` ones count only for users joined to the room (checked when stored).
+        Everything else is ignored: rooms not peeked, other servers' users from a server
+        that is not the target, malformed EDUs, other EDU types.
+        """
+        kept = []
+        for edu in edus:
+            for room_id, edu_type, user_id, content in per_user_edus(edu):
+                sub = self.subscriptions.get(room_id)
+                if sub is None or not sub.accepts_events:
+                    continue
+                if user_id.partition(":")[2] == origin:
+                    kept.append((room_id, edu_type, user_id, content, False))
+                elif origin == sub.server:
+                    kept.append((room_id, edu_type, user_id, content, True))
+        return kept
+
+    def _typing_started(self, typing: list[tuple[str, str, int]], now_ms: int) -> None:
+        """Each (room, user, stream position) of a stored ``typing: true`` ends after
+        ``TYPING_TIMEOUT_MS`` unless a newer ``m.typing`` of the user replaced it."""
+        if not typing:
+            return
+        for room_id, user_id, position in typing:
+            heapq.heappush(
+                self._typing_heap, (now_ms + TYPING_TIMEOUT_MS, room_id, user_id, position)
+            )
+        self._typing_changed.set()
+        self._typing_changed = trio.Event()
+
+    async def _expire_typing(self) -> None:
+        """Store ``typing: false`` for each user whose typing timed out (their ``m.typing``
+        row was not replaced since), so that syncs show them stopping."""
+        heap = self._typing_heap
+        while True:
+            now = self.clock_ms()
+            due = []
+            while heap and heap[0][0] <= now:
+                due.append(heapq.heappop(heap))
+            if due:
+
+                def expire(
+                    conn: Any, due: list[tuple[int, str, str, int]] = due, now: int = now
+                ) -> set[str]:
+                    return {r for _, r, u, p in due if db.stop_typing(conn, r, u, p, now)}
+
+                for room_id in await self.store.write(expire):
+                    self.notifier.notify_room(room_id)
+                continue
+            changed = self._typing_changed
+            if not heap:
+                await changed.wait()
+            else:
+                with trio.move_on_after(max(0.0, (heap[0][0] - now) / 1000)):
+                    await changed.wait()
+
+    async def _ingest_room(
+        self,
+        origin: str,
+        room_id: str,
+        room_pdus: list[dict[str, Any]],
+        results: dict[str, dict[str, str]],
+        unpeekable: dict[str, str],
+    ) -> bool:
+        """Check one room's PDUs of a transaction, fetch the ``prev_events`` we lack from
+        ``origin``, and store them in DAG order (a gap before what could not be fetched).
+        Returns whether anything was stored (the caller wakes the room's syncs)."""
+        sub = self.subscriptions.get(room_id)
+        assert sub is not None and sub.room_version is not None
+        rules = room_version(sub.room_version)
+        await self.missing.signer_keys(room_pdus, sub.room_version)
+        refs = [ref for p in room_pdus for ref in event_refs(p.get("prev_events"))]
+        known = await self.store.read(partial(db.known_event_ids, event_ids=refs))
+        batch: list[tuple[str, dict[str, Any], bool]] = []
+        for pdu in room_pdus:
+            verdict = check_pdu(pdu, rules, self.keyring.lookup)
+            event_id = verdict.event_id
+            if verdict.outcome == "reject" or verdict.pdu is None or event_id is None:
+                if event_id is not None:
+                    results[event_id] = {"error": verdict.reason}
+                log.info("rejected PDU %s from %s: %s", event_id, origin, verdict.reason)
+                continue
+            batch.append((event_id, verdict.pdu, verdict.outcome == "redact"))
+            known.add(event_id)
+            results[event_id] = {}
+            reason = unpeekable_reason(verdict.pdu)
+            if reason:
+                unpeekable[room_id] = reason
+        lacking = [
+            event_id
+            for event_id, pdu, _ in batch
+            if any(p not in known for p in event_refs(pdu.get("prev_events")))
+        ]
+        fetched = []
+        if lacking:
+            fetched = await self.missing.fetch(origin, room_id, lacking, rules, known=known)
+        now = self.clock_ms()
+        await self.store.write(
+            lambda conn: db.append_in_dag_order(conn, room_id, [*fetched, *batch], now_ms=now)
+        )
+        return bool(batch or fetched)

@@ -1,0 +1,32 @@
+"""The settings the peek services share, and their default clock."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+__all__ = ["PeekSettings", "now_ms"]
+
+
+@dataclass(frozen=True)
+class PeekSettings:
+    """The ``[peeks]`` config section in the units the services use (durations in ms).
+
+    ``linger_ms``: how long a remote peek nobody wants is kept before its DELETE;
+    ``renewal_max_ms``: the longest wait between renewals of a remote peek;
+    ``max_peeks_per_device`` / ``max_remote_peeks``: caps (403 / 503 beyond them);
+    ``idle_timeout_ms``: a device silent this long has its peeks made dormant;
+    ``sync_section``: the key of the peeked rooms in a ``/sync`` answer (MSC2753: ``peek``).
+    """
+
+    linger_ms: int
+    renewal_max_ms: int
+    max_peeks_per_device: int
+    max_remote_peeks: int
+    idle_timeout_ms: int = 600_000
+    sync_section: str = "peek"
+
+
+def now_ms() -> int:
+    """The wall clock in ms since the epoch."""
+    return int(time.time() * 1000)

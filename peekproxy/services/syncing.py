@@ -1,0 +1,405 @@
+"""Device peeks (MSC2753) and their ``/sync`` long-polls.
+
+A device peeks a room (:meth:`Syncing.peek`): the room is resolved and followed through
+:class:`~peekproxy.services.subscriptions.Subscriptions`, and the device peek stored; an
+unpeek ends it (the room is released when no device wants it). ``/sync``
+(:meth:`Syncing.sync`) registers wake-ups (:class:`~peekproxy.services.notifier.Notifier`)
+and answers from the live window of the newest stream rows (:mod:`peekproxy.core.live`) when
+it can, else from a store snapshot, with :func:`peekproxy.core.sync.build_sync`. A device
+that stops syncing for ``idle_timeout`` has its peeks made dormant (the idle reaper,
+protocol.md decision 9); its next sync restores them (the rooms followed again, with a gap).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import trio
+
+from peekproxy.core.identifiers import InvalidIdentifier, RoomId
+from peekproxy.core.live import LiveAnswer, LiveWindow, StreamChange
+from peekproxy.core.outcomes import candidate_servers
+from peekproxy.core.sync import InvalidToken, build_sync, decode_token
+from peekproxy.metrics import SYNC_ANSWERS
+from peekproxy.services.errors import PeekError
+from peekproxy.services.notifier import Notifier
+from peekproxy.services.settings import PeekSettings, now_ms
+from peekproxy.services.subscriptions import Subscriptions
+from peekproxy.store import Store
+from peekproxy.store import rooms as db
+
+__all__ = ["Syncing"]
+
+log = logging.getLogger("peekproxy.peeks")
+
+
+class Syncing:
+    """Device peeks, ``/sync`` long-polls, dormant restore and the idle reaper."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        subscriptions: Subscriptions,
+        notifier: Notifier,
+        settings: PeekSettings,
+        clock_ms: Callable[[], int] = now_ms,
+    ) -> None:
+        self.store = store
+        self.subscriptions = subscriptions
+        self.notifier = notifier
+        self.settings = settings
+        self.clock_ms = clock_ms
+        self._device_locks: dict[tuple[str, str], trio.Lock] = {}
+        #: Last /sync (or peek) of each device with peeks, ms; for the idle drop.
+        self._seen: dict[tuple[str, str], int] = {}
+        #: (seen at, device) for each device in _seen, the earliest first; an entry may be
+        #: older than _seen says (the device synced again): the reaper then pushes it again.
+        self._idle_heap: list[tuple[int, tuple[str, str]]] = []
+        self._seen_changed = trio.Event()
+        #: The rooms each device's last sync watched, to register wake-ups before reading.
+        self._watched: dict[tuple[str, str], list[str]] = {}
+        #: The newest stream rows in memory: most woken syncs are answered from here.
+        self.live = LiveWindow()
+        #: The last response built from the window, and what it answered (read-only: the
+        #: devices woken together share it).
+        self._built_key: tuple[Any, ...] | None = None
+        self._built: dict[str, Any] = {}
+
+    async def open_live_window(self) -> None:
+        """Feed the live window from every write's new stream rows (the store's commit
+        hook), starting at the newest row. Call once, before anything else writes."""
+        self.store.set_commit_hook(self._read_changes, self._apply_changes)
+        await self.store.write(lambda conn: None)  # starts the live window at the newest row
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the idle clock of every device with an active peek, then reap idle devices
+        until cancelled."""
+        now = self.clock_ms()
+        active = await self.store.read(
+            lambda c: c.execute(
+                "SELECT DISTINCT user_id, device_id FROM device_peeks WHERE state = 'active'"
+            ).fetchall()
+        )
+        for user_id, device_id in active:  # the idle clock restarts with the daemon
+            self._mark_seen((str(user_id), str(device_id)), now)
+        task_status.started()
+        await self._reap_idle()
+
+    def _read_changes(self, conn: Any) -> tuple[list[StreamChange], int]:
+        # In the writer thread, inside the write's transaction; the watermark only moves in
+        # _apply_changes, which runs before the next write starts.
+        return db.stream_changes(conn, self.live.watermark)
+
+    def _apply_changes(self, result: tuple[list[StreamChange], int]) -> None:
+        changes, upto = result
+        try:
+            if self.live.watermark is None:
+                self.live.start(upto)
+            else:
+                self.live.apply(changes, upto)
+        except ValueError:
+            log.exception("the live window is out of step: syncs read the database from now on")
+
+    async def peek(
+        self, user_id: str, device_id: str, room_id_or_alias: str, hints: Sequence[str] = ()
+    ) -> str:
+        """Start (or keep) ``device_id``'s peek of a room; returns the room ID once the room
+        is subscribed and stored.
+
+        Raises:
+            PeekError: with the status and errcode the client should get (protocol.md
+                decision 6): 400 malformed, 403 not peekable, 404 unknown, 502 no server.
+        """
+        room_id, alias_servers = await self.subscriptions.resolve(room_id_or_alias)
+        candidates = tuple(candidate_servers(hints, alias_servers, room_id))
+        device_lock = self._device_locks.setdefault((user_id, device_id), trio.Lock())
+        async with device_lock:  # the per-device cap is checked and applied atomically
+            return await self._peek_locked(user_id, device_id, room_id, candidates)
+
+    async def _peek_locked(
+        self, user_id: str, device_id: str, room_id: str, candidates: tuple[str, ...]
+    ) -> str:
+        current = await self.store.read(
+            lambda c: db.device_peek_state(c, user_id, device_id, room_id)
+        )
+        if current != "active":
+            count = await self.store.read(
+                lambda c: db.device_peeks_of_device(c, user_id, device_id)
+            )
+            if count >= self.settings.max_peeks_per_device:
+                raise PeekError(
+                    403,
+                    "M_RESOURCE_LIMIT_EXCEEDED",
+                    f"a device may peek at most {self.settings.max_peeks_per_device}"
+                    " rooms; unpeek some first",
+                )
+        async with self.subscriptions.room_lock(room_id):
+            sub = await self.subscriptions.want(room_id, candidates)
+            if current != "active":
+                # Only a new (or dormant, or ended) peek moves the device peek: its
+                # changed_pos makes the next sync show the room afresh. Peeking again
+                # changes nothing a client sees (acceptance scenario 9).
+                now = self.clock_ms()
+                await self.store.write(
+                    lambda c: db.set_device_peek(c, user_id, device_id, room_id, "active", now)
+                )
+        self.subscriptions.poke(room_id)
+        self.notifier.notify_room(room_id)
+        self.notifier.notify_device((user_id, device_id))
+        self._mark_seen((user_id, device_id))
+        log.info("%s/%s peeks %s via %s", user_id, device_id, room_id, sub.server)
+        return room_id
+
+    def _mark_seen(self, device: tuple[str, str], now_ms: int | None = None) -> None:
+        """Restart the device's idle clock. O(log devices): only a device new to the reaper
+        can need it to wake earlier than it planned."""
+        now = self.clock_ms() if now_ms is None else now_ms
+        new = device not in self._seen
+        self._seen[device] = now
+        if new:
+            entry = (now, device)
+            heapq.heappush(self._idle_heap, entry)
+            if self._idle_heap[0] is entry:
+                self._seen_changed.set()
+                self._seen_changed = trio.Event()
+
+    async def unpeek(self, user_id: str, device_id: str, room_id: str) -> None:
+        """End a device's peek, active or dormant; its next sync shows the room in
+        ``rooms.leave`` (protocol.md decision 7, with its errors).
+
+        Raises:
+            PeekError: 404 M_NOT_FOUND never peeked / unknown room; 400 M_BAD_STATE known
+                room this device is not peeking; 400 M_INVALID_PARAM not a room ID.
+        """
+        try:
+            RoomId.parse(room_id)
+        except InvalidIdentifier as e:
+            raise PeekError(400, "M_INVALID_PARAM", str(e)) from None
+        async with self.subscriptions.room_lock(room_id):
+            state = await self.store.read(
+                lambda c: db.device_peek_state(c, user_id, device_id, room_id)
+            )
+            if state is None:
+                known = self.subscriptions.get(room_id)
+                if known is not None and known.room_version is not None:
+                    raise PeekError(400, "M_BAD_STATE", f"this device is not peeking {room_id}")
+                raise PeekError(404, "M_NOT_FOUND", f"{room_id} was never peeked")
+            if state == "ended":
+                raise PeekError(400, "M_BAD_STATE", f"this device is not peeking {room_id}")
+            # An active peek, or a dormant one (its device went idle, decision 9): both end
+            # here, and the room goes to rooms.leave rather than being restored.
+            now = self.clock_ms()
+
+            def end(conn: Any) -> int:
+                db.set_device_peek(conn, user_id, device_id, room_id, "ended", now)
+                return db.device_peek_count(conn, room_id)
+
+            remaining = await self.store.write(end)
+            if remaining == 0:
+                await self.subscriptions.unwanted(room_id, now)
+        self.subscriptions.poke(room_id)
+        self.notifier.notify_room(room_id)
+        self.notifier.notify_device((user_id, device_id))
+
+    # -- /sync -------------------------------------------------------------------------------
+
+    async def sync(
+        self,
+        user_id: str,
+        device_id: str,
+        *,
+        since: str | None,
+        timeout_ms: int,
+        full_state: bool = False,
+        timeline_limit: int = 10,
+    ) -> dict[str, Any]:
+        """``{next_batch, rooms: {peek, leave}}`` for one device (MSC2753). The caller must
+        not modify it: devices woken by the same change share one response.
+
+        Long-polls up to ``timeout_ms`` for something new for this device. A device that was
+        idle has its dormant peeks restored first (the remote peek again, with a gap).
+
+        Raises:
+            PeekError: 400 M_INVALID_PARAM for a token this server did not issue.
+        """
+        device = (user_id, device_id)
+        self._mark_seen(device)
+        try:
+            position = decode_token(since) if since else None
+        except InvalidToken:
+            raise PeekError(400, "M_INVALID_PARAM", f"unknown since token {since!r}") from None
+        deadline = trio.current_time() + max(0, timeout_ms) / 1000
+        watched = self._watched.get(device, [])
+        restored = False
+        live: LiveAnswer | None = None
+        while True:
+            # Register for wake-ups first, then look: no change can slip in between.
+            registered = watched
+            event = self.notifier.register(registered, device)
+            try:
+                live = None
+                if position is not None and not full_state:
+                    live = self.live.answer(
+                        device,
+                        position,
+                        timeline_limit=timeline_limit,
+                        room_version_of=self.subscriptions.room_version_of,
+                    )
+                if live is not None:
+                    active, changed = live.active, live.changed
+                else:
+                    snapshot = await self.store.read(
+                        partial(
+                            db.sync_snapshot,
+                            user_id=user_id,
+                            device_id=device_id,
+                            since=position,
+                            full_state=full_state,
+                            limit=timeline_limit,
+                        )
+                    )
+                    dormant = [p.room_id for p in snapshot["peeks"] if p.state == "dormant"]
+                    if dormant and not restored:
+                        restored = True
+                        await self._restore_dormant(user_id, device_id, dormant)
+                        continue  # the restored peeks changed what there is to show
+                    self.live.load_device(device, snapshot["peeks"], as_of=snapshot["upto"])
+                    active, changed = snapshot["active"], snapshot["changed"]
+                if active != watched:
+                    watched = active
+                    self._watched[device] = watched
+                    continue  # registered for the wrong rooms: register again and look again
+                remaining = deadline - trio.current_time()
+                if changed or remaining <= 0:
+                    break
+                with trio.move_on_after(remaining):
+                    await event.wait()
+            finally:
+                self.notifier.unregister(event, registered, device)
+        self._mark_seen(device)
+        if live is not None and position is not None:
+            SYNC_ANSWERS.labels("memory").inc()
+            return self._built_answer(live, position, timeline_limit)
+        SYNC_ANSWERS.labels("store").inc()
+        upto: int = snapshot["upto"]
+        if position is not None and position > upto:
+            raise PeekError(400, "M_INVALID_PARAM", f"since token {since!r} is from the future")
+        answer: dict[str, Any] = build_sync(
+            since=position,
+            upto=upto,
+            peeks=snapshot["peeks"],
+            rooms=snapshot["views"],
+            timeline_limit=timeline_limit,
+            full_state=full_state,
+            now_ms=self.clock_ms(),
+            section=self.settings.sync_section,
+        )
+        return answer
+
+    def _built_answer(self, live: LiveAnswer, since: int, timeline_limit: int) -> dict[str, Any]:
+        """The sync response for a window answer. The devices woken by one change get the
+        same news: they share one built response, for up to a second (``unsigned.age`` as
+        of the first)."""
+        key = (live.key, timeline_limit, self.clock_ms() // 1000)
+        if self._built_key != key:
+            self._built_key = key
+            self._built = build_sync(
+                since=since,
+                upto=live.upto,
+                peeks=live.peeks,
+                rooms=live.views,
+                timeline_limit=timeline_limit,
+                full_state=False,
+                now_ms=self.clock_ms(),
+                section=self.settings.sync_section,
+            )
+        return self._built
+
+    async def _restore_dormant(self, user_id: str, device_id: str, room_ids: list[str]) -> None:
+        """Make the device's dormant peeks of ``room_ids`` active again, re-peeking the rooms
+        no other device kept alive (with a gap)."""
+        for room_id in room_ids:
+            async with self.subscriptions.room_lock(room_id):
+                sub = self.subscriptions.get(room_id)
+                state = await self.store.read(
+                    partial(
+                        db.device_peek_state,
+                        user_id=user_id,
+                        device_id=device_id,
+                        room_id=room_id,
+                    )
+                )
+                if sub is None or state != "dormant":  # unpeeked meanwhile: stays ended
+                    continue
+                try:
+                    await self.subscriptions.restore(room_id)
+                except PeekError as e:
+                    log.warning(
+                        "could not restore the peek of %s for %s/%s: %s",
+                        room_id,
+                        user_id,
+                        device_id,
+                        e.error,
+                    )
+                now = self.clock_ms()
+                await self.store.write(
+                    partial(
+                        db.set_device_peek,
+                        user_id=user_id,
+                        device_id=device_id,
+                        room_id=room_id,
+                        state="active",
+                        now_ms=now,
+                    )
+                )
+            log.info("restored %s/%s's peek of %s after an idle drop", user_id, device_id, room_id)
+            self.subscriptions.poke(room_id)
+
+    async def _reap_idle(self) -> None:
+        """Make the peeks of devices that have not synced for ``idle_timeout`` dormant
+        (protocol.md decision 9); a room left with no active peek is then released."""
+        idle = self.settings.idle_timeout_ms
+        while True:
+            heap = self._idle_heap
+            while heap and heap[0][0] + idle <= self.clock_ms():
+                _, device = heapq.heappop(heap)
+                seen = self._seen.get(device)
+                if seen is None:
+                    continue
+                if seen + idle > self.clock_ms():  # synced since: look again later
+                    heapq.heappush(heap, (seen, device))
+                    continue
+                del self._seen[device]
+                await self._make_dormant(*device)
+            wake = heap[0][0] + idle if heap else None
+            changed = self._seen_changed
+            if wake is None:
+                await changed.wait()
+            else:
+                with trio.move_on_after(max(0.0, (wake - self.clock_ms()) / 1000)):
+                    await changed.wait()
+
+    async def _make_dormant(self, user_id: str, device_id: str) -> None:
+        # An idle device leaves the live window; its next sync reads the store (and restores).
+        self.live.forget_device((user_id, device_id))
+        peeks = await self.store.read(lambda c: db.device_peeks(c, user_id, device_id))
+        for room_id, state, _ in peeks:
+            if state != "active":
+                continue
+            async with self.subscriptions.room_lock(room_id):
+                now = self.clock_ms()
+
+                def drop(conn: Any, room_id: str = room_id, now: int = now) -> int:
+                    db.set_device_peek(conn, user_id, device_id, room_id, "dormant", now)
+                    return db.device_peek_count(conn, room_id)
+
+                remaining = await self.store.write(drop)
+                if remaining == 0:
+                    await self.subscriptions.unwanted(room_id, now)
+            log.info("%s/%s idle: its peek of %s is dormant", user_id, device_id, room_id)
+            self.subscriptions.poke(room_id)
