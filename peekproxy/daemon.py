@@ -35,7 +35,7 @@ from peekproxy.logs import ACCESS_LOG_FORMAT
 from peekproxy.metrics import metrics_app
 from peekproxy.peeks.service import PeekService, PeekSettings
 from peekproxy.sdnotify import sd_notify
-from peekproxy.store import Store
+from peekproxy.store import open_sqlite
 
 __all__ = ["DaemonError", "Listening", "run_daemon"]
 
@@ -180,7 +180,7 @@ async def run_daemon(
         raise DaemonError(f"delegation.shared_secret_file: {e}") from None
     # The database is bound to the server name only once the daemon has started (below):
     # a start that fails must not leave a database that a corrected config is refused by.
-    store = await Store.open(config.sqlite_path, server.server_name, record_server_name=False)
+    store = await open_sqlite(config.sqlite_path, server.server_name, record_server_name=False)
     federation = FederationClient.from_config(
         config.federation, server_name=server.server_name, signing_key=signing_key
     )

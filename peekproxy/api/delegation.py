@@ -12,7 +12,7 @@ and ``device_id`` query parameters naming the device the call is for.
   ``{next_batch, rooms: {peek, leave}}`` (MSC2753), long-polling up to ``timeout`` ms.
 * ``GET /_peekproxy/v1/rooms/{roomId}/messages?from=&to=&dir=&limit=`` — the room's history;
   a backward page that meets a gap runs one ``/backfill`` round at the remote and stores
-  what it fetched keyed to the gap (:mod:`peekproxy.peeks.reading` has the rules).
+  what it fetched keyed to the gap (:mod:`peekproxy.core.paging` has the rules).
 * ``GET /_peekproxy/v1/rooms/{roomId}/state`` and ``.../event/{eventId}``.
 
 The read endpoints need an active peek of the room by the device (else 403). Starting peeks
@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import secrets
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from starlette.routing import Route
 
 from peekproxy.api.errors import MatrixError
 from peekproxy.api.federation_auth import read_json_body
+from peekproxy.core import paging
 from peekproxy.core.identifiers import (
     MAX_IDENTIFIER_BYTES,
     InvalidIdentifier,
@@ -47,8 +47,9 @@ from peekproxy.core.identifiers import (
     UserId,
 )
 from peekproxy.core.sync import InvalidToken
-from peekproxy.peeks import history, reading
+from peekproxy.peeks import history
 from peekproxy.peeks.service import PeekError, PeekService
+from peekproxy.store import ReadTransaction
 
 __all__ = [
     "SecretFileError",
@@ -353,17 +354,17 @@ def delegation_routes(
         except InvalidIdentifier as e:
             raise MatrixError(400, "M_INVALID_PARAM", str(e)) from None
         if not await service.store.read(
-            lambda c: reading.device_is_peeking(c, user_id, device_id, room_id)
+            lambda tx: tx.device_is_peeking(user_id, device_id, room_id)
         ):
             raise MatrixError(403, "M_FORBIDDEN", f"this device is not peeking {room_id}")
         return user_id, device_id, room_id
 
-    def point_param(request: Request, name: str) -> reading.Point | None:
+    def point_param(request: Request, name: str) -> paging.Point | None:
         value = request.query_params.get(name)
         if value is None:
             return None
         try:
-            return reading.parse_point(value)
+            return paging.parse_point(value)
         except InvalidToken:
             raise MatrixError(400, "M_INVALID_PARAM", f"unknown {name} token {value!r}") from None
 
@@ -375,15 +376,14 @@ def delegation_routes(
             raise MatrixError(400, "M_INVALID_PARAM", "dir must be b or f")
         from_point, to_point = point_param(request, "from"), point_param(request, "to")
         try:
-            limit = reading.parse_limit(params.get("limit"))
-        except reading.InvalidLimit as e:
+            limit = paging.parse_limit(params.get("limit"))
+        except paging.InvalidLimit as e:
             raise MatrixError(400, "M_INVALID_PARAM", str(e)) from None
         sub = service.subscriptions.get(room_id)
         server = sub.server if sub is not None else None
 
-        def read(fill_gaps: bool) -> Callable[[sqlite3.Connection], reading.Page]:
-            return lambda c: reading.read_page(
-                c,
+        def read(fill_gaps: bool) -> Callable[[ReadTransaction], paging.Page]:
+            return lambda tx: tx.read_page(
                 room_id,
                 from_point=from_point,
                 to_point=to_point,
@@ -394,7 +394,7 @@ def delegation_routes(
 
         try:
             page = await service.store.read(read(direction == "b" and server is not None))
-        except reading.TokenAhead:
+        except paging.TokenAhead:
             raise MatrixError(
                 400, "M_INVALID_PARAM", f"from token {params.get('from')!r} is from the future"
             ) from None
@@ -426,7 +426,7 @@ def delegation_routes(
                 page = await service.store.read(read(False))
         now = service.clock_ms()
         chunk = [
-            reading.shown_event(
+            paging.shown_event(
                 pdu, event_id, redacted=r, room_id=room_id, version=page.room_version, now_ms=now
             )
             for event_id, pdu, r in page.events
@@ -438,12 +438,12 @@ def delegation_routes(
 
     async def state(request: Request) -> Response:
         _, _, room_id = await peeking_device(request)
-        rows = await service.store.read(lambda c: reading.read_state(c, room_id))
-        version = await service.store.read(lambda c: reading.room_version_of(c, room_id))
+        rows = await service.store.read(lambda tx: tx.read_state(room_id))
+        version = await service.store.read(lambda tx: tx.room_version_of(room_id))
         now = service.clock_ms()
         return JSONResponse(
             [
-                reading.shown_event(
+                paging.shown_event(
                     pdu, event_id, redacted=r, room_id=room_id, version=version, now_ms=now
                 )
                 for event_id, pdu, r in rows
@@ -453,13 +453,13 @@ def delegation_routes(
     async def event(request: Request) -> Response:
         _, _, room_id = await peeking_device(request)
         event_id = request.path_params["event_id"]
-        found = await service.store.read(lambda c: reading.read_event(c, room_id, event_id))
+        found = await service.store.read(lambda tx: tx.read_event(room_id, event_id))
         if found is None:
             raise MatrixError(404, "M_NOT_FOUND", f"event {event_id} not found in {room_id}")
-        version = await service.store.read(lambda c: reading.room_version_of(c, room_id))
+        version = await service.store.read(lambda tx: tx.room_version_of(room_id))
         pdu, redacted = found
         return JSONResponse(
-            reading.shown_event(
+            paging.shown_event(
                 pdu,
                 event_id,
                 redacted=redacted,

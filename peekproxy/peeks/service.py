@@ -19,7 +19,6 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any
 
 import trio
@@ -59,8 +58,7 @@ from peekproxy.federation.keyring import Keyring
 from peekproxy.metrics import SYNC_ANSWERS
 from peekproxy.peeks import history
 from peekproxy.peeks.notifier import Notifier
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import ReadTransaction, Storage, WriteTransaction
 
 __all__ = ["PeekError", "PeekService"]
 
@@ -120,7 +118,7 @@ class PeekService:
     def __init__(
         self,
         *,
-        store: Store,
+        store: Storage,
         client: FederationClient,
         keyring: Keyring,
         settings: PeekSettings,
@@ -168,21 +166,22 @@ class PeekService:
         gap) and keep them going until cancelled."""
         now = self.clock_ms()
         self.store.set_commit_hook(self._read_changes, self._apply_changes)
-        await self.store.write(lambda conn: None)  # starts the live window at the newest row
+        await self.store.write(lambda tx: None)  # starts the live window at the newest row
         # Typing does not outlive a restart (its expiry timers are in memory): whoever was
         # typing has stopped; a remote that still types says so again within 40 s.
         await self.store.write(
-            lambda conn: [db.stop_typing(conn, r, u, p, now) for r, u, p in db.typing_now(conn)]
+            lambda tx: [tx.stop_typing(r, u, p, now) for r, u, p in tx.typing_now()]
         )
-        loaded = await self.store.read(db.load_subscriptions)
+        loaded = await self.store.read(lambda tx: tx.load_subscriptions())
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             spread = subs.resume_spread_ms(len(loaded))
             resumed = [self._resume(sub, now, spread) for sub in loaded]
 
-            def save_all(conn: Any) -> None:  # one transaction: one fsync, not one per room
+            # One transaction: one fsync, not one per room.
+            def save_all(tx: WriteTransaction) -> None:
                 for sub in resumed:
-                    db.save_subscription(conn, sub)
+                    tx.save_subscription(sub)
 
             await self.store.write(save_all)
             for sub in resumed:
@@ -190,11 +189,7 @@ class PeekService:
                 self._ensure_task(sub.room_id)
             if loaded:
                 log.info("resumed %d subscriptions", len(loaded))
-            active = await self.store.read(
-                lambda c: c.execute(
-                    "SELECT DISTINCT user_id, device_id FROM device_peeks WHERE state = 'active'"
-                ).fetchall()
-            )
+            active = await self.store.read(lambda tx: tx.active_devices())
             for user_id, device_id in active:  # the idle clock restarts with the daemon
                 self._mark_seen((str(user_id), str(device_id)), now)
             nursery.start_soon(self._reap_idle)
@@ -206,10 +201,10 @@ class PeekService:
         sub = self.subscriptions.get(room_id)
         return sub.room_version if sub is not None else None
 
-    def _read_changes(self, conn: Any) -> tuple[list[StreamChange], int]:
+    def _read_changes(self, tx: ReadTransaction) -> tuple[list[StreamChange], int]:
         # In the writer thread, inside the write's transaction; the watermark only moves in
         # _apply_changes, which runs before the next write starts.
-        return db.stream_changes(conn, self.live.watermark)
+        return tx.stream_changes(self.live.watermark)
 
     def _apply_changes(self, result: tuple[list[StreamChange], int]) -> None:
         changes, upto = result
@@ -243,7 +238,7 @@ class PeekService:
 
     async def _save(self, sub: Subscription) -> None:
         self.subscriptions[sub.room_id] = sub
-        await self.store.write(lambda conn: db.save_subscription(conn, sub))
+        await self.store.write(lambda tx: tx.save_subscription(sub))
 
     # -- client-facing -----------------------------------------------------------------------
 
@@ -307,12 +302,10 @@ class PeekService:
         self, user_id: str, device_id: str, room_id: str, candidates: tuple[str, ...]
     ) -> str:
         current = await self.store.read(
-            lambda c: db.device_peek_state(c, user_id, device_id, room_id)
+            lambda tx: tx.device_peek_state(user_id, device_id, room_id)
         )
         if current != "active":
-            count = await self.store.read(
-                lambda c: db.device_peeks_of_device(c, user_id, device_id)
-            )
+            count = await self.store.read(lambda tx: tx.device_peeks_of_device(user_id, device_id))
             if count >= self.settings.max_peeks_per_device:
                 raise PeekError(
                     403,
@@ -349,7 +342,7 @@ class PeekService:
                 # changes nothing a client sees (acceptance scenario 9).
                 now = self.clock_ms()
                 await self.store.write(
-                    lambda c: db.set_device_peek(c, user_id, device_id, room_id, "active", now)
+                    lambda tx: tx.set_device_peek(user_id, device_id, room_id, "active", now)
                 )
         self._poke(room_id)
         self.on_room_change(room_id)
@@ -380,7 +373,7 @@ class PeekService:
         retrying (it stays lapsed); otherwise nobody wants the room, and it does not count
         towards ``max_remote_peeks``."""
         sub = self.subscriptions[room_id]
-        others = await self.store.read(lambda c: db.device_peek_count(c, room_id))
+        others = await self.store.read(lambda tx: tx.device_peek_count(room_id))
         if others and sub.state is SubState.FAILED and sub.room_version is not None:
             # Every candidate just failed: the room's task retries after the back-off.
             sub = subs.repeek_failed(
@@ -408,7 +401,7 @@ class PeekService:
             raise PeekError(400, "M_INVALID_PARAM", str(e)) from None
         async with self._lock(room_id):
             state = await self.store.read(
-                lambda c: db.device_peek_state(c, user_id, device_id, room_id)
+                lambda tx: tx.device_peek_state(user_id, device_id, room_id)
             )
             if state is None:
                 known = self.subscriptions.get(room_id)
@@ -421,9 +414,9 @@ class PeekService:
             # here, and the room goes to rooms.leave rather than being restored.
             now = self.clock_ms()
 
-            def end(conn: Any) -> int:
-                db.set_device_peek(conn, user_id, device_id, room_id, "ended", now)
-                return db.device_peek_count(conn, room_id)
+            def end(tx: WriteTransaction) -> int:
+                tx.set_device_peek(user_id, device_id, room_id, "ended", now)
+                return tx.device_peek_count(room_id)
 
             remaining = await self.store.write(end)
             sub = self.subscriptions.get(room_id)
@@ -481,8 +474,7 @@ class PeekService:
                     active, changed = live.active, live.changed
                 else:
                     snapshot = await self.store.read(
-                        partial(
-                            db.sync_snapshot,
+                        lambda tx: tx.sync_snapshot(
                             user_id=user_id,
                             device_id=device_id,
                             since=position,
@@ -554,11 +546,10 @@ class PeekService:
             async with self._lock(room_id):
                 sub = self.subscriptions.get(room_id)
                 state = await self.store.read(
-                    partial(
-                        db.device_peek_state,
+                    lambda tx: tx.device_peek_state(
                         user_id=user_id,
                         device_id=device_id,
-                        room_id=room_id,
+                        room_id=room_id,  # noqa: B023
                     )
                 )
                 if sub is None or state != "dormant":  # unpeeked meanwhile: stays ended
@@ -586,13 +577,12 @@ class PeekService:
                 await self._save(sub)
                 now = self.clock_ms()
                 await self.store.write(
-                    partial(
-                        db.set_device_peek,
+                    lambda tx: tx.set_device_peek(
                         user_id=user_id,
                         device_id=device_id,
-                        room_id=room_id,
+                        room_id=room_id,  # noqa: B023
                         state="active",
-                        now_ms=now,
+                        now_ms=now,  # noqa: B023
                     )
                 )
             log.info("restored %s/%s's peek of %s after an idle drop", user_id, device_id, room_id)
@@ -625,16 +615,16 @@ class PeekService:
     async def _make_dormant(self, user_id: str, device_id: str) -> None:
         # An idle device leaves the live window; its next sync reads the store (and restores).
         self.live.forget_device((user_id, device_id))
-        peeks = await self.store.read(lambda c: db.device_peeks(c, user_id, device_id))
+        peeks = await self.store.read(lambda tx: tx.device_peeks(user_id, device_id))
         for room_id, state, _ in peeks:
             if state != "active":
                 continue
             async with self._lock(room_id):
                 now = self.clock_ms()
 
-                def drop(conn: Any, room_id: str = room_id, now: int = now) -> int:
-                    db.set_device_peek(conn, user_id, device_id, room_id, "dormant", now)
-                    return db.device_peek_count(conn, room_id)
+                def drop(tx: WriteTransaction, room_id: str = room_id, now: int = now) -> int:
+                    tx.set_device_peek(user_id, device_id, room_id, "dormant", now)
+                    return tx.device_peek_count(room_id)
 
                 remaining = await self.store.write(drop)
                 sub = self.subscriptions.get(room_id)
@@ -819,9 +809,8 @@ class PeekService:
         found = await self._first_view(sub, validated)
         now = self.clock_ms()
 
-        def write(conn: Any) -> None:
-            db.store_snapshot(
-                conn,
+        def write(tx: WriteTransaction) -> None:
+            tx.store_snapshot(
                 sub.room_id,
                 events=validated.events,
                 redacted=validated.redacted,
@@ -832,7 +821,7 @@ class PeekService:
                 history=None if found is None else found[0],
                 history_complete=found is not None and found[1],
             )
-            db.save_subscription(conn, sub)
+            tx.save_subscription(sub)
 
         await self.store.write(write)
         self.subscriptions[sub.room_id] = sub
@@ -849,7 +838,7 @@ class PeekService:
         latest = validated.latest_event_id
         if sub.server is None or sub.room_version is None:
             return None
-        if await self.store.read(lambda c: db.held_event_ids(c, sub.room_id, [latest])):
+        if await self.store.read(lambda tx: tx.held_event_ids(sub.room_id, [latest])):
             return None
         fetched: list[history.Backfilled] | None = None
         # One deadline for the whole fetch, its signers' keys included: the room's lock is
@@ -873,7 +862,7 @@ class PeekService:
             log.info("no history before the latest event of %s (timed out): a gap", sub.room_id)
             return [], False
         ids = [e.event_id for e in fetched]
-        held = await self.store.read(lambda c: db.held_event_ids(c, sub.room_id, ids))
+        held = await self.store.read(lambda tx: tx.held_event_ids(sub.room_id, ids))
         new, complete = history.new_history(fetched, anchors=[latest], held=held)
         return [(e.event_id, e.pdu, e.redacted) for e in reversed(new)], complete
 
@@ -952,7 +941,7 @@ class PeekService:
         event (``get_missing_events`` from ``server``); none when we hold that event."""
         latest = validated.latest_event_id
         prevs = event_refs(validated.events[latest].get("prev_events"))
-        known = await self.store.read(partial(db.known_event_ids, event_ids=[latest, *prevs]))
+        known = await self.store.read(lambda tx: tx.known_event_ids(event_ids=[latest, *prevs]))
         if latest in known or all(p in known for p in prevs):
             return []
         fill = await self._fetch_missing(
@@ -979,22 +968,20 @@ class PeekService:
         now = self.clock_ms()
         room_id, latest = sub.room_id, validated.latest_event_id
 
-        def write(conn: Any) -> tuple[bool, bool]:
-            db.save_subscription(conn, sub)
-            if db.known_event_ids(conn, [latest]):
-                newest = db.newest_event_ids(conn, room_id, 1) == [latest]
-                if newest and db.current_state_ids(conn, room_id) != validated.state:
-                    db.replace_state(conn, room_id, validated.state)
+        def write(tx: WriteTransaction) -> tuple[bool, bool]:
+            tx.save_subscription(sub)
+            if tx.known_event_ids([latest]):
+                newest = tx.newest_event_ids(room_id, 1) == [latest]
+                if newest and tx.current_state_ids(room_id) != validated.state:
+                    tx.replace_state(room_id, validated.state)
                     return True, False
                 return False, False
-            _, gap = db.append_in_dag_order(
-                conn,
+            _, gap = tx.append_in_dag_order(
                 room_id,
                 [*fill, (latest, validated.events[latest], latest in validated.redacted)],
                 now_ms=now,
             )
-            db.store_snapshot(
-                conn,
+            tx.store_snapshot(
                 room_id,
                 events=validated.events,
                 redacted=validated.redacted,
@@ -1032,7 +1019,7 @@ class PeekService:
 
     async def _end_device_peeks(self, room_id: str) -> None:
         now = self.clock_ms()
-        ended = await self.store.write(lambda c: db.end_room_peeks(c, room_id, now))
+        ended = await self.store.write(lambda tx: tx.end_room_peeks(room_id, now))
         if ended:
             log.info("ended %d device peeks of %s", ended, room_id)
         self.on_room_change(room_id)
@@ -1067,7 +1054,7 @@ class PeekService:
         lock = self._txn_locks.setdefault(key, trio.Lock())
         try:
             async with lock:
-                stored = await self.store.read(lambda c: db.txn_response(c, origin, txn_id))
+                stored = await self.store.read(lambda tx: tx.txn_response(origin, txn_id))
                 if stored is not None:
                     return stored
                 return await self._ingest_locked(origin, txn_id, pdus, edus)
@@ -1118,22 +1105,20 @@ class PeekService:
         response = {"pdus": results}
         now = self.clock_ms()
 
-        def write(conn: Any) -> tuple[set[str], list[tuple[str, str, int]]]:
+        def write(tx: WriteTransaction) -> tuple[set[str], list[tuple[str, str, int]]]:
             edu_rooms: set[str] = set()
             typing: list[tuple[str, str, int]] = []
             for room_id, edu_type, user_id, content, relayed in ephemeral:
                 # A relayed EDU counts only for a user joined to the room, as the state
                 # stands after this transaction's PDUs.
-                if relayed and db.membership(conn, room_id, user_id) != "join":
+                if relayed and tx.membership(room_id, user_id) != "join":
                     log.debug("ignored %s of %s relayed by %s", edu_type, user_id, origin)
                     continue
-                for _, position, is_typing in db.save_ephemeral(
-                    conn, room_id, edu_type, content, now
-                ):
+                for _, position, is_typing in tx.save_ephemeral(room_id, edu_type, content, now):
                     edu_rooms.add(room_id)
                     if is_typing:
                         typing.append((room_id, user_id, position))
-            db.save_txn(conn, origin, txn_id, response, now)
+            tx.save_txn(origin, txn_id, response, now)
             return edu_rooms, typing
 
         edu_rooms, typing = await self.store.write(write)
@@ -1215,9 +1200,9 @@ class PeekService:
             if due:
 
                 def expire(
-                    conn: Any, due: list[tuple[int, str, str, int]] = due, now: int = now
+                    tx: WriteTransaction, due: list[tuple[int, str, str, int]] = due, now: int = now
                 ) -> set[str]:
-                    return {r for _, r, u, p in due if db.stop_typing(conn, r, u, p, now)}
+                    return {r for _, r, u, p in due if tx.stop_typing(r, u, p, now)}
 
                 for room_id in await self.store.write(expire):
                     self.on_room_change(room_id)
@@ -1245,7 +1230,7 @@ class PeekService:
         rules = room_version(sub.room_version)
         await self._fetch_signer_keys(room_pdus, sub.room_version)
         refs = [ref for p in room_pdus for ref in event_refs(p.get("prev_events"))]
-        known = await self.store.read(partial(db.known_event_ids, event_ids=refs))
+        known = await self.store.read(lambda tx: tx.known_event_ids(event_ids=refs))
         batch: list[tuple[str, dict[str, Any], bool]] = []
         for pdu in room_pdus:
             verdict = check_pdu(pdu, rules, self.keyring.lookup)
@@ -1271,7 +1256,7 @@ class PeekService:
             fetched = await self._fetch_missing(origin, room_id, lacking, rules, known=known)
         now = self.clock_ms()
         await self.store.write(
-            lambda conn: db.append_in_dag_order(conn, room_id, [*fetched, *batch], now_ms=now)
+            lambda tx: tx.append_in_dag_order(room_id, [*fetched, *batch], now_ms=now)
         )
         return bool(batch or fetched)
 
@@ -1290,7 +1275,7 @@ class PeekService:
         :data:`MISSING_EVENTS_MAX` events within :data:`MISSING_EVENTS_TIMEOUT_S` seconds.
         Returns (event ID, PDU, redacted) of the verified ones, unordered; a failure
         returns what was found so far."""
-        earliest = await self.store.read(lambda c: db.newest_event_ids(c, room_id, 10))
+        earliest = await self.store.read(lambda tx: tx.newest_event_ids(room_id, 10))
         known = set(known)
         found: dict[str, tuple[str, dict[str, Any], bool]] = {}
         frontier = list(latest)
@@ -1339,7 +1324,11 @@ class PeekService:
                 # Go on from the events found whose parents are still neither held nor found.
                 refs = {p for e in new for p in event_refs(found[e][1].get("prev_events"))}
                 refs -= found.keys() | known
-                known |= await self.store.read(partial(db.known_event_ids, event_ids=refs))
+                known |= await self.store.read(
+                    lambda tx: tx.known_event_ids(
+                        event_ids=refs,  # noqa: B023
+                    )
+                )
                 frontier = [
                     e
                     for e in new
