@@ -22,7 +22,6 @@ import math
 import os
 import re
 import resource
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -366,16 +365,14 @@ async def memory(rooms: int, peeks: int, directory: Path) -> None:
     from peekproxy.federation.discovery import DnspythonLookup
     from peekproxy.federation.keyring import Keyring
     from peekproxy.services import PeekSettings, build_services
-    from peekproxy.store import Store
-    from peekproxy.store import rooms as db
+    from peekproxy.store import WriteTransaction, open_sqlite
 
-    store = await Store.open(directory / "memory.db", "localhost:1")
+    store = await open_sqlite(directory / "memory.db", "localhost:1")
     now = int(time.time() * 1000)
 
-    def fill(conn: sqlite3.Connection) -> None:
+    def fill(tx: WriteTransaction) -> None:
         for r in range(rooms):
-            db.save_subscription(
-                conn,
+            tx.save_subscription(
                 Subscription(
                     room_id=f"!room{r}:remote.test",
                     state=SubState.ACTIVE,
@@ -389,8 +386,7 @@ async def memory(rooms: int, peeks: int, directory: Path) -> None:
                 ),
             )
         for p in range(peeks):
-            db.set_device_peek(
-                conn,
+            tx.set_device_peek(
                 f"@user{p // 10}:local.test",
                 f"D{p % 10}",
                 f"!room{p % rooms}:remote.test",

@@ -31,7 +31,7 @@ from peekproxy.federation.signing_key import key_id, load_signing_key
 from peekproxy.sdnotify import sd_notify
 from peekproxy.services import PeekSettings, build_services
 from peekproxy.serving import ServingError, hypercorn_config, open_listeners, watch_signals
-from peekproxy.store import Store
+from peekproxy.store import open_sqlite
 
 __all__ = ["Listening", "run_daemon"]
 
@@ -81,7 +81,7 @@ async def run_daemon(
         raise ServingError(f"delegation.shared_secret_file: {e}") from None
     # The database is bound to the server name only once the daemon has started (below):
     # a start that fails must not leave a database that a corrected config is refused by.
-    store = await Store.open(config.sqlite_path, server.server_name, record_server_name=False)
+    store = await open_sqlite(config.sqlite_path, server.server_name, record_server_name=False)
     federation = FederationClient.from_config(
         config.federation, server_name=server.server_name, signing_key=signing_key
     )

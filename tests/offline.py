@@ -12,7 +12,7 @@ from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_co
 from peekproxy.federation.discovery import DnspythonLookup
 from peekproxy.federation.keyring import Keyring
 from peekproxy.services import PeekSettings, Services, build_services
-from peekproxy.store import Store
+from peekproxy.store import Storage
 
 #: Small caps, no linger, a one-minute idle timeout.
 OFFLINE_SETTINGS = PeekSettings(
@@ -36,7 +36,7 @@ def offline_client() -> FederationClient:
 
 
 def offline_service(
-    store: Store,
+    store: Storage,
     *,
     settings: PeekSettings = OFFLINE_SETTINGS,
     clock_ms: Callable[[], int] = lambda: int(trio.current_time() * 1000),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,8 @@ import trio.testing
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.services import PeekSettings, Services, build_services
 from peekproxy.services.ingest import TYPING_TIMEOUT_MS
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
-from peekproxy.store.migrations import apply_migrations, available_migrations
+from peekproxy.store import Storage, open_sqlite
+from peekproxy.store.sqlite.migrations import apply_migrations, available_migrations
 from tests.offline import offline_client
 
 ROOM = "!room:remote.test"
@@ -59,7 +57,7 @@ def member(user_id: str, membership: str) -> dict[str, Any]:
 
 
 class World:
-    def __init__(self, store: Store, service: Services) -> None:
+    def __init__(self, store: Storage, service: Services) -> None:
         self.store, self.service = store, service
         self.token: str | None = None
         self.txn = 0
@@ -84,23 +82,21 @@ class World:
 async def start(
     nursery: trio.Nursery, tmp_path: Path, clock_ms: Callable[[], int] = lambda: 5_000
 ) -> World:
-    store = await Store.open(tmp_path / "p.db", "local.test")
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
     for event_id, (user, membership) in enumerate(
         [(BOB, "join"), (DAVE, "join"), (IVAN, "invite")]
     ):
         await store.write(
-            partial(
-                db.append_event,
+            lambda tx: tx.append_event(
                 room_id=ROOM,
-                event_id=f"$member{event_id}",
-                pdu=member(user, membership),
+                event_id=f"$member{event_id}",  # noqa: B023
+                pdu=member(user, membership),  # noqa: B023
                 redacted=False,
                 now_ms=0,
             )
         )
     await store.write(
-        partial(
-            db.set_device_peek,
+        lambda tx: tx.set_device_peek(
             user_id=ALICE[0],
             device_id=ALICE[1],
             room_id=ROOM,
@@ -161,8 +157,7 @@ async def test_which_edus_are_kept(nursery: trio.Nursery, tmp_path: Path) -> Non
     assert await world.sync() is None
     # Membership as it stands when the EDU is stored: Dave leaves, then types.
     await world.store.write(
-        partial(
-            db.append_event,
+        lambda tx: tx.append_event(
             room_id=ROOM,
             event_id="$dave-leaves",
             pdu=member(DAVE, "leave"),
@@ -207,7 +202,7 @@ async def test_typing_times_out(
     assert await world.sync() == {"m.typing": {"user_ids": []}}
     mock_clock.jump(61)
     await trio.testing.wait_all_tasks_blocked()
-    assert await world.store.read(db.typing_now) == []
+    assert await world.store.read(lambda tx: tx.typing_now()) == []
     assert await world.sync() is None
 
 
@@ -215,7 +210,7 @@ async def test_typing_does_not_survive_a_restart(nursery: trio.Nursery, tmp_path
     world = await start(nursery, tmp_path)
     await world.send(TARGET, typing(BOB), receipt(BOB))
     assert await world.sync() is not None
-    assert [u for _, u, _ in await world.store.read(db.typing_now)] == [BOB]
+    assert [u for _, u, _ in await world.store.read(lambda tx: tx.typing_now())] == [BOB]
     # A new service on the same database (its timers are gone with the old one).
     restarted = build_services(
         store=world.store,
@@ -225,7 +220,7 @@ async def test_typing_does_not_survive_a_restart(nursery: trio.Nursery, tmp_path
         clock_ms=lambda: 5_000,
     )
     await nursery.start(restarted.run)
-    assert await world.store.read(db.typing_now) == []
+    assert await world.store.read(lambda tx: tx.typing_now()) == []
     world.service = restarted
     assert await world.sync() == {"m.typing": {"user_ids": []}}
 

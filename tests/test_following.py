@@ -22,8 +22,7 @@ from peekproxy.services.following import (
     Renewed,
     RoomFollower,
 )
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import open_sqlite
 from tests.offline import OFFLINE_SETTINGS, offline_client
 
 ROOM = "!r:remote.test"
@@ -92,7 +91,7 @@ class Joined:
 
 
 async def _services(tmp_path: Path, follower: RoomFollower) -> Services:
-    store = await Store.open(tmp_path / "p.db", "local.test")
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
     client = offline_client()
     return build_services(
         store=store,
@@ -138,7 +137,7 @@ async def test_a_follower_that_fails_fails_the_peek(tmp_path: Path) -> None:
         assert caught.value.status == 403
         sub = services.subscriptions.get(ROOM)
         assert sub is not None and sub.state is SubState.ENDED
-        state = await services.store.read(lambda c: db.device_peek_state(c, *ALICE, ROOM))
+        state = await services.store.read(lambda tx: tx.device_peek_state(*ALICE, ROOM))
         assert state is None
         nursery.cancel_scope.cancel()
     await services.client.aclose()

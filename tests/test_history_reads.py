@@ -11,16 +11,16 @@ import pytest
 from starlette.requests import Request
 
 from peekproxy.api.errors import exception_handlers
+from peekproxy.core import paging
 from peekproxy.federation.keyring import Keyring
-from peekproxy.peeks import reading
 from peekproxy.services.errors import PeekError
 from peekproxy.services.reads import HistoryReads
-from peekproxy.store import Store
+from peekproxy.store import Storage
 from tests.offline import offline_client
 from tests.test_history import ROOM, store_with_gap
 
 
-def reads_over(store: Store, asked: list[str]) -> HistoryReads:
+def reads_over(store: Storage, asked: list[str]) -> HistoryReads:
     """Reads over ``store`` for a room followed through no server (``asked``: the rooms
     whose server was looked up)."""
 
@@ -53,7 +53,7 @@ async def test_read_errors_are_peek_errors(tmp_path: Path) -> None:
     reads = reads_over(store, [])
     with pytest.raises(PeekError) as ahead:
         await reads.messages(
-            ROOM, from_point=reading.Point(999), to_point=None, direction="b", limit=1
+            ROOM, from_point=paging.Point(999), to_point=None, direction="b", limit=1
         )
     assert (ahead.value.status, ahead.value.errcode) == (400, "M_INVALID_PARAM")
     assert ahead.value.error == "from token 'pp1_999' is from the future"

@@ -5,7 +5,6 @@ syncing, and a device first seen later, are each judged by their own last sync."
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,7 @@ import trio.testing
 
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.services import Services
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import Storage, open_sqlite
 from tests.offline import offline_service
 
 ROOM = "!room:remote.test"
@@ -24,13 +22,12 @@ BOB = ("@bob:local.test", "LAPTOP")
 CAROL = ("@carol:local.test", "TABLET")
 
 
-async def activate(store: Store, *devices: tuple[str, str]) -> None:
+async def activate(store: Storage, *devices: tuple[str, str]) -> None:
     for user_id, device_id in devices:
         await store.write(
-            partial(
-                db.set_device_peek,
-                user_id=user_id,
-                device_id=device_id,
+            lambda tx: tx.set_device_peek(
+                user_id=user_id,  # noqa: B023
+                device_id=device_id,  # noqa: B023
                 room_id=ROOM,
                 state="active",
                 now_ms=0,
@@ -65,17 +62,17 @@ class DropLog:
 async def test_only_devices_that_stop_syncing_go_dormant(
     tmp_path: Path, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = await Store.open(tmp_path / "p.db", "local.test")
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
     # A subscription with nothing to do: this test is about the device side only.
     dormant = Subscription(room_id=ROOM, state=SubState.DORMANT, candidates=("remote.test",))
-    await store.write(lambda c: db.save_subscription(c, dormant))
+    await store.write(lambda tx: tx.save_subscription(dormant))
     await activate(store, ALICE, BOB, CAROL)
     service = offline_service(store)
     drops = DropLog(service)
     monkeypatch.setattr(service.syncing, "_make_dormant", drops.make_dormant)
 
     async def state(device: tuple[str, str]) -> str | None:
-        return await store.read(lambda c: db.device_peek_state(c, *device, ROOM))
+        return await store.read(lambda tx: tx.device_peek_state(*device, ROOM))
 
     async def advance(seconds: float) -> None:
         mock_clock.jump(seconds)

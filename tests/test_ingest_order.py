@@ -17,11 +17,12 @@ import trio
 import trustme
 from signedjson.key import generate_signing_key
 
+from peekproxy.core.dag import dag_order
 from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
 from peekproxy.federation.discovery import DnspythonLookup
 from peekproxy.federation.signing_key import server_key_document
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import SqliteStorage, WriteTransaction, open_sqlite
+from peekproxy.store.sqlite import SqliteTransaction
 from tests.conftest import Spawn
 from tests.peek_world import PEEKPROXY, SECRET, TESTBED, PeekWorld, build_world
 
@@ -38,13 +39,13 @@ def _pdu(event_id: str, depth: int, prevs: list[str], body: str) -> dict[str, An
     }
 
 
-async def _bodies(store: Store) -> list[str | None]:
-    def read(conn: Any) -> list[str | None]:
+async def _bodies(store: SqliteStorage) -> list[str | None]:
+    def read(tx: SqliteTransaction) -> list[str | None]:
         out: list[str | None] = []
-        for kind, event_id in conn.execute(
+        for kind, event_id in tx.connection.execute(
             "SELECT kind, event_id FROM room_stream WHERE room_id = '!r:x' ORDER BY stream_pos"
         ):
-            pdu = db.event_pdu(conn, event_id) if event_id else None
+            pdu = tx.event_pdu(event_id) if event_id else None
             out.append(pdu["content"]["body"] if pdu else kind)
         return out
 
@@ -56,12 +57,12 @@ async def test_dag_order_puts_each_event_after_its_prev_events(tmp_path: Path) -
     e1, e2, e3 = _pdu("$1", 1, [], "1"), _pdu("$2", 2, ["$1"], "2"), _pdu("$3", 3, ["$2"], "3")
     fork = _pdu("$f", 2, ["$1"], "f")
     given = [("$3", e3, False), ("$f", fork, False), ("$2", e2, False), ("$1", e1, False)]
-    assert [e for e, _, _ in db.dag_order(given)] == ["$1", "$f", "$2", "$3"]
+    assert [e for e, _, _ in dag_order(given)] == ["$1", "$f", "$2", "$3"]
 
-    store = await Store.open(tmp_path / "p.db", "a.example")
+    store = await open_sqlite(tmp_path / "p.db", "a.example")
     try:
         appended, gap = await store.write(
-            lambda c: db.append_in_dag_order(c, "!r:x", given, now_ms=1)
+            lambda tx: tx.append_in_dag_order("!r:x", given, now_ms=1)
         )
         assert appended == ["$1", "$f", "$2", "$3"] and not gap
         assert await _bodies(store) == ["1", "f", "2", "3"]
@@ -70,30 +71,29 @@ async def test_dag_order_puts_each_event_after_its_prev_events(tmp_path: Path) -
 
 
 async def test_late_events_behind_a_gap_are_stored_but_not_appended(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "p.db", "a.example")
+    store = await open_sqlite(tmp_path / "p.db", "a.example")
     pdus = {i: _pdu(f"${i}", i, [f"${i - 1}"] if i > 1 else [], str(i)) for i in range(1, 7)}
 
-    def append(conn: Any, *numbers: int) -> list[int | None]:
+    def append(tx: WriteTransaction, *numbers: int) -> list[int | None]:
         return [
-            db.append_event(conn, "!r:x", f"${i}", pdus[i], redacted=False, now_ms=1)
-            for i in numbers
+            tx.append_event("!r:x", f"${i}", pdus[i], redacted=False, now_ms=1) for i in numbers
         ]
 
     try:
-        await store.write(lambda c: append(c, 1, 2))
+        await store.write(lambda tx: append(tx, 1, 2))
         # $5 arrives; $3 and $4 could not be fetched: a gap before it.
-        await store.write(lambda c: (db.add_gap(c, "!r:x", 1), append(c, 5)))
+        await store.write(lambda tx: (tx.add_gap("!r:x", 1), append(tx, 5)))
         # Then the delayed deliveries of $3 and $4 (and $5 again), and a new $6.
-        late = await store.write(lambda c: append(c, 3, 4, 5, 6))
+        late = await store.write(lambda tx: append(tx, 3, 4, 5, 6))
         assert late[:3] == [None, None, None] and late[3] is not None
         assert await _bodies(store) == ["1", "2", "gap", "5", "6"]
-        stored = await store.read(lambda c: db.known_event_ids(c, ["$3", "$4"]))
+        stored = await store.read(lambda tx: tx.known_event_ids(["$3", "$4"]))
         assert stored == {"$3", "$4"}  # kept (never fetched again), but behind the gap
         # The same through append_in_dag_order: the gap is marked where parents are unknown.
         y5, y6 = _pdu("$y5", 5, ["$y4"], "y5"), _pdu("$y6", 6, ["$y5"], "y6")
         items = [("$y6", y6, False), ("$y5", y5, False)]
         appended, gap = await store.write(
-            lambda c: db.append_in_dag_order(c, "!r:y", items, now_ms=1)
+            lambda tx: tx.append_in_dag_order("!r:y", items, now_ms=1)
         )
         assert appended == ["$y5", "$y6"] and gap
     finally:

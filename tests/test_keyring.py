@@ -27,7 +27,7 @@ from peekproxy.federation.keyring import (
 )
 from peekproxy.federation.signing_key import server_key_document
 from peekproxy.services import PeekSettings, build_services
-from peekproxy.store import Store
+from peekproxy.store import open_sqlite
 from peekproxy.testbed.rooms import TestbedRoom
 from tests.support import JsonApp, serve_app
 
@@ -128,7 +128,7 @@ async def test_fetch_cache_persist_and_reload(
     nursery: trio.Nursery, tls_files: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     remote = await _key_server(nursery, tls_files)
-    store = await Store.open(tmp_path / "p.db", "me.test")
+    store = await open_sqlite(tmp_path / "p.db", "me.test")
     keyring = Keyring(_client(tls_files[2]), store)
     await keyring.fetch_keys(remote.name, ["ed25519:k1"])
     info = keyring.lookup(remote.name, "ed25519:k1")
@@ -265,7 +265,7 @@ async def _ingest_later_event(
     ``origin_server_ts`` and the /send answer for it."""
     now = int(time.time() * 1000)
     later_ts = now + 10 * MINUTE_MS
-    store = await Store.open(tmp_path / "p.db", "me.test")
+    store = await open_sqlite(tmp_path / "p.db", "me.test")
     client = _client(ca, server_name="me.test")
     keyring = Keyring(client, store, notaries or [])
     service = build_services(

@@ -8,8 +8,6 @@ equals the sync built from the store snapshot.
 from __future__ import annotations
 
 import random
-import sqlite3
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +16,7 @@ import trio
 
 from peekproxy.core.live import LiveWindow, StreamChange
 from peekproxy.core.sync import DevicePeek, build_sync
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import ReadTransaction, Storage, WriteTransaction, open_sqlite
 
 ROOM = "!room:remote.test"
 OTHER = "!other:remote.test"
@@ -181,33 +178,35 @@ def test_every_user_typing_is_shown() -> None:
 
 
 async def test_commit_hook_sees_every_write_in_commit_order(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "p.db", "local.test")
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
     applied: list[int] = []
-    store.set_commit_hook(db.max_stream_pos, applied.append)
+    store.set_commit_hook(lambda tx: tx.max_stream_pos(), applied.append)
 
     async def add(i: int) -> None:
-        await store.write(lambda c: db.add_gap(c, f"!r{i}:remote.test", 0))
+        await store.write(lambda tx: tx.add_gap(f"!r{i}:remote.test", 0))
 
     async with trio.open_nursery() as nursery:
         for i in range(40):
             nursery.start_soon(add, i)
     assert applied == list(range(1, 41))
 
-    def fail(conn: sqlite3.Connection) -> None:
-        db.add_gap(conn, ROOM, 0)
+    def fail(tx: WriteTransaction) -> None:
+        tx.add_gap(ROOM, 0)
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
         await store.write(fail)
     assert applied == list(range(1, 41))  # a rolled-back write is not handed on
 
-    def bad_read(conn: sqlite3.Connection) -> int:
+    def bad_read(tx: ReadTransaction) -> int:
         raise RuntimeError("hook")
 
     store.set_commit_hook(bad_read, applied.append)
     with pytest.raises(RuntimeError, match="hook"):
-        await store.write(lambda c: db.add_gap(c, ROOM, 0))
-    assert await store.read(db.max_stream_pos) == 40  # the hook's failure rolled it back
+        await store.write(lambda tx: tx.add_gap(ROOM, 0))
+    assert (
+        await store.read(lambda tx: tx.max_stream_pos()) == 40
+    )  # the hook's failure rolled it back
     await store.aclose()
 
 
@@ -233,11 +232,10 @@ def _pdu(rng: random.Random, room_id: str, n: int) -> dict[str, Any]:
     }
 
 
-async def set_peek(store: Store, device: tuple[str, str], room_id: str, state: str) -> None:
+async def set_peek(store: Storage, device: tuple[str, str], room_id: str, state: str) -> None:
     user_id, device_id = device
     await store.write(
-        partial(
-            db.set_device_peek,
+        lambda tx: tx.set_device_peek(
             user_id=user_id,
             device_id=device_id,
             room_id=room_id,
@@ -248,12 +246,11 @@ async def set_peek(store: Store, device: tuple[str, str], room_id: str, state: s
 
 
 async def snapshot_of(
-    store: Store, device: tuple[str, str], since: int | None, limit: int
+    store: Storage, device: tuple[str, str], since: int | None, limit: int
 ) -> dict[str, Any]:
     user_id, device_id = device
     snapshot: dict[str, Any] = await store.read(
-        partial(
-            db.sync_snapshot,
+        lambda tx: tx.sync_snapshot(
             user_id=user_id,
             device_id=device_id,
             since=since,
@@ -271,7 +268,7 @@ def _built(since: int, upto: int, peeks: Any, views: Any, limit: int) -> dict[st
 
 
 async def window_matches_store(
-    store: Store, window: LiveWindow, device: tuple[str, str], since: int, limit: int
+    store: Storage, window: LiveWindow, device: tuple[str, str], since: int, limit: int
 ) -> bool:
     """If the window answers ``device``'s sync from ``since``, assert the answer is the one
     the store snapshot gives; returns whether it answered."""
@@ -290,21 +287,21 @@ async def window_matches_store(
 @pytest.mark.parametrize("seed", range(6))
 async def test_memory_answers_equal_store_answers(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
-    store = await Store.open(tmp_path / "p.db", "local.test")
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
     window = LiveWindow(capacity=rng.choice([8, 30, 1000]))
     store.set_commit_hook(
-        lambda conn: db.stream_changes(conn, window.watermark),
+        lambda tx: tx.stream_changes(window.watermark),
         lambda result: (
             window.start(result[1]) if window.watermark is None else window.apply(*result)
         ),
     )
-    await store.write(lambda conn: None)
+    await store.write(lambda tx: None)
     rooms = [ROOM, OTHER, "!third:remote.test"]
     devices = [ALICE, BOB, ("@carol:local.test", "TABLET")]
     for device in devices:
         for room_id in rng.sample(rooms, 2):
             await set_peek(store, device, room_id, "active")
-    tokens: list[int] = [await store.read(db.max_stream_pos)]
+    tokens: list[int] = [await store.read(lambda tx: tx.max_stream_pos())]
     from_memory = 0
     for n in range(80):
         room_id = rng.choice(rooms)
@@ -320,19 +317,18 @@ async def test_memory_answers_equal_store_answers(tmp_path: Path, seed: int) -> 
             gap, complete = rng.random() < 0.5, rng.random() < 0.5
 
             def write_snapshot(
-                conn: sqlite3.Connection,
+                tx: WriteTransaction,
                 room_id: str = room_id,
                 history: list[tuple[str, dict[str, Any], bool]] = history,
                 latest: tuple[str, dict[str, Any]] = latest,
                 gap: bool = gap,
                 complete: bool = complete,
             ) -> None:
-                db.store_snapshot(
-                    conn,
+                tx.store_snapshot(
                     room_id,
                     events=dict([latest]),
                     redacted=[],
-                    state=db.current_state_ids(conn, room_id),
+                    state=tx.current_state_ids(room_id),
                     latest_event_id=latest[0],
                     gap=gap,
                     now_ms=0,
@@ -345,17 +341,21 @@ async def test_memory_answers_equal_store_answers(tmp_path: Path, seed: int) -> 
             pdu = _pdu(rng, room_id, n)
             redacted = rng.random() < 0.1
             await store.write(
-                partial(
-                    db.append_event,
-                    room_id=room_id,
-                    event_id=f"$event{n}",
-                    pdu=pdu,
-                    redacted=redacted,
+                lambda tx: tx.append_event(
+                    room_id=room_id,  # noqa: B023
+                    event_id=f"$event{n}",  # noqa: B023
+                    pdu=pdu,  # noqa: B023
+                    redacted=redacted,  # noqa: B023
                     now_ms=0,
                 )
             )
         elif roll < 0.7:
-            await store.write(partial(db.add_gap, room_id=room_id, now_ms=0))
+            await store.write(
+                lambda tx: tx.add_gap(
+                    room_id=room_id,  # noqa: B023
+                    now_ms=0,
+                )
+            )
         elif roll < 0.85:
             edu_type = rng.choice(["m.typing", "m.receipt"])
             # Several users, so that typing and receipts of different users overlap.
@@ -370,15 +370,18 @@ async def test_memory_answers_equal_store_answers(tmp_path: Path, seed: int) -> 
                 }
             )
             await store.write(
-                partial(
-                    db.save_ephemeral, room_id=room_id, edu_type=edu_type, content=content, now_ms=0
+                lambda tx: tx.save_ephemeral(
+                    room_id=room_id,  # noqa: B023
+                    edu_type=edu_type,  # noqa: B023
+                    content=content,  # noqa: B023
+                    now_ms=0,
                 )
             )
         else:
             device = rng.choice(devices)
             state = rng.choice(["active", "ended", "dormant"])
             await set_peek(store, device, room_id, state)
-        tokens.append(await store.read(db.max_stream_pos))
+        tokens.append(await store.read(lambda tx: tx.max_stream_pos()))
         for device in devices:
             snapshot = await snapshot_of(store, device, None, 10)
             window.load_device(device, snapshot["peeks"], as_of=snapshot["upto"])

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from peekproxy.core.live import LiveWindow
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import WriteTransaction, open_sqlite
+from peekproxy.store.sqlite import SqliteTransaction
 from tests.test_live_window import (
     ALICE,
     BOB,
@@ -28,28 +28,27 @@ from tests.test_live_window import (
 @pytest.mark.parametrize("seed", range(10))
 async def test_multi_row_writes(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
-    store = await Store.open(tmp_path / "p.db", "local.test")
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
     window = LiveWindow(capacity=rng.choice([5, 12, 1000]))
     store.set_commit_hook(
-        lambda conn: db.stream_changes(conn, window.watermark),
+        lambda tx: tx.stream_changes(window.watermark),
         lambda r: window.start(r[1]) if window.watermark is None else window.apply(*r),
     )
-    await store.write(lambda conn: None)
+    await store.write(lambda tx: None)
     rooms = [ROOM, OTHER]
     devices = [ALICE, BOB]
     for d in devices:
         for r in rooms:
             await store.write(
-                partial(
-                    db.set_device_peek,
-                    user_id=d[0],
-                    device_id=d[1],
-                    room_id=r,
+                lambda tx: tx.set_device_peek(
+                    user_id=d[0],  # noqa: B023
+                    device_id=d[1],  # noqa: B023
+                    room_id=r,  # noqa: B023
                     state="active",
                     now_ms=0,
                 )
             )
-    tokens = [await store.read(db.max_stream_pos)]
+    tokens = [await store.read(lambda tx: tx.max_stream_pos())]
     answered = 0
     n = 0
     for _step in range(60):
@@ -62,7 +61,7 @@ async def test_multi_row_writes(tmp_path: Path, seed: int) -> None:
                 eid = f"$event{rng.randint(0, n)}"  # sometimes a repeat
                 ops.append(
                     partial(
-                        db.append_event,
+                        SqliteTransaction.append_event,
                         room_id=room_id,
                         event_id=eid,
                         pdu=_pdu(rng, room_id, n),
@@ -71,7 +70,7 @@ async def test_multi_row_writes(tmp_path: Path, seed: int) -> None:
                     )
                 )
             elif roll < 0.55:
-                ops.append(partial(db.add_gap, room_id=room_id, now_ms=0))
+                ops.append(partial(SqliteTransaction.add_gap, room_id=room_id, now_ms=0))
             elif roll < 0.85:
                 t = rng.choice(["m.typing", "m.receipt"])
                 c: dict[str, Any] = (
@@ -91,13 +90,19 @@ async def test_multi_row_writes(tmp_path: Path, seed: int) -> None:
                     }
                 )
                 ops.append(
-                    partial(db.save_ephemeral, room_id=room_id, edu_type=t, content=c, now_ms=0)
+                    partial(
+                        SqliteTransaction.save_ephemeral,
+                        room_id=room_id,
+                        edu_type=t,
+                        content=c,
+                        now_ms=0,
+                    )
                 )
             else:
                 d = rng.choice(devices)
                 ops.append(
                     partial(
-                        db.set_device_peek,
+                        SqliteTransaction.set_device_peek,
                         user_id=d[0],
                         device_id=d[1],
                         room_id=room_id,
@@ -106,12 +111,12 @@ async def test_multi_row_writes(tmp_path: Path, seed: int) -> None:
                     )
                 )
 
-        def run(conn: Any, ops: list[Any] = ops) -> None:
+        def run(tx: WriteTransaction, ops: list[Any] = ops) -> None:
             for op in ops:
-                op(conn)
+                op(tx)
 
         await store.write(run)
-        tokens.append(await store.read(db.max_stream_pos))
+        tokens.append(await store.read(lambda tx: tx.max_stream_pos()))
         for d in devices:
             if rng.random() < 0.5:
                 s = await snapshot_of(store, d, None, 10)

@@ -15,8 +15,7 @@ import trustme
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.core.validation import ValidatedPeek
 from peekproxy.services.subscriptions import Subscriptions
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import open_sqlite
 from tests.conftest import Spawn
 from tests.offline import offline_service
 from tests.peek_world import PEEKPROXY, SECRET, TESTBED, build_world
@@ -34,20 +33,18 @@ async def test_renewal_reply_older_than_a_gap_is_not_appended_after_it(tmp_path:
     full renewal reply taken at $3 (latest $3, state at $3) arrives. append_in_dag_order
     withholds $3 (below the history floor), but store_snapshot appends it after $4 anyway
     and replaces the state with the state at $3 (the topic of $4 is lost)."""
-    store = await Store.open(tmp_path / "p.db", "a.example")
+    store = await open_sqlite(tmp_path / "p.db", "a.example")
     try:
         p1 = _state("$1", 1, [], "", "t1")
         p2 = _pdu("$2", 2, ["$1"], "2")
         p3 = _pdu("$3", 3, ["$2"], "3")
         p4 = _state("$4", 4, ["$3"], "", "t4")
         await store.write(
-            lambda c: db.append_in_dag_order(
-                c, "!r:x", [("$1", p1, False), ("$2", p2, False)], now_ms=1
+            lambda tx: tx.append_in_dag_order(
+                "!r:x", [("$1", p1, False), ("$2", p2, False)], now_ms=1
             )
         )
-        await store.write(
-            lambda c: db.append_in_dag_order(c, "!r:x", [("$4", p4, False)], now_ms=1)
-        )
+        await store.write(lambda tx: tx.append_in_dag_order("!r:x", [("$4", p4, False)], now_ms=1))
         assert await _bodies(store) == ["t1", "2", "gap", "t4"]
         sub = Subscription(
             room_id="!r:x", state=SubState.ACTIVE, room_version="10", server="s", peek_id="p"
@@ -65,7 +62,7 @@ async def test_renewal_reply_older_than_a_gap_is_not_appended_after_it(tmp_path:
         fake = SimpleNamespace(store=store, by_room={}, clock_ms=lambda: 5)
         await Subscriptions._store_renewal(fake, sub, validated, [])  # type: ignore[arg-type]
         bodies = await _bodies(store)
-        state = await store.read(lambda c: db.current_state_ids(c, "!r:x"))
+        state = await store.read(lambda tx: tx.current_state_ids("!r:x"))
         assert bodies == ["t1", "2", "gap", "t4"], bodies
         assert state[("m.room.topic", "")] == "$4", state
     finally:
@@ -73,20 +70,18 @@ async def test_renewal_reply_older_than_a_gap_is_not_appended_after_it(tmp_path:
 
 
 async def test_renewal_reply_older_than_a_gap_keeps_state(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "p.db", "a.example")
+    store = await open_sqlite(tmp_path / "p.db", "a.example")
     try:
         p1 = _state("$1", 1, [], "", "t1")
         p2 = _pdu("$2", 2, ["$1"], "2")
         p3 = _pdu("$3", 3, ["$2"], "3")
         p4 = _state("$4", 4, ["$3"], "", "t4")
         await store.write(
-            lambda c: db.append_in_dag_order(
-                c, "!r:x", [("$1", p1, False), ("$2", p2, False)], now_ms=1
+            lambda tx: tx.append_in_dag_order(
+                "!r:x", [("$1", p1, False), ("$2", p2, False)], now_ms=1
             )
         )
-        await store.write(
-            lambda c: db.append_in_dag_order(c, "!r:x", [("$4", p4, False)], now_ms=1)
-        )
+        await store.write(lambda tx: tx.append_in_dag_order("!r:x", [("$4", p4, False)], now_ms=1))
         sub = Subscription(
             room_id="!r:x", state=SubState.ACTIVE, room_version="10", server="s", peek_id="p"
         )
@@ -102,7 +97,7 @@ async def test_renewal_reply_older_than_a_gap_keeps_state(tmp_path: Path) -> Non
         )
         fake = SimpleNamespace(store=store, by_room={}, clock_ms=lambda: 5)
         await Subscriptions._store_renewal(fake, sub, validated, [])  # type: ignore[arg-type]
-        state = await store.read(lambda c: db.current_state_ids(c, "!r:x"))
+        state = await store.read(lambda tx: tx.current_state_ids("!r:x"))
         assert state[("m.room.topic", "")] == "$4", state
     finally:
         await store.aclose()
@@ -113,19 +108,18 @@ async def test_repeek_snapshot_stored_after_newer_pushed_events_keeps_state(tmp_
     whose snapshot (latest $2, state at $2) is written after the target's push of $3 (a
     topic change) was ingested: store_snapshot replaces the state before it sees that $2
     is on the stream already, so the topic of $3 is lost."""
-    store = await Store.open(tmp_path / "p.db", "a.example")
+    store = await open_sqlite(tmp_path / "p.db", "a.example")
     try:
         p1 = _state("$1", 1, [], "", "t1")
         p2 = _pdu("$2", 2, ["$1"], "2")
         p3 = _state("$3", 3, ["$2"], "", "t3")
         await store.write(
-            lambda c: db.append_in_dag_order(
-                c, "!r:x", [("$1", p1, False), ("$2", p2, False), ("$3", p3, False)], now_ms=1
+            lambda tx: tx.append_in_dag_order(
+                "!r:x", [("$1", p1, False), ("$2", p2, False), ("$3", p3, False)], now_ms=1
             )
         )
         await store.write(
-            lambda c: db.store_snapshot(
-                c,
+            lambda tx: tx.store_snapshot(
                 "!r:x",
                 events={"$1": p1, "$2": p2},
                 redacted=(),
@@ -136,7 +130,7 @@ async def test_repeek_snapshot_stored_after_newer_pushed_events_keeps_state(tmp_
                 history=None,
             )
         )
-        state = await store.read(lambda c: db.current_state_ids(c, "!r:x"))
+        state = await store.read(lambda tx: tx.current_state_ids("!r:x"))
         assert state[("m.room.topic", "")] == "$3", state
     finally:
         await store.aclose()
@@ -152,7 +146,7 @@ async def test_unpeek_of_a_dormant_peek_while_its_sync_restores_other_rooms(tmp_
 
     r1, r2 = "!a:remote.test", "!b:remote.test"
     alice = ("@alice:local.test", "PHONE")
-    store = await Store.open(tmp_path / "p.db", "local.test")
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
     for room in (r1, r2):
         sub = Subscription(
             room_id=room,
@@ -161,19 +155,24 @@ async def test_unpeek_of_a_dormant_peek_while_its_sync_restores_other_rooms(tmp_
             room_version="10",
             wanted=False,
         )
-        await store.write(partial(db.save_subscription, sub=sub))
         await store.write(
-            partial(
-                db.set_device_peek,
+            lambda tx: tx.save_subscription(
+                sub=sub,  # noqa: B023
+            )
+        )
+        await store.write(
+            lambda tx: tx.set_device_peek(
                 user_id=alice[0],
                 device_id=alice[1],
-                room_id=room,
+                room_id=room,  # noqa: B023
                 state="dormant",
                 now_ms=0,
             )
         )
     service = offline_service(store)
-    service.subscriptions.by_room = {s.room_id: s for s in await store.read(db.load_subscriptions)}
+    service.subscriptions.by_room = {
+        s.room_id: s for s in await store.read(lambda tx: tx.load_subscriptions())
+    }
     gate = trio.Event()
 
     async def establish(sub: Subscription, *, gap: bool) -> Subscription:
@@ -185,9 +184,9 @@ async def test_unpeek_of_a_dormant_peek_while_its_sync_restores_other_rooms(tmp_
         nursery.start_soon(partial(service.syncing.sync, *alice, since=None, timeout_ms=0))
         await trio.testing.wait_all_tasks_blocked()
         await service.syncing.unpeek(*alice, r2)  # accepted: the peek of r2 was dormant
-        assert await store.read(lambda c: db.device_peek_state(c, *alice, r2)) == "ended"
+        assert await store.read(lambda tx: tx.device_peek_state(*alice, r2)) == "ended"
         gate.set()
-    state = await store.read(lambda c: db.device_peek_state(c, *alice, r2))
+    state = await store.read(lambda tx: tx.device_peek_state(*alice, r2))
     await store.aclose()
     assert state == "ended", state
 
@@ -199,7 +198,7 @@ async def test_a_pdu_with_a_non_string_room_id_does_not_fail_the_transaction(
     or an object, from a buggy or hostile origin) raises TypeError -> HTTP 500 for the whole
     transaction; the origin retries it forever and its other rooms' events queue behind it."""
 
-    store = await Store.open(tmp_path / "p.db", "local.test")
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
     service = offline_service(store)
     try:
         answer = await service.ingest.receive(

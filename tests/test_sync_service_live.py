@@ -3,7 +3,6 @@ and shares stays equal to what the store would answer (regressions from a review
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,8 @@ import trio
 
 from peekproxy.core.sync import build_sync, decode_token
 from peekproxy.services import PeekSettings, Services, build_services
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import Storage, open_sqlite
+from peekproxy.store.sqlite import SqliteTransaction
 
 ROOM = "!room:remote.test"
 OTHER = "!other:remote.test"
@@ -30,8 +29,8 @@ def _pdu(n: int, room_id: str) -> dict[str, Any]:
     }
 
 
-async def _service(tmp_path: Path) -> tuple[Store, Services]:
-    store = await Store.open(tmp_path / "p.db", "local.test")
+async def _service(tmp_path: Path) -> tuple[Storage, Services]:
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
     service = build_services(
         store=store,
         client=None,  # type: ignore[arg-type]  # not used by sync
@@ -43,14 +42,13 @@ async def _service(tmp_path: Path) -> tuple[Store, Services]:
     )
     # What Services.run does first.
     store.set_commit_hook(service.syncing._read_changes, service.syncing._apply_changes)
-    await store.write(lambda conn: None)
+    await store.write(lambda tx: None)
     return store, service
 
 
-async def _set_peek(store: Store, room_id: str, state: str) -> int:
+async def _set_peek(store: Storage, room_id: str, state: str) -> int:
     return await store.write(
-        partial(
-            db.set_device_peek,
+        lambda tx: tx.set_device_peek(
             user_id=ALICE[0],
             device_id=ALICE[1],
             room_id=room_id,
@@ -60,10 +58,9 @@ async def _set_peek(store: Store, room_id: str, state: str) -> int:
     )
 
 
-async def _event(store: Store, n: int, room_id: str) -> None:
+async def _event(store: Storage, n: int, room_id: str) -> None:
     await store.write(
-        partial(
-            db.append_event,
+        lambda tx: tx.append_event(
             room_id=room_id,
             event_id=f"$e{n}",
             pdu=_pdu(n, room_id),
@@ -73,10 +70,9 @@ async def _event(store: Store, n: int, room_id: str) -> None:
     )
 
 
-async def _store_answer(store: Store, since: int) -> dict[str, Any]:
+async def _store_answer(store: Storage, since: int) -> dict[str, Any]:
     snap = await store.read(
-        partial(
-            db.sync_snapshot,
+        lambda tx: tx.sync_snapshot(
             user_id=ALICE[0],
             device_id=ALICE[1],
             since=since,
@@ -108,12 +104,12 @@ async def test_a_peek_change_during_a_store_read_does_not_stick_in_memory(
     # An earlier sync: the service now watches ROOM for Alice.
     await service.syncing.sync(*ALICE, since=None, timeout_ms=0)
 
-    real_device_peeks = db.device_peeks
+    real_device_peeks = SqliteTransaction.device_peeks
     raced = False
 
-    def device_peeks_then_a_write(conn: Any, user_id: str, device_id: str) -> Any:
+    def device_peeks_then_a_write(tx: SqliteTransaction, user_id: str, device_id: str) -> Any:
         nonlocal raced
-        peeks = real_device_peeks(conn, user_id, device_id)
+        peeks = real_device_peeks(tx, user_id, device_id)
         if not raced:
             raced = True
             # Another task's write commits (and its hook is applied) right now.
@@ -123,9 +119,9 @@ async def test_a_peek_change_during_a_store_read_does_not_stick_in_memory(
                 trio.from_thread.run(_set_peek, store, ROOM, "ended")
         return peeks
 
-    monkeypatch.setattr(db, "device_peeks", device_peeks_then_a_write)
+    monkeypatch.setattr(SqliteTransaction, "device_peeks", device_peeks_then_a_write)
     initial = await service.syncing.sync(*ALICE, since=None, timeout_ms=0)  # store path
-    monkeypatch.setattr(db, "device_peeks", real_device_peeks)
+    monkeypatch.setattr(SqliteTransaction, "device_peeks", real_device_peeks)
     since = decode_token(initial["next_batch"])
 
     # New events after the token, in both rooms.
@@ -154,10 +150,12 @@ async def test_a_shared_response_is_not_reused_with_a_stale_age(tmp_path: Path) 
     assert age == 604_000 - 1  # fails: still 3999
 
 
-async def _typing(store: Store, room_id: str, user_id: str, typing: bool) -> None:
+async def _typing(store: Storage, room_id: str, user_id: str, typing: bool) -> None:
     content = {"room_id": room_id, "user_id": user_id, "typing": typing}
     await store.write(
-        partial(db.save_ephemeral, room_id=room_id, edu_type="m.typing", content=content, now_ms=0)
+        lambda tx: tx.save_ephemeral(
+            room_id=room_id, edu_type="m.typing", content=content, now_ms=0
+        )
     )
 
 

@@ -7,7 +7,7 @@ are :class:`peekproxy.api.errors.MatrixError` or a service's
 :func:`peekproxy.api.errors.exception_handlers`.
 
 May import: Starlette, hypercorn, httpx (``upstream_auth``), ``peekproxy.core``,
-``peekproxy.services`` (and, until the peek services are split, ``peekproxy.peeks``), the
-federation shell's keyring and signing key, ``peekproxy.metrics``. Must not reach the store's
-tables itself: reads go through a service.
+``peekproxy.services``, the federation shell's keyring and signing key, ``peekproxy.metrics``,
+and the store's interface (``peekproxy.store.Storage``: ``/ready`` pings it). Must not import
+a store implementation (``peekproxy.store.sqlite``): reads go through a service.
 """

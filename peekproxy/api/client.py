@@ -17,12 +17,12 @@ from starlette.routing import BaseRoute, Route
 
 from peekproxy.api.errors import MatrixError, exception_handlers
 from peekproxy.metrics import RequestMetrics
-from peekproxy.store import Store
+from peekproxy.store import Storage
 
 __all__ = ["client_app"]
 
 
-def client_app(*, store: Store, routes: Sequence[BaseRoute] = ()) -> RequestMetrics:
+def client_app(*, store: Storage, routes: Sequence[BaseRoute] = ()) -> RequestMetrics:
     """Build the client ASGI app over the daemon's store, with more ``routes`` (the
     delegation API)."""
 
@@ -31,7 +31,7 @@ def client_app(*, store: Store, routes: Sequence[BaseRoute] = ()) -> RequestMetr
 
     async def ready(request: Request) -> Response:
         try:
-            await store.read(lambda c: c.execute("SELECT 1").fetchone())
+            await store.ping()
         except Exception as e:
             raise MatrixError(503, "M_UNKNOWN", f"database not ready: {e}") from None
         return JSONResponse({"status": "ready"})

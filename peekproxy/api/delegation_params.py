@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from peekproxy.api.errors import MatrixError
+from peekproxy.core import paging
 from peekproxy.core.identifiers import (
     MAX_IDENTIFIER_BYTES,
     InvalidIdentifier,
@@ -29,7 +30,6 @@ from peekproxy.core.identifiers import (
     UserId,
 )
 from peekproxy.core.sync import InvalidToken
-from peekproxy.peeks import reading
 
 __all__ = [
     "DEFAULT_TIMELINE_LIMIT",
@@ -265,18 +265,18 @@ def room_id_param(value: str) -> str:
 class MessagesParams:
     """The query parameters of ``GET /rooms/{roomId}/messages``."""
 
-    direction: reading.Direction
-    from_point: reading.Point | None
-    to_point: reading.Point | None
+    direction: paging.Direction
+    from_point: paging.Point | None
+    to_point: paging.Point | None
     limit: int
 
 
-def _point_param(params: Mapping[str, str], name: str) -> reading.Point | None:
+def _point_param(params: Mapping[str, str], name: str) -> paging.Point | None:
     value = params.get(name)
     if value is None:
         return None
     try:
-        return reading.parse_point(value)
+        return paging.parse_point(value)
     except InvalidToken:
         raise MatrixError(400, "M_INVALID_PARAM", f"unknown {name} token {value!r}") from None
 
@@ -294,8 +294,8 @@ def messages_params(params: Mapping[str, str]) -> MessagesParams:
         raise MatrixError(400, "M_INVALID_PARAM", "dir must be b or f")
     from_point, to_point = _point_param(params, "from"), _point_param(params, "to")
     try:
-        limit = reading.parse_limit(params.get("limit"))
-    except reading.InvalidLimit as e:
+        limit = paging.parse_limit(params.get("limit"))
+    except paging.InvalidLimit as e:
         raise MatrixError(400, "M_INVALID_PARAM", str(e)) from None
     return MessagesParams(
         direction="b" if direction == "b" else "f",

@@ -3,7 +3,7 @@
 Everything here takes values and returns values or decisions: typed identifiers, room versions,
 canonical JSON, event hashing and redaction, PDU verdicts, X-Matrix headers, the subscription state
 machine, failure classification, validation of peek responses, the `/sync` builder and the live
-window.
+window, history paging (points, tokens, pages) and the DAG order of events.
 
 May import: the standard library, pure libraries (signedjson, pynacl, unpaddedbase64, canonical JSON
 helpers) and other ``peekproxy.core`` modules. Must not import: ``trio``, ``httpx``, ``sqlite3``,

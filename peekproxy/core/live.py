@@ -2,7 +2,7 @@
 answered without reading the database (the fan-out of one event to many long-polls).
 
 Pure: no I/O, no clock. The store hands every committed write's new stream rows to
-:meth:`LiveWindow.apply`, in commit order (see ``Store.set_commit_hook``); the window keeps
+:meth:`LiveWindow.apply`, in commit order (see ``Storage.set_commit_hook``); the window keeps
 the newest ``capacity`` room items (events, gaps, EDUs) and each known device's peeks.
 
 :meth:`LiveWindow.answer` returns what :func:`~peekproxy.core.sync.build_sync` needs for one

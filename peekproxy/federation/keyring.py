@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from unpaddedbase64 import decode_base64
 from peekproxy.core.pdu import VerifyKeyInfo, signer_key_ids, signer_key_validity
 from peekproxy.core.room_versions import RoomVersion
 from peekproxy.federation.client import FederationClient, FederationError
-from peekproxy.store import Store
+from peekproxy.store import ServerKeyRow, Storage
 
 __all__ = ["KEY_VALIDITY_CAP_MS", "KeyFetchError", "Keyring", "StoredKey", "TrustedNotary"]
 
@@ -161,7 +160,7 @@ class Keyring:
     def __init__(
         self,
         client: FederationClient,
-        store: Store | None = None,
+        store: Storage | None = None,
         notaries: Sequence[TrustedNotary] = (),
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
@@ -183,12 +182,7 @@ class Keyring:
         """Load persisted keys; returns how many."""
         if self._store is None:
             return 0
-        rows = await self._store.read(
-            lambda c: c.execute(
-                "SELECT server_name, key_id, key_base64, valid_until_ts, expired_ts, fetched_ts "
-                "FROM server_keys"
-            ).fetchall()
-        )
+        rows = await self._store.read(lambda tx: tx.server_keys())
         for server_name, key_id, key_b64, valid_until, expired, fetched in rows:
             self._keys[(server_name, key_id)] = StoredKey(
                 server_name, key_id, _decode(key_id, key_b64), valid_until, expired, fetched
@@ -229,7 +223,7 @@ class Keyring:
             self._keys[(key.server_name, key.key_id)] = key
             fresh.append(key)
         if fresh and self._store is not None:
-            rows = [
+            rows: list[ServerKeyRow] = [
                 (
                     k.server_name,
                     k.key_id,
@@ -240,15 +234,7 @@ class Keyring:
                 )
                 for k in fresh
             ]
-
-            def save(conn: sqlite3.Connection) -> None:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO server_keys (server_name, key_id, key_base64, "
-                    "valid_until_ts, expired_ts, fetched_ts) VALUES (?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-
-            await self._store.write(save)
+            await self._store.write(lambda tx: tx.save_server_keys(rows))
 
     # -- fetching ----------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from peekproxy.services.reads import HistoryReads
 from peekproxy.services.settings import PeekSettings, now_ms
 from peekproxy.services.subscriptions import Subscriptions
 from peekproxy.services.syncing import Syncing
-from peekproxy.store import Store
+from peekproxy.store import Storage
 
 __all__ = ["PeekError", "PeekSettings", "Services", "build_services"]
 
@@ -49,7 +49,7 @@ class Services:
     """The peek services of one daemon, assembled by :func:`build_services`, and what they
     share (the store, the federation client and keyring, the settings and the clock)."""
 
-    store: Store
+    store: Storage
     client: FederationClient
     keyring: Keyring
     settings: PeekSettings
@@ -77,7 +77,7 @@ class Services:
 
 def build_services(
     *,
-    store: Store,
+    store: Storage,
     client: FederationClient,
     keyring: Keyring,
     settings: PeekSettings,

@@ -1,6 +1,6 @@
 """Room history fetched from the target's ``GET /_matrix/federation/v1/backfill``.
 
-Two users (the design is in :mod:`peekproxy.peeks.reading` and ``docs/peeking.md``):
+Two users (the design is in :mod:`peekproxy.core.paging` and ``docs/peeking.md``):
 
 * a new peek (and a re-peek after an idle drop or a lapse) fetches up to
   :data:`FIRST_VIEW_LIMIT` events before the snapshot's ``latest_event`` and puts them on the
@@ -26,8 +26,7 @@ from peekproxy.core.pdu import check_pdu
 from peekproxy.core.room_versions import RoomVersion, UnknownRoomVersion, room_version
 from peekproxy.federation.client import FederationClient, FederationError, path_segment
 from peekproxy.federation.keyring import Keyring
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import Storage
 
 __all__ = [
     "BACKFILL_TIMEOUT_S",
@@ -180,7 +179,7 @@ def new_history(
 
 
 async def fill_gap(
-    store: Store,
+    store: Storage,
     client: FederationClient,
     keyring: Keyring,
     *,
@@ -211,13 +210,12 @@ async def fill_gap(
         timeout=BACKFILL_TIMEOUT_S,
     )
     ids = [e.event_id for e in fetched]
-    held = await store.read(lambda c: db.held_event_ids(c, room_id, ids))
+    held = await store.read(lambda tx: tx.held_event_ids(room_id, ids))
     new, reached = new_history(fetched, anchors=[anchor], held=held)
     if not new and not reached:
         return False
     await store.write(
-        lambda c: db.add_gap_fill(
-            c,
+        lambda tx: tx.add_gap_fill(
             room_id,
             gap_pos,
             [(e.event_id, e.pdu, e.redacted) for e in new],

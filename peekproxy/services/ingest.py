@@ -16,7 +16,6 @@ from __future__ import annotations
 import heapq
 import logging
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import trio
@@ -33,8 +32,7 @@ from peekproxy.services.missing_events import MissingEvents
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import now_ms
 from peekproxy.services.subscriptions import Subscriptions
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import Storage, WriteTransaction
 
 __all__ = ["MAX_EDUS", "MAX_PDUS", "TYPING_TIMEOUT_MS", "Ingest"]
 
@@ -53,7 +51,7 @@ class Ingest:
     def __init__(
         self,
         *,
-        store: Store,
+        store: Storage,
         client: FederationClient,
         keyring: Keyring,
         missing: MissingEvents,
@@ -81,7 +79,7 @@ class Ingest:
         # Typing does not outlive a restart (its expiry timers are in memory): whoever was
         # typing has stopped; a remote that still types says so again within 40 s.
         await self.store.write(
-            lambda conn: [db.stop_typing(conn, r, u, p, now) for r, u, p in db.typing_now(conn)]
+            lambda tx: [tx.stop_typing(r, u, p, now) for r, u, p in tx.typing_now()]
         )
         task_status.started()
         await self._expire_typing()
@@ -114,7 +112,7 @@ class Ingest:
         lock = self._txn_locks.setdefault(key, trio.Lock())
         try:
             async with lock:
-                stored = await self.store.read(lambda c: db.txn_response(c, origin, txn_id))
+                stored = await self.store.read(lambda tx: tx.txn_response(origin, txn_id))
                 if stored is not None:
                     return stored
                 return await self._ingest_locked(origin, txn_id, pdus, edus)
@@ -173,22 +171,20 @@ class Ingest:
         response = {"pdus": results}
         now = self.clock_ms()
 
-        def write(conn: Any) -> tuple[set[str], list[tuple[str, str, int]]]:
+        def write(tx: WriteTransaction) -> tuple[set[str], list[tuple[str, str, int]]]:
             edu_rooms: set[str] = set()
             typing: list[tuple[str, str, int]] = []
             for room_id, edu_type, user_id, content, relayed in ephemeral:
                 # A relayed EDU counts only for a user joined to the room, as the state
                 # stands after this transaction's PDUs.
-                if relayed and db.membership(conn, room_id, user_id) != "join":
+                if relayed and tx.membership(room_id, user_id) != "join":
                     log.debug("ignored %s of %s relayed by %s", edu_type, user_id, origin)
                     continue
-                for _, position, is_typing in db.save_ephemeral(
-                    conn, room_id, edu_type, content, now
-                ):
+                for _, position, is_typing in tx.save_ephemeral(room_id, edu_type, content, now):
                     edu_rooms.add(room_id)
                     if is_typing:
                         typing.append((room_id, user_id, position))
-            db.save_txn(conn, origin, txn_id, response, now)
+            tx.save_txn(origin, txn_id, response, now)
             return edu_rooms, typing
 
         edu_rooms, typing = await self.store.write(write)
@@ -248,9 +244,9 @@ class Ingest:
             if due:
 
                 def expire(
-                    conn: Any, due: list[tuple[int, str, str, int]] = due, now: int = now
+                    tx: WriteTransaction, due: list[tuple[int, str, str, int]] = due, now: int = now
                 ) -> set[str]:
-                    return {r for _, r, u, p in due if db.stop_typing(conn, r, u, p, now)}
+                    return {r for _, r, u, p in due if tx.stop_typing(r, u, p, now)}
 
                 for room_id in await self.store.write(expire):
                     self.notifier.notify_room(room_id)
@@ -278,7 +274,7 @@ class Ingest:
         rules = room_version(sub.room_version)
         await self.missing.signer_keys(room_pdus, sub.room_version)
         refs = [ref for p in room_pdus for ref in event_refs(p.get("prev_events"))]
-        known = await self.store.read(partial(db.known_event_ids, event_ids=refs))
+        known = await self.store.read(lambda tx: tx.known_event_ids(event_ids=refs))
         batch: list[tuple[str, dict[str, Any], bool]] = []
         for pdu in room_pdus:
             verdict = check_pdu(pdu, rules, self.keyring.lookup)
@@ -304,6 +300,6 @@ class Ingest:
             fetched = await self.missing.fetch(origin, room_id, lacking, rules, known=known)
         now = self.clock_ms()
         await self.store.write(
-            lambda conn: db.append_in_dag_order(conn, room_id, [*fetched, *batch], now_ms=now)
+            lambda tx: tx.append_in_dag_order(room_id, [*fetched, *batch], now_ms=now)
         )
         return bool(batch or fetched)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from functools import partial
 from typing import Any
 
 import trio
@@ -19,8 +18,7 @@ from peekproxy.core.pdu import check_pdu
 from peekproxy.core.room_versions import UnknownRoomVersion, room_version
 from peekproxy.federation.client import FederationClient, FederationError, path_segment
 from peekproxy.federation.keyring import Keyring
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import Storage
 
 __all__ = [
     "MISSING_EVENTS_LIMIT",
@@ -42,7 +40,7 @@ MISSING_EVENTS_TIMEOUT_S = 10.0
 class MissingEvents:
     """Signer keys and missing ancestors of received PDUs, verified like ``/send`` PDUs."""
 
-    def __init__(self, *, store: Store, client: FederationClient, keyring: Keyring) -> None:
+    def __init__(self, *, store: Storage, client: FederationClient, keyring: Keyring) -> None:
         self.store = store
         self.client = client
         self.keyring = keyring
@@ -72,7 +70,7 @@ class MissingEvents:
         :data:`MISSING_EVENTS_MAX` events within :data:`MISSING_EVENTS_TIMEOUT_S` seconds.
         Returns (event ID, PDU, redacted) of the verified ones, unordered; a failure
         returns what was found so far."""
-        earliest = await self.store.read(lambda c: db.newest_event_ids(c, room_id, 10))
+        earliest = await self.store.read(lambda tx: tx.newest_event_ids(room_id, 10))
         known = set(known)
         found: dict[str, tuple[str, dict[str, Any], bool]] = {}
         frontier = list(latest)
@@ -121,7 +119,11 @@ class MissingEvents:
                 # Go on from the events found whose parents are still neither held nor found.
                 refs = {p for e in new for p in event_refs(found[e][1].get("prev_events"))}
                 refs -= found.keys() | known
-                known |= await self.store.read(partial(db.known_event_ids, event_ids=refs))
+                known |= await self.store.read(
+                    lambda tx: tx.known_event_ids(
+                        event_ids=refs,  # noqa: B023
+                    )
+                )
                 frontier = [
                     e
                     for e in new

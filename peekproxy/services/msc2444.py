@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import trio
@@ -52,8 +51,7 @@ from peekproxy.services.following import (
 )
 from peekproxy.services.missing_events import MissingEvents
 from peekproxy.services.settings import now_ms
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import Storage
 
 __all__ = ["PEEK_PUT_TIMEOUT_S", "RATE_LIMIT_WAIT_MAX_MS", "SUPPORTED_VERSIONS", "Msc2444Peeks"]
 
@@ -75,7 +73,7 @@ class Msc2444Peeks:
     def __init__(
         self,
         *,
-        store: Store,
+        store: Storage,
         client: FederationClient,
         keyring: Keyring,
         missing: MissingEvents,
@@ -229,7 +227,7 @@ class Msc2444Peeks:
         before them. ``None`` when the latest event is already held (nothing to add);
         a failed fetch gives ``([], False)`` (a gap)."""
         latest = validated.latest_event_id
-        if await self.store.read(lambda c: db.held_event_ids(c, room_id, [latest])):
+        if await self.store.read(lambda tx: tx.held_event_ids(room_id, [latest])):
             return None
         fetched: list[backfill.Backfilled] | None = None
         # One deadline for the whole fetch, its signers' keys included: the room's lock is
@@ -253,7 +251,7 @@ class Msc2444Peeks:
             log.info("no history before the latest event of %s (timed out): a gap", room_id)
             return [], False
         ids = [e.event_id for e in fetched]
-        held = await self.store.read(lambda c: db.held_event_ids(c, room_id, ids))
+        held = await self.store.read(lambda tx: tx.held_event_ids(room_id, ids))
         new, complete = backfill.new_history(fetched, anchors=[latest], held=held)
         return [(e.event_id, e.pdu, e.redacted) for e in reversed(new)], complete
 
@@ -264,7 +262,7 @@ class Msc2444Peeks:
         event (``get_missing_events`` from ``server``); none when we hold that event."""
         latest = validated.latest_event_id
         prevs = event_refs(validated.events[latest].get("prev_events"))
-        known = await self.store.read(partial(db.known_event_ids, event_ids=[latest, *prevs]))
+        known = await self.store.read(lambda tx: tx.known_event_ids(event_ids=[latest, *prevs]))
         if latest in known or all(p in known for p in prevs):
             return []
         fill = await self.missing.fetch(

@@ -2,7 +2,7 @@
 
 :class:`HistoryReads` answers the delegation API's read endpoints (and the MSC2753 client
 endpoints in front mode) with client events (client-server API §Room Events): it pages
-through a room's stored history (the rules are in :mod:`peekproxy.peeks.reading`), and when
+through a room's stored history (the rules are in :mod:`peekproxy.core.paging`), and when
 a backward page meets a gap it runs one ``/backfill`` round at the server the room is
 followed through (server-server API §Backfilling; every fetched PDU is checked like a
 ``/send`` PDU by :func:`peekproxy.services.backfill.fill_gap`) and reads the page again.
@@ -11,17 +11,16 @@ Failures the client should see are :class:`peekproxy.services.errors.PeekError`.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from peekproxy.core import paging
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
-from peekproxy.peeks import reading
 from peekproxy.services import backfill
 from peekproxy.services.errors import PeekError
-from peekproxy.store import Store
+from peekproxy.store import ReadTransaction, Storage
 
 __all__ = ["HistoryReads", "Messages"]
 
@@ -52,7 +51,7 @@ class HistoryReads:
     def __init__(
         self,
         *,
-        store: Store,
+        store: Storage,
         client: FederationClient,
         keyring: Keyring,
         server_of: Callable[[str], str | None],
@@ -66,17 +65,15 @@ class HistoryReads:
 
     async def is_peeking(self, user_id: str, device_id: str, room_id: str) -> bool:
         """Whether the device has an active peek of the room (MSC2753: reads need one)."""
-        return await self.store.read(
-            lambda c: reading.device_is_peeking(c, user_id, device_id, room_id)
-        )
+        return await self.store.read(lambda tx: tx.device_is_peeking(user_id, device_id, room_id))
 
     async def messages(
         self,
         room_id: str,
         *,
-        from_point: reading.Point | None,
-        to_point: reading.Point | None,
-        direction: reading.Direction,
+        from_point: paging.Point | None,
+        to_point: paging.Point | None,
+        direction: paging.Direction,
         limit: int,
     ) -> Messages:
         """One page of the room's history (client-server API §GET /rooms/{roomId}/messages).
@@ -98,9 +95,8 @@ class HistoryReads:
         """
         server = self.server_of(room_id)
 
-        def read(fill_gaps: bool) -> Callable[[sqlite3.Connection], reading.Page]:
-            return lambda c: reading.read_page(
-                c,
+        def read(fill_gaps: bool) -> Callable[[ReadTransaction], paging.Page]:
+            return lambda tx: tx.read_page(
                 room_id,
                 from_point=from_point,
                 to_point=to_point,
@@ -111,7 +107,7 @@ class HistoryReads:
 
         try:
             page = await self.store.read(read(direction == "b" and server is not None))
-        except reading.TokenAhead:
+        except paging.TokenAhead:
             token = from_point.token() if from_point is not None else None
             raise PeekError(
                 400, "M_INVALID_PARAM", f"from token {token!r} is from the future"
@@ -144,7 +140,7 @@ class HistoryReads:
                 page = await self.store.read(read(False))
         now = self.clock_ms()
         chunk = [
-            reading.shown_event(
+            paging.shown_event(
                 pdu, event_id, redacted=r, room_id=room_id, version=page.room_version, now_ms=now
             )
             for event_id, pdu, r in page.events
@@ -155,11 +151,11 @@ class HistoryReads:
     async def state(self, room_id: str) -> list[dict[str, Any]]:
         """The room's current state as stored, as client events (client-server API
         §GET /rooms/{roomId}/state)."""
-        rows = await self.store.read(lambda c: reading.read_state(c, room_id))
-        version = await self.store.read(lambda c: reading.room_version_of(c, room_id))
+        rows = await self.store.read(lambda tx: tx.read_state(room_id))
+        version = await self.store.read(lambda tx: tx.room_version_of(room_id))
         now = self.clock_ms()
         return [
-            reading.shown_event(
+            paging.shown_event(
                 pdu, event_id, redacted=r, room_id=room_id, version=version, now_ms=now
             )
             for event_id, pdu, r in rows
@@ -172,12 +168,12 @@ class HistoryReads:
         Raises:
             PeekError: 404 ``M_NOT_FOUND`` when the room has no such event stored.
         """
-        found = await self.store.read(lambda c: reading.read_event(c, room_id, event_id))
+        found = await self.store.read(lambda tx: tx.read_event(room_id, event_id))
         if found is None:
             raise PeekError(404, "M_NOT_FOUND", f"event {event_id} not found in {room_id}")
-        version = await self.store.read(lambda c: reading.room_version_of(c, room_id))
+        version = await self.store.read(lambda tx: tx.room_version_of(room_id))
         pdu, redacted = found
-        return reading.shown_event(
+        return paging.shown_event(
             pdu,
             event_id,
             redacted=redacted,

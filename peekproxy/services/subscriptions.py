@@ -22,7 +22,6 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any
 
 import trio
 
@@ -43,8 +42,7 @@ from peekproxy.services.following import (
 )
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import PeekSettings, now_ms
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import Storage, WriteTransaction
 
 __all__ = ["DELETE_BACKOFF_S", "SETUP_WAIT_S", "Subscriptions"]
 
@@ -63,7 +61,7 @@ class Subscriptions:
     def __init__(
         self,
         *,
-        store: Store,
+        store: Storage,
         client: FederationClient,
         follower: RoomFollower,
         notifier: Notifier,
@@ -87,15 +85,17 @@ class Subscriptions:
         """Load subscriptions, resume them (renew at once; a lapse while down becomes a
         gap) and keep them going until cancelled."""
         now = self.clock_ms()
-        loaded = await self.store.read(db.load_subscriptions)
+        loaded = await self.store.read(lambda tx: tx.load_subscriptions())
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             spread = subs.resume_spread_ms(len(loaded))
             resumed = [self._resume(sub, now, spread) for sub in loaded]
 
-            def save_all(conn: Any) -> None:  # one transaction: one fsync, not one per room
+            def save_all(
+                tx: WriteTransaction,
+            ) -> None:  # one transaction: one fsync, not one per room
                 for sub in resumed:
-                    db.save_subscription(conn, sub)
+                    tx.save_subscription(sub)
 
             await self.store.write(save_all)
             for sub in resumed:
@@ -140,7 +140,7 @@ class Subscriptions:
 
     async def _save(self, sub: Subscription) -> None:
         self.by_room[sub.room_id] = sub
-        await self.store.write(lambda conn: db.save_subscription(conn, sub))
+        await self.store.write(lambda tx: tx.save_subscription(sub))
 
     # -- for the other services ------------------------------------------------------------
 
@@ -279,7 +279,7 @@ class Subscriptions:
         retrying (it stays lapsed); otherwise nobody wants the room, and it does not count
         towards ``max_remote_peeks``."""
         sub = self.by_room[room_id]
-        others = await self.store.read(lambda c: db.device_peek_count(c, room_id))
+        others = await self.store.read(lambda tx: tx.device_peek_count(room_id))
         if others and sub.state is SubState.FAILED and sub.room_version is not None:
             # Every candidate just failed: the room's task retries after the back-off.
             sub = subs.repeek_failed(
@@ -344,9 +344,8 @@ class Subscriptions:
         validated, found = followed.snapshot, followed.history
         now = self.clock_ms()
 
-        def write(conn: Any) -> None:
-            db.store_snapshot(
-                conn,
+        def write(tx: WriteTransaction) -> None:
+            tx.store_snapshot(
                 sub.room_id,
                 events=validated.events,
                 redacted=validated.redacted,
@@ -357,7 +356,7 @@ class Subscriptions:
                 history=None if found is None else found[0],
                 history_complete=found is not None and found[1],
             )
-            db.save_subscription(conn, sub)
+            tx.save_subscription(sub)
 
         await self.store.write(write)
         self.by_room[sub.room_id] = sub
@@ -480,22 +479,20 @@ class Subscriptions:
         now = self.clock_ms()
         room_id, latest = sub.room_id, validated.latest_event_id
 
-        def write(conn: Any) -> tuple[bool, bool]:
-            db.save_subscription(conn, sub)
-            if db.known_event_ids(conn, [latest]):
-                newest = db.newest_event_ids(conn, room_id, 1) == [latest]
-                if newest and db.current_state_ids(conn, room_id) != validated.state:
-                    db.replace_state(conn, room_id, validated.state)
+        def write(tx: WriteTransaction) -> tuple[bool, bool]:
+            tx.save_subscription(sub)
+            if tx.known_event_ids([latest]):
+                newest = tx.newest_event_ids(room_id, 1) == [latest]
+                if newest and tx.current_state_ids(room_id) != validated.state:
+                    tx.replace_state(room_id, validated.state)
                     return True, False
                 return False, False
-            _, gap = db.append_in_dag_order(
-                conn,
+            _, gap = tx.append_in_dag_order(
                 room_id,
                 [*fill, (latest, validated.events[latest], latest in validated.redacted)],
                 now_ms=now,
             )
-            db.store_snapshot(
-                conn,
+            tx.store_snapshot(
                 room_id,
                 events=validated.events,
                 redacted=validated.redacted,
@@ -524,7 +521,7 @@ class Subscriptions:
 
     async def _end_device_peeks(self, room_id: str) -> None:
         now = self.clock_ms()
-        ended = await self.store.write(lambda c: db.end_room_peeks(c, room_id, now))
+        ended = await self.store.write(lambda tx: tx.end_room_peeks(room_id, now))
         if ended:
             log.info("ended %d device peeks of %s", ended, room_id)
         self.notifier.notify_room(room_id)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import heapq
 import logging
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import trio
@@ -29,8 +28,7 @@ from peekproxy.services.errors import PeekError
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import PeekSettings, now_ms
 from peekproxy.services.subscriptions import Subscriptions
-from peekproxy.store import Store
-from peekproxy.store import rooms as db
+from peekproxy.store import ReadTransaction, Storage, WriteTransaction
 
 __all__ = ["Syncing"]
 
@@ -43,7 +41,7 @@ class Syncing:
     def __init__(
         self,
         *,
-        store: Store,
+        store: Storage,
         subscriptions: Subscriptions,
         notifier: Notifier,
         settings: PeekSettings,
@@ -74,26 +72,22 @@ class Syncing:
         """Feed the live window from every write's new stream rows (the store's commit
         hook), starting at the newest row. Call once, before anything else writes."""
         self.store.set_commit_hook(self._read_changes, self._apply_changes)
-        await self.store.write(lambda conn: None)  # starts the live window at the newest row
+        await self.store.write(lambda tx: None)  # starts the live window at the newest row
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the idle clock of every device with an active peek, then reap idle devices
         until cancelled."""
         now = self.clock_ms()
-        active = await self.store.read(
-            lambda c: c.execute(
-                "SELECT DISTINCT user_id, device_id FROM device_peeks WHERE state = 'active'"
-            ).fetchall()
-        )
-        for user_id, device_id in active:  # the idle clock restarts with the daemon
-            self._mark_seen((str(user_id), str(device_id)), now)
+        active = await self.store.read(lambda tx: tx.active_devices())
+        for device in active:  # the idle clock restarts with the daemon
+            self._mark_seen(device, now)
         task_status.started()
         await self._reap_idle()
 
-    def _read_changes(self, conn: Any) -> tuple[list[StreamChange], int]:
+    def _read_changes(self, tx: ReadTransaction) -> tuple[list[StreamChange], int]:
         # In the writer thread, inside the write's transaction; the watermark only moves in
         # _apply_changes, which runs before the next write starts.
-        return db.stream_changes(conn, self.live.watermark)
+        return tx.stream_changes(self.live.watermark)
 
     def _apply_changes(self, result: tuple[list[StreamChange], int]) -> None:
         changes, upto = result
@@ -125,12 +119,10 @@ class Syncing:
         self, user_id: str, device_id: str, room_id: str, candidates: tuple[str, ...]
     ) -> str:
         current = await self.store.read(
-            lambda c: db.device_peek_state(c, user_id, device_id, room_id)
+            lambda tx: tx.device_peek_state(user_id, device_id, room_id)
         )
         if current != "active":
-            count = await self.store.read(
-                lambda c: db.device_peeks_of_device(c, user_id, device_id)
-            )
+            count = await self.store.read(lambda tx: tx.device_peeks_of_device(user_id, device_id))
             if count >= self.settings.max_peeks_per_device:
                 raise PeekError(
                     403,
@@ -146,7 +138,7 @@ class Syncing:
                 # changes nothing a client sees (acceptance scenario 9).
                 now = self.clock_ms()
                 await self.store.write(
-                    lambda c: db.set_device_peek(c, user_id, device_id, room_id, "active", now)
+                    lambda tx: tx.set_device_peek(user_id, device_id, room_id, "active", now)
                 )
         self.subscriptions.poke(room_id)
         self.notifier.notify_room(room_id)
@@ -182,7 +174,7 @@ class Syncing:
             raise PeekError(400, "M_INVALID_PARAM", str(e)) from None
         async with self.subscriptions.room_lock(room_id):
             state = await self.store.read(
-                lambda c: db.device_peek_state(c, user_id, device_id, room_id)
+                lambda tx: tx.device_peek_state(user_id, device_id, room_id)
             )
             if state is None:
                 known = self.subscriptions.get(room_id)
@@ -195,9 +187,9 @@ class Syncing:
             # here, and the room goes to rooms.leave rather than being restored.
             now = self.clock_ms()
 
-            def end(conn: Any) -> int:
-                db.set_device_peek(conn, user_id, device_id, room_id, "ended", now)
-                return db.device_peek_count(conn, room_id)
+            def end(tx: WriteTransaction) -> int:
+                tx.set_device_peek(user_id, device_id, room_id, "ended", now)
+                return tx.device_peek_count(room_id)
 
             remaining = await self.store.write(end)
             if remaining == 0:
@@ -254,8 +246,7 @@ class Syncing:
                     active, changed = live.active, live.changed
                 else:
                     snapshot = await self.store.read(
-                        partial(
-                            db.sync_snapshot,
+                        lambda tx: tx.sync_snapshot(
                             user_id=user_id,
                             device_id=device_id,
                             since=position,
@@ -327,11 +318,10 @@ class Syncing:
             async with self.subscriptions.room_lock(room_id):
                 sub = self.subscriptions.get(room_id)
                 state = await self.store.read(
-                    partial(
-                        db.device_peek_state,
+                    lambda tx: tx.device_peek_state(
                         user_id=user_id,
                         device_id=device_id,
-                        room_id=room_id,
+                        room_id=room_id,  # noqa: B023
                     )
                 )
                 if sub is None or state != "dormant":  # unpeeked meanwhile: stays ended
@@ -348,13 +338,12 @@ class Syncing:
                     )
                 now = self.clock_ms()
                 await self.store.write(
-                    partial(
-                        db.set_device_peek,
+                    lambda tx: tx.set_device_peek(
                         user_id=user_id,
                         device_id=device_id,
-                        room_id=room_id,
+                        room_id=room_id,  # noqa: B023
                         state="active",
-                        now_ms=now,
+                        now_ms=now,  # noqa: B023
                     )
                 )
             log.info("restored %s/%s's peek of %s after an idle drop", user_id, device_id, room_id)
@@ -387,16 +376,16 @@ class Syncing:
     async def _make_dormant(self, user_id: str, device_id: str) -> None:
         # An idle device leaves the live window; its next sync reads the store (and restores).
         self.live.forget_device((user_id, device_id))
-        peeks = await self.store.read(lambda c: db.device_peeks(c, user_id, device_id))
+        peeks = await self.store.read(lambda tx: tx.device_peeks(user_id, device_id))
         for room_id, state, _ in peeks:
             if state != "active":
                 continue
             async with self.subscriptions.room_lock(room_id):
                 now = self.clock_ms()
 
-                def drop(conn: Any, room_id: str = room_id, now: int = now) -> int:
-                    db.set_device_peek(conn, user_id, device_id, room_id, "dormant", now)
-                    return db.device_peek_count(conn, room_id)
+                def drop(tx: WriteTransaction, room_id: str = room_id, now: int = now) -> int:
+                    tx.set_device_peek(user_id, device_id, room_id, "dormant", now)
+                    return tx.device_peek_count(room_id)
 
                 remaining = await self.store.write(drop)
                 if remaining == 0:

@@ -27,7 +27,7 @@ class Migration:
 def available_migrations() -> list[Migration]:
     """All shipped migrations, ordered by version; versions are 1, 2, 3... without gaps."""
     found = []
-    for entry in resources.files("peekproxy.store").joinpath("migrations").iterdir():
+    for entry in resources.files("peekproxy.store.sqlite").joinpath("migrations").iterdir():
         match = _NAME.match(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))

@@ -1,19 +1,19 @@
-"""SQLite storage shell: stdlib :mod:`sqlite3` run in worker threads via :mod:`trio.to_thread`.
+"""The SQLite engine: stdlib :mod:`sqlite3` run in worker threads via :mod:`trio.to_thread`.
 
-* One writer connection; writes wait their turn on a FIFO lock, and each :meth:`Store.write`
+* One writer connection; writes wait their turn on a FIFO lock, and each :meth:`SqliteStorage.write`
   call is one ``BEGIN IMMEDIATE`` ... ``COMMIT`` transaction, so whatever it returns has been
   stored.
-* A commit hook (:meth:`Store.set_commit_hook`) reads what a write changed inside its
+* A commit hook (:meth:`SqliteStorage.set_commit_hook`) reads what a write changed inside its
   transaction and is handed it after the commit, in commit order, before the next write
   starts: the live window (peekproxy/core/live.py) follows the stream this way.
 * Two reader connections (WAL lets them read while the writer writes); each
-  :meth:`Store.read` is one read transaction, so its queries see one commit.
+  :meth:`SqliteStorage.read` is one read transaction, so its queries see one commit.
 * ``journal_mode=WAL``, ``synchronous=FULL``: a committed write survives a crash of the process
   and of the machine.
 * Schema migrations run on open; a database from a newer peekproxy is refused, and so is a
   database bound to another server name, and one another process holds open (an
   exclusive ``flock`` on ``<database>.lock``). A database is bound to a server name by
-  :meth:`Store.record_server_name` (the daemon calls it once it has started, so a start that
+  :meth:`SqliteStorage.record_server_name` (the daemon calls it once it has started, so a start that
   fails leaves an unbound database that any server name may use).
 """
 
@@ -29,21 +29,19 @@ from typing import Any, TypeVar
 
 import trio
 
-from peekproxy.store.migrations import apply_migrations, available_migrations, schema_version
+from peekproxy.store.interface import StoreError, StoreVersionError
+from peekproxy.store.sqlite.migrations import (
+    apply_migrations,
+    available_migrations,
+    schema_version,
+)
+from peekproxy.store.sqlite.transaction import SqliteTransaction
 
-__all__ = ["Store", "StoreError", "StoreVersionError"]
+__all__ = ["SqliteStorage", "open_sqlite"]
 
 T = TypeVar("T")
 #: Read-only connections (WAL lets them read while the writer writes).
 READERS = 2
-
-
-class StoreError(Exception):
-    """The database cannot be used."""
-
-
-class StoreVersionError(StoreError):
-    """The database was written by a newer peekproxy (its schema version is too high)."""
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -143,8 +141,12 @@ def _insert_server_name(conn: sqlite3.Connection, server_name: str) -> None:
     )
 
 
-class Store:
-    """The daemon's database. Open with :meth:`open`; close with :meth:`aclose`."""
+class SqliteStorage:
+    """The daemon's database (a :class:`~peekproxy.store.Storage`). Open with :meth:`open`
+    (or :func:`open_sqlite`); close with :meth:`aclose`.
+
+    ``read`` and ``write`` hand ``fn`` a :class:`SqliteTransaction` (the named operations;
+    its ``connection`` is there for tests of this implementation)."""
 
     def __init__(
         self,
@@ -166,15 +168,17 @@ class Store:
         # Reads get worker threads of their own: trio's shared pool (40) can be full of
         # blocking DNS lookups when many remotes are unreachable.
         self._read_threads = trio.CapacityLimiter(len(readers))
-        self._hook_read: Callable[[sqlite3.Connection], Any] | None = None
+        self._write_tx = SqliteTransaction(writer)
+        self._read_txs = {id(reader): SqliteTransaction(reader) for reader in readers}
+        self._hook_read: Callable[[SqliteTransaction], Any] | None = None
         self._hook_apply: Callable[[Any], None] | None = None
 
     def set_commit_hook(
         self,
-        read: Callable[[sqlite3.Connection], T],
+        read: Callable[[SqliteTransaction], T],
         apply: Callable[[T], None],
     ) -> None:
-        """After each write's ``fn``, call ``read(conn)`` in the same transaction (in the
+        """After each write's ``fn``, call ``read(tx)`` in the same transaction (in the
         writer thread); once that transaction has committed, call ``apply(result)`` in the
         trio thread. ``apply`` calls happen in commit order, each before the next write
         starts. An exception from ``read`` fails the write (rolled back); one from
@@ -183,7 +187,9 @@ class Store:
         self._hook_apply = apply
 
     @classmethod
-    async def open(cls, path: Path, server_name: str, *, record_server_name: bool = True) -> Store:
+    async def open(
+        cls, path: Path, server_name: str, *, record_server_name: bool = True
+    ) -> SqliteStorage:
         """Open (creating and migrating as needed) the database at ``path`` for
         ``server_name``. An unbound database is bound to it at once, unless
         ``record_server_name`` is false (then :meth:`record_server_name` does it later).
@@ -202,10 +208,10 @@ class Store:
         yet; from then on :meth:`open` refuses any other name. The daemon calls this once it
         has started, so that a start that fails (a port in use, say) leaves no binding that
         a corrected config with another server name would be refused by."""
-        await self.write(lambda conn: _insert_server_name(conn, self.server_name))
+        await self.write(lambda tx: _insert_server_name(tx.connection, self.server_name))
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` in one write transaction and return its result once committed.
+    async def write(self, fn: Callable[[SqliteTransaction], T]) -> T:
+        """Run ``fn(tx)`` in one write transaction and return its result once committed.
 
         Not abandoned on cancellation: a write that started is finished or rolled back.
         """
@@ -215,8 +221,8 @@ class Store:
         def run() -> tuple[T, Any]:
             self._writer.execute("BEGIN IMMEDIATE")
             try:
-                result = fn(self._writer)
-                changes = hook_read(self._writer) if hook_read is not None else None
+                result = fn(self._write_tx)
+                changes = hook_read(self._write_tx) if hook_read is not None else None
             except BaseException:
                 self._writer.execute("ROLLBACK")
                 raise
@@ -229,14 +235,14 @@ class Store:
                 hook_apply(changes)
         return result
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` on one of the read-only connections, in one read transaction (all
+    async def read(self, fn: Callable[[SqliteTransaction], T]) -> T:
+        """Run ``fn(tx)`` on one of the read-only connections, in one read transaction (all
         its queries see the same commit), and return its result."""
 
         def run(reader: sqlite3.Connection) -> T:
             reader.execute("BEGIN")
             try:
-                return fn(reader)
+                return fn(self._read_txs[id(reader)])
             finally:
                 reader.execute("COMMIT")
 
@@ -249,10 +255,17 @@ class Store:
 
     async def server_info(self) -> dict[str, str]:
         """The ``server_info`` facts (``server_name``, ``created_ts`` in ms)."""
-        rows = await self.read(lambda c: c.execute("SELECT key, value FROM server_info").fetchall())
+        rows = await self.read(
+            lambda tx: tx.connection.execute("SELECT key, value FROM server_info").fetchall()
+        )
         return {str(k): str(v) for k, v in rows}
 
+    async def ping(self) -> None:
+        """``SELECT 1`` on a reader connection (for ``GET /ready``)."""
+        await self.read(lambda tx: tx.connection.execute("SELECT 1").fetchone())
+
     async def aclose(self) -> None:
+        """Wait for running reads and the write, then close the connections and the lock."""
         async with self._write_lock:
             for reader in self._readers:  # wait until no read is running
                 await self._read_limiter.acquire_on_behalf_of(reader)
@@ -263,3 +276,10 @@ class Store:
             reader.close()
         self._writer.close()
         os.close(self._lock)
+
+
+async def open_sqlite(
+    path: Path, server_name: str, *, record_server_name: bool = True
+) -> SqliteStorage:
+    """Open the SQLite database at ``path`` for ``server_name``: :meth:`SqliteStorage.open`."""
+    return await SqliteStorage.open(path, server_name, record_server_name=record_server_name)

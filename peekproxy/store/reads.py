@@ -1,0 +1,211 @@
+"""The read operations of a transaction (:class:`ReadTransaction`), grouped by concern.
+
+Positions are stream positions (``int`` > 0, allocated by the storage in commit order, never
+reused); ``*_ms`` / ``now_ms`` are Unix times in milliseconds; a PDU is a JSON object as
+received over federation; "stored redacted" means the stored PDU must go through the room
+version's redaction algorithm before it is shown. Room IDs, event IDs, user IDs and device
+IDs are plain ``str``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from peekproxy.core.live import StreamChange
+from peekproxy.core.paging import Direction, Page, Point
+from peekproxy.core.subscription import Subscription
+
+__all__ = [
+    "DevicePeekReads",
+    "EphemeralReads",
+    "HistoryReads",
+    "ReadTransaction",
+    "RoomEventReads",
+    "ServerKeyReads",
+    "ServerKeyRow",
+    "SubscriptionReads",
+    "SyncReads",
+    "TxnReads",
+]
+
+#: One persisted signing key of another server: (server name, key ID, unpadded base64
+#: verify key, ``valid_until_ts`` ms, ``expired_ts`` ms or ``None`` while current,
+#: ``fetched_ts`` ms).
+ServerKeyRow = tuple[str, str, str, int, int | None, int]
+
+
+class SubscriptionReads(Protocol):
+    """Remote subscriptions (``core/subscription.py``): one per room followed."""
+
+    def load_subscriptions(self) -> list[Subscription]:
+        """Every stored subscription (one per remote room followed), in no particular order."""
+
+    def room_version_of(self, room_id: str) -> str:
+        """The room's version as its subscription recorded it, else ``FALLBACK_ROOM_VERSION``."""
+
+
+class RoomEventReads(Protocol):
+    """Room events, the room stream (events and gap rows by stream position) and the
+    current state."""
+
+    def known_event_ids(self, event_ids: Iterable[str]) -> set[str]:
+        """Which of ``event_ids`` are stored."""
+
+    def in_stream(self, event_id: str) -> bool:
+        """Whether a client sees the event when paging: on a room stream, or in a filled gap
+        (not only stored)."""
+
+    def held_event_ids(self, room_id: str, event_ids: Iterable[str]) -> set[str]:
+        """Which of ``event_ids`` a client sees when paging ``room_id``: on its stream or in
+        one of its filled gaps."""
+
+    def history_floor(self, room_id: str) -> int | None:
+        """The ``depth`` of the event the room's stream resumes with after its newest gap (or,
+        with no gap, of its first event: the latest event of the first peek), ``None`` for an
+        empty stream. History below it is what the gap (or the peek's start) stands for."""
+
+    def newest_event_ids(self, room_id: str, count: int) -> list[str]:
+        """The IDs of the room's newest ``count`` events on its stream, newest first."""
+
+    def current_state_ids(self, room_id: str) -> dict[tuple[str, str], str]:
+        """The room's current state: (type, state_key) → event ID."""
+
+    def state_content(self, room_id: str, type: str, state_key: str = "") -> dict[str, Any] | None:
+        """The ``content`` of the room's current state event (type, state_key): ``{}`` when it
+        is not an object, ``None`` when there is no such state event."""
+
+    def membership(self, room_id: str, user_id: str) -> str | None:
+        """The user's ``membership`` in the room's current state (``None``: no member event)."""
+
+    def stream_events(self, room_id: str) -> list[tuple[int, str, str | None]]:
+        """The room's stream: (position, kind, event ID) for events and gaps, in order."""
+
+    def event_pdu(self, event_id: str) -> dict[str, Any] | None:
+        """A stored event's PDU as received (not redacted), or ``None`` when not stored."""
+
+    def max_stream_pos(self) -> int:
+        """The newest stream position (0 for an empty stream)."""
+
+
+class DevicePeekReads(Protocol):
+    """Device peeks (MSC2753): which device peeks which room."""
+
+    def device_peek_state(self, user_id: str, device_id: str, room_id: str) -> str | None:
+        """The state of the device's peek of the room (``active``, ``dormant``, ``ended``), or
+        ``None`` when the device never peeked it."""
+
+    def device_peek_count(self, room_id: str, state: str = "active") -> int:
+        """How many device peeks of the room are in ``state``."""
+
+    def device_peeks_of_device(self, user_id: str, device_id: str) -> int:
+        """How many rooms the device peeks (``active`` peeks)."""
+
+    def device_peeks(self, user_id: str, device_id: str) -> list[tuple[str, str, int]]:
+        """(room ID, state, changed position) of every peek the device ever made, by room ID."""
+
+    def active_devices(self) -> list[tuple[str, str]]:
+        """(user ID, device ID) of every device with at least one ``active`` peek."""
+
+
+class EphemeralReads(Protocol):
+    """Ephemeral events (``m.typing``, ``m.receipt``)."""
+
+    def typing_now(self) -> list[tuple[str, str, int]]:
+        """(room ID, user ID, stream position) of every user whose latest ``m.typing`` says
+        they are typing."""
+
+
+class TxnReads(Protocol):
+    """Inbound ``/send`` transaction records."""
+
+    def txn_response(self, origin: str, txn_id: str) -> dict[str, Any] | None:
+        """The answer stored for the ``/send`` transaction ``txn_id`` of ``origin`` (the JSON
+        body returned the first time), or ``None`` when it is new."""
+
+
+class ServerKeyReads(Protocol):
+    """Other servers' signing keys, persisted by the keyring (``federation/keyring.py``)."""
+
+    def server_keys(self) -> list[ServerKeyRow]:
+        """Every persisted key, in no particular order."""
+
+
+class HistoryReads(Protocol):
+    """History reads of the delegation API: ``/messages``, ``/state``, ``/event``, and whether a
+    device peeks a room."""
+
+    def read_page(
+        self,
+        room_id: str,
+        *,
+        from_point: Point | None,
+        to_point: Point | None,
+        direction: Direction,
+        limit: int,
+        fill_gaps: bool,
+    ) -> Page:
+        """One page of ``room_id``'s history (the rules are in :mod:`peekproxy.core.paging`).
+
+        Args:
+            from_point: the ``from`` token's point; ``None``: the stream's head (``dir=b``) or
+                the start of the room's history (``dir=f``).
+            to_point: the ``to`` token's point: the page holds only events between ``from`` and
+                ``to``; reaching it ends the pagination (no ``end``).
+            limit: most events in the page (≥ 1).
+            fill_gaps: ``dir=b`` only: name a :class:`Backfill` where the page meets a hole
+                before any event; without it (no server to ask, or a round that could not
+                help) holes are passed over.
+
+        Raises:
+            TokenAhead: ``from_point`` is past the stream's head.
+        """
+
+    def read_state(self, room_id: str) -> list[tuple[str, dict[str, Any], bool]]:
+        """The room's current state: (event ID, PDU, stored redacted), by (type, state_key)."""
+
+    def read_event(self, room_id: str, event_id: str) -> tuple[dict[str, Any], bool] | None:
+        """One stored event of the room: (PDU, stored redacted), or ``None``."""
+
+    def device_is_peeking(self, user_id: str, device_id: str, room_id: str) -> bool:
+        """Whether the device's peek of the room is ``active``."""
+
+
+class SyncReads(Protocol):
+    """What ``/sync`` and the live window read."""
+
+    def stream_changes(self, after: int | None) -> tuple[list[StreamChange], int]:
+        """The stream rows after position ``after``, oldest first, each with what the live
+        window needs (PDU, EDU content, which device peek), and the newest position. With
+        ``after=None``: no rows, just the newest position (where a live window starts)."""
+
+    def sync_snapshot(
+        self,
+        user_id: str,
+        device_id: str,
+        since: int | None,
+        full_state: bool,
+        limit: int,
+    ) -> dict[str, Any]:
+        """Everything one /sync needs, in one read: ``peeks`` (the device's
+        :class:`~peekproxy.core.sync.DevicePeek` list), ``upto`` (the newest position),
+        ``active`` (rooms with an active peek, sorted), ``changed`` (whether anything changed
+        since ``since``) and, if so, ``views``: a :class:`~peekproxy.core.sync.RoomView` of
+        each room to show."""
+
+
+@runtime_checkable
+class ReadTransaction(
+    SubscriptionReads,
+    RoomEventReads,
+    DevicePeekReads,
+    EphemeralReads,
+    TxnReads,
+    ServerKeyReads,
+    HistoryReads,
+    SyncReads,
+    Protocol,
+):
+    """The named read operations, all inside one transaction: every operation of one
+    ``Storage.read`` call sees the same commit. Operations are synchronous (they run in
+    the storage's worker thread); they raise only on a storage fault."""

@@ -1,0 +1,263 @@
+"""Room events, the room stream, current state, gaps and gap fills."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from peekproxy.core.dag import dag_order
+from peekproxy.core.events import event_refs
+from peekproxy.store.sqlite.base import SqliteBase
+
+__all__ = ["EventOps"]
+
+
+class EventOps(SqliteBase):
+    """The operations of
+    :class:`~peekproxy.store.reads.RoomEventReads`
+    and :class:`~peekproxy.store.writes.RoomEventWrites`
+    (documented there)."""
+
+    def known_event_ids(self, event_ids: Iterable[str]) -> set[str]:
+        return {
+            str(r[0])
+            for r in self._select_in(
+                "SELECT event_id FROM events WHERE event_id IN ({marks})", event_ids
+            )
+        }
+
+    def store_snapshot(
+        self,
+        room_id: str,
+        *,
+        events: Mapping[str, Mapping[str, Any]],
+        redacted: Iterable[str],
+        state: Mapping[tuple[str, str], str],
+        latest_event_id: str,
+        gap: bool,
+        now_ms: int,
+        history: Sequence[tuple[str, Mapping[str, Any], bool]] | None = None,
+        history_complete: bool = False,
+    ) -> int:
+        redacted_ids = set(redacted)
+        for event_id, pdu in events.items():
+            self._insert_event(room_id, event_id, pdu, event_id in redacted_ids)
+        position = 0
+        if self.in_stream(latest_event_id):
+            if self.newest_event_ids(room_id, 1) == [latest_event_id]:
+                self.replace_state(room_id, state)
+            return position
+        depth, newest = events[latest_event_id].get("depth"), self._newest_depth(room_id)
+        if isinstance(depth, int) and newest is not None and depth < newest:
+            return position
+        self.replace_state(room_id, state)
+        # Only when the latest event is new can anything have been missed before it.
+        shown = []
+        for event_id, pdu, is_redacted in history or ():
+            self._insert_event(room_id, event_id, pdu, is_redacted)
+            if not self.in_stream(event_id) and event_id != latest_event_id:
+                shown.append(event_id)
+        if gap or (history is not None and not history_complete):
+            position = self._stream_row(room_id, "gap", None, now_ms)
+            if history is not None and history_complete:
+                # Decision 4: a re-peek is gappy for the sync (``limited``) even when the fetched
+                # history joins what is held; the gap is closed, so paging runs through it.
+                self.add_gap_fill(room_id, position, [], closed=True)
+        for event_id in dict.fromkeys(shown):
+            position = self._stream_row(room_id, "event", event_id, now_ms)
+        position = self._stream_row(room_id, "event", latest_event_id, now_ms)
+        return position
+
+    def history_floor(self, room_id: str) -> int | None:
+        gap = self._conn.execute(
+            "SELECT stream_pos FROM room_stream WHERE room_id = ? AND kind = 'gap' "
+            "ORDER BY stream_pos DESC LIMIT 1",
+            (room_id,),
+        ).fetchone()
+        row = self._conn.execute(
+            "SELECT json_extract(e.pdu_json, '$.depth') FROM room_stream s "
+            "JOIN events e ON e.event_id = s.event_id WHERE s.room_id = ? AND s.kind = 'event' "
+            "AND s.stream_pos > ? ORDER BY s.stream_pos LIMIT 1",
+            (room_id, gap[0] if gap else 0),
+        ).fetchone()
+        return row[0] if row is not None and isinstance(row[0], int) else None
+
+    def _newest_depth(self, room_id: str) -> int | None:
+        row = self._conn.execute(
+            "SELECT json_extract(e.pdu_json, '$.depth') FROM room_stream s "
+            "JOIN events e ON e.event_id = s.event_id WHERE s.room_id = ? AND s.kind = 'event' "
+            "ORDER BY s.stream_pos DESC LIMIT 1",
+            (room_id,),
+        ).fetchone()
+        return row[0] if row is not None and isinstance(row[0], int) else None
+
+    def in_stream(self, event_id: str) -> bool:
+        return (
+            self._conn.execute(
+                "SELECT 1 FROM room_stream WHERE event_id = ? AND kind = 'event'", (event_id,)
+            ).fetchone()
+            is not None
+            or self._conn.execute(
+                "SELECT 1 FROM gap_events WHERE event_id = ?", (event_id,)
+            ).fetchone()
+            is not None
+        )
+
+    def held_event_ids(self, room_id: str, event_ids: Iterable[str]) -> set[str]:
+        ids = list(event_ids)
+        on_stream = self._select_in(
+            "SELECT event_id FROM room_stream WHERE room_id = ? AND kind = 'event' AND "
+            "event_id IN ({marks})",
+            ids,
+            before=[room_id],
+        )
+        in_gaps = self._select_in(
+            "SELECT event_id FROM gap_events WHERE room_id = ? AND event_id IN ({marks})",
+            ids,
+            before=[room_id],
+        )
+        return {str(r[0]) for r in on_stream} | {str(r[0]) for r in in_gaps}
+
+    def add_gap_fill(
+        self,
+        room_id: str,
+        gap_pos: int,
+        events: Sequence[tuple[str, Mapping[str, Any], bool]],
+        *,
+        closed: bool,
+    ) -> int:
+        row = self._conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM gap_events WHERE room_id = ? AND gap_pos = ?",
+            (room_id, gap_pos),
+        ).fetchone()
+        seq = int(row[0])
+        added = 0
+        for event_id, pdu, redacted in events:
+            self._insert_event(room_id, event_id, pdu, redacted)
+            if self.in_stream(event_id):
+                continue
+            seq += 1
+            added += 1
+            self._conn.execute(
+                "INSERT INTO gap_events (room_id, gap_pos, seq, event_id) VALUES (?, ?, ?, ?)",
+                (room_id, gap_pos, seq, event_id),
+            )
+        self._conn.execute(
+            "INSERT INTO gap_fills (room_id, gap_pos, closed) VALUES (?, ?, ?) "
+            "ON CONFLICT (room_id, gap_pos) DO UPDATE SET closed = MAX(closed, excluded.closed)",
+            (room_id, gap_pos, int(closed)),
+        )
+        return added
+
+    def replace_state(self, room_id: str, state: Mapping[tuple[str, str], str]) -> None:
+        self._conn.execute("DELETE FROM room_state WHERE room_id = ?", (room_id,))
+        self._conn.executemany(
+            "INSERT INTO room_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?)",
+            [(room_id, t, k, e) for (t, k), e in state.items()],
+        )
+
+    def append_event(
+        self,
+        room_id: str,
+        event_id: str,
+        pdu: Mapping[str, Any],
+        *,
+        redacted: bool,
+        now_ms: int,
+    ) -> int | None:
+        self._insert_event(room_id, event_id, pdu, redacted)
+        if self.in_stream(event_id):
+            return None
+        depth = pdu.get("depth")
+        if isinstance(depth, int):
+            newest = self._newest_depth(room_id)  # cheap; the floor is looked up only when late
+            if newest is not None and depth < newest:
+                floor = self.history_floor(room_id)
+                if floor is not None and depth < floor:
+                    return None
+        position = self._stream_row(room_id, "event", event_id, now_ms)
+        state_key = pdu.get("state_key")
+        if isinstance(state_key, str):
+            self._conn.execute(
+                "INSERT OR REPLACE INTO room_state (room_id, type, state_key, event_id) "
+                "VALUES (?, ?, ?, ?)",
+                (room_id, pdu["type"], state_key, event_id),
+            )
+        return position
+
+    def add_gap(self, room_id: str, now_ms: int) -> int:
+        return self._stream_row(room_id, "gap", None, now_ms)
+
+    def append_in_dag_order(
+        self,
+        room_id: str,
+        events: Sequence[tuple[str, Mapping[str, Any], bool]],
+        *,
+        now_ms: int,
+    ) -> tuple[list[str], bool]:
+        appended, gap = [], False
+        for event_id, pdu, redacted in dag_order(events):
+            if self.in_stream(event_id):
+                continue
+            prevs = set(event_refs(pdu.get("prev_events")))
+            if prevs and len(self.known_event_ids(prevs)) < len(prevs):
+                self.add_gap(room_id, now_ms)
+                gap = True
+            if self.append_event(room_id, event_id, pdu, redacted=redacted, now_ms=now_ms):
+                appended.append(event_id)
+        return appended, gap
+
+    def newest_event_ids(self, room_id: str, count: int) -> list[str]:
+        return [
+            str(r[0])
+            for r in self._conn.execute(
+                "SELECT event_id FROM room_stream WHERE room_id = ? AND kind = 'event' "
+                "ORDER BY stream_pos DESC LIMIT ?",
+                (room_id, count),
+            )
+        ]
+
+    def current_state_ids(self, room_id: str) -> dict[tuple[str, str], str]:
+        return {
+            (t, k): e
+            for t, k, e in self._conn.execute(
+                "SELECT type, state_key, event_id FROM room_state WHERE room_id = ?", (room_id,)
+            )
+        }
+
+    def state_content(self, room_id: str, type: str, state_key: str = "") -> dict[str, Any] | None:
+        row = self._conn.execute(
+            "SELECT e.pdu_json FROM room_state s JOIN events e ON e.event_id = s.event_id "
+            "WHERE s.room_id = ? AND s.type = ? AND s.state_key = ?",
+            (room_id, type, state_key),
+        ).fetchone()
+        if row is None:
+            return None
+        content = json.loads(row[0]).get("content")
+        return content if isinstance(content, dict) else {}
+
+    def membership(self, room_id: str, user_id: str) -> str | None:
+        content = self.state_content(room_id, "m.room.member", user_id)
+        value = content.get("membership") if content is not None else None
+        return value if isinstance(value, str) else None
+
+    def stream_events(self, room_id: str) -> list[tuple[int, str, str | None]]:
+        return [
+            (int(p), str(k), e)
+            for p, k, e in self._conn.execute(
+                "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
+                "kind IN ('event', 'gap') ORDER BY stream_pos",
+                (room_id,),
+            )
+        ]
+
+    def event_pdu(self, event_id: str) -> dict[str, Any] | None:
+        row = self._conn.execute(
+            "SELECT pdu_json FROM events WHERE event_id = ?", (event_id,)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def max_stream_pos(self) -> int:
+        row = self._conn.execute("SELECT MAX(stream_pos) FROM room_stream").fetchone()
+        return int(row[0] or 0)

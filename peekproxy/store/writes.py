@@ -1,0 +1,185 @@
+"""The write operations of a transaction (:class:`WriteTransaction`), grouped by concern.
+
+Units and shapes as in :mod:`peekproxy.store.reads`. Composite writes (a ``/send``
+transaction's events, EDUs and record) are functions a service writes over a
+``WriteTransaction``; they commit together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from peekproxy.core.subscription import Subscription
+from peekproxy.store.reads import ReadTransaction, ServerKeyRow
+
+__all__ = [
+    "DevicePeekWrites",
+    "EphemeralWrites",
+    "RoomEventWrites",
+    "ServerKeyWrites",
+    "SubscriptionWrites",
+    "TxnWrites",
+    "WriteTransaction",
+]
+
+
+class SubscriptionWrites(Protocol):
+    """Remote subscriptions."""
+
+    def save_subscription(self, sub: Subscription) -> None:
+        """Store ``sub`` (insert or replace the room's subscription; ``*_ms`` fields as ms)."""
+
+
+class RoomEventWrites(Protocol):
+    """Room events, the room stream, current state, gaps and gap fills. Each stream row
+    written gets a new position, above every position committed before."""
+
+    def store_snapshot(
+        self,
+        room_id: str,
+        *,
+        events: Mapping[str, Mapping[str, Any]],
+        redacted: Iterable[str],
+        state: Mapping[tuple[str, str], str],
+        latest_event_id: str,
+        gap: bool,
+        now_ms: int,
+        history: Sequence[tuple[str, Mapping[str, Any], bool]] | None = None,
+        history_complete: bool = False,
+    ) -> int:
+        """Store a peek response: its events, the room's state (replaced), and on the room's
+        stream the latest event, after ``history`` and a gap marker when history is missing.
+        Returns the last stream position written.
+
+        ``history``: (event ID, PDU, stored redacted) of events fetched before the latest event,
+        oldest first (DAG order); they go on the stream before it (those already there are
+        skipped) but never into the current state: the snapshot's state is the state at the
+        latest event. ``history_complete``: nothing is missing before them (they reached history
+        held on the stream, or the room's first event). A gap marker precedes them when history
+        is missing, and always when ``gap`` (a re-peek, decision 4: syncs get ``limited``); a
+        marker over complete history is closed at once, so ``/messages`` does not stop there.
+
+        A snapshot older than what the stream already shows changes neither the stream nor the
+        state (its events are stored): its latest event is held but no longer the newest (a
+        ``/send`` brought newer events while the snapshot was on its way), or it is new but
+        deeper in the DAG than the newest event shown. Appending it would put it after its
+        descendants, and its state would roll back theirs.
+        """
+
+    def add_gap_fill(
+        self,
+        room_id: str,
+        gap_pos: int,
+        events: Sequence[tuple[str, Mapping[str, Any], bool]],
+        *,
+        closed: bool,
+    ) -> int:
+        """Keep backfilled events for the gap at stream position ``gap_pos`` (0: before the
+        room's first stream event): (event ID, PDU, stored redacted), **newest first**, all
+        older than what the gap holds already. Events a client can already see are skipped.
+        ``closed``: the history before the gap is now complete. Neither the stream nor the
+        current state changes. Returns how many events were added."""
+
+    def replace_state(self, room_id: str, state: Mapping[tuple[str, str], str]) -> None:
+        """Make ``state`` ((type, state_key) → event ID) the room's whole current state."""
+
+    def append_event(
+        self,
+        room_id: str,
+        event_id: str,
+        pdu: Mapping[str, Any],
+        *,
+        redacted: bool,
+        now_ms: int,
+    ) -> int | None:
+        """Append one event to the room's stream (once: ``None`` when it was already there).
+        A state event becomes the room's current state for its (type, state_key).
+
+        An event that arrives late, below the room's
+        :meth:`~peekproxy.store.reads.RoomEventReads.history_floor` (its ``depth`` is lower
+        than the event after the newest gap), is stored but not appended (``None``): it
+        belongs to the history that gap stands for, and appending it would put it after its
+        descendants."""
+
+    def add_gap(self, room_id: str, now_ms: int) -> int:
+        """Mark that history is missing at this point of the room's stream."""
+
+    def append_in_dag_order(
+        self,
+        room_id: str,
+        events: Sequence[tuple[str, Mapping[str, Any], bool]],
+        *,
+        now_ms: int,
+    ) -> tuple[list[str], bool]:
+        """Append (event ID, PDU, redacted) ``events`` of one room in DAG order: each after
+        its ``prev_events`` (ties by ``depth``, then as given), each once. An event with a
+        ``prev_events`` entry that is neither stored nor among ``events`` gets a gap marker
+        before it. Returns the IDs appended to the stream (see :meth:`append_event` for the
+        ones that are only stored) and whether a gap was marked."""
+
+
+class DevicePeekWrites(Protocol):
+    """Device peeks; each change is a stream row (it wakes the device's syncs)."""
+
+    def set_device_peek(
+        self, user_id: str, device_id: str, room_id: str, state: str, now_ms: int
+    ) -> int:
+        """Record a device peek's state (``active``, ``dormant``, ``ended``); returns the stream
+        position of the change."""
+
+    def end_room_peeks(self, room_id: str, now_ms: int) -> int:
+        """End every active or dormant device peek of a room; returns how many."""
+
+
+class EphemeralWrites(Protocol):
+    """Ephemeral events; each row written is a stream row."""
+
+    def save_ephemeral(
+        self, room_id: str, edu_type: str, content: Mapping[str, Any], now_ms: int
+    ) -> list[tuple[str, int, bool]]:
+        """Store an ``m.typing`` or ``m.receipt`` EDU's content for one room, one row per user
+        (and receipt type), each with its own stream position; a user's row replaces their
+        previous one of the same key.
+
+        ``content``: ``m.typing`` ``{"user_id": ..., "typing": bool}`` (the EDU's content);
+        ``m.receipt`` ``{receipt_type: {user_id: {"event_ids": [...], "data": {...}}}}`` (the
+        EDU's content for this room). Returns (user ID, stream position, typing) per row
+        written, in order.
+        """
+
+    def stop_typing(self, room_id: str, user_id: str, position: int, now_ms: int) -> bool:
+        """Store that ``user_id`` stopped typing in the room (the typing timeout ran out), if
+        their latest ``m.typing`` row is still the typing one at stream position ``position``.
+        Returns whether a row was written."""
+
+
+class TxnWrites(Protocol):
+    """Inbound ``/send`` transaction records."""
+
+    def save_txn(self, origin: str, txn_id: str, response: Mapping[str, Any], now_ms: int) -> None:
+        """Record the answer to ``origin``'s ``/send`` transaction ``txn_id`` (received at
+        ``now_ms``, ms), so a retry gets it again: see :meth:`ReadTransaction.txn_response`."""
+
+
+class ServerKeyWrites(Protocol):
+    """Other servers' signing keys."""
+
+    def save_server_keys(self, keys: Iterable[ServerKeyRow]) -> None:
+        """Insert or replace each key (by server name and key ID)."""
+
+
+@runtime_checkable
+class WriteTransaction(
+    ReadTransaction,
+    SubscriptionWrites,
+    RoomEventWrites,
+    DevicePeekWrites,
+    EphemeralWrites,
+    TxnWrites,
+    ServerKeyWrites,
+    Protocol,
+):
+    """The named operations of one write transaction: every read operation, plus the
+    writes. All of one ``Storage.write`` call commit together or not at all; reads inside
+    it see its own writes."""
