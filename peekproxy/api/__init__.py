@@ -9,5 +9,5 @@ are :class:`peekproxy.api.errors.MatrixError` or a service's
 May import: Starlette, hypercorn, httpx (``upstream_auth``), ``peekproxy.core``,
 ``peekproxy.services``, the federation shell's keyring and signing key, ``peekproxy.metrics``,
 and the store's interface (``peekproxy.store.Storage``: ``/ready`` pings it). Must not import
-a store implementation (``peekproxy.store.sqlite``): reads go through a service.
+a store implementation (the SQLite package under ``store/``): reads go through a service.
 """
