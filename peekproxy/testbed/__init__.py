@@ -8,7 +8,8 @@
   answer; ``parsing.py``: their request bodies and raw path segments;
 * the logic: ``rooms.py`` (pure: events, state, auth chains per room version), ``peeks.py``
   (pure: inbound peeks and their expiry), ``peek_rules.py`` (who may peek, rate limit, peeks
-  a new event ends), ``directory.py`` (the alias directory), ``users.py`` (user IDs),
+  a new event ends), ``reads.py`` (the read endpoints R4 opens: state, event, backfill,
+  missing events), ``directory.py`` (the alias directory), ``users.py`` (user IDs),
   ``faults.py`` (injected faults), ``sender.py`` (outgoing ``/send`` per destination);
 * ``files.py`` (the data directory: keys, admin token, saved rooms), ``config.py``,
   ``cli.py`` (``peekproxy testbed``).

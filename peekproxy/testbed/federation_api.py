@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,7 +21,6 @@ from peekproxy.federation.signing_key import server_key_document
 from peekproxy.testbed.host import Testbed, now_ms
 from peekproxy.testbed.parsing import raw_segments
 from peekproxy.testbed.peek_rules import PeekRequest
-from peekproxy.testbed.rooms import TestbedRoom
 
 __all__ = ["federation_app"]
 
@@ -86,53 +84,33 @@ def federation_app(testbed: Testbed) -> Starlette:
 
     async def event(request: Request) -> Response:
         origin, _ = await auth(request)
-        pdu = testbed.readable_event(request.path_params["event_id"], origin)
+        pdu = testbed.reads.event(request.path_params["event_id"], origin)
         return JSONResponse({"origin": server_name, "origin_server_ts": now_ms(), "pdus": [pdu]})
-
-    def _at(room: TestbedRoom, request: Request) -> str:
-        event_id = request.query_params.get("event_id") or room.latest()[0]
-        if room.index_of(event_id) is None:
-            raise MatrixError(404, "M_NOT_FOUND", f"unknown event {event_id}")
-        return event_id
 
     async def state(request: Request) -> Response:
         origin, _ = await auth(request)
-        room = testbed.readable_room(request.path_params["room_id"], origin)
-        pdus = room.state_at(_at(room, request))
-        return JSONResponse({"pdus": pdus, "auth_chain": room.auth_chain(pdus)})
+        room = testbed.reads.readable_room(request.path_params["room_id"], origin)
+        return JSONResponse(testbed.reads.state(room, request.query_params.get("event_id")))
 
     async def state_ids(request: Request) -> Response:
         origin, _ = await auth(request)
-        room = testbed.readable_room(request.path_params["room_id"], origin)
-        at = _at(room, request)
-        auth_ids = room.auth_chain_ids(room.state_at(at))
-        return JSONResponse({"pdu_ids": room.state_ids_at(at), "auth_chain_ids": auth_ids})
+        room = testbed.reads.readable_room(request.path_params["room_id"], origin)
+        return JSONResponse(testbed.reads.state_ids(room, request.query_params.get("event_id")))
 
     async def backfill(request: Request) -> Response:
         origin, _ = await auth(request)
-        room = testbed.readable_room(request.path_params["room_id"], origin)
+        room = testbed.reads.readable_room(request.path_params["room_id"], origin)
         starts = request.query_params.getlist("v")
         try:
             limit = max(1, min(int(request.query_params.get("limit", "10")), 1000))
         except ValueError:
             raise MatrixError(400, "M_INVALID_PARAM", "limit must be an integer") from None
-        if not starts or any(room.index_of(e) is None for e in starts):
-            raise MatrixError(400, "M_INVALID_PARAM", "v must name events of the room")
-        if testbed.faults.backfill_delay_ms:
-            await trio.sleep(testbed.faults.backfill_delay_ms / 1000)
-        if testbed.faults.take("backfill_fail_next"):
-            raise MatrixError(500, "M_UNKNOWN", "injected backfill failure")
-        return JSONResponse(
-            {
-                "origin": server_name,
-                "origin_server_ts": now_ms(),
-                "pdus": room.backfill(starts, limit),
-            }
-        )
+        pdus = await testbed.reads.backfill(room, starts, limit)
+        return JSONResponse({"origin": server_name, "origin_server_ts": now_ms(), "pdus": pdus})
 
     async def missing_events(request: Request) -> Response:
         origin, content = await auth(request)
-        room = testbed.readable_room(request.path_params["room_id"], origin)
+        room = testbed.reads.readable_room(request.path_params["room_id"], origin)
         if not isinstance(content, dict):
             raise MatrixError(400, "M_BAD_JSON", "body must be an object")
         earliest = content.get("earliest_events", [])
@@ -147,9 +125,8 @@ def federation_app(testbed: Testbed) -> Starlette:
             raise MatrixError(
                 400, "M_BAD_JSON", "earliest_events/latest_events lists, limit/min_depth integers"
             )
-        if testbed.faults.take("missing_events_empty_next"):
-            return JSONResponse({"events": []})
-        events = room.missing_events(earliest, latest, max(0, min(limit, 1000)), min_depth)
+        limit = max(0, min(limit, 1000))
+        events = testbed.reads.missing_events(room, earliest, latest, limit, min_depth)
         return JSONResponse({"events": events})
 
     prefix = "/_matrix/federation/v1"

@@ -5,7 +5,8 @@ It holds the rooms (:mod:`~peekproxy.testbed.rooms`) and their alias directory
 (:mod:`~peekproxy.testbed.files`), signs events for its own users and for simulated remote
 servers, answers MSC2444 peeks (:mod:`~peekproxy.testbed.peek_rules`,
 :mod:`~peekproxy.testbed.peeks`) and pushes every new event and EDU to the peekers
-(:mod:`~peekproxy.testbed.sender`), with injected :mod:`~peekproxy.testbed.faults`.
+(:mod:`~peekproxy.testbed.sender`), with injected :mod:`~peekproxy.testbed.faults`. Other
+servers read its rooms through :attr:`Testbed.reads` (:mod:`~peekproxy.testbed.reads`).
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from peekproxy.testbed.peek_rules import (
     PeekRequest,
     TokenBucket,
     check_peekable,
-    check_readable,
     end_peeks_after,
 )
 from peekproxy.testbed.peeks import PeekRegistry
+from peekproxy.testbed.reads import RoomReads
 from peekproxy.testbed.rooms import (
     SUPPORTED_ROOM_VERSIONS,
     RoomError,
@@ -93,6 +94,8 @@ class Testbed:
         self.aliases: dict[str, str] = {}
         self.peeks = PeekRegistry()
         self.faults = Faults()
+        #: The read endpoints of MSC2444 R4 over :attr:`rooms`.
+        self.reads = RoomReads(self.rooms, self.faults)
         self.renewal_interval_ms = int(config.peeks.renewal_interval * 1000)
         self.senders: dict[str, DestinationSender] = {}
         self.nursery: trio.Nursery | None = None
@@ -368,6 +371,7 @@ class Testbed:
             log.info("peek %r of %s by %s ended: %s", peek.peek_id, room.room_id, peek.origin, why)
 
     def sender(self, destination: str) -> DestinationSender:
+        """The ``/send`` queue to ``destination``, made (and run) on first use."""
         sender = self.senders.get(destination)
         if sender is None:
             sender = DestinationSender(
@@ -418,6 +422,8 @@ class Testbed:
     # -- peeks (MSC2444 R3 + R4 renew) -------------------------------------------------------
 
     def peek_response(self, room: TestbedRoom) -> dict[str, Any]:
+        """The answer to a new peek (MSC2444 R3): ``{state, auth_chain, latest_event,
+        renewal_interval (ms), room_version}`` at the room's latest event."""
         state = room.current_state()
         _, latest = room.latest()
         return {
@@ -465,6 +471,11 @@ class Testbed:
         return self.peek_response(room)
 
     def renew_peek(self, origin: str, room_id: str, peek_id: str) -> dict[str, Any]:
+        """R4 ``POST .../renew``: answers ``{renewal_interval}`` (ms).
+
+        Raises:
+            MatrixError: 404 ``M_NOT_FOUND``: no such live peek.
+        """
         if self.peeks.renew(origin, room_id, peek_id, self.clock_ms()) is None:
             raise MatrixError(404, "M_NOT_FOUND", "no such peek (it may have expired)")
         self._record("renew", origin, room_id, peek_id)
@@ -483,30 +494,13 @@ class Testbed:
         return {}
 
     def delete_peek(self, origin: str, room_id: str, peek_id: str) -> dict[str, Any]:
+        """R3 ``DELETE``: end the peek; answers ``{}``.
+
+        Raises:
+            MatrixError: 404 ``M_NOT_FOUND``: no such live peek.
+        """
         self._record("delete", origin, room_id, peek_id)
         if not self.peeks.delete(origin, room_id, peek_id, self.clock_ms()):
             raise MatrixError(404, "M_NOT_FOUND", "no such peek")
         log.info("peek %r of %s deleted by %s", peek_id, room_id, origin)
         return {}
-
-    def readable_room(self, room_id: str, origin: str) -> TestbedRoom:
-        """A room ``origin`` may read over federation: known (404), allowed by its server ACL
-        (403) and world_readable (403)."""
-        room = self.rooms.get(room_id)
-        if room is None:
-            raise MatrixError(404, "M_NOT_FOUND", f"unknown room {room_id}")
-        check_readable(room, origin)
-        return room
-
-    def readable_event(self, event_id: str, origin: str) -> dict[str, Any]:
-        """The PDU ``event_id`` (of any room), when ``origin`` may read its room.
-
-        Raises:
-            MatrixError: 404 ``M_NOT_FOUND`` unknown event; 403 as :meth:`readable_room`.
-        """
-        for room in self.rooms.values():
-            pdu = room.event(event_id)
-            if pdu is not None:
-                self.readable_room(room.room_id, origin)
-                return pdu
-        raise MatrixError(404, "M_NOT_FOUND", f"unknown event {event_id}")
