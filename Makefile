@@ -40,6 +40,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy peekproxy tests bench
+	$(BIN)/lint-imports
 
 ## make demo: a testbed hosts a room, peekproxy peeks it over MSC2444, live events arrive.
 demo: $(VENV)/.installed

@@ -366,7 +366,8 @@ async def memory(rooms: int, peeks: int, directory: Path) -> None:
     from peekproxy.federation.ip_policy import IpFilter
     from peekproxy.federation.keyring import Keyring
     from peekproxy.services import PeekSettings, build_services
-    from peekproxy.store import WriteTransaction, open_sqlite
+    from peekproxy.store import WriteTransaction
+    from peekproxy.store.sqlite import open_sqlite
 
     store = await open_sqlite(directory / "memory.db", "localhost:1")
     now = int(time.time() * 1000)

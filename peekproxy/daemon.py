@@ -31,7 +31,7 @@ from peekproxy.federation.signing_key import key_id, load_signing_key
 from peekproxy.sdnotify import sd_notify
 from peekproxy.services import PeekSettings, build_services
 from peekproxy.serving import ServingError, hypercorn_config, open_listeners, watch_signals
-from peekproxy.store import open_sqlite
+from peekproxy.store.sqlite import open_sqlite
 
 __all__ = ["Listening", "run_daemon"]
 

@@ -18,7 +18,8 @@ import trio.testing
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.services import PeekSettings, Services, build_services
 from peekproxy.services.ingest import TYPING_TIMEOUT_MS
-from peekproxy.store import Storage, open_sqlite
+from peekproxy.store import Storage
+from peekproxy.store.sqlite import open_sqlite
 from peekproxy.store.sqlite.migrations import apply_migrations, available_migrations
 from tests.offline import offline_client
 

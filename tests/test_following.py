@@ -22,7 +22,7 @@ from peekproxy.services.following import (
     Renewed,
     RoomFollower,
 )
-from peekproxy.store import open_sqlite
+from peekproxy.store.sqlite import open_sqlite
 from tests.offline import OFFLINE_SETTINGS, offline_client
 
 ROOM = "!r:remote.test"

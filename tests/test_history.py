@@ -12,7 +12,8 @@ import pytest
 from peekproxy.core import paging
 from peekproxy.core.sync import InvalidToken, decode_token
 from peekproxy.services.backfill import Backfilled, new_history
-from peekproxy.store import Storage, WriteTransaction, open_sqlite
+from peekproxy.store import Storage, WriteTransaction
+from peekproxy.store.sqlite import open_sqlite
 
 ROOM = "!room:remote.test"
 

@@ -13,7 +13,8 @@ import trio.testing
 
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.services import Services
-from peekproxy.store import Storage, open_sqlite
+from peekproxy.store import Storage
+from peekproxy.store.sqlite import open_sqlite
 from tests.offline import offline_service
 
 ROOM = "!room:remote.test"

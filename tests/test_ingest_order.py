@@ -22,8 +22,8 @@ from peekproxy.federation.client import FederationClient, build_ssl_context
 from peekproxy.federation.discovery import DnspythonLookup
 from peekproxy.federation.ip_policy import IpFilter
 from peekproxy.federation.signing_key import server_key_document
-from peekproxy.store import SqliteStorage, WriteTransaction, open_sqlite
-from peekproxy.store.sqlite import SqliteTransaction
+from peekproxy.store import WriteTransaction
+from peekproxy.store.sqlite import SqliteStorage, SqliteTransaction, open_sqlite
 from tests.conftest import Spawn
 from tests.peek_world import PEEKPROXY, SECRET, TESTBED, PeekWorld, build_world
 

@@ -16,7 +16,8 @@ import trio
 
 from peekproxy.core.live import LiveWindow, StreamChange
 from peekproxy.core.sync import DevicePeek, build_sync
-from peekproxy.store import ReadTransaction, Storage, WriteTransaction, open_sqlite
+from peekproxy.store import ReadTransaction, Storage, WriteTransaction
+from peekproxy.store.sqlite import open_sqlite
 
 ROOM = "!room:remote.test"
 OTHER = "!other:remote.test"

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from peekproxy.core.live import LiveWindow
-from peekproxy.store import WriteTransaction, open_sqlite
-from peekproxy.store.sqlite import SqliteTransaction
+from peekproxy.store import WriteTransaction
+from peekproxy.store.sqlite import SqliteTransaction, open_sqlite
 from tests.test_live_window import (
     ALICE,
     BOB,

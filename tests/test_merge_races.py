@@ -15,7 +15,7 @@ import trustme
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.core.validation import ValidatedPeek
 from peekproxy.services.subscriptions import Subscriptions
-from peekproxy.store import open_sqlite
+from peekproxy.store.sqlite import open_sqlite
 from tests.conftest import Spawn
 from tests.offline import offline_service
 from tests.peek_world import PEEKPROXY, SECRET, TESTBED, build_world

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from peekproxy.store import StoreError, StoreVersionError, open_sqlite
-from peekproxy.store.sqlite import SqliteTransaction
+from peekproxy.store import StoreError, StoreVersionError
+from peekproxy.store.sqlite import SqliteTransaction, open_sqlite
 from peekproxy.store.sqlite.migrations import available_migrations
 
 

@@ -11,8 +11,8 @@ import trio
 
 from peekproxy.core.sync import build_sync, decode_token
 from peekproxy.services import PeekSettings, Services, build_services
-from peekproxy.store import Storage, open_sqlite
-from peekproxy.store.sqlite import SqliteTransaction
+from peekproxy.store import Storage
+from peekproxy.store.sqlite import SqliteTransaction, open_sqlite
 
 ROOM = "!room:remote.test"
 OTHER = "!other:remote.test"
