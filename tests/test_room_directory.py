@@ -12,7 +12,7 @@ import pytest
 from peekproxy.federation.client import DestinationUnreachable, FederationClient, RemoteError
 from peekproxy.services import PeekError
 from peekproxy.services.directory import RoomDirectory
-from peekproxy.store import open_sqlite
+from peekproxy.store.sqlite import open_sqlite
 from tests.offline import offline_service
 
 ROOM = "!r:remote.test"
