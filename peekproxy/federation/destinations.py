@@ -46,6 +46,8 @@ class Backoff:
                 raise DestinationBackingOff(destination, wait)
 
     def failed(self, destination: str) -> None:
+        """A request to ``destination`` failed: start or lengthen its back-off (counted
+        once while it is already backing off)."""
         now = self.clock()
         count, until = self._state.get(destination, (0, 0.0))
         if until > now:
@@ -55,4 +57,5 @@ class Backoff:
         self._state[destination] = (count, now + delay)
 
     def succeeded(self, destination: str) -> None:
+        """``destination`` answered (below 500) or was heard from: its back-off ends."""
         self._state.pop(destination, None)

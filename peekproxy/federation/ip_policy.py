@@ -30,6 +30,8 @@ class IpFilter:
     whitelist: Sequence[NetworkType] = ()
 
     def allowed(self, address: str) -> bool:
+        """Whether a connection to ``address`` (an IPv4 or IPv6 address in text form) is
+        allowed. Raises ``ValueError`` when ``address`` is not an IP address."""
         ip = ipaddress.ip_address(address)
         if ip.is_unspecified:
             return False
