@@ -361,8 +361,9 @@ async def memory(rooms: int, peeks: int, directory: Path) -> None:
     logging.disable(logging.WARNING)  # renewals to the made-up remote fail: not the point
     from peekproxy.core.subscription import Subscription, SubState
     from peekproxy.core.sync import DevicePeek
-    from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
+    from peekproxy.federation.client import FederationClient, build_ssl_context
     from peekproxy.federation.discovery import DnspythonLookup
+    from peekproxy.federation.ip_policy import IpFilter
     from peekproxy.federation.keyring import Keyring
     from peekproxy.services import PeekSettings, build_services
     from peekproxy.store import WriteTransaction

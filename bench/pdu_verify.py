@@ -27,7 +27,8 @@ from nacl.signing import VerifyKey
 from unpaddedbase64 import decode_base64
 
 from peekproxy.core.events import redact, reference_hash_input
-from peekproxy.core.pdu import KeyLookup, VerifyKeyInfo, check_pdu, key_table
+from peekproxy.core.pdu import check_pdu
+from peekproxy.core.pdu_signatures import KeyLookup, VerifyKeyInfo, key_table
 from peekproxy.core.room_versions import RoomVersion, room_version
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "synapse-pdus"

@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 import trio
 
-from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
+from peekproxy.federation.client import FederationClient, build_ssl_context
 from peekproxy.federation.discovery import DnspythonLookup
+from peekproxy.federation.ip_policy import IpFilter
 from peekproxy.federation.keyring import Keyring
 from peekproxy.services import PeekSettings, Services, build_services
 from peekproxy.store import Storage

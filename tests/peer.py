@@ -14,8 +14,9 @@ import trustme
 from signedjson.key import generate_signing_key
 
 from peekproxy.config import DEFAULT_IP_RANGE_BLACKLIST
-from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
+from peekproxy.federation.client import FederationClient, build_ssl_context
 from peekproxy.federation.discovery import DnspythonLookup
+from peekproxy.federation.ip_policy import IpFilter
 from peekproxy.federation.signing_key import server_key_document
 from tests.support import JsonApp, issue_cert, serve_app
 

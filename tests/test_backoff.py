@@ -15,7 +15,8 @@ import trustme
 from peekproxy.core import subscription as subs
 from peekproxy.core.backoff import backoff_delay
 from peekproxy.core.subscription import Action, Subscription, SubState
-from peekproxy.federation.client import Backoff, DestinationBackingOff, RemoteError
+from peekproxy.federation.client import DestinationBackingOff, RemoteError
+from peekproxy.federation.destinations import Backoff
 from tests.test_discovery import World
 
 MAX = 1_800_000

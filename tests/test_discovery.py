@@ -22,7 +22,6 @@ from peekproxy.federation.client import (
     DestinationBlocked,
     DestinationUnreachable,
     FederationClient,
-    IpFilter,
     build_ssl_context,
 )
 from peekproxy.federation.discovery import (
@@ -33,6 +32,7 @@ from peekproxy.federation.discovery import (
     parse_well_known,
     well_known_cache_period,
 )
+from peekproxy.federation.ip_policy import IpFilter
 from tests.dns import start_dnsmasq, start_slow_dns
 from tests.support import JsonApp, issue_cert, serve_app
 

@@ -18,8 +18,9 @@ import trustme
 from signedjson.key import generate_signing_key
 
 from peekproxy.core.dag import dag_order
-from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
+from peekproxy.federation.client import FederationClient, build_ssl_context
 from peekproxy.federation.discovery import DnspythonLookup
+from peekproxy.federation.ip_policy import IpFilter
 from peekproxy.federation.signing_key import server_key_document
 from peekproxy.store import WriteTransaction
 from peekproxy.store.sqlite import SqliteStorage, SqliteTransaction, open_sqlite

@@ -15,8 +15,9 @@ from signedjson.sign import sign_json
 from peekproxy.config import DEFAULT_IP_RANGE_BLACKLIST
 from peekproxy.core.room_versions import room_version
 from peekproxy.core.subscription import Subscription, SubState
-from peekproxy.federation.client import FederationClient, IpFilter, build_ssl_context
+from peekproxy.federation.client import FederationClient, build_ssl_context
 from peekproxy.federation.discovery import DnspythonLookup
+from peekproxy.federation.ip_policy import IpFilter
 from peekproxy.federation.keyring import (
     KEY_VALIDITY_CAP_MS,
     KeyFetchError,

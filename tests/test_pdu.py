@@ -20,13 +20,11 @@ from signedjson.key import decode_verify_key_bytes
 from unpaddedbase64 import decode_base64, encode_base64
 
 from peekproxy.core.events import content_hash, redact, reference_hash_input
-from peekproxy.core.pdu import (
-    MAX_PDU_BYTES,
+from peekproxy.core.pdu import PduVerdict, check_pdu, check_pdus
+from peekproxy.core.pdu_format import MAX_PDU_BYTES
+from peekproxy.core.pdu_signatures import (
     KeyLookup,
-    PduVerdict,
     VerifyKeyInfo,
-    check_pdu,
-    check_pdus,
     key_table,
     required_signers,
     signer_key_validity,

@@ -28,7 +28,7 @@ from peekproxy.core.events import (
     redact,
     reference_hash_input,
 )
-from peekproxy.core.pdu import KeyLookup, VerifyKeyInfo, key_table
+from peekproxy.core.pdu_signatures import KeyLookup, VerifyKeyInfo, key_table
 from peekproxy.core.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion, room_version
 from peekproxy.core.validation import (
     DEFAULT_RENEWAL_INTERVAL_MS,

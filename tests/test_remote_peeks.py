@@ -318,11 +318,11 @@ async def test_send_endpoint_rules(
 
     from peekproxy.federation.client import (
         FederationClient,
-        IpFilter,
         RemoteError,
         build_ssl_context,
     )
     from peekproxy.federation.discovery import DnspythonLookup
+    from peekproxy.federation.ip_policy import IpFilter
     from peekproxy.federation.signing_key import server_key_document
 
     key = generate_signing_key("o1")

@@ -16,7 +16,8 @@ import pytest
 from signedjson.key import generate_signing_key, get_verify_key
 
 from peekproxy.core.events import compute_event_id, room_id_for_create
-from peekproxy.core.pdu import KeyLookup, VerifyKeyInfo, check_pdu, key_table
+from peekproxy.core.pdu import check_pdu
+from peekproxy.core.pdu_signatures import KeyLookup, VerifyKeyInfo, key_table
 from peekproxy.testbed.rooms import (
     HISTORY_VISIBILITIES,
     JOIN_RULES,

@@ -3,8 +3,8 @@
 Pure: no clock, no random source of its own (the caller draws a number in [0, 1), e.g.
 ``random.random()``, and passes it in, so schedules can be tested exactly). Used by the
 per-destination back-off of outbound federation requests
-(:class:`peekproxy.federation.client.Backoff`) and by the per-room retries of remote peeks
-(:mod:`peekproxy.core.subscription`); docs/peeking.md ("Back-off") states the policy.
+(:class:`peekproxy.federation.destinations.Backoff`) and by the per-room retries of remote
+peeks (:mod:`peekproxy.core.subscription`); docs/peeking.md ("Back-off") states the policy.
 """
 
 from __future__ import annotations

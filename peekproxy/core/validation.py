@@ -1,8 +1,8 @@
 """Validation of an MSC2444 peek response (the 200 answer to ``PUT /peek/{roomId}/{peekId}``).
 
-Pure: no I/O. The keys arrive through a :class:`~peekproxy.core.pdu.KeyLookup` that
+Pure: no I/O. The keys arrive through a :class:`~peekproxy.core.pdu_signatures.KeyLookup` that
 the caller fills beforehand (fetch the keys of
-:func:`~peekproxy.core.pdu.required_signers` for each PDU of
+:func:`~peekproxy.core.pdu_signatures.required_signers` for each PDU of
 :func:`peek_response_pdus`).
 
 Shapes (protocol.md decision 1, §1.3, §1.4):
@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from peekproxy.core.events import redact, room_id_for_create
-from peekproxy.core.pdu import KeyLookup, PduVerdict, check_pdu
+from peekproxy.core.pdu import PduVerdict, check_pdu
+from peekproxy.core.pdu_signatures import KeyLookup
 from peekproxy.core.room_versions import RoomVersion, UnknownRoomVersion, room_version
 
 __all__ = [

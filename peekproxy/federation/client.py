@@ -4,7 +4,8 @@
 
 1. resolve the destination server name (:mod:`peekproxy.federation.discovery`);
 2. resolve each target host to addresses and drop those in ``ip_range_blacklist`` (unless in
-   ``ip_range_whitelist``) *before* connecting;
+   ``ip_range_whitelist``; :class:`~peekproxy.federation.ip_policy.IpFilter`) *before*
+   connecting;
 3. sign the request with X-Matrix (origin, destination, key, sig) unless it is a key fetch;
 4. connect through :class:`~peekproxy.federation.transport.FederationTransport` with the
    TLS name discovery chose, trying the next target on connection failures;
@@ -12,19 +13,17 @@
 
 Failures are typed (:class:`FederationError` subclasses) and say whether retrying later may
 help (``retryable``). Connection failures, timeouts and 5xx answers put the destination in
-exponential back-off with jitter (:class:`Backoff`).
+exponential back-off with jitter (:class:`~peekproxy.federation.destinations.Backoff`).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
-import random
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urljoin, urlsplit
@@ -35,7 +34,6 @@ import httpx
 import trio
 from signedjson.types import SigningKey
 
-from peekproxy.core.backoff import backoff_delay
 from peekproxy.core.federation_errors import (
     BadResponse,
     DestinationBackingOff,
@@ -46,6 +44,7 @@ from peekproxy.core.federation_errors import (
 )
 from peekproxy.core.identifiers import InvalidIdentifier, ServerName
 from peekproxy.core.xmatrix import authorization_header
+from peekproxy.federation.destinations import Backoff
 from peekproxy.federation.discovery import (
     WELL_KNOWN_MAX_BYTES,
     DnsError,
@@ -59,10 +58,10 @@ from peekproxy.federation.discovery import (
     parse_well_known,
     well_known_cache_period,
 )
+from peekproxy.federation.ip_policy import IpFilter
 from peekproxy.federation.transport import ROUTE_EXTENSION, FederationTransport, Route
 
 __all__ = [
-    "Backoff",
     "BadResponse",
     "DestinationBackingOff",
     "DestinationBlocked",
@@ -70,15 +69,12 @@ __all__ = [
     "FederationClient",
     "FederationError",
     "FederationResponse",
-    "IpFilter",
     "RemoteError",
     "build_ssl_context",
     "path_segment",
 ]
 
 log = logging.getLogger(__name__)
-
-NetworkType = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -96,90 +92,6 @@ class FederationResponse:
             return json.loads(self.body)
         except (ValueError, UnicodeDecodeError):
             raise BadResponse(self.destination, "response body is not JSON") from None
-
-
-@dataclass
-class IpFilter:
-    """Outbound address policy: refused if in ``blacklist`` and not in ``whitelist``.
-
-    The unspecified addresses ``0.0.0.0`` and ``::`` are always refused.
-    """
-
-    blacklist: Sequence[NetworkType]
-    whitelist: Sequence[NetworkType] = ()
-
-    def allowed(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address)
-        if ip.is_unspecified:
-            return False
-        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
-        if isinstance(ip, ipaddress.IPv6Address):
-            candidates += _embedded_ipv4(ip)
-        if any(c in net for c in candidates for net in self.whitelist if net.version == c.version):
-            return True
-        return not any(
-            c.is_unspecified or c in net
-            for c in candidates
-            for net in self.blacklist
-            if net.version == c.version
-        )
-
-
-_COMPAT = ipaddress.ip_network("::/96")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
-
-
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """IPv4 addresses carried inside an IPv6 one (mapped, compatible, NAT64, 6to4): they are
-    checked against the IPv4 lists too, so ``::ffff:127.0.0.1`` cannot dodge ``127.0.0.0/8``."""
-    found = []
-    if ip.ipv4_mapped is not None:
-        found.append(ip.ipv4_mapped)
-    if ip in _COMPAT or ip in _NAT64:
-        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    if ip.sixtofour is not None:
-        found.append(ip.sixtofour)
-    return found
-
-
-@dataclass
-class Backoff:
-    """Per-destination exponential back-off with jitter (seconds).
-
-    A failure is a connection failure, a timeout or a 5xx answer. After the n-th failure in
-    a row the destination is not asked for :func:`~peekproxy.core.backoff.backoff_delay`
-    ``(n, initial, maximum, draw())`` seconds (``initial`` doubling up to ``maximum``,
-    ±20 %). Failures reported while it is already backing off (requests that were in flight
-    together, e.g. many rooms' peeks) count once. A success (any answer below 500) ends it.
-    """
-
-    initial: float
-    maximum: float
-    clock: Callable[[], float]
-    #: Draws the jitter: a number in [0, 1).
-    draw: Callable[[], float] = random.random
-    _state: dict[str, tuple[int, float]] = field(default_factory=dict)
-
-    def check(self, destination: str) -> None:
-        """Raises DestinationBackingOff while the destination is backing off."""
-        state = self._state.get(destination)
-        if state is not None:
-            wait = state[1] - self.clock()
-            if wait > 0:
-                raise DestinationBackingOff(destination, wait)
-
-    def failed(self, destination: str) -> None:
-        now = self.clock()
-        count, until = self._state.get(destination, (0, 0.0))
-        if until > now:
-            return  # already backing off: the same outage, seen by another request
-        count += 1
-        delay = backoff_delay(count, self.initial, self.maximum, self.draw())
-        self._state[destination] = (count, now + delay)
-
-    def succeeded(self, destination: str) -> None:
-        self._state.pop(destination, None)
 
 
 def build_ssl_context(verify: bool = True, ca_file: Path | None = None) -> ssl.SSLContext:

@@ -37,7 +37,7 @@ from signedjson.sign import SignatureVerifyException, verify_signed_json
 from signedjson.types import VerifyKey
 from unpaddedbase64 import decode_base64
 
-from peekproxy.core.pdu import VerifyKeyInfo, signer_key_ids, signer_key_validity
+from peekproxy.core.pdu_signatures import VerifyKeyInfo, signer_key_ids, signer_key_validity
 from peekproxy.core.room_versions import RoomVersion
 from peekproxy.federation.client import FederationClient, FederationError
 from peekproxy.store import ServerKeyRow, Storage

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from peekproxy.core.pdu import KeyLookup, VerifyKeyInfo
+    from peekproxy.core.pdu_signatures import KeyLookup, VerifyKeyInfo
 
 __all__ = ["add_pdu_parser", "fetch_keys_for", "parse_key_option", "run_pdu_check"]
 
@@ -92,7 +92,7 @@ def fetch_keys_for(wanted: Mapping[str, set[str]], config_path: str | None) -> K
 
 
 def _wanted_keys(pdus: Iterable[Any], rules: Any) -> dict[str, set[str]]:
-    from peekproxy.core.pdu import signer_key_ids
+    from peekproxy.core.pdu_signatures import signer_key_ids
 
     return {server: set(ids) for server, ids in signer_key_ids(pdus, rules).items()}
 
@@ -106,7 +106,7 @@ def parse_key_option(value: str) -> tuple[str, str, VerifyKeyInfo]:
             server name, or not the base64 of a 32-byte key.
     """
     from peekproxy.core.identifiers import InvalidIdentifier, ServerName
-    from peekproxy.core.pdu import VerifyKeyInfo
+    from peekproxy.core.pdu_signatures import VerifyKeyInfo
 
     parts = value.rsplit(":", 3)
     if len(parts) != 4:
@@ -170,7 +170,7 @@ def _split_input(document: Any) -> tuple[list[Any], Mapping[str, Any]]:
 
 
 def _fixture_keys(metadata: Mapping[str, Any]) -> dict[tuple[str, str], VerifyKeyInfo]:
-    from peekproxy.core.pdu import VerifyKeyInfo
+    from peekproxy.core.pdu_signatures import VerifyKeyInfo
 
     server, verify_keys = metadata.get("server_name"), metadata.get("verify_keys")
     if not isinstance(server, str) or not isinstance(verify_keys, dict):
@@ -196,7 +196,8 @@ def run_pdu_check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from peekproxy.core.pdu import check_pdu, key_table
+    from peekproxy.core.pdu import check_pdu
+    from peekproxy.core.pdu_signatures import key_table
     from peekproxy.core.room_versions import UnknownRoomVersion, room_version
 
     table: dict[tuple[str, str], VerifyKeyInfo] = {}

@@ -3,6 +3,7 @@
 * :mod:`~peekproxy.services.subscriptions`: remote subscriptions (a task per followed room),
   followed through the :class:`~peekproxy.services.following.RoomFollower` seam, whose one
   implementation today is the MSC2444 peek (:mod:`~peekproxy.services.msc2444`);
+* :mod:`~peekproxy.services.directory`: room IDs and aliases resolved over federation;
 * :mod:`~peekproxy.services.ingest`: inbound ``/send`` transactions and typing expiry;
 * :mod:`~peekproxy.services.syncing`: device peeks, ``/sync`` long-polls, the idle reaper;
 * :mod:`~peekproxy.services.missing_events`: signer keys and ``get_missing_events``;
@@ -16,8 +17,8 @@
 runs (:meth:`Services.run`) and the API calls.
 
 May import: ``peekproxy.core``, ``peekproxy.store``, ``peekproxy.federation``,
-``peekproxy.metrics`` and each other (no cycles: subscriptions ← ingest, syncing). Must not
-import: ``peekproxy.api``, ``peekproxy.daemon``, HTTP servers.
+``peekproxy.metrics`` and each other (no cycles: subscriptions ← ingest, syncing;
+directory ← syncing). Must not import: ``peekproxy.api``, ``peekproxy.daemon``, HTTP servers.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import trio
 
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
+from peekproxy.services.directory import RoomDirectory
 from peekproxy.services.errors import PeekError
 from peekproxy.services.following import RoomFollower
 from peekproxy.services.ingest import Ingest
@@ -56,6 +58,7 @@ class Services:
     clock_ms: Callable[[], int]
     notifier: Notifier
     follower: RoomFollower
+    directory: RoomDirectory
     subscriptions: Subscriptions
     ingest: Ingest
     syncing: Syncing
@@ -92,9 +95,9 @@ def build_services(
         follower = Msc2444Peeks(
             store=store, client=client, keyring=keyring, missing=missing, clock_ms=clock_ms
         )
+    directory = RoomDirectory(client=client)
     subscriptions = Subscriptions(
         store=store,
-        client=client,
         follower=follower,
         notifier=notifier,
         settings=settings,
@@ -111,6 +114,7 @@ def build_services(
     )
     syncing = Syncing(
         store=store,
+        directory=directory,
         subscriptions=subscriptions,
         notifier=notifier,
         settings=settings,
@@ -132,6 +136,7 @@ def build_services(
         clock_ms=clock_ms,
         notifier=notifier,
         follower=follower,
+        directory=directory,
         subscriptions=subscriptions,
         ingest=ingest,
         syncing=syncing,

@@ -8,9 +8,8 @@ again after a lapse (recording a gap). Snapshots are stored here, with the subsc
 one transaction. Device requests never wait for a renewal or a stop; they wait only for the
 first following of a room nobody follows yet (:meth:`Subscriptions.want`).
 
-Other services call: :meth:`~Subscriptions.resolve` (room ID or alias → room ID and
-servers), :meth:`~Subscriptions.room_lock` (held while a room's subscription and its device
-peeks change together), :meth:`~Subscriptions.want` / :meth:`~Subscriptions.restore` /
+Other services call: :meth:`~Subscriptions.room_lock` (held while a room's subscription and
+its device peeks change together), :meth:`~Subscriptions.want` / :meth:`~Subscriptions.restore` /
 :meth:`~Subscriptions.unwanted` (with that lock), :meth:`~Subscriptions.poke`,
 :meth:`~Subscriptions.get`, :meth:`~Subscriptions.wait_for_setups` and
 :meth:`~Subscriptions.end_peeking` (``/send`` ingest).
@@ -27,10 +26,8 @@ import trio
 
 from peekproxy.core import subscription as subs
 from peekproxy.core.backoff import backoff_delay
-from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, RoomId
 from peekproxy.core.outcomes import retry_not_before
 from peekproxy.core.subscription import Action, Subscription, SubState
-from peekproxy.federation.client import FederationClient, FederationError, RemoteError
 from peekproxy.services.errors import PeekError
 from peekproxy.services.following import (
     Fetched,
@@ -62,14 +59,12 @@ class Subscriptions:
         self,
         *,
         store: Storage,
-        client: FederationClient,
         follower: RoomFollower,
         notifier: Notifier,
         settings: PeekSettings,
         clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.store = store
-        self.client = client
         self.follower = follower
         self.notifier = notifier
         self.settings = settings
@@ -143,46 +138,6 @@ class Subscriptions:
         await self.store.write(lambda tx: tx.save_subscription(sub))
 
     # -- for the other services ------------------------------------------------------------
-
-    async def resolve(self, room_id_or_alias: str) -> tuple[str, list[str]]:
-        """A room ID, or an alias resolved over federation: (room ID, servers from the
-        directory).
-
-        Raises:
-            PeekError: 400 malformed, 404 unknown alias, 502 directory unreachable.
-        """
-        try:
-            if room_id_or_alias.startswith("#"):
-                alias = RoomAlias.parse(room_id_or_alias)
-            else:
-                return str(RoomId.parse(room_id_or_alias)), []
-        except InvalidIdentifier as e:
-            raise PeekError(400, "M_INVALID_PARAM", str(e)) from None  # e names the value, cut
-        server = str(alias.server_name)
-        try:
-            answer = await self.client.get_json(
-                server, "/_matrix/federation/v1/query/directory", query={"room_alias": str(alias)}
-            )
-        except RemoteError as e:
-            if e.status == 404:
-                raise PeekError(404, "M_NOT_FOUND", f"{alias} not found on {server}") from None
-            raise PeekError(
-                502, "M_UNKNOWN", f"alias lookup at {server} failed: {e.reason}"
-            ) from None
-        except FederationError as e:
-            raise PeekError(
-                502, "M_UNKNOWN", f"alias lookup at {server} failed: {e.reason}"
-            ) from None
-        room_id = answer.get("room_id") if isinstance(answer, dict) else None
-        servers = answer.get("servers") if isinstance(answer, dict) else None
-        try:
-            RoomId.parse(str(room_id))
-        except InvalidIdentifier:
-            raise PeekError(
-                502, "M_UNKNOWN", f"{server} answered the alias lookup with no valid room_id"
-            ) from None
-        listed = [s for s in servers if isinstance(s, str)] if isinstance(servers, list) else []
-        return str(room_id), [*listed, server]
 
     async def want(self, room_id: str, candidates: tuple[str, ...]) -> Subscription:
         """A device wants ``room_id`` (call with :meth:`room_lock` held): follow it through

@@ -1,6 +1,7 @@
 """Device peeks (MSC2753) and their ``/sync`` long-polls.
 
-A device peeks a room (:meth:`Syncing.peek`): the room is resolved and followed through
+A device peeks a room (:meth:`Syncing.peek`): the room is resolved
+(:class:`~peekproxy.services.directory.RoomDirectory`) and followed through
 :class:`~peekproxy.services.subscriptions.Subscriptions`, and the device peek stored; an
 unpeek ends it (the room is released when no device wants it). ``/sync``
 (:meth:`Syncing.sync`) registers wake-ups (:class:`~peekproxy.services.notifier.Notifier`)
@@ -24,6 +25,7 @@ from peekproxy.core.live import LiveAnswer, LiveWindow, StreamChange
 from peekproxy.core.outcomes import candidate_servers
 from peekproxy.core.sync import InvalidToken, build_sync, decode_token
 from peekproxy.metrics import SYNC_ANSWERS
+from peekproxy.services.directory import RoomDirectory
 from peekproxy.services.errors import PeekError
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import PeekSettings, now_ms
@@ -42,12 +44,14 @@ class Syncing:
         self,
         *,
         store: Storage,
+        directory: RoomDirectory,
         subscriptions: Subscriptions,
         notifier: Notifier,
         settings: PeekSettings,
         clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.store = store
+        self.directory = directory
         self.subscriptions = subscriptions
         self.notifier = notifier
         self.settings = settings
@@ -109,7 +113,7 @@ class Syncing:
             PeekError: with the status and errcode the client should get (protocol.md
                 decision 6): 400 malformed, 403 not peekable, 404 unknown, 502 no server.
         """
-        room_id, alias_servers = await self.subscriptions.resolve(room_id_or_alias)
+        room_id, alias_servers = await self.directory.resolve(room_id_or_alias)
         candidates = tuple(candidate_servers(hints, alias_servers, room_id))
         device_lock = self._device_locks.setdefault((user_id, device_id), trio.Lock())
         async with device_lock:  # the per-device cap is checked and applied atomically

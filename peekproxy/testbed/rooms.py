@@ -49,7 +49,8 @@ from unpaddedbase64 import encode_base64
 
 from peekproxy.core.events import compute_event_id, content_hash, redact, room_id_for_create
 from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, ServerName, UserId
-from peekproxy.core.pdu import VerifyKeyInfo, check_pdu, key_table
+from peekproxy.core.pdu import check_pdu
+from peekproxy.core.pdu_signatures import VerifyKeyInfo, key_table
 from peekproxy.core.room_versions import RoomVersion, UnknownRoomVersion, room_version
 
 __all__ = [

@@ -1,0 +1,66 @@
+"""The room directory over federation: a room ID, or an alias resolved at its server.
+
+:meth:`RoomDirectory.resolve` turns what a device asked to peek (a room ID or a
+``#alias:server``) into the room ID and the servers the directory names (SSAPI §Querying
+directory information, ``GET /_matrix/federation/v1/query/directory``).
+:class:`~peekproxy.services.syncing.Syncing` asks it before a room is followed and adds those
+servers to the candidates (:func:`peekproxy.core.outcomes.candidate_servers`).
+
+May import: ``peekproxy.core``, ``peekproxy.federation`` and ``peekproxy.services.errors``.
+"""
+
+from __future__ import annotations
+
+from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, RoomId
+from peekproxy.federation.client import FederationClient, FederationError, RemoteError
+from peekproxy.services.errors import PeekError
+
+__all__ = ["RoomDirectory"]
+
+
+class RoomDirectory:
+    """Room IDs and aliases, resolved over federation through ``client``."""
+
+    def __init__(self, *, client: FederationClient) -> None:
+        self.client = client
+
+    async def resolve(self, room_id_or_alias: str) -> tuple[str, list[str]]:
+        """A room ID, or an alias resolved over federation: (room ID, servers from the
+        directory). For an alias the servers are those its server listed, then that server
+        itself; for a room ID, ``[]``.
+
+        Raises:
+            PeekError: 400 malformed, 404 unknown alias, 502 directory unreachable.
+        """
+        try:
+            if room_id_or_alias.startswith("#"):
+                alias = RoomAlias.parse(room_id_or_alias)
+            else:
+                return str(RoomId.parse(room_id_or_alias)), []
+        except InvalidIdentifier as e:
+            raise PeekError(400, "M_INVALID_PARAM", str(e)) from None  # e names the value, cut
+        server = str(alias.server_name)
+        try:
+            answer = await self.client.get_json(
+                server, "/_matrix/federation/v1/query/directory", query={"room_alias": str(alias)}
+            )
+        except RemoteError as e:
+            if e.status == 404:
+                raise PeekError(404, "M_NOT_FOUND", f"{alias} not found on {server}") from None
+            raise PeekError(
+                502, "M_UNKNOWN", f"alias lookup at {server} failed: {e.reason}"
+            ) from None
+        except FederationError as e:
+            raise PeekError(
+                502, "M_UNKNOWN", f"alias lookup at {server} failed: {e.reason}"
+            ) from None
+        room_id = answer.get("room_id") if isinstance(answer, dict) else None
+        servers = answer.get("servers") if isinstance(answer, dict) else None
+        try:
+            RoomId.parse(str(room_id))
+        except InvalidIdentifier:
+            raise PeekError(
+                502, "M_UNKNOWN", f"{server} answered the alias lookup with no valid room_id"
+            ) from None
+        listed = [s for s in servers if isinstance(s, str)] if isinstance(servers, list) else []
+        return str(room_id), [*listed, server]
