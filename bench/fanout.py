@@ -365,7 +365,7 @@ async def memory(rooms: int, peeks: int, directory: Path) -> None:
     from peekproxy.federation.discovery import DnspythonLookup
     from peekproxy.federation.ip_policy import IpFilter
     from peekproxy.federation.keyring import Keyring
-    from peekproxy.services import PeekSettings, build_services
+    from peekproxy.services.assembly import PeekSettings, build_services
     from peekproxy.store import WriteTransaction
     from peekproxy.store.sqlite import open_sqlite
 

@@ -29,7 +29,7 @@ from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring, TrustedNotary
 from peekproxy.federation.signing_key import key_id, load_signing_key
 from peekproxy.sdnotify import sd_notify
-from peekproxy.services import PeekSettings, build_services
+from peekproxy.services.assembly import PeekSettings, build_services
 from peekproxy.serving import ServingError, hypercorn_config, open_listeners, watch_signals
 from peekproxy.store.sqlite import open_sqlite
 

@@ -12,7 +12,7 @@ from peekproxy.federation.client import FederationClient, build_ssl_context
 from peekproxy.federation.discovery import DnspythonLookup
 from peekproxy.federation.ip_policy import IpFilter
 from peekproxy.federation.keyring import Keyring
-from peekproxy.services import PeekSettings, Services, build_services
+from peekproxy.services.assembly import PeekSettings, Services, build_services
 from peekproxy.store import Storage
 
 #: Small caps, no linger, a one-minute idle timeout.

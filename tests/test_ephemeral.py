@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from peekproxy.core.subscription import Subscription, SubState
-from peekproxy.services import PeekSettings, Services, build_services
+from peekproxy.services.assembly import PeekSettings, Services, build_services
 from peekproxy.services.ingest import TYPING_TIMEOUT_MS
 from peekproxy.store import Storage
 from peekproxy.store.sqlite import open_sqlite

@@ -14,7 +14,8 @@ import pytest
 import trio
 
 from peekproxy.core.subscription import SubState
-from peekproxy.services import PeekError, Services, build_services
+from peekproxy.services.assembly import Services, build_services
+from peekproxy.services.errors import PeekError
 from peekproxy.services.following import (
     Followed,
     FollowFailed,

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from peekproxy.core.subscription import Subscription, SubState
-from peekproxy.services import Services
+from peekproxy.services.assembly import Services
 from peekproxy.store import Storage
 from peekproxy.store.sqlite import open_sqlite
 from tests.offline import offline_service

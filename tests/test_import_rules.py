@@ -44,3 +44,24 @@ def test_a_core_module_that_imports_the_store_breaks_the_rules(tmp_path: Path) -
     assert result.returncode == 1, result.stdout + result.stderr
     assert "peekproxy.core is not allowed to import peekproxy.store" in result.stdout
     assert "peekproxy.core.sync -> peekproxy.store" in result.stdout
+
+
+def _loaded_after_import(module: str) -> set[str]:
+    code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return set(result.stdout.split())
+
+
+def test_importing_the_core_loads_no_io() -> None:
+    """What the contracts say statically, at run time: the core pulls in no I/O library."""
+    loaded = _loaded_after_import("peekproxy.core.sync, peekproxy.core.pdu, peekproxy.core.live")
+    assert loaded.isdisjoint({"trio", "httpx", "sqlite3", "hypercorn", "starlette"})
+    assert not any(name.startswith(("peekproxy.store", "peekproxy.services")) for name in loaded)
+
+
+def test_the_testbed_loads_no_peek_service_and_no_database() -> None:
+    loaded = _loaded_after_import("peekproxy.testbed.server")
+    assert not {"peekproxy.services.syncing", "peekproxy.store.sqlite", "peekproxy.daemon"} & loaded
+    assert "sqlite3" not in loaded

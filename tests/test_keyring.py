@@ -27,7 +27,7 @@ from peekproxy.federation.keyring import (
     parse_key_document,
 )
 from peekproxy.federation.signing_key import server_key_document
-from peekproxy.services import PeekSettings, build_services
+from peekproxy.services.assembly import PeekSettings, build_services
 from peekproxy.store.sqlite import open_sqlite
 from peekproxy.testbed.rooms import TestbedRoom
 from tests.support import JsonApp, serve_app

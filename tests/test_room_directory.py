@@ -10,8 +10,8 @@ from typing import Any, cast
 import pytest
 
 from peekproxy.federation.client import DestinationUnreachable, FederationClient, RemoteError
-from peekproxy.services import PeekError
 from peekproxy.services.directory import RoomDirectory
+from peekproxy.services.errors import PeekError
 from peekproxy.store.sqlite import open_sqlite
 from tests.offline import offline_service
 

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from peekproxy.core.sync import build_sync, decode_token
-from peekproxy.services import PeekSettings, Services, build_services
+from peekproxy.services.assembly import PeekSettings, Services, build_services
 from peekproxy.store import Storage
 from peekproxy.store.sqlite import SqliteTransaction, open_sqlite
 

@@ -48,7 +48,7 @@ from peekproxy.api.delegation_params import (
 )
 from peekproxy.api.errors import MatrixError
 from peekproxy.api.federation_auth import read_json_body
-from peekproxy.services import Services
+from peekproxy.services.assembly import Services
 from peekproxy.services.reads import HistoryReads
 from peekproxy.services.syncing import Syncing
 

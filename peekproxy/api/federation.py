@@ -28,7 +28,7 @@ from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias
 from peekproxy.federation.keyring import Keyring
 from peekproxy.federation.signing_key import server_key_document
 from peekproxy.metrics import RequestMetrics
-from peekproxy.services import Services
+from peekproxy.services.assembly import Services
 
 __all__ = ["federation_app"]
 
