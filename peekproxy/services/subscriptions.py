@@ -186,14 +186,7 @@ class Subscriptions:
                 failure = e
                 sub = self.by_room[room_id]
                 if e.status != 403:  # the room's task retries after the back-off
-                    sub = subs.repeek_failed(
-                        sub,
-                        now_ms=self.clock_ms(),
-                        draw=random.random(),
-                        not_before_ms=retry_not_before(
-                            self.clock_ms(), e.extra.get("retry_after_ms")
-                        ),
-                    )
+                    sub = self._repeek_failed(sub, e)
         await self._save(sub)
         if failure is not None:
             raise failure
@@ -229,6 +222,18 @@ class Subscriptions:
                 async with lock:  # the set-up holds the room's lock until it is stored
                     pass
 
+    def _repeek_failed(self, sub: Subscription, error: PeekError) -> Subscription:
+        """``sub`` after a failed (re-)peek: its back-off grows, not shorter than the
+        remote's ``retry_after_ms`` (core.subscription.repeek_failed)."""
+        now = self.clock_ms()
+        retry_after_ms = error.extra.get("retry_after_ms")
+        return subs.repeek_failed(
+            sub,
+            now_ms=now,
+            draw=random.random(),
+            not_before_ms=retry_not_before(now, retry_after_ms),
+        )
+
     async def _after_failed_start(self, room_id: str, error: PeekError) -> None:
         """A device's peek failed. Devices already peeking the room keep their subscription
         retrying (it stays lapsed); otherwise nobody wants the room, and it does not count
@@ -237,12 +242,7 @@ class Subscriptions:
         others = await self.store.read(lambda tx: tx.device_peek_count(room_id))
         if others and sub.state is SubState.FAILED and sub.room_version is not None:
             # Every candidate just failed: the room's task retries after the back-off.
-            sub = subs.repeek_failed(
-                replace(sub, wanted=True),
-                now_ms=self.clock_ms(),
-                draw=random.random(),
-                not_before_ms=retry_not_before(self.clock_ms(), error.extra.get("retry_after_ms")),
-            )
+            sub = self._repeek_failed(replace(sub, wanted=True), error)
         elif not others:
             sub = replace(sub, wanted=False)
         await self._save(sub)
@@ -365,14 +365,7 @@ class Subscriptions:
                                 sub = subs.ended(sub, e.error)
                                 await self._end_device_peeks(room_id)
                             else:
-                                sub = subs.repeek_failed(
-                                    sub,
-                                    now_ms=self.clock_ms(),
-                                    draw=random.random(),
-                                    not_before_ms=retry_not_before(
-                                        self.clock_ms(), e.extra.get("retry_after_ms")
-                                    ),
-                                )
+                                sub = self._repeek_failed(sub, e)
                             log.warning(
                                 "re-peek of %s failed (%d in a row): %s",
                                 room_id,
