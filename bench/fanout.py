@@ -427,7 +427,7 @@ async def memory(rooms: int, peeks: int, directory: Path) -> None:
         while True:
             chunk = await store.read(
                 partial(
-                    lambda c, after: c.execute(
+                    lambda tx, after: tx.connection.execute(
                         "SELECT rowid, user_id, device_id, room_id, state, changed_pos "
                         "FROM device_peeks WHERE rowid > ? ORDER BY rowid LIMIT 2000",
                         (after,),
