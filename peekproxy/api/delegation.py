@@ -160,10 +160,7 @@ class DelegationApi:
         body = peek_room_body(await _body_of(request))
         hints = [*request.query_params.getlist("server_name"), *body.servers]
         self.rate_limit(user_id, hints)
-        room_id = await self.peeks.peek(user_id, device_id, body.room, hints)
-        # Idle drop (decision 9): a device that stops syncing for idle_timeout has its peek
-        # made dormant; each sync keeps it alive, so this is the expiry if it never syncs.
-        expiry = self.peeks.clock_ms() + self.peeks.settings.idle_timeout_ms
+        room_id, expiry = await self.peeks.peek_with_expiry(user_id, device_id, body.room, hints)
         return JSONResponse({"room_id": room_id, "peek_expiry_ts": expiry})
 
     async def unpeek(self, request: Request) -> Response:

@@ -119,6 +119,16 @@ class Syncing:
         async with device_lock:  # the per-device cap is checked and applied atomically
             return await self._peek_locked(user_id, device_id, room_id, candidates)
 
+    async def peek_with_expiry(
+        self, user_id: str, device_id: str, room_id_or_alias: str, hints: Sequence[str] = ()
+    ) -> tuple[str, int]:
+        """:meth:`peek`, and the peek's ``peek_expiry_ts`` (ms since the epoch; MSC2753
+        ``peek_room`` answer, protocol.md decision 5): idle drop (decision 9) makes a device's
+        peeks dormant after ``idle_timeout_ms`` without a sync, and each sync keeps them alive,
+        so this is when the peek lapses if the device never syncs. Raises as :meth:`peek`."""
+        room_id = await self.peek(user_id, device_id, room_id_or_alias, hints)
+        return room_id, self.clock_ms() + self.settings.idle_timeout_ms
+
     async def _peek_locked(
         self, user_id: str, device_id: str, room_id: str, candidates: tuple[str, ...]
     ) -> str:
