@@ -29,10 +29,87 @@ from peekproxy.federation.keyring import Keyring
 from peekproxy.federation.signing_key import server_key_document
 from peekproxy.metrics import RequestMetrics
 from peekproxy.services.assembly import Services
+from peekproxy.services.ingest import Ingest
 
-__all__ = ["federation_app"]
+__all__ = ["FederationApi", "federation_app"]
 
 log = logging.getLogger("peekproxy.federation")
+
+
+class FederationApi:
+    """The handlers of our federation listener (server-server API).
+
+    Args:
+        server_name: our server name, as published in the key document.
+        signing_key: our current signing key.
+        key_valid_for_ms: lifetime of a served key document (``valid_until_ts - now``), ms.
+        old_verify_keys: retired keys: key ID → (base64 public key, ``expired_ts`` ms).
+        keyring: verify keys of other servers, for X-Matrix checks.
+        ingest: takes ``/send`` transactions (``None``: ``/send`` answers 404).
+        clock_ms: the wall clock in ms since the epoch.
+    """
+
+    def __init__(
+        self,
+        *,
+        server_name: str,
+        signing_key: SigningKey,
+        key_valid_for_ms: int,
+        old_verify_keys: Mapping[str, tuple[str, int]],
+        keyring: Keyring,
+        ingest: Ingest | None,
+        clock_ms: Callable[[], int],
+    ) -> None:
+        self.server_name = server_name
+        self.signing_key = signing_key
+        self.key_valid_for_ms = key_valid_for_ms
+        self.old_verify_keys = old_verify_keys
+        self.keyring = keyring
+        self.ingest = ingest
+        self.clock_ms = clock_ms
+
+    async def key_server(self, request: Request) -> Response:
+        """``GET /_matrix/key/v2/server``: our key document, signed (spec §Publishing Keys)."""
+        document = server_key_document(
+            self.server_name,
+            self.signing_key,
+            now_ms=self.clock_ms(),
+            valid_for_ms=self.key_valid_for_ms,
+            old_verify_keys=self.old_verify_keys,
+        )
+        return JSONResponse(document)
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"server": {"name": "peekproxy", "version": __version__}})
+
+    async def query_directory(self, request: Request) -> Response:
+        """``GET .../query/directory``: we host no aliases, so every well-formed query is 404."""
+        auth = await authenticate(request, server_name=self.server_name, keyring=self.keyring)
+        alias_text = request.query_params.get("room_alias")
+        if alias_text is None:
+            raise MatrixError(400, "M_MISSING_PARAM", "room_alias is required")
+        try:
+            alias = RoomAlias.parse(alias_text)
+        except InvalidIdentifier as e:
+            raise MatrixError(400, "M_INVALID_PARAM", f"room_alias: {e}") from None
+        log.info("directory query from %s for %s: not found", auth.origin, alias)
+        raise MatrixError(404, "M_NOT_FOUND", "Room alias not found.")
+
+    async def send(self, request: Request) -> Response:
+        """``PUT /send/{txnId}``: a transaction, answered once it is stored."""
+        auth = await authenticate(request, server_name=self.server_name, keyring=self.keyring)
+        txn_id = request.path_params["txn_id"]
+        if self.ingest is None:
+            raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
+        return JSONResponse(await self.ingest.receive(auth.origin, txn_id, auth.content))
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/_matrix/federation/v1/send/{txn_id}", self.send, methods=["PUT"]),
+            Route("/_matrix/key/v2/server", self.key_server, methods=["GET"]),
+            Route("/_matrix/federation/v1/version", self.version, methods=["GET"]),
+            Route("/_matrix/federation/v1/query/directory", self.query_directory, methods=["GET"]),
+        ]
 
 
 def federation_app(
@@ -45,58 +122,17 @@ def federation_app(
     peeks: Services | None = None,
     clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
 ) -> RequestMetrics:
-    """Build the federation ASGI app.
-
-    Args:
-        server_name: our server name, as published in the key document.
-        signing_key: our current signing key.
-        key_valid_for_ms: lifetime of a served key document (``valid_until_ts - now``), ms.
-        old_verify_keys: retired keys: key ID → (base64 public key, ``expired_ts`` ms).
-        keyring: verify keys of other servers, for X-Matrix checks.
-        peeks: the peek service that takes ``/send`` transactions.
-        clock_ms: the wall clock in ms since the epoch.
-    """
-
-    async def key_server(request: Request) -> Response:
-        document = server_key_document(
-            server_name,
-            signing_key,
-            now_ms=clock_ms(),
-            valid_for_ms=key_valid_for_ms,
-            old_verify_keys=old_verify_keys,
-        )
-        return JSONResponse(document)
-
-    async def version(request: Request) -> Response:
-        return JSONResponse({"server": {"name": "peekproxy", "version": __version__}})
-
-    async def query_directory(request: Request) -> Response:
-        auth = await authenticate(request, server_name=server_name, keyring=keyring)
-        alias_text = request.query_params.get("room_alias")
-        if alias_text is None:
-            raise MatrixError(400, "M_MISSING_PARAM", "room_alias is required")
-        try:
-            alias = RoomAlias.parse(alias_text)
-        except InvalidIdentifier as e:
-            raise MatrixError(400, "M_INVALID_PARAM", f"room_alias: {e}") from None
-        log.info("directory query from %s for %s: not found", auth.origin, alias)
-        raise MatrixError(404, "M_NOT_FOUND", "Room alias not found.")
-
-    async def send(request: Request) -> Response:
-        auth = await authenticate(request, server_name=server_name, keyring=keyring)
-        txn_id = request.path_params["txn_id"]
-        if peeks is None:
-            raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
-        return JSONResponse(await peeks.ingest.receive(auth.origin, txn_id, auth.content))
-
-    app = Starlette(
-        routes=[
-            Route("/_matrix/federation/v1/send/{txn_id}", send, methods=["PUT"]),
-            Route("/_matrix/key/v2/server", key_server, methods=["GET"]),
-            Route("/_matrix/federation/v1/version", version, methods=["GET"]),
-            Route("/_matrix/federation/v1/query/directory", query_directory, methods=["GET"]),
-        ],
-        exception_handlers=exception_handlers(),
+    """The federation ASGI app: :class:`FederationApi`'s routes (arguments as there; ``peeks``:
+    the services whose ingest takes ``/send``), with Matrix error JSON and request metrics."""
+    api = FederationApi(
+        server_name=server_name,
+        signing_key=signing_key,
+        key_valid_for_ms=key_valid_for_ms,
+        old_verify_keys=old_verify_keys,
+        keyring=keyring,
+        ingest=peeks.ingest if peeks is not None else None,
+        clock_ms=clock_ms,
     )
+    app = Starlette(routes=api.routes(), exception_handlers=exception_handlers())
     app.router.redirect_slashes = False
     return RequestMetrics(app, "federation")
