@@ -1,7 +1,7 @@
 """The daemon (``peekproxy run``): assembly only.
 
 :func:`run_daemon` turns the config into the parts and serves them: signing key and
-delegation secret, the store, the federation client and keyring, the peek service, then the
+delegation secret, the store, the federation client and keyring, the services, then the
 apps of the federation, client and (optional) metrics listeners, served with
 :mod:`peekproxy.serving` (hypercorn settings, listener guards, signals, graceful drain).
 Everything runs in one trio nursery. The ``ready`` log line and ``READY=1`` (systemd) come
@@ -94,7 +94,7 @@ async def run_daemon(
         ],
     )
     await keyring.load()
-    peeks = build_services(
+    services = build_services(
         store=store,
         client=federation,
         keyring=keyring,
@@ -112,13 +112,13 @@ async def run_daemon(
         "rate_limit_per_second": config.peeks.rate_limit_per_second,
         "rate_limit_burst": config.peeks.rate_limit_burst,
     }
-    client_routes = delegation_routes(peeks, secret, **limits)  # type: ignore[arg-type]
+    client_routes = delegation_routes(services, secret, **limits)  # type: ignore[arg-type]
     upstream = None
     if config.upstream.homeserver_url:
         # Front mode: the MSC2753 client endpoints, with the homeserver's access tokens.
         upstream = UpstreamAuth(config.upstream.homeserver_url)
         client_routes += delegation_routes(
-            peeks,
+            services,
             None,
             auth=upstream,
             prefixes=CLIENT_PREFIXES,
@@ -134,7 +134,7 @@ async def run_daemon(
         async with trio.open_nursery() as outer:
             if handle_signals:
                 outer.start_soon(watch_signals, shutdown, outer.cancel_scope)
-            await outer.start(peeks.run)
+            await outer.start(services.run)
             async with open_listeners(shutdown) as servers:
                 federation_url = await servers.start(
                     "listeners.federation.bind",
@@ -147,7 +147,7 @@ async def run_daemon(
                             for kid, old in server.old_verify_keys.items()
                         },
                         keyring=keyring,
-                        peeks=peeks,
+                        ingest=services.ingest,
                     ),
                     hypercorn_config(
                         listeners.federation.bind,

@@ -68,7 +68,7 @@ class DelegationApi:
     """The handlers of the delegation API (and of the MSC2753 client endpoints).
 
     Args:
-        peeks: starts and ends device peeks, answers ``/sync``.
+        syncing: starts and ends device peeks, answers ``/sync``.
         reads: answers ``/messages``, ``/state`` and ``/event``, and whether a device peeks
             a room.
         secret: the delegation shared secret; ``None``: the bearer-secret API is off (403).
@@ -79,7 +79,7 @@ class DelegationApi:
 
     def __init__(
         self,
-        peeks: Syncing,
+        syncing: Syncing,
         reads: HistoryReads,
         *,
         secret: str | None,
@@ -87,7 +87,7 @@ class DelegationApi:
         rate_limit_per_second: float = 1.0,
         rate_limit_burst: int = 10,
     ) -> None:
-        self.peeks = peeks
+        self.syncing = syncing
         self.reads = reads
         self.secret = secret
         self.auth = auth
@@ -152,7 +152,7 @@ class DelegationApi:
         hints = [*request.query_params.getlist("server_name"), *body.servers]
         self.rate_limit(user_id, hints)
         room = request.path_params["room"]
-        room_id = await self.peeks.peek(user_id, device_id, room, hints)
+        room_id = await self.syncing.peek(user_id, device_id, room, hints)
         return JSONResponse({"room_id": room_id})
 
     async def peek_room(self, request: Request) -> Response:
@@ -160,19 +160,19 @@ class DelegationApi:
         body = peek_room_body(await _body_of(request))
         hints = [*request.query_params.getlist("server_name"), *body.servers]
         self.rate_limit(user_id, hints)
-        room_id, expiry = await self.peeks.peek_with_expiry(user_id, device_id, body.room, hints)
+        room_id, expiry = await self.syncing.peek_with_expiry(user_id, device_id, body.room, hints)
         return JSONResponse({"room_id": room_id, "peek_expiry_ts": expiry})
 
     async def unpeek(self, request: Request) -> Response:
         user_id, device_id = await self.device(request)
         await _body_of(request)
-        await self.peeks.unpeek(user_id, device_id, request.path_params["room_id"])
+        await self.syncing.unpeek(user_id, device_id, request.path_params["room_id"])
         return JSONResponse({})
 
     async def sync(self, request: Request) -> Response:
         user_id, device_id = await self.device(request)
         params = sync_params(request.query_params)
-        answer = await self.peeks.sync(
+        answer = await self.syncing.sync(
             user_id,
             device_id,
             since=params.since,

@@ -28,7 +28,6 @@ from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias
 from peekproxy.federation.keyring import Keyring
 from peekproxy.federation.signing_key import server_key_document
 from peekproxy.metrics import RequestMetrics
-from peekproxy.services.assembly import Services
 from peekproxy.services.ingest import Ingest
 
 __all__ = ["FederationApi", "federation_app"]
@@ -119,18 +118,18 @@ def federation_app(
     key_valid_for_ms: int,
     old_verify_keys: Mapping[str, tuple[str, int]],
     keyring: Keyring,
-    peeks: Services | None = None,
+    ingest: Ingest | None = None,
     clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
 ) -> RequestMetrics:
-    """The federation ASGI app: :class:`FederationApi`'s routes (arguments as there; ``peeks``:
-    the services whose ingest takes ``/send``), with Matrix error JSON and request metrics."""
+    """The federation ASGI app: :class:`FederationApi`'s routes (arguments as there), with
+    Matrix error JSON and request metrics."""
     api = FederationApi(
         server_name=server_name,
         signing_key=signing_key,
         key_valid_for_ms=key_valid_for_ms,
         old_verify_keys=old_verify_keys,
         keyring=keyring,
-        ingest=peeks.ingest if peeks is not None else None,
+        ingest=ingest,
         clock_ms=clock_ms,
     )
     app = Starlette(routes=api.routes(), exception_handlers=exception_handlers())

@@ -7,6 +7,6 @@ window, history paging (points, tokens, pages) and the DAG order of events.
 
 May import: the standard library, pure libraries (signedjson, pynacl, unpaddedbase64, canonical JSON
 helpers) and other ``peekproxy.core`` modules. Must not import: ``trio``, ``httpx``, ``sqlite3``,
-``psycopg``, the store, the services, the API, the federation shell. An import-linter contract in
-``make test`` keeps it so.
+``psycopg``, the store, the services, the API, the federation shell. An import-linter contract
+(``core-is-pure``, run by ``make lint``) keeps it so.
 """

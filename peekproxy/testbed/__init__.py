@@ -19,7 +19,9 @@ the federation shell (``peekproxy.federation``: client, keyring, signing key);
 ``peekproxy.serving``; ``peekproxy.config`` and ``peekproxy.logs`` (its config and CLI); and
 two helpers of the API edge it reuses, ``peekproxy.api.errors`` (``MatrixError``,
 ``exception_handlers``) and ``peekproxy.api.federation_auth`` (``authenticate``,
-``read_json_body``). Must not import ``peekproxy.services``, ``peekproxy.store`` or
-``peekproxy.daemon``; no module here does, though ``peekproxy.api.errors`` still loads
-``peekproxy.services.errors`` (and with it the services package) for ``PeekError``.
+``read_json_body``). The keyring brings the store's interface (``peekproxy.store``, no
+implementation). Must not import the peek services, a store implementation or the daemon
+(contract ``testbed-is-independent``); ``peekproxy.api.errors`` maps the services'
+``PeekError`` and so loads ``peekproxy.services.errors`` alone (the services package's
+``__init__`` imports nothing), which tests/test_import_rules.py checks at run time.
 """
