@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from peekproxy.core.events import redact
@@ -40,6 +40,7 @@ __all__ = [
     "InvalidToken",
     "RoomView",
     "StreamItem",
+    "SyncSnapshot",
     "build_sync",
     "client_event",
     "decode_token",
@@ -126,6 +127,25 @@ class RoomView:
     #: ``{"user_id", "typing"}``; ``m.receipt`` ``{receipt_type: {user_id: {"event_ids",
     #: "data"}}}``.
     ephemeral: Sequence[tuple[str, Mapping[str, Any], int]] = ()
+
+
+@dataclass(frozen=True)
+class SyncSnapshot:
+    """Everything one ``/sync`` of a device needs, read from the store in one transaction
+    (``ReadTransaction.sync_snapshot``) and passed to :func:`build_sync`."""
+
+    #: The newest stream position the snapshot saw: the sync's ``next_batch``.
+    upto: int
+    #: Every peek the device ever made (any state), by room ID.
+    peeks: list[DevicePeek]
+    #: Rooms with an ``active`` peek, sorted: what a waiting sync registers wake-ups for.
+    active: list[str]
+    #: Whether there is anything to show since ``since`` (always on an initial sync or with
+    #: ``full_state``).
+    changed: bool
+    #: When ``changed``: a view of each room to show (the active peeks, and the peeks that
+    #: ended after ``since``), by room ID; else empty.
+    views: dict[str, RoomView] = field(default_factory=dict)
 
 
 def client_event(

@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 from peekproxy.core.live import StreamChange
 from peekproxy.core.paging import Direction, Page, Point
 from peekproxy.core.subscription import Subscription
+from peekproxy.core.sync import SyncSnapshot
 
 __all__ = [
     "DevicePeekReads",
@@ -186,12 +187,11 @@ class SyncReads(Protocol):
         since: int | None,
         full_state: bool,
         limit: int,
-    ) -> dict[str, Any]:
-        """Everything one /sync needs, in one read: ``peeks`` (the device's
-        :class:`~peekproxy.core.sync.DevicePeek` list), ``upto`` (the newest position),
-        ``active`` (rooms with an active peek, sorted), ``changed`` (whether anything changed
-        since ``since``) and, if so, ``views``: a :class:`~peekproxy.core.sync.RoomView` of
-        each room to show."""
+    ) -> SyncSnapshot:
+        """Everything one /sync needs, in one read (the fields are documented on
+        :class:`~peekproxy.core.sync.SyncSnapshot`): the device's peeks, the newest position,
+        the rooms with an active peek, whether anything changed since ``since`` and, if so, a
+        :class:`~peekproxy.core.sync.RoomView` of each room to show."""
 
 
 @runtime_checkable

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from peekproxy.core.live import StreamChange
-from peekproxy.core.sync import DevicePeek, RoomView, StreamItem
+from peekproxy.core.sync import DevicePeek, RoomView, StreamItem, SyncSnapshot
 from peekproxy.store.sqlite.devices import DevicePeekOps
 from peekproxy.store.sqlite.events import EventOps
 from peekproxy.store.sqlite.subscriptions import SubscriptionOps
@@ -182,7 +182,7 @@ class SyncOps(EventOps, DevicePeekOps, SubscriptionOps):
         since: int | None,
         full_state: bool,
         limit: int,
-    ) -> dict[str, Any]:
+    ) -> SyncSnapshot:
         peeks = [DevicePeek(r, s, p) for r, s, p in self.device_peeks(user_id, device_id)]
         upto = self.max_stream_pos()
         active = [peek.room_id for peek in peeks if peek.state == "active"]
@@ -217,4 +217,4 @@ class SyncOps(EventOps, DevicePeekOps, SubscriptionOps):
                         redacted=frozenset(rows["redacted"]),
                         ephemeral=rows["ephemeral"],
                     )
-        return {"peeks": peeks, "upto": upto, "active": active, "changed": changed, "views": views}
+        return SyncSnapshot(upto=upto, peeks=peeks, active=active, changed=changed, views=views)
