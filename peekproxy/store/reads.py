@@ -191,7 +191,8 @@ class SyncReads(Protocol):
         """Everything one /sync needs, in one read (the fields are documented on
         :class:`~peekproxy.core.sync.SyncSnapshot`): the device's peeks, the newest position,
         the rooms with an active peek, whether anything changed since ``since`` and, if so, a
-        :class:`~peekproxy.core.sync.RoomView` of each room to show."""
+        :class:`~peekproxy.core.sync.RoomView` of each room to show. Which rooms, and how, is
+        decided by :mod:`peekproxy.core.sync_rules` (an implementation calls its functions)."""
 
 
 @runtime_checkable
