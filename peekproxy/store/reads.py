@@ -20,7 +20,7 @@ from peekproxy.core.sync import SyncSnapshot
 __all__ = [
     "DevicePeekReads",
     "EphemeralReads",
-    "HistoryReads",
+    "HistoryQueries",
     "ReadTransaction",
     "RoomEventReads",
     "ServerKeyReads",
@@ -132,9 +132,15 @@ class ServerKeyReads(Protocol):
         """Every persisted key, in no particular order."""
 
 
-class HistoryReads(Protocol):
+class HistoryQueries(Protocol):
     """History reads of the delegation API: ``/messages``, ``/state``, ``/event``, and whether a
-    device peeks a room."""
+    device peeks a room (the store's side of :class:`peekproxy.services.reads.HistoryReads`).
+
+    ``read_page``'s paging walk (the points, holes and gap fills of
+    :mod:`peekproxy.core.paging` turned into a page) lives in the SQLite implementation today
+    (``store/sqlite/history.py``, ``HistoryOps``), not in the core: a second implementation
+    should first move that walk into ``core/paging.py`` (over rows it reads) and call it from
+    both, rather than write it again."""
 
     def read_page(
         self,
@@ -203,7 +209,7 @@ class ReadTransaction(
     EphemeralReads,
     TxnReads,
     ServerKeyReads,
-    HistoryReads,
+    HistoryQueries,
     SyncReads,
     Protocol,
 ):
