@@ -32,6 +32,7 @@ from typing import Any
 
 from peekproxy.core.events import redact
 from peekproxy.core.room_versions import UnknownRoomVersion, room_version
+from peekproxy.core.sync_rules import shown_afresh, shown_in_sync
 
 __all__ = [
     "FALLBACK_ROOM_VERSION",
@@ -231,13 +232,13 @@ def build_sync(
         if peek.state == "active":
             if view is None:
                 continue
-            if since is None or peek.changed_pos > since:
+            if since is None or shown_afresh(peek, since):
                 peeked[room_id] = _new_room(view, upto, limit, now_ms)
             else:
                 entry = _live_room(view, since, upto, limit, full_state, now_ms)
                 if entry is not None:
                     peeked[room_id] = entry
-        elif peek.state == "ended" and since is not None and since < peek.changed_pos <= upto:
+        elif since is not None and shown_in_sync(peek, since, upto):  # an ended peek, once
             left[room_id] = (
                 {} if view is None else _left_room(view, since, peek.changed_pos, limit, now_ms)
             )

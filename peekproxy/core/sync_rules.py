@@ -5,7 +5,8 @@ Pure: plain values in, a decision out. A storage implementation (``store/sqlite/
 today) reads the device's peeks and the rooms' stream rows with its own queries, calls these
 functions and returns a :class:`~peekproxy.core.sync.SyncSnapshot` built from what they
 decide, so a second implementation (PostgreSQL, issue 16) shows the same rooms the same way.
-What the builder then makes of the views is :func:`peekproxy.core.sync.build_sync`.
+What the builder then makes of the views is :func:`peekproxy.core.sync.build_sync`, which
+follows the same rules (it calls :func:`shown_in_sync` and :func:`shown_afresh`).
 
 Positions are stream positions; ``since`` is the sync's ``since`` position (``None``: an
 initial sync) and ``upto`` the newest position the snapshot sees.
@@ -14,8 +15,10 @@ initial sync) and ``upto`` the newest position the snapshot sees.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from peekproxy.core.sync import DevicePeek
+if TYPE_CHECKING:  # core/sync.py's builder calls these rules too: no import cycle at run time
+    from peekproxy.core.sync import DevicePeek
 
 __all__ = [
     "active_rooms",
