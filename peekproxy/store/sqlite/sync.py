@@ -138,7 +138,9 @@ class SyncOps(EventOps, DevicePeekOps, SubscriptionOps):
                 rows + " AND stream_pos <= ? ORDER BY stream_pos DESC LIMIT ?",
                 (room_id, floor, limit + 2 + len(hidden)),
             ).fetchall()
-        )[: limit + 2]
+        )
+        if hidden:
+            older = older[: limit + 2]
         older.reverse()
         has_earlier = False
         if older:
