@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from peekproxy.core.live import LiveWindow, StreamChange
-from peekproxy.core.sync import DevicePeek, build_sync
+from peekproxy.core.sync import DevicePeek, SyncSnapshot, build_sync
 from peekproxy.store import ReadTransaction, Storage, WriteTransaction
 from peekproxy.store.sqlite import open_sqlite
 
@@ -248,9 +248,9 @@ async def set_peek(store: Storage, device: tuple[str, str], room_id: str, state:
 
 async def snapshot_of(
     store: Storage, device: tuple[str, str], since: int | None, limit: int
-) -> dict[str, Any]:
+) -> SyncSnapshot:
     user_id, device_id = device
-    snapshot: dict[str, Any] = await store.read(
+    snapshot: SyncSnapshot = await store.read(
         lambda tx: tx.sync_snapshot(
             user_id=user_id,
             device_id=device_id,
@@ -277,9 +277,9 @@ async def window_matches_store(
     if answer is None:
         return False
     stored = await snapshot_of(store, device, since, limit)
-    from_store = _built(since, stored["upto"], stored["peeks"], stored["views"], limit)
-    assert answer.upto == stored["upto"]
-    assert answer.active == stored["active"]
+    from_store = _built(since, stored.upto, stored.peeks, stored.views, limit)
+    assert answer.upto == stored.upto
+    assert answer.active == stored.active
     assert answer.changed == bool(from_store["rooms"]["peek"])
     assert _built(since, answer.upto, answer.peeks, answer.views, limit) == from_store
     return True
@@ -385,7 +385,7 @@ async def test_memory_answers_equal_store_answers(tmp_path: Path, seed: int) -> 
         tokens.append(await store.read(lambda tx: tx.max_stream_pos()))
         for device in devices:
             snapshot = await snapshot_of(store, device, None, 10)
-            window.load_device(device, snapshot["peeks"], as_of=snapshot["upto"])
+            window.load_device(device, snapshot.peeks, as_of=snapshot.upto)
             for since in rng.sample(tokens, min(4, len(tokens))):
                 limit = rng.choice([0, 1, 3, 10])
                 from_memory += await window_matches_store(store, window, device, since, limit)

@@ -120,7 +120,7 @@ async def test_multi_row_writes(tmp_path: Path, seed: int) -> None:
         for d in devices:
             if rng.random() < 0.5:
                 s = await snapshot_of(store, d, None, 10)
-                window.load_device(d, s["peeks"], as_of=s["upto"])
+                window.load_device(d, s.peeks, as_of=s.upto)
             for since in rng.sample(tokens, min(5, len(tokens))):
                 limit = rng.choice([0, 1, 2, 5, 10])
                 answered += await window_matches_store(store, window, d, since, limit)

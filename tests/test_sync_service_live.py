@@ -82,9 +82,9 @@ async def _store_answer(store: Storage, since: int) -> dict[str, Any]:
     )
     return build_sync(
         since=since,
-        upto=snap["upto"],
-        peeks=snap["peeks"],
-        rooms=snap["views"],
+        upto=snap.upto,
+        peeks=snap.peeks,
+        rooms=snap.views,
         timeline_limit=10,
         now_ms=5_000,
     )

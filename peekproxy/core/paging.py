@@ -1,6 +1,9 @@
 """Paging a room's history (``/messages``): points, tokens, pages, and how a stored event is
-shown to a client. Pure: the storage reads pages (``ReadTransaction.read_page``); this module
-is the model they follow.
+shown to a client. Pure: this module is the model (the values and the rules below); the walk
+that follows it, turning stream rows, gap fills and holes into a :class:`Page`, is not here
+yet but in the SQLite implementation (``store/sqlite/history.py``, ``HistoryOps.read_page``,
+behind ``ReadTransaction.read_page``). A second storage implementation should first move that
+walk into this module (a pure function over the rows it reads) and have both call it.
 
 **The history of a room** as a client pages through it is, oldest first:
 

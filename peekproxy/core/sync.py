@@ -27,11 +27,12 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from peekproxy.core.events import redact
 from peekproxy.core.room_versions import UnknownRoomVersion, room_version
+from peekproxy.core.sync_rules import shown_afresh, shown_in_sync
 
 __all__ = [
     "FALLBACK_ROOM_VERSION",
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidToken",
     "RoomView",
     "StreamItem",
+    "SyncSnapshot",
     "build_sync",
     "client_event",
     "decode_token",
@@ -128,6 +130,25 @@ class RoomView:
     ephemeral: Sequence[tuple[str, Mapping[str, Any], int]] = ()
 
 
+@dataclass(frozen=True)
+class SyncSnapshot:
+    """Everything one ``/sync`` of a device needs, read from the store in one transaction
+    (``ReadTransaction.sync_snapshot``) and passed to :func:`build_sync`."""
+
+    #: The newest stream position the snapshot saw: the sync's ``next_batch``.
+    upto: int
+    #: Every peek the device ever made (any state), by room ID.
+    peeks: list[DevicePeek]
+    #: Rooms with an ``active`` peek, sorted: what a waiting sync registers wake-ups for.
+    active: list[str]
+    #: Whether there is anything to show since ``since`` (always on an initial sync or with
+    #: ``full_state``).
+    changed: bool
+    #: When ``changed``: a view of each room to show (the active peeks, and the peeks that
+    #: ended after ``since``), by room ID; else empty.
+    views: dict[str, RoomView] = field(default_factory=dict)
+
+
 def client_event(
     pdu: Mapping[str, Any], event_id: str, *, room_id: str | None, now_ms: int
 ) -> dict[str, Any]:
@@ -211,13 +232,13 @@ def build_sync(
         if peek.state == "active":
             if view is None:
                 continue
-            if since is None or peek.changed_pos > since:
+            if since is None or shown_afresh(peek, since):
                 peeked[room_id] = _new_room(view, upto, limit, now_ms)
             else:
                 entry = _live_room(view, since, upto, limit, full_state, now_ms)
                 if entry is not None:
                     peeked[room_id] = entry
-        elif peek.state == "ended" and since is not None and since < peek.changed_pos <= upto:
+        elif since is not None and shown_in_sync(peek, since, upto):  # an ended peek, once
             left[room_id] = (
                 {} if view is None else _left_room(view, since, peek.changed_pos, limit, now_ms)
             )

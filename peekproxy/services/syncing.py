@@ -268,13 +268,13 @@ class Syncing:
                             limit=timeline_limit,
                         )
                     )
-                    dormant = [p.room_id for p in snapshot["peeks"] if p.state == "dormant"]
+                    dormant = [p.room_id for p in snapshot.peeks if p.state == "dormant"]
                     if dormant and not restored:
                         restored = True
                         await self._restore_dormant(user_id, device_id, dormant)
                         continue  # the restored peeks changed what there is to show
-                    self.live.load_device(device, snapshot["peeks"], as_of=snapshot["upto"])
-                    active, changed = snapshot["active"], snapshot["changed"]
+                    self.live.load_device(device, snapshot.peeks, as_of=snapshot.upto)
+                    active, changed = snapshot.active, snapshot.changed
                 if active != watched:
                     watched = active
                     self._watched[device] = watched
@@ -291,14 +291,14 @@ class Syncing:
             SYNC_ANSWERS.labels("memory").inc()
             return self._built_answer(live, position, timeline_limit)
         SYNC_ANSWERS.labels("store").inc()
-        upto: int = snapshot["upto"]
+        upto = snapshot.upto
         if position is not None and position > upto:
             raise PeekError(400, "M_INVALID_PARAM", f"since token {since!r} is from the future")
         answer: dict[str, Any] = build_sync(
             since=position,
             upto=upto,
-            peeks=snapshot["peeks"],
-            rooms=snapshot["views"],
+            peeks=snapshot.peeks,
+            rooms=snapshot.views,
             timeline_limit=timeline_limit,
             full_state=full_state,
             now_ms=self.clock_ms(),

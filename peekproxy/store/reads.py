@@ -15,11 +15,12 @@ from typing import Any, Protocol, runtime_checkable
 from peekproxy.core.live import StreamChange
 from peekproxy.core.paging import Direction, Page, Point
 from peekproxy.core.subscription import Subscription
+from peekproxy.core.sync import SyncSnapshot
 
 __all__ = [
     "DevicePeekReads",
     "EphemeralReads",
-    "HistoryReads",
+    "HistoryQueries",
     "ReadTransaction",
     "RoomEventReads",
     "ServerKeyReads",
@@ -131,9 +132,15 @@ class ServerKeyReads(Protocol):
         """Every persisted key, in no particular order."""
 
 
-class HistoryReads(Protocol):
+class HistoryQueries(Protocol):
     """History reads of the delegation API: ``/messages``, ``/state``, ``/event``, and whether a
-    device peeks a room."""
+    device peeks a room (the store's side of :class:`peekproxy.services.reads.HistoryReads`).
+
+    ``read_page``'s paging walk (the points, holes and gap fills of
+    :mod:`peekproxy.core.paging` turned into a page) lives in the SQLite implementation today
+    (``store/sqlite/history.py``, ``HistoryOps``), not in the core: a second implementation
+    should first move that walk into ``core/paging.py`` (over rows it reads) and call it from
+    both, rather than write it again."""
 
     def read_page(
         self,
@@ -186,12 +193,12 @@ class SyncReads(Protocol):
         since: int | None,
         full_state: bool,
         limit: int,
-    ) -> dict[str, Any]:
-        """Everything one /sync needs, in one read: ``peeks`` (the device's
-        :class:`~peekproxy.core.sync.DevicePeek` list), ``upto`` (the newest position),
-        ``active`` (rooms with an active peek, sorted), ``changed`` (whether anything changed
-        since ``since``) and, if so, ``views``: a :class:`~peekproxy.core.sync.RoomView` of
-        each room to show."""
+    ) -> SyncSnapshot:
+        """Everything one /sync needs, in one read (the fields are documented on
+        :class:`~peekproxy.core.sync.SyncSnapshot`): the device's peeks, the newest position,
+        the rooms with an active peek, whether anything changed since ``since`` and, if so, a
+        :class:`~peekproxy.core.sync.RoomView` of each room to show. Which rooms, and how, is
+        decided by :mod:`peekproxy.core.sync_rules` (an implementation calls its functions)."""
 
 
 @runtime_checkable
@@ -202,7 +209,7 @@ class ReadTransaction(
     EphemeralReads,
     TxnReads,
     ServerKeyReads,
-    HistoryReads,
+    HistoryQueries,
     SyncReads,
     Protocol,
 ):

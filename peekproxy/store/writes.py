@@ -33,7 +33,9 @@ class SubscriptionWrites(Protocol):
 
 class RoomEventWrites(Protocol):
     """Room events, the room stream, current state, gaps and gap fills. Each stream row
-    written gets a new position, above every position committed before."""
+    written gets a new position, above every position committed before. The decisions these
+    writes make are pure functions of :mod:`peekproxy.core.stream_rules`: an implementation
+    reads their inputs, calls them and writes what they decide."""
 
     def store_snapshot(
         self,
@@ -65,6 +67,10 @@ class RoomEventWrites(Protocol):
         ``/send`` brought newer events while the snapshot was on its way), or it is new but
         deeper in the DAG than the newest event shown. Appending it would put it after its
         descendants, and its state would roll back theirs.
+
+        The rules: :func:`~peekproxy.core.stream_rules.snapshot_step`,
+        :func:`~peekproxy.core.stream_rules.snapshot_gap`,
+        :func:`~peekproxy.core.stream_rules.not_yet_held`.
         """
 
     def add_gap_fill(
@@ -77,7 +83,8 @@ class RoomEventWrites(Protocol):
     ) -> int:
         """Keep backfilled events for the gap at stream position ``gap_pos`` (0: before the
         room's first stream event): (event ID, PDU, stored redacted), **newest first**, all
-        older than what the gap holds already. Events a client can already see are skipped.
+        older than what the gap holds already. Events a client can already see are skipped
+        (:func:`~peekproxy.core.stream_rules.not_yet_held`).
         ``closed``: the history before the gap is now complete. Neither the stream nor the
         current state changes. Returns how many events were added."""
 
@@ -100,7 +107,8 @@ class RoomEventWrites(Protocol):
         :meth:`~peekproxy.store.reads.RoomEventReads.history_floor` (its ``depth`` is lower
         than the event after the newest gap), is stored but not appended (``None``): it
         belongs to the history that gap stands for, and appending it would put it after its
-        descendants."""
+        descendants (:func:`~peekproxy.core.stream_rules.older_than_newest`,
+        :func:`~peekproxy.core.stream_rules.joins_stream_when_late`)."""
 
     def add_gap(self, room_id: str, now_ms: int) -> int:
         """Mark that history is missing at this point of the room's stream."""

@@ -12,7 +12,7 @@ class DevicePeekOps(SqliteBase):
     :class:`~peekproxy.store.reads.DevicePeekReads`
     and :class:`~peekproxy.store.writes.DevicePeekWrites`
     (documented there), and ``device_is_peeking`` of
-    :class:`~peekproxy.store.reads.HistoryReads`."""
+    :class:`~peekproxy.store.reads.HistoryQueries`."""
 
     def set_device_peek(
         self, user_id: str, device_id: str, room_id: str, state: str, now_ms: int

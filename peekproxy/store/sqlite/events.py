@@ -8,6 +8,15 @@ from typing import Any
 
 from peekproxy.core.dag import dag_order
 from peekproxy.core.events import event_refs
+from peekproxy.core.stream_rules import (
+    SnapshotGap,
+    SnapshotStep,
+    joins_stream_when_late,
+    not_yet_held,
+    older_than_newest,
+    snapshot_gap,
+    snapshot_step,
+)
 from peekproxy.store.sqlite.base import SqliteBase
 
 __all__ = ["EventOps"]
@@ -43,28 +52,34 @@ class EventOps(SqliteBase):
         redacted_ids = set(redacted)
         for event_id, pdu in events.items():
             self._insert_event(room_id, event_id, pdu, event_id in redacted_ids)
-        position = 0
-        if self.in_stream(latest_event_id):
-            if self.newest_event_ids(room_id, 1) == [latest_event_id]:
-                self.replace_state(room_id, state)
-            return position
-        depth, newest = events[latest_event_id].get("depth"), self._newest_depth(room_id)
-        if isinstance(depth, int) and newest is not None and depth < newest:
-            return position
+        held = self.in_stream(latest_event_id)
+        step = snapshot_step(
+            latest_held=held,
+            latest_is_newest=held and self.newest_event_ids(room_id, 1) == [latest_event_id],
+            latest_depth=None if held else events[latest_event_id].get("depth"),
+            newest_depth=None if held else self._newest_depth(room_id),
+        )
+        if step is SnapshotStep.NOTHING:
+            return 0
         self.replace_state(room_id, state)
+        if step is SnapshotStep.STATE_ONLY:
+            return 0
         # Only when the latest event is new can anything have been missed before it.
-        shown = []
+        history_ids = []
         for event_id, pdu, is_redacted in history or ():
             self._insert_event(room_id, event_id, pdu, is_redacted)
-            if not self.in_stream(event_id) and event_id != latest_event_id:
-                shown.append(event_id)
-        if gap or (history is not None and not history_complete):
+            history_ids.append(event_id)
+        held_ids = {event_id for event_id in history_ids if self.in_stream(event_id)}
+        shown = not_yet_held(history_ids, held_ids | {latest_event_id})
+        position = 0
+        marker = snapshot_gap(
+            gap=gap, history_fetched=history is not None, history_complete=history_complete
+        )
+        if marker is not SnapshotGap.NONE:
             position = self._stream_row(room_id, "gap", None, now_ms)
-            if history is not None and history_complete:
-                # Decision 4: a re-peek is gappy for the sync (``limited``) even when the fetched
-                # history joins what is held; the gap is closed, so paging runs through it.
+            if marker is SnapshotGap.CLOSED:
                 self.add_gap_fill(room_id, position, [], closed=True)
-        for event_id in dict.fromkeys(shown):
+        for event_id in shown:
             position = self._stream_row(room_id, "event", event_id, now_ms)
         position = self._stream_row(room_id, "event", latest_event_id, now_ms)
         return position
@@ -132,13 +147,13 @@ class EventOps(SqliteBase):
             (room_id, gap_pos),
         ).fetchone()
         seq = int(row[0])
-        added = 0
+        ids = []
         for event_id, pdu, redacted in events:
             self._insert_event(room_id, event_id, pdu, redacted)
-            if self.in_stream(event_id):
-                continue
+            ids.append(event_id)
+        added = not_yet_held(ids, {event_id for event_id in ids if self.in_stream(event_id)})
+        for event_id in added:
             seq += 1
-            added += 1
             self._conn.execute(
                 "INSERT INTO gap_events (room_id, gap_pos, seq, event_id) VALUES (?, ?, ?, ?)",
                 (room_id, gap_pos, seq, event_id),
@@ -148,7 +163,7 @@ class EventOps(SqliteBase):
             "ON CONFLICT (room_id, gap_pos) DO UPDATE SET closed = MAX(closed, excluded.closed)",
             (room_id, gap_pos, int(closed)),
         )
-        return added
+        return len(added)
 
     def replace_state(self, room_id: str, state: Mapping[tuple[str, str], str]) -> None:
         self._conn.execute("DELETE FROM room_state WHERE room_id = ?", (room_id,))
@@ -170,12 +185,11 @@ class EventOps(SqliteBase):
         if self.in_stream(event_id):
             return None
         depth = pdu.get("depth")
-        if isinstance(depth, int):
-            newest = self._newest_depth(room_id)  # cheap; the floor is looked up only when late
-            if newest is not None and depth < newest:
-                floor = self.history_floor(room_id)
-                if floor is not None and depth < floor:
-                    return None
+        # The newest depth is cheap; the floor is looked up only for a late event.
+        if older_than_newest(depth, self._newest_depth(room_id)) and not joins_stream_when_late(
+            depth, self.history_floor(room_id)
+        ):
+            return None
         position = self._stream_row(room_id, "event", event_id, now_ms)
         state_key = pdu.get("state_key")
         if isinstance(state_key, str):

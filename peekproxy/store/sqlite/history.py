@@ -1,6 +1,8 @@
 """History reads (``/messages``, ``/state``, ``/event``) over the tables of the room stream.
 
-The model (points, tokens, holes, the paging rules) is in :mod:`peekproxy.core.paging`. Here:
+The model (points, tokens, holes, the paging rules) is in :mod:`peekproxy.core.paging`; the
+walk that follows it (``read_page``) is still here, with its SQL: to be moved to the core before
+a second implementation needs it. Here:
 ``room_stream`` holds the stream rows (events and gap rows) in ``stream_pos`` order;
 ``gap_events`` the events fetched for each gap, numbered ``seq`` = 1 for the newest going back;
 ``gap_fills`` whether a gap is closed. The virtual gap ``G = 0`` precedes a room whose first
@@ -43,7 +45,7 @@ class _Item:
 
 class HistoryOps(EventOps, SubscriptionOps):
     """The operations of
-    :class:`~peekproxy.store.reads.HistoryReads`
+    :class:`~peekproxy.store.reads.HistoryQueries`
     (documented there)."""
 
     def _pdus(self, room_id: str, event_ids: list[str]) -> dict[str, tuple[dict[str, Any], bool]]:

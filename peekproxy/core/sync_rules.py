@@ -1,0 +1,68 @@
+"""What a device's ``/sync`` snapshot holds (MSC2753 ``rooms.peek``): the decisions behind
+``ReadTransaction.sync_snapshot``.
+
+Pure: plain values in, a decision out. A storage implementation (``store/sqlite/sync.py``
+today) reads the device's peeks and the rooms' stream rows with its own queries, calls these
+functions and returns a :class:`~peekproxy.core.sync.SyncSnapshot` built from what they
+decide, so a second implementation (PostgreSQL, issue 16) shows the same rooms the same way.
+What the builder then makes of the views is :func:`peekproxy.core.sync.build_sync`, which
+follows the same rules (it calls :func:`shown_in_sync` and :func:`shown_afresh`).
+
+Positions are stream positions; ``since`` is the sync's ``since`` position (``None``: an
+initial sync) and ``upto`` the newest position the snapshot sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # core/sync.py's builder calls these rules too: no import cycle at run time
+    from peekproxy.core.sync import DevicePeek
+
+__all__ = [
+    "active_rooms",
+    "gap_marker_hidden",
+    "peeks_changed",
+    "shown_afresh",
+    "shown_in_sync",
+]
+
+
+def active_rooms(peeks: Iterable[DevicePeek]) -> list[str]:
+    """The rooms of the ``active`` peeks, in the order given (the store lists a device's
+    peeks by room ID, so sorted): what a waiting sync registers wake-ups for."""
+    return [peek.room_id for peek in peeks if peek.state == "active"]
+
+
+def peeks_changed(peeks: Iterable[DevicePeek], since: int | None, full_state: bool) -> bool:
+    """Whether the sync has something to show without looking at the rooms: always on an
+    initial sync or with ``full_state``, else when a peek changed state after ``since``.
+    When not, the store looks for stream items of the active rooms in ``(since, upto]``."""
+    return since is None or full_state or any(peek.changed_pos > since for peek in peeks)
+
+
+def shown_in_sync(peek: DevicePeek, since: int | None, upto: int) -> bool:
+    """Whether the snapshot has a view of the peek's room: an ``active`` peek always, an
+    ``ended`` one once, in the first sync after it ended (``rooms.leave``, decisions 7 and
+    10); a ``dormant`` one never (it is restored first, decision 9)."""
+    if peek.state == "active":
+        return True
+    return peek.state == "ended" and since is not None and since < peek.changed_pos <= upto
+
+
+def shown_afresh(peek: DevicePeek, since: int | None) -> bool:
+    """Whether the room is new to the device: an ``active`` peek on an initial sync, or one
+    that (re)started after ``since``. Such a view gets every EDU row up to ``upto`` (not only
+    those after ``since``) and leaves out the gap markers :func:`gap_marker_hidden` names."""
+    return peek.state == "active" and (since is None or peek.changed_pos > since)
+
+
+def gap_marker_hidden(*, afresh: bool, closed: bool, has_events: bool) -> bool:
+    """Whether a view leaves out a gap row of its room's stream.
+
+    A room shown afresh (:func:`shown_afresh`) leaves out a gap over which nothing is missing:
+    one ``closed`` with no fetched events of its own (closed at once: the first view's history
+    joined what was held); its timeline runs on past it, as on a join. A device that already
+    has the room still meets it (decision 4: ``limited`` after a re-peek)."""
+    return afresh and closed and not has_events
