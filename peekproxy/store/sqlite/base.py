@@ -23,7 +23,7 @@ class SqliteBase:
 
     @property
     def connection(self) -> sqlite3.Connection:
-        """The connection itself: for tests of the SQLite implementation only."""
+        """The connection itself: for tests and benchmarks of the SQLite implementation only."""
         return self._conn
 
     def _select_in(
