@@ -1,6 +1,6 @@
 """The pure decisions behind a device's ``/sync`` snapshot (``core/sync_rules.py``), with plain
-values: which peeks are shown, which afresh, whether anything changed, and which gap markers a
-room shown afresh leaves out (decision 4)."""
+values: which peeks are shown, which afresh, whether anything changed; and, over SQLite, which gap
+markers a room shown afresh leaves out (decision 4)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 from peekproxy.core.sync import DevicePeek
 from peekproxy.core.sync_rules import (
     active_rooms,
-    gap_marker_hidden,
     peeks_changed,
     shown_afresh,
     shown_in_sync,
@@ -57,15 +56,8 @@ def test_a_room_is_shown_afresh_on_an_initial_sync_or_after_its_peek_started() -
     assert not shown_afresh(DORMANT, 4)
 
 
-def test_only_a_room_shown_afresh_hides_a_gap_closed_with_nothing_of_its_own() -> None:
-    assert gap_marker_hidden(afresh=True, closed=True, has_events=False)
-    assert not gap_marker_hidden(afresh=False, closed=True, has_events=False)  # decision 4
-    assert not gap_marker_hidden(afresh=True, closed=False, has_events=False)
-    assert not gap_marker_hidden(afresh=True, closed=True, has_events=True)
-
-
-# The SQLite snapshot asks gap_marker_hidden and still reads ``limit + 2`` shown rows before
-# ``since`` (and whether any shown row is older), hidden gap rows notwithstanding.
+# A room shown afresh skips its closed, empty gap rows and still reads ``limit + 2`` shown rows
+# before ``since`` (and whether any shown row is older).
 
 ROOM = "!r:x"
 DEVICE = ("@u:x", "D")

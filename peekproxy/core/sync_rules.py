@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # core/sync.py's builder calls these rules too: no import cyc
 
 __all__ = [
     "active_rooms",
-    "gap_marker_hidden",
     "peeks_changed",
     "shown_afresh",
     "shown_in_sync",
@@ -54,15 +53,6 @@ def shown_in_sync(peek: DevicePeek, since: int | None, upto: int) -> bool:
 def shown_afresh(peek: DevicePeek, since: int | None) -> bool:
     """Whether the room is new to the device: an ``active`` peek on an initial sync, or one
     that (re)started after ``since``. Such a view gets every EDU row up to ``upto`` (not only
-    those after ``since``) and leaves out the gap markers :func:`gap_marker_hidden` names."""
+    those after ``since``) and leaves out the gap rows closed with nothing missing over them
+    (the store's query does: decision 4 keeps them for a device that already has the room)."""
     return peek.state == "active" and (since is None or peek.changed_pos > since)
-
-
-def gap_marker_hidden(*, afresh: bool, closed: bool, has_events: bool) -> bool:
-    """Whether a view leaves out a gap row of its room's stream.
-
-    A room shown afresh (:func:`shown_afresh`) leaves out a gap over which nothing is missing:
-    one ``closed`` with no fetched events of its own (closed at once: the first view's history
-    joined what was held); its timeline runs on past it, as on a join. A device that already
-    has the room still meets it (decision 4: ``limited`` after a re-peek)."""
-    return afresh and closed and not has_events

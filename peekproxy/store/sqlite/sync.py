@@ -10,7 +10,6 @@ from peekproxy.core.live import StreamChange
 from peekproxy.core.sync import DevicePeek, RoomView, StreamItem, SyncSnapshot
 from peekproxy.core.sync_rules import (
     active_rooms,
-    gap_marker_hidden,
     peeks_changed,
     shown_afresh,
     shown_in_sync,
@@ -20,6 +19,14 @@ from peekproxy.store.sqlite.events import EventOps
 from peekproxy.store.sqlite.subscriptions import SubscriptionOps
 
 __all__ = ["SyncOps"]
+
+#: A room shown afresh leaves out its gap rows closed with no fetched events of their own.
+_NOT_AN_EMPTY_CLOSED_GAP = (
+    " AND NOT (kind = 'gap' AND EXISTS (SELECT 1 FROM gap_fills f WHERE f.room_id = "
+    "room_stream.room_id AND f.gap_pos = room_stream.stream_pos AND f.closed = 1 AND NOT "
+    "EXISTS (SELECT 1 FROM gap_events g WHERE g.room_id = f.room_id AND g.gap_pos = "
+    "f.gap_pos)))"
+)
 
 
 class SyncOps(EventOps, DevicePeekOps, SubscriptionOps):
@@ -114,43 +121,32 @@ class SyncOps(EventOps, DevicePeekOps, SubscriptionOps):
         """What the sync builder needs of one room, read in one go (see core/sync.py). The
         EDU rows are those after ``ephemeral_since`` (all when ``None``) plus the typing ones
         (see :class:`~peekproxy.core.sync.RoomView`). ``afresh``: the room is new to the
-        device (:func:`~peekproxy.core.sync_rules.shown_afresh`); the gap rows
-        :func:`~peekproxy.core.sync_rules.gap_marker_hidden` names are left out."""
+        device (:func:`~peekproxy.core.sync_rules.shown_afresh`), so a gap row over which
+        nothing is missing (closed at once, no fetched events of its own: the first view's
+        history joined what was held) is left out; its timeline runs on past it, as on a join.
+        A device that already has the room still meets it (decision 4: ``limited`` after a
+        re-peek)."""
         floor = since if since is not None else upto
-        hidden = self._hidden_gap_markers(room_id, afresh)
-
-        def shown(found: list[Any]) -> list[Any]:
-            return [row for row in found if not (row[1] == "gap" and row[0] in hidden)]
-
         rows = (
             "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
-            "kind IN ('event', 'gap')"
+            "kind IN ('event', 'gap')" + (_NOT_AN_EMPTY_CLOSED_GAP if afresh else "")
         )
-        newer = shown(
-            self._conn.execute(
-                rows + " AND stream_pos > ? AND stream_pos <= ? ORDER BY stream_pos",
-                (room_id, floor, upto),
-            ).fetchall()
-        )
-        # Each hidden row read is one shown row fewer: read as many more.
-        older = shown(
-            self._conn.execute(
-                rows + " AND stream_pos <= ? ORDER BY stream_pos DESC LIMIT ?",
-                (room_id, floor, limit + 2 + len(hidden)),
-            ).fetchall()
-        )
-        if hidden:
-            older = older[: limit + 2]
+        newer = self._conn.execute(
+            rows + " AND stream_pos > ? AND stream_pos <= ? ORDER BY stream_pos",
+            (room_id, floor, upto),
+        ).fetchall()
+        older = self._conn.execute(
+            rows + " AND stream_pos <= ? ORDER BY stream_pos DESC LIMIT ?",
+            (room_id, floor, limit + 2),
+        ).fetchall()
         older.reverse()
         has_earlier = False
         if older:
-            has_earlier = bool(
-                shown(
-                    self._conn.execute(
-                        rows + " AND stream_pos < ? LIMIT ?",
-                        (room_id, older[0][0], 1 + len(hidden)),
-                    ).fetchall()
-                )
+            has_earlier = (
+                self._conn.execute(
+                    rows + " AND stream_pos < ? LIMIT 1", (room_id, older[0][0])
+                ).fetchone()
+                is not None
             )
         recent = [(int(p), str(k), e) for p, k, e in (*older, *newer)]
         state_ids = self.current_state_ids(room_id)
@@ -182,21 +178,6 @@ class SyncOps(EventOps, DevicePeekOps, SubscriptionOps):
             "redacted": redacted,
             "ephemeral": ephemeral,
             "room_version": self.room_version_of(room_id),
-        }
-
-    def _hidden_gap_markers(self, room_id: str, afresh: bool) -> set[int]:
-        """The positions of the room's gap rows a view leaves out
-        (:func:`~peekproxy.core.sync_rules.gap_marker_hidden`). Only filled gaps are read: a
-        gap with no ``gap_fills`` row is open and holds no events."""
-        return {
-            int(gap_pos)
-            for gap_pos, closed, has_events in self._conn.execute(
-                "SELECT f.gap_pos, f.closed, EXISTS (SELECT 1 FROM gap_events g WHERE "
-                "g.room_id = f.room_id AND g.gap_pos = f.gap_pos) FROM gap_fills f "
-                "WHERE f.room_id = ?",
-                (room_id,),
-            )
-            if gap_marker_hidden(afresh=afresh, closed=bool(closed), has_events=bool(has_events))
         }
 
     def sync_snapshot(
