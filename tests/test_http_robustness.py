@@ -15,7 +15,6 @@ import os
 import re
 import ssl
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from tests import http_fuzz
 from tests.conftest import Spawn
 from tests.support import DaemonProcess, issue_cert, write_config
 from tests.synapse import free_tcp_port
+from tests.testbed_support import argv_for_testbed
 
 pytestmark = pytest.mark.slow
 
@@ -76,24 +76,12 @@ async def _start_testbed_process(
     port = free_tcp_port()
     cert, key = issue_cert(ca, directory, "localhost", "127.0.0.1")
     process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "peekproxy",
-            "testbed",
-            "--server-name",
+        argv_for_testbed(
             f"localhost:{port}",
-            "--federation-bind",
-            f"127.0.0.1:{port}",
-            "--admin-bind",
-            "127.0.0.1:0",
-            "--tls-cert",
-            str(cert),
-            "--tls-key",
-            str(key),
-            "--data-dir",
-            str(directory / "testbed-data"),
-        ],
+            directory / "testbed-data",
+            federation_bind=f"127.0.0.1:{port}",
+            tls=(cert, key),
+        ),
         stderr=subprocess.PIPE,
         env={k: v for k, v in os.environ.items() if not k.startswith("PEEKPROXY_")},
     )

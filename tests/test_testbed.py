@@ -27,7 +27,7 @@ from peekproxy.testbed.server import Testbed, TestbedListening
 from tests.peer import Peer, loopback_client
 from tests.support import issue_cert
 from tests.synapse import Synapse, free_tcp_port
-from tests.testbed_support import admin, start_testbed
+from tests.testbed_support import admin, argv_for_testbed, start_testbed
 
 ALL_VERSIONS = sorted(KNOWN_ROOM_VERSIONS, key=int)
 
@@ -446,28 +446,13 @@ async def test_command_line_testbed(
     peer = Peer(tls_ca, tmp_path)  # on loopback: reachable only with the whitelist flag
     await peer.start(nursery)
     process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "peekproxy",
-            "testbed",
-            "--server-name",
+        argv_for_testbed(
             f"localhost:{port}",
-            "--federation-bind",
-            f"127.0.0.1:{port}",
-            "--admin-bind",
-            "127.0.0.1:0",
-            "--tls-cert",
-            str(cert),
-            "--tls-key",
-            str(key),
-            "--data-dir",
-            str(tmp_path / "d"),
-            "--ip-range-whitelist",
-            "127.0.0.0/8",
-            "--tls-ca-file",
-            str(peer.ca_file),
-        ],
+            tmp_path / "d",
+            federation_bind=f"127.0.0.1:{port}",
+            tls=(cert, key),
+            extra=("--ip-range-whitelist", "127.0.0.0/8", "--tls-ca-file", str(peer.ca_file)),
+        ),
         stderr=subprocess.PIPE,
         env=os.environ | {"PEEKPROXY_TESTBED_PEEKS__RENEWAL_INTERVAL": "90s"},
     )
@@ -570,20 +555,7 @@ def test_flags_and_environment_overrides(tls_ca: trustme.CA, tmp_path: Path) -> 
 
 def _run_testbed_cli(data_dir: Path, server_name: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "peekproxy",
-            "testbed",
-            "--server-name",
-            server_name,
-            "--federation-bind",
-            "127.0.0.1:0",
-            "--admin-bind",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-        ],
+        argv_for_testbed(server_name, data_dir),
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,7 +1,9 @@
-"""Start the testbed in the test process, on an ephemeral TLS port, trusting the test CA."""
+"""Start the testbed in the test process, on an ephemeral TLS port, trusting the test CA; or
+the command line that runs it as a child process (:func:`argv_for_testbed`)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,33 @@ from peekproxy.testbed.config import testbed_config_from_flags
 from peekproxy.testbed.server import Testbed, TestbedListening, run_testbed
 from tests.support import issue_cert
 from tests.synapse import free_tcp_port
+
+
+def argv_for_testbed(
+    server_name: str,
+    data_dir: Path,
+    *,
+    federation_bind: str = "127.0.0.1:0",
+    tls: tuple[Path, Path] | None = None,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """``python -m peekproxy testbed`` with its server name, federation listener, an ephemeral
+    admin listener, its data directory, and ``tls`` (certificate, key) when given."""
+    command = [
+        sys.executable,
+        "-m",
+        "peekproxy",
+        "testbed",
+        "--server-name",
+        server_name,
+        "--federation-bind",
+        federation_bind,
+        "--admin-bind",
+        "127.0.0.1:0",
+    ]
+    if tls is not None:
+        command += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+    return [*command, "--data-dir", str(data_dir), *extra]
 
 
 async def start_testbed(
