@@ -69,40 +69,6 @@ async def test_renewal_reply_older_than_a_gap_is_not_appended_after_it(tmp_path:
         await store.aclose()
 
 
-async def test_renewal_reply_older_than_a_gap_keeps_state(tmp_path: Path) -> None:
-    store = await open_sqlite(tmp_path / "p.db", "a.example")
-    try:
-        p1 = _state("$1", 1, [], "", "t1")
-        p2 = _pdu("$2", 2, ["$1"], "2")
-        p3 = _pdu("$3", 3, ["$2"], "3")
-        p4 = _state("$4", 4, ["$3"], "", "t4")
-        await store.write(
-            lambda tx: tx.append_in_dag_order(
-                "!r:x", [("$1", p1, False), ("$2", p2, False)], now_ms=1
-            )
-        )
-        await store.write(lambda tx: tx.append_in_dag_order("!r:x", [("$4", p4, False)], now_ms=1))
-        sub = Subscription(
-            room_id="!r:x", state=SubState.ACTIVE, room_version="10", server="s", peek_id="p"
-        )
-        validated = ValidatedPeek(
-            "!r:x",
-            "10",
-            {"$1": p1, "$3": p3},
-            {("m.room.topic", ""): "$1"},
-            "$3",
-            [],
-            1000,
-            frozenset(),
-        )
-        fake = SimpleNamespace(store=store, by_room={}, clock_ms=lambda: 5)
-        await Subscriptions._store_renewal(fake, sub, validated, [])  # type: ignore[arg-type]
-        state = await store.read(lambda tx: tx.current_state_ids("!r:x"))
-        assert state[("m.room.topic", "")] == "$4", state
-    finally:
-        await store.aclose()
-
-
 async def test_repeek_snapshot_stored_after_newer_pushed_events_keeps_state(tmp_path: Path) -> None:
     """A re-peek (LAPSED accepts /send, so _wait_for_setups does not hold the push back)
     whose snapshot (latest $2, state at $2) is written after the target's push of $3 (a
