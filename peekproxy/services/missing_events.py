@@ -119,11 +119,7 @@ class MissingEvents:
                 # Go on from the events found whose parents are still neither held nor found.
                 refs = {p for e in new for p in event_refs(found[e][1].get("prev_events"))}
                 refs -= found.keys() | known
-                known |= await self.store.read(
-                    lambda tx: tx.known_event_ids(
-                        event_ids=refs,  # noqa: B023
-                    )
-                )
+                known |= await self.store.read(lambda tx: tx.known_event_ids(refs))  # noqa: B023
                 frontier = [
                     e
                     for e in new
