@@ -1,0 +1,93 @@
+"""One client-server API request to the fronted homeserver (``upstream.homeserver_url``).
+
+Access tokens are sent as ``Authorization: Bearer`` and never logged. Every request is bounded
+as a whole (connect, send, wait, read) by its timeout; a homeserver that cannot be reached or
+answers too late raises :class:`HomeserverUnavailable` (the API turns it into 502).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+import trio
+
+__all__ = ["HomeserverClient", "HomeserverUnavailable"]
+
+#: Seconds a request may take as a whole unless the caller says otherwise.
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class HomeserverUnavailable(Exception):
+    """The homeserver could not be reached, or did not answer in time."""
+
+
+class HomeserverClient:
+    """Requests to the client-server API at ``base_url`` (e.g. ``http://127.0.0.1:8008``).
+
+    Args:
+        base_url: the homeserver's client API base URL, without a trailing path.
+        timeout_s: the default bound of one request as a whole, in seconds.
+        http: an ``httpx.AsyncClient`` to use (tests); else one is made and closed by
+            :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self._own_http = http is None
+        self._http = http or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s), limits=httpx.Limits(max_connections=1000)
+        )
+
+    async def aclose(self) -> None:
+        if self._own_http:
+            await self._http.aclose()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None,
+        params: Mapping[str, str | Sequence[str]] | Sequence[tuple[str, str]] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> httpx.Response:
+        """Send ``method path`` (``path`` starts with ``/_matrix/``) and read the whole answer.
+
+        ``token``: the access token to send (``None``: none). ``timeout_s`` bounds the request
+        as a whole (default: the client's); a long-poll passes its own ``timeout`` plus a
+        margin. Any HTTP status is returned as is.
+
+        Raises:
+            HomeserverUnavailable: connection failed, or no whole answer within ``timeout_s``.
+        """
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            with trio.fail_after(limit):
+                return await self._http.request(
+                    method,
+                    self.base_url + path,
+                    params=params,  # type: ignore[arg-type]
+                    json=json,
+                    content=content,
+                    headers=sent,
+                    timeout=httpx.Timeout(limit),
+                )
+        except trio.TooSlowError:
+            raise HomeserverUnavailable(f"no answer within {limit:g} s") from None
+        except httpx.HTTPError as e:
+            raise HomeserverUnavailable(f"{type(e).__name__}: {e}") from None
