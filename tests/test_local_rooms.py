@@ -228,3 +228,24 @@ async def test_local_room_v12_named_by_server_name(
     await sync_until(
         world, bob, since, lambda s: "second" in bodies(s["rooms"]["peek"].get(room_id, _EMPTY))
     )
+
+
+async def test_a_room_the_homeserver_is_not_in_is_peeked_through_the_other_candidates(
+    synapse: Synapse, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    """The homeserver named first but not in the room (a testbed room): the client API
+    cannot read it, so the next candidate is peeked over federation (MSC2444)."""
+    bob, reader = Account(synapse, "lrx-bob"), Account(synapse, "lrx-reader")
+    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn, reader)
+    room_id = world.create_room("10", name="Remote")
+    world.send(room_id, "remote hello")
+    response = await peek(world, bob, room_id, server_name=synapse.server_name)
+    assert response.status_code == 200, response.text
+    synced, _ = await sync_until(world, bob, None, lambda s: room_id in s["rooms"]["peek"])
+    assert "remote hello" in bodies(synced["rooms"]["peek"][room_id])
+    assert len(world.log_of("start")) == 1  # followed by an MSC2444 peek at the testbed
+    # A local room the reader cannot see and no other candidate: a clear 502, not a 500.
+    private = await bob.call("POST", "/createRoom", {"preset": "private_chat"})
+    refused = await peek(world, Account(synapse, "lrx-carol"), private["room_id"])
+    assert refused.status_code == 502, refused.text
+    assert "not in the room" in refused.json()["error"]

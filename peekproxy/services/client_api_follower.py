@@ -265,7 +265,8 @@ class ClientApiFollower:
             502,
             "M_UNKNOWN",
             f"the homeserver {server} does not let peekproxy read {room_id} "
-            f"({refused.status} {refused.errcode}): it may not be in the room",
+            f"({refused.status} {refused.errcode}): it is not in the room, or the room is not "
+            "world_readable there",
         )
 
     async def _start_live(self, room_id: str, handle: str, since: str) -> None:
