@@ -153,9 +153,7 @@ async def test_follow_reads_the_newest_events_and_state_then_polls_from_there(
     assert (room_id, handle) == (ROOM, followed.handle)
     assert [e[0] for e in events] == ["$3"]
     await setup.homeserver.events_in.send((200, {"chunk": [], "end": "s3"}))
-    with trio.fail_after(5):
-        while len(setup.homeserver.polls) < 3:
-            await trio.sleep(0.01)
+    await trio.testing.wait_all_tasks_blocked()  # the third long-poll waits
     assert [p["from"] for p in setup.homeserver.polls] == ["s1", "s2", "s3"]
     assert all(p["room_id"] == ROOM and "raw" in p for p in setup.homeserver.polls)
     assert isinstance(await setup.follower.renew(ROOM, HS, followed.handle), Renewed)
@@ -205,9 +203,9 @@ async def test_refused_while_live_ends_the_peeks_when_no_longer_world_readable(
     await setup.homeserver.events_in.send((403, {"errcode": "M_FORBIDDEN", "error": "no"}))
     await setup.changed()
     assert setup.sink.ended == [(ROOM, followed.handle, f"{ROOM} is not world_readable")]
-    with trio.fail_after(5):
-        while isinstance(await setup.follower.renew(ROOM, HS, followed.handle), Renewed):
-            await trio.sleep(0.01)
+    await trio.testing.wait_all_tasks_blocked()  # the live task has ended
+    renewal = await setup.follower.renew(ROOM, HS, followed.handle)
+    assert isinstance(renewal, RenewalFailed) and renewal.refused
 
 
 async def test_errors_while_live_back_off_and_retry(
