@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,7 +14,9 @@ import pytest
 import trio
 import trio.testing
 
+from peekproxy.federation.keyring import Keyring
 from peekproxy.homeserver.client import HomeserverClient
+from peekproxy.services.assembly import Services, build_services
 from peekproxy.services.client_api_follower import (
     HANDLE_PREFIX,
     ClientApiFollower,
@@ -28,6 +31,9 @@ from peekproxy.services.following import (
     RenewalFailed,
     Renewed,
 )
+from peekproxy.store import Storage
+from peekproxy.store.sqlite import open_sqlite
+from tests.offline import OFFLINE_SETTINGS, offline_client
 
 HS = "hs.test"
 ROOM = f"!room:{HS}"
@@ -280,3 +286,65 @@ async def test_the_choice_tries_the_homeserver_first_then_the_other_candidates()
     with pytest.raises(FollowFailed) as failed:
         await choice.follow(ROOM, [HS, "other.test"])
     assert failed.value.error.status == 403 and len(remote.calls) == asked
+
+
+async def _services(store: Storage, homeserver: FakeHomeserver) -> tuple[Services, Any]:
+    http = httpx.AsyncClient(transport=httpx.MockTransport(homeserver.handle))
+    local = ClientApiFollower(
+        homeserver=HomeserverClient("http://hs.invalid", http=http), token="t"
+    )
+    client = offline_client()
+    services = build_services(
+        store=store,
+        client=client,
+        keyring=Keyring(client),
+        settings=OFFLINE_SETTINGS,
+        local_rooms=local,
+    )
+    return services, http
+
+
+async def _newest(store: Storage) -> list[str]:
+    return await store.read(lambda tx: tx.newest_event_ids(ROOM, 1))
+
+
+async def test_followed_again_after_a_restart_keeps_the_events_that_came_first(
+    tmp_path: Path,
+) -> None:
+    """Assembled with the services: a peek of a room on the homeserver, live events, then a
+    restart. The new following's first long-poll answers while its snapshot is still being
+    stored (the room's old following still takes events): that event is kept, and the new
+    following stays live."""
+    store = await open_sqlite(tmp_path / "p.db", "peekproxy.test")
+    homeserver = FakeHomeserver()
+    try:
+        async with trio.open_nursery() as nursery:
+            services, http = await _services(store, homeserver)
+            await nursery.start(services.run)
+            assert await services.syncing.peek("@bob:hs.test", "PHONE", ROOM) == ROOM
+            sub = services.subscriptions.get(ROOM)
+            assert sub is not None and is_client_api_handle(sub.peek_id)
+            assert await _newest(store) == ["$2"]
+            await homeserver.events_in.send((200, {"chunk": [pdu("$3", 5)], "end": "s2"}))
+            with trio.fail_after(10):
+                while await _newest(store) != ["$3"]:
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+        await http.aclose()
+
+        restarted = FakeHomeserver()
+        restarted.messages = (200, {"chunk": [pdu("$4", 6), pdu("$3", 5)], "start": "s4"})
+        await restarted.events_in.send((200, {"chunk": [pdu("$5", 7)], "end": "s5"}))
+        async with trio.open_nursery() as nursery:
+            services, http = await _services(store, restarted)
+            await nursery.start(services.run)
+            with trio.fail_after(10):
+                while await _newest(store) != ["$5"]:
+                    await trio.sleep(0.02)
+            sub = services.subscriptions.get(ROOM)
+            assert sub is not None and sub.peek_id is not None
+            assert isinstance(await services.follower.renew(ROOM, HS, sub.peek_id), Renewed)
+            nursery.cancel_scope.cancel()
+        await http.aclose()
+    finally:
+        await store.aclose()

@@ -32,7 +32,7 @@ from peekproxy.services.following import Fetched
 from peekproxy.services.missing_events import MissingEvents
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import now_ms
-from peekproxy.services.subscriptions import Subscriptions
+from peekproxy.services.subscriptions import SETUP_WAIT_S, Subscriptions
 from peekproxy.store import Storage, WriteTransaction
 
 __all__ = ["MAX_EDUS", "MAX_PDUS", "TYPING_TIMEOUT_MS", "Ingest"]
@@ -315,11 +315,15 @@ class Ingest:
         lacks a ``prev_events`` entry), the room's syncs woken, and its peeks ended when one
         of them ends peeking (protocol.md decision 10).
 
-        Waits (as ``/send`` does) for the room's following being set up. Returns ``False``,
-        storing nothing, when the room is no longer followed through ``handle`` (the
-        follower then stops)."""
-        await self.subscriptions.wait_for_setups([room_id])
+        Waits for the following of ``handle`` being set up: the room's lock is held until
+        its snapshot is stored (even while the room's old following still takes events).
+        Returns ``False``, storing nothing, when the room is not followed through ``handle``
+        (the follower then stops)."""
         sub = self.subscriptions.get(room_id)
+        if sub is None or sub.peek_id != handle:
+            with trio.move_on_after(SETUP_WAIT_S):
+                async with self.subscriptions.room_lock(room_id):
+                    sub = self.subscriptions.get(room_id)
         if sub is None or not sub.accepts_events or sub.peek_id != handle:
             return False
         async with self._ingest_locks.setdefault(room_id, trio.Lock()):
