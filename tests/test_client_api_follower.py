@@ -37,6 +37,7 @@ from tests.offline import OFFLINE_SETTINGS, offline_client
 
 HS = "hs.test"
 ROOM = f"!room:{HS}"
+BOB = ("@bob:hs.test", "PHONE")
 
 
 def pdu(event_id: str, depth: int, **fields: Any) -> dict[str, Any]:
@@ -308,6 +309,15 @@ async def _newest(store: Storage) -> list[str]:
     return await store.read(lambda tx: tx.newest_event_ids(ROOM, 1))
 
 
+async def _synced_until(services: Services, store: Storage, event_id: str) -> None:
+    """Long-poll bob's device until ``event_id`` is the room's newest event."""
+    since = None
+    with trio.fail_after(10):
+        while await _newest(store) != [event_id]:
+            synced = await services.syncing.sync(*BOB, since=since, timeout_ms=5000)
+            since = synced["next_batch"]
+
+
 async def test_followed_again_after_a_restart_keeps_the_events_that_came_first(
     tmp_path: Path,
 ) -> None:
@@ -321,14 +331,12 @@ async def test_followed_again_after_a_restart_keeps_the_events_that_came_first(
         async with trio.open_nursery() as nursery:
             services, http = await _services(store, homeserver)
             await nursery.start(services.run)
-            assert await services.syncing.peek("@bob:hs.test", "PHONE", ROOM) == ROOM
+            assert await services.syncing.peek(*BOB, ROOM) == ROOM
             sub = services.subscriptions.get(ROOM)
             assert sub is not None and is_client_api_handle(sub.peek_id)
             assert await _newest(store) == ["$2"]
             await homeserver.events_in.send((200, {"chunk": [pdu("$3", 5)], "end": "s2"}))
-            with trio.fail_after(10):
-                while await _newest(store) != ["$3"]:
-                    await trio.sleep(0.02)
+            await _synced_until(services, store, "$3")
             nursery.cancel_scope.cancel()
         await http.aclose()
 
@@ -338,9 +346,7 @@ async def test_followed_again_after_a_restart_keeps_the_events_that_came_first(
         async with trio.open_nursery() as nursery:
             services, http = await _services(store, restarted)
             await nursery.start(services.run)
-            with trio.fail_after(10):
-                while await _newest(store) != ["$5"]:
-                    await trio.sleep(0.02)
+            await _synced_until(services, store, "$5")
             sub = services.subscriptions.get(ROOM)
             assert sub is not None and sub.peek_id is not None
             assert isinstance(await services.follower.renew(ROOM, HS, sub.peek_id), Renewed)
