@@ -6,6 +6,8 @@ keys through the keyring), the ``prev_events`` we lack fetched from the origin
 in parallel); ``m.typing`` / ``m.receipt`` EDUs are stored per user, then the transaction's
 answer (idempotency per origin and transaction ID). The transaction is answered once all of
 it is stored. A state event that ends peeking (decision 10) ends the room's peeks.
+The events of rooms followed through the fronted homeserver's client API take the same path
+without the checks (:meth:`Ingest.append_trusted`).
 
 Typing expiry: a remote user stops typing :data:`TYPING_TIMEOUT_MS` after the last
 ``typing: true`` (a stored ``typing: false`` row, which wakes the room's syncs).
