@@ -212,7 +212,8 @@ _EMPTY: dict[str, Any] = {"timeline": {"events": []}}
 async def test_local_room_v12_named_by_server_name(
     synapse: Synapse, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
 ) -> None:
-    """A room version 12 ID has no server part: the peek names the homeserver."""
+    """A room version 12 ID has no server part: the peek names the homeserver. Enabling
+    encryption ends the peek."""
     alice, bob, reader = (Account(synapse, f"lr12-{n}") for n in ("alice", "bob", "reader"))
     room_id = await alice.create_room(version="12")
     await alice.send(room_id, "first")
@@ -225,9 +226,12 @@ async def test_local_room_v12_named_by_server_name(
     assert creates and creates[0]["content"]["room_version"] == "12"
     assert bodies(room)[-1:] == ["first"]
     await alice.send(room_id, "second")
-    await sync_until(
+    _, since = await sync_until(
         world, bob, since, lambda s: "second" in bodies(s["rooms"]["peek"].get(room_id, _EMPTY))
     )
+    # Encryption enabled (Synapse still lets non-members read the room): the peek ends.
+    await alice.set_state(room_id, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
+    await sync_until(world, bob, since, lambda s: room_id in s["rooms"]["leave"])
 
 
 async def test_a_room_the_homeserver_is_not_in_is_peeked_through_the_other_candidates(
