@@ -6,6 +6,7 @@ rooms a device peeks. Clients hold only Synapse's tokens."""
 from __future__ import annotations
 
 import signal
+import sqlite3
 from pathlib import Path
 from urllib.parse import quote
 
@@ -220,3 +221,25 @@ async def test_peek_sections_resume_after_peekproxy_is_killed(
     assert "three" in bodies(peeked), resumed
     assert "one" not in bodies(peeked) and "two" not in bodies(peeked)  # nothing duplicated
     assert joined not in resumed["rooms"].get("join", {})  # Synapse's news were seen directly
+
+
+async def test_a_fault_in_the_peek_part_degrades_to_the_homeserver_answer(
+    synapse: Synapse, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
+    front = world.daemon.client
+    token = synapse.register("front-fault")
+    joined = await create_room(synapse, token)
+    remote = world.create_room("10")
+    first = await sync(front, token)
+    await peek(world, token, remote)
+    await send_text(synapse, token, joined, "still delivered", "f1")
+    # peekproxy's own part breaks: its table of token positions is gone.
+    conn = sqlite3.connect(world.db_path)
+    conn.execute("DROP TABLE front_positions")
+    conn.commit()
+    conn.close()
+    answer = await sync(front, token, since=first["next_batch"], timeout_ms=5_000)
+    assert bodies(answer["rooms"]["join"][joined]) == ["still delivered"]
+    assert "peek" not in answer["rooms"]
+    await world.daemon.wait_for_log(rb"own part of a /sync failed")

@@ -59,6 +59,7 @@ MARGIN_S = 60.0
 MAX_TIMEOUT_MS = 300_000
 #: Seconds a filter fetch may take.
 FILTER_TIMEOUT_S = 10.0
+_FAULT = "the front's own part of a /sync failed (%s): the homeserver's answer goes out alone"
 #: Filters kept in memory before the cache is emptied (filters are immutable).
 _FILTER_CACHE_SIZE = 10_000
 
@@ -119,7 +120,11 @@ class FrontSync:
         """
         timeout_ms = max(0, min(request.timeout_ms, MAX_TIMEOUT_MS))
         bound_s = timeout_ms / 1000 + MARGIN_S
-        since_pos = await self._own_part(self._start_position, request, default=None)
+        try:
+            since_pos = await self._start_position(request)
+        except Exception:
+            log.exception(_FAULT, "reading the device's position")
+            return await self.passthrough.forward(request.client, timeout_s=bound_s)
         limit = await self._own_part(self._timeline_limit, request, default=DEFAULT_TIMELINE_LIMIT)
         since_token = encode_token(since_pos) if since_pos is not None else None
         # Race only a long-poll: an initial sync or a timeout=0 sync comes back at once.
@@ -197,11 +202,7 @@ class FrontSync:
         try:
             return await fn(*args)
         except Exception:
-            log.exception(
-                "the front's own part of a /sync failed (%s): the homeserver's answer goes "
-                "out without it",
-                getattr(fn, "__name__", fn),
-            )
+            log.exception(_FAULT, getattr(fn, "__name__", fn))
             return default
 
     async def _start_position(self, request: FrontSyncRequest) -> int | None:
