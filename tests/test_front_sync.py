@@ -113,11 +113,10 @@ async def test_front_sync_over_http2_and_errors(
         ready = await http.get("/ready")
     for answer in (bad, bad_again):
         assert answer.status_code == 401 and answer.json()["errcode"] == "M_UNKNOWN_TOKEN"
-    direct = httpx.get(
-        f"{synapse.client}/_matrix/client/v3/sync",
-        params={"filter": "987654"},
-        headers=auth(token),
-    )
+    async with httpx.AsyncClient(base_url=synapse.client, timeout=60) as http:
+        direct = await http.get(
+            "/_matrix/client/v3/sync", params={"filter": "987654"}, headers=auth(token)
+        )
     assert unknown_filter.status_code == direct.status_code != 200
     assert unknown_filter.json() == direct.json()
     assert ready.status_code == 200

@@ -23,7 +23,7 @@ from peekproxy.core.front_sync import (
     token_hash,
     without_wait,
 )
-from peekproxy.core.subscription import SubState, Subscription
+from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.homeserver.client import HomeserverClient
 from peekproxy.services.front_sync import FrontSync, FrontSyncRequest
 from peekproxy.services.passthrough import ClientRequest, Passthrough
@@ -36,6 +36,7 @@ from tests.offline import offline_service
 def test_filter_timeline_limit() -> None:
     assert filter_timeline_limit({"room": {"timeline": {"limit": 3}}}) == 3
     assert filter_timeline_limit({"room": {"timeline": {"limit": 1000}}}) == 100
+    odd: Any
     for odd in (None, [], {"room": []}, {"room": {"timeline": {"limit": "5"}}}, {}):
         assert filter_timeline_limit(odd) == 10
     assert filter_timeline_limit({"room": {"timeline": {"limit": True}}}) == 10
@@ -63,7 +64,7 @@ def test_merge_keeps_the_homeserver_answer_and_adds_the_peek_rooms() -> None:
     assert merged["rooms"]["join"] == {"!j:hs": {"x": 1}}
     assert merged["rooms"]["peek"] == {"!p:r": {"timeline": {}}}
     assert merged["rooms"]["leave"] == {"!both:hs": {"hs": True}, "!l:r": {}}
-    peeking = {"rooms": {"peeking": {"!p:r": {}}, "leave": {}}}
+    peeking: dict[str, Any] = {"rooms": {"peeking": {"!p:r": {}}, "leave": {}}}
     assert merge_sync({"next_batch": "s"}, peeking, section="peeking")["rooms"] == {
         "peeking": {"!p:r": {}}
     }
