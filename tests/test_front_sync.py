@@ -194,6 +194,7 @@ async def test_peek_sections_resume_after_peekproxy_is_killed(
 ) -> None:
     world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
     token = synapse.register("front-restart")
+    user_id = f"@front-restart:{synapse.server_name}"
     joined = await create_room(synapse, token)
     remote = world.create_room("10", name="Remote")
     world.send(remote, "one")
@@ -212,13 +213,26 @@ async def test_peek_sections_resume_after_peekproxy_is_killed(
     await send_text(synapse, token, joined, "while away", "r1")
     direct = await sync(synapse.client, token, since=seen["next_batch"])
     assert bodies(direct["rooms"]["join"][joined]) == ["while away"]
-    world.send(remote, "three")
+    for body in ("three", "four", "five"):
+        world.send(remote, body)
     world.daemon = await spawn(world.config, env=world.env | world.extra_env)
+    # The client's filter (an ID made at Synapse) says two events per timeline.
+    made = await client_api(
+        synapse.client,
+        token,
+        "POST",
+        f"/_matrix/client/v3/user/{quote(user_id, safe='')}/filter",
+        {"room": {"timeline": {"limit": 2}}},
+    )
+    assert made.status_code == 200, made.text
+    filter_id = made.json()["filter_id"]
 
-    resumed = await sync(world.daemon.client, token, since=direct["next_batch"], timeout_ms=20_000)
+    resumed = await sync(
+        world.daemon.client, token, since=direct["next_batch"], timeout_ms=20_000, filter=filter_id
+    )
     peeked = resumed["rooms"]["peek"][remote]
-    assert "three" in bodies(peeked), resumed
-    assert "one" not in bodies(peeked) and "two" not in bodies(peeked)  # nothing duplicated
+    assert bodies(peeked) == ["four", "five"], resumed  # the newest, cut by the filter
+    assert peeked["timeline"]["limited"] is True  # gappy: "three" is before the cut
     assert joined not in resumed["rooms"].get("join", {})  # Synapse's news were seen directly
 
 

@@ -105,8 +105,8 @@ class FrontSync:
         self.section = section
         self.clock_ms = clock_ms
         self._filters: dict[tuple[str, str], int] = {}
-        #: The last (token hash, position) saved per device: an unchanged pair is not
-        #: written again.
+        #: The last (token hash, position) saved per device (as in the store): an unchanged
+        #: pair is not written again, and the next sync's ``since`` is usually this token.
         self._saved: dict[tuple[str, str], tuple[str, int]] = {}
 
     async def sync(self, request: FrontSyncRequest) -> UpstreamAnswer:
@@ -212,6 +212,9 @@ class FrontSync:
         if request.since is None:
             return None
         key = token_hash(request.since)
+        last = self._saved.get((user_id, device_id))
+        if last is not None and last[0] == key:
+            return last[1]  # the token this device got last (the usual case): no read
 
         def read(tx: Any) -> int | None:
             found: int | None = tx.front_position(user_id, device_id, key)

@@ -315,7 +315,10 @@ class Syncing:
                     dormant = [p.room_id for p in snapshot.peeks if p.state == "dormant"]
                     if dormant and not restored:
                         restored = True
-                        await self._restore_dormant(user_id, device_id, dormant)
+                        # Shielded: a sync cancelled meanwhile (the front's homeserver part
+                        # answered first, a client gone) must not leave a re-peek half done.
+                        with trio.CancelScope(shield=True):
+                            await self._restore_dormant(user_id, device_id, dormant)
                         continue  # the restored peeks changed what there is to show
                     self.live.load_device(device, snapshot.peeks, as_of=snapshot.upto)
                     active, changed = snapshot.active, snapshot.changed
