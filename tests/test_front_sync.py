@@ -247,9 +247,10 @@ async def test_a_fault_in_the_peek_part_degrades_to_the_homeserver_answer(
     first = await sync(front, token)
     await peek(world, token, remote)
     await send_text(synapse, token, joined, "still delivered", "f1")
-    # peekproxy's own part breaks: its table of token positions is gone.
+    # peekproxy's own part breaks: its tables of token positions and device peeks are gone.
     conn = sqlite3.connect(world.db_path)
     conn.execute("DROP TABLE front_positions")
+    conn.execute("DROP TABLE device_peeks")
     conn.commit()
     conn.close()
     answer = await sync(front, token, since=first["next_batch"], timeout_ms=5_000)

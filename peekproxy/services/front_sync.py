@@ -194,7 +194,8 @@ class FrontSync:
         if peek is None or not has_news(peek, self.section, joined):
             return homeserver
         merged = merge_sync(body, peek, section=self.section, drop=joined)
-        return UpstreamAnswer(200, json.dumps(merged).encode(), "application/json")
+        encoded = json.dumps(merged, separators=(",", ":")).encode()  # compact, as Synapse's
+        return UpstreamAnswer(200, encoded, "application/json")
 
     async def _own_part(self, fn: Callable[..., Any], *args: Any, default: Any) -> Any:
         """``await fn(*args)``; any fault in it (peekproxy's own part of the sync) is logged
