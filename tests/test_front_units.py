@@ -15,6 +15,7 @@ import trio
 from peekproxy.api.errors import MatrixError
 from peekproxy.api.upstream_auth import UpstreamAuth
 from peekproxy.core.front_sync import (
+    encode_answer,
     filter_timeline_limit,
     has_news,
     is_inline_filter,
@@ -81,6 +82,14 @@ def test_without_wait_and_token_hash() -> None:
     )
     assert without_wait("") == "timeout=0"
     assert token_hash("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_merged_answers_are_utf8_json_even_with_a_lone_surrogate() -> None:
+    assert encode_answer({"body": "é"}) == '{"body":"é"}'.encode()
+    # The homeserver may send an escaped lone surrogate: it cannot be UTF-8, so it stays
+    # escaped rather than failing the sync.
+    odd = json.loads('{"body":"\\ud800é"}')
+    assert json.loads(encode_answer(odd)) == odd
 
 
 # -- api/upstream_auth.py -------------------------------------------------------------------

@@ -13,6 +13,7 @@ waits for the device's peek news in parallel and asks these functions what to se
 * :func:`merge_sync`: the homeserver's answer with ``rooms.<section>`` and ``rooms.leave``
   merged in, everything else as the homeserver sent it;
 * :func:`without_wait`: the client's query with ``timeout=0`` (peek news came first);
+* :func:`encode_answer`: a merged answer as compact UTF-8 JSON, as Synapse writes it;
 * :func:`token_hash`: the sha256 of an access token or a ``next_batch`` token, the only form
   in which peekproxy keeps or logs them.
 """
@@ -20,6 +21,7 @@ waits for the device's peek news in parallel and asks these functions what to se
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Collection, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -27,6 +29,7 @@ from urllib.parse import parse_qsl, urlencode
 __all__ = [
     "DEFAULT_TIMELINE_LIMIT",
     "MAX_TIMELINE_LIMIT",
+    "encode_answer",
     "filter_timeline_limit",
     "has_news",
     "is_inline_filter",
@@ -135,3 +138,13 @@ def without_wait(query: str) -> str:
     pairs = parse_qsl(query, keep_blank_values=True)
     kept = [(k, v) for k, v in pairs if k != "timeout"]
     return urlencode([*kept, ("timeout", "0")])
+
+
+def encode_answer(answer: Mapping[str, Any]) -> bytes:
+    """A merged sync answer as compact UTF-8 JSON, as Synapse writes it; ASCII with ``\\u``
+    escapes when a string holds a lone surrogate (a ``\\ud800`` escape in the homeserver's
+    JSON), which UTF-8 cannot carry."""
+    try:
+        return json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(answer, separators=(",", ":")).encode()

@@ -34,6 +34,7 @@ import trio
 
 from peekproxy.core.front_sync import (
     DEFAULT_TIMELINE_LIMIT,
+    encode_answer,
     filter_timeline_limit,
     has_news,
     is_inline_filter,
@@ -119,7 +120,8 @@ class FrontSync:
                 the client's timeout plus ``MARGIN_S`` (the API answers 502).
         """
         timeout_ms = max(0, min(request.timeout_ms, MAX_TIMEOUT_MS))
-        bound_s = timeout_ms / 1000 + MARGIN_S
+        # The homeserver keeps the client's own timeout, which may be longer than ours.
+        bound_s = max(timeout_ms, request.timeout_ms) / 1000 + MARGIN_S
         try:
             since_pos = await self._start_position(request)
         except Exception:
@@ -194,8 +196,7 @@ class FrontSync:
         if peek is None or not has_news(peek, self.section, joined):
             return homeserver
         merged = merge_sync(body, peek, section=self.section, drop=joined)
-        encoded = json.dumps(merged, separators=(",", ":")).encode()  # compact, as Synapse's
-        return UpstreamAnswer(200, encoded, "application/json")
+        return UpstreamAnswer(200, encode_answer(merged), "application/json")
 
     async def _own_part(self, fn: Callable[..., Any], *args: Any, default: Any) -> Any:
         """``await fn(*args)``; any fault in it (peekproxy's own part of the sync) is logged
