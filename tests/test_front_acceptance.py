@@ -239,3 +239,91 @@ async def test_nio_peeks_through_the_front_then_joins(
     for token in (session.token, reader.token, alice.token):
         assert token not in world.daemon.log
     print(session.figures)
+
+
+# -- CORS: browsers' clients (Element Web) ------------------------------------------------
+
+ORIGIN = "https://app.element.example"
+
+
+def _listed(value: str | None) -> set[str]:
+    return {part.strip().lower() for part in (value or "").split(",") if part.strip()}
+
+
+async def test_cors_preflight_and_answers_like_synapse(
+    synapse: Synapse, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    """Every path the front serves answers a browser's preflight with Synapse's CORS policy,
+    and its answers (errors and the homeserver's answers passed on included) carry
+    ``Access-Control-Allow-Origin: *``."""
+    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
+    bob = Account(synapse, "cors-bob")
+    room_id = await bob.create_room(version="10")
+    room = quote(room_id, safe="")
+    served = [
+        ("GET", f"/_matrix/client/{v}{path}")
+        for v in ("r0", "v3")
+        for path in (
+            "/sync",
+            f"/rooms/{room}/messages",
+            f"/rooms/{room}/state",
+            f"/rooms/{room}/event/%24e",
+        )
+    ] + [
+        ("POST", f"/_matrix/client/{v}{path}")
+        for v in ("r0", "v3", "unstable/org.matrix.msc2753")
+        for path in (f"/peek/{room}", "/peek_room", f"/rooms/{room}/unpeek")
+    ]
+    served += [("GET", "/health"), ("GET", "/ready")]
+    asked = {"Authorization", "Content-Type"}
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Headers": ", ".join(sorted(asked)),
+    }
+    async with httpx.AsyncClient(timeout=30) as http:
+        at_synapse = await http.options(
+            f"{synapse.client}/_matrix/client/v3/sync",
+            headers=preflight | {"Access-Control-Request-Method": "GET"},
+        )
+        assert at_synapse.is_success, at_synapse
+        for method, path in served:
+            answer = await http.options(
+                f"{world.daemon.client}{path}",
+                headers=preflight | {"Access-Control-Request-Method": method},
+            )
+            assert answer.status_code == 200, (path, answer.status_code, answer.text)
+            headers = answer.headers
+            assert headers["access-control-allow-origin"] == "*", path
+            assert _listed(headers["access-control-allow-methods"]) == _listed(
+                at_synapse.headers["access-control-allow-methods"]
+            )
+            allowed = _listed(headers["access-control-allow-headers"])
+            assert _listed(at_synapse.headers["access-control-allow-headers"]) <= allowed
+            assert {h.lower() for h in asked} <= allowed
+
+        # The answers themselves: the merged /sync, the homeserver's history answer passed
+        # on, an error of peekproxy's own, an unknown path.
+        origin = {"Origin": ORIGIN}
+        answers = [
+            await http.get(
+                f"{world.daemon.client}/_matrix/client/v3/sync?timeout=0",
+                headers=bob.auth | origin,
+            ),
+            await http.get(
+                f"{world.daemon.client}/_matrix/client/v3/rooms/{room}/messages?dir=b",
+                headers=bob.auth | origin,
+            ),
+            await http.get(
+                f"{world.daemon.client}/_matrix/client/v3/sync", headers=auth("bad") | origin
+            ),
+            await http.get(f"{world.daemon.client}/_matrix/client/v3/nowhere", headers=origin),
+        ]
+        direct = await http.get(
+            f"{synapse.client}/_matrix/client/v3/sync?timeout=0", headers=bob.auth | origin
+        )
+    assert [a.status_code for a in answers] == [200, 200, 401, 404]
+    for answer in [*answers, direct]:
+        assert answer.headers["access-control-allow-origin"] == "*", answer.url
+    assert _listed(answers[0].headers["access-control-expose-headers"]) == _listed(
+        direct.headers["access-control-expose-headers"]
+    )
