@@ -184,7 +184,10 @@ async def run_daemon(
                 client_url = await servers.start(
                     "listeners.client.bind",
                     client_app(
-                        store=store, routes=client_routes, homeserver_check=homeserver_check
+                        store=store,
+                        routes=client_routes,
+                        homeserver_check=homeserver_check,
+                        cors=homeserver is not None,  # front mode: browsers' clients
                     ),
                     hypercorn_config(listeners.client.bind, grace=grace, access_log=access_log),
                 )

@@ -1,8 +1,10 @@
 """Helpers of the front-mode end-to-end tests: a peekproxy fronting the session's real
-Synapse (with the testbed as a remote room host), and raw client-API calls."""
+Synapse (with the testbed as a remote room host), accounts of that Synapse, and raw
+client-API calls."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -24,16 +26,77 @@ async def front_world(
     spawn: Spawn,
     *,
     homeserver_url: str | None = None,
+    reader: Account | None = None,
+    env: dict[str, str] | None = None,
 ) -> PeekWorld:
     """The testbed + peekproxy world with peekproxy in front mode before ``homeserver_url``
-    (default: the session's Synapse)."""
-    return await build_world(
-        nursery,
-        tls_ca,
-        tmp_path,
-        spawn,
-        peeks_env={"PEEKPROXY_UPSTREAM__HOMESERVER_URL": homeserver_url or synapse.client},
-    )
+    (default: the session's Synapse). With ``reader``, peekproxy reads the homeserver's own
+    world_readable rooms as that account (``upstream.access_token_file``); ``env``: more
+    ``PEEKPROXY_*`` settings."""
+    peeks_env = {"PEEKPROXY_UPSTREAM__HOMESERVER_URL": homeserver_url or synapse.client}
+    if reader is not None:
+        token_file = tmp_path / "reader.token"
+        token_file.write_text(reader.token + "\n")
+        peeks_env["PEEKPROXY_UPSTREAM__ACCESS_TOKEN_FILE"] = str(token_file)
+    return await build_world(nursery, tls_ca, tmp_path, spawn, peeks_env=peeks_env | (env or {}))
+
+
+WORLD_READABLE = {
+    "type": "m.room.history_visibility",
+    "state_key": "",
+    "content": {"history_visibility": "world_readable"},
+}
+
+
+class Account:
+    """A user of the real Synapse: its access token, user ID and device ID."""
+
+    def __init__(self, synapse: Synapse, name: str) -> None:
+        self.synapse = synapse
+        self.token = synapse.register(name)
+        me = httpx.get(
+            f"{synapse.client}/_matrix/client/v3/account/whoami", headers=self.auth, timeout=30
+        ).json()
+        self.user_id: str = me["user_id"]
+        self.device_id: str = me["device_id"]
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        async with httpx.AsyncClient(base_url=self.synapse.client, timeout=30) as http:
+            response = await http.request(
+                method, f"/_matrix/client/v3{path}", json=body, headers=self.auth
+            )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def create_room(self, *, version: str, world_readable: bool = True) -> str:
+        answer = await self.call(
+            "POST",
+            "/createRoom",
+            {
+                "preset": "public_chat",
+                "room_version": version,
+                "name": "Local room",
+                "initial_state": [WORLD_READABLE] if world_readable else [],
+            },
+        )
+        room_id: str = answer["room_id"]
+        return room_id
+
+    async def send(self, room_id: str, body: str) -> str:
+        answer = await self.call(
+            "PUT",
+            f"/rooms/{quote(room_id, safe='')}/send/m.room.message/{time.monotonic_ns()}",
+            {"msgtype": "m.text", "body": body},
+        )
+        event_id: str = answer["event_id"]
+        return event_id
+
+    async def set_state(self, room_id: str, kind: str, content: dict[str, Any]) -> None:
+        await self.call("PUT", f"/rooms/{quote(room_id, safe='')}/state/{kind}/", content)
 
 
 def auth(token: str) -> dict[str, str]:

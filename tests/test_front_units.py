@@ -4,6 +4,7 @@ check's cache (api/upstream_auth.py) and the join-while-peeking path of the merg
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ from peekproxy.core.front_sync import (
 )
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.homeserver.client import HomeserverClient
+from peekproxy.services.assembly import Services
 from peekproxy.services.front_sync import FrontSync, FrontSyncRequest
 from peekproxy.services.passthrough import ClientRequest, Passthrough
+from peekproxy.store import Storage
 from peekproxy.store.sqlite import open_sqlite
 from tests.offline import offline_service
 
@@ -165,9 +168,8 @@ def _request(user: str, device: str, since: str | None) -> FrontSyncRequest:
     )
 
 
-async def test_a_joined_room_leaves_the_peek_section_without_a_leave(tmp_path: Path) -> None:
-    store = await open_sqlite(tmp_path / "p.db", "local.test")
-    sub = Subscription(
+def _subscription() -> Subscription:
+    return Subscription(
         room_id=ROOM,
         state=SubState.ACTIVE,
         candidates=("remote.test",),
@@ -175,34 +177,76 @@ async def test_a_joined_room_leaves_the_peek_section_without_a_leave(tmp_path: P
         server="remote.test",
         peek_id="p1",
     )
+
+
+async def _services(store: Storage) -> Services:
+    """The services over ``store`` (as after a start: memory empty), following ROOM."""
+    sub = _subscription()
     await store.write(lambda tx: tx.save_subscription(sub))
-    for user, device in ((ALICE, "PHONE"), (ALICE, "TABLET"), (BOB, "PHONE")):
-        await store.write(
-            lambda tx: tx.set_device_peek(user, device, ROOM, "active", 0)  # noqa: B023
-        )
-    pdu = {
-        "type": "m.room.message",
-        "sender": "@c:remote.test",
-        "room_id": ROOM,
-        "content": {"body": "hello"},
-        "origin_server_ts": 1,
-    }
-    await store.write(lambda tx: tx.append_event(ROOM, "$e1", pdu, redacted=False, now_ms=0))
     service = offline_service(store)
     await service.syncing.open_live_window()
     service.subscriptions.by_room = {ROOM: sub}
-    homeserver_rooms: dict[str, Any] = {"join": {ROOM: {"timeline": {"events": []}}}}
-    batches = iter(f"s{n}" for n in range(1, 100))
+    return service
+
+
+def _front(store: Storage, service: Services, rooms: dict[str, Any]) -> FrontSync:
+    """The merged /sync before a fake homeserver answering ``rooms`` with a new
+    ``next_batch`` each time."""
+    batches = itertools.count(1)
 
     def homeserver(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"next_batch": next(batches), "rooms": homeserver_rooms})
+        return httpx.Response(200, json={"next_batch": f"s{next(batches)}", "rooms": rooms})
 
-    front = FrontSync(
+    return FrontSync(
         passthrough=Passthrough(_homeserver(homeserver)),
         syncing=service.syncing,
         store=store,
         section="peek",
     )
+
+
+async def _message(store: Storage, event_id: str, body: str) -> None:
+    pdu = {
+        "type": "m.room.message",
+        "sender": "@c:remote.test",
+        "room_id": ROOM,
+        "content": {"body": body},
+        "origin_server_ts": 1,
+    }
+    await store.write(lambda tx: tx.append_event(ROOM, event_id, pdu, redacted=False, now_ms=0))
+
+
+async def _peek(store: Storage, user: str, device: str, state: str = "active") -> None:
+    await store.write(lambda tx: tx.set_device_peek(user, device, ROOM, state, 0))
+
+
+async def _sync(front: FrontSync, user: str, device: str, since: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads((await front.sync(_request(user, device, since))).body)
+    return body
+
+
+def _count(store: Storage, monkeypatch: pytest.MonkeyPatch, operation: str = "write") -> list[int]:
+    """A list that gets an entry for every store ``operation`` (``write``, ``read``) from
+    now on."""
+    calls: list[int] = []
+    call = getattr(store, operation)
+
+    async def counted(fn: Any) -> Any:
+        calls.append(1)
+        return await call(fn)
+
+    monkeypatch.setattr(store, operation, counted)
+    return calls
+
+
+async def test_a_joined_room_leaves_the_peek_section_without_a_leave(tmp_path: Path) -> None:
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
+    service = await _services(store)
+    for user, device in ((ALICE, "PHONE"), (ALICE, "TABLET"), (BOB, "PHONE")):
+        await _peek(store, user, device)
+    await _message(store, "$e1", "hello")
+    homeserver_rooms: dict[str, Any] = {"join": {ROOM: {"timeline": {"events": []}}}}
+    front = _front(store, service, homeserver_rooms)
     # Alice's phone: the homeserver says she joined the room it was peeking.
     first = await front.sync(_request(ALICE, "PHONE", None))
     body = json.loads(first.body)
@@ -229,5 +273,79 @@ async def test_a_joined_room_leaves_the_peek_section_without_a_leave(tmp_path: P
     with pytest.raises(Exception) as bad_state:
         await service.syncing.unpeek(ALICE, "PHONE", ROOM)
     assert getattr(bad_state.value, "errcode", None) == "M_BAD_STATE"
+    with trio.fail_after(5):
+        await store.aclose()
+
+
+# -- services/front_sync.py: devices without peeks ------------------------------------------
+
+
+async def test_devices_that_never_peeked_sync_without_store_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Their tokens are not saved (nothing can be due to them); once one peeks, its first
+    peek section shows the room afresh, before and after a restart of peekproxy."""
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
+    service = await _services(store)
+    front = _front(store, service, {})
+    writes, reads = _count(store, monkeypatch), _count(store, monkeypatch, "read")
+    since: dict[str, str | None] = {"PHONE": None, "TABLET": None}
+    for _ in range(5):
+        for device, token in since.items():
+            answer = await _sync(front, ALICE, device, token)
+            assert "peek" not in answer["rooms"]
+            since[device] = answer["next_batch"]
+    assert writes == []
+    assert len(reads) == 2  # each device's initial sync; none later
+    # The phone peeks the room (which had an event before): shown afresh, the event in it.
+    await _message(store, "$before", "before the peek")
+    await _peek(store, ALICE, "PHONE")
+    answer = await _sync(front, ALICE, "PHONE", since["PHONE"])
+    timeline = answer["rooms"]["peek"][ROOM]["timeline"]["events"]
+    assert [e["event_id"] for e in timeline] == ["$before"]
+    since["PHONE"] = answer["next_batch"]
+    assert await store.read(lambda tx: tx.newest_front_position(ALICE, "PHONE")) is not None
+    # peekproxy restarts (memory empty); then the tablet peeks: shown afresh too.
+    service = await _services(store)
+    front = _front(store, service, {})
+    await _peek(store, ALICE, "TABLET")
+    answer = await _sync(front, ALICE, "TABLET", since["TABLET"])
+    timeline = answer["rooms"]["peek"][ROOM]["timeline"]["events"]
+    assert [e["event_id"] for e in timeline] == ["$before"]
+    # The phone goes on from its saved position: nothing again.
+    assert "peek" not in (await _sync(front, ALICE, "PHONE", since["PHONE"]))["rooms"]
+    assert await store.read(lambda tx: tx.newest_front_position(ALICE, "NEVER")) is None
+    with trio.fail_after(5):
+        await store.aclose()
+
+
+async def test_a_device_whose_peeks_ended_stops_writing_once_its_leave_went_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
+    service = await _services(store)
+    front = _front(store, service, {})
+    await _peek(store, ALICE, "PHONE")
+    peeking = await _sync(front, ALICE, "PHONE", None)
+    assert ROOM in peeking["rooms"]["peek"]
+    await _peek(store, ALICE, "PHONE", "ended")
+    left = await _sync(front, ALICE, "PHONE", peeking["next_batch"])
+    assert ROOM in left["rooms"]["leave"]
+    newest = await store.read(lambda tx: tx.newest_front_position(ALICE, "PHONE"))
+    writes = _count(store, monkeypatch)
+    since = left["next_batch"]
+    for _ in range(5):
+        answer = await _sync(front, ALICE, "PHONE", since)
+        assert answer["rooms"] == {}  # the leave once only
+        since = answer["next_batch"]
+    assert writes == []
+    assert await store.read(lambda tx: tx.newest_front_position(ALICE, "PHONE")) == newest
+    # A retry of the request whose answer had the leave gets it again.
+    retried = await _sync(front, ALICE, "PHONE", peeking["next_batch"])
+    assert ROOM in retried["rooms"]["leave"]
+    # After a restart, the token it holds (never saved) continues from the newest position.
+    service = await _services(store)
+    front = _front(store, service, {})
+    assert (await _sync(front, ALICE, "PHONE", since))["rooms"] == {}
     with trio.fail_after(5):
         await store.aclose()

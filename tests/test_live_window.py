@@ -87,6 +87,18 @@ def test_unknown_devices_and_stale_loads_are_left_to_the_store() -> None:
     assert window.answer(BOB, 10, timeline_limit=10, room_version_of=version_10) is not None
 
 
+def test_quiet_from_only_for_devices_the_window_knows() -> None:
+    window = window_with_alice()
+    assert window.quiet_from(ALICE) is None  # an active peek
+    assert window.quiet_from(BOB) is None  # unknown: the store knows
+    window.load_device(BOB, [], as_of=10)
+    assert window.quiet_from(BOB) == 0
+    window.apply([StreamChange(11, ROOM, "device", device=BOB, peek_state="active")], 11)
+    assert window.quiet_from(BOB) is None  # Bob peeks now
+    window.apply([StreamChange(12, ROOM, "device", device=BOB, peek_state="ended")], 12)
+    assert window.quiet_from(BOB) == 12
+
+
 @pytest.mark.parametrize(
     ("rows", "limit"),
     [

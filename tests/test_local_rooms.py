@@ -13,66 +13,11 @@ import httpx
 import trio
 import trustme
 
+from tests import front_support
 from tests.conftest import Spawn
-from tests.peek_world import PeekWorld, build_world
+from tests.front_support import Account
+from tests.peek_world import PeekWorld
 from tests.synapse import Synapse
-
-WORLD_READABLE = {
-    "type": "m.room.history_visibility",
-    "state_key": "",
-    "content": {"history_visibility": "world_readable"},
-}
-
-
-class Account:
-    """A user of the real Synapse: its access token, user ID and device ID."""
-
-    def __init__(self, synapse: Synapse, name: str) -> None:
-        self.synapse = synapse
-        self.token = synapse.register(name)
-        me = httpx.get(
-            f"{synapse.client}/_matrix/client/v3/account/whoami", headers=self.auth, timeout=30
-        ).json()
-        self.user_id: str = me["user_id"]
-        self.device_id: str = me["device_id"]
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    async def call(self, method: str, path: str, body: Any = None) -> Any:
-        async with httpx.AsyncClient(base_url=self.synapse.client, timeout=30) as http:
-            response = await http.request(
-                method, f"/_matrix/client/v3{path}", json=body, headers=self.auth
-            )
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    async def create_room(self, *, version: str, world_readable: bool = True) -> str:
-        answer = await self.call(
-            "POST",
-            "/createRoom",
-            {
-                "preset": "public_chat",
-                "room_version": version,
-                "name": "Local room",
-                "initial_state": [WORLD_READABLE] if world_readable else [],
-            },
-        )
-        room_id: str = answer["room_id"]
-        return room_id
-
-    async def send(self, room_id: str, body: str) -> str:
-        answer = await self.call(
-            "PUT",
-            f"/rooms/{quote(room_id, safe='')}/send/m.room.message/{time.monotonic_ns()}",
-            {"msgtype": "m.text", "body": body},
-        )
-        event_id: str = answer["event_id"]
-        return event_id
-
-    async def set_state(self, room_id: str, kind: str, content: dict[str, Any]) -> None:
-        await self.call("PUT", f"/rooms/{quote(room_id, safe='')}/state/{kind}/", content)
 
 
 async def front_world(
@@ -83,18 +28,7 @@ async def front_world(
     spawn: Spawn,
     reader: Account,
 ) -> PeekWorld:
-    token_file = tmp_path / "reader.token"
-    token_file.write_text(reader.token + "\n")
-    return await build_world(
-        nursery,
-        tls_ca,
-        tmp_path,
-        spawn,
-        peeks_env={
-            "PEEKPROXY_UPSTREAM__HOMESERVER_URL": synapse.client,
-            "PEEKPROXY_UPSTREAM__ACCESS_TOKEN_FILE": str(token_file),
-        },
-    )
+    return await front_support.front_world(synapse, nursery, tls_ca, tmp_path, spawn, reader=reader)
 
 
 async def peek(world: PeekWorld, who: Account, room_id: str, **params: str) -> httpx.Response:

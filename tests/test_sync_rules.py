@@ -10,6 +10,7 @@ from peekproxy.core.sync import DevicePeek
 from peekproxy.core.sync_rules import (
     active_rooms,
     peeks_changed,
+    quiet_from,
     shown_afresh,
     shown_in_sync,
 )
@@ -54,6 +55,14 @@ def test_a_room_is_shown_afresh_on_an_initial_sync_or_after_its_peek_started() -
     assert not shown_afresh(ACTIVE, 5)
     assert not shown_afresh(ENDED, None)
     assert not shown_afresh(DORMANT, 4)
+
+
+def test_a_device_is_quiet_from_its_last_peek_change_once_none_can_show() -> None:
+    assert quiet_from([]) == 0  # never peeked: nothing to show from any since
+    joined = DevicePeek("!j:x", "joined", 7)
+    assert quiet_from([ENDED, joined]) == 7  # a since before 5 still gets ENDED's leave
+    assert quiet_from([ENDED, ACTIVE]) is None
+    assert quiet_from([DORMANT]) is None  # restored by its next sync
 
 
 # A room shown afresh skips its closed, empty gap rows and still reads ``limit + 2`` shown rows

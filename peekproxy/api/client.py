@@ -5,6 +5,13 @@
   loaded (and, in front mode, the homeserver answers ``GET /_matrix/client/versions``),
   else ``503 M_UNKNOWN`` saying which.
 * Anything else — ``404``/``405`` ``M_UNRECOGNIZED``.
+
+In front mode (``cors=True``) browsers' clients (Element Web) reach the listener from
+another origin: every answer to a request with an ``Origin`` carries Synapse's CORS headers
+(:data:`CORS_METHODS`, :data:`CORS_HEADERS`, :data:`CORS_EXPOSED`, as
+``synapse.http.server.set_cors_headers`` sets them), and a CORS preflight (``OPTIONS`` with
+``Origin`` and ``Access-Control-Request-Method``) is answered ``200`` on every path, before
+routing, by Starlette's ``CORSMiddleware``.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -20,7 +29,16 @@ from peekproxy.api.errors import MatrixError, exception_handlers
 from peekproxy.metrics import RequestMetrics
 from peekproxy.store import Storage
 
-__all__ = ["client_app"]
+__all__ = ["CORS_EXPOSED", "CORS_HEADERS", "CORS_METHODS", "client_app"]
+
+#: The CORS policy of Synapse's client API (``set_cors_headers``): any origin (``*``), no
+#: credentials (the access token is a header, not a cookie), these methods and request
+#: headers, these response headers readable. A preflight's ``Access-Control-Allow-Headers``
+#: also lists the CORS-safelisted ones (``Accept``, ``Accept-Language``,
+#: ``Content-Language``), and may be cached 600 s (``Access-Control-Max-Age``).
+CORS_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")
+CORS_HEADERS = ("X-Requested-With", "Content-Type", "Authorization", "Date")
+CORS_EXPOSED = ("Synapse-Trace-Id", "Server")
 
 
 def client_app(
@@ -28,10 +46,12 @@ def client_app(
     store: Storage,
     routes: Sequence[BaseRoute] = (),
     homeserver_check: Callable[[], Awaitable[str | None]] | None = None,
+    cors: bool = False,
 ) -> RequestMetrics:
     """Build the client ASGI app over the daemon's store, with more ``routes`` (the
     delegation API, front mode's routes). ``homeserver_check`` (front mode): ``None`` when
-    the fronted homeserver answers, else why not; ``/ready`` asks it."""
+    the fronted homeserver answers, else why not; ``/ready`` asks it. ``cors`` (front
+    mode): Synapse's CORS headers and preflight answers (the module docstring)."""
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -54,6 +74,17 @@ def client_app(
             *routes,
         ],
         exception_handlers=exception_handlers(),
+        middleware=[_cors()] if cors else [],
     )
     app.router.redirect_slashes = False
     return RequestMetrics(app, "client")
+
+
+def _cors() -> Middleware:
+    return Middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_methods=CORS_METHODS,
+        allow_headers=CORS_HEADERS,
+        expose_headers=CORS_EXPOSED,
+    )

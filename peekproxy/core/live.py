@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peekproxy.core.sync import FALLBACK_ROOM_VERSION, DevicePeek, RoomView, StreamItem
+from peekproxy.core.sync_rules import quiet_from
 
 __all__ = ["DEFAULT_CAPACITY", "LiveAnswer", "LiveWindow", "StreamChange"]
 
@@ -199,6 +200,15 @@ class LiveWindow:
     def knows(self, device: tuple[str, str]) -> bool:
         """Whether the device's peeks are in memory."""
         return device in self._devices
+
+    def quiet_from(self, device: tuple[str, str]) -> int | None:
+        """:func:`~peekproxy.core.sync_rules.quiet_from` for a known device's peeks (``0``:
+        it never peeked); ``None`` when it peeks, or the window does not know the device
+        (or is unusable). Up to :attr:`watermark`: a later change of its peeks is not in it."""
+        peeks = self._devices.get(device)
+        if peeks is None or self.watermark is None or self.broken:
+            return None
+        return quiet_from(peeks)
 
     def answer(
         self,

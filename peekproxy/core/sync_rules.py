@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # core/sync.py's builder calls these rules too: no import cyc
 __all__ = [
     "active_rooms",
     "peeks_changed",
+    "quiet_from",
     "shown_afresh",
     "shown_in_sync",
 ]
@@ -56,3 +57,22 @@ def shown_afresh(peek: DevicePeek, since: int | None) -> bool:
     those after ``since``) and leaves out the gap rows closed with nothing missing over them
     (the store's query does: decision 4 keeps them for a device that already has the room)."""
     return peek.state == "active" and (since is None or peek.changed_pos > since)
+
+
+#: Peek states that never show again: ``ended`` (its ``leave`` entry was due once, right
+#: after it ended) and ``joined`` (never shown).
+FINAL_STATES = frozenset({"ended", "joined"})
+
+
+def quiet_from(peeks: Iterable[DevicePeek]) -> int | None:
+    """The position from which the device's syncs show nothing until one of its peeks
+    changes: ``0`` (any ``since``, and an initial sync) when it has no peek at all; the
+    newest change of its peeks when every one has ended or was joined (an ``ended`` peek's
+    ``leave`` entry is due to a ``since`` before that change only); ``None`` while one is
+    ``active`` or ``dormant``. Stream positions start at 1."""
+    floor = 0
+    for peek in peeks:
+        if peek.state not in FINAL_STATES:
+            return None
+        floor = max(floor, peek.changed_pos)
+    return floor

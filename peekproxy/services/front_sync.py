@@ -14,7 +14,10 @@ Tokens (docs/front.md, "Tokens and outages"): the client only ever holds the hom
 stream position it stands for, before the answer leaves; a ``since`` found there continues
 the peek part from that position, one not found (the client synced at the homeserver while
 peekproxy was down) continues from the device's newest saved position, no ``since`` is an
-initial peek section.
+initial peek section. A device whose peek part can show nothing from its newest saved
+position on (:meth:`Syncing.quiet_position`: it never peeked, or its peeks ended, their
+``leave`` delivered, or were joined) has no token saved, and one that never peeked starts from
+the newest position without a read: most devices syncing through the front never peek.
 
 A room in the homeserver's ``rooms.join`` that the user peeks: the user's peeks of it end
 without a ``rooms.leave`` entry (:meth:`Syncing.end_joined`) and it leaves this answer's peek
@@ -217,6 +220,9 @@ class FrontSync:
         last = self._saved.get((user_id, device_id))
         if last is not None and last[0] == key:
             return last[1]  # the token this device got last (the usual case): no read
+        never_peeked = self.syncing.quiet_position(user_id, device_id, None)
+        if never_peeked is not None:
+            return never_peeked  # nothing to show from any position: no read
 
         def read(tx: Any) -> int | None:
             found: int | None = tx.front_position(user_id, device_id, key)
@@ -262,6 +268,12 @@ class FrontSync:
         device = (request.user_id, request.device_id)
         saved = (token_hash(next_batch), position)
         if self._saved.get(device) == saved:
+            return
+        last = self._saved.get(device)
+        if self.syncing.quiet_position(*device, last[1] if last else None) is not None:
+            # Its peek part shows nothing from the newest saved position on (it never
+            # peeked, or its peeks ended and their leave went out): a token not found
+            # continues from there, and a peek started later is shown afresh.
             return
         now = self.clock_ms()
         await self.store.write(lambda tx: tx.save_front_position(*device, saved[0], position, now))

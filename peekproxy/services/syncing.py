@@ -258,6 +258,18 @@ class Syncing:
 
     # -- /sync -------------------------------------------------------------------------------
 
+    def quiet_position(self, user_id: str, device_id: str, delivered: int | None) -> int | None:
+        """The newest stream position when memory knows that the device's peek sync shows
+        nothing from ``delivered`` (the peek position it was last given; ``None``: unknown)
+        up to it: the device never peeked, or every peek of it ended or was joined by
+        ``delivered`` (:func:`~peekproxy.core.sync_rules.quiet_from`). ``None`` otherwise:
+        it peeks, or the live window does not know the device. A sync from the returned
+        position shows any peek that starts after it, afresh."""
+        floor = self.live.quiet_from((user_id, device_id))
+        if floor is None or (delivered or 0) < floor:
+            return None
+        return self.live.watermark
+
     async def sync(
         self,
         user_id: str,
