@@ -1,0 +1,466 @@
+"""The shipped reverse-proxy configurations (contrib/nginx, contrib/caddy; docs/reverse-proxy.md)
+run by the real nginx and Caddy: which upstream each route reaches, requests passed unchanged,
+the fallback to the homeserver when peekproxy is down or failing, long-polls not cut, Matrix
+errors when no upstream answers, and Element's SDK syncing through nginx."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+import trio
+import trustme
+
+from tests.conftest import Spawn
+from tests.dns import REQUIRE_ALL
+from tests.peek_world import TESTBED, PeekWorld, build_world
+from tests.proxies import KINDS, StartProxy
+from tests.support import JsonApp, serve_app
+from tests.synapse import REPO, Synapse, free_tcp_port
+
+JS_HARNESS = REPO / "tests" / "js"
+
+
+def address(url: str) -> str:
+    """``host:port`` of a base URL."""
+    return url.split("://", 1)[1].rstrip("/")
+
+
+def dead_address() -> str:
+    """A loopback address nothing listens on (a peekproxy or homeserver that is down)."""
+    return f"127.0.0.1:{free_tcp_port()}"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+class Recorder:
+    """An upstream that answers every request with what it received (raw path, query,
+    headers) and a status the test sets per path prefix: shows exactly what a proxy sends."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: list[str] = []
+        self.status: dict[str, tuple[int, Any]] = {}
+
+    async def answer(self, scope: Any, body: bytes) -> tuple[int, Any]:
+        raw = scope["raw_path"].decode()
+        self.seen.append(raw)
+        for prefix, (status, payload) in self.status.items():
+            if raw.startswith(prefix):
+                return status, payload
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        return 200, {"by": self.name, "path": raw, "query": scope["query_string"].decode()} | {
+            "headers": headers
+        }
+
+    async def serve(self, nursery: trio.Nursery) -> str:
+        app = JsonApp({(m, "/*"): self.answer for m in ("GET", "POST", "PUT", "DELETE")})
+        return address(await serve_app(nursery, app))
+
+
+# -- the configurations against recording upstreams -----------------------------------------
+
+ROUTES = {
+    # path (as a client sends it) -> the upstream that must get it
+    "/_matrix/client/v3/sync?since=s1_2&timeout=30000": "peekproxy",
+    "/_matrix/client/r0/sync": "peekproxy",
+    "/_matrix/client/v3/peek/%21room%3Ahs.test?server_name=hs.test": "peekproxy",
+    "/_matrix/client/r0/peek/%23alias%3Ahs.test": "peekproxy",
+    "/_matrix/client/unstable/org.matrix.msc2753/peek_room": "peekproxy",
+    "/_matrix/client/v3/rooms/%21room%3Ahs.test/unpeek": "peekproxy",
+    "/_matrix/client/unstable/org.matrix.msc2753/rooms/!room:hs.test/unpeek": "peekproxy",
+    "/_matrix/client/v3/rooms/%21room%3Ahs.test/messages?dir=b&from=t1": "peekproxy",
+    "/_matrix/client/r0/rooms/%21room%3Ahs.test/state": "peekproxy",
+    "/_matrix/client/v3/rooms/!room:hs.test/event/$abc%2Fdef+ghi": "peekproxy",
+    "/_matrix/client/v3/versions": "homeserver",
+    "/_matrix/client/v3/login": "homeserver",
+    "/_matrix/client/v3/rooms/%21room%3Ahs.test/state/m.room.name/": "homeserver",
+    "/_matrix/client/v3/rooms/%21room%3Ahs.test/send/m.room.message/t1": "homeserver",
+    "/_matrix/client/v3/rooms/%21room%3Ahs.test/members": "homeserver",
+    "/_matrix/client/v3/syncs": "homeserver",
+    "/_synapse/client/new_user_consent": "homeserver",
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_each_route_reaches_its_upstream_unchanged(
+    kind: str, nursery: trio.Nursery, reverse_proxies: StartProxy
+) -> None:
+    homeserver, peekproxy = Recorder("homeserver"), Recorder("peekproxy")
+    proxy = await reverse_proxies(
+        kind, homeserver=await homeserver.serve(nursery), peekproxy=await peekproxy.serve(nursery)
+    )
+    async with httpx.AsyncClient(base_url=proxy.url) as http:
+        for path, upstream in ROUTES.items():
+            method = "PUT" if "/send/" in path else "POST" if "peek" in path else "GET"
+            response = await http.request(
+                method, path, headers={"X-Forwarded-For": "203.0.113.9"}, content=b"{}"
+            )
+            assert response.status_code == 200, (path, response.text)
+            seen = response.json()
+            raw_path, _, query = path.partition("?")
+            # the URI exactly as the client sent it: no decoding, no normalisation
+            assert (seen["by"], seen["path"], seen["query"]) == (upstream, raw_path, query), path
+            headers = seen["headers"]
+            assert headers["host"].split(":")[0] == "127.0.0.1"
+            assert headers["x-forwarded-for"].endswith("127.0.0.1")
+            assert headers["x-forwarded-proto"] == "http"
+        # peekproxy's internal surfaces are not routed to it
+        for path in ("/_peekproxy/v1/sync", "/metrics", "/health", "/ready"):
+            await http.get(path)
+    assert not any(
+        p.startswith(("/_peekproxy", "/metrics", "/health", "/ready")) for p in peekproxy.seen
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("status", [502, 503, 504])
+async def test_sync_and_history_fall_back_when_peekproxy_fails(
+    kind: str, status: int, nursery: trio.Nursery, reverse_proxies: StartProxy
+) -> None:
+    homeserver, peekproxy = Recorder("homeserver"), Recorder("peekproxy")
+    failure = {"errcode": "M_UNKNOWN", "error": "peekproxy's own failure"}
+    peekproxy.status["/_matrix/client/v3/"] = (status, failure)
+    proxy = await reverse_proxies(
+        kind, homeserver=await homeserver.serve(nursery), peekproxy=await peekproxy.serve(nursery)
+    )
+    async with httpx.AsyncClient(base_url=proxy.url) as http:
+        synced = await http.get("/_matrix/client/v3/sync?since=s9")
+        assert synced.status_code == 200 and synced.json()["by"] == "homeserver"
+        assert peekproxy.seen == ["/_matrix/client/v3/sync"]  # tried first, once
+        # taken out of the rotation: the next history read goes straight to the homeserver
+        history = await http.get("/_matrix/client/v3/rooms/%21r%3Ahs.test/messages")
+        assert history.status_code == 200 and history.json()["by"] == "homeserver"
+        assert peekproxy.seen == ["/_matrix/client/v3/sync"]
+        # the MSC2753 paths have no fallback (the homeserver does not know them): peekproxy's
+        # own error passes unchanged
+        peeked = await http.post("/_matrix/client/v3/peek/%21r%3Ahs.test", json={})
+    assert peeked.status_code == status and peeked.json() == failure
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_no_upstream_left_answers_a_matrix_error(
+    kind: str, reverse_proxies: StartProxy
+) -> None:
+    proxy = await reverse_proxies(kind, homeserver=dead_address(), peekproxy=dead_address())
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
+        answers = {
+            "homeserver": await http.get("/_matrix/client/v3/versions"),
+            "sync": await http.get("/_matrix/client/v3/sync"),
+            "peek": await http.post("/_matrix/client/v3/peek/%21r%3Ahs.test", json={}),
+        }
+    for what, response in answers.items():
+        assert response.status_code == 502, (what, response.text)
+        assert response.headers["content-type"].startswith("application/json"), what
+        assert response.json()["errcode"] == "M_UNKNOWN", what
+    assert "homeserver is unreachable" in answers["sync"].json()["error"]
+    assert "peekproxy did not answer" in answers["peek"].json()["error"]
+
+
+# -- end to end: the real Synapse and peekproxy in front mode -----------------------------
+
+
+async def front_world(
+    synapse: Synapse, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> PeekWorld:
+    """peekproxy in front of the Synapse fixture, with the testbed as a remote server."""
+    return await build_world(
+        nursery,
+        tls_ca,
+        tmp_path,
+        spawn,
+        peeks_env={"PEEKPROXY_UPSTREAM__HOMESERVER_URL": synapse.client},
+    )
+
+
+async def create_room(http: httpx.AsyncClient, token: str, **body: Any) -> str:
+    response = await http.post("/_matrix/client/v3/createRoom", headers=bearer(token), json=body)
+    assert response.status_code == 200, response.text
+    room_id: str = response.json()["room_id"]
+    return room_id
+
+
+async def send_text(http: httpx.AsyncClient, token: str, room_id: str, body: str) -> str:
+    response = await http.put(
+        f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/m.room.message/{time.time_ns()}",
+        headers=bearer(token),
+        json={"msgtype": "m.text", "body": body},
+    )
+    assert response.status_code == 200, response.text
+    event_id: str = response.json()["event_id"]
+    return event_id
+
+
+def bodies(sync: dict[str, Any], room_id: str) -> list[str]:
+    timeline = sync.get("rooms", {}).get("join", {}).get(room_id, {}).get("timeline", {})
+    return [e["content"].get("body") for e in timeline.get("events", [])]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_client_routes_reach_synapse_and_peekproxy(
+    kind: str,
+    synapse: Synapse,
+    nursery: trio.Nursery,
+    tls_ca: trustme.CA,
+    tmp_path: Path,
+    spawn: Spawn,
+    reverse_proxies: StartProxy,
+) -> None:
+    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
+    proxy = await reverse_proxies(
+        kind, homeserver=address(synapse.client), peekproxy=address(world.daemon.client)
+    )
+    token = synapse.register(f"routes-{kind}")
+    remote_room = world.create_room("10", name="Remote")
+    world.send(remote_room, "history on the testbed")
+    quoted = quote(remote_room, safe="")  # "!" and ":" percent-encoded
+    async with (
+        httpx.AsyncClient(base_url=proxy.url, timeout=60) as http,
+        httpx.AsyncClient(base_url=synapse.client, timeout=60) as direct,
+    ):
+        versions = await http.get("/_matrix/client/versions")
+        assert versions.status_code == 200 and "v1.1" in versions.json()["versions"]
+        login = await http.get("/_matrix/client/v3/login")
+        assert {"type": "m.login.password"} in login.json()["flows"]
+        room_id = await create_room(http, token, name="Joined", preset="private_chat")
+        event_id = await send_text(http, token, room_id, "sent through the proxy")
+        seen = await direct.get(
+            f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/event/{quote(event_id)}",
+            headers=bearer(token),
+        )
+        assert (
+            seen.status_code == 200 and seen.json()["content"]["body"] == "sent through the proxy"
+        )
+        # MSC2753: reaches peekproxy, which starts a peek of the remote room
+        peeked = await http.post(
+            f"/_matrix/client/v3/peek/{quoted}",
+            params={"server_name": TESTBED},
+            json={},
+            headers=bearer(token),
+        )
+        assert peeked.status_code == 200, peeked.text
+        assert peeked.json() == {"room_id": remote_room}
+        assert len(world.log_of("start")) == 1
+        # history of the peeked room: answered by peekproxy (Synapse is not in that room)
+        history = await http.get(
+            f"/_matrix/client/v3/rooms/{quoted}/messages",
+            params={"dir": "b"},
+            headers=bearer(token),
+        )
+        assert history.status_code == 200, history.text
+        assert "history on the testbed" in [
+            e["content"].get("body") for e in history.json()["chunk"]
+        ]
+        unpeeked = await http.post(
+            f"/_matrix/client/unstable/org.matrix.msc2753/rooms/{quoted}/unpeek",
+            json={},
+            headers=bearer(token),
+        )
+        assert unpeeked.status_code == 200 and unpeeked.json() == {}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_sync_is_answered_by_synapse_when_peekproxy_is_killed(
+    kind: str,
+    synapse: Synapse,
+    nursery: trio.Nursery,
+    tls_ca: trustme.CA,
+    tmp_path: Path,
+    spawn: Spawn,
+    reverse_proxies: StartProxy,
+) -> None:
+    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
+    proxy = await reverse_proxies(
+        kind, homeserver=address(synapse.client), peekproxy=address(world.daemon.client)
+    )
+    token = synapse.register(f"fallback-{kind}")
+    async with (
+        httpx.AsyncClient(base_url=proxy.url, timeout=60) as http,
+        httpx.AsyncClient(base_url=synapse.client, timeout=60) as direct,
+    ):
+        room_id = await create_room(direct, token, name="Fallback")
+        first = (await direct.get("/_matrix/client/v3/sync", headers=bearer(token))).json()
+        world.daemon.signal(signal.SIGKILL)
+        await world.daemon.wait()
+        answers: list[httpx.Response] = []
+
+        async def long_poll() -> None:
+            answers.append(
+                await http.get(
+                    "/_matrix/client/v3/sync",
+                    params={"since": first["next_batch"], "timeout": "20000"},
+                    headers=bearer(token),
+                )
+            )
+
+        async with trio.open_nursery() as polls:
+            polls.start_soon(long_poll)
+            await trio.sleep(0.5)  # the long-poll is waiting at Synapse (nothing happened yet)
+            await send_text(direct, token, room_id, "while peekproxy is down")
+        [answer] = answers
+        assert answer.status_code == 200, answer.text
+        assert bodies(answer.json(), room_id) == ["while peekproxy is down"]
+        # the token handed out through the proxy is Synapse's own: it works there directly
+        later = await direct.get(
+            "/_matrix/client/v3/sync",
+            params={"since": answer.json()["next_batch"], "timeout": "0"},
+            headers=bearer(token),
+        )
+        assert later.status_code == 200 and bodies(later.json(), room_id) == []
+
+
+async def test_long_polls_are_not_cut_by_either_proxy(
+    synapse: Synapse, reverse_proxies: StartProxy
+) -> None:
+    """65 s: above nginx's default proxy_read_timeout (60 s), which the configuration raises;
+    Caddy has no default read timeout. Today peekproxy serves no /sync, so its address is down
+    here and the long-polls end at Synapse through the fallback."""
+    token = synapse.register("long-poll")
+    async with httpx.AsyncClient(base_url=synapse.client, timeout=30) as direct:
+        since = (await direct.get("/_matrix/client/v3/sync", headers=bearer(token))).json()[
+            "next_batch"
+        ]
+    results: dict[str, tuple[float, httpx.Response]] = {}
+
+    async def long_poll(kind: str) -> None:
+        proxy = await reverse_proxies(
+            kind, homeserver=address(synapse.client), peekproxy=dead_address()
+        )
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=120) as http:
+            started = time.monotonic()
+            response = await http.get(
+                "/_matrix/client/v3/sync",
+                params={"since": since, "timeout": "65000"},
+                headers=bearer(token),
+            )
+            results[kind] = (time.monotonic() - started, response)
+
+    async with trio.open_nursery() as polls:
+        for kind in KINDS:
+            polls.start_soon(long_poll, kind)
+    for kind, (elapsed, response) in results.items():
+        assert response.status_code == 200, (kind, response.text)
+        assert "next_batch" in response.json(), kind
+        assert elapsed >= 64, (kind, elapsed)
+
+
+# -- Element's SDK (matrix-js-sdk, tests/js) ----------------------------------------------
+
+
+def node_harness() -> str:
+    """The node binary, with tests/js installed (``npm ci``); skips when missing (fails in CI)."""
+    node = shutil.which("node")
+    message = None
+    if node is None:
+        message = "node is not installed"
+    elif not (JS_HARNESS / "node_modules" / "matrix-js-sdk").is_dir():
+        message = "matrix-js-sdk is not installed: run `npm ci` in tests/js"
+    if message is not None:
+        if REQUIRE_ALL:
+            pytest.fail(message)
+        pytest.skip(message)
+    assert node is not None
+    return node
+
+
+async def login(http: httpx.AsyncClient, user: str) -> dict[str, str]:
+    """A new device of ``user``: its access_token, user_id and device_id."""
+    response = await http.post(
+        "/_matrix/client/v3/login",
+        json={
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": user},
+            "password": "interop-password",
+        },
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, str] = response.json()
+    return body
+
+
+class JsSession:
+    """One run of tests/js/sync_session.mjs: its PREPARED signal and its final report."""
+
+    def __init__(self, node: str, base_url: str, device: dict[str, str], until: str) -> None:
+        self.args = [
+            node,
+            str(JS_HARNESS / "sync_session.mjs"),
+            *("--base-url", base_url, "--token", device["access_token"]),
+            *("--user-id", device["user_id"], "--device-id", device["device_id"]),
+            *("--syncs", "2", "--until-body", until, "--deadline-ms", "60000"),
+        ]
+        self.prepared = trio.Event()
+        self.report: dict[str, Any] = {}
+        self.output = b""
+
+    async def run(self) -> None:
+        process = await trio.lowlevel.open_process(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=JS_HARNESS
+        )
+        assert process.stdout is not None
+        try:
+            while chunk := await process.stdout.receive_some(65536):
+                self.output += chunk
+                for line in self.output.decode(errors="replace").splitlines():
+                    if line.startswith("@@ "):
+                        value = json.loads(line[3:])
+                        if value.get("state") == "PREPARED":
+                            self.prepared.set()
+                        elif "rooms" in value:
+                            self.report = value
+            await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert process.returncode == 0, self.output.decode(errors="replace")[-4000:]
+
+
+async def test_js_sdk_sees_the_same_through_nginx_as_directly(
+    synapse: Synapse, reverse_proxies: StartProxy
+) -> None:
+    """Element's SDK runs its sync loop for a scripted session twice at once, on two devices
+    of one user: directly at Synapse and through nginx (peekproxy is down here, so nginx falls
+    back to Synapse: peekproxy serves no /sync yet). Both see the same rooms and events."""
+    node = node_harness()
+    token = synapse.register("js-user")
+    proxy = await reverse_proxies(
+        "nginx", homeserver=address(synapse.client), peekproxy=dead_address()
+    )
+    async with httpx.AsyncClient(base_url=synapse.client, timeout=60) as direct:
+        rooms = [await create_room(direct, token, name=f"js {n}") for n in range(2)]
+        await send_text(direct, token, rooms[0], "before the clients start")
+        sessions = [
+            JsSession(node, synapse.client, await login(direct, "js-user"), "the last one"),
+            JsSession(node, proxy.url, await login(direct, "js-user"), "the last one"),
+        ]
+        async with trio.open_nursery() as clients:
+            for session in sessions:
+                clients.start_soon(session.run)
+            with trio.fail_after(60):
+                for session in sessions:
+                    await session.prepared.wait()
+            await send_text(direct, token, rooms[1], "live, while they sync")
+            topic = await direct.put(
+                f"/_matrix/client/v3/rooms/{quote(rooms[0], safe='')}/state/m.room.topic/",
+                headers=bearer(token),
+                json={"topic": "changed live"},
+            )
+            assert topic.status_code == 200
+            await send_text(direct, token, rooms[0], "the last one")
+    at_synapse, through_nginx = (session.report for session in sessions)
+    assert set(at_synapse["rooms"]) == set(rooms)
+    assert through_nginx["rooms"] == at_synapse["rooms"]
+    assert through_nginx["errors"] == [] and through_nginx["syncs"] >= 2
+    timeline = [e["body"] for e in through_nginx["rooms"][rooms[0]]["events"] if e["body"]]
+    assert timeline == ["before the clients start", "the last one"]
