@@ -22,7 +22,7 @@ import trustme
 from tests.conftest import Spawn
 from tests.dns import REQUIRE_ALL
 from tests.peek_world import TESTBED, PeekWorld, build_world
-from tests.proxies import KINDS, StartProxy
+from tests.proxies import CADDYFILE, KINDS, NGINX_CONF, StartProxy
 from tests.support import JsonApp, serve_app
 from tests.synapse import REPO, Synapse, free_tcp_port
 
@@ -69,6 +69,15 @@ class Recorder:
 
 
 # -- the configurations against recording upstreams -----------------------------------------
+
+
+def test_docs_show_the_shipped_configurations() -> None:
+    """docs/reverse-proxy.md reproduces both contrib/ files exactly (they are what the tests
+    below run)."""
+    docs = (REPO / "docs" / "reverse-proxy.md").read_text()
+    for language, path in (("nginx", NGINX_CONF), ("caddy", CADDYFILE)):
+        assert f"```{language}\n{path.read_text()}```" in docs, path
+
 
 ROUTES = {
     # path (as a client sends it) -> the upstream that must get it
