@@ -182,13 +182,17 @@ async def test_no_upstream_left_answers_a_matrix_error(
 async def front_world(
     synapse: Synapse, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
 ) -> PeekWorld:
-    """peekproxy in front of the Synapse fixture, with the testbed as a remote server."""
+    """peekproxy in front of the Synapse fixture, with the testbed as a remote server; its
+    client listener on a fixed port, so that a restarted peekproxy is where the proxy looks."""
     return await build_world(
         nursery,
         tls_ca,
         tmp_path,
         spawn,
-        peeks_env={"PEEKPROXY_UPSTREAM__HOMESERVER_URL": synapse.client},
+        peeks_env={
+            "PEEKPROXY_UPSTREAM__HOMESERVER_URL": synapse.client,
+            "PEEKPROXY_LISTENERS__CLIENT__BIND": f"127.0.0.1:{free_tcp_port()}",
+        },
     )
 
 
@@ -326,6 +330,16 @@ async def test_sync_is_answered_by_synapse_when_peekproxy_is_killed(
             headers=bearer(token),
         )
         assert later.status_code == 200 and bodies(later.json(), room_id) == []
+        # peekproxy back on the same database and address: the peek paths work again at once
+        world.daemon = await spawn(world.config, env=world.env)
+        remote_room = world.create_room("10")
+        peeked = await http.post(
+            f"/_matrix/client/v3/peek/{quote(remote_room, safe='')}",
+            params={"server_name": TESTBED},
+            json={},
+            headers=bearer(token),
+        )
+        assert peeked.status_code == 200, peeked.text
 
 
 async def test_long_polls_are_not_cut_by_either_proxy(
