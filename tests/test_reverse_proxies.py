@@ -487,3 +487,4 @@ async def test_js_sdk_sees_the_same_through_nginx_as_directly(
     assert through_nginx["errors"] == [] and through_nginx["syncs"] >= 2
     timeline = [e["body"] for e in through_nginx["rooms"][rooms[0]]["events"] if e["body"]]
     assert timeline == ["before the clients start", "the last one"]
+    assert through_nginx["peeked"] == at_synapse["peeked"] == {}

@@ -8,7 +8,10 @@
 // The SDK logs to stdout too, so each line of ours starts with "@@ " and then JSON: first
 // {"state": "PREPARED"} once the first sync is processed, then, when it stops:
 //   {"syncs": n, "errors": [...], "rooms": {room_id: {"membership": "join",
-//     "events": [{"event_id", "type", "sender", "state_key", "body"}, ...]}}}
+//     "events": [{"event_id", "type", "sender", "state_key", "body"}, ...]}},
+//    "peeked": {room_id: [same event shape, ...]}}
+// "rooms" is what the SDK made of its syncs; "peeked" the MSC2753 `rooms.peek` sections its
+// own sync requests received (the SDK itself ignores that section).
 // It stops after N syncs (default 3) and, with --until-body, not before it saw an
 // m.room.message with that body; or at the deadline (default 60000 ms). Exit status 0, or 1
 // when the deadline passed first.
@@ -27,18 +30,45 @@ function options(argv) {
     return out;
 }
 
+function summary(event) {
+    return {
+        event_id: event.getId(),
+        type: event.getType(),
+        sender: event.getSender(),
+        state_key: event.getStateKey() ?? null,
+        body: event.getContent().body ?? null,
+    };
+}
+
+// The SDK's fetch, watching its /sync answers for `rooms.peek`.
+const peeked = {};
+async function fetchFn(input, init) {
+    const response = await fetch(input, init);
+    const url = new URL(typeof input === "string" || input instanceof URL ? input : input.url);
+    if (url.pathname.endsWith("/sync") && response.ok) {
+        const body = await response.clone().json();
+        for (const [roomId, room] of Object.entries(body.rooms?.peek ?? {})) {
+            const events = (peeked[roomId] ??= []);
+            for (const event of room.timeline?.events ?? []) {
+                events.push({
+                    event_id: event.event_id,
+                    type: event.type,
+                    sender: event.sender,
+                    state_key: event.state_key ?? null,
+                    body: event.content?.body ?? null,
+                });
+            }
+        }
+    }
+    return response;
+}
+
 function seen(client) {
     const rooms = {};
     for (const room of client.getRooms()) {
         rooms[room.roomId] = {
             membership: room.getMyMembership(),
-            events: room.getLiveTimeline().getEvents().map((event) => ({
-                event_id: event.getId(),
-                type: event.getType(),
-                sender: event.getSender(),
-                state_key: event.getStateKey() ?? null,
-                body: event.getContent().body ?? null,
-            })),
+            events: room.getLiveTimeline().getEvents().map(summary),
         };
     }
     return rooms;
@@ -50,6 +80,7 @@ const client = createClient({
     accessToken: opts.token,
     userId: opts.userId,
     deviceId: opts.deviceId,
+    fetchFn,
 });
 
 function report(value) {
@@ -82,5 +113,5 @@ const finished = new Promise((resolve) => {
 await client.startClient({ initialSyncLimit: 20, lazyLoadMembers: false });
 const inTime = await finished;
 client.stopClient();
-report({ syncs, errors, rooms: seen(client) });
+report({ syncs, errors, rooms: seen(client), peeked });
 process.exit(inTime ? 0 : 1);
