@@ -42,24 +42,26 @@ class Recorder:
     """An upstream that answers every request with what it received (raw path, query,
     headers) and a status the test sets per path prefix: shows exactly what a proxy sends."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, headers: dict[str, str] | None = None) -> None:
         self.name = name
+        self.headers = headers or {}  # sent with every answer
         self.seen: list[str] = []
         self.status: dict[str, tuple[int, Any]] = {}
 
-    async def answer(self, scope: Any, body: bytes) -> tuple[int, Any]:
+    async def answer(self, scope: Any, body: bytes) -> tuple[int, Any, dict[str, str]]:
         raw = scope["raw_path"].decode()
         self.seen.append(raw)
         for prefix, (status, payload) in self.status.items():
             if raw.startswith(prefix):
-                return status, payload
+                return status, payload, self.headers
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        return 200, {"by": self.name, "path": raw, "query": scope["query_string"].decode()} | {
-            "headers": headers
-        }
+        query = scope["query_string"].decode()
+        seen = {"by": self.name, "path": raw, "query": query, "headers": headers}
+        return 200, seen, self.headers
 
     async def serve(self, nursery: trio.Nursery) -> str:
-        app = JsonApp({(m, "/*"): self.answer for m in ("GET", "POST", "PUT", "DELETE")})
+        methods = ("GET", "POST", "PUT", "DELETE", "OPTIONS")
+        app = JsonApp({(m, "/*"): self.answer for m in methods})
         return address(await serve_app(nursery, app))
 
 
@@ -150,6 +152,45 @@ async def test_sync_and_history_fall_back_when_peekproxy_fails(
         # own error passes unchanged
         peeked = await http.post("/_matrix/client/v3/peek/%21r%3Ahs.test", json={})
     assert peeked.status_code == status and peeked.json() == failure
+
+
+ORIGIN = {"Origin": "https://app.element.io"}
+PREFLIGHT = ORIGIN | {
+    "Access-Control-Request-Method": "GET",
+    "Access-Control-Request-Headers": "authorization",
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_browser_clients_get_cors_answers(
+    kind: str, nursery: trio.Nursery, reverse_proxies: StartProxy
+) -> None:
+    """Element Web asks for CORS: preflights (OPTIONS) are answered by the homeserver, which
+    answers them on every client path; answers carry exactly one Access-Control-Allow-Origin,
+    whichever upstream answered (peekproxy sends none; two would be refused by browsers)."""
+    homeserver = Recorder("homeserver", headers={"Access-Control-Allow-Origin": "*"})
+    peekproxy = Recorder("peekproxy")
+    proxy = await reverse_proxies(
+        kind, homeserver=await homeserver.serve(nursery), peekproxy=await peekproxy.serve(nursery)
+    )
+    async with httpx.AsyncClient(base_url=proxy.url) as http:
+        for path in (
+            "/_matrix/client/v3/sync",
+            "/_matrix/client/v3/peek_room",
+            "/_matrix/client/v3/rooms/%21r%3Ahs.test/messages",
+        ):
+            preflight = await http.options(path, headers=PREFLIGHT)
+            assert preflight.json()["by"] == "homeserver", path
+            assert preflight.headers.get_list("access-control-allow-origin") == ["*"]
+        answers = [
+            await http.get("/_matrix/client/v3/sync", headers=ORIGIN),
+            await http.post("/_matrix/client/v3/peek_room", headers=ORIGIN, json={}),
+        ]
+        peekproxy.status["/_matrix/client/v3/sync"] = (503, {"errcode": "M_UNKNOWN"})
+        answers.append(await http.get("/_matrix/client/v3/sync", headers=ORIGIN))
+    assert [a.json()["by"] for a in answers] == ["peekproxy", "peekproxy", "homeserver"]
+    for answer in answers:
+        assert answer.headers.get_list("access-control-allow-origin") == ["*"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
