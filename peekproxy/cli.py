@@ -41,9 +41,9 @@ def _print_problems(problems: Sequence[str]) -> None:
 
 
 def preflight(config: Config) -> list[str]:
-    """Problems that only show when the config is used: an unreadable signing key or
-    delegation secret, a data directory that cannot be one, two listeners on one address.
-    One line per problem."""
+    """Problems that only show when the config is used: an unreadable signing key,
+    delegation secret or upstream access token, a data directory that cannot be one, two
+    listeners on one address. One line per problem."""
     from peekproxy.api.delegation_params import SecretFileError, read_secret
     from peekproxy.federation.signing_key import SigningKeyError, load_signing_key
 
@@ -52,10 +52,14 @@ def preflight(config: Config) -> list[str]:
         load_signing_key(config.server.signing_key_file)
     except SigningKeyError as e:
         problems.append(f"server.signing_key_file: {e}")
-    try:
-        read_secret(config.delegation.shared_secret_file)
-    except SecretFileError as e:
-        problems.append(f"delegation.shared_secret_file: {e}")
+    for key, path in (
+        ("delegation.shared_secret_file", config.delegation.shared_secret_file),
+        ("upstream.access_token_file", config.upstream.access_token_file),
+    ):
+        try:
+            read_secret(path)
+        except SecretFileError as e:
+            problems.append(f"{key}: {e}")
     data_dir = config.sqlite_path.parent
     key = "store.sqlite_path" if config.store.sqlite_path else "server.data_dir"
     existing = next((p for p in (data_dir, *data_dir.parents) if p.exists()), None)

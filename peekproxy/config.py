@@ -319,6 +319,16 @@ class UpstreamSection(Section):
             raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
         return value
 
+    #: The access token of peekproxy's own local account on the homeserver, read by the
+    #: daemon: world_readable rooms of the homeserver itself are followed as that account.
+    access_token_file: ExistingFile | None = None
+
+    @model_validator(mode="after")
+    def _token_needs_url(self) -> UpstreamSection:
+        if self.access_token_file is not None and self.homeserver_url is None:
+            raise ValueError("access_token_file needs homeserver_url (front mode)")
+        return self
+
 
 class DelegationSection(Section):
     shared_secret_file: ExistingFile | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
@@ -28,8 +29,10 @@ from peekproxy.config import Config
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring, TrustedNotary
 from peekproxy.federation.signing_key import key_id, load_signing_key
+from peekproxy.homeserver.client import HomeserverClient
 from peekproxy.sdnotify import sd_notify
 from peekproxy.services.assembly import PeekSettings, build_services
+from peekproxy.services.client_api_follower import ClientApiFollower
 from peekproxy.serving import ServingError, hypercorn_config, open_listeners, watch_signals
 from peekproxy.store.sqlite import open_sqlite
 
@@ -54,6 +57,13 @@ class Listening:
     metrics: str | None
 
 
+def _read_secret(path: Path | None, key: str) -> str | None:
+    try:
+        return read_secret(path)
+    except SecretFileError as e:  # check-config passed, but the file changed since
+        raise ServingError(f"{key}: {e}") from None
+
+
 async def run_daemon(
     config: Config,
     *,
@@ -68,17 +78,15 @@ async def run_daemon(
     Raises:
         SigningKeyError: the signing key cannot be loaded.
         StoreError: the database cannot be used (StoreVersionError: it is too new).
-        ServingError: the delegation secret file cannot be read or is empty; a listener
-            cannot bind (inside an ExceptionGroup).
+        ServingError: the delegation secret file (or ``upstream.access_token_file``) cannot
+            be read or is empty; a listener cannot bind (inside an ExceptionGroup).
     """
     if shutdown is None:
         shutdown = trio.Event()
     server = config.server
     signing_key = load_signing_key(server.signing_key_file)
-    try:
-        secret = read_secret(config.delegation.shared_secret_file)
-    except SecretFileError as e:  # check-config passed, but the file changed since
-        raise ServingError(f"delegation.shared_secret_file: {e}") from None
+    secret = _read_secret(config.delegation.shared_secret_file, "delegation.shared_secret_file")
+    upstream_token = _read_secret(config.upstream.access_token_file, "upstream.access_token_file")
     # The database is bound to the server name only once the daemon has started (below):
     # a start that fails must not leave a database that a corrected config is refused by.
     store = await open_sqlite(config.sqlite_path, server.server_name, record_server_name=False)
@@ -94,6 +102,11 @@ async def run_daemon(
         ],
     )
     await keyring.load()
+    homeserver = local_rooms = None
+    if config.upstream.homeserver_url and upstream_token:
+        # Front mode: world_readable rooms of the homeserver itself, through its client API.
+        homeserver = HomeserverClient(config.upstream.homeserver_url)
+        local_rooms = ClientApiFollower(homeserver=homeserver, token=upstream_token)
     services = build_services(
         store=store,
         client=federation,
@@ -106,6 +119,7 @@ async def run_daemon(
             idle_timeout_ms=int(config.peeks.idle_timeout * 1000),
             sync_section=config.peeks.sync_section,
         ),
+        local_rooms=local_rooms,
     )
 
     limits = {
@@ -196,6 +210,8 @@ async def run_daemon(
         with trio.CancelScope(shield=True):
             if upstream is not None:
                 await upstream.aclose()
+            if homeserver is not None:
+                await homeserver.aclose()
             await federation.aclose()
             await store.aclose()
         if started:

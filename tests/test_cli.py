@@ -119,7 +119,7 @@ def test_an_empty_delegation_secret_is_a_config_error(server_dir: Path) -> None:
             assert result.returncode == 2, (command, content, result.stderr)
             [line] = result.stderr.strip().splitlines()
             assert line.startswith("delegation.shared_secret_file: ")
-            assert "the first line (the secret) is empty" in line
+            assert "the first line (the secret or token) is empty" in line
     secret.write_text("s3cret\n")
     assert run_cli("check-config", "-c", str(config)).returncode == 0
 

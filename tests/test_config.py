@@ -150,3 +150,17 @@ def test_generated_config_is_valid(server_dir: Path, name: str) -> None:
 
 def test_shipped_example_is_the_generated_config() -> None:
     assert (REPO / "config.toml").read_text() == render_config("localhost:8448")
+
+
+def test_the_upstream_token_file_needs_front_mode(server_dir: Path) -> None:
+    (server_dir / "upstream.token").write_text("syt_token\n")
+    token = '[upstream]\naccess_token_file = "upstream.token"\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(server_dir, MINIMAL + token), {})
+    assert caught.value.problems == [
+        "upstream: access_token_file needs homeserver_url (front mode)"
+    ]
+    config = load_config(
+        _write(server_dir, MINIMAL + token + 'homeserver_url = "http://127.0.0.1:8080"\n'), {}
+    )
+    assert config.upstream.access_token_file == server_dir / "upstream.token"

@@ -149,8 +149,9 @@ class SecretFileError(ValueError):
 
 
 def read_secret(path: Path | None) -> str | None:
-    """The shared secret: the first line of the file, without surrounding whitespace.
-    ``None`` when no file is configured (the delegation API is off).
+    """A secret kept in a file (the delegation shared secret, the upstream access token):
+    the first line, without surrounding whitespace. ``None`` when no file is configured
+    (what the key enables is off).
 
     Raises:
         SecretFileError: the file cannot be read, is not UTF-8, or its first line is empty
@@ -167,8 +168,8 @@ def read_secret(path: Path | None) -> str | None:
     secret = text.split("\n", 1)[0].strip()
     if not secret:
         raise SecretFileError(
-            f"{path}: the first line (the secret) is empty; write a secret there, or unset "
-            "the key to turn the delegation API off"
+            f"{path}: the first line (the secret or token) is empty; write it there, or "
+            "unset the key to turn off what it enables"
         )
     return secret
 

@@ -6,10 +6,10 @@ not encrypted (MSC2444 §Peeking: a peek is refused otherwise; MSC2753 likewise 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["unpeekable_reason"]
+__all__ = ["ending_reason", "unpeekable_reason"]
 
 
 def unpeekable_reason(pdu: Mapping[str, Any]) -> str | None:
@@ -27,3 +27,12 @@ def unpeekable_reason(pdu: Mapping[str, Any]) -> str | None:
     if pdu.get("type") == "m.room.encryption":
         return "encryption was enabled"
     return None
+
+
+def ending_reason(pdus: Iterable[Mapping[str, Any]]) -> str | None:
+    """Why the newest of ``pdus`` (oldest first) that ends peeking does so
+    (:func:`unpeekable_reason`), or ``None`` when none does."""
+    found = None
+    for pdu in pdus:
+        found = unpeekable_reason(pdu) or found
+    return found

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import trio
 
-__all__ = ["HomeserverClient", "HomeserverUnavailable"]
+__all__ = ["HomeserverClient", "HomeserverRefused", "HomeserverUnavailable"]
 
 #: Seconds a request may take as a whole unless the caller says otherwise.
 DEFAULT_TIMEOUT_S = 30.0
@@ -21,6 +21,15 @@ DEFAULT_TIMEOUT_S = 30.0
 
 class HomeserverUnavailable(Exception):
     """The homeserver could not be reached, or did not answer in time."""
+
+
+class HomeserverRefused(Exception):
+    """The homeserver answered with an error status (``status``; ``errcode`` and ``error``
+    from its Matrix error JSON, ``M_UNKNOWN`` and the status line when it had none)."""
+
+    def __init__(self, status: int, errcode: str, error: str) -> None:
+        super().__init__(f"{status} {errcode}: {error}")
+        self.status, self.errcode, self.error = status, errcode, error
 
 
 class HomeserverClient:
@@ -91,3 +100,34 @@ class HomeserverClient:
             raise HomeserverUnavailable(f"no answer within {limit:g} s") from None
         except httpx.HTTPError as e:
             raise HomeserverUnavailable(f"{type(e).__name__}: {e}") from None
+
+    async def get_json(
+        self,
+        path: str,
+        *,
+        token: str | None,
+        params: Mapping[str, str | Sequence[str]] | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """``GET path`` and its JSON answer (bounded as :meth:`request`).
+
+        Raises:
+            HomeserverRefused: any status but 200 (its Matrix error, if it sent one).
+            HomeserverUnavailable: as :meth:`request`; also a 200 whose body is not JSON.
+        """
+        response = await self.request("GET", path, token=token, params=params, timeout_s=timeout_s)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code != 200:
+            errcode = body.get("errcode") if isinstance(body, dict) else None
+            error = body.get("error") if isinstance(body, dict) else None
+            raise HomeserverRefused(
+                response.status_code,
+                errcode if isinstance(errcode, str) else "M_UNKNOWN",
+                error if isinstance(error, str) else f"HTTP {response.status_code}",
+            )
+        if body is None:
+            raise HomeserverUnavailable(f"{path} answered 200 without JSON")
+        return body

@@ -9,7 +9,9 @@ import trio
 
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
+from peekproxy.services.client_api_follower import ClientApiFollower, is_client_api_handle
 from peekproxy.services.directory import RoomDirectory
+from peekproxy.services.follower_choice import FollowerChoice
 from peekproxy.services.following import RoomFollower
 from peekproxy.services.ingest import Ingest
 from peekproxy.services.missing_events import MissingEvents
@@ -41,6 +43,8 @@ class Services:
     ingest: Ingest
     syncing: Syncing
     reads: HistoryReads
+    #: Front mode with ``upstream.access_token_file``: the fronted homeserver's own rooms.
+    local_rooms: ClientApiFollower | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the live window at the newest stream row, end the typing left from before
@@ -50,6 +54,8 @@ class Services:
         that is under way."""
         async with trio.open_nursery() as nursery:
             await self.syncing.open_live_window()
+            if self.local_rooms is not None:
+                await nursery.start(self.local_rooms.run)
             await nursery.start(self.ingest.run)
             await nursery.start(self.subscriptions.run)
             await nursery.start(self.syncing.run)
@@ -64,15 +70,19 @@ def build_services(
     settings: PeekSettings,
     clock_ms: Callable[[], int] = now_ms,
     follower: RoomFollower | None = None,
+    local_rooms: ClientApiFollower | None = None,
 ) -> Services:
     """The peek services over ``store``, sending through ``client`` (keys from ``keyring``).
-    ``follower``: how remote rooms are followed (default: MSC2444 peeks)."""
+    ``follower``: how remote rooms are followed (default: MSC2444 peeks, and with
+    ``local_rooms`` the fronted homeserver's own rooms through its client API first)."""
     notifier = Notifier()
     missing = MissingEvents(store=store, client=client, keyring=keyring)
     if follower is None:
         follower = Msc2444Peeks(
             store=store, client=client, keyring=keyring, missing=missing, clock_ms=clock_ms
         )
+        if local_rooms is not None:
+            follower = FollowerChoice(local=local_rooms, remote=follower)
     directory = RoomDirectory(client=client)
     subscriptions = Subscriptions(
         store=store,
@@ -90,6 +100,8 @@ def build_services(
         notifier=notifier,
         clock_ms=clock_ms,
     )
+    if local_rooms is not None:
+        local_rooms.attach(ingest)
     syncing = Syncing(
         store=store,
         directory=directory,
@@ -100,8 +112,10 @@ def build_services(
     )
 
     def server_of(room_id: str) -> str | None:
+        # A room followed through the homeserver's client API has no server to backfill
+        # from over federation: its /messages pages pass over the gaps.
         sub = subscriptions.get(room_id)
-        return sub.server if sub is not None else None
+        return sub.server if sub is not None and not is_client_api_handle(sub.peek_id) else None
 
     reads = HistoryReads(
         store=store, client=client, keyring=keyring, server_of=server_of, clock_ms=clock_ms
@@ -119,4 +133,5 @@ def build_services(
         ingest=ingest,
         syncing=syncing,
         reads=reads,
+        local_rooms=local_rooms,
     )

@@ -9,9 +9,11 @@ and asks a :class:`RoomFollower` to do the following itself:
 * :meth:`RoomFollower.renew`: keep a following alive, perhaps with a newer snapshot;
 * :meth:`RoomFollower.stop`: end a following the remote server may still hold.
 
-The MSC2444 peek (:class:`peekproxy.services.msc2444.Msc2444Peeks`) is the one follower
-today; an observer join (join the room as a server, receive its events by ordinary
-federation) is the next.
+Followers: the MSC2444 peek (:class:`peekproxy.services.msc2444.Msc2444Peeks`); in front
+mode, rooms of the fronted homeserver itself read through its client API
+(:class:`peekproxy.services.client_api_follower.ClientApiFollower`), the two combined by
+:class:`peekproxy.services.follower_choice.FollowerChoice`. An observer join (join the room
+as a server, receive its events by ordinary federation) is the next.
 
 What a follower hands out is opaque to the subscriptions: a following is named by the server
 that holds it and a ``handle`` (MSC2444: the peek ID) that the subscription persists and gives

@@ -6,6 +6,8 @@ keys through the keyring), the ``prev_events`` we lack fetched from the origin
 in parallel); ``m.typing`` / ``m.receipt`` EDUs are stored per user, then the transaction's
 answer (idempotency per origin and transaction ID). The transaction is answered once all of
 it is stored. A state event that ends peeking (decision 10) ends the room's peeks.
+The events of rooms followed through the fronted homeserver's client API take the same path
+without the checks (:meth:`Ingest.append_trusted`).
 
 Typing expiry: a remote user stops typing :data:`TYPING_TIMEOUT_MS` after the last
 ``typing: true`` (a stored ``typing: false`` row, which wakes the room's syncs).
@@ -23,15 +25,16 @@ import trio
 from peekproxy.core.ephemeral import per_user_edus
 from peekproxy.core.events import best_effort_event_id, event_refs
 from peekproxy.core.pdu import check_pdu
-from peekproxy.core.peekability import unpeekable_reason
+from peekproxy.core.peekability import ending_reason
 from peekproxy.core.room_versions import room_version
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
 from peekproxy.services.errors import PeekError
+from peekproxy.services.following import Fetched
 from peekproxy.services.missing_events import MissingEvents
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import now_ms
-from peekproxy.services.subscriptions import Subscriptions
+from peekproxy.services.subscriptions import SETUP_WAIT_S, Subscriptions
 from peekproxy.store import Storage, WriteTransaction
 
 __all__ = ["MAX_EDUS", "MAX_PDUS", "TYPING_TIMEOUT_MS", "Ingest"]
@@ -287,9 +290,9 @@ class Ingest:
             batch.append((event_id, verdict.pdu, verdict.outcome == "redact"))
             known.add(event_id)
             results[event_id] = {}
-            reason = unpeekable_reason(verdict.pdu)
-            if reason:
-                unpeekable[room_id] = reason
+        reason = ending_reason(pdu for _, pdu, _ in batch)
+        if reason:
+            unpeekable[room_id] = reason
         lacking = [
             event_id
             for event_id, pdu, _ in batch
@@ -298,8 +301,46 @@ class Ingest:
         fetched = []
         if lacking:
             fetched = await self.missing.fetch(origin, room_id, lacking, rules, known=known)
+        return await self._append(room_id, [*fetched, *batch])
+
+    async def _append(self, room_id: str, events: list[Fetched]) -> bool:
+        """Append a room's (event ID, PDU, redacted) ``events`` in DAG order (a gap before
+        what lacks a ``prev_events`` entry); whether there was anything to append."""
         now = self.clock_ms()
-        await self.store.write(
-            lambda tx: tx.append_in_dag_order(room_id, [*fetched, *batch], now_ms=now)
-        )
-        return bool(batch or fetched)
+        await self.store.write(lambda tx: tx.append_in_dag_order(room_id, events, now_ms=now))
+        return bool(events)
+
+    async def append_trusted(self, room_id: str, handle: str, events: list[Fetched]) -> bool:
+        """Store events of ``room_id`` that a trusted follower read (the homeserver
+        peekproxy fronts, :mod:`peekproxy.services.client_api_follower`; no PDU checks) as a
+        ``/send`` stores checked ones: in DAG order after the room's lock (a gap before what
+        lacks a ``prev_events`` entry), the room's syncs woken, and its peeks ended when one
+        of them ends peeking (protocol.md decision 10).
+
+        Waits for the following of ``handle`` being set up: the room's lock is held until
+        its snapshot is stored (even while the room's old following still takes events).
+        Returns ``False``, storing nothing, when the room is not followed through ``handle``
+        (the follower then stops)."""
+        sub = self.subscriptions.get(room_id)
+        if sub is None or sub.peek_id != handle:
+            with trio.move_on_after(SETUP_WAIT_S):
+                async with self.subscriptions.room_lock(room_id):
+                    sub = self.subscriptions.get(room_id)
+        if sub is None or not sub.accepts_events or sub.peek_id != handle:
+            return False
+        async with self._ingest_locks.setdefault(room_id, trio.Lock()):
+            changed = await self._append(room_id, events)
+        if changed:
+            self.notifier.notify_room(room_id)
+        reason = ending_reason(pdu for _, pdu, _ in events)
+        if reason:
+            await self.subscriptions.end_peeking(room_id, reason)
+        return True
+
+    async def end_trusted(self, room_id: str, handle: str, reason: str) -> None:
+        """A trusted follower learnt that ``room_id`` is no longer peekable (``reason``)
+        without an event saying so: its peeks end (decision 10), if the room is still
+        followed through ``handle``."""
+        sub = self.subscriptions.get(room_id)
+        if sub is not None and sub.peek_id == handle:
+            await self.subscriptions.end_peeking(room_id, reason)
