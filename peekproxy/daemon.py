@@ -20,9 +20,10 @@ import trio
 
 from peekproxy import __version__, gc_policy
 from peekproxy.api.client import client_app
-from peekproxy.api.delegation import delegation_routes
+from peekproxy.api.delegation import DelegationApi, delegation_routes
 from peekproxy.api.delegation_params import SecretFileError, read_secret
 from peekproxy.api.federation import federation_app
+from peekproxy.api.front import FrontApi
 from peekproxy.api.metrics import MetricsOnly
 from peekproxy.api.upstream_auth import UpstreamAuth
 from peekproxy.config import Config
@@ -33,6 +34,8 @@ from peekproxy.homeserver.client import HomeserverClient
 from peekproxy.sdnotify import sd_notify
 from peekproxy.services.assembly import PeekSettings, build_services
 from peekproxy.services.client_api_follower import ClientApiFollower
+from peekproxy.services.front_sync import FrontSync
+from peekproxy.services.passthrough import Passthrough
 from peekproxy.serving import ServingError, hypercorn_config, open_listeners, watch_signals
 from peekproxy.store.sqlite import open_sqlite
 
@@ -103,10 +106,12 @@ async def run_daemon(
     )
     await keyring.load()
     homeserver = local_rooms = None
-    if config.upstream.homeserver_url and upstream_token:
-        # Front mode: world_readable rooms of the homeserver itself, through its client API.
+    if config.upstream.homeserver_url:
+        # Front mode: the one client of the fronted homeserver's client API.
         homeserver = HomeserverClient(config.upstream.homeserver_url)
-        local_rooms = ClientApiFollower(homeserver=homeserver, token=upstream_token)
+        if upstream_token:
+            # World_readable rooms of the homeserver itself, through its client API.
+            local_rooms = ClientApiFollower(homeserver=homeserver, token=upstream_token)
     services = build_services(
         store=store,
         client=federation,
@@ -127,18 +132,23 @@ async def run_daemon(
         "rate_limit_burst": config.peeks.rate_limit_burst,
     }
     client_routes = delegation_routes(services, secret, **limits)  # type: ignore[arg-type]
-    upstream = None
-    if config.upstream.homeserver_url:
-        # Front mode: the MSC2753 client endpoints, with the homeserver's access tokens.
-        upstream = UpstreamAuth(config.upstream.homeserver_url)
-        client_routes += delegation_routes(
-            services,
-            None,
-            auth=upstream,
-            prefixes=CLIENT_PREFIXES,
-            with_sync=False,
-            **limits,  # type: ignore[arg-type]
+    homeserver_check = None
+    if homeserver is not None:
+        # Front mode (docs/front.md): /sync merged, history reads routed, the MSC2753
+        # client endpoints, all with the homeserver's access tokens.
+        passthrough = Passthrough(homeserver)
+        homeserver_check = passthrough.homeserver_answers
+        auth = UpstreamAuth(homeserver)
+        msc2753 = DelegationApi(services.syncing, services.reads, secret=None, auth=auth, **limits)  # type: ignore[arg-type]
+        front = FrontSync(
+            passthrough=passthrough,
+            syncing=services.syncing,
+            store=store,
+            section=config.peeks.sync_section,
         )
+        api = FrontApi(auth=auth, front=front, passthrough=passthrough, delegation=msc2753)
+        client_routes += api.routes()  # before the MSC2753 routes: the first match wins
+        client_routes += msc2753.routes(CLIENT_PREFIXES, with_sync=False)
     started = False
     gc_thresholds: tuple[int, int, int] | None = None
     grace = server.shutdown_grace
@@ -173,7 +183,9 @@ async def run_daemon(
                 )
                 client_url = await servers.start(
                     "listeners.client.bind",
-                    client_app(store=store, routes=client_routes),
+                    client_app(
+                        store=store, routes=client_routes, homeserver_check=homeserver_check
+                    ),
                     hypercorn_config(listeners.client.bind, grace=grace, access_log=access_log),
                 )
                 metrics_url = None
@@ -208,8 +220,6 @@ async def run_daemon(
         if gc_thresholds is not None:
             gc_policy.restore(gc_thresholds)
         with trio.CancelScope(shield=True):
-            if upstream is not None:
-                await upstream.aclose()
             if homeserver is not None:
                 await homeserver.aclose()
             await federation.aclose()

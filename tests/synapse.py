@@ -12,6 +12,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,17 +144,24 @@ class Synapse:
         return token
 
 
-@pytest.fixture(scope="session")
-def synapse(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
-    python = synapse_python()
-    directory = tmp_path_factory.mktemp("synapse")
+@contextmanager
+def running_synapse(
+    ca: trustme.CA, directory: Path, *, python: str | None = None
+) -> Iterator[Synapse]:
+    """Start a Synapse in ``directory`` (its config, keys and database), trusting ``ca`` for
+    federation; stop it on exit. Used by the ``synapse`` fixture and by bench/.
+
+    Raises:
+        RuntimeError: it did not start within 120 s (the message holds its last log lines).
+    """
+    python = python or synapse_python()
     http_port, tls_port = free_tcp_port(), free_tcp_port()
     with open(directory / "signing.key", "w") as stream:
         write_signing_keys(stream, [generate_signing_key("a1")])
-    cert = tls_ca.issue_cert("localhost", "127.0.0.1")
+    cert = ca.issue_cert("localhost", "127.0.0.1")
     cert.private_key_pem.write_to_path(str(directory / "tls.key"))
     cert.cert_chain_pems[0].write_to_path(str(directory / "tls.crt"))
-    tls_ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
     (directory / "log.yaml").write_text(LOG)
     (directory / "homeserver.yaml").write_text(
         CONFIG.format(d=directory, http_port=http_port, tls_port=tls_port)
@@ -192,3 +200,9 @@ def synapse(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Ite
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def synapse(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
+    with running_synapse(tls_ca, tmp_path_factory.mktemp("synapse")) as server:
+        yield server

@@ -2,13 +2,14 @@
 
 * ``GET /health`` — liveness: ``200 {"status": "ok"}`` while the process serves requests.
 * ``GET /ready`` — readiness: ``200`` when the database answers and the signing key is
-  loaded, else ``503 M_UNKNOWN``.
+  loaded (and, in front mode, the homeserver answers ``GET /_matrix/client/versions``),
+  else ``503 M_UNKNOWN`` saying which.
 * Anything else — ``404``/``405`` ``M_UNRECOGNIZED``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,9 +23,15 @@ from peekproxy.store import Storage
 __all__ = ["client_app"]
 
 
-def client_app(*, store: Storage, routes: Sequence[BaseRoute] = ()) -> RequestMetrics:
+def client_app(
+    *,
+    store: Storage,
+    routes: Sequence[BaseRoute] = (),
+    homeserver_check: Callable[[], Awaitable[str | None]] | None = None,
+) -> RequestMetrics:
     """Build the client ASGI app over the daemon's store, with more ``routes`` (the
-    delegation API)."""
+    delegation API, front mode's routes). ``homeserver_check`` (front mode): ``None`` when
+    the fronted homeserver answers, else why not; ``/ready`` asks it."""
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -34,6 +41,10 @@ def client_app(*, store: Storage, routes: Sequence[BaseRoute] = ()) -> RequestMe
             await store.ping()
         except Exception as e:
             raise MatrixError(503, "M_UNKNOWN", f"database not ready: {e}") from None
+        if homeserver_check is not None:
+            problem = await homeserver_check()
+            if problem is not None:
+                raise MatrixError(503, "M_UNKNOWN", f"homeserver not ready: {problem}")
         return JSONResponse({"status": "ready"})
 
     app = Starlette(

@@ -2,71 +2,141 @@
 
 A request's token (``Authorization: Bearer`` or the ``access_token`` query parameter) is
 checked with the homeserver's ``GET /_matrix/client/v3/account/whoami`` (client-server API
-§Current account information); answers are cached for a minute. Tokens are never logged.
+§Current account information) through :class:`~peekproxy.homeserver.HomeserverClient`.
+Answers are cached by the token's sha256 (never the token itself): a known token for
+``CACHE_S`` seconds, a refused one for ``REFUSED_CACHE_S`` (bad tokens must not turn into
+one homeserver request each). Tokens are never logged.
+
+Errors (Matrix error JSON, never a 500): no token → 401 ``M_MISSING_TOKEN``; the homeserver
+refuses it → 401 ``M_UNKNOWN_TOKEN`` (with the homeserver's ``soft_logout`` when it sent
+one); the homeserver cannot be reached or answers nonsense → 502 ``M_UNKNOWN``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-import httpx
 from starlette.requests import Request
 
 from peekproxy.api.errors import MatrixError
+from peekproxy.core.front_sync import token_hash
+from peekproxy.homeserver.client import HomeserverClient, HomeserverUnavailable
 
-__all__ = ["UpstreamAuth"]
+__all__ = ["AccessToken", "UpstreamAuth", "access_token"]
 
+#: Seconds a resolved token is trusted without asking the homeserver again.
 CACHE_S = 60.0
+#: Seconds a refused token is refused without asking again.
+REFUSED_CACHE_S = 10.0
+#: Seconds one whoami may take.
+WHOAMI_TIMEOUT_S = 10.0
+#: Cache entries kept before expired ones are swept.
+_SWEEP_AT = 100_000
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """A request's access token and where it came from (``in_header``: the
+    ``Authorization`` header, else the ``access_token`` query parameter)."""
+
+    token: str
+    in_header: bool
+
+
+def access_token(request: Request) -> AccessToken:
+    """The request's access token (client-server API §Using access tokens).
+
+    Raises:
+        MatrixError: 401 ``M_MISSING_TOKEN`` when there is none.
+    """
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer ") and header[7:].strip():
+        return AccessToken(header[7:].strip(), True)
+    token = request.query_params.get("access_token", "")
+    if not token:
+        raise MatrixError(401, "M_MISSING_TOKEN", "Missing access token")
+    return AccessToken(token, False)
 
 
 class UpstreamAuth:
-    """Resolves access tokens to (user ID, device ID) through ``homeserver_url``."""
+    """Resolves access tokens to (user ID, device ID) through the fronted homeserver.
 
-    def __init__(self, homeserver_url: str, clock: Callable[[], float] = time.monotonic) -> None:
-        self.homeserver_url = homeserver_url.rstrip("/")
+    Args:
+        homeserver: the client for ``upstream.homeserver_url``.
+        clock: monotonic seconds (tests pass their own).
+    """
+
+    def __init__(
+        self, homeserver: HomeserverClient, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.homeserver = homeserver
         self._clock = clock
-        self._cache: dict[str, tuple[float, str, str]] = {}
-        self._http = httpx.AsyncClient(timeout=10)
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
+        #: sha256(token) -> (expires at, (user ID, device ID)), or for a refused token
+        #: (expires at, the extra fields of its 401: ``soft_logout``).
+        self._cache: dict[str, tuple[float, tuple[str, str] | dict[str, Any]]] = {}
+        #: How many whoami requests were sent (metrics, tests).
+        self.asked = 0
 
     async def __call__(self, request: Request) -> tuple[str, str]:
-        """(user ID, device ID) of the request's access token.
+        """(user ID, device ID) of the request's access token. Raises as :meth:`whoami`."""
+        return await self.whoami(access_token(request).token)
+
+    async def whoami(self, token: str) -> tuple[str, str]:
+        """(user ID, device ID) of ``token``, from the cache or the homeserver.
 
         Raises:
-            MatrixError: 401 ``M_MISSING_TOKEN`` / ``M_UNKNOWN_TOKEN``; 502 when the
-                homeserver cannot be asked.
+            MatrixError: 401 ``M_UNKNOWN_TOKEN`` (``soft_logout`` passed through); 403
+                ``M_FORBIDDEN`` for a token without a device; 502 ``M_UNKNOWN`` when the
+                homeserver cannot be reached or its answer makes no sense.
         """
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        token = token or request.query_params.get("access_token", "")
-        if not token:
-            raise MatrixError(401, "M_MISSING_TOKEN", "Missing access token")
+        key = token_hash(token)
         now = self._clock()
-        cached = self._cache.get(token)
+        cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
-            return cached[1], cached[2]
+            if isinstance(cached[1], dict):
+                raise _refused(cached[1])
+            return cached[1]
+        self.asked += 1
         try:
-            response = await self._http.get(
-                f"{self.homeserver_url}/_matrix/client/v3/account/whoami",
-                headers={"Authorization": f"Bearer {token}"},
+            response = await self.homeserver.request(
+                "GET",
+                "/_matrix/client/v3/account/whoami",
+                token=token,
+                timeout_s=WHOAMI_TIMEOUT_S,
             )
-        except httpx.HTTPError as e:
-            raise MatrixError(502, "M_UNKNOWN", f"cannot reach the homeserver: {e}") from None
-        if response.status_code in (401, 403):
-            raise MatrixError(401, "M_UNKNOWN_TOKEN", "Unknown access token")
+        except HomeserverUnavailable as e:
+            raise MatrixError(502, "M_UNKNOWN", f"the homeserver cannot be reached: {e}") from None
+        answer: Any
         try:
             answer = response.json()
-            user_id, device_id = answer["user_id"], answer.get("device_id")
-        except (ValueError, KeyError, TypeError):
+        except ValueError:
+            answer = None
+        if response.status_code in (401, 403):
+            extra = {}
+            if isinstance(answer, dict) and isinstance(answer.get("soft_logout"), bool):
+                extra["soft_logout"] = answer["soft_logout"]
+            self._remember(key, now + REFUSED_CACHE_S, extra)
+            raise _refused(extra)
+        user_id = answer.get("user_id") if isinstance(answer, dict) else None
+        device_id = answer.get("device_id") if isinstance(answer, dict) else None
+        if response.status_code != 200 or not isinstance(user_id, str):
             raise MatrixError(
                 502, "M_UNKNOWN", f"the homeserver's whoami answered HTTP {response.status_code}"
-            ) from None
-        if not isinstance(user_id, str) or not isinstance(device_id, str):
+            )
+        if not isinstance(device_id, str):
             raise MatrixError(403, "M_FORBIDDEN", "peeking needs a token bound to a device")
-        self._cache[token] = (now + CACHE_S, user_id, device_id)
-        if len(self._cache) > 100_000:
-            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+        self._remember(key, now + CACHE_S, (user_id, device_id))
         return user_id, device_id
+
+    def _remember(self, key: str, expires: float, value: tuple[str, str] | dict[str, Any]) -> None:
+        self._cache[key] = (expires, value)
+        if len(self._cache) > _SWEEP_AT:
+            now = self._clock()
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+
+
+def _refused(extra: dict[str, Any]) -> MatrixError:
+    return MatrixError(401, "M_UNKNOWN_TOKEN", "Unknown access token", **extra)

@@ -218,7 +218,7 @@ class LiveWindow:
             return None
         active = []
         for peek in peeks:
-            if peek.changed_pos > since or peek.state not in ("active", "ended"):
+            if peek.changed_pos > since or peek.state not in ("active", "ended", "joined"):
                 return None
             if peek.state == "active":
                 active.append(peek.room_id)

@@ -90,7 +90,7 @@ class DevicePeek:
     """One device's peek of a room, as stored in ``device_peeks``."""
 
     room_id: str
-    state: str  # "active" | "dormant" | "ended"
+    state: str  # "active" | "dormant" | "ended" | "joined" (never shown: the user joined)
     changed_pos: int
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import trio
@@ -195,7 +195,7 @@ class Syncing:
                 if known is not None and known.room_version is not None:
                     raise PeekError(400, "M_BAD_STATE", f"this device is not peeking {room_id}")
                 raise PeekError(404, "M_NOT_FOUND", f"{room_id} was never peeked")
-            if state == "ended":
+            if state in ("ended", "joined"):
                 raise PeekError(400, "M_BAD_STATE", f"this device is not peeking {room_id}")
             # An active peek, or a dormant one (its device went idle, decision 9): both end
             # here, and the room goes to rooms.leave rather than being restored.
@@ -211,6 +211,50 @@ class Syncing:
         self.subscriptions.poke(room_id)
         self.notifier.notify_room(room_id)
         self.notifier.notify_device((user_id, device_id))
+
+    async def end_joined(self, user_id: str, room_ids: Iterable[str]) -> list[str]:
+        """The user joined these rooms on the homeserver (the front's ``/sync`` saw them in
+        ``rooms.join``): end every peek of them by any of the user's devices **without** a
+        ``rooms.leave`` entry (state ``joined``, never shown again; docs/front.md). A room no
+        device peeks any more is released (linger, then the remote peek is stopped).
+        Returns the rooms whose peeks ended, sorted. Rooms peekproxy does not follow are
+        skipped without a store read, rooms only others peek with one read."""
+        ended = []
+        for room_id in sorted(set(room_ids)):
+            if self.subscriptions.get(room_id) is None:
+                continue
+            peeks = await self.store.read(
+                lambda tx: tx.user_room_peeks(user_id, room_id)  # noqa: B023
+            )
+            if not any(state in ("active", "dormant") for _, state in peeks):
+                continue  # a read, not a write, for the joined rooms others peek
+            async with self.subscriptions.room_lock(room_id):
+                now = self.clock_ms()
+
+                def join(
+                    tx: WriteTransaction, room_id: str = room_id, now: int = now
+                ) -> tuple[list[str], int]:
+                    devices = [
+                        device
+                        for device, state in tx.user_room_peeks(user_id, room_id)
+                        if state in ("active", "dormant")
+                    ]
+                    for device_id in devices:
+                        tx.set_device_peek(user_id, device_id, room_id, "joined", now)
+                    return devices, tx.device_peek_count(room_id)
+
+                devices, remaining = await self.store.write(join)
+                if not devices:
+                    continue
+                if remaining == 0:
+                    await self.subscriptions.unwanted(room_id, now)
+            ended.append(room_id)
+            log.info("%s joined %s: %d device peek(s) of it end", user_id, room_id, len(devices))
+            self.subscriptions.poke(room_id)
+            self.notifier.notify_room(room_id)
+            for device_id in devices:
+                self.notifier.notify_device((user_id, device_id))
+        return ended
 
     # -- /sync -------------------------------------------------------------------------------
 
@@ -271,7 +315,10 @@ class Syncing:
                     dormant = [p.room_id for p in snapshot.peeks if p.state == "dormant"]
                     if dormant and not restored:
                         restored = True
-                        await self._restore_dormant(user_id, device_id, dormant)
+                        # Shielded: a sync cancelled meanwhile (the front's homeserver part
+                        # answered first, a client gone) must not leave a re-peek half done.
+                        with trio.CancelScope(shield=True):
+                            await self._restore_dormant(user_id, device_id, dormant)
                         continue  # the restored peeks changed what there is to show
                     self.live.load_device(device, snapshot.peeks, as_of=snapshot.upto)
                     active, changed = snapshot.active, snapshot.changed

@@ -20,6 +20,7 @@ from peekproxy.core.sync import SyncSnapshot
 __all__ = [
     "DevicePeekReads",
     "EphemeralReads",
+    "FrontPositionReads",
     "HistoryQueries",
     "ReadTransaction",
     "RoomEventReads",
@@ -102,11 +103,26 @@ class DevicePeekReads(Protocol):
     def device_peeks_of_device(self, user_id: str, device_id: str) -> int:
         """How many rooms the device peeks (``active`` peeks)."""
 
+    def user_room_peeks(self, user_id: str, room_id: str) -> list[tuple[str, str]]:
+        """(device ID, state) of every peek any device of the user made of the room."""
+
     def device_peeks(self, user_id: str, device_id: str) -> list[tuple[str, str, int]]:
         """(room ID, state, changed position) of every peek the device ever made, by room ID."""
 
     def active_devices(self) -> list[tuple[str, str]]:
         """(user ID, device ID) of every device with at least one ``active`` peek."""
+
+
+class FrontPositionReads(Protocol):
+    """The sync front (docs/front.md): the peek stream position each homeserver
+    ``next_batch`` token handed to a device stands for. Tokens are keyed by their sha256
+    (``core.front_sync.token_hash``), never kept in clear."""
+
+    def front_position(self, user_id: str, device_id: str, token_hash: str) -> int | None:
+        """The position saved for the device's token, or ``None`` (never saved, or trimmed)."""
+
+    def newest_front_position(self, user_id: str, device_id: str) -> int | None:
+        """The position of the device's most recently saved token, or ``None``."""
 
 
 class EphemeralReads(Protocol):
@@ -211,6 +227,7 @@ class ReadTransaction(
     ServerKeyReads,
     HistoryQueries,
     SyncReads,
+    FrontPositionReads,
     Protocol,
 ):
     """The named read operations, all inside one transaction: every operation of one

@@ -16,6 +16,7 @@ from peekproxy.store.reads import ReadTransaction, ServerKeyRow
 __all__ = [
     "DevicePeekWrites",
     "EphemeralWrites",
+    "FrontPositionWrites",
     "RoomEventWrites",
     "ServerKeyWrites",
     "SubscriptionWrites",
@@ -133,11 +134,23 @@ class DevicePeekWrites(Protocol):
     def set_device_peek(
         self, user_id: str, device_id: str, room_id: str, state: str, now_ms: int
     ) -> int:
-        """Record a device peek's state (``active``, ``dormant``, ``ended``); returns the stream
-        position of the change."""
+        """Record a device peek's state (``active``, ``dormant``, ``ended``, or ``joined``:
+        the user joined the room on the homeserver, and the peek is never shown again);
+        returns the stream position of the change."""
 
     def end_room_peeks(self, room_id: str, now_ms: int) -> int:
         """End every active or dormant device peek of a room; returns how many."""
+
+
+class FrontPositionWrites(Protocol):
+    """The sync front's token positions (see
+    :class:`~peekproxy.store.reads.FrontPositionReads`)."""
+
+    def save_front_position(
+        self, user_id: str, device_id: str, token_hash: str, position: int, now_ms: int
+    ) -> None:
+        """Save (or move) the device's token → peek stream position; the device's newest 20
+        are kept, the older ones dropped. ``now_ms``: ms since the epoch."""
 
 
 class EphemeralWrites(Protocol):
@@ -186,6 +199,7 @@ class WriteTransaction(
     EphemeralWrites,
     TxnWrites,
     ServerKeyWrites,
+    FrontPositionWrites,
     Protocol,
 ):
     """The named operations of one write transaction: every read operation, plus the

@@ -47,9 +47,20 @@ class DevicePeekOps(SqliteBase):
         ).fetchone()
         return int(row[0])
 
+    def user_room_peeks(self, user_id: str, room_id: str) -> list[tuple[str, str]]:
+        return [
+            (str(d), str(s))
+            for d, s in self._conn.execute(
+                "SELECT device_id, state FROM device_peeks WHERE user_id = ? AND room_id = ? "
+                "ORDER BY device_id",
+                (user_id, room_id),
+            )
+        ]
+
     def end_room_peeks(self, room_id: str, now_ms: int) -> int:
         rows = self._conn.execute(
-            "SELECT user_id, device_id FROM device_peeks WHERE room_id = ? AND state != 'ended'",
+            "SELECT user_id, device_id FROM device_peeks WHERE room_id = ? AND "
+            "state IN ('active', 'dormant')",
             (room_id,),
         ).fetchall()
         for user_id, device_id in rows:

@@ -1,0 +1,233 @@
+"""Unit tests of the sync front's pieces: the pure rules (core/front_sync.py), the token
+check's cache (api/upstream_auth.py) and the join-while-peeking path of the merged /sync
+(services/front_sync.py over a real store, the homeserver played by an in-process fake)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from peekproxy.api.errors import MatrixError
+from peekproxy.api.upstream_auth import UpstreamAuth
+from peekproxy.core.front_sync import (
+    encode_answer,
+    filter_timeline_limit,
+    has_news,
+    is_inline_filter,
+    joined_rooms,
+    merge_sync,
+    token_hash,
+    without_wait,
+)
+from peekproxy.core.subscription import Subscription, SubState
+from peekproxy.homeserver.client import HomeserverClient
+from peekproxy.services.front_sync import FrontSync, FrontSyncRequest
+from peekproxy.services.passthrough import ClientRequest, Passthrough
+from peekproxy.store.sqlite import open_sqlite
+from tests.offline import offline_service
+
+# -- core/front_sync.py ---------------------------------------------------------------------
+
+
+def test_filter_timeline_limit() -> None:
+    assert filter_timeline_limit({"room": {"timeline": {"limit": 3}}}) == 3
+    assert filter_timeline_limit({"room": {"timeline": {"limit": 1000}}}) == 100
+    odd: Any
+    for odd in (None, [], {"room": []}, {"room": {"timeline": {"limit": "5"}}}, {}):
+        assert filter_timeline_limit(odd) == 10
+    assert filter_timeline_limit({"room": {"timeline": {"limit": True}}}) == 10
+    assert filter_timeline_limit({"room": {"timeline": {"limit": 0}}}) == 10
+    assert is_inline_filter(' {"room": {}}') and not is_inline_filter("12")
+
+
+def test_merge_keeps_the_homeserver_answer_and_adds_the_peek_rooms() -> None:
+    homeserver = {
+        "next_batch": "s9",
+        "rooms": {"join": {"!j:hs": {"x": 1}}, "leave": {"!both:hs": {"hs": True}}},
+        "to_device": {"events": [{"type": "t"}]},
+    }
+    peek = {
+        "next_batch": "pp1_5",
+        "rooms": {
+            "peek": {"!p:r": {"timeline": {}}, "!j:hs": {"timeline": {}}},
+            "leave": {"!l:r": {}, "!both:hs": {"peek": True}},
+        },
+    }
+    before = json.dumps(homeserver), json.dumps(peek)
+    merged = merge_sync(homeserver, peek, section="peek", drop={"!j:hs"})
+    assert (json.dumps(homeserver), json.dumps(peek)) == before  # inputs untouched
+    assert merged["next_batch"] == "s9" and merged["to_device"] == homeserver["to_device"]
+    assert merged["rooms"]["join"] == {"!j:hs": {"x": 1}}
+    assert merged["rooms"]["peek"] == {"!p:r": {"timeline": {}}}
+    assert merged["rooms"]["leave"] == {"!both:hs": {"hs": True}, "!l:r": {}}
+    peeking: dict[str, Any] = {"rooms": {"peeking": {"!p:r": {}}, "leave": {}}}
+    assert merge_sync({"next_batch": "s"}, peeking, section="peeking")["rooms"] == {
+        "peeking": {"!p:r": {}}
+    }
+    assert joined_rooms(homeserver) == {"!j:hs"} and joined_rooms({"rooms": []}) == set()
+    assert has_news(peek, "peek") and not has_news(
+        peek, "peek", {"!p:r", "!j:hs", "!l:r", "!both:hs"}
+    )
+    assert not has_news({"next_batch": "pp1_1", "rooms": {"peek": {}, "leave": {}}}, "peek")
+
+
+def test_without_wait_and_token_hash() -> None:
+    assert (
+        without_wait("since=s1&timeout=30000&filter=%7B%7D") == "since=s1&filter=%7B%7D&timeout=0"
+    )
+    assert without_wait("") == "timeout=0"
+    assert token_hash("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_merged_answers_are_utf8_json_even_with_a_lone_surrogate() -> None:
+    assert encode_answer({"body": "é"}) == '{"body":"é"}'.encode()
+    # The homeserver may send an escaped lone surrogate: it cannot be UTF-8, so it stays
+    # escaped rather than failing the sync.
+    odd = json.loads('{"body":"\\ud800é"}')
+    assert json.loads(encode_answer(odd)) == odd
+
+
+# -- api/upstream_auth.py -------------------------------------------------------------------
+
+
+def _homeserver(handler: Any) -> HomeserverClient:
+    return HomeserverClient(
+        "http://hs.test", http=httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    )
+
+
+async def test_whoami_answers_are_cached_by_token_hash_and_refusals_briefly() -> None:
+    asked: list[str] = []
+    now = [0.0]
+
+    def whoami(request: httpx.Request) -> httpx.Response:
+        token = request.headers["authorization"].removeprefix("Bearer ")
+        asked.append(token)
+        if token == "good":
+            return httpx.Response(200, json={"user_id": "@a:hs", "device_id": "D"})
+        return httpx.Response(
+            401, json={"errcode": "M_UNKNOWN_TOKEN", "error": "x", "soft_logout": True}
+        )
+
+    auth = UpstreamAuth(_homeserver(whoami), clock=lambda: now[0])
+    for _ in range(3):
+        assert await auth.whoami("good") == ("@a:hs", "D")
+        with pytest.raises(MatrixError) as refused:
+            await auth.whoami("bad")
+        assert refused.value.status == 401 and refused.value.errcode == "M_UNKNOWN_TOKEN"
+        assert refused.value.to_json()["soft_logout"] is True
+    assert asked == ["good", "bad"]  # one homeserver request each
+    assert all("good" not in key and "bad" not in key for key in auth._cache)
+    now[0] = 11.0  # a refusal is remembered ~10 s, an answer ~60 s
+    with pytest.raises(MatrixError):
+        await auth.whoami("bad")
+    assert await auth.whoami("good") == ("@a:hs", "D")
+    assert asked == ["good", "bad", "bad"]
+    now[0] = 61.0
+    await auth.whoami("good")
+    assert asked[-1] == "good" and len(asked) == 4
+
+
+async def test_whoami_unreachable_or_nonsense_is_a_502() -> None:
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    def nonsense(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, text="<html>")
+
+    for handler in (down, nonsense):
+        with pytest.raises(MatrixError) as failed:
+            await UpstreamAuth(_homeserver(handler)).whoami("t")
+        assert failed.value.status == 502 and failed.value.errcode == "M_UNKNOWN"
+
+
+# -- services/front_sync.py: join while peeking ---------------------------------------------
+
+ROOM = "!peeked:remote.test"
+ALICE, BOB = "@alice:hs.test", "@bob:hs.test"
+
+
+def _request(user: str, device: str, since: str | None) -> FrontSyncRequest:
+    query = "timeout=0" + (f"&since={since}" if since else "")
+    return FrontSyncRequest(
+        client=ClientRequest("GET", "/_matrix/client/v3/sync", query, "tok", True),
+        user_id=user,
+        device_id=device,
+        since=since,
+        timeout_ms=0,
+        full_state=False,
+        filter=None,
+    )
+
+
+async def test_a_joined_room_leaves_the_peek_section_without_a_leave(tmp_path: Path) -> None:
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
+    sub = Subscription(
+        room_id=ROOM,
+        state=SubState.ACTIVE,
+        candidates=("remote.test",),
+        room_version="10",
+        server="remote.test",
+        peek_id="p1",
+    )
+    await store.write(lambda tx: tx.save_subscription(sub))
+    for user, device in ((ALICE, "PHONE"), (ALICE, "TABLET"), (BOB, "PHONE")):
+        await store.write(
+            lambda tx: tx.set_device_peek(user, device, ROOM, "active", 0)  # noqa: B023
+        )
+    pdu = {
+        "type": "m.room.message",
+        "sender": "@c:remote.test",
+        "room_id": ROOM,
+        "content": {"body": "hello"},
+        "origin_server_ts": 1,
+    }
+    await store.write(lambda tx: tx.append_event(ROOM, "$e1", pdu, redacted=False, now_ms=0))
+    service = offline_service(store)
+    await service.syncing.open_live_window()
+    service.subscriptions.by_room = {ROOM: sub}
+    homeserver_rooms: dict[str, Any] = {"join": {ROOM: {"timeline": {"events": []}}}}
+    batches = iter(f"s{n}" for n in range(1, 100))
+
+    def homeserver(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"next_batch": next(batches), "rooms": homeserver_rooms})
+
+    front = FrontSync(
+        passthrough=Passthrough(_homeserver(homeserver)),
+        syncing=service.syncing,
+        store=store,
+        section="peek",
+    )
+    # Alice's phone: the homeserver says she joined the room it was peeking.
+    first = await front.sync(_request(ALICE, "PHONE", None))
+    body = json.loads(first.body)
+    assert body["rooms"]["join"] == {ROOM: {"timeline": {"events": []}}}
+    assert ROOM not in body["rooms"].get("peek", {}) and ROOM not in body["rooms"].get("leave", {})
+    states = await store.read(lambda tx: tx.user_room_peeks(ALICE, ROOM))
+    assert states == [("PHONE", "joined"), ("TABLET", "joined")]  # all her devices
+    assert await store.read(lambda tx: tx.device_peek_state(BOB, "PHONE", ROOM)) == "active"
+    assert service.subscriptions.by_room[ROOM].wanted  # Bob still peeks it
+    # Her tablet never gets the room in rooms.leave (nor in rooms.peek).
+    tablet = await service.syncing.sync(ALICE, "TABLET", since=None, timeout_ms=0)
+    assert tablet["rooms"] == {"peek": {}, "leave": {}}
+    # She leaves the room on the homeserver: it never comes back to rooms.peek.
+    homeserver_rooms.clear()
+    homeserver_rooms["leave"] = {ROOM: {"hs": "left"}}
+    later = json.loads((await front.sync(_request(ALICE, "PHONE", body["next_batch"]))).body)
+    assert later["rooms"] == {"leave": {ROOM: {"hs": "left"}}}
+    # Bob joins too: nobody peeks the room any more, so its remote peek is released.
+    homeserver_rooms.clear()
+    homeserver_rooms["join"] = {ROOM: {}}
+    await front.sync(_request(BOB, "PHONE", None))
+    assert not service.subscriptions.by_room[ROOM].wanted
+    # Unpeeking a joined peek: not peeking (400), no rooms.leave entry.
+    with pytest.raises(Exception) as bad_state:
+        await service.syncing.unpeek(ALICE, "PHONE", ROOM)
+    assert getattr(bad_state.value, "errcode", None) == "M_BAD_STATE"
+    with trio.fail_after(5):
+        await store.aclose()
