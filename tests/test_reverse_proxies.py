@@ -5,6 +5,7 @@ errors when no upstream answers, and Element's SDK syncing through nginx."""
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -379,11 +380,17 @@ async def test_sync_is_answered_by_synapse_when_peekproxy_is_killed(
 
 
 async def test_long_polls_are_not_cut_by_either_proxy(
-    synapse: Synapse, reverse_proxies: StartProxy
+    synapse: Synapse,
+    nursery: trio.Nursery,
+    tls_ca: trustme.CA,
+    tmp_path: Path,
+    spawn: Spawn,
+    reverse_proxies: StartProxy,
 ) -> None:
-    """65 s: above nginx's default proxy_read_timeout (60 s), which the configuration raises;
-    Caddy has no default read timeout. Today peekproxy serves no /sync, so its address is down
-    here and the long-polls end at Synapse through the fallback."""
+    """65 s through the proxy and peekproxy's merged /sync: above nginx's default
+    proxy_read_timeout (60 s), which the configuration raises; Caddy has no default read
+    timeout; peekproxy bounds its own request to Synapse by the client's timeout."""
+    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
     token = synapse.register("long-poll")
     async with httpx.AsyncClient(base_url=synapse.client, timeout=30) as direct:
         since = (await direct.get("/_matrix/client/v3/sync", headers=bearer(token))).json()[
@@ -393,7 +400,7 @@ async def test_long_polls_are_not_cut_by_either_proxy(
 
     async def long_poll(kind: str) -> None:
         proxy = await reverse_proxies(
-            kind, homeserver=address(synapse.client), peekproxy=dead_address()
+            kind, homeserver=address(synapse.client), peekproxy=address(world.daemon.client)
         )
         async with httpx.AsyncClient(base_url=proxy.url, timeout=120) as http:
             started = time.monotonic()
@@ -411,6 +418,11 @@ async def test_long_polls_are_not_cut_by_either_proxy(
         assert response.status_code == 200, (kind, response.text)
         assert "next_batch" in response.json(), kind
         assert elapsed >= 64, (kind, elapsed)
+    # both were answered by peekproxy itself, after the whole long-poll (no fallback)
+    answered = re.findall(
+        r'"GET /_matrix/client/v3/sync HTTP/1.1" 200 \d+ (\d+\.\d+)s', world.daemon.log
+    )
+    assert len(answered) == 2 and all(float(s) >= 64 for s in answered), world.daemon.log
 
 
 # -- Element's SDK (matrix-js-sdk, tests/js) ----------------------------------------------
