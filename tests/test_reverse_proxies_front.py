@@ -166,7 +166,7 @@ async def test_peekproxy_killed_under_long_polling_clients(
     assert joined not in later.get("rooms", {}).get("join", {})  # no initial sync
 
     world.daemon = await spawn(world.config, env=world.env)
-    since, resumed = later["next_batch"], []
+    since, resumed = later["next_batch"], list[str]()
     with trio.fail_after(60):  # the proxy tries peekproxy again after its 10 s
         while not resumed:
             answer = await sync(proxy.url, token, since=since, timeout_ms=1000)
