@@ -419,6 +419,7 @@ async def test_long_polls_are_not_cut_by_either_proxy(
         assert "next_batch" in response.json(), kind
         assert elapsed >= 64, (kind, elapsed)
     # both were answered by peekproxy itself, after the whole long-poll (no fallback)
+    await world.daemon.wait_for_log(rb'(?s)(/sync HTTP/1.1" 200 .*){2}', 10)
     answered = re.findall(
         r'"GET /_matrix/client/v3/sync HTTP/1.1" 200 \d+ (\d+\.\d+)s', world.daemon.log
     )

@@ -55,7 +55,7 @@ async def test_nio_through_nginx_equals_a_direct_sync(
     assert front.account_data == direct.account_data
     assert front.to_device == direct.to_device == [("org.example.ping", {"hello": 1})]
     # the FRONT device's syncs went through peekproxy, not around it
-    assert "/_matrix/client/v3/sync" in world.daemon.log
+    await world.daemon.wait_for_log(rb'"GET /_matrix/client/v3/sync HTTP/1.1" 200', 10)
 
 
 async def test_js_sdk_through_nginx_sees_the_same_plus_the_peeked_room(
@@ -172,3 +172,42 @@ async def test_peekproxy_killed_under_long_polling_clients(
             answer = await sync(proxy.url, token, since=since, timeout_ms=1000)
             since, resumed = answer["next_batch"], peek_bodies(answer, remote)
     assert resumed == ["two, meanwhile"]  # the event sent meanwhile; "one" not repeated
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_browser_syncs_through_the_front(
+    kind: str,
+    synapse: Synapse,
+    nursery: trio.Nursery,
+    tls_ca: trustme.CA,
+    tmp_path: Path,
+    spawn: Spawn,
+    reverse_proxies: StartProxy,
+) -> None:
+    """What Element Web does before and with each /sync: a CORS preflight (answered by
+    Synapse), then the request, whose answer (from peekproxy) carries one allowed origin."""
+    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
+    proxy = await reverse_proxies(
+        kind, homeserver=address(synapse.client), peekproxy=address(world.daemon.client)
+    )
+    token = synapse.register(f"browser-{kind}")
+    origin = {"Origin": "https://app.element.io"}
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=60) as http:
+        preflight = await http.options(
+            "/_matrix/client/v3/sync",
+            headers=origin
+            | {
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization",
+            },
+        )
+        synced = await http.get(
+            "/_matrix/client/v3/sync",
+            params={"timeout": "0"},
+            headers=origin | {"Authorization": f"Bearer {token}"},
+        )
+    assert preflight.status_code in (200, 204), preflight.text
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    assert synced.status_code == 200 and "next_batch" in synced.json()
+    assert synced.headers.get_list("access-control-allow-origin") == ["*"]
+    await world.daemon.wait_for_log(rb'"GET /_matrix/client/v3/sync HTTP/1.1" 200', 10)
