@@ -113,8 +113,10 @@ def peek_bodies(answer: dict[str, Any], room_id: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_peekproxy_killed_under_long_polling_clients(
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+async def test_peekproxy_stopped_under_long_polling_clients(
     kind: str,
+    stop: signal.Signals,
     synapse: Synapse,
     nursery: trio.Nursery,
     tls_ca: trustme.CA,
@@ -122,14 +124,15 @@ async def test_peekproxy_killed_under_long_polling_clients(
     spawn: Spawn,
     reverse_proxies: StartProxy,
 ) -> None:
-    """kill -9 while a client long-polls through the proxy: the same request is answered by
-    Synapse (no error, no initial sync), later syncs too; peekproxy back on the same database
-    -> the peek section resumes with what was sent meanwhile, nothing repeated."""
+    """kill -9 (or a restart's SIGTERM, which gives in-flight requests 3 s) while a client
+    long-polls through the proxy: the same request is answered by Synapse (no error, no
+    initial sync), later syncs too; peekproxy back on the same database -> the peek section
+    resumes with what was sent meanwhile, nothing repeated."""
     world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
     proxy = await reverse_proxies(
         kind, homeserver=address(synapse.client), peekproxy=address(world.daemon.client)
     )
-    token = synapse.register(f"killed-{kind}")
+    token = synapse.register(f"stopped-{kind}-{stop.name}")
     joined = await create_room(synapse, token, name="Mine")
     remote = world.create_room("10", name="Remote")
     world.send(remote, "one")
@@ -154,7 +157,7 @@ async def test_peekproxy_killed_under_long_polling_clients(
     async with trio.open_nursery() as polls:
         polls.start_soon(long_poll)
         await trio.sleep(1)  # the long-poll waits inside peekproxy
-        world.daemon.signal(signal.SIGKILL)
+        world.daemon.signal(stop)
         await world.daemon.wait()
         await trio.sleep(1)  # ... and is now waiting at Synapse
         await send_text(synapse, token, joined, "while peekproxy is down", "d1")
