@@ -18,6 +18,7 @@ import trio
 import trustme
 
 from tests.conftest import Spawn
+from tests.front_support import auth, bodies, client_api, create_room, send_text
 from tests.js_sdk import JsSession, login, node_harness
 from tests.peek_world import TESTBED, PeekWorld, build_world
 from tests.proxies import CADDYFILE, KINDS, NGINX_CONF, StartProxy
@@ -33,10 +34,6 @@ def address(url: str) -> str:
 def dead_address() -> str:
     """A loopback address nothing listens on (a peekproxy or homeserver that is down)."""
     return f"127.0.0.1:{free_tcp_port()}"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 class Recorder:
@@ -233,29 +230,6 @@ async def front_world(
     )
 
 
-async def create_room(http: httpx.AsyncClient, token: str, **body: Any) -> str:
-    response = await http.post("/_matrix/client/v3/createRoom", headers=bearer(token), json=body)
-    assert response.status_code == 200, response.text
-    room_id: str = response.json()["room_id"]
-    return room_id
-
-
-async def send_text(http: httpx.AsyncClient, token: str, room_id: str, body: str) -> str:
-    response = await http.put(
-        f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/m.room.message/{time.time_ns()}",
-        headers=bearer(token),
-        json={"msgtype": "m.text", "body": body},
-    )
-    assert response.status_code == 200, response.text
-    event_id: str = response.json()["event_id"]
-    return event_id
-
-
-def bodies(sync: dict[str, Any], room_id: str) -> list[str]:
-    timeline = sync.get("rooms", {}).get("join", {}).get(room_id, {}).get("timeline", {})
-    return [e["content"].get("body") for e in timeline.get("events", [])]
-
-
 @pytest.mark.parametrize("kind", KINDS)
 async def test_client_routes_reach_synapse_and_peekproxy(
     kind: str,
@@ -282,11 +256,25 @@ async def test_client_routes_reach_synapse_and_peekproxy(
         assert versions.status_code == 200 and "v1.1" in versions.json()["versions"]
         login = await http.get("/_matrix/client/v3/login")
         assert {"type": "m.login.password"} in login.json()["flows"]
-        room_id = await create_room(http, token, name="Joined", preset="private_chat")
-        event_id = await send_text(http, token, room_id, "sent through the proxy")
+        created = await client_api(
+            proxy.url,
+            token,
+            "POST",
+            "/_matrix/client/v3/createRoom",
+            {"name": "Joined", "preset": "private_chat"},
+        )
+        room_id = created.json()["room_id"]
+        sent = await client_api(
+            proxy.url,
+            token,
+            "PUT",
+            f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/m.room.message/r1",
+            {"msgtype": "m.text", "body": "sent through the proxy"},
+        )
+        event_id = sent.json()["event_id"]
         seen = await direct.get(
             f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/event/{quote(event_id)}",
-            headers=bearer(token),
+            headers=auth(token),
         )
         assert (
             seen.status_code == 200 and seen.json()["content"]["body"] == "sent through the proxy"
@@ -296,7 +284,7 @@ async def test_client_routes_reach_synapse_and_peekproxy(
             f"/_matrix/client/v3/peek/{quoted}",
             params={"server_name": TESTBED},
             json={},
-            headers=bearer(token),
+            headers=auth(token),
         )
         assert peeked.status_code == 200, peeked.text
         assert peeked.json() == {"room_id": remote_room}
@@ -305,7 +293,7 @@ async def test_client_routes_reach_synapse_and_peekproxy(
         history = await http.get(
             f"/_matrix/client/v3/rooms/{quoted}/messages",
             params={"dir": "b"},
-            headers=bearer(token),
+            headers=auth(token),
         )
         assert history.status_code == 200, history.text
         assert "history on the testbed" in [
@@ -314,7 +302,7 @@ async def test_client_routes_reach_synapse_and_peekproxy(
         unpeeked = await http.post(
             f"/_matrix/client/unstable/org.matrix.msc2753/rooms/{quoted}/unpeek",
             json={},
-            headers=bearer(token),
+            headers=auth(token),
         )
         assert unpeeked.status_code == 200 and unpeeked.json() == {}
 
@@ -338,8 +326,8 @@ async def test_sync_is_answered_by_synapse_when_peekproxy_is_killed(
         httpx.AsyncClient(base_url=proxy.url, timeout=60) as http,
         httpx.AsyncClient(base_url=synapse.client, timeout=60) as direct,
     ):
-        room_id = await create_room(direct, token, name="Fallback")
-        first = (await direct.get("/_matrix/client/v3/sync", headers=bearer(token))).json()
+        room_id = await create_room(synapse, token, name="Fallback")
+        first = (await direct.get("/_matrix/client/v3/sync", headers=auth(token))).json()
         world.daemon.signal(signal.SIGKILL)
         await world.daemon.wait()
         answers: list[httpx.Response] = []
@@ -349,24 +337,25 @@ async def test_sync_is_answered_by_synapse_when_peekproxy_is_killed(
                 await http.get(
                     "/_matrix/client/v3/sync",
                     params={"since": first["next_batch"], "timeout": "20000"},
-                    headers=bearer(token),
+                    headers=auth(token),
                 )
             )
 
         async with trio.open_nursery() as polls:
             polls.start_soon(long_poll)
             await trio.sleep(0.5)  # the long-poll is waiting at Synapse (nothing happened yet)
-            await send_text(direct, token, room_id, "while peekproxy is down")
+            await send_text(synapse, token, room_id, "while peekproxy is down", "f1")
         [answer] = answers
         assert answer.status_code == 200, answer.text
-        assert bodies(answer.json(), room_id) == ["while peekproxy is down"]
+        assert bodies(answer.json()["rooms"]["join"][room_id]) == ["while peekproxy is down"]
         # the token handed out through the proxy is Synapse's own: it works there directly
         later = await direct.get(
             "/_matrix/client/v3/sync",
             params={"since": answer.json()["next_batch"], "timeout": "0"},
-            headers=bearer(token),
+            headers=auth(token),
         )
-        assert later.status_code == 200 and bodies(later.json(), room_id) == []
+        assert later.status_code == 200
+        assert room_id not in later.json().get("rooms", {}).get("join", {})
         # peekproxy back on the same database and address: the peek paths work again at once
         world.daemon = await spawn(world.config, env=world.env)
         remote_room = world.create_room("10")
@@ -374,7 +363,7 @@ async def test_sync_is_answered_by_synapse_when_peekproxy_is_killed(
             f"/_matrix/client/v3/peek/{quote(remote_room, safe='')}",
             params={"server_name": TESTBED},
             json={},
-            headers=bearer(token),
+            headers=auth(token),
         )
         assert peeked.status_code == 200, peeked.text
 
@@ -393,7 +382,7 @@ async def test_long_polls_are_not_cut_by_either_proxy(
     world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
     token = synapse.register("long-poll")
     async with httpx.AsyncClient(base_url=synapse.client, timeout=30) as direct:
-        since = (await direct.get("/_matrix/client/v3/sync", headers=bearer(token))).json()[
+        since = (await direct.get("/_matrix/client/v3/sync", headers=auth(token))).json()[
             "next_batch"
         ]
     results: dict[str, tuple[float, httpx.Response]] = {}
@@ -407,7 +396,7 @@ async def test_long_polls_are_not_cut_by_either_proxy(
             response = await http.get(
                 "/_matrix/client/v3/sync",
                 params={"since": since, "timeout": "65000"},
-                headers=bearer(token),
+                headers=auth(token),
             )
             results[kind] = (time.monotonic() - started, response)
 
@@ -441,8 +430,8 @@ async def test_js_sdk_sees_the_same_through_nginx_as_directly(
         "nginx", homeserver=address(synapse.client), peekproxy=dead_address()
     )
     async with httpx.AsyncClient(base_url=synapse.client, timeout=60) as direct:
-        rooms = [await create_room(direct, token, name=f"js {n}") for n in range(2)]
-        await send_text(direct, token, rooms[0], "before the clients start")
+        rooms = [await create_room(synapse, token, name=f"js {n}") for n in range(2)]
+        await send_text(synapse, token, rooms[0], "before the clients start", "j1")
         sessions = [
             JsSession(node, synapse.client, await login(direct, "js-user"), "the last one"),
             JsSession(node, proxy.url, await login(direct, "js-user"), "the last one"),
@@ -453,14 +442,14 @@ async def test_js_sdk_sees_the_same_through_nginx_as_directly(
             with trio.fail_after(60):
                 for session in sessions:
                     await session.prepared.wait()
-            await send_text(direct, token, rooms[1], "live, while they sync")
+            await send_text(synapse, token, rooms[1], "live, while they sync", "j2")
             topic = await direct.put(
                 f"/_matrix/client/v3/rooms/{quote(rooms[0], safe='')}/state/m.room.topic/",
-                headers=bearer(token),
+                headers=auth(token),
                 json={"topic": "changed live"},
             )
             assert topic.status_code == 200
-            await send_text(direct, token, rooms[0], "the last one")
+            await send_text(synapse, token, rooms[0], "the last one", "j3")
     at_synapse, through_nginx = (session.report for session in sessions)
     assert set(at_synapse["rooms"]) == set(rooms)
     assert through_nginx["rooms"] == at_synapse["rooms"]
