@@ -418,12 +418,13 @@ async def test_long_polls_are_not_cut_by_either_proxy(
 # -- Element's SDK (matrix-js-sdk, tests/js) ----------------------------------------------
 
 
-async def test_js_sdk_sees_the_same_through_nginx_as_directly(
+async def test_js_sdk_through_nginx_with_peekproxy_down_sees_the_same(
     synapse: Synapse, reverse_proxies: StartProxy
 ) -> None:
     """Element's SDK runs its sync loop for a scripted session twice at once, on two devices
-    of one user: directly at Synapse and through nginx (peekproxy is down here, so nginx falls
-    back to Synapse: peekproxy serves no /sync yet). Both see the same rooms and events."""
+    of one user: directly at Synapse and through nginx with peekproxy down (nginx falls back to
+    Synapse). Both see the same rooms and events. With peekproxy up:
+    tests/test_reverse_proxies_front.py."""
     node = node_harness()
     token = synapse.register("js-user")
     proxy = await reverse_proxies(
