@@ -6,7 +6,7 @@ SYNAPSE_VENV := .synapse-venv
 DEMO_FLAGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast demo lint test-deps dnsmasq clean
+.PHONY: test test-fast demo lint test-deps dnsmasq reverse-proxies js-harness clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,26 @@ dnsmasq:
 	      (apt-get update -qq && apt-get install -y -qq dnsmasq-base) >/dev/null; \
 	    else echo "dnsmasq missing: install dnsmasq-base, or its tests are skipped"; fi; }
 
-test-deps: $(VENV)/.installed $(SYNAPSE_VENV)/.installed dnsmasq
+# nginx and caddy (the reverse proxies tests/test_reverse_proxies.py runs, with contrib/'s
+# configurations): installed with apt-get when missing and you are root.
+reverse-proxies:
+	@missing=""; \
+	  { command -v nginx >/dev/null || test -x /usr/sbin/nginx; } || missing="$$missing nginx"; \
+	  command -v caddy >/dev/null || missing="$$missing caddy"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      (apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing) >/dev/null; \
+	    else echo "missing:$$missing (apt-get install$$missing), or their tests are skipped"; fi; \
+	  fi
+
+# matrix-js-sdk (Element's SDK, run by node in tests/js), at the version package-lock.json pins.
+js-harness: tests/js/node_modules/.package-lock.json
+
+tests/js/node_modules/.package-lock.json: tests/js/package-lock.json
+	@if command -v npm >/dev/null; then cd tests/js && npm ci --no-audit --no-fund --silent; \
+	  else echo "npm missing: the matrix-js-sdk tests are skipped"; fi
+
+test-deps: $(VENV)/.installed $(SYNAPSE_VENV)/.installed dnsmasq reverse-proxies js-harness
 
 ## make test: lint (ruff), type-check (mypy) and run the whole test suite.
 test: test-deps lint
@@ -47,4 +66,4 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m peekproxy.demo $(DEMO_FLAGS)
 
 clean:
-	rm -rf $(VENV) $(SYNAPSE_VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SYNAPSE_VENV) .mypy_cache .pytest_cache .ruff_cache tests/js/node_modules

@@ -27,9 +27,10 @@ def server_dir(tmp_path: Path) -> Path:
 
 Spawn = Callable[..., Awaitable[DaemonProcess]]
 
-#: Fixtures that start real processes (peekproxy, a testbed, Synapse): a test using one is
-#: an end-to-end test, marked ``slow`` so that ``-m "not slow"`` runs the fast set alone.
-PROCESS_FIXTURES = frozenset({"spawn", "synapse"})
+#: Fixtures that start real processes (peekproxy, a testbed, Synapse, nginx, Caddy): a test
+#: using one is an end-to-end test, marked ``slow`` so that ``-m "not slow"`` runs the fast
+#: set alone.
+PROCESS_FIXTURES = frozenset({"spawn", "synapse", "reverse_proxies"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -71,4 +72,5 @@ def tls_files(tls_ca: trustme.CA, tmp_path: Path) -> Iterator[tuple[Path, Path, 
     yield chain, key, ca
 
 
+from tests.proxies import reverse_proxies  # noqa: E402,F401  (nginx, Caddy)
 from tests.synapse import synapse  # noqa: E402,F401  (session fixture)
