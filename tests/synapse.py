@@ -155,6 +155,7 @@ def running_synapse(
         RuntimeError: it did not start within 120 s (the message holds its last log lines).
     """
     python = python or synapse_python()
+    directory.mkdir(parents=True, exist_ok=True)
     http_port, tls_port = free_tcp_port(), free_tcp_port()
     with open(directory / "signing.key", "w") as stream:
         write_signing_keys(stream, [generate_signing_key("a1")])
