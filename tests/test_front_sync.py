@@ -5,9 +5,11 @@ rooms a device peeks. Clients hold only Synapse's tokens."""
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -26,6 +28,7 @@ from tests.front_support import (
     sync,
     without_ages,
 )
+from tests.support import serve_app
 from tests.synapse import Synapse, free_tcp_port
 
 
@@ -257,3 +260,52 @@ async def test_a_fault_in_the_peek_part_degrades_to_the_homeserver_answer(
     assert bodies(answer["rooms"]["join"][joined]) == ["still delivered"]
     assert "peek" not in answer["rooms"]
     await world.daemon.wait_for_log(rb"own part of a /sync failed")
+
+
+async def test_the_homeserver_learns_the_client_behind_each_request(
+    synapse: Synapse, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    """Synapse keeps each device's last User-Agent and address (an admin's and a user's
+    session lists), and warns on every request without X-Forwarded-Proto: what peekproxy
+    passes on (whoami, /sync, a history read) carries the client's, not peekproxy's."""
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    async def homeserver(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError("no lifespan")  # hypercorn then runs without one
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        seen.append((scope["path"], headers))
+        if scope["path"].endswith("/account/whoami"):
+            body = {"user_id": "@ua:hs.test", "device_id": "UADEVICE"}
+        elif scope["path"].endswith("/sync"):
+            body = {"next_batch": "s1"}
+        else:
+            body = {"chunk": []}
+        raw = json.dumps(body).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": raw})
+
+    url = await serve_app(nursery, homeserver)
+    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn, homeserver_url=url)
+    client = {
+        "Authorization": "Bearer ua-token",
+        "User-Agent": "Element/1.11 (test)",
+        "X-Forwarded-For": "203.0.113.7",
+        "X-Forwarded-Proto": "https",
+    }
+    async with httpx.AsyncClient(base_url=world.daemon.client, timeout=60) as http:
+        synced = await http.get("/_matrix/client/v3/sync", headers=client)
+        read = await http.get("/_matrix/client/v3/rooms/!r:hs.test/messages", headers=client)
+    assert synced.status_code == read.status_code == 200, (synced.text, read.text)
+    paths = {path.rsplit("/", 1)[-1] for path, _ in seen}
+    assert {"whoami", "sync", "messages"} <= paths
+    for path, headers in seen:
+        assert headers["user-agent"] == "Element/1.11 (test)", path
+        assert headers["x-forwarded-proto"] == "https", path
+        assert headers["x-forwarded-for"].startswith("203.0.113.7, "), path

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from peekproxy.api.delegation import DelegationApi
 from peekproxy.api.errors import MatrixError
-from peekproxy.api.upstream_auth import UpstreamAuth, access_token
+from peekproxy.api.upstream_auth import UpstreamAuth, access_token, forwarded_headers
 from peekproxy.core.identifiers import InvalidIdentifier, RoomId
 from peekproxy.homeserver.client import HomeserverUnavailable
 from peekproxy.services.front_sync import FrontSync, FrontSyncRequest
@@ -38,16 +38,12 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def _client_request(request: Request, token: str, in_header: bool) -> ClientRequest:
-    """The request as it came: raw path (percent-encoding kept) and query string, and an
-    ``X-Forwarded-For`` that adds the address it came from."""
+    """The request as it came: raw path (percent-encoding kept) and query string, and the
+    headers that tell the homeserver about the client (:func:`forwarded_headers`)."""
     raw_path = request.scope.get("raw_path")
     path = raw_path.decode("latin-1") if raw_path else request.url.path
     query = request.scope.get("query_string", b"").decode("latin-1")
-    forwarded = request.headers.get("x-forwarded-for")
-    peer = request.client.host if request.client else None
-    if peer:
-        forwarded = f"{forwarded}, {peer}" if forwarded else peer
-    return ClientRequest(request.method, path, query, token, in_header, forwarded)
+    return ClientRequest(request.method, path, query, token, in_header, forwarded_headers(request))
 
 
 def _response(answer: UpstreamAnswer) -> Response:
@@ -84,7 +80,7 @@ class FrontApi:
 
     async def sync(self, request: Request) -> Response:
         token = access_token(request)
-        user_id, device_id = await self.auth.whoami(token.token)
+        user_id, device_id = await self.auth.whoami(token.token, forwarded_headers(request))
         params = request.query_params
         try:
             timeout_ms = int(params.get("timeout", "0"))
@@ -112,7 +108,7 @@ class FrontApi:
 
         async def handle(request: Request) -> Response:
             token = access_token(request)
-            user_id, device_id = await self.auth.whoami(token.token)
+            user_id, device_id = await self.auth.whoami(token.token, forwarded_headers(request))
             room_id = request.path_params["room_id"]
             try:
                 RoomId.parse(room_id)

@@ -15,7 +15,7 @@ one); the homeserver cannot be reached or answers nonsense → 502 ``M_UNKNOWN``
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from peekproxy.api.errors import MatrixError
 from peekproxy.core.front_sync import token_hash
 from peekproxy.homeserver.client import HomeserverClient, HomeserverUnavailable
 
-__all__ = ["AccessToken", "UpstreamAuth", "access_token"]
+__all__ = ["AccessToken", "UpstreamAuth", "access_token", "forwarded_headers"]
 
 #: Seconds a resolved token is trusted without asking the homeserver again.
 CACHE_S = 60.0
@@ -61,6 +61,26 @@ def access_token(request: Request) -> AccessToken:
     return AccessToken(token, False)
 
 
+def forwarded_headers(request: Request) -> dict[str, str]:
+    """What the homeserver should learn of the client behind a request peekproxy passes on:
+    ``X-Forwarded-For`` (the client's, with the address it came from added),
+    ``X-Forwarded-Proto`` (as the reverse proxy said, else the request's scheme) and the
+    client's ``User-Agent`` (Synapse keeps both per device: an admin's and a user's session
+    lists show the client, not peekproxy)."""
+    headers: dict[str, str] = {}
+    forwarded = request.headers.get("x-forwarded-for")
+    peer = request.client.host if request.client else None
+    if peer:
+        forwarded = f"{forwarded}, {peer}" if forwarded else peer
+    if forwarded:
+        headers["X-Forwarded-For"] = forwarded
+    headers["X-Forwarded-Proto"] = request.headers.get("x-forwarded-proto") or request.url.scheme
+    user_agent = request.headers.get("user-agent")
+    if user_agent:
+        headers["User-Agent"] = user_agent
+    return headers
+
+
 class UpstreamAuth:
     """Resolves access tokens to (user ID, device ID) through the fronted homeserver.
 
@@ -82,10 +102,11 @@ class UpstreamAuth:
 
     async def __call__(self, request: Request) -> tuple[str, str]:
         """(user ID, device ID) of the request's access token. Raises as :meth:`whoami`."""
-        return await self.whoami(access_token(request).token)
+        return await self.whoami(access_token(request).token, forwarded_headers(request))
 
-    async def whoami(self, token: str) -> tuple[str, str]:
-        """(user ID, device ID) of ``token``, from the cache or the homeserver.
+    async def whoami(self, token: str, headers: Mapping[str, str] | None = None) -> tuple[str, str]:
+        """(user ID, device ID) of ``token``, from the cache or the homeserver (asked with
+        ``headers``: :func:`forwarded_headers`).
 
         Raises:
             MatrixError: 401 ``M_UNKNOWN_TOKEN`` (``soft_logout`` passed through); 403
@@ -105,6 +126,7 @@ class UpstreamAuth:
                 "GET",
                 "/_matrix/client/v3/account/whoami",
                 token=token,
+                headers=headers,
                 timeout_s=WHOAMI_TIMEOUT_S,
             )
         except HomeserverUnavailable as e:

@@ -1,7 +1,7 @@
 """Client requests passed to the fronted homeserver as they came (front mode, docs/front.md).
 
 :class:`Passthrough` sends a client's request (its method, raw path and query string, access
-token, ``X-Forwarded-For``) to the homeserver through
+token, the client's ``X-Forwarded-*`` and ``User-Agent``) to the homeserver through
 :class:`~peekproxy.homeserver.HomeserverClient` and keeps the answer's status, body and
 ``Content-Type``: ``/sync`` (the homeserver's part of it) and the history reads of rooms the
 device does not peek go this way. :meth:`Passthrough.homeserver_answers` is ``/ready``'s
@@ -10,7 +10,8 @@ check.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from peekproxy.homeserver.client import HomeserverClient, HomeserverUnavailable
 
@@ -27,15 +28,15 @@ class ClientRequest:
     ``path``: the raw path as sent (percent-encoding kept); ``query``: the raw query string
     without ``?``; ``token``: the access token; ``token_in_header``: it came as
     ``Authorization: Bearer`` (else it is in ``query`` as ``access_token`` and is not sent
-    twice: the homeserver refuses both at once); ``forwarded_for``: the
-    ``X-Forwarded-For`` to send (the client's, with its address added)."""
+    twice: the homeserver refuses both at once); ``headers``: what the homeserver should
+    learn of the client (``X-Forwarded-For``, ``X-Forwarded-Proto``, ``User-Agent``)."""
 
     method: str
     path: str
     query: str
     token: str
     token_in_header: bool
-    forwarded_for: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,11 @@ class Passthrough:
             HomeserverUnavailable: no connection, or no whole answer within ``timeout_s``.
         """
         sent_query = request.query if query is None else query
-        headers = {}
-        if request.forwarded_for:
-            headers["X-Forwarded-For"] = request.forwarded_for
         response = await self.homeserver.request(
             request.method,
             request.path + (f"?{sent_query}" if sent_query else ""),
             token=request.token if request.token_in_header else None,
-            headers=headers,
+            headers=request.headers,
             timeout_s=timeout_s,
         )
         return UpstreamAnswer(
