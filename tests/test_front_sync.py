@@ -275,6 +275,7 @@ async def test_the_homeserver_learns_the_client_behind_each_request(
             raise RuntimeError("no lifespan")  # hypercorn then runs without one
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         seen.append((scope["path"], headers))
+        body: dict[str, Any]
         if scope["path"].endswith("/account/whoami"):
             body = {"user_id": "@ua:hs.test", "device_id": "UADEVICE"}
         elif scope["path"].endswith("/sync"):

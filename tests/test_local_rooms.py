@@ -187,3 +187,30 @@ async def test_a_room_the_homeserver_is_not_in_is_peeked_through_the_other_candi
     refused = await peek(world, Account(synapse, "lrx-carol"), private["room_id"])
     assert refused.status_code == 502, refused.text
     assert "not in the room" in refused.json()["error"]
+
+
+async def test_a_local_alias_is_resolved_through_the_client_api(
+    synapse: Synapse, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    """The homeserver's own aliases need no federation (which would need the homeserver to
+    reach peekproxy's own server name): they are looked up in its client API directory."""
+    alice, bob, reader = (Account(synapse, f"la-{n}") for n in ("alice", "bob", "reader"))
+    room_id = await alice.create_room(version="10")
+    await alice.send(room_id, "by alias")
+    alias = f"#la-{time.monotonic_ns()}:{synapse.server_name}"
+    await alice.call("PUT", f"/directory/room/{quote(alias, safe='')}", {"room_id": room_id})
+    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn, reader)
+    async with httpx.AsyncClient(base_url=world.daemon.client, timeout=60) as http:
+        by_alias = await http.post(
+            "/_matrix/client/v3/peek_room", json={"room": alias}, headers=bob.auth
+        )
+        unknown = await http.post(
+            "/_matrix/client/v3/peek_room",
+            json={"room": f"#nobody-{time.monotonic_ns()}:{synapse.server_name}"},
+            headers=bob.auth,
+        )
+    assert by_alias.status_code == 200, by_alias.text
+    assert by_alias.json()["room_id"] == room_id
+    assert unknown.status_code == 404 and unknown.json()["errcode"] == "M_NOT_FOUND"
+    synced, _ = await sync_until(world, bob, None, lambda s: room_id in s["rooms"]["peek"])
+    assert "by alias" in bodies(synced["rooms"]["peek"][room_id])

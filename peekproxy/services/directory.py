@@ -6,23 +6,37 @@ directory information, ``GET /_matrix/federation/v1/query/directory``).
 :class:`~peekproxy.services.syncing.Syncing` asks it before a room is followed and adds those
 servers to the candidates (:func:`peekproxy.core.outcomes.candidate_servers`).
 
+In front mode the fronted homeserver's own aliases are resolved through its client API
+(:meth:`peekproxy.services.client_api_follower.ClientApiFollower.resolve_alias`).
+
 May import: ``peekproxy.core``, ``peekproxy.federation`` and ``peekproxy.services.errors``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, RoomId
 from peekproxy.federation.client import FederationClient, FederationError, RemoteError
 from peekproxy.services.errors import PeekError
 
-__all__ = ["RoomDirectory"]
+__all__ = ["LocalAliases", "RoomDirectory"]
+
+#: Resolves an alias of the fronted homeserver through its client API: (room ID, servers),
+#: or ``None`` for another server's alias (front mode: ``ClientApiFollower.resolve_alias``).
+LocalAliases = Callable[[str], Awaitable[tuple[str, list[str]] | None]]
 
 
 class RoomDirectory:
-    """Room IDs and aliases, resolved over federation through ``client``."""
+    """Room IDs and aliases, resolved over federation through ``client`` (the fronted
+    homeserver's own aliases through ``local_aliases`` first, when given: the homeserver may
+    not reach peekproxy's own server name over federation)."""
 
-    def __init__(self, *, client: FederationClient) -> None:
+    def __init__(
+        self, *, client: FederationClient, local_aliases: LocalAliases | None = None
+    ) -> None:
         self.client = client
+        self.local_aliases = local_aliases
 
     async def resolve(self, room_id_or_alias: str) -> tuple[str, list[str]]:
         """A room ID, or an alias resolved over federation: (room ID, servers from the
@@ -39,6 +53,10 @@ class RoomDirectory:
                 return str(RoomId.parse(room_id_or_alias)), []
         except InvalidIdentifier as e:
             raise PeekError(400, "M_INVALID_PARAM", str(e)) from None  # e names the value, cut
+        if self.local_aliases is not None:
+            local = await self.local_aliases(str(alias))
+            if local is not None:
+                return local
         server = str(alias.server_name)
         try:
             answer = await self.client.get_json(
