@@ -51,6 +51,16 @@ CLIENT_PREFIXES = (
 )
 
 
+def _front_mode(config: Config) -> str:
+    """The ready line's ``front=``: ``off``, or the homeserver and whether its own rooms are
+    read (``upstream.access_token_file``)."""
+    upstream = config.upstream
+    if not upstream.homeserver_url:
+        return "off"
+    local = "with" if upstream.access_token_file else "without"
+    return f"{upstream.homeserver_url} ({local} its own rooms)"
+
+
 @dataclass(frozen=True)
 class Listening:
     """Base URLs of the bound listeners (``http://host:port`` or ``https://...``)."""
@@ -202,7 +212,7 @@ async def run_daemon(
                 await store.record_server_name()
                 log.info(
                     "peekproxy %s ready: server_name=%s key=%s client=%s federation=%s "
-                    "key_server=%s/_matrix/key/v2/server metrics=%s",
+                    "key_server=%s/_matrix/key/v2/server metrics=%s front=%s",
                     __version__,
                     server.server_name,
                     key_id(signing_key),
@@ -210,6 +220,7 @@ async def run_daemon(
                     federation_url,
                     federation_url,
                     f"{metrics_url}/metrics" if metrics_url else "disabled",
+                    _front_mode(config),
                 )
                 sd_notify("READY=1")
                 started = True

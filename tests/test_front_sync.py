@@ -304,6 +304,7 @@ async def test_the_homeserver_learns_the_client_behind_each_request(
         synced = await http.get("/_matrix/client/v3/sync", headers=client)
         read = await http.get("/_matrix/client/v3/rooms/!r:hs.test/messages", headers=client)
     assert synced.status_code == read.status_code == 200, (synced.text, read.text)
+    assert f"front={url} (without its own rooms)" in world.daemon.log  # the ready line
     paths = {path.rsplit("/", 1)[-1] for path, _ in seen}
     assert {"whoami", "sync", "messages"} <= paths
     for path, headers in seen:
