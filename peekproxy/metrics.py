@@ -8,9 +8,12 @@ from prometheus_client import Counter, Histogram, make_asgi_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
+    "FRONT_DEGRADED",
+    "FRONT_SYNCS",
     "HTTP_REQUESTS",
     "HTTP_REQUEST_SECONDS",
     "SYNC_ANSWERS",
+    "TOKEN_CHECKS",
     "RequestMetrics",
     "metrics_app",
 ]
@@ -32,6 +35,25 @@ SYNC_ANSWERS = Counter(
     "stream rows) or 'store' (a database read: initial, full_state, new or restored peeks, "
     "limited timelines, tokens older than the window)",
     ["source"],
+)
+
+FRONT_SYNCS = Counter(
+    "peekproxy_front_syncs",
+    "Front mode /sync answers, by outcome: 'merged' (peeked rooms merged into the "
+    "homeserver's answer), 'homeserver' (its answer alone: no peek news), 'homeserver_error' "
+    "(its non-200 answer passed on), 'unavailable' (it could not be reached: 502)",
+    ["outcome"],
+)
+FRONT_DEGRADED = Counter(
+    "peekproxy_front_degraded",
+    "Faults in peekproxy's own part of a front /sync (logged); the client got the "
+    "homeserver's answer without the peek part",
+)
+TOKEN_CHECKS = Counter(
+    "peekproxy_token_checks",
+    "Front mode access-token checks, by result: 'cached' (no request), 'asked' (a whoami "
+    "request to the homeserver)",
+    ["result"],
 )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from prometheus_client import REGISTRY
 
 from peekproxy.api.errors import MatrixError
 from peekproxy.api.upstream_auth import UpstreamAuth
@@ -104,6 +105,11 @@ def _homeserver(handler: Any) -> HomeserverClient:
     )
 
 
+def _checks(result: str) -> float:
+    value = REGISTRY.get_sample_value("peekproxy_token_checks_total", {"result": result})
+    return value or 0.0
+
+
 async def test_whoami_answers_are_cached_by_token_hash_and_refusals_briefly() -> None:
     asked: list[str] = []
     now = [0.0]
@@ -118,6 +124,7 @@ async def test_whoami_answers_are_cached_by_token_hash_and_refusals_briefly() ->
         )
 
     auth = UpstreamAuth(_homeserver(whoami), clock=lambda: now[0])
+    cached_before = _checks("cached")
     for _ in range(3):
         assert await auth.whoami("good") == ("@a:hs", "D")
         with pytest.raises(MatrixError) as refused:
@@ -125,6 +132,7 @@ async def test_whoami_answers_are_cached_by_token_hash_and_refusals_briefly() ->
         assert refused.value.status == 401 and refused.value.errcode == "M_UNKNOWN_TOKEN"
         assert refused.value.to_json()["soft_logout"] is True
     assert asked == ["good", "bad"]  # one homeserver request each
+    assert _checks("cached") - cached_before == 4  # peekproxy_token_checks{result="cached"}
     assert all("good" not in key and "bad" not in key for key in auth._cache)
     now[0] = 11.0  # a refusal is remembered ~10 s, an answer ~60 s
     with pytest.raises(MatrixError):
@@ -280,6 +288,11 @@ async def test_a_joined_room_leaves_the_peek_section_without_a_leave(tmp_path: P
 # -- services/front_sync.py: devices without peeks ------------------------------------------
 
 
+def _metric(outcome: str) -> float:
+    value = REGISTRY.get_sample_value("peekproxy_front_syncs_total", {"outcome": outcome})
+    return value or 0.0
+
+
 async def test_devices_that_never_peeked_sync_without_store_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -290,12 +303,14 @@ async def test_devices_that_never_peeked_sync_without_store_writes(
     front = _front(store, service, {})
     writes, reads = _count(store, monkeypatch), _count(store, monkeypatch, "read")
     since: dict[str, str | None] = {"PHONE": None, "TABLET": None}
+    alone, merged = _metric("homeserver"), _metric("merged")
     for _ in range(5):
         for device, token in since.items():
             answer = await _sync(front, ALICE, device, token)
             assert "peek" not in answer["rooms"]
             since[device] = answer["next_batch"]
     assert writes == []
+    assert (_metric("homeserver") - alone, _metric("merged") - merged) == (10, 0)
     assert len(reads) == 2  # each device's initial sync; none later
     # The phone peeks the room (which had an event before): shown afresh, the event in it.
     await _message(store, "$before", "before the peek")
@@ -303,6 +318,7 @@ async def test_devices_that_never_peeked_sync_without_store_writes(
     answer = await _sync(front, ALICE, "PHONE", since["PHONE"])
     timeline = answer["rooms"]["peek"][ROOM]["timeline"]["events"]
     assert [e["event_id"] for e in timeline] == ["$before"]
+    assert _metric("merged") - merged == 1  # peekproxy_front_syncs{outcome="merged"}
     since["PHONE"] = answer["next_batch"]
     assert await store.read(lambda tx: tx.newest_front_position(ALICE, "PHONE")) is not None
     # peekproxy restarts (memory empty); then the tablet peeks: shown afresh too.

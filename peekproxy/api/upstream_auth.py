@@ -24,6 +24,7 @@ from starlette.requests import Request
 from peekproxy.api.errors import MatrixError
 from peekproxy.core.front_sync import token_hash
 from peekproxy.homeserver.client import HomeserverClient, HomeserverUnavailable
+from peekproxy.metrics import TOKEN_CHECKS
 
 __all__ = ["AccessToken", "UpstreamAuth", "access_token", "forwarded_headers"]
 
@@ -117,10 +118,12 @@ class UpstreamAuth:
         now = self._clock()
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
+            TOKEN_CHECKS.labels("cached").inc()
             if isinstance(cached[1], dict):
                 raise _refused(cached[1])
             return cached[1]
         self.asked += 1
+        TOKEN_CHECKS.labels("asked").inc()
         try:
             response = await self.homeserver.request(
                 "GET",

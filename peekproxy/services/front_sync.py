@@ -48,6 +48,7 @@ from peekproxy.core.front_sync import (
 )
 from peekproxy.core.sync import decode_token, encode_token
 from peekproxy.homeserver.client import HomeserverUnavailable
+from peekproxy.metrics import FRONT_DEGRADED, FRONT_SYNCS
 from peekproxy.services.passthrough import ClientRequest, Passthrough, UpstreamAnswer
 from peekproxy.services.settings import now_ms
 from peekproxy.services.syncing import Syncing
@@ -128,6 +129,7 @@ class FrontSync:
         try:
             since_pos = await self._start_position(request)
         except Exception:
+            FRONT_DEGRADED.inc()
             log.exception(_FAULT, "reading the device's position")
             return await self.passthrough.forward(request.client, timeout_s=bound_s)
         limit = await self._own_part(self._timeline_limit, request, default=DEFAULT_TIMELINE_LIMIT)
@@ -160,6 +162,7 @@ class FrontSync:
             if race:
                 nursery.start_soon(wait_for_peeks)
         if failure is not None:
+            FRONT_SYNCS.labels("unavailable").inc()
             raise failure
         if homeserver is None:  # peek news came first: the homeserver's answer, now
             homeserver = await self.passthrough.forward(
@@ -177,12 +180,14 @@ class FrontSync:
         limit: int,
     ) -> UpstreamAnswer:
         if homeserver.status != 200:
+            FRONT_SYNCS.labels("homeserver_error").inc()
             return homeserver
         try:
             body = json.loads(homeserver.body)
             next_batch = body["next_batch"]
         except (ValueError, TypeError, KeyError):
             log.warning("the homeserver's /sync answer is not a sync response: passed on as is")
+            FRONT_SYNCS.labels("homeserver").inc()
             return homeserver
         if not isinstance(next_batch, str) or not isinstance(body, dict):
             return homeserver
@@ -197,7 +202,9 @@ class FrontSync:
         if position is not None:
             await self._own_part(self._save, request, next_batch, position, default=None)
         if peek is None or not has_news(peek, self.section, joined):
+            FRONT_SYNCS.labels("homeserver").inc()
             return homeserver
+        FRONT_SYNCS.labels("merged").inc()
         merged = merge_sync(body, peek, section=self.section, drop=joined)
         return UpstreamAnswer(200, encode_answer(merged), "application/json")
 
@@ -207,6 +214,7 @@ class FrontSync:
         try:
             return await fn(*args)
         except Exception:
+            FRONT_DEGRADED.inc()
             log.exception(_FAULT, getattr(fn, "__name__", fn))
             return default
 
