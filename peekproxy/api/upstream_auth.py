@@ -22,7 +22,7 @@ from typing import Any
 from starlette.requests import Request
 
 from peekproxy.api.errors import MatrixError
-from peekproxy.core.front_sync import token_hash
+from peekproxy.core.front_sync import is_token_shape, json_object, token_hash
 from peekproxy.homeserver.client import HomeserverClient, HomeserverUnavailable
 
 __all__ = ["AccessToken", "UpstreamAuth", "access_token"]
@@ -31,7 +31,7 @@ __all__ = ["AccessToken", "UpstreamAuth", "access_token"]
 CACHE_S = 60.0
 #: Seconds a refused token is refused without asking again.
 REFUSED_CACHE_S = 10.0
-#: Seconds one whoami may take.
+#: Seconds one whoami may take (at most; less when ``upstream.timeout`` is less).
 WHOAMI_TIMEOUT_S = 10.0
 #: Cache entries kept before expired ones are swept.
 _SWEEP_AT = 100_000
@@ -88,10 +88,13 @@ class UpstreamAuth:
         """(user ID, device ID) of ``token``, from the cache or the homeserver.
 
         Raises:
-            MatrixError: 401 ``M_UNKNOWN_TOKEN`` (``soft_logout`` passed through); 403
+            MatrixError: 401 ``M_UNKNOWN_TOKEN`` (``soft_logout`` passed through; also, without
+                asking, for a token that is not visible ASCII: :func:`is_token_shape`); 403
                 ``M_FORBIDDEN`` for a token without a device; 502 ``M_UNKNOWN`` when the
                 homeserver cannot be reached or its answer makes no sense.
         """
+        if not is_token_shape(token):
+            raise _refused({})  # no homeserver issues it; it cannot be sent in a header
         key = token_hash(token)
         now = self._clock()
         cached = self._cache.get(key)
@@ -105,15 +108,11 @@ class UpstreamAuth:
                 "GET",
                 "/_matrix/client/v3/account/whoami",
                 token=token,
-                timeout_s=WHOAMI_TIMEOUT_S,
+                timeout_s=min(WHOAMI_TIMEOUT_S, self.homeserver.timeout_s),
             )
         except HomeserverUnavailable as e:
             raise MatrixError(502, "M_UNKNOWN", f"the homeserver cannot be reached: {e}") from None
-        answer: Any
-        try:
-            answer = response.json()
-        except ValueError:
-            answer = None
+        answer = json_object(response.content)
         if response.status_code in (401, 403):
             extra = {}
             if isinstance(answer, dict) and isinstance(answer.get("soft_logout"), bool):

@@ -41,7 +41,7 @@ class ClientRequest:
 @dataclass(frozen=True)
 class UpstreamAnswer:
     """An HTTP answer for the client: ``status``, ``body`` bytes and ``content_type``
-    (``None``: the homeserver sent none)."""
+    (``None``: the homeserver sent none; its bytes as latin-1 characters)."""
 
     status: int
     body: bytes
@@ -67,7 +67,8 @@ class Passthrough:
         sent_query = request.query if query is None else query
         headers = {}
         if request.forwarded_for:
-            headers["X-Forwarded-For"] = request.forwarded_for
+            # Its bytes as they came (latin-1): a client's may hold any of them.
+            headers["X-Forwarded-For"] = request.forwarded_for.encode("latin-1")
         response = await self.homeserver.request(
             request.method,
             request.path + (f"?{sent_query}" if sent_query else ""),
@@ -75,9 +76,13 @@ class Passthrough:
             headers=headers,
             timeout_s=timeout_s,
         )
-        return UpstreamAnswer(
-            response.status_code, response.content, response.headers.get("content-type")
+        # The header's bytes as sent (latin-1 gives them back unchanged): httpx's decoded
+        # str may hold characters (UTF-8) that an answer's header cannot carry.
+        content_type = next(
+            (v.decode("latin-1") for k, v in response.headers.raw if k.lower() == b"content-type"),
+            None,
         )
+        return UpstreamAnswer(response.status_code, response.content, content_type)
 
     async def homeserver_answers(self) -> str | None:
         """``None`` when the homeserver answers ``GET /_matrix/client/versions`` with 200

@@ -21,7 +21,8 @@ together let one request end the whole process:
    and closes only that connection. Known to need it with hypercorn 0.18: a WebSocket
    upgrade request followed at once by more bytes (none of our apps serves WebSockets; the
    client gets its ``403``, then hypercorn tries a second response and h11 raises
-   ``LocalProtocolError``), found by ``tests/http_fuzz.py``.
+   ``LocalProtocolError``), found by ``tests/http_fuzz.py``. It also keeps an answer sent
+   while the client half-closes from failing inside the application (its docstring).
 
 A third guard is about the request after: an HTTP/1.1 answer sent before the request body
 has arrived says ``Connection: close`` (:class:`GuardedH11Protocol`), since hypercorn closes
@@ -47,6 +48,7 @@ import h11
 import hypercorn.protocol
 import hypercorn.trio.run
 import trio
+from hypercorn.events import Closed, Event
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import Response
 from hypercorn.protocol.h2 import H2Protocol
@@ -109,7 +111,21 @@ class GuardedH11Protocol(H11Protocol):
 
 
 class IsolatedTCPServer(TCPServer):
-    """hypercorn's per-connection handler; an error ends that connection, not the server."""
+    """hypercorn's per-connection handler; an error ends that connection, not the server.
+
+    Also: when the client closes its side (EOF) while an answer is being sent, hypercorn's
+    ``_close`` sends EOF without the connection's send lock, and the answer's
+    ``send_all`` then raises ``trio.BusyResourceError`` into the application, which
+    turned it into a logged 500 (found by tests/http_fuzz.py through the front). The
+    connection is closing: :meth:`protocol_send` treats that as closed, as hypercorn
+    treats a broken one.
+    """
+
+    async def protocol_send(self, event: Event) -> None:
+        try:
+            await super().protocol_send(event)
+        except trio.BusyResourceError:
+            await self.protocol.handle(Closed())
 
     async def run(self) -> None:
         peer = _peer(self.stream)

@@ -1,0 +1,447 @@
+"""No request can break the front (issue 12; docs/front.md): front mode's routes get odd input
+from clients and odd answers from the homeserver, over real sockets.
+
+* Clients: ``/sync`` with odd ``since``, ``timeout``, ``full_state``, ``filter`` and tokens;
+  history reads with malformed room and event IDs; MSC2753 paths with bodies that are not
+  JSON objects; over HTTP/1.1 and h2c. Against the session's real Synapse.
+* The homeserver: a tiny server of this module's own on a real socket answers ``whoami``,
+  ``/sync`` and ``/messages`` with nonsense (not JSON, arrays, wrong types, 5xx and HTML, a
+  truncated body, a hang, a connection reset, a huge body, broken chunking, a deep JSON).
+* The HTTP/1.1 and HTTP/2 fuzz of tests/http_fuzz.py against the front-mode client listener.
+
+Each answer is the homeserver's status verbatim or a Matrix error JSON with the right status,
+never a 500; afterwards the daemon still serves, and its log holds no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import trio
+import trustme
+
+from tests import http_fuzz
+from tests.conftest import Spawn
+from tests.front_support import auth, create_room, front_world, peek, send_text, sync
+from tests.peek_world import PeekWorld
+from tests.synapse import Synapse, free_tcp_port
+from tests.test_http_robustness import Listener, RawH2, Servers, _assert_serving
+
+#: The homeserver request bound the daemon under test is given (``upstream.timeout``), s.
+UPSTREAM_TIMEOUT_S = 3.0
+
+
+def assert_matrix_answer(response: httpx.Response, case: str) -> None:
+    """Not a 500; an error status comes with Matrix error JSON."""
+    assert response.status_code < 500 or response.status_code in (502, 503, 504), (
+        case,
+        response.status_code,
+        response.text[:300],
+    )
+    assert response.status_code != 500, (case, response.text[:300])
+    if response.status_code >= 400:
+        body = response.json()
+        assert isinstance(body, dict) and str(body.get("errcode", "")).startswith("M_"), (
+            case,
+            response.status_code,
+            response.text[:300],
+        )
+
+
+def assert_no_traceback(world: PeekWorld) -> None:
+    """The daemon runs and logged no traceback (no 500, no fault in its own part)."""
+    log = world.daemon.log
+    for mark in ("Traceback", "internal error"):
+        at = log.find(mark)
+        assert at < 0, log[max(0, at - 500) : at + 4000]
+    assert world.daemon.process.returncode is None
+
+
+async def assert_still_serving(world: PeekWorld, token: str | None = None) -> None:
+    """``/health`` over HTTP/1.1 and h2c, and (``token``) a ``/sync`` through the front."""
+    for http2 in (False, True):
+        async with httpx.AsyncClient(http1=not http2, http2=http2, timeout=30) as http:
+            health = await http.get(f"{world.daemon.client}/health")
+        assert health.status_code == 200, health.text
+    if token is not None:
+        await sync(world.daemon.client, token)
+
+
+Request = tuple[str, str, str, dict[str, str], bytes | None]
+
+
+async def send_cases(base: str, cases: list[Request], *, http2: bool) -> None:
+    """Each (name, method, path with query, headers, body): a Matrix answer, never a 500."""
+    async with httpx.AsyncClient(base_url=base, http1=not http2, http2=http2, timeout=60) as http:
+        for name, method, path, headers, body in cases:
+            response = await http.send(
+                http.build_request(
+                    method,
+                    path,
+                    # Header values as latin-1 bytes, as clients may send them.
+                    headers={k.encode(): v.encode("latin-1") for k, v in headers.items()},
+                    content=body,
+                )
+            )
+            if http2:
+                assert response.http_version == "HTTP/2"
+            assert_matrix_answer(response, f"{name} (HTTP/2: {http2})")
+
+
+# -- clients' odd input, against the real Synapse ------------------------------------------
+
+
+def sync_cases(token: str, since: str) -> list[Request]:
+    bearer = auth(token)
+    # Past the JSON parser's recursion limit, within the 16 KiB a request's head may take.
+    deep = '{"room":' + "[" * 2000 + "]" * 2000 + "}"
+    deep_list = '{"room":{"timeline":' + "[" * 2000 + "]" * 2000 + "}}"
+    path = "/_matrix/client/v3/sync"
+
+    def get(name: str, query: str, headers: dict[str, str] = bearer) -> Request:
+        return (name, "GET", f"{path}?{query}", headers, None)
+
+    return [
+        get("since garbage", "since=garbage&timeout=0"),
+        get("since long", f"since={'s' * 14_000}&timeout=0"),
+        get("since non-UTF-8", "since=%FF%FE%00&timeout=0"),
+        get("since empty", "since=&timeout=0"),
+        get("since twice", f"since={since}&since=x&timeout=0"),
+        get("timeout negative", f"since={since}&timeout=-5"),
+        get("timeout huge", "timeout=99999999999999999999999999"),
+        get("timeout 5000 digits", f"since={since}&timeout={'9' * 5000}"),
+        get("timeout non-numeric", f"since={since}&timeout=soon"),
+        get("timeout float", f"since={since}&timeout=1.5"),
+        get("timeout repeated", f"since={since}&timeout=0&timeout=100"),
+        get("full_state odd", f"since={since}&full_state=yes&timeout=0"),
+        get("full_state empty", f"since={since}&full_state=&timeout=0"),
+        get("full_state twice", f"since={since}&full_state=true&full_state=false&timeout=0"),
+        get("filter malformed", f"filter={quote('{not json')}&timeout=0"),
+        get("filter array", f"filter={quote('[1, 2]')}&timeout=0"),
+        get("filter limit odd", "filter=" + quote('{"room":{"timeline":{"limit":"x"}}}')),
+        get("filter deeply nested", f"filter={quote(deep, safe='[]')}&timeout=0"),
+        get("filter deeply nested list", f"filter={quote(deep_list, safe='[]')}"),
+        get("filter ID with /", f"filter={quote('a/b', safe='/')}&timeout=0"),
+        get("filter ID ..", "filter=..&timeout=0"),
+        get("filter ID %2F", "filter=..%2F..%2Fadmin&timeout=0"),
+        get("filter ID %00", "filter=%00&timeout=0"),
+        get("filter ID non-UTF-8", "filter=%FF&timeout=0"),
+        get("filter huge", f"filter={quote(json.dumps({'x': 'y' * 12_000}))}&timeout=0"),
+        get("token in header and query", f"access_token={token}&timeout=0"),
+        get(
+            "access_token twice",
+            f"access_token={token}&access_token={token}&timeout=0",
+            {},
+        ),
+        get("access_token non-ASCII", "access_token=%C3%A9t%C3%A9&timeout=0", {}),
+        get("access_token non-UTF-8", "access_token=%FF%FE&timeout=0", {}),
+        get("access_token control", "access_token=a%01b%0Ac&timeout=0", {}),
+        get("Authorization Basic", "timeout=0", {"Authorization": "Basic dXNlcjpwYXNz"}),
+        get("Authorization Bearer alone", "timeout=0", {"Authorization": "Bearer"}),
+        get("Authorization Bearer two words", "timeout=0", {"Authorization": "Bearer a b"}),
+        get("Authorization latin-1", "timeout=0", {"Authorization": "Bearer caf\xe9"}),
+        get("Authorization unknown", "timeout=0", auth("no-such-token")),
+        get("X-Forwarded-For latin-1", "timeout=0", bearer | {"X-Forwarded-For": "\xe9\xff"}),
+        ("POST /sync", "POST", f"{path}?timeout=0", bearer, b"{}"),
+    ]
+
+
+def history_cases(token: str, joined: str, peeked: str) -> list[Request]:
+    bearer = auth(token)
+    rooms = "/_matrix/client/v3/rooms"
+    long_room = "!" + "r" * 400 + ":example.org"
+    cases: list[Request] = []
+    for room in (
+        "not-a-room",
+        "%21bad",
+        "%00",
+        "%21a%00%3Ab",
+        "%FF%FE",
+        quote(long_room, safe=""),
+        "!a:b" + "%2F" * 3,
+        "..",
+        quote(peeked, safe=""),
+        quote(joined, safe=""),
+    ):
+        for tail in ("messages?dir=b", "messages?dir=x&limit=-1&from=%FF", "state"):
+            cases.append((f"{room}/{tail}", "GET", f"{rooms}/{room}/{tail}", bearer, None))
+        for event in ("$a/b", "$a%2Fb", "..%2F..", "%00", "$" + "e" * 5000, "%FF"):
+            cases.append(
+                (f"{room}/event/{event}", "GET", f"{rooms}/{room}/event/{event}", bearer, None)
+            )
+    return cases
+
+
+def msc2753_cases(token: str, peeked: str) -> list[Request]:
+    bearer = auth(token) | {"Content-Type": "application/json"}
+    room = quote(peeked, safe="")
+    paths = [
+        f"/_matrix/client/v3/peek/{room}?server_name=x",
+        "/_matrix/client/unstable/org.matrix.msc2753/peek/%21nope%3Aexample.org",
+        "/_matrix/client/r0/peek_room",
+        f"/_matrix/client/v3/rooms/{room}/unpeek",
+        "/_matrix/client/v3/rooms/%00/unpeek",
+    ]
+    bodies = {
+        "not JSON": b"{not json",
+        "array": b"[1, 2]",
+        "string": b'"x"',
+        "null": b"null",
+        "non-UTF-8": b'{"a": "\xff\xfe"}',
+        "deep": b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+        "huge": b'{"pad": "' + b"x" * 3_000_000 + b'"}',
+        "too large": b'{"pad": "' + b"x" * 9_000_000 + b'"}',
+        "empty": b"",
+    }
+    return [
+        (f"POST {path} {name}", "POST", path, bearer, body)
+        for path in paths
+        for name, body in bodies.items()
+    ]
+
+
+async def test_odd_client_input_on_every_front_route(
+    synapse: Synapse, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
+    front = world.daemon.client
+    token = synapse.register("front-robust")
+    joined = await create_room(synapse, token, name="Joined")
+    remote = world.create_room("10", name="Remote")
+    world.send(remote, "one")
+    first = await sync(front, token)
+    await peek(world, token, remote)
+    # Synapse has news after this token: its incremental answers come at once.
+    await send_text(synapse, token, joined, "news", "n1")
+    since = first["next_batch"]
+    cases = (
+        sync_cases(token, since)
+        + history_cases(token, joined, remote)
+        + msc2753_cases(token, remote)
+    )
+    for http2 in (False, True):
+        await send_cases(front, cases, http2=http2)
+        await assert_still_serving(world, token)
+    assert_no_traceback(world)
+    assert token not in world.daemon.log
+
+
+# -- the homeserver's odd answers, from a server of our own --------------------------------
+
+OK_WHOAMI = json.dumps({"user_id": "@u:hs.test", "device_id": "DEV"}).encode()
+HUGE = 30_000_000
+
+
+def http_answer(status: str, body: bytes, content_type: bytes = b"application/json") -> bytes:
+    return (
+        b"HTTP/1.1 "
+        + status.encode()
+        + b"\r\nContent-Type: "
+        + content_type
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
+SYNC_ANSWERS: dict[str, bytes] = {
+    "not-json": http_answer("200 OK", b"hello", b"text/plain"),
+    "json-array": http_answer("200 OK", b"[1, 2]"),
+    "next-batch-number": http_answer("200 OK", b'{"next_batch": 5}'),
+    "next-batch-missing": http_answer("200 OK", b'{"rooms": {}}'),
+    "rooms-odd": http_answer("200 OK", b'{"next_batch": "s1", "rooms": {"join": [1]}}'),
+    "join-odd": http_answer("200 OK", b'{"next_batch": "s1", "rooms": {"join": {"x": 1}}}'),
+    "deep-json": http_answer(
+        "200 OK", b'{"next_batch": "s1", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    ),
+    "nan": http_answer("200 OK", b'{"next_batch": "s1", "x": NaN}'),
+    "500": http_answer("500 Internal Server Error", b'{"errcode": "M_UNKNOWN", "error": "x"}'),
+    "502-html": http_answer("502 Bad Gateway", b"<html>bad gateway</html>", b"text/html"),
+    "503-empty": http_answer("503 Service Unavailable", b"", b""),
+    "content-type-utf8": http_answer(
+        "200 OK", b'{"next_batch": "s1"}', "application/json; x=€".encode()
+    ),
+    "no-content-type": b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n" + b'{"next_batch": "s1"}',
+    "truncated": b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b'{"next_batch"',
+    "bad-chunks": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc",
+    "garbage": b"this is not HTTP\r\n\r\n",
+    "bad-status": b"HTTP/1.1 2000 Weird\r\nContent-Length: 0\r\n\r\n",
+    "bad-gzip": b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 5\r\n\r\nnotgz",
+    "close-at-once": b"",
+    "huge": http_answer("200 OK", b'{"next_batch": "s1", "pad": "' + b"x" * HUGE + b'"}'),
+}
+WHOAMI_ANSWERS: dict[str, bytes] = {
+    "not-json": http_answer("200 OK", b"hello", b"text/plain"),
+    "json-array": http_answer("200 OK", b"[]"),
+    "user-id-number": http_answer("200 OK", b'{"user_id": 5, "device_id": "D"}'),
+    "no-device": http_answer("200 OK", b'{"user_id": "@u:hs.test"}'),
+    "deep-json": http_answer("200 OK", b"[" * 100_000 + b"]" * 100_000),
+    "500-html": http_answer("500 Oops", b"<html>oops</html>", b"text/html"),
+    "401-html": http_answer("401 Unauthorized", b"<html>no</html>", b"text/html"),
+    "429": http_answer("429 Too Many", b'{"errcode": "M_LIMIT_EXCEEDED", "error": "slow"}'),
+    "truncated": b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{",
+    "garbage": b"this is not HTTP\r\n\r\n",
+    "close-at-once": b"",
+}
+#: The answers the client gets as the homeserver sent them.
+VERBATIM = ("500", "502-html", "503-empty", "not-json", "json-array", "deep-json", "nan")
+#: Special answers: ``hang`` never answers; ``reset`` resets the connection.
+SPECIAL = ("hang", "reset")
+
+
+class OddHomeserver:
+    """A homeserver that answers each request by the case its token or query names: the
+    token ``whoami-<case>`` picks the whoami answer (else a valid one), the query parameter
+    ``case=<case>`` the answer to anything else. Raw bytes on a real TCP socket."""
+
+    def __init__(self) -> None:
+        self.port = free_tcp_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.requests: list[bytes] = []
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                head += data
+            self.requests.append(head)
+            answer = self._answer(head)
+            if answer == "hang":
+                await trio.sleep_forever()
+            if answer == "reset":
+                stream.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                return
+            assert isinstance(answer, bytes)
+            await stream.send_all(answer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def _answer(self, head: bytes) -> bytes | str:
+        line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        target = line.split(" ")[1] if " " in line else ""
+        headers = head.decode("latin-1").lower()
+        if "/account/whoami" in target:
+            for case, answer in WHOAMI_ANSWERS.items():
+                if f"bearer whoami-{case}\r\n" in headers:
+                    return answer
+            for case in SPECIAL:
+                if f"bearer whoami-{case}\r\n" in headers:
+                    return case
+            return http_answer("200 OK", OK_WHOAMI)
+        if target.startswith("/_matrix/client/versions"):
+            return http_answer("200 OK", b'{"versions": ["v1.11"]}')
+        case = target.split("case=", 1)[1].split("&")[0] if "case=" in target else ""
+        if case in SPECIAL:
+            return case
+        return SYNC_ANSWERS.get(case, http_answer("200 OK", b'{"next_batch": "s1"}'))
+
+
+async def test_odd_homeserver_answers_are_passed_on_or_a_502(
+    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    homeserver = OddHomeserver()
+    await nursery.start(homeserver.serve)
+    world = await front_world(
+        None,
+        nursery,
+        tls_ca,
+        tmp_path,
+        spawn,
+        homeserver_url=homeserver.url,
+        env={"PEEKPROXY_UPSTREAM__TIMEOUT": str(UPSTREAM_TIMEOUT_S)},
+    )
+    front = world.daemon.client
+    async with httpx.AsyncClient(base_url=front, timeout=60) as http:
+        for case in [*SYNC_ANSWERS, *SPECIAL]:
+            for route in (
+                "sync?timeout=0&",
+                "sync?timeout=100&since=s0&",
+                "rooms/!r:hs.test/messages?",
+            ):
+                started = trio.current_time()
+                response = await http.get(
+                    f"/_matrix/client/v3/{route}case={case}", headers=auth("good")
+                )
+                took = trio.current_time() - started
+                name = f"{route} {case}"
+                raw = SYNC_ANSWERS.get(case, b"")
+                if case in VERBATIM:
+                    # The homeserver's answer, verbatim (its own 500 too).
+                    assert response.status_code == int(raw[9:12]), name
+                    assert response.content == raw.split(b"\r\n\r\n", 1)[1], name
+                    continue
+                assert_matrix_answer(response, name)
+                if case == "content-type-utf8":
+                    sent = "application/json; x=€".encode()
+                    assert (b"content-type", sent) in response.headers.raw, name
+                elif case == "huge":
+                    assert response.status_code == 200 and len(response.content) > HUGE, name
+                elif response.status_code == 502:
+                    assert "homeserver" in response.json()["error"], name
+                else:
+                    assert response.status_code == 200, (name, response.text[:300])
+                if case == "hang":
+                    assert response.status_code == 502, name
+                    assert took < UPSTREAM_TIMEOUT_S + 10, (name, took)
+        for case in [*WHOAMI_ANSWERS, *SPECIAL]:
+            for route in ("sync?timeout=0", "rooms/!r:hs.test/state"):
+                response = await http.get(
+                    f"/_matrix/client/v3/{route}", headers=auth(f"whoami-{case}")
+                )
+                name = f"whoami {case} {route}"
+                assert_matrix_answer(response, name)
+                assert response.status_code in (401, 403, 502), (name, response.text)
+    await assert_still_serving(world)
+    assert_no_traceback(world)
+
+
+# -- the HTTP/1.1 and HTTP/2 fuzz on the front-mode client listener -------------------------
+
+
+async def test_malformed_traffic_leaves_the_front_listener_serving(
+    synapse: Synapse, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
+    token = synapse.register("front-fuzz")
+    ca = tmp_path / "fuzz-ca.pem"
+    tls_ca.cert_pem.write_to_path(str(ca))
+    seed = int(os.environ.get("PEEKPROXY_FUZZ_SEED", "2753"))
+    # The front's /sync (which reaches Synapse) as the fuzzed requests' path.
+    ok_path = f"/_matrix/client/v3/sync?timeout=0&access_token={token}"
+    listener = Listener("front client", world.daemon.client, ok_path, "GET", "", 0, world.daemon)
+    servers = Servers(world.daemon, world.daemon, [listener], ca)
+    host, port = listener.address
+    target = http_fuzz.Target(host, port, tls=False, ca=ca, path=ok_path)
+    keeper = await RawH2.open(listener, ca)
+    try:
+        for batch in http_fuzz.batches(seed, target):
+            await http_fuzz.send_all(target, batch.cases)
+            try:
+                await _assert_serving(servers, listener, keeper)
+            except AssertionError as e:
+                raise AssertionError(f"front after batch {batch.name!r}: {e}") from e
+    finally:
+        await keeper.aclose()
+    await assert_still_serving(world, token)
+    assert_no_traceback(world)
+    assert token not in world.daemon.log
