@@ -29,7 +29,15 @@ import trustme
 
 from tests import http_fuzz
 from tests.conftest import Spawn
-from tests.front_support import auth, create_room, front_world, peek, send_text, sync
+from tests.front_support import (
+    auth,
+    client_api,
+    create_room,
+    front_world,
+    peek,
+    send_text,
+    sync,
+)
 from tests.peek_world import PeekWorld
 from tests.synapse import Synapse, free_tcp_port
 from tests.test_http_robustness import Listener, RawH2, Servers, _assert_serving
@@ -77,8 +85,9 @@ async def assert_still_serving(world: PeekWorld, token: str | None = None) -> No
 Request = tuple[str, str, str, dict[str, str], bytes | None]
 
 
-async def send_cases(base: str, cases: list[Request], *, http2: bool) -> None:
+async def send_cases(world: PeekWorld, cases: list[Request], *, http2: bool) -> None:
     """Each (name, method, path with query, headers, body): a Matrix answer, never a 500."""
+    base = world.daemon.client
     async with httpx.AsyncClient(base_url=base, http1=not http2, http2=http2, timeout=60) as http:
         for name, method, path, headers, body in cases:
             response = await http.send(
@@ -92,7 +101,11 @@ async def send_cases(base: str, cases: list[Request], *, http2: bool) -> None:
             )
             if http2:
                 assert response.http_version == "HTTP/2"
-            assert_matrix_answer(response, f"{name} (HTTP/2: {http2})")
+            try:
+                assert_matrix_answer(response, f"{name} (HTTP/2: {http2})")
+            except AssertionError:
+                assert_no_traceback(world)  # shows the daemon's traceback
+                raise
 
 
 # -- clients' odd input, against the real Synapse ------------------------------------------
@@ -116,6 +129,7 @@ def sync_cases(token: str, since: str) -> list[Request]:
         get("since twice", f"since={since}&since=x&timeout=0"),
         get("timeout negative", f"since={since}&timeout=-5"),
         get("timeout huge", "timeout=99999999999999999999999999"),
+        get("timeout inf", f"since={since}&timeout=inf"),
         get("timeout 5000 digits", f"since={since}&timeout={'9' * 5000}"),
         get("timeout non-numeric", f"since={since}&timeout=soon"),
         get("timeout float", f"since={since}&timeout=1.5"),
@@ -150,6 +164,23 @@ def sync_cases(token: str, since: str) -> list[Request]:
         get("Authorization unknown", "timeout=0", auth("no-such-token")),
         get("X-Forwarded-For latin-1", "timeout=0", bearer | {"X-Forwarded-For": "\xe9\xff"}),
         ("POST /sync", "POST", f"{path}?timeout=0", bearer, b"{}"),
+        ("HEAD /sync", "HEAD", f"{path}?timeout=0", bearer, None),
+        ("OPTIONS /sync, not a preflight", "OPTIONS", path, {"Origin": "https://a.test"}, None),
+        *(
+            (f"preflight {name}", "OPTIONS", path, {"Origin": "https://a.test"} | asked, None)
+            for name, asked in {
+                "PATCH": {"Access-Control-Request-Method": "PATCH"},
+                "odd method": {"Access-Control-Request-Method": "G\xe9T"},
+                "odd header": {
+                    "Access-Control-Request-Method": "GET",
+                    "Access-Control-Request-Headers": "x-custom, authorization",
+                },
+                "private network": {
+                    "Access-Control-Request-Method": "GET",
+                    "Access-Control-Request-Private-Network": "true",
+                },
+            }.items()
+        ),
     ]
 
 
@@ -227,10 +258,90 @@ async def test_odd_client_input_on_every_front_route(
         + msc2753_cases(token, remote)
     )
     for http2 in (False, True):
-        await send_cases(front, cases, http2=http2)
+        await send_cases(world, cases, http2=http2)
         await assert_still_serving(world, token)
+    # A timeout past Synapse's timer range: Synapse's own answer (its 500), verbatim.
+    huge = f"/_matrix/client/v3/sync?since={since}&timeout={'9' * 30}"
+    through = await client_api(front, token, "GET", huge)
+    direct = await client_api(synapse.client, token, "GET", huge)
+    assert (through.status_code, through.json()) == (direct.status_code, direct.json())
+    # A refused preflight: Matrix error JSON, with the CORS headers a browser reads.
+    async with httpx.AsyncClient(base_url=front, timeout=30) as http:
+        refused = await http.options(
+            "/_matrix/client/v3/sync",
+            headers={
+                "Origin": "https://a.test",
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "x-custom",
+            },
+        )
+    assert refused.status_code == 400 and refused.json()["errcode"] == "M_FORBIDDEN"
+    assert refused.headers["access-control-allow-origin"] == "*"
+    await send_raw_targets(world, token, joined)
+    await assert_still_serving(world, token)
     assert_no_traceback(world)
     assert token not in world.daemon.log
+
+
+#: Request targets as raw bytes (not percent-encoded), for the routes of the front.
+RAW_TARGETS = [
+    b"/_matrix/client/v3/sync?since=\xff\xfe&timeout=0",
+    b'/_matrix/client/v3/sync?filter={"room":\xff}&timeout=0',
+    b"/_matrix/client/v3/sync?timeout=0#fragment",
+    b"/_matrix/client/v3/sync?timeout=0&timeout",
+    b"/_matrix/client/v3/sync?%&timeout=0",
+    b"/_matrix/client/v3/rooms/!\xff:x/messages",
+    b"/_matrix/client/v3/rooms/\x7f/state",
+    b"/_matrix/client/v3/rooms/ROOM/event/$a\xe9b",
+    b"/_matrix/client/v3/rooms/ROOM/event/$a#b",
+    b"/_matrix/client/v3/rooms/ROOM/event/$a/../../b",
+    b"/_matrix/client/v3/rooms/ROOM/messages?from=\xff&dir=b",
+    b"/_matrix/client/v3/rooms/ROOM//state",
+    b"/_matrix/client/v3//sync",
+]
+
+
+async def send_raw_targets(world: PeekWorld, token: str, room_id: str) -> None:
+    """Each of :data:`RAW_TARGETS` over HTTP/1.1 (a raw socket) and HTTP/2 (a raw h2
+    connection): an answer that is not a 500, and the connection still works after."""
+    host, port = world.daemon.client.split("://", 1)[1].rsplit(":", 1)
+    room = quote(room_id, safe="").encode()
+    for target in RAW_TARGETS:
+        target = target.replace(b"ROOM", room)
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(
+                b"GET "
+                + target
+                + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + token.encode()
+                + b"\r\nConnection: close\r\n\r\n"
+            )
+            answer = b""
+            with trio.fail_after(30):
+                while data := await stream.receive_some(65536):
+                    answer += data
+        code = answer.split(b" ", 2)[1] if answer.startswith(b"HTTP/1.1 ") else b""
+        assert code and code != b"500", (target, answer[:300])
+        if code.startswith((b"4", b"5")) and code not in (b"400", b"431"):  # hypercorn's own
+            body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+            assert body["errcode"].startswith("M_"), (target, answer[:300])
+    listener = Listener("front", world.daemon.client, "/health", "GET", "", 0, world.daemon)
+    h2 = await RawH2.open(listener, Path("/nonexistent"))
+    try:
+        for target in RAW_TARGETS:
+            path = target.replace(b"ROOM", room).decode("latin-1")
+            try:
+                status = await h2.get(f"{path}&access_token={token}" if "?" in path else path)
+            except AssertionError as e:
+                # A path that is not ASCII is malformed: its stream is reset (RFC 9113
+                # §8.1.1), the connection goes on.
+                assert "reset the stream" in str(e) and not path.isascii(), (target, e)
+                status = 0
+            assert status != 500, (target, status)
+            assert await h2.get("/health") == 200, target
+    finally:
+        await h2.aclose()
 
 
 # -- the homeserver's odd answers, from a server of our own --------------------------------

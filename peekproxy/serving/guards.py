@@ -42,6 +42,7 @@ import logging
 from importlib.metadata import version
 from typing import Any
 
+import h2.errors
 import h2.events
 import h2.exceptions
 import h11
@@ -73,12 +74,21 @@ TESTED_HYPERCORN = "0.18."
 
 
 class GuardedH2Protocol(H2Protocol):
-    """hypercorn's HTTP/2 protocol, minus the ``KeyError`` on data for an answered stream."""
+    """hypercorn's HTTP/2 protocol, minus the ``KeyError`` on data for an answered stream,
+    and minus the end of the whole connection for a request whose ``:method`` or ``:path``
+    is not ASCII (hypercorn decodes them as ASCII and the ``UnicodeDecodeError`` ended every
+    stream of the connection; found by tests/test_front_robustness.py): such a request is
+    malformed, a stream error ``PROTOCOL_ERROR`` (RFC 9113 §8.1.1), so only its stream is
+    reset (``RST_STREAM``)."""
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         # One event at a time: an earlier event's await may let the response finish, so
         # whether a stream is still open is only known when its event comes up.
         for event in events:
+            if isinstance(event, h2.events.RequestReceived) and not _ascii_request(event):
+                self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                await self._flush()
+                continue
             if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
                 # The response is complete; the rest of the body is read and dropped.
                 self.connection.acknowledge_received_data(
@@ -162,6 +172,15 @@ class QuietProtocolErrors(logging.Filter):
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
                 record.exc_info, record.exc_text = None, None
         return True
+
+
+def _ascii_request(event: h2.events.RequestReceived) -> bool:
+    """Whether a request's ``:method`` and ``:path`` are ASCII (hypercorn reads them so)."""
+    return all(
+        bytes(value).isascii()
+        for name, value in event.headers or ()
+        if bytes(name) in (b":method", b":path")
+    )
 
 
 def _peer(stream: Any) -> str:
