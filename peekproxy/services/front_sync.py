@@ -200,9 +200,14 @@ class FrontSync:
 
     async def _own_part(self, fn: Callable[..., Any], *args: Any, default: Any) -> Any:
         """``await fn(*args)``; any fault in it (peekproxy's own part of the sync) is logged
-        and gives ``default``: the client still gets the homeserver's answer."""
+        and gives ``default``: the client still gets the homeserver's answer. The homeserver
+        failing a request of this part (a filter read) is one warning line: its fault, not a
+        traceback of ours."""
         try:
             return await fn(*args)
+        except HomeserverUnavailable as e:
+            log.warning(_FAULT + ": %s", getattr(fn, "__name__", fn), e)
+            return default
         except Exception:
             log.exception(_FAULT, getattr(fn, "__name__", fn))
             return default
