@@ -322,6 +322,9 @@ class UpstreamSection(Section):
     #: The access token of peekproxy's own local account on the homeserver, read by the
     #: daemon: world_readable rooms of the homeserver itself are followed as that account.
     access_token_file: ExistingFile | None = None
+    #: Seconds peekproxy waits for the homeserver: a request as a whole, and a /sync
+    #: beyond the client's own ``timeout``; then the client gets a 502.
+    timeout: Duration = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _token_needs_url(self) -> UpstreamSection:

@@ -118,7 +118,9 @@ async def run_daemon(
     homeserver = local_rooms = None
     if config.upstream.homeserver_url:
         # Front mode: the one client of the fronted homeserver's client API.
-        homeserver = HomeserverClient(config.upstream.homeserver_url)
+        homeserver = HomeserverClient(
+            config.upstream.homeserver_url, timeout_s=config.upstream.timeout
+        )
         if upstream_token:
             # World_readable rooms of the homeserver itself, through its client API.
             local_rooms = ClientApiFollower(homeserver=homeserver, token=upstream_token)

@@ -19,7 +19,7 @@ from tests.synapse import Synapse
 
 
 async def front_world(
-    synapse: Synapse,
+    synapse: Synapse | None,
     nursery: trio.Nursery,
     tls_ca: trustme.CA,
     tmp_path: Path,
@@ -30,10 +30,13 @@ async def front_world(
     env: dict[str, str] | None = None,
 ) -> PeekWorld:
     """The testbed + peekproxy world with peekproxy in front mode before ``homeserver_url``
-    (default: the session's Synapse). With ``reader``, peekproxy reads the homeserver's own
-    world_readable rooms as that account (``upstream.access_token_file``); ``env``: more
-    ``PEEKPROXY_*`` settings."""
-    peeks_env = {"PEEKPROXY_UPSTREAM__HOMESERVER_URL": homeserver_url or synapse.client}
+    (default: the session's Synapse; ``synapse`` may then be ``None``). With ``reader``,
+    peekproxy reads the homeserver's own world_readable rooms as that account
+    (``upstream.access_token_file``); ``env``: more ``PEEKPROXY_*`` settings."""
+    if homeserver_url is None:
+        assert synapse is not None
+        homeserver_url = synapse.client
+    peeks_env = {"PEEKPROXY_UPSTREAM__HOMESERVER_URL": homeserver_url}
     if reader is not None:
         token_file = tmp_path / "reader.token"
         token_file.write_text(reader.token + "\n")

@@ -21,8 +21,11 @@ from peekproxy.core.front_sync import (
     filter_timeline_limit,
     has_news,
     is_inline_filter,
+    is_token_shape,
     joined_rooms,
+    json_object,
     merge_sync,
+    sync_answer,
     token_hash,
     without_wait,
 )
@@ -96,6 +99,37 @@ def test_merged_answers_are_utf8_json_even_with_a_lone_surrogate() -> None:
     assert json.loads(encode_answer(odd)) == odd
 
 
+def test_json_objects_from_others_never_raise() -> None:
+    assert json_object(b'{"a": [1]}') == {"a": [1]}
+    assert json_object('{"a": 1}') == {"a": 1}
+    deep = b"[" * 100_000 + b"]" * 100_000  # past the parser's recursion limit
+    for odd in (b"[1]", b'"x"', b"null", b"{", b"\xff\xfe", b"", deep, b"1" * 5000):
+        assert json_object(odd) is None, odd[:20]
+    # A filter nested too deeply: the default limit (the homeserver judges the filter).
+    assert filter_timeline_limit(json_object('{"room":' + "[" * 5000 + "]" * 5000 + "}")) == 10
+
+
+def test_sync_answers_need_an_object_with_a_string_next_batch() -> None:
+    assert sync_answer(b'{"next_batch": "s1", "rooms": {}}') == (
+        {"next_batch": "s1", "rooms": {}},
+        "s1",
+    )
+    for odd in (
+        b"[1, 2]",
+        b'{"next_batch": 5}',
+        b'{"rooms": {}}',
+        b"<html>",
+        b'{"next_batch": "s1", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ):
+        assert sync_answer(odd) is None, odd[:30]
+
+
+def test_token_shape() -> None:
+    assert is_token_shape("syt_YWxpY2U_abcDEF_0a1b2c") and is_token_shape("a.b-c~d+e/f=")
+    for odd in ("", "caf\xe9", "a b", "a\x01b", "a\nb", "\u20ac", "\x7f"):
+        assert not is_token_shape(odd), repr(odd)
+
+
 # -- api/upstream_auth.py -------------------------------------------------------------------
 
 
@@ -151,10 +185,28 @@ async def test_whoami_unreachable_or_nonsense_is_a_502() -> None:
     def nonsense(request: httpx.Request) -> httpx.Response:
         return httpx.Response(500, text="<html>")
 
-    for handler in (down, nonsense):
+    def deep(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"[" * 100_000 + b"]" * 100_000)
+
+    for handler in (down, nonsense, deep):
         with pytest.raises(MatrixError) as failed:
             await UpstreamAuth(_homeserver(handler)).whoami("t")
         assert failed.value.status == 502 and failed.value.errcode == "M_UNKNOWN"
+
+
+async def test_tokens_no_homeserver_issues_are_refused_without_asking() -> None:
+    asked: list[httpx.Request] = []
+
+    def whoami(request: httpx.Request) -> httpx.Response:
+        asked.append(request)
+        return httpx.Response(200, json={"user_id": "@a:hs", "device_id": "D"})
+
+    auth = UpstreamAuth(_homeserver(whoami))
+    for odd in ("caf\xe9", "\u20ac", "a b", "a\x00b"):
+        with pytest.raises(MatrixError) as refused:
+            await auth.whoami(odd)
+        assert refused.value.status == 401 and refused.value.errcode == "M_UNKNOWN_TOKEN"
+    assert asked == []
 
 
 # -- services/front_sync.py: join while peeking ---------------------------------------------

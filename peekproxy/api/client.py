@@ -11,7 +11,9 @@ another origin: every answer to a request with an ``Origin`` carries Synapse's C
 (:data:`CORS_METHODS`, :data:`CORS_HEADERS`, :data:`CORS_EXPOSED`, as
 ``synapse.http.server.set_cors_headers`` sets them), and a CORS preflight (``OPTIONS`` with
 ``Origin`` and ``Access-Control-Request-Method``) is answered ``200`` on every path, before
-routing, by Starlette's ``CORSMiddleware``.
+routing, by Starlette's ``CORSMiddleware``; one asking for a method or request header
+outside the policy gets ``400 M_FORBIDDEN`` (Matrix error JSON, where Starlette writes plain
+text), with the same CORS headers (the browser refuses the request, as it would at Synapse).
 """
 
 from __future__ import annotations
@@ -19,17 +21,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from peekproxy.api.errors import MatrixError, exception_handlers
+from peekproxy.api.errors import MatrixError, exception_handlers, matrix_error_response
 from peekproxy.metrics import RequestMetrics
 from peekproxy.store import Storage
 
-__all__ = ["CORS_EXPOSED", "CORS_HEADERS", "CORS_METHODS", "client_app"]
+__all__ = ["CORS_EXPOSED", "CORS_HEADERS", "CORS_METHODS", "MatrixCors", "client_app"]
 
 #: The CORS policy of Synapse's client API (``set_cors_headers``): any origin (``*``), no
 #: credentials (the access token is a header, not a cookie), these methods and request
@@ -80,9 +83,25 @@ def client_app(
     return RequestMetrics(app, "client")
 
 
+class MatrixCors(CORSMiddleware):
+    """Starlette's ``CORSMiddleware`` whose refused preflights are Matrix error JSON."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        kept = {
+            name: value
+            for name, value in response.headers.items()
+            if name not in ("content-length", "content-type")
+        }
+        reason = bytes(response.body).decode("utf-8", "replace")  # "Disallowed CORS headers"
+        return matrix_error_response(response.status_code, "M_FORBIDDEN", reason, headers=kept)
+
+
 def _cors() -> Middleware:
     return Middleware(
-        CORSMiddleware,
+        MatrixCors,
         allow_origins=["*"],
         allow_methods=CORS_METHODS,
         allow_headers=CORS_HEADERS,

@@ -50,7 +50,8 @@ async def read_json_body(request: Request, *, optional: bool = False) -> Any:
     ``optional``).
 
     Raises:
-        MatrixError: 413 ``M_TOO_LARGE``; 400 ``M_NOT_JSON``.
+        MatrixError: 413 ``M_TOO_LARGE``; 400 ``M_NOT_JSON`` (also for JSON nested too
+            deeply to parse).
     """
     if request.method not in ("PUT", "POST"):
         return None
@@ -63,7 +64,7 @@ async def read_json_body(request: Request, *, optional: bool = False) -> Any:
         return None
     try:
         return json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: too deep
         raise MatrixError(400, "M_NOT_JSON", "request body is not valid JSON") from None
 
 

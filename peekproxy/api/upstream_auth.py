@@ -22,7 +22,7 @@ from typing import Any
 from starlette.requests import Request
 
 from peekproxy.api.errors import MatrixError
-from peekproxy.core.front_sync import token_hash
+from peekproxy.core.front_sync import is_token_shape, json_object, token_hash
 from peekproxy.homeserver.client import HomeserverClient, HomeserverUnavailable
 from peekproxy.metrics import TOKEN_CHECKS
 
@@ -32,7 +32,7 @@ __all__ = ["AccessToken", "UpstreamAuth", "access_token", "forwarded_headers"]
 CACHE_S = 60.0
 #: Seconds a refused token is refused without asking again.
 REFUSED_CACHE_S = 10.0
-#: Seconds one whoami may take.
+#: Seconds one whoami may take (at most; less when ``upstream.timeout`` is less).
 WHOAMI_TIMEOUT_S = 10.0
 #: Cache entries kept before expired ones are swept.
 _SWEEP_AT = 100_000
@@ -62,23 +62,25 @@ def access_token(request: Request) -> AccessToken:
     return AccessToken(token, False)
 
 
-def forwarded_headers(request: Request) -> dict[str, str]:
+def forwarded_headers(request: Request) -> dict[str, bytes]:
     """What the homeserver should learn of the client behind a request peekproxy passes on:
     ``X-Forwarded-For`` (the client's, with the address it came from added),
     ``X-Forwarded-Proto`` (as the reverse proxy said, else the request's scheme) and the
     client's ``User-Agent`` (Synapse keeps both per device: an admin's and a user's session
-    lists show the client, not peekproxy)."""
-    headers: dict[str, str] = {}
+    lists show the client, not peekproxy). Values are the bytes as they came (latin-1 gives
+    them back unchanged): a client's may hold any of them."""
+    headers: dict[str, bytes] = {}
     forwarded = request.headers.get("x-forwarded-for")
     peer = request.client.host if request.client else None
     if peer:
         forwarded = f"{forwarded}, {peer}" if forwarded else peer
     if forwarded:
-        headers["X-Forwarded-For"] = forwarded
-    headers["X-Forwarded-Proto"] = request.headers.get("x-forwarded-proto") or request.url.scheme
+        headers["X-Forwarded-For"] = forwarded.encode("latin-1")
+    proto = request.headers.get("x-forwarded-proto") or request.url.scheme
+    headers["X-Forwarded-Proto"] = proto.encode("latin-1")
     user_agent = request.headers.get("user-agent")
     if user_agent:
-        headers["User-Agent"] = user_agent
+        headers["User-Agent"] = user_agent.encode("latin-1")
     return headers
 
 
@@ -105,15 +107,20 @@ class UpstreamAuth:
         """(user ID, device ID) of the request's access token. Raises as :meth:`whoami`."""
         return await self.whoami(access_token(request).token, forwarded_headers(request))
 
-    async def whoami(self, token: str, headers: Mapping[str, str] | None = None) -> tuple[str, str]:
+    async def whoami(
+        self, token: str, headers: Mapping[str, bytes] | None = None
+    ) -> tuple[str, str]:
         """(user ID, device ID) of ``token``, from the cache or the homeserver (asked with
         ``headers``: :func:`forwarded_headers`).
 
         Raises:
-            MatrixError: 401 ``M_UNKNOWN_TOKEN`` (``soft_logout`` passed through); 403
+            MatrixError: 401 ``M_UNKNOWN_TOKEN`` (``soft_logout`` passed through; also, without
+                asking, for a token that is not visible ASCII: :func:`is_token_shape`); 403
                 ``M_FORBIDDEN`` for a token without a device; 502 ``M_UNKNOWN`` when the
                 homeserver cannot be reached or its answer makes no sense.
         """
+        if not is_token_shape(token):
+            raise _refused({})  # no homeserver issues it; it cannot be sent in a header
         key = token_hash(token)
         now = self._clock()
         cached = self._cache.get(key)
@@ -130,15 +137,11 @@ class UpstreamAuth:
                 "/_matrix/client/v3/account/whoami",
                 token=token,
                 headers=headers,
-                timeout_s=WHOAMI_TIMEOUT_S,
+                timeout_s=min(WHOAMI_TIMEOUT_S, self.homeserver.timeout_s),
             )
         except HomeserverUnavailable as e:
             raise MatrixError(502, "M_UNKNOWN", f"the homeserver cannot be reached: {e}") from None
-        answer: Any
-        try:
-            answer = response.json()
-        except ValueError:
-            answer = None
+        answer = json_object(response.content)
         if response.status_code in (401, 403):
             extra = {}
             if isinstance(answer, dict) and isinstance(answer.get("soft_logout"), bool):

@@ -14,6 +14,11 @@ waits for the device's peek news in parallel and asks these functions what to se
   merged in, everything else as the homeserver sent it;
 * :func:`without_wait`: the client's query with ``timeout=0`` (peek news came first);
 * :func:`encode_answer`: a merged answer as compact UTF-8 JSON, as Synapse writes it;
+* :func:`json_object`: a JSON object from the homeserver or a client, or ``None`` for
+  anything else (not JSON, nested too deeply to parse, not an object);
+* :func:`sync_answer`: a homeserver ``/sync`` answer's object and ``next_batch``, or ``None``
+  when it is not a sync response (then it goes to the client as it came);
+* :func:`is_token_shape`: whether an access token can be sent in an HTTP header at all;
 * :func:`token_hash`: the sha256 of an access token or a ``next_batch`` token, the only form
   in which peekproxy keeps or logs them.
 """
@@ -33,8 +38,11 @@ __all__ = [
     "filter_timeline_limit",
     "has_news",
     "is_inline_filter",
+    "is_token_shape",
     "joined_rooms",
+    "json_object",
     "merge_sync",
+    "sync_answer",
     "token_hash",
     "without_wait",
 ]
@@ -49,6 +57,35 @@ def token_hash(token: str) -> str:
     """The lower-case hex sha256 of ``token`` (UTF-8): how access tokens and homeserver
     ``next_batch`` tokens are keyed, stored and logged (never in clear)."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def json_object(data: str | bytes) -> dict[str, Any] | None:
+    """``data`` parsed as JSON when it is a JSON object; ``None`` when it is not JSON (or
+    not UTF-8), is nested too deeply for the parser (``RecursionError``, e.g. 100,000
+    ``[``), holds an integer of more than 4,300 digits, or is another JSON value."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def sync_answer(body: bytes) -> tuple[dict[str, Any], str] | None:
+    """A homeserver's ``/sync`` answer (client-server API §Syncing) as (the JSON object, its
+    ``next_batch``); ``None`` when it is not a sync response: not a JSON object
+    (:func:`json_object`) or ``next_batch`` missing or not a string."""
+    answer = json_object(body)
+    next_batch = answer.get("next_batch") if answer is not None else None
+    if answer is None or not isinstance(next_batch, str):
+        return None
+    return answer, next_batch
+
+
+def is_token_shape(token: str) -> bool:
+    """Whether ``token`` can be an access token: visible ASCII only (RFC 6750 §2.1's
+    ``b64token`` is narrower still), so it can go in an ``Authorization`` header. Anything
+    else (empty, non-ASCII, spaces, control characters) no homeserver has issued."""
+    return bool(token) and token.isascii() and token.isprintable() and " " not in token
 
 
 def is_inline_filter(filter_param: str) -> bool:

@@ -69,21 +69,27 @@ class HomeserverClient:
         params: Mapping[str, str | Sequence[str]] | Sequence[tuple[str, str]] | None = None,
         json: Any = None,
         content: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
         timeout_s: float | None = None,
     ) -> httpx.Response:
         """Send ``method path`` (``path`` starts with ``/_matrix/``) and read the whole answer.
 
-        ``token``: the access token to send (``None``: none). ``timeout_s`` bounds the request
+        ``token``: the access token to send (``None``: none); ``headers``: more headers, a
+        ``bytes`` value sent as it is. ``timeout_s`` bounds the request
         as a whole (default: the client's); a long-poll passes its own ``timeout`` plus a
         margin. Any HTTP status is returned as is.
 
         Raises:
             HomeserverUnavailable: connection failed, or no whole answer within ``timeout_s``.
         """
-        sent = dict(headers or {})
+        given = dict(headers or {})
         if token is not None:
-            sent["Authorization"] = f"Bearer {token}"
+            given["Authorization"] = f"Bearer {token}"
+        # As bytes: a value passed on from a client (bytes) may hold any latin-1 byte.
+        sent = {
+            name.encode("ascii"): value if isinstance(value, bytes) else value.encode("latin-1")
+            for name, value in given.items()
+        }
         limit = self.timeout_s if timeout_s is None else timeout_s
         try:
             with trio.fail_after(limit):
@@ -118,7 +124,7 @@ class HomeserverClient:
         response = await self.request("GET", path, token=token, params=params, timeout_s=timeout_s)
         try:
             body = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
             body = None
         if response.status_code != 200:
             errcode = body.get("errcode") if isinstance(body, dict) else None

@@ -1,12 +1,12 @@
 """The merged ``/sync`` of front mode: the homeserver's answer plus the device's peeked rooms
 (MSC2753 ``rooms.peek`` in the client-server API's ``GET /sync``; docs/front.md).
 
-:meth:`FrontSync.sync` forwards the client's request to the homeserver as it came (query
-string, access token, ``X-Forwarded-For``), bounded by the client's ``timeout`` plus
-``MARGIN_S``, and waits for the device's peek news (:meth:`Syncing.sync`) in parallel. The
-answer goes out as soon as either side has something: the homeserver first → the peek part
-as it is now (``timeout=0``); peek news first → the homeserver's long-poll is cancelled and
-asked again with ``timeout=0`` (same ``since``). The merge rules are
+:meth:`FrontSync.sync` forwards the client's request to the homeserver as it came (query string,
+access token, ``X-Forwarded-For``), bounded by the client's ``timeout`` plus the homeserver client's
+``timeout_s`` (config ``upstream.timeout``), and waits for the device's peek news
+(:meth:`Syncing.sync`) in parallel. The answer goes out as soon as either side has something: the
+homeserver first → the peek part as it is now (``timeout=0``); peek news first → the homeserver's
+long-poll is cancelled and asked again with ``timeout=0`` (same ``since``). The merge rules are
 :mod:`peekproxy.core.front_sync`.
 
 Tokens (docs/front.md, "Tokens and outages"): the client only ever holds the homeserver's
@@ -26,7 +26,6 @@ section. Any fault in peekproxy's own part degrades to the homeserver's answer a
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,9 @@ from peekproxy.core.front_sync import (
     has_news,
     is_inline_filter,
     joined_rooms,
+    json_object,
     merge_sync,
+    sync_answer,
     token_hash,
     without_wait,
 )
@@ -58,8 +59,6 @@ __all__ = ["FrontSync", "FrontSyncRequest"]
 
 log = logging.getLogger("peekproxy.front")
 
-#: Seconds the homeserver's ``/sync`` may take beyond the client's ``timeout``.
-MARGIN_S = 60.0
 #: Longest wait for peek news, ms (as the delegation API's ``/sync``).
 MAX_TIMEOUT_MS = 300_000
 #: Seconds a filter fetch may take.
@@ -121,11 +120,12 @@ class FrontSync:
 
         Raises:
             HomeserverUnavailable: the homeserver cannot be reached or did not answer within
-                the client's timeout plus ``MARGIN_S`` (the API answers 502).
+                the client's timeout plus ``upstream.timeout`` (the API answers 502).
         """
         timeout_ms = max(0, min(request.timeout_ms, MAX_TIMEOUT_MS))
         # The homeserver keeps the client's own timeout, which may be longer than ours.
-        bound_s = max(timeout_ms, request.timeout_ms) / 1000 + MARGIN_S
+        margin_s = self.passthrough.homeserver.timeout_s
+        bound_s = max(timeout_ms, request.timeout_ms) / 1000 + margin_s
         try:
             since_pos = await self._start_position(request)
         except Exception:
@@ -182,15 +182,12 @@ class FrontSync:
         if homeserver.status != 200:
             FRONT_SYNCS.labels("homeserver_error").inc()
             return homeserver
-        try:
-            body = json.loads(homeserver.body)
-            next_batch = body["next_batch"]
-        except (ValueError, TypeError, KeyError):
+        parsed = sync_answer(homeserver.body)
+        if parsed is None:
             log.warning("the homeserver's /sync answer is not a sync response: passed on as is")
             FRONT_SYNCS.labels("homeserver").inc()
             return homeserver
-        if not isinstance(next_batch, str) or not isinstance(body, dict):
-            return homeserver
+        body, next_batch = parsed
         joined = joined_rooms(body)
         if joined:
             await self._own_part(self.syncing.end_joined, request.user_id, joined, default=None)
@@ -210,9 +207,14 @@ class FrontSync:
 
     async def _own_part(self, fn: Callable[..., Any], *args: Any, default: Any) -> Any:
         """``await fn(*args)``; any fault in it (peekproxy's own part of the sync) is logged
-        and gives ``default``: the client still gets the homeserver's answer."""
+        and gives ``default``: the client still gets the homeserver's answer. The homeserver
+        failing a request of this part (a filter read) is one warning line: its fault, not a
+        traceback of ours."""
         try:
             return await fn(*args)
+        except HomeserverUnavailable as e:
+            log.warning(_FAULT + ": %s", getattr(fn, "__name__", fn), e)
+            return default
         except Exception:
             FRONT_DEGRADED.inc()
             log.exception(_FAULT, getattr(fn, "__name__", fn))
@@ -295,10 +297,7 @@ class FrontSync:
         if given is None:
             return DEFAULT_TIMELINE_LIMIT
         if is_inline_filter(given):
-            try:
-                return filter_timeline_limit(json.loads(given))
-            except ValueError:
-                return DEFAULT_TIMELINE_LIMIT
+            return filter_timeline_limit(json_object(given))
         key = (request.user_id, given)
         cached = self._filters.get(key)
         if cached is not None:
@@ -308,11 +307,11 @@ class FrontSync:
             f"/_matrix/client/v3/user/{quote(request.user_id, safe='')}/filter/"
             f"{quote(given, safe='')}",
             token=request.client.token,
-            timeout_s=FILTER_TIMEOUT_S,
+            timeout_s=min(FILTER_TIMEOUT_S, self.passthrough.homeserver.timeout_s),
         )
         if response.status_code != 200:
             return DEFAULT_TIMELINE_LIMIT  # the homeserver's /sync will say what is wrong
-        limit = filter_timeline_limit(response.json())
+        limit = filter_timeline_limit(json_object(response.content))
         if len(self._filters) >= _FILTER_CACHE_SIZE:
             self._filters.clear()
         self._filters[key] = limit

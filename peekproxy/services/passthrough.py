@@ -29,20 +29,21 @@ class ClientRequest:
     without ``?``; ``token``: the access token; ``token_in_header``: it came as
     ``Authorization: Bearer`` (else it is in ``query`` as ``access_token`` and is not sent
     twice: the homeserver refuses both at once); ``headers``: what the homeserver should
-    learn of the client (``X-Forwarded-For``, ``X-Forwarded-Proto``, ``User-Agent``)."""
+    learn of the client (``X-Forwarded-For``, ``X-Forwarded-Proto``, ``User-Agent``), as the
+    bytes they came as."""
 
     method: str
     path: str
     query: str
     token: str
     token_in_header: bool
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class UpstreamAnswer:
     """An HTTP answer for the client: ``status``, ``body`` bytes and ``content_type``
-    (``None``: the homeserver sent none)."""
+    (``None``: the homeserver sent none; its bytes as latin-1 characters)."""
 
     status: int
     body: bytes
@@ -73,9 +74,13 @@ class Passthrough:
             headers=request.headers,
             timeout_s=timeout_s,
         )
-        return UpstreamAnswer(
-            response.status_code, response.content, response.headers.get("content-type")
+        # The header's bytes as sent (latin-1 gives them back unchanged): httpx's decoded
+        # str may hold characters (UTF-8) that an answer's header cannot carry.
+        content_type = next(
+            (v.decode("latin-1") for k, v in response.headers.raw if k.lower() == b"content-type"),
+            None,
         )
+        return UpstreamAnswer(response.status_code, response.content, content_type)
 
     async def homeserver_answers(self) -> str | None:
         """``None`` when the homeserver answers ``GET /_matrix/client/versions`` with 200

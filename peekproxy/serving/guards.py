@@ -21,7 +21,8 @@ together let one request end the whole process:
    and closes only that connection. Known to need it with hypercorn 0.18: a WebSocket
    upgrade request followed at once by more bytes (none of our apps serves WebSockets; the
    client gets its ``403``, then hypercorn tries a second response and h11 raises
-   ``LocalProtocolError``), found by ``tests/http_fuzz.py``.
+   ``LocalProtocolError``), found by ``tests/http_fuzz.py``. It also keeps an answer sent
+   while the client half-closes from failing inside the application (its docstring).
 
 A third guard is about the request after: an HTTP/1.1 answer sent before the request body
 has arrived says ``Connection: close`` (:class:`GuardedH11Protocol`), since hypercorn closes
@@ -41,12 +42,14 @@ import logging
 from importlib.metadata import version
 from typing import Any
 
+import h2.errors
 import h2.events
 import h2.exceptions
 import h11
 import hypercorn.protocol
 import hypercorn.trio.run
 import trio
+from hypercorn.events import Closed, Event
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import Response
 from hypercorn.protocol.h2 import H2Protocol
@@ -71,12 +74,21 @@ TESTED_HYPERCORN = "0.18."
 
 
 class GuardedH2Protocol(H2Protocol):
-    """hypercorn's HTTP/2 protocol, minus the ``KeyError`` on data for an answered stream."""
+    """hypercorn's HTTP/2 protocol, minus the ``KeyError`` on data for an answered stream,
+    and minus the end of the whole connection for a request whose ``:method`` or ``:path``
+    is not ASCII (hypercorn decodes them as ASCII and the ``UnicodeDecodeError`` ended every
+    stream of the connection; found by tests/test_front_robustness.py): such a request is
+    malformed, a stream error ``PROTOCOL_ERROR`` (RFC 9113 §8.1.1), so only its stream is
+    reset (``RST_STREAM``)."""
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         # One event at a time: an earlier event's await may let the response finish, so
         # whether a stream is still open is only known when its event comes up.
         for event in events:
+            if isinstance(event, h2.events.RequestReceived) and not _ascii_request(event):
+                self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                await self._flush()
+                continue
             if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
                 # The response is complete; the rest of the body is read and dropped.
                 self.connection.acknowledge_received_data(
@@ -109,7 +121,21 @@ class GuardedH11Protocol(H11Protocol):
 
 
 class IsolatedTCPServer(TCPServer):
-    """hypercorn's per-connection handler; an error ends that connection, not the server."""
+    """hypercorn's per-connection handler; an error ends that connection, not the server.
+
+    Also: when the client closes its side (EOF) while an answer is being sent, hypercorn's
+    ``_close`` sends EOF without the connection's send lock, and the answer's
+    ``send_all`` then raises ``trio.BusyResourceError`` into the application, which
+    turned it into a logged 500 (found by tests/http_fuzz.py through the front). The
+    connection is closing: :meth:`protocol_send` treats that as closed, as hypercorn
+    treats a broken one.
+    """
+
+    async def protocol_send(self, event: Event) -> None:
+        try:
+            await super().protocol_send(event)
+        except trio.BusyResourceError:
+            await self.protocol.handle(Closed())
 
     async def run(self) -> None:
         peer = _peer(self.stream)
@@ -146,6 +172,15 @@ class QuietProtocolErrors(logging.Filter):
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
                 record.exc_info, record.exc_text = None, None
         return True
+
+
+def _ascii_request(event: h2.events.RequestReceived) -> bool:
+    """Whether a request's ``:method`` and ``:path`` are ASCII (hypercorn reads them so)."""
+    return all(
+        bytes(value).isascii()
+        for name, value in event.headers or ()
+        if bytes(name) in (b":method", b":path")
+    )
 
 
 def _peer(stream: Any) -> str:
