@@ -167,6 +167,8 @@ def sync_cases(token: str, since: str) -> list[Request]:
         get("Authorization latin-1", "timeout=0", {"Authorization": "Bearer caf\xe9"}),
         get("Authorization unknown", "timeout=0", auth("no-such-token")),
         get("X-Forwarded-For latin-1", "timeout=0", bearer | {"X-Forwarded-For": "\xe9\xff"}),
+        get("User-Agent latin-1", "timeout=0", bearer | {"User-Agent": "caf\xe9 \xff"}),
+        get("X-Forwarded-Proto latin-1", "timeout=0", bearer | {"X-Forwarded-Proto": "h\xe9"}),
         ("POST /sync", "POST", f"{path}?timeout=0", bearer, b"{}"),
         ("HEAD /sync", "HEAD", f"{path}?timeout=0", bearer, None),
         ("OPTIONS /sync, not a preflight", "OPTIONS", path, {"Origin": "https://a.test"}, None),
