@@ -72,5 +72,5 @@ def tls_files(tls_ca: trustme.CA, tmp_path: Path) -> Iterator[tuple[Path, Path, 
     yield chain, key, ca
 
 
-from tests.proxies import reverse_proxies  # noqa: E402,F401  (nginx, Caddy)
+from tests.proxies import fronted, reverse_proxies  # noqa: E402,F401  (nginx, Caddy)
 from tests.synapse import synapse  # noqa: E402,F401  (session fixture)

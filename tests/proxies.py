@@ -17,14 +17,19 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import httpx
 import pytest
 import trio
+import trustme
 
 from tests.dns import REQUIRE_ALL
-from tests.synapse import REPO, free_tcp_port
+from tests.peek_world import PeekWorld
+from tests.synapse import REPO, Synapse, free_tcp_port
+
+if TYPE_CHECKING:
+    from tests.conftest import Spawn
 
 NGINX_CONF = REPO / "contrib" / "nginx" / "peekproxy.conf"
 CADDYFILE = REPO / "contrib" / "caddy" / "Caddyfile"
@@ -180,3 +185,50 @@ async def reverse_proxies(tmp_path: Path) -> AsyncIterator[StartProxy]:
     finally:
         for proxy in started:
             await proxy.stop()
+
+
+def address(url: str) -> str:
+    """``host:port`` of a base URL."""
+    return url.split("://", 1)[1].rstrip("/")
+
+
+@dataclass
+class Fronted:
+    """peekproxy in front of the Synapse fixture with the testbed as a remote server
+    (``world``, from :func:`tests.front_support.front_world`), and
+    ``proxy(kind)``: nginx or Caddy started on the shipped configuration in front of both."""
+
+    world: PeekWorld
+    synapse: Synapse
+    start_proxy: StartProxy
+
+    async def proxy(self, kind: str) -> ReverseProxy:
+        return await self.start_proxy(
+            kind,
+            homeserver=address(self.synapse.client),
+            peekproxy=address(self.world.daemon.client),
+        )
+
+
+@pytest.fixture
+async def fronted(
+    synapse: Synapse,
+    nursery: trio.Nursery,
+    tls_ca: trustme.CA,
+    tmp_path: Path,
+    spawn: Spawn,
+    reverse_proxies: StartProxy,
+) -> Fronted:
+    # Imported here: tests.front_support imports tests.conftest, which imports this module.
+    from tests.front_support import front_world
+
+    # The client listener on a fixed port: a restarted peekproxy is where the proxy looks.
+    world = await front_world(
+        synapse,
+        nursery,
+        tls_ca,
+        tmp_path,
+        spawn,
+        env={"PEEKPROXY_LISTENERS__CLIENT__BIND": f"127.0.0.1:{free_tcp_port()}"},
+    )
+    return Fronted(world, synapse, reverse_proxies)

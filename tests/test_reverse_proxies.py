@@ -8,27 +8,20 @@ from __future__ import annotations
 import re
 import signal
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
 import trio
-import trustme
 
 from tests.conftest import Spawn
 from tests.front_support import auth, bodies, client_api, create_room, send_text
 from tests.js_sdk import JsSession, login, node_harness
-from tests.peek_world import TESTBED, PeekWorld, build_world
-from tests.proxies import CADDYFILE, KINDS, NGINX_CONF, StartProxy
+from tests.peek_world import TESTBED
+from tests.proxies import CADDYFILE, KINDS, NGINX_CONF, Fronted, StartProxy, address
 from tests.support import JsonApp, serve_app
 from tests.synapse import REPO, Synapse, free_tcp_port
-
-
-def address(url: str) -> str:
-    """``host:port`` of a base URL."""
-    return url.split("://", 1)[1].rstrip("/")
 
 
 def dead_address() -> str:
@@ -213,37 +206,14 @@ async def test_no_upstream_left_answers_a_matrix_error(
 # -- end to end: the real Synapse and peekproxy in front mode -----------------------------
 
 
-async def front_world(
-    synapse: Synapse, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
-) -> PeekWorld:
-    """peekproxy in front of the Synapse fixture, with the testbed as a remote server; its
-    client listener on a fixed port, so that a restarted peekproxy is where the proxy looks."""
-    return await build_world(
-        nursery,
-        tls_ca,
-        tmp_path,
-        spawn,
-        peeks_env={
-            "PEEKPROXY_UPSTREAM__HOMESERVER_URL": synapse.client,
-            "PEEKPROXY_LISTENERS__CLIENT__BIND": f"127.0.0.1:{free_tcp_port()}",
-        },
-    )
-
-
 @pytest.mark.parametrize("kind", KINDS)
 async def test_client_routes_reach_synapse_and_peekproxy(
     kind: str,
     synapse: Synapse,
-    nursery: trio.Nursery,
-    tls_ca: trustme.CA,
-    tmp_path: Path,
-    spawn: Spawn,
-    reverse_proxies: StartProxy,
+    fronted: Fronted,
 ) -> None:
-    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
-    proxy = await reverse_proxies(
-        kind, homeserver=address(synapse.client), peekproxy=address(world.daemon.client)
-    )
+    world = fronted.world
+    proxy = await fronted.proxy(kind)
     token = synapse.register(f"routes-{kind}")
     remote_room = world.create_room("10", name="Remote")
     world.send(remote_room, "history on the testbed")
@@ -311,16 +281,11 @@ async def test_client_routes_reach_synapse_and_peekproxy(
 async def test_sync_is_answered_by_synapse_when_peekproxy_is_killed(
     kind: str,
     synapse: Synapse,
-    nursery: trio.Nursery,
-    tls_ca: trustme.CA,
-    tmp_path: Path,
+    fronted: Fronted,
     spawn: Spawn,
-    reverse_proxies: StartProxy,
 ) -> None:
-    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
-    proxy = await reverse_proxies(
-        kind, homeserver=address(synapse.client), peekproxy=address(world.daemon.client)
-    )
+    world = fronted.world
+    proxy = await fronted.proxy(kind)
     token = synapse.register(f"fallback-{kind}")
     async with (
         httpx.AsyncClient(base_url=proxy.url, timeout=60) as http,
@@ -370,16 +335,12 @@ async def test_sync_is_answered_by_synapse_when_peekproxy_is_killed(
 
 async def test_long_polls_are_not_cut_by_either_proxy(
     synapse: Synapse,
-    nursery: trio.Nursery,
-    tls_ca: trustme.CA,
-    tmp_path: Path,
-    spawn: Spawn,
-    reverse_proxies: StartProxy,
+    fronted: Fronted,
 ) -> None:
     """65 s through the proxy and peekproxy's merged /sync: above nginx's default
     proxy_read_timeout (60 s), which the configuration raises; Caddy has no default read
     timeout; peekproxy bounds its own request to Synapse by the client's timeout."""
-    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
+    world = fronted.world
     token = synapse.register("long-poll")
     async with httpx.AsyncClient(base_url=synapse.client, timeout=30) as direct:
         since = (await direct.get("/_matrix/client/v3/sync", headers=auth(token))).json()[
@@ -388,9 +349,7 @@ async def test_long_polls_are_not_cut_by_either_proxy(
     results: dict[str, tuple[float, httpx.Response]] = {}
 
     async def long_poll(kind: str) -> None:
-        proxy = await reverse_proxies(
-            kind, homeserver=address(synapse.client), peekproxy=address(world.daemon.client)
-        )
+        proxy = await fronted.proxy(kind)
         async with httpx.AsyncClient(base_url=proxy.url, timeout=120) as http:
             started = time.monotonic()
             response = await http.get(

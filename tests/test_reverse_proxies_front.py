@@ -7,39 +7,30 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
 import trio
-import trustme
 
 from tests.conftest import Spawn
 from tests.front_support import bodies, client_api, create_room, send_text, sync
 from tests.js_sdk import JsSession, login, node_harness
-from tests.proxies import KINDS, StartProxy
+from tests.proxies import KINDS, Fronted
 from tests.synapse import Synapse
 from tests.test_front_nio import _login, _session
-from tests.test_reverse_proxies import address, front_world
 
 
 async def test_nio_through_nginx_equals_a_direct_sync(
     synapse: Synapse,
-    nursery: trio.Nursery,
-    tls_ca: trustme.CA,
-    tmp_path: Path,
-    spawn: Spawn,
-    reverse_proxies: StartProxy,
+    fronted: Fronted,
 ) -> None:
     """The scripted nio session of tests/test_front_nio.py, its FRONT device syncing through
     nginx -> peekproxy: joined rooms, timelines, account data and to-device messages equal
     those of the DIRECT device at Synapse."""
-    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
-    nginx = await reverse_proxies(
-        "nginx", homeserver=address(synapse.client), peekproxy=address(world.daemon.client)
-    )
+    world = fronted.world
+    nginx = await fronted.proxy("nginx")
     synapse.register("nginx-nio")
     user = f"@nginx-nio:{synapse.server_name}"
     tokens = {
@@ -60,17 +51,11 @@ async def test_nio_through_nginx_equals_a_direct_sync(
 
 async def test_js_sdk_through_nginx_sees_the_same_plus_the_peeked_room(
     synapse: Synapse,
-    nursery: trio.Nursery,
-    tls_ca: trustme.CA,
-    tmp_path: Path,
-    spawn: Spawn,
-    reverse_proxies: StartProxy,
+    fronted: Fronted,
 ) -> None:
     node = node_harness()
-    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
-    nginx = await reverse_proxies(
-        "nginx", homeserver=address(synapse.client), peekproxy=address(world.daemon.client)
-    )
+    world = fronted.world
+    nginx = await fronted.proxy("nginx")
     token = synapse.register("js-front")
     remote = world.create_room("10", name="Remote")
     world.send(remote, "remote history")
@@ -118,20 +103,15 @@ async def test_peekproxy_stopped_under_long_polling_clients(
     kind: str,
     stop: signal.Signals,
     synapse: Synapse,
-    nursery: trio.Nursery,
-    tls_ca: trustme.CA,
-    tmp_path: Path,
+    fronted: Fronted,
     spawn: Spawn,
-    reverse_proxies: StartProxy,
 ) -> None:
     """kill -9 (or a restart's SIGTERM, which gives in-flight requests 3 s) while a client
     long-polls through the proxy: the same request is answered by Synapse (no error, no
     initial sync), later syncs too; peekproxy back on the same database -> the peek section
     resumes with what was sent meanwhile, nothing repeated."""
-    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
-    proxy = await reverse_proxies(
-        kind, homeserver=address(synapse.client), peekproxy=address(world.daemon.client)
-    )
+    world = fronted.world
+    proxy = await fronted.proxy(kind)
     token = synapse.register(f"stopped-{kind}-{stop.name}")
     joined = await create_room(synapse, token, name="Mine")
     remote = world.create_room("10", name="Remote")
@@ -181,18 +161,12 @@ async def test_peekproxy_stopped_under_long_polling_clients(
 async def test_a_browser_syncs_through_the_front(
     kind: str,
     synapse: Synapse,
-    nursery: trio.Nursery,
-    tls_ca: trustme.CA,
-    tmp_path: Path,
-    spawn: Spawn,
-    reverse_proxies: StartProxy,
+    fronted: Fronted,
 ) -> None:
     """What Element Web does before and with each /sync: a CORS preflight (answered by
     Synapse), then the request, whose answer (from peekproxy) carries one allowed origin."""
-    world = await front_world(synapse, nursery, tls_ca, tmp_path, spawn)
-    proxy = await reverse_proxies(
-        kind, homeserver=address(synapse.client), peekproxy=address(world.daemon.client)
-    )
+    world = fronted.world
+    proxy = await fronted.proxy(kind)
     token = synapse.register(f"browser-{kind}")
     origin = {"Origin": "https://app.element.io"}
     async with httpx.AsyncClient(base_url=proxy.url, timeout=60) as http:
