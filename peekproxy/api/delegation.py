@@ -185,7 +185,18 @@ class DelegationApi:
     # -- reads -----------------------------------------------------------------------------
 
     async def messages(self, request: Request) -> Response:
-        room_id = await self.peeked_room(request)
+        return await self.messages_of(request, await self.peeked_room(request))
+
+    async def state(self, request: Request) -> Response:
+        return await self.state_of(request, await self.peeked_room(request))
+
+    async def event(self, request: Request) -> Response:
+        return await self.event_of(request, await self.peeked_room(request))
+
+    # The reads of a room whose peek by the request's device is already checked (front
+    # mode's history routes check it once, to choose between these and the homeserver).
+
+    async def messages_of(self, request: Request, room_id: str) -> Response:
         params = messages_params(request.query_params)
         page = await self.reads.messages(
             room_id,
@@ -199,12 +210,10 @@ class DelegationApi:
             answer["end"] = page.end
         return JSONResponse(answer)
 
-    async def state(self, request: Request) -> Response:
-        room_id = await self.peeked_room(request)
+    async def state_of(self, request: Request, room_id: str) -> Response:
         return JSONResponse(await self.reads.state(room_id))
 
-    async def event(self, request: Request) -> Response:
-        room_id = await self.peeked_room(request)
+    async def event_of(self, request: Request, room_id: str) -> Response:
         return JSONResponse(await self.reads.event(room_id, request.path_params["event_id"]))
 
     def routes(self, prefixes: Sequence[str], *, with_sync: bool = True) -> list[Route]:

@@ -35,6 +35,8 @@ __all__ = ["FRONT_PREFIXES", "FrontApi"]
 FRONT_PREFIXES = ("/_matrix/client/r0", "/_matrix/client/v3")
 
 Handler = Callable[[Request], Awaitable[Response]]
+#: A read of a room the request's device peeks: (request, room ID) → answer.
+RoomRead = Callable[[Request, str], Awaitable[Response]]
 
 
 def _client_request(request: Request, token: str, in_header: bool) -> ClientRequest:
@@ -102,9 +104,9 @@ class FrontApi:
             raise _unavailable(e) from None
         return _response(answer)
 
-    def history(self, peeked: Handler) -> Handler:
-        """A history read: ``peeked`` (peekproxy's handler) when the token's device peeks
-        the room, else the homeserver's answer."""
+    def history(self, peeked: RoomRead) -> Handler:
+        """A history read: ``peeked`` (peekproxy's read of the room) when the token's device
+        peeks the room (checked once, here), else the homeserver's answer."""
 
         async def handle(request: Request) -> Response:
             token = access_token(request)
@@ -116,7 +118,7 @@ class FrontApi:
             except InvalidIdentifier:
                 peeking = False  # the homeserver answers the client's mistake
             if peeking:
-                return await peeked(request)
+                return await peeked(request, room_id)
             try:
                 answer = await self.passthrough.forward(
                     _client_request(request, token.token, token.in_header)
@@ -136,11 +138,11 @@ class FrontApi:
             rooms = f"{prefix}/rooms/{{room_id}}"
             routes += [
                 Route(f"{prefix}/sync", self.sync, methods=["GET"]),
-                Route(f"{rooms}/messages", self.history(api.messages), methods=["GET"]),
-                Route(f"{rooms}/state", self.history(api.state), methods=["GET"]),
+                Route(f"{rooms}/messages", self.history(api.messages_of), methods=["GET"]),
+                Route(f"{rooms}/state", self.history(api.state_of), methods=["GET"]),
                 Route(
                     f"{rooms}/event/{{event_id:path}}",
-                    self.history(api.event),
+                    self.history(api.event_of),
                     methods=["GET"],
                 ),
             ]

@@ -125,7 +125,7 @@ class FrontSync:
         timeout_ms = max(0, min(request.timeout_ms, MAX_TIMEOUT_MS))
         # The homeserver keeps the client's own timeout, which may be longer than ours.
         margin_s = self.passthrough.homeserver.timeout_s
-        bound_s = max(timeout_ms, request.timeout_ms) / 1000 + margin_s
+        bound_s = max(0, request.timeout_ms) / 1000 + margin_s
         try:
             since_pos = await self._start_position(request)
         except Exception:
@@ -192,7 +192,9 @@ class FrontSync:
         if joined:
             await self._own_part(self.syncing.end_joined, request.user_id, joined, default=None)
         if peek is None:
-            peek = await self._own_part(self._peek_now, request, since_token, limit, default=None)
+            peek = await self._own_part(
+                self._peek_news, request, since_token, limit, 0, default=None
+            )
         position = since_pos
         if peek is not None:
             position = decode_token(peek["next_batch"])
@@ -245,7 +247,8 @@ class FrontSync:
     async def _peek_news(
         self, request: FrontSyncRequest, since: str | None, limit: int, timeout_ms: int
     ) -> dict[str, Any]:
-        """The device's peek sync once it has news, or at the deadline (without)."""
+        """The device's peek sync once it has news, or at the deadline (without; at once
+        for ``timeout_ms`` 0)."""
         deadline = trio.current_time() + timeout_ms / 1000
         token = since
         while True:
@@ -261,18 +264,6 @@ class FrontSync:
             if remaining == 0 or has_news(answer, self.section):
                 return answer
             token = answer["next_batch"]  # a change with nothing to show: wait on from there
-
-    async def _peek_now(
-        self, request: FrontSyncRequest, since: str | None, limit: int
-    ) -> dict[str, Any]:
-        return await self.syncing.sync(
-            request.user_id,
-            request.device_id,
-            since=since,
-            timeout_ms=0,
-            full_state=request.full_state,
-            timeline_limit=limit,
-        )
 
     async def _save(self, request: FrontSyncRequest, next_batch: str, position: int) -> None:
         device = (request.user_id, request.device_id)
