@@ -84,7 +84,7 @@ def build_services(
         if local_rooms is not None:
             follower = FollowerChoice(local=local_rooms, remote=follower)
     directory = RoomDirectory(
-        client=client, local_aliases=None if local_rooms is None else local_rooms.resolve_alias
+        client=client, local_aliases=None if local_rooms is None else local_rooms.directory_entry
     )
     subscriptions = Subscriptions(
         store=store,

@@ -174,21 +174,21 @@ class ClientApiFollower:
                 self._server_name = user_id.partition(":")[2]
         return self._server_name
 
-    async def resolve_alias(self, alias: str) -> tuple[str, list[str]] | None:
-        """An alias of the homeserver itself, resolved through its client API
-        (``GET /_matrix/client/v3/directory/room/{roomAlias}``): (room ID, the servers it
-        lists, then the homeserver); ``None`` for an alias of another server (or while the
-        homeserver's name cannot be learnt): resolve it over federation.
+    async def directory_entry(self, alias: str) -> Any | None:
+        """The homeserver's directory entry (JSON, unchecked) for one of its own aliases,
+        read through its client API (``GET /_matrix/client/v3/directory/room/{roomAlias}``);
+        ``None`` for an alias of another server (or while the homeserver's name cannot be
+        learnt): resolve it over federation.
 
         Raises:
             PeekError: 404 ``M_NOT_FOUND`` unknown alias; 502 ``M_UNKNOWN`` the homeserver
-                cannot be reached or answers nonsense.
+                cannot be reached or answers no JSON.
         """
         server = await self.server_name()
         if server is None or alias.partition(":")[2] != server:
             return None
         try:
-            answer = await self.homeserver.get_json(
+            return await self.homeserver.get_json(
                 f"/_matrix/client/v3/directory/room/{quote(alias, safe='')}",
                 token=self._token,
                 timeout_s=FOLLOW_TIMEOUT_S,
@@ -199,14 +199,6 @@ class ClientApiFollower:
             raise PeekError(502, "M_UNKNOWN", f"alias lookup at {server} failed: {e}") from None
         except HomeserverUnavailable as e:
             raise PeekError(502, "M_UNKNOWN", f"alias lookup at {server} failed: {e}") from None
-        room_id = answer.get("room_id") if isinstance(answer, dict) else None
-        servers = answer.get("servers") if isinstance(answer, dict) else None
-        if not isinstance(room_id, str):
-            raise PeekError(
-                502, "M_UNKNOWN", f"{server} answered the alias lookup without a room_id"
-            )
-        listed = [s for s in servers if isinstance(s, str)] if isinstance(servers, list) else []
-        return room_id, [*listed, server]
 
     async def follow(self, room_id: str, candidates: Sequence[str]) -> Followed:
         """Read the room's newest events and state, and start its live task.

@@ -7,7 +7,7 @@ directory information, ``GET /_matrix/federation/v1/query/directory``).
 servers to the candidates (:func:`peekproxy.core.outcomes.candidate_servers`).
 
 In front mode the fronted homeserver's own aliases are resolved through its client API
-(:meth:`peekproxy.services.client_api_follower.ClientApiFollower.resolve_alias`).
+(:meth:`peekproxy.services.client_api_follower.ClientApiFollower.directory_entry`), whose entries are checked as the federation ones are.
 
 May import: ``peekproxy.core``, ``peekproxy.federation`` and ``peekproxy.services.errors``.
 """
@@ -15,6 +15,7 @@ May import: ``peekproxy.core``, ``peekproxy.federation`` and ``peekproxy.service
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, RoomId
 from peekproxy.federation.client import FederationClient, FederationError, RemoteError
@@ -22,9 +23,10 @@ from peekproxy.services.errors import PeekError
 
 __all__ = ["LocalAliases", "RoomDirectory"]
 
-#: Resolves an alias of the fronted homeserver through its client API: (room ID, servers),
-#: or ``None`` for another server's alias (front mode: ``ClientApiFollower.resolve_alias``).
-LocalAliases = Callable[[str], Awaitable[tuple[str, list[str]] | None]]
+#: The directory entry (unchecked JSON, as the federation query answers it) of an alias of
+#: the fronted homeserver, read through its client API; ``None`` for another server's alias
+#: (front mode: ``ClientApiFollower.directory_entry``).
+LocalAliases = Callable[[str], Awaitable[Any | None]]
 
 
 class RoomDirectory:
@@ -39,8 +41,8 @@ class RoomDirectory:
         self.local_aliases = local_aliases
 
     async def resolve(self, room_id_or_alias: str) -> tuple[str, list[str]]:
-        """A room ID, or an alias resolved over federation: (room ID, servers from the
-        directory). For an alias the servers are those its server listed, then that server
+        """A room ID, or an alias resolved over federation (the fronted homeserver's own
+        aliases through ``local_aliases``): (room ID, servers from the directory). For an alias the servers are those its server listed, then that server
         itself; for a room ID, ``[]``.
 
         Raises:
@@ -53,13 +55,31 @@ class RoomDirectory:
                 return str(RoomId.parse(room_id_or_alias)), []
         except InvalidIdentifier as e:
             raise PeekError(400, "M_INVALID_PARAM", str(e)) from None  # e names the value, cut
-        if self.local_aliases is not None:
-            local = await self.local_aliases(str(alias))
-            if local is not None:
-                return local
         server = str(alias.server_name)
+        answer = None
+        if self.local_aliases is not None:
+            answer = await self.local_aliases(str(alias))
+        if answer is None:
+            answer = await self._query_directory(alias, server)
+        room_id = answer.get("room_id") if isinstance(answer, dict) else None
+        servers = answer.get("servers") if isinstance(answer, dict) else None
         try:
-            answer = await self.client.get_json(
+            RoomId.parse(str(room_id))
+        except InvalidIdentifier:
+            raise PeekError(
+                502, "M_UNKNOWN", f"{server} answered the alias lookup with no valid room_id"
+            ) from None
+        listed = [s for s in servers if isinstance(s, str)] if isinstance(servers, list) else []
+        return str(room_id), [*listed, server]
+
+    async def _query_directory(self, alias: RoomAlias, server: str) -> Any:
+        """The alias's directory entry from its server over federation (unchecked JSON).
+
+        Raises:
+            PeekError: 404 unknown alias, 502 directory unreachable.
+        """
+        try:
+            return await self.client.get_json(
                 server, "/_matrix/federation/v1/query/directory", query={"room_alias": str(alias)}
             )
         except RemoteError as e:
@@ -72,13 +92,3 @@ class RoomDirectory:
             raise PeekError(
                 502, "M_UNKNOWN", f"alias lookup at {server} failed: {e.reason}"
             ) from None
-        room_id = answer.get("room_id") if isinstance(answer, dict) else None
-        servers = answer.get("servers") if isinstance(answer, dict) else None
-        try:
-            RoomId.parse(str(room_id))
-        except InvalidIdentifier:
-            raise PeekError(
-                502, "M_UNKNOWN", f"{server} answered the alias lookup with no valid room_id"
-            ) from None
-        listed = [s for s in servers if isinstance(s, str)] if isinstance(servers, list) else []
-        return str(room_id), [*listed, server]
