@@ -7,7 +7,8 @@ directory information, ``GET /_matrix/federation/v1/query/directory``).
 servers to the candidates (:func:`peekproxy.core.outcomes.candidate_servers`).
 
 In front mode the fronted homeserver's own aliases are resolved through its client API
-(:meth:`peekproxy.services.client_api_follower.ClientApiFollower.directory_entry`), whose entries are checked as the federation ones are.
+(:meth:`peekproxy.services.client_api_follower.ClientApiFollower.directory_entry`); their
+entries are checked as the federation ones are.
 
 May import: ``peekproxy.core``, ``peekproxy.federation`` and ``peekproxy.services.errors``.
 """
@@ -42,8 +43,9 @@ class RoomDirectory:
 
     async def resolve(self, room_id_or_alias: str) -> tuple[str, list[str]]:
         """A room ID, or an alias resolved over federation (the fronted homeserver's own
-        aliases through ``local_aliases``): (room ID, servers from the directory). For an alias the servers are those its server listed, then that server
-        itself; for a room ID, ``[]``.
+        aliases through ``local_aliases``): (room ID, servers from the directory). For an
+        alias the servers are those its server listed, then that server itself; for a room
+        ID, ``[]``.
 
         Raises:
             PeekError: 400 malformed, 404 unknown alias, 502 directory unreachable.
