@@ -307,6 +307,16 @@ class PeeksSection(Section):
     rate_limit_per_second: float = Field(default=1.0, gt=0)
     rate_limit_burst: int = Field(default=10, ge=1)
     sync_section: Literal["peek", "peeking"] = "peek"
+    #: When every candidate server lacks MSC2444: "none" (the peek fails, naming them) or
+    #: "observer_join" (join world_readable rooms as the observer user; docs/observer-join.md).
+    fallback: Literal["none", "observer_join"] = "none"
+    #: The observer user's localpart (@<localpart>:<server_name>) and display name.
+    observer_localpart: str = Field(default="peekproxy", pattern=r"^[a-z0-9._=/+-]+$")
+    observer_displayname: str = Field(default="peekproxy observer", max_length=256)
+    #: How long an observed room nobody peeks stays joined before the observer leaves.
+    observer_linger: Duration = Field(default=3600.0, ge=0)
+    #: Most rooms the observer is joined to at once.
+    max_observed_rooms: int = Field(default=100, ge=1)
 
 
 class UpstreamSection(Section):

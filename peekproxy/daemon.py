@@ -36,6 +36,7 @@ from peekproxy.services.assembly import PeekSettings, build_services
 from peekproxy.services.client_api_follower import ClientApiFollower
 from peekproxy.services.front_sync import FrontSync
 from peekproxy.services.passthrough import Passthrough
+from peekproxy.services.settings import ObserverSettings
 from peekproxy.serving import ServingError, hypercorn_config, open_listeners, watch_signals
 from peekproxy.store.sqlite import open_sqlite
 
@@ -135,6 +136,14 @@ async def run_daemon(
             max_remote_peeks=config.peeks.max_remote_peeks,
             idle_timeout_ms=int(config.peeks.idle_timeout * 1000),
             sync_section=config.peeks.sync_section,
+            observer=None
+            if config.peeks.fallback == "none"
+            else ObserverSettings(
+                user_id=f"@{config.peeks.observer_localpart}:{config.server.server_name}",
+                displayname=config.peeks.observer_displayname,
+                linger_ms=int(config.peeks.observer_linger * 1000),
+                max_rooms=config.peeks.max_observed_rooms,
+            ),
         ),
         local_rooms=local_rooms,
     )

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from peekproxy.services.errors import PeekError
 
 __all__ = [
+    "OBSERVER_HANDLE_PREFIX",
     "Fetched",
     "FollowFailed",
     "Followed",
@@ -39,7 +40,18 @@ __all__ = [
     "Renewed",
     "RoomFollower",
     "RoomSnapshot",
+    "is_observer_handle",
 ]
+
+#: The handles of rooms followed by an observer join start so (the rest is the join event ID).
+OBSERVER_HANDLE_PREFIX = "join:"
+
+
+def is_observer_handle(handle: str | None) -> bool:
+    """Whether ``handle`` names an observer join (the room is joined as the observer user:
+    every server in the room may send its events, and members may ask for them)."""
+    return handle is not None and handle.startswith(OBSERVER_HANDLE_PREFIX)
+
 
 #: (event ID, PDU, redacted) of an event fetched and verified, ready to be stored.
 Fetched = tuple[str, dict[str, Any], bool]

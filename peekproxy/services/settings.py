@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-__all__ = ["PeekSettings", "now_ms"]
+__all__ = ["ObserverSettings", "PeekSettings", "now_ms"]
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,8 @@ class PeekSettings:
     ``renewal_max_ms``: the longest wait between renewals of a remote peek;
     ``max_peeks_per_device`` / ``max_remote_peeks``: caps (403 / 503 beyond them);
     ``idle_timeout_ms``: a device silent this long has its peeks made dormant;
-    ``sync_section``: the key of the peeked rooms in a ``/sync`` answer (MSC2753: ``peek``).
+    ``sync_section``: the key of the peeked rooms in a ``/sync`` answer (MSC2753: ``peek``);
+    ``observer``: the observer join fallback (``None``: off; docs/observer-join.md).
     """
 
     linger_ms: int
@@ -25,6 +26,22 @@ class PeekSettings:
     max_remote_peeks: int
     idle_timeout_ms: int = 600_000
     sync_section: str = "peek"
+    observer: ObserverSettings | None = None
+
+
+@dataclass(frozen=True)
+class ObserverSettings:
+    """The observer join fallback (``[peeks] fallback = "observer_join"``).
+
+    ``user_id``: the observer, ``@<observer_localpart>:<server_name>``; ``displayname``:
+    its ``m.room.member`` display name; ``linger_ms``: how long an observed room nobody
+    peeks stays joined before the observer leaves; ``max_rooms``: most rooms joined at once.
+    """
+
+    user_id: str
+    displayname: str
+    linger_ms: int = 3_600_000
+    max_rooms: int = 100
 
 
 def now_ms() -> int:
