@@ -30,7 +30,7 @@ Spawn = Callable[..., Awaitable[DaemonProcess]]
 #: Fixtures that start real processes (peekproxy, a testbed, Synapse, nginx, Caddy): a test
 #: using one is an end-to-end test, marked ``slow`` so that ``-m "not slow"`` runs the fast
 #: set alone.
-PROCESS_FIXTURES = frozenset({"spawn", "synapse", "reverse_proxies"})
+PROCESS_FIXTURES = frozenset({"spawn", "synapse", "synapse_b", "reverse_proxies"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -73,4 +73,4 @@ def tls_files(tls_ca: trustme.CA, tmp_path: Path) -> Iterator[tuple[Path, Path, 
 
 
 from tests.proxies import fronted, reverse_proxies  # noqa: E402,F401  (nginx, Caddy)
-from tests.synapse import synapse  # noqa: E402,F401  (session fixture)
+from tests.synapse import synapse, synapse_b  # noqa: E402,F401  (session fixtures)

@@ -59,6 +59,9 @@ rc_login: {{address: {{per_second: 1000, burst_count: 10000}},
   account: {{per_second: 1000, burst_count: 10000}},
   failed_attempts: {{per_second: 1000, burst_count: 10000}}}}
 rc_room_creation: {{per_second: 1000, burst_count: 10000}}
+rc_joins: {{local: {{per_second: 1000, burst_count: 10000}},
+  remote: {{per_second: 1000, burst_count: 10000}}}}
+rc_joins_per_room: {{per_second: 1000, burst_count: 10000}}
 rc_federation: {{window_size: 1000, sleep_limit: 10000, sleep_delay: 0, reject_limit: 10000,
   concurrent: 100}}
 """
@@ -206,4 +209,12 @@ def running_synapse(
 @pytest.fixture(scope="session")
 def synapse(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
     with running_synapse(tls_ca, tmp_path_factory.mktemp("synapse")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def synapse_b(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
+    """A second Synapse ("B") beside the session's ``synapse`` ("A"): the same CA, so the
+    two federate over TLS (both named ``localhost:<port>``; loopback allowed)."""
+    with running_synapse(tls_ca, tmp_path_factory.mktemp("synapse-b")) as server:
         yield server
