@@ -72,11 +72,12 @@ class LoopbackTls:
         }
 
 
-def write_loopback_tls(directory: Path) -> LoopbackTls:
-    """Make a CA and a localhost certificate with trustme (a test/demo dependency)."""
+def write_loopback_tls(directory: Path, ca: Any = None) -> LoopbackTls:
+    """Make a CA (or use ``ca``, a ``trustme.CA``, e.g. one a Synapse also trusts) and a
+    localhost certificate with trustme (a test/demo dependency)."""
     import trustme
 
-    ca = trustme.CA()
+    ca = ca or trustme.CA()
     tls = LoopbackTls(directory / "tls.crt", directory / "tls.key", directory / "ca.pem")
     ca.cert_pem.write_to_path(str(tls.ca_file))
     cert = ca.issue_cert("localhost", "127.0.0.1")

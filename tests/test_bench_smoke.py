@@ -19,6 +19,7 @@ SMALL = {
     "send_ingest.py": ["--events", "60"],
     "front_overhead.py": ["--rounds", "10", "--wakes", "2"],
     "pdu_verify.py": ["--rounds", "1", "--repeat", "1"],
+    "first_view.py": ["--members", "5", "--rounds", "1"],
 }
 
 
@@ -28,6 +29,8 @@ def test_a_benchmark_runs(script: str) -> None:
     if script == "front_overhead.py":  # a real Synapse and nginx (skipped without, failed in CI)
         synapse_python()
         proxy_binary("nginx")
+    if script == "first_view.py":  # two real Synapses
+        synapse_python()
     result = subprocess.run(
         [sys.executable, str(BENCH / script), *SMALL[script]],
         capture_output=True,
