@@ -161,14 +161,13 @@ async def sync_until(
     wanted: Callable[[Sync], bool],
     *,
     deadline_s: float = 30.0,
-    **device: str,
 ) -> tuple[Sync, str]:
-    """Long-poll the delegation ``/sync`` (of ``device``: ``user``/``device`` keywords, the
-    world's default device without) until ``wanted(answer)`` holds; returns that answer and
-    its ``next_batch``. Fails at the deadline."""
+    """Long-poll the delegation ``/sync`` (of the world's default device) until
+    ``wanted(answer)`` holds; returns that answer and its ``next_batch``. Fails at the
+    deadline."""
     with trio.fail_after(deadline_s):
         while True:
-            synced = await world.sync(since=since, timeout_ms=5000, **device)
+            synced = await world.sync(since=since, timeout_ms=5000)
             if wanted(synced):
                 return synced, synced["next_batch"]
             since = synced["next_batch"]
