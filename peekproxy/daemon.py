@@ -136,16 +136,17 @@ async def run_daemon(
             max_remote_peeks=config.peeks.max_remote_peeks,
             idle_timeout_ms=int(config.peeks.idle_timeout * 1000),
             sync_section=config.peeks.sync_section,
-            observer=None
-            if config.peeks.fallback == "none"
-            else ObserverSettings(
+            observer=ObserverSettings(
                 user_id=f"@{config.peeks.observer_localpart}:{config.server.server_name}",
+                joins=config.peeks.fallback == "observer_join",
                 displayname=config.peeks.observer_displayname,
                 linger_ms=int(config.peeks.observer_linger * 1000),
                 max_rooms=config.peeks.max_observed_rooms,
             ),
         ),
         local_rooms=local_rooms,
+        server_name=server.server_name,
+        signing_key=signing_key,
     )
 
     limits = {
