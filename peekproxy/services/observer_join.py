@@ -47,6 +47,7 @@ from peekproxy.core.outcomes import (
 from peekproxy.core.validation import InvalidPeekResponse, RoomNotPeekable, ValidatedPeek
 from peekproxy.federation.client import FederationClient, FederationError, RemoteError, path_segment
 from peekproxy.federation.keyring import Keyring, StoredKey
+from peekproxy.metrics import OBSERVER_MEMBERSHIP
 from peekproxy.services import backfill
 from peekproxy.services.errors import PeekError
 from peekproxy.services.following import (
@@ -133,13 +134,18 @@ class ObserverJoin:
         failures: list[PeekAttemptFailure] = []
         for server in candidates:
             try:
-                return await self._join_through(room_id, server)
+                followed = await self._join_through(room_id, server)
             except Exception as error:  # every failure of one candidate is classified
                 failure = classify_peek_error(server, error)
                 log.info("observer join of %s through %s failed: %s", room_id, server, failure)
                 failures.append(failure)
-                if failure.kind is PeekFailureKind.FORBIDDEN:
+                forbidden = failure.kind is PeekFailureKind.FORBIDDEN
+                OBSERVER_MEMBERSHIP.labels("join", "refused" if forbidden else "failed").inc()
+                if forbidden:
                     break
+            else:
+                OBSERVER_MEMBERSHIP.labels("join", "ok").inc()
+                return followed
         summary = summarize_failures(room_id, failures)
         text = summary.error.replace("could not peek", "the observer could not join", 1)
         if failures and all(f.kind is PeekFailureKind.RATE_LIMITED for f in failures):
@@ -167,13 +173,17 @@ class ObserverJoin:
         except RemoteError as e:
             if e.status in (400, 403, 404):
                 log.info("observer leave of %s through %s: %s; counted as left", room_id, server, e)
+                OBSERVER_MEMBERSHIP.labels("leave", "refused").inc()
                 return True
             log.info("observer leave of %s through %s failed: %s; will retry", room_id, server, e)
+            OBSERVER_MEMBERSHIP.labels("leave", "failed").inc()
             return False
         except (FederationError, InvalidPeekResponse) as e:
             log.info("observer leave of %s through %s failed: %s; will retry", room_id, server, e)
+            OBSERVER_MEMBERSHIP.labels("leave", "failed").inc()
             return False
         log.info("observer left %s through %s", room_id, server)
+        OBSERVER_MEMBERSHIP.labels("leave", "ok").inc()
         return True
 
     async def _check_cap(self, room_id: str) -> None:
