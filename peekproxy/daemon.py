@@ -224,7 +224,7 @@ async def run_daemon(
                 await store.record_server_name()
                 log.info(
                     "peekproxy %s ready: server_name=%s key=%s client=%s federation=%s "
-                    "key_server=%s/_matrix/key/v2/server metrics=%s front=%s",
+                    "key_server=%s/_matrix/key/v2/server metrics=%s front=%s fallback=%s",
                     __version__,
                     server.server_name,
                     key_id(signing_key),
@@ -233,6 +233,7 @@ async def run_daemon(
                     federation_url,
                     f"{metrics_url}/metrics" if metrics_url else "disabled",
                     _front_mode(config),
+                    config.peeks.fallback,
                 )
                 sd_notify("READY=1")
                 started = True

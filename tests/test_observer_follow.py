@@ -73,6 +73,7 @@ async def test_observer_joins_follows_and_leaves(
     )
     assert answer.status_code == 200, answer.text
     assert (await _members(alice, room_id)).get(observer) == "join"
+    assert "fallback=observer_join" in daemon.log  # the ready line
     body = (await _call(daemon, "GET", "/sync", params=who | {"timeout": "0"})).json()
     room = body["rooms"]["peek"][room_id]
     texts = [e["content"].get("body") for e in room["timeline"]["events"]]
