@@ -26,7 +26,8 @@ A restore joins again: what happened meanwhile is a gap.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from signedjson.key import get_verify_key
@@ -41,7 +42,7 @@ from peekproxy.core.membership import (
 from peekproxy.core.outcomes import (
     PeekAttemptFailure,
     PeekFailureKind,
-    classify_peek_error,
+    classify_join_error,
     summarize_failures,
 )
 from peekproxy.core.validation import InvalidPeekResponse, RoomNotPeekable, ValidatedPeek
@@ -73,6 +74,21 @@ JOIN_TIMEOUT_S = 30.0
 
 _V1 = "/_matrix/federation/v1"
 _V2 = "/_matrix/federation/v2"
+
+
+class _StepFailed(Exception):
+    def __init__(self, step: str, error: Exception) -> None:
+        super().__init__(f"{step}: {error}")
+        self.step, self.error = step, error
+
+
+@contextmanager
+def _step(name: str) -> Iterator[None]:
+    """Any error inside becomes a :class:`_StepFailed` naming step ``name``."""
+    try:
+        yield
+    except Exception as error:  # classified by the caller (classify_join_error)
+        raise _StepFailed(name, error) from error
 
 
 class ObserverJoin:
@@ -135,8 +151,8 @@ class ObserverJoin:
         for server in candidates:
             try:
                 followed = await self._join_through(room_id, server)
-            except Exception as error:  # every failure of one candidate is classified
-                failure = classify_peek_error(server, error)
+            except _StepFailed as failed:  # every failure of one candidate is classified
+                failure = classify_join_error(server, failed.step, failed.error)
                 log.info("observer join of %s through %s failed: %s", room_id, server, failure)
                 failures.append(failure)
                 forbidden = failure.kind is PeekFailureKind.FORBIDDEN
@@ -202,45 +218,55 @@ class ObserverJoin:
             )
 
     async def _join_through(self, room_id: str, server: str) -> Followed:
+        """Steps 1-4 of the module docstring through ``server``.
+
+        Raises:
+            _StepFailed: naming the step and its error.
+        """
         room = path_segment(room_id)
         user = path_segment(self.user_id)
-        try:
-            summary = await self.client.get_json(server, f"{_V1}/hierarchy/{room}")
-        except RemoteError as e:
-            if e.errcode != "M_UNRECOGNIZED":
-                raise  # 404: the server does not show us the room (unknown, or private)
-            summary = None  # an older server: the state after the join decides
-        if summary is not None:
-            check_summary(summary)
-        template = await self.client.get_json(
-            server,
-            f"{_V1}/make_join/{room}/{user}",
-            query={"ver": SUPPORTED_VERSIONS},
-            timeout=JOIN_TIMEOUT_S,
-        )
-        version = template_room_version(template, SUPPORTED_VERSIONS)
-        event_id, join = membership_event(
-            template,
-            room_id=room_id,
-            user_id=self.user_id,
-            membership="join",
-            server_name=self.server_name,
-            signing_key=self.signing_key,
-            now_ms=self.clock_ms(),
-            displayname=self.settings.displayname,
-        )
-        answer = await self.client.put_json(
-            server,
-            f"{_V2}/send_join/{room}/{path_segment(event_id)}",
-            join,
-            timeout=JOIN_TIMEOUT_S,
-        )
-        try:
-            snapshot = await self._joined(answer, room_id, version, event_id, join)
-        except RoomNotPeekable:
-            log.warning("observer joined %s through %s, may not peek it: leaving", room_id, server)
-            await self.stop(room_id, server, OBSERVER_HANDLE_PREFIX + event_id)
-            raise
+        with _step("hierarchy"):
+            try:
+                summary = await self.client.get_json(server, f"{_V1}/hierarchy/{room}")
+            except RemoteError as e:
+                if e.errcode != "M_UNRECOGNIZED":
+                    raise  # 404: the server does not show us the room (unknown, or private)
+                summary = None  # an older server: the state after the join decides
+            if summary is not None:
+                check_summary(summary)
+        with _step("make_join"):
+            template = await self.client.get_json(
+                server,
+                f"{_V1}/make_join/{room}/{user}",
+                query={"ver": SUPPORTED_VERSIONS},
+                timeout=JOIN_TIMEOUT_S,
+            )
+            version = template_room_version(template, SUPPORTED_VERSIONS)
+            event_id, join = membership_event(
+                template,
+                room_id=room_id,
+                user_id=self.user_id,
+                membership="join",
+                server_name=self.server_name,
+                signing_key=self.signing_key,
+                now_ms=self.clock_ms(),
+                displayname=self.settings.displayname,
+            )
+        with _step("send_join"):
+            answer = await self.client.put_json(
+                server,
+                f"{_V2}/send_join/{room}/{path_segment(event_id)}",
+                join,
+                timeout=JOIN_TIMEOUT_S,
+            )
+            try:
+                snapshot = await self._joined(answer, room_id, version, event_id, join)
+            except RoomNotPeekable:
+                log.warning(
+                    "observer joined %s through %s, may not peek it: leaving", room_id, server
+                )
+                await self.stop(room_id, server, OBSERVER_HANDLE_PREFIX + event_id)
+                raise
         log.info("observer joined %s through %s (room version %s)", room_id, server, version)
         return Followed(
             server=server,
