@@ -13,7 +13,8 @@ the same ingest as MSC2444 pushes). Per candidate server (SSAPI §Joining Rooms)
 3. ``PUT /_matrix/federation/v2/send_join/{roomId}/{eventId}`` (full state: no
    ``omit_members``) → the state and auth chain, every PDU checked
    (:func:`peekproxy.core.membership.joined_room`). A state that shows the room not
-   peekable after all → leave at once, 403.
+   peekable after all → leave at once, 403; an answer that cannot be used, or none at all
+   (the join may have gone through) → leave too, and try the next candidate.
 4. The history before our join from ``/backfill`` (the first view, as for a peek).
 
 The following's handle is ``join:`` + our join event ID; it needs no renewal (its interval
@@ -45,7 +46,7 @@ from peekproxy.core.outcomes import (
     classify_join_error,
     summarize_failures,
 )
-from peekproxy.core.validation import InvalidPeekResponse, RoomNotPeekable, ValidatedPeek
+from peekproxy.core.validation import InvalidPeekResponse, ValidatedPeek
 from peekproxy.federation.client import FederationClient, FederationError, RemoteError, path_segment
 from peekproxy.federation.keyring import Keyring, StoredKey
 from peekproxy.metrics import OBSERVER_MEMBERSHIP
@@ -253,24 +254,31 @@ class ObserverJoin:
                 displayname=self.settings.displayname,
             )
         with _step("send_join"):
-            answer = await self.client.put_json(
-                server,
-                f"{_V2}/send_join/{room}/{path_segment(event_id)}",
-                join,
-                timeout=JOIN_TIMEOUT_S,
-            )
+            handle = OBSERVER_HANDLE_PREFIX + event_id
+            try:
+                answer = await self.client.put_json(
+                    server,
+                    f"{_V2}/send_join/{room}/{path_segment(event_id)}",
+                    join,
+                    timeout=JOIN_TIMEOUT_S,
+                )
+            except RemoteError:
+                raise  # the server answered no: we are not in the room
+            except FederationError:
+                # No answer (timeout, connection lost): the join may have gone through.
+                await self.stop(room_id, server, handle)
+                raise
             try:
                 snapshot = await self._joined(answer, room_id, version, event_id, join)
-            except RoomNotPeekable:
-                log.warning(
-                    "observer joined %s through %s, may not peek it: leaving", room_id, server
-                )
-                await self.stop(room_id, server, OBSERVER_HANDLE_PREFIX + event_id)
+            except InvalidPeekResponse as e:
+                # We are in the room but cannot follow it (RoomNotPeekable: may not).
+                log.warning("observer in %s through %s, leaving: %s", room_id, server, e)
+                await self.stop(room_id, server, handle)
                 raise
         log.info("observer joined %s through %s (room version %s)", room_id, server, version)
         return Followed(
             server=server,
-            handle=OBSERVER_HANDLE_PREFIX + event_id,
+            handle=handle,
             interval_ms=JOIN_INTERVAL_MS,
             at_ms=self.clock_ms(),
             snapshot=snapshot,
