@@ -136,16 +136,17 @@ async def run_daemon(
             max_remote_peeks=config.peeks.max_remote_peeks,
             idle_timeout_ms=int(config.peeks.idle_timeout * 1000),
             sync_section=config.peeks.sync_section,
-            observer=None
-            if config.peeks.fallback == "none"
-            else ObserverSettings(
+            observer=ObserverSettings(
                 user_id=f"@{config.peeks.observer_localpart}:{config.server.server_name}",
+                joins=config.peeks.fallback == "observer_join",
                 displayname=config.peeks.observer_displayname,
                 linger_ms=int(config.peeks.observer_linger * 1000),
                 max_rooms=config.peeks.max_observed_rooms,
             ),
         ),
         local_rooms=local_rooms,
+        server_name=server.server_name,
+        signing_key=signing_key,
     )
 
     limits = {
@@ -223,7 +224,7 @@ async def run_daemon(
                 await store.record_server_name()
                 log.info(
                     "peekproxy %s ready: server_name=%s key=%s client=%s federation=%s "
-                    "key_server=%s/_matrix/key/v2/server metrics=%s front=%s",
+                    "key_server=%s/_matrix/key/v2/server metrics=%s front=%s fallback=%s",
                     __version__,
                     server.server_name,
                     key_id(signing_key),
@@ -232,6 +233,7 @@ async def run_daemon(
                     federation_url,
                     f"{metrics_url}/metrics" if metrics_url else "disabled",
                     _front_mode(config),
+                    config.peeks.fallback,
                 )
                 sd_notify("READY=1")
                 started = True

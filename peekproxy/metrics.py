@@ -12,6 +12,7 @@ __all__ = [
     "FRONT_SYNCS",
     "HTTP_REQUESTS",
     "HTTP_REQUEST_SECONDS",
+    "OBSERVER_MEMBERSHIP",
     "SYNC_ANSWERS",
     "TOKEN_CHECKS",
     "RequestMetrics",
@@ -54,6 +55,13 @@ TOKEN_CHECKS = Counter(
     "Front mode access-token checks, by result: 'cached' (no request), 'asked' (a whoami "
     "request to the homeserver)",
     ["result"],
+)
+
+OBSERVER_MEMBERSHIP = Counter(
+    "peekproxy_observer_membership",
+    "Observer joins and leaves (docs/observer-join.md), by action ('join', 'leave') and "
+    "outcome ('ok', 'refused': the room may not be peeked or the server said no, 'failed')",
+    ["action", "outcome"],
 )
 
 

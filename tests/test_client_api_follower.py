@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -230,9 +231,17 @@ async def test_errors_while_live_back_off_and_retry(
 
 
 class FakeFollower:
+    """A follower that answers with ``name`` as its handle, or fails with ``error``;
+    ``lacking``: the servers it says lack MSC2444 (as Msc2444Peeks.lacks_msc2444)."""
+
     def __init__(self, name: str, error: PeekError | None = None) -> None:
         self.name, self.error = name, error
         self.calls: list[tuple[str, Any]] = []
+        self.lacking: set[str] = set()
+        self.settings = SimpleNamespace(joins=True)
+
+    def lacks_msc2444(self, server: str) -> bool:
+        return server in self.lacking
 
     async def follow(self, room_id: str, candidates: Sequence[str]) -> Followed:
         self.calls.append(("follow", list(candidates)))

@@ -14,6 +14,7 @@ from peekproxy.core.outcomes import (
     PeekFailureKind,
     PeekFailureSummary,
     candidate_servers,
+    classify_join_error,
     classify_peek_error,
     new_peek_id,
     renewal_delay_ms,
@@ -344,3 +345,39 @@ def test_new_peek_id_shape_and_randomness() -> None:
     assert len(set(ids)) == len(ids)
     used = set("".join(ids))
     assert len(used) == 62  # 16 000 draws cover the whole alphabet
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "kind", "reason"),
+    [
+        (
+            "make_join",
+            _remote(403, {"errcode": "M_FORBIDDEN", "error": "You are not invited to this room."}),
+            PeekFailureKind.FORBIDDEN,
+            "make_join refused (HTTP 403 M_FORBIDDEN: You are not invited to this room.)",
+        ),
+        (
+            "make_join",
+            _remote(404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}),
+            PeekFailureKind.UNSUPPORTED,
+            "make_join is not answered (HTTP 404 M_UNRECOGNIZED)",
+        ),
+        (
+            "hierarchy",
+            RoomNotPeekable("the room is encrypted"),
+            PeekFailureKind.FORBIDDEN,
+            "hierarchy shows a room that may not be peeked (the room is encrypted)",
+        ),
+        (
+            "send_join",
+            InvalidPeekResponse("no state list"),
+            PeekFailureKind.INVALID_RESPONSE,
+            "send_join gave an invalid answer (no state list)",
+        ),
+    ],
+)
+def test_a_join_failure_names_its_step(
+    step: str, error: Exception, kind: PeekFailureKind, reason: str
+) -> None:
+    failure = classify_join_error("a.test", step, error)
+    assert (failure.server, failure.kind, failure.reason) == ("a.test", kind, reason)

@@ -18,7 +18,7 @@ import re
 import secrets
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from peekproxy.core.federation_errors import (
     BadResponse,
@@ -38,6 +38,7 @@ __all__ = [
     "PeekFailureKind",
     "PeekFailureSummary",
     "candidate_servers",
+    "classify_join_error",
     "classify_peek_error",
     "new_peek_id",
     "renewal_delay_ms",
@@ -231,6 +232,27 @@ def classify_peek_error(server: str, error: Exception) -> PeekAttemptFailure:
         return PeekAttemptFailure(server, PeekFailureKind.UNREACHABLE, reason)
     text = _clean(str(error)) or type(error).__name__
     return PeekAttemptFailure(server, PeekFailureKind.UNREACHABLE, f"unreachable ({text})")
+
+
+#: How :func:`classify_join_error` rewords the reasons of :func:`classify_peek_error`.
+_JOIN_WORDS = (
+    (_UNSUPPORTED, "is not answered"),
+    ("refused the peek", "refused"),
+    ("invalid peek response", "gave an invalid answer"),
+    ("room may not be peeked", "shows a room that may not be peeked"),
+)
+
+
+def classify_join_error(server: str, step: str, error: Exception) -> PeekAttemptFailure:
+    """Classify the failure of one step of an observer join through ``server`` (``step``:
+    the request, e.g. ``"make_join"``) as :func:`classify_peek_error` does, the reason
+    naming the step: ``"make_join refused (HTTP 403 M_FORBIDDEN: You are not invited to
+    this room.)"``, ``"send_join shows a room that may not be peeked (...)"``. Never raises."""
+    failure = classify_peek_error(server, error)
+    reason = failure.reason
+    for peek_words, join_words in _JOIN_WORDS:
+        reason = reason.replace(peek_words, join_words, 1)
+    return replace(failure, reason=f"{step} {reason}")
 
 
 def _is_server_name(value: object) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["ending_reason", "unpeekable_reason"]
+__all__ = ["ending_reason", "observer_removed_reason", "unpeekable_reason"]
 
 
 def unpeekable_reason(pdu: Mapping[str, Any]) -> str | None:
@@ -35,4 +35,24 @@ def ending_reason(pdus: Iterable[Mapping[str, Any]]) -> str | None:
     found = None
     for pdu in pdus:
         found = unpeekable_reason(pdu) or found
+    return found
+
+
+def observer_removed_reason(pdus: Iterable[Mapping[str, Any]], observer: str) -> str | None:
+    """Why the observer (user ID ``observer``) is out of the room after ``pdus`` (oldest
+    first): the newest ``m.room.member`` event of it, when that is not a join (a kick or a
+    ban: ``"the observer was removed (leave by @mod:a.test: spam)"``), else ``None``.
+    An observer join followed that way cannot go on; its peeks end."""
+    found = None
+    for pdu in pdus:
+        if pdu.get("type") != "m.room.member" or pdu.get("state_key") != observer:
+            continue
+        content = pdu.get("content")
+        membership = content.get("membership") if isinstance(content, Mapping) else None
+        if membership == "join":
+            found = None
+            continue
+        reason = content.get("reason") if isinstance(content, Mapping) else None
+        found = f"the observer was removed ({str(membership)[:20]} by {str(pdu.get('sender'))[:80]}"
+        found += f": {reason[:120]})" if isinstance(reason, str) and reason else ")"
     return found

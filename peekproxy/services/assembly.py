@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
+from signedjson.types import SigningKey
 
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
@@ -17,6 +18,7 @@ from peekproxy.services.ingest import Ingest
 from peekproxy.services.missing_events import MissingEvents
 from peekproxy.services.msc2444 import Msc2444Peeks
 from peekproxy.services.notifier import Notifier
+from peekproxy.services.observer_join import ObserverJoin
 from peekproxy.services.reads import HistoryReads
 from peekproxy.services.settings import PeekSettings, now_ms
 from peekproxy.services.subscriptions import Subscriptions
@@ -71,18 +73,35 @@ def build_services(
     clock_ms: Callable[[], int] = now_ms,
     follower: RoomFollower | None = None,
     local_rooms: ClientApiFollower | None = None,
+    server_name: str | None = None,
+    signing_key: SigningKey | None = None,
 ) -> Services:
     """The peek services over ``store``, sending through ``client`` (keys from ``keyring``).
-    ``follower``: how remote rooms are followed (default: MSC2444 peeks, and with
-    ``local_rooms`` the fronted homeserver's own rooms through its client API first)."""
+    ``follower``: how remote rooms are followed (default: MSC2444 peeks; with
+    ``local_rooms`` the fronted homeserver's own rooms through its client API first; with
+    ``settings.observer``, ``server_name`` and ``signing_key`` the observer join after
+    MSC2444)."""
     notifier = Notifier()
     missing = MissingEvents(store=store, client=client, keyring=keyring)
     if follower is None:
-        follower = Msc2444Peeks(
+        msc2444 = Msc2444Peeks(
             store=store, client=client, keyring=keyring, missing=missing, clock_ms=clock_ms
         )
-        if local_rooms is not None:
-            follower = FollowerChoice(local=local_rooms, remote=follower)
+        observer = None
+        if settings.observer is not None and server_name and signing_key is not None:
+            observer = ObserverJoin(
+                store=store,
+                client=client,
+                keyring=keyring,
+                missing=missing,
+                server_name=server_name,
+                signing_key=signing_key,
+                settings=settings.observer,
+                clock_ms=clock_ms,
+            )
+        follower = msc2444
+        if local_rooms is not None or observer is not None:
+            follower = FollowerChoice(remote=msc2444, local=local_rooms, observer=observer)
     directory = RoomDirectory(
         client=client, local_aliases=None if local_rooms is None else local_rooms.directory_entry
     )

@@ -21,11 +21,14 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
 from peekproxy.core.events import event_refs, room_id_for_create
 from peekproxy.core.pdu import check_pdu
 from peekproxy.core.room_versions import RoomVersion, UnknownRoomVersion, room_version
 from peekproxy.federation.client import FederationClient, FederationError, path_segment
 from peekproxy.federation.keyring import Keyring
+from peekproxy.services.following import Fetched, RoomSnapshot
 from peekproxy.store import Storage
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "Backfilled",
     "fetch_backfill",
     "fill_gap",
+    "first_view",
     "new_history",
 ]
 
@@ -230,3 +234,47 @@ async def fill_gap(
         " (closed)" if reached else "",
     )
     return True
+
+
+async def first_view(
+    store: Storage,
+    client: FederationClient,
+    keyring: Keyring,
+    room_id: str,
+    server: str,
+    snapshot: RoomSnapshot,
+) -> tuple[list[Fetched], bool] | None:
+    """Up to :data:`FIRST_VIEW_LIMIT` events before ``snapshot``'s latest event from
+    ``server``'s ``/backfill`` (bounded by :data:`FIRST_VIEW_TIMEOUT_S`, its signers' keys
+    included), oldest first, without those a client already sees, and whether nothing is
+    missing before them (a new MSC2444 peek or observer join: the first view). ``None``
+    when the latest event is already held (nothing to add); a failed fetch gives
+    ``([], False)`` (a gap)."""
+    latest = snapshot.latest_event_id
+    if await store.read(lambda tx: tx.held_event_ids(room_id, [latest])):
+        return None
+    fetched: list[Backfilled] | None = None
+    # One deadline for the whole fetch, its signers' keys included: the room's lock is
+    # held meanwhile, and /send of the room waits for it (Subscriptions.wait_for_setups).
+    with trio.move_on_after(FIRST_VIEW_TIMEOUT_S):
+        try:
+            fetched = await fetch_backfill(
+                client,
+                keyring,
+                server=server,
+                room_id=room_id,
+                version=snapshot.room_version,
+                anchors=[latest],
+                limit=FIRST_VIEW_LIMIT + 1,  # /backfill includes the anchor
+                timeout=FIRST_VIEW_TIMEOUT_S,
+            )
+        except BackfillFailed as e:
+            log.info("no history before the latest event of %s (%s): a gap", room_id, e)
+            return [], False
+    if fetched is None:
+        log.info("no history before the latest event of %s (timed out): a gap", room_id)
+        return [], False
+    ids = [e.event_id for e in fetched]
+    held = await store.read(lambda tx: tx.held_event_ids(room_id, ids))
+    new, complete = new_history(fetched, anchors=[latest], held=held)
+    return [(e.event_id, e.pdu, e.redacted) for e in reversed(new)], complete

@@ -25,12 +25,12 @@ import trio
 from peekproxy.core.ephemeral import per_user_edus
 from peekproxy.core.events import best_effort_event_id, event_refs
 from peekproxy.core.pdu import check_pdu
-from peekproxy.core.peekability import ending_reason
+from peekproxy.core.peekability import ending_reason, observer_removed_reason
 from peekproxy.core.room_versions import room_version
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
 from peekproxy.services.errors import PeekError
-from peekproxy.services.following import Fetched
+from peekproxy.services.following import Fetched, is_observer_handle
 from peekproxy.services.missing_events import MissingEvents
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import now_ms
@@ -291,6 +291,9 @@ class Ingest:
             known.add(event_id)
             results[event_id] = {}
         reason = ending_reason(pdu for _, pdu, _ in batch)
+        observer = self.subscriptions.settings.observer
+        if not reason and observer is not None and is_observer_handle(sub.peek_id):
+            reason = observer_removed_reason((pdu for _, pdu, _ in batch), observer.user_id)
         if reason:
             unpeekable[room_id] = reason
         lacking = [

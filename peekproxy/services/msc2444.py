@@ -139,7 +139,9 @@ class Msc2444Peeks:
                     interval_ms=validated.renewal_interval_ms,
                     at_ms=now,
                     snapshot=validated,
-                    history=await self._first_view(room_id, server, validated),
+                    history=await backfill.first_view(
+                        self.store, self.client, self.keyring, room_id, server, validated
+                    ),
                     abandoned=tuple(abandoned),
                 )
             if failures and failures[-1].kind is PeekFailureKind.FORBIDDEN:
@@ -157,6 +159,11 @@ class Msc2444Peeks:
             rate_limited=False,
             abandoned=tuple(abandoned),
         )
+
+    def lacks_msc2444(self, server: str) -> bool:
+        """Whether ``server`` showed lately that it has no MSC2444 endpoint (it is then
+        skipped for an hour: :class:`~peekproxy.core.unsupported.UnsupportedServers`)."""
+        return self.unsupported.skip(server, self.clock_ms()) is not None
 
     async def renew(self, room_id: str, server: str, handle: str) -> Renewed | RenewalFailed:
         """Re-PUT the peek ``handle``: ``{}`` renews it; a full reply (Dendrite always
@@ -217,43 +224,6 @@ class Msc2444Peeks:
         return validate_peek_response(
             body, room_id=room_id, supported_versions=SUPPORTED_VERSIONS, keys=self.keyring.lookup
         )
-
-    async def _first_view(
-        self, room_id: str, server: str, validated: ValidatedPeek
-    ) -> tuple[list[Fetched], bool] | None:
-        """Up to ``backfill.FIRST_VIEW_LIMIT`` events before the snapshot's latest event from
-        the peeked server's ``/backfill`` (bounded by ``backfill.FIRST_VIEW_TIMEOUT_S``),
-        oldest first, without those a client already sees, and whether nothing is missing
-        before them. ``None`` when the latest event is already held (nothing to add);
-        a failed fetch gives ``([], False)`` (a gap)."""
-        latest = validated.latest_event_id
-        if await self.store.read(lambda tx: tx.held_event_ids(room_id, [latest])):
-            return None
-        fetched: list[backfill.Backfilled] | None = None
-        # One deadline for the whole fetch, its signers' keys included: the room's lock is
-        # held meanwhile, and /send of the room waits for it (Subscriptions.wait_for_setups).
-        with trio.move_on_after(backfill.FIRST_VIEW_TIMEOUT_S):
-            try:
-                fetched = await backfill.fetch_backfill(
-                    self.client,
-                    self.keyring,
-                    server=server,
-                    room_id=room_id,
-                    version=validated.room_version,
-                    anchors=[latest],
-                    limit=backfill.FIRST_VIEW_LIMIT + 1,  # /backfill includes the anchor
-                    timeout=backfill.FIRST_VIEW_TIMEOUT_S,
-                )
-            except backfill.BackfillFailed as e:
-                log.info("no history before the latest event of %s (%s): a gap", room_id, e)
-                return [], False
-        if fetched is None:
-            log.info("no history before the latest event of %s (timed out): a gap", room_id)
-            return [], False
-        ids = [e.event_id for e in fetched]
-        held = await self.store.read(lambda tx: tx.held_event_ids(room_id, ids))
-        new, complete = backfill.new_history(fetched, anchors=[latest], held=held)
-        return [(e.event_id, e.pdu, e.redacted) for e in reversed(new)], complete
 
     async def _renewal_fill(
         self, server: str, room_id: str, validated: ValidatedPeek

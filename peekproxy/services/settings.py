@@ -17,7 +17,7 @@ class PeekSettings:
     ``max_peeks_per_device`` / ``max_remote_peeks``: caps (403 / 503 beyond them);
     ``idle_timeout_ms``: a device silent this long has its peeks made dormant;
     ``sync_section``: the key of the peeked rooms in a ``/sync`` answer (MSC2753: ``peek``);
-    ``observer``: the observer join fallback (``None``: off; docs/observer-join.md).
+    ``observer``: the observer user (docs/observer-join.md; ``None``: none at all).
     """
 
     linger_ms: int
@@ -31,14 +31,17 @@ class PeekSettings:
 
 @dataclass(frozen=True)
 class ObserverSettings:
-    """The observer join fallback (``[peeks] fallback = "observer_join"``).
+    """The observer user of the observer join fallback.
 
     ``user_id``: the observer, ``@<observer_localpart>:<server_name>``; ``displayname``:
     its ``m.room.member`` display name; ``linger_ms``: how long an observed room nobody
-    peeks stays joined before the observer leaves; ``max_rooms``: most rooms joined at once.
+    peeks stays joined before the observer leaves; ``max_rooms``: most rooms joined at once;
+    ``joins``: whether new rooms are joined (``[peeks] fallback = "observer_join"``). With
+    ``joins`` off the observer still leaves the rooms it was in, and answers for them.
     """
 
     user_id: str
+    joins: bool
     displayname: str
     linger_ms: int = 3_600_000
     max_rooms: int = 100

@@ -36,6 +36,7 @@ from peekproxy.services.following import (
     RenewalFailed,
     RoomFollower,
     RoomSnapshot,
+    is_observer_handle,
 )
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import PeekSettings, now_ms
@@ -193,10 +194,15 @@ class Subscriptions:
 
     async def unwanted(self, room_id: str, now_ms: int) -> None:
         """No device wants ``room_id`` any more (call with :meth:`room_lock` held): the
-        following stops after ``linger_ms``."""
+        following stops after ``linger_ms`` (an observer join: after the observer's own
+        ``linger_ms``, so that idle and restore do not spam membership events)."""
         sub = self.by_room.get(room_id)
         if sub is not None:
-            await self._save(subs.unwanted(sub, now_ms=now_ms, linger_ms=self.settings.linger_ms))
+            linger_ms = self.settings.linger_ms
+            observer = self.settings.observer
+            if observer is not None and is_observer_handle(sub.peek_id):
+                linger_ms = observer.linger_ms
+            await self._save(subs.unwanted(sub, now_ms=now_ms, linger_ms=linger_ms))
 
     async def end_peeking(self, room_id: str, reason: str) -> None:
         """The room is no longer peekable (protocol.md decision 10): its subscription and

@@ -43,12 +43,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from signedjson.key import get_verify_key
-from signedjson.sign import sign_json
 from signedjson.types import SigningKey
 from unpaddedbase64 import encode_base64
 
-from peekproxy.core.events import compute_event_id, content_hash, redact, room_id_for_create
+from peekproxy.core.events import compute_event_id, content_hash, room_id_for_create
 from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, ServerName, UserId
+from peekproxy.core.membership import sign_event
 from peekproxy.core.pdu import check_pdu
 from peekproxy.core.pdu_signatures import VerifyKeyInfo, key_table
 from peekproxy.core.room_versions import RoomVersion, UnknownRoomVersion, room_version
@@ -811,14 +811,10 @@ class TestbedRoom:
         Raises:
             RoomError: the event cannot be encoded as canonical JSON.
         """
-        pdu = dict(fields)
         try:
-            pdu["hashes"] = {"sha256": encode_base64(content_hash(pdu))}
-            signed = sign_json(redact(pdu, rules), server_name, signing_key)
+            return sign_event(fields, rules, server_name, signing_key)
         except (ValueError, TypeError, RecursionError) as e:
             raise RoomError(f"the event cannot be encoded as canonical JSON: {e}") from None
-        pdu["signatures"] = signed["signatures"]
-        return dict(sorted(pdu.items()))
 
     @staticmethod
     def _verify(

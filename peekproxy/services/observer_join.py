@@ -1,0 +1,334 @@
+"""The observer join: a :class:`~peekproxy.services.following.RoomFollower` for rooms whose
+servers lack MSC2444 (docs/observer-join.md; opt-in, ``[peeks] fallback = "observer_join"``).
+
+peekproxy joins the room as one user of its own server name (the *observer*) and then
+receives the room's events by ordinary federation (``/send`` from every server in the room,
+the same ingest as MSC2444 pushes). Per candidate server (SSAPI §Joining Rooms):
+
+1. ``GET /_matrix/federation/v1/hierarchy/{roomId}``: the room's summary must say
+   ``world_readable`` and show no ``encryption`` (:func:`peekproxy.core.membership.check_summary`);
+   a server without the endpoint (``M_UNRECOGNIZED``) is passed: the state after the join
+   decides instead. We never join a room we may not peek.
+2. ``GET /make_join/{roomId}/{userId}?ver=...`` → our join from its template, signed.
+3. ``PUT /_matrix/federation/v2/send_join/{roomId}/{eventId}`` (full state: no
+   ``omit_members``) → the state and auth chain, every PDU checked
+   (:func:`peekproxy.core.membership.joined_room`). A state that shows the room not
+   peekable after all → leave at once, 403; an answer that cannot be used, or none at all
+   (the join may have gone through) → leave too, and try the next candidate.
+4. The history before our join from ``/backfill`` (the first view, as for a peek).
+
+The following's handle is ``join:`` + our join event ID; it needs no renewal (its interval
+is a day; :meth:`ObserverJoin.renew` asks nothing). :meth:`ObserverJoin.stop` leaves
+(``make_leave`` + ``send_leave`` v2). How long a room nobody peeks stays joined is
+``peeks.observer_linger`` (:class:`~peekproxy.services.subscriptions.Subscriptions`).
+A restore joins again: what happened meanwhile is a gap.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from signedjson.key import get_verify_key
+from signedjson.types import SigningKey
+
+from peekproxy.core.membership import (
+    check_summary,
+    joined_room,
+    membership_event,
+    template_room_version,
+)
+from peekproxy.core.outcomes import (
+    PeekAttemptFailure,
+    PeekFailureKind,
+    classify_join_error,
+    summarize_failures,
+)
+from peekproxy.core.validation import InvalidPeekResponse, ValidatedPeek
+from peekproxy.federation.client import FederationClient, FederationError, RemoteError, path_segment
+from peekproxy.federation.keyring import Keyring, StoredKey
+from peekproxy.metrics import OBSERVER_MEMBERSHIP
+from peekproxy.services import backfill
+from peekproxy.services.errors import PeekError
+from peekproxy.services.following import (
+    OBSERVER_HANDLE_PREFIX,
+    Followed,
+    FollowFailed,
+    Renewed,
+    is_observer_handle,
+)
+from peekproxy.services.missing_events import MissingEvents
+from peekproxy.services.msc2444 import SUPPORTED_VERSIONS
+from peekproxy.services.settings import ObserverSettings, now_ms
+from peekproxy.store import Storage
+
+__all__ = ["JOIN_INTERVAL_MS", "JOIN_TIMEOUT_S", "ObserverJoin"]
+
+log = logging.getLogger("peekproxy.observer")
+
+#: An observer join needs no renewal: its ``interval_ms`` is a day (renewals ask nothing).
+JOIN_INTERVAL_MS = 86_400_000
+#: One candidate's make_join + send_join may take this long (s) as a whole.
+JOIN_TIMEOUT_S = 30.0
+
+_V1 = "/_matrix/federation/v1"
+_V2 = "/_matrix/federation/v2"
+
+
+class _StepFailed(Exception):
+    def __init__(self, step: str, error: Exception) -> None:
+        super().__init__(f"{step}: {error}")
+        self.step, self.error = step, error
+
+
+@contextmanager
+def _step(name: str) -> Iterator[None]:
+    """Any error inside becomes a :class:`_StepFailed` naming step ``name``."""
+    try:
+        yield
+    except Exception as error:  # classified by the caller (classify_join_error)
+        raise _StepFailed(name, error) from error
+
+
+class ObserverJoin:
+    """Rooms followed by joining them as the observer user (see the module docstring).
+
+    Args:
+        server_name: our server name (the observer's, and the signer of its events).
+        signing_key: our current signing key.
+        settings: the observer's user ID, display name and cap on joined rooms.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Storage,
+        client: FederationClient,
+        keyring: Keyring,
+        missing: MissingEvents,
+        server_name: str,
+        signing_key: SigningKey,
+        settings: ObserverSettings,
+        clock_ms: Callable[[], int] = now_ms,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.keyring = keyring
+        self.missing = missing
+        self.server_name = server_name
+        self.signing_key = signing_key
+        self.settings = settings
+        self.clock_ms = clock_ms
+        # Our own join comes back in send_join answers: its signature is checked too.
+        keyring.add_trusted(
+            StoredKey(
+                server_name,
+                f"{signing_key.alg}:{signing_key.version}",
+                get_verify_key(signing_key),
+                valid_until_ts=2**62,
+                expired_ts=None,
+                fetched_ts=clock_ms(),
+            )
+        )
+
+    @property
+    def user_id(self) -> str:
+        return self.settings.user_id
+
+    async def follow(self, room_id: str, candidates: Sequence[str]) -> Followed:
+        """Join ``room_id`` as the observer through the first candidate that lets us (steps
+        1-4 of the module docstring).
+
+        Raises:
+            FollowFailed: 503 ``M_LIMIT_EXCEEDED`` when the observer is already in
+                ``max_rooms`` rooms; 403 when a server shows the room may not be peeked
+                (not world_readable, encrypted, banned, invite-only...); 429 when every
+                candidate rate-limited us; else 502/404 naming each candidate and why.
+        """
+        await self._check_cap(room_id)
+        failures: list[PeekAttemptFailure] = []
+        for server in candidates:
+            try:
+                followed = await self._join_through(room_id, server)
+            except _StepFailed as failed:  # every failure of one candidate is classified
+                failure = classify_join_error(server, failed.step, failed.error)
+                log.info("observer join of %s through %s failed: %s", room_id, server, failure)
+                failures.append(failure)
+                forbidden = failure.kind is PeekFailureKind.FORBIDDEN
+                OBSERVER_MEMBERSHIP.labels("join", "refused" if forbidden else "failed").inc()
+                if forbidden:
+                    break
+            else:
+                OBSERVER_MEMBERSHIP.labels("join", "ok").inc()
+                return followed
+        summary = summarize_failures(room_id, failures)
+        text = summary.error.replace("could not peek", "the observer could not join", 1)
+        if failures and all(f.kind is PeekFailureKind.RATE_LIMITED for f in failures):
+            wait = max((f.retry_after_ms or 1000) for f in failures)
+            raise FollowFailed(
+                PeekError(429, "M_LIMIT_EXCEEDED", text, retry_after_ms=wait),
+                rate_limited=True,
+                abandoned=(),
+            )
+        raise FollowFailed(
+            PeekError(summary.status, summary.errcode, text), rate_limited=False, abandoned=()
+        )
+
+    async def renew(self, room_id: str, server: str, handle: str) -> Renewed:
+        """Nothing to renew: a membership lasts until we leave (or are removed, which
+        the room's events tell)."""
+        return Renewed(at_ms=self.clock_ms())
+
+    async def stop(self, room_id: str, server: str, handle: str) -> bool:
+        """Leave ``room_id`` through ``server`` (``make_leave`` + ``send_leave`` v2). ``True``
+        when we are out (also when the server says we are not in the room, or refuses us
+        altogether: banned by its ACL, the room gone); ``False`` to try again later."""
+        try:
+            await self._leave(room_id, server)
+        except RemoteError as e:
+            if e.status in (400, 403, 404):
+                log.info("observer leave of %s through %s: %s; counted as left", room_id, server, e)
+                OBSERVER_MEMBERSHIP.labels("leave", "refused").inc()
+                return True
+            log.info("observer leave of %s through %s failed: %s; will retry", room_id, server, e)
+            OBSERVER_MEMBERSHIP.labels("leave", "failed").inc()
+            return False
+        except (FederationError, InvalidPeekResponse) as e:
+            log.info("observer leave of %s through %s failed: %s; will retry", room_id, server, e)
+            OBSERVER_MEMBERSHIP.labels("leave", "failed").inc()
+            return False
+        log.info("observer left %s through %s", room_id, server)
+        OBSERVER_MEMBERSHIP.labels("leave", "ok").inc()
+        return True
+
+    async def _check_cap(self, room_id: str) -> None:
+        subs = await self.store.read(lambda tx: tx.load_subscriptions())
+        joined = {s.room_id for s in subs if is_observer_handle(s.peek_id) and s.room_id != room_id}
+        if len(joined) >= self.settings.max_rooms:
+            raise FollowFailed(
+                PeekError(
+                    503,
+                    "M_LIMIT_EXCEEDED",
+                    f"the observer is already in {len(joined)} rooms "
+                    "(peeks.max_observed_rooms); try again later",
+                ),
+                rate_limited=False,
+                abandoned=(),
+            )
+
+    async def _join_through(self, room_id: str, server: str) -> Followed:
+        """Steps 1-4 of the module docstring through ``server``.
+
+        Raises:
+            _StepFailed: naming the step and its error.
+        """
+        room = path_segment(room_id)
+        user = path_segment(self.user_id)
+        with _step("hierarchy"):
+            try:
+                summary = await self.client.get_json(server, f"{_V1}/hierarchy/{room}")
+            except RemoteError as e:
+                if e.errcode != "M_UNRECOGNIZED":
+                    raise  # 404: the server does not show us the room (unknown, or private)
+                summary = None  # an older server: the state after the join decides
+            if summary is not None:
+                check_summary(summary)
+        with _step("make_join"):
+            template = await self.client.get_json(
+                server,
+                f"{_V1}/make_join/{room}/{user}",
+                query={"ver": SUPPORTED_VERSIONS},
+                timeout=JOIN_TIMEOUT_S,
+            )
+            version = template_room_version(template, SUPPORTED_VERSIONS)
+            event_id, join = membership_event(
+                template,
+                room_id=room_id,
+                user_id=self.user_id,
+                membership="join",
+                server_name=self.server_name,
+                signing_key=self.signing_key,
+                now_ms=self.clock_ms(),
+                displayname=self.settings.displayname,
+            )
+        with _step("send_join"):
+            handle = OBSERVER_HANDLE_PREFIX + event_id
+            try:
+                answer = await self.client.put_json(
+                    server,
+                    f"{_V2}/send_join/{room}/{path_segment(event_id)}",
+                    join,
+                    timeout=JOIN_TIMEOUT_S,
+                )
+            except RemoteError:
+                raise  # the server answered no: we are not in the room
+            except FederationError:
+                # No answer (timeout, connection lost): the join may have gone through.
+                await self.stop(room_id, server, handle)
+                raise
+            try:
+                snapshot = await self._joined(answer, room_id, version, event_id, join)
+            except InvalidPeekResponse as e:
+                # We are in the room but cannot follow it (RoomNotPeekable: may not).
+                log.warning("observer in %s through %s, leaving: %s", room_id, server, e)
+                await self.stop(room_id, server, handle)
+                raise
+        log.info("observer joined %s through %s (room version %s)", room_id, server, version)
+        return Followed(
+            server=server,
+            handle=handle,
+            interval_ms=JOIN_INTERVAL_MS,
+            at_ms=self.clock_ms(),
+            snapshot=snapshot,
+            history=await backfill.first_view(
+                self.store, self.client, self.keyring, room_id, server, snapshot
+            ),
+        )
+
+    async def _joined(
+        self, answer: Any, room_id: str, version: str, event_id: str, join: dict[str, Any]
+    ) -> ValidatedPeek:
+        if not isinstance(answer, dict):
+            raise InvalidPeekResponse("the send_join answer is not a JSON object")
+        pdus = [
+            p
+            for key in ("state", "auth_chain")
+            if isinstance(answer.get(key), list)
+            for p in answer[key]
+            if isinstance(p, dict)
+        ]
+        await self.missing.signer_keys(pdus, version)
+        return joined_room(
+            answer,
+            room_id=room_id,
+            room_version=version,
+            join_event_id=event_id,
+            join_event=join,
+            keys=self.keyring.lookup,
+        )
+
+    async def _leave(self, room_id: str, server: str) -> None:
+        room = path_segment(room_id)
+        template = await self.client.get_json(
+            server,
+            f"{_V1}/make_leave/{room}/{path_segment(self.user_id)}",
+            timeout=JOIN_TIMEOUT_S,
+        )
+        template_room_version(template, SUPPORTED_VERSIONS)
+        event_id, leave = membership_event(
+            template,
+            room_id=room_id,
+            user_id=self.user_id,
+            membership="leave",
+            server_name=self.server_name,
+            signing_key=self.signing_key,
+            now_ms=self.clock_ms(),
+        )
+        await self.client.put_json(
+            server,
+            f"{_V2}/send_leave/{room}/{path_segment(event_id)}",
+            leave,
+            timeout=JOIN_TIMEOUT_S,
+        )

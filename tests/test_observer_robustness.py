@@ -1,0 +1,122 @@
+"""The observer join against a server that answers its requests badly: every peek gets a
+clear Matrix error (never a 500), a join that may have gone through is left, and the daemon
+goes on (a fake federation server over real TLS and DNS; tests/peek_world.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import httpx
+import pytest
+import trio
+import trustme
+
+from tests.conftest import Spawn
+from tests.peek_world import PEEKPROXY, FakeServer, PeekWorld, build_world
+
+OBSERVER = f"@peekproxy:{PEEKPROXY}"
+SUMMARY = {"room": {"world_readable": True, "room_version": "10", "join_rule": "public"}}
+
+
+def _template(room_id: str) -> dict[str, Any]:
+    event = {
+        "room_id": room_id,
+        "type": "m.room.member",
+        "sender": OBSERVER,
+        "state_key": OBSERVER,
+        "content": {"membership": "join"},
+        "auth_events": [],
+        "prev_events": [],
+        "depth": 3,
+        "origin_server_ts": 1,
+    }
+    return {"event": event, "room_version": "10"}
+
+
+#: mode → what the server answers (path part → (status, body)), then the peek's status and
+#: a part of its error.
+CASES: dict[str, tuple[dict[str, tuple[int, Any]], int, str]] = {
+    "summary not an object": ({"hierarchy": (200, [])}, 502, "hierarchy gave an invalid answer"),
+    "room not world_readable": (
+        {"hierarchy": (200, {"room": {"world_readable": False}})},
+        403,
+        "not world_readable",
+    ),
+    "room unknown": (
+        {"hierarchy": (404, {"errcode": "M_UNKNOWN", "error": "Unknown room"})},
+        404,
+        "hierarchy room not found",
+    ),
+    "template of another event": (
+        {"hierarchy": (200, SUMMARY), "make_join": (200, {"event": {"type": "m.room.message"}})},
+        502,
+        "make_join gave an invalid answer",
+    ),
+    "unsupported room version": (
+        {"hierarchy": (200, SUMMARY), "make_join": (200, {"event": {}, "room_version": "99"})},
+        502,
+        "'99' is not one we support",
+    ),
+    "send_join garbage": (
+        {"hierarchy": (200, SUMMARY), "make_join": (200, None), "send_join": (200, {"state": 1})},
+        502,
+        "send_join gave an invalid answer",
+    ),
+    "send_join refused": (
+        {
+            "hierarchy": (200, SUMMARY),
+            "make_join": (200, None),
+            "send_join": (500, {"errcode": "M_UNKNOWN", "error": "<html>"}),
+        },
+        502,
+        "send_join server error (HTTP 500 M_UNKNOWN: <html>)",
+    ),
+}
+
+
+@pytest.fixture
+async def world(
+    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> PeekWorld:
+    return await build_world(
+        nursery, tls_ca, tmp_path, spawn, peeks_env={"PEEKPROXY_PEEKS__FALLBACK": "observer_join"}
+    )
+
+
+async def test_bad_answers_to_the_observer_join_fail_the_peek_cleanly(
+    world: PeekWorld, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    server: FakeServer = await world.add_server(nursery, tls_ca, tmp_path, "forger.test")
+    answers: dict[str, tuple[int, Any]] = {}
+    asked: list[str] = []
+
+    async def handler(scope: Any, body: bytes) -> tuple[int, Any]:
+        path = unquote(scope["path"])
+        step = path.split("/")[4] if path.startswith("/_matrix/federation/") else path
+        asked.append(step)
+        if step in answers:
+            status, answer = answers[step]
+            if step == "make_join" and answer is None:
+                answer = _template(path.split("/")[5])
+            return status, answer
+        return 404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}
+
+    server.handler = handler
+    for i, (name, (answers_now, status, error)) in enumerate(CASES.items()):
+        answers.clear()
+        answers.update(answers_now)
+        asked.clear()
+        room_id = f"!case{i}:forger.test"
+        response = await world.peek(room_id, hints=["forger.test"], device=f"D{i}")
+        assert response.status_code == status, (name, response.text)
+        body = response.json()
+        assert body["errcode"] and error in body["error"], (name, body)
+        if name == "room not world_readable":
+            assert "make_join" not in asked  # decided before joining
+        # An unusable send_join answer: we may be in the room, so we leave.
+        assert ("make_leave" in asked) == (name == "send_join garbage"), (name, asked)
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{world.daemon.client}/health")).status_code == 200
+    assert world.daemon.process.returncode is None
