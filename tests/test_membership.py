@@ -207,7 +207,7 @@ def test_the_send_join_answer_gives_the_room_with_our_join(fx: Fixture) -> None:
 
 
 def test_a_rejoin_replaces_our_old_leave_in_the_state(fx: Fixture) -> None:
-    _, old_leave = membership_event(
+    leave_id, old_leave = membership_event(
         _template(fx, "leave"),
         room_id=fx.room_id,
         user_id=OBSERVER,
@@ -216,7 +216,18 @@ def test_a_rejoin_replaces_our_old_leave_in_the_state(fx: Fixture) -> None:
         signing_key=KEY,
         now_ms=4,
     )
-    event_id, join = _join(fx)
+    # As Synapse does (research §7), the rejoin's template cites our current membership.
+    template = _template(fx)
+    template["event"]["auth_events"].append(leave_id)
+    event_id, join = membership_event(
+        template,
+        room_id=fx.room_id,
+        user_id=OBSERVER,
+        membership="join",
+        server_name=OURS,
+        signing_key=KEY,
+        now_ms=1_800_000_000_000,
+    )
     answer = _send_join_answer(fx, join)
     answer["state"].append(old_leave)
     room = joined_room(

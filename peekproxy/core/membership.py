@@ -179,19 +179,22 @@ def joined_room(
     if not isinstance(state, list):
         raise InvalidPeekResponse("the send_join answer has no state list")
     user_id = join_event.get("state_key")
-    before = [
+    ours = [
         pdu
         for pdu in state
-        if not (
-            isinstance(pdu, Mapping)
-            and pdu.get("type") == "m.room.member"
-            and pdu.get("state_key") == user_id
-        )
+        if isinstance(pdu, Mapping)
+        and pdu.get("type") == "m.room.member"
+        and pdu.get("state_key") == user_id
     ]
+    auth_chain = answer.get("auth_chain", [])
+    if not isinstance(auth_chain, list):
+        raise InvalidPeekResponse("the send_join answer has no auth_chain list")
     body = {
         "room_version": room_version,
-        "state": [*before, dict(join_event)],
-        "auth_chain": answer.get("auth_chain", []),
+        "state": [*(pdu for pdu in state if pdu not in ours), dict(join_event)],
+        # A rejoin: our earlier membership (a leave) is an auth event of our join, no
+        # longer state after it.
+        "auth_chain": [*auth_chain, *ours],
         "latest_event": dict(join_event),
     }
     validated = validate_peek_response(
