@@ -149,10 +149,10 @@ async def test_an_idle_device_lets_the_observer_leave_and_its_next_sync_rejoins_
     await room.alice.set_state(room.room_id, "m.room.name", {"name": "renamed while away"})
 
     # The device syncs again: the observer joins again, and the first answer showing the
-    # room is limited (the time away is a gap) and carries the current state.
-    # Fewer events happened since the device's last view (the observer's leave, three
-    # messages, the name, its join again) than the timeline limit (10): appended to what
-    # the device had as if contiguous, they would fit unlimited.
+    # room is limited (the time away is a gap) and carries the current state. Fewer events
+    # happened since the device's last view (the observer's leave, three messages, the
+    # name, its join again) than the timeline limit (10): shown after what the device had
+    # as if contiguous, they would fit unlimited.
     synced, since = await sync_until(world, since, peeked(room.room_id))
     entry = synced["rooms"]["peek"][room.room_id]
     assert entry["timeline"]["limited"] is True, entry["timeline"]
