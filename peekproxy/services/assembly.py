@@ -129,7 +129,7 @@ def build_services(
         store=store, client=client, keyring=keyring, server_of=server_of, clock_ms=clock_ms
     )
     members = MemberReads(store=store, subscriptions=subscriptions)
-    observer_queries = ObserverQueries(server_name=client.server_name, observer=settings.observer)
+    observer_queries = ObserverQueries(observer=settings.observer)
     return Services(
         store=store,
         client=client,

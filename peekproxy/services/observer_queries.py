@@ -29,12 +29,16 @@ class ObserverQueries:
     """The observer user's devices, keys and profile (see the module docstring).
 
     Args:
-        server_name: our server name (users ``@…:<server_name>`` are ours); ``None``: no
-            user is ours.
-        observer: the observer (``None``: the fallback is off, no user is known).
+        observer: the observer (``None``: no user is known).
+        server_name: our server name (users ``@…:<server_name>`` are ours); default: the
+            observer's; ``None`` with no observer: no user is ours.
     """
 
-    def __init__(self, *, server_name: str | None, observer: ObserverSettings | None) -> None:
+    def __init__(
+        self, *, observer: ObserverSettings | None, server_name: str | None = None
+    ) -> None:
+        if server_name is None and observer is not None:
+            server_name = observer.user_id.partition(":")[2]
         self.server_name = server_name
         self.observer = observer
 
