@@ -8,9 +8,8 @@ as the observer join follower does; later events are stored as ``/send`` stores 
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,14 +22,12 @@ from signedjson.key import generate_signing_key
 
 from peekproxy.api.federation import federation_app
 from peekproxy.core.xmatrix import authorization_header
-from peekproxy.federation.keyring import Keyring
-from peekproxy.services.assembly import Services, build_services
-from peekproxy.services.following import Followed, RenewalFailed, Renewed
+from peekproxy.services.assembly import Services
 from peekproxy.services.observer_queries import ObserverQueries
 from peekproxy.services.settings import ObserverSettings
 from peekproxy.store.sqlite import open_sqlite
 from peekproxy.testbed.rooms import TestbedRoom
-from tests.offline import OFFLINE_SETTINGS
+from tests.member_support import DEVICE, Followings, RoomView, Snapshot, now_ms, serve_member
 from tests.peer import Peer, loopback_client
 from tests.support import serve_app
 
@@ -40,65 +37,25 @@ REMOTE = "remote.test"
 REMOTE_KEY = generate_signing_key("r1")
 OUR_KEY = generate_signing_key("o1")
 ALICE = f"@alice:{REMOTE}"
-DEVICE = ("@dev:local.test", "PHONE")
 V1 = "/_matrix/federation/v1"
 
 
-def _now() -> int:
-    return int(time.time() * 1000)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    room_version: str
-    events: dict[str, dict[str, Any]]
-    redacted: frozenset[str]
-    state: dict[tuple[str, str], str]
-    latest_event_id: str
-
-
-@dataclass
-class FakeFollowings:
-    """Follows ``rooms`` as their latest event says: an observer join (``join:`` handle) for
-    the rooms in ``observed``, an MSC2444 peek otherwise."""
-
-    rooms: dict[str, TestbedRoom]
-    observed: set[str] = field(default_factory=set)
-    stopped: trio.Event = field(default_factory=trio.Event)
-
-    async def follow(self, room_id: str, candidates: Sequence[str]) -> Followed:
-        room = self.rooms[room_id]
-        latest, _ = room.latest()
-        events = dict(zip(room.event_ids, room.events, strict=True))
-        state = {
-            (pdu["type"], pdu["state_key"]): event_id
-            for event_id, pdu in zip(room.state_ids_at(latest), room.state_at(latest), strict=True)
-        }
-        history = [
-            (e, p, False) for e, p in zip(room.event_ids[:-1], room.events[:-1], strict=True)
-        ]
-        handle = f"join:{latest}" if room_id in self.observed else "msc2444-peek"
-        return Followed(
-            server=REMOTE,
-            handle=handle,
-            interval_ms=24 * 3_600_000,
-            at_ms=_now(),
-            snapshot=Snapshot(room.rules.identifier, events, frozenset(), state, latest),
-            history=(history, True),
-        )
-
-    async def renew(self, room_id: str, server: str, handle: str) -> Renewed | RenewalFailed:
-        return Renewed(at_ms=_now())
-
-    async def stop(self, room_id: str, server: str, handle: str) -> bool:
-        self.stopped.set()  # called once the subscription has let go of the following
-        return True
+def _view(room: TestbedRoom) -> RoomView:
+    """The room at its latest event, with every earlier event as history."""
+    latest, _ = room.latest()
+    events = dict(zip(room.event_ids, room.events, strict=True))
+    state = {
+        (pdu["type"], pdu["state_key"]): event_id
+        for event_id, pdu in zip(room.state_ids_at(latest), room.state_at(latest), strict=True)
+    }
+    history = [(e, p, False) for e, p in zip(room.event_ids[:-1], room.events[:-1], strict=True)]
+    return RoomView(Snapshot(room.rules.identifier, events, frozenset(), state, latest), history)
 
 
 @dataclass
 class World:
     services: Services
-    follower: FakeFollowings
+    follower: Followings
     url: str
     peer: Peer  # bob's server: in the observed room
     stranger: Peer  # no member in any room
@@ -111,7 +68,7 @@ class World:
         assert pdu is not None
         await self.services.store.write(
             lambda tx: tx.append_event(
-                room.room_id, event_id, pdu, redacted=redacted, now_ms=_now()
+                room.room_id, event_id, pdu, redacted=redacted, now_ms=now_ms()
             )
         )
 
@@ -146,7 +103,7 @@ def _message(room: TestbedRoom, body: str, peer: Peer | None = None) -> str:
         else (f"@bob:{peer.name}", peer.signing_key, peer.name)
     )
     return room.send(
-        key, sender=sender, type="m.room.message", content={"body": body}, now_ms=_now(),
+        key, sender=sender, type="m.room.message", content={"body": body}, now_ms=now_ms(),
         origin=origin,
     )[0]  # fmt: skip
 
@@ -162,47 +119,34 @@ async def world(nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path) -> As
 
     room = TestbedRoom.create(
         server_name=REMOTE, signing_key=REMOTE_KEY, room_version="10", creator=ALICE,
-        now_ms=_now(),
+        now_ms=now_ms(),
     )  # fmt: skip
-    ids = {"bob": room.join(peer.signing_key, bob, _now(), origin=peer.name)[0]}
+    ids = {"bob": room.join(peer.signing_key, bob, now_ms(), origin=peer.name)[0]}
     ids["m0"] = _message(room, "m0")
     ids["topic"] = room.send(
         REMOTE_KEY, sender=ALICE, type="m.room.topic", state_key="", content={"topic": "t"},
-        now_ms=_now(),
+        now_ms=now_ms(),
     )[0]  # fmt: skip
-    ids["join"] = room.join(OUR_KEY, OBSERVER.user_id, _now(), origin=OUR)[0]
+    ids["join"] = room.join(OUR_KEY, OBSERVER.user_id, now_ms(), origin=OUR)[0]
     peeked = TestbedRoom.create(
         server_name=REMOTE, signing_key=REMOTE_KEY, room_version="10", creator=ALICE,
-        now_ms=_now(),
+        now_ms=now_ms(),
     )  # fmt: skip
-    peeked.join(peer.signing_key, bob, _now(), origin=peer.name)
+    peeked.join(peer.signing_key, bob, now_ms(), origin=peer.name)
     ids["peeked"] = _message(peeked, "secret of a peeked room")
 
     store = await open_sqlite(tmp_path / "p.db", OUR)
-    client = loopback_client(peer.ca_file)
-    keyring = Keyring(client)
-    follower = FakeFollowings({room.room_id: room, peeked.room_id: peeked}, {room.room_id})
-    services = build_services(
+    views = {room.room_id: _view(room), peeked.room_id: _view(peeked)}
+    follower = Followings(REMOTE, views, {room.room_id})
+    services, url = await serve_member(
+        nursery,
         store=store,
-        client=client,
-        keyring=keyring,
-        settings=OFFLINE_SETTINGS,
+        client=loopback_client(peer.ca_file),
         follower=follower,
-    )
-    await nursery.start(services.run)
-    for followed in (room, peeked):
-        assert await services.syncing.peek(*DEVICE, followed.room_id) == followed.room_id
-    app = federation_app(
         server_name=OUR,
         signing_key=OUR_KEY,
-        key_valid_for_ms=3_600_000,
-        old_verify_keys={},
-        keyring=keyring,
-        ingest=services.ingest,
-        members=services.members,
-        observer=ObserverQueries(server_name=OUR, observer=OBSERVER),
+        observer=OBSERVER,
     )
-    url = await serve_app(nursery, app)
     world = World(services, follower, url, peer, stranger, room, peeked, ids)
     # After the join, as /send stores them: m1, m2 (stored redacted), m3.
     for name in ("m1", "m2", "m3"):
@@ -345,7 +289,7 @@ async def test_rooms_not_observed_and_servers_not_in_the_room_get_403(world: Wor
     answer = await world.ask("GET", _path("/event/{}", ids["m1"]), peer=world.stranger)
     assert (answer.status_code, answer.json()) == (403, forbidden)
     # Bob leaves: his server is no longer in the room.
-    left = world.room.leave(world.peer.signing_key, f"@bob:{world.peer.name}", _now(),
+    left = world.room.leave(world.peer.signing_key, f"@bob:{world.peer.name}", now_ms(),
                             origin=world.peer.name)[0]  # fmt: skip
     await world.append(world.room, left)
     answer = await world.ask("GET", _path("/backfill/{}?v={}&limit=5", room.room_id, left))
@@ -356,7 +300,7 @@ async def test_server_acl_bans_a_server_in_the_room(world: World) -> None:
     ids, room = world.ids, world.room
     acl = room.send(
         REMOTE_KEY, sender=ALICE, type="m.room.server_acl", state_key="",
-        content={"allow": ["*"], "deny": ["localhost"]}, now_ms=_now(),
+        content={"allow": ["*"], "deny": ["localhost"]}, now_ms=now_ms(),
     )[0]  # fmt: skip
     assert (await world.ask("GET", _path("/event/{}", ids["m1"]))).status_code == 200
     await world.append(room, acl)
