@@ -18,10 +18,11 @@ import httpx
 import pytest
 import trio
 import trustme
-from signedjson.key import generate_signing_key
+from signedjson.key import generate_signing_key, get_verify_key
 
 from peekproxy.api.federation import federation_app
 from peekproxy.core.xmatrix import authorization_header
+from peekproxy.federation.keyring import StoredKey
 from peekproxy.services.assembly import Services
 from peekproxy.services.observer_queries import ObserverQueries
 from peekproxy.services.settings import ObserverSettings
@@ -380,3 +381,47 @@ async def test_the_observer_user_devices_keys_and_profile(
     assert answer.status_code == 404 and answer.json()["errcode"] == "M_NOT_FOUND"
     answer = await world.ask("GET", V1 + f"/query/profile?user_id={quote(observer)}", url=url)
     assert answer.status_code == 404
+
+
+async def _send(world: World, *pdus: dict[str, Any]) -> dict[str, Any]:
+    """``PUT /send`` from bob's server holding ``pdus``; the answer's per-PDU results."""
+    txn = {"origin": world.peer.name, "origin_server_ts": now_ms(), "pdus": list(pdus)}
+    answer = await world.ask("PUT", V1 + f"/send/t{now_ms()}", txn)
+    assert answer.status_code == 200, answer.text
+    results: dict[str, Any] = answer.json()["pdus"]
+    return results
+
+
+async def test_events_from_a_server_the_acl_denies_are_dropped(world: World) -> None:
+    room = world.room
+    acl = room.send(
+        REMOTE_KEY, sender=ALICE, type="m.room.server_acl", state_key="",
+        content={"allow": ["*"], "deny": ["localhost"]}, now_ms=now_ms(),
+    )[0]  # fmt: skip
+    await world.append(room, acl)
+    denied = _message(room, "from a denied server", world.peer)
+    assert await _send(world, _pdu(room, denied)) == {
+        denied: {"error": "Server is banned from room"}
+    }
+    held = await world.services.store.read(lambda tx: tx.known_event_ids([denied]))
+    assert held == set()
+
+
+async def test_an_acl_denying_us_ends_the_observed_room(world: World) -> None:
+
+    from peekproxy.core.pdu_signatures import VerifyKeyInfo  # noqa: F401 (key shape)
+
+    world.services.keyring.add_trusted(
+        StoredKey(REMOTE, f"ed25519:{REMOTE_KEY.version}", get_verify_key(REMOTE_KEY),
+                  valid_until_ts=2**62, expired_ts=None, fetched_ts=now_ms())
+    )  # fmt: skip
+    room = world.room
+    acl = room.send(
+        REMOTE_KEY, sender=ALICE, type="m.room.server_acl", state_key="",
+        content={"allow": ["*"], "deny": [OUR]}, now_ms=now_ms(),
+    )[0]  # fmt: skip
+    assert await _send(world, _pdu(room, acl)) == {acl: {}}
+    with trio.fail_after(10):
+        await world.follower.stopped.wait()  # the observer "leaves" (Synapse refuses it)
+    sub = world.services.subscriptions.get(room.room_id)
+    assert sub is not None and sub.ended_reason == f"the room's server ACL denies {OUR}"
