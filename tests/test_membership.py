@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from signedjson.key import generate_signing_key, get_verify_key
 
+from peekproxy.core.events import compute_event_id
 from peekproxy.core.membership import (
     InvalidTemplate,
     check_summary,
@@ -228,6 +229,7 @@ def test_a_rejoin_replaces_our_old_leave_in_the_state(fx: Fixture) -> None:
         keys=_keys(fx),
     )
     assert room.state[("m.room.member", OBSERVER)] == event_id
+    assert compute_event_id(old_leave, room_version(fx.version)) in room.events
 
 
 def _joined(fx: Fixture, answer: Any) -> Any:
