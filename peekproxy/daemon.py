@@ -194,6 +194,8 @@ async def run_daemon(
                         },
                         keyring=keyring,
                         ingest=services.ingest,
+                        members=services.members,
+                        observer=services.observer_queries,
                     ),
                     hypercorn_config(
                         listeners.federation.bind,

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from signedjson.key import generate_signing_key, get_verify_key
 
+from peekproxy.core.events import compute_event_id
 from peekproxy.core.membership import (
     InvalidTemplate,
     check_summary,
@@ -20,7 +21,7 @@ from peekproxy.core.membership import (
 )
 from peekproxy.core.pdu import check_pdu
 from peekproxy.core.pdu_signatures import VerifyKeyInfo, key_table
-from peekproxy.core.peekability import observer_removed_reason
+from peekproxy.core.peekability import acl_denial_reason, observer_removed_reason
 from peekproxy.core.room_versions import KNOWN_ROOM_VERSIONS, room_version
 from peekproxy.core.validation import InvalidPeekResponse, RoomNotPeekable
 from tests.test_peek_validation import KEY as FIXTURE_KEY
@@ -239,6 +240,7 @@ def test_a_rejoin_replaces_our_old_leave_in_the_state(fx: Fixture) -> None:
         keys=_keys(fx),
     )
     assert room.state[("m.room.member", OBSERVER)] == event_id
+    assert compute_event_id(old_leave, room_version(fx.version)) in room.events
 
 
 def _joined(fx: Fixture, answer: Any) -> Any:
@@ -335,3 +337,15 @@ def test_a_kick_or_ban_of_the_observer_says_who_and_why() -> None:
     assert observer_removed_reason([{"type": "m.room.message", "content": []}], OBSERVER) is None
     odd = {"type": "m.room.member", "state_key": OBSERVER, "content": "leave"}
     assert observer_removed_reason([odd], OBSERVER) == "the observer was removed (None by None)"
+
+
+def test_an_acl_that_denies_us_ends_the_following() -> None:
+    def acl(content: Any) -> dict[str, Any]:
+        return {"type": "m.room.server_acl", "state_key": "", "content": content}
+
+    deny = acl({"allow": ["*"], "deny": ["*.test"]})
+    assert acl_denial_reason([deny], OURS) == f"the room's server ACL denies {OURS}"
+    assert acl_denial_reason([deny], "observer.org:8448") is None
+    assert acl_denial_reason([deny, acl({"allow": ["*"]})], OURS) is None  # the newest counts
+    assert acl_denial_reason([acl("garbage")], OURS) is not None  # no allow: nobody
+    assert acl_denial_reason([{**deny, "state_key": "x"}], OURS) is None

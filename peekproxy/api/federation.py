@@ -6,6 +6,9 @@
   hosts no aliases, so a well-formed alias gets ``404 M_NOT_FOUND`` (SSAPI §Room Aliases).
 * ``PUT /_matrix/federation/v1/send/{txnId}`` — X-Matrix verified; events of peeked rooms
   (see :meth:`peekproxy.services.ingest.Ingest.receive`).
+* What a member of a room answers, for the rooms joined as the observer (``/event``,
+  ``/state``, ``/state_ids``, ``/backfill``, ``/get_missing_events``, ``/event_auth``), and
+  the observer user's devices, keys and profile — :mod:`peekproxy.api.federation_member`.
 * Anything else — ``404``/``405`` ``M_UNRECOGNIZED`` (SSAPI §Unsupported endpoints).
 """
 
@@ -24,11 +27,14 @@ from starlette.routing import Route
 from peekproxy import __version__
 from peekproxy.api.errors import MatrixError, exception_handlers
 from peekproxy.api.federation_auth import authenticate
+from peekproxy.api.federation_member import MemberRoutes
 from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias
 from peekproxy.federation.keyring import Keyring
 from peekproxy.federation.signing_key import server_key_document
 from peekproxy.metrics import RequestMetrics
 from peekproxy.services.ingest import Ingest
+from peekproxy.services.member_reads import MemberReads
+from peekproxy.services.observer_queries import ObserverQueries
 
 __all__ = ["FederationApi", "federation_app"]
 
@@ -45,6 +51,9 @@ class FederationApi:
         old_verify_keys: retired keys: key ID → (base64 public key, ``expired_ts`` ms).
         keyring: verify keys of other servers, for X-Matrix checks.
         ingest: takes ``/send`` transactions (``None``: ``/send`` answers 404).
+        members / observer: answer what other servers ask of a member of the rooms joined
+            as the observer, and about the observer user (``None``: those routes answer 404
+            ``M_UNRECOGNIZED``).
         clock_ms: the wall clock in ms since the epoch.
     """
 
@@ -57,6 +66,8 @@ class FederationApi:
         old_verify_keys: Mapping[str, tuple[str, int]],
         keyring: Keyring,
         ingest: Ingest | None,
+        members: MemberReads | None = None,
+        observer: ObserverQueries | None = None,
         clock_ms: Callable[[], int],
     ) -> None:
         self.server_name = server_name
@@ -66,6 +77,17 @@ class FederationApi:
         self.keyring = keyring
         self.ingest = ingest
         self.clock_ms = clock_ms
+        self.member_routes = (
+            MemberRoutes(
+                server_name=server_name,
+                keyring=keyring,
+                members=members,
+                observer=observer,
+                clock_ms=clock_ms,
+            )
+            if members is not None and observer is not None
+            else None
+        )
 
     async def key_server(self, request: Request) -> Response:
         """``GET /_matrix/key/v2/server``: our key document, signed (spec §Publishing Keys)."""
@@ -108,6 +130,7 @@ class FederationApi:
             Route("/_matrix/key/v2/server", self.key_server, methods=["GET"]),
             Route("/_matrix/federation/v1/version", self.version, methods=["GET"]),
             Route("/_matrix/federation/v1/query/directory", self.query_directory, methods=["GET"]),
+            *(self.member_routes.routes() if self.member_routes is not None else ()),
         ]
 
 
@@ -119,6 +142,8 @@ def federation_app(
     old_verify_keys: Mapping[str, tuple[str, int]],
     keyring: Keyring,
     ingest: Ingest | None = None,
+    members: MemberReads | None = None,
+    observer: ObserverQueries | None = None,
     clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
 ) -> RequestMetrics:
     """The federation ASGI app: :class:`FederationApi`'s routes (arguments as there), with
@@ -130,6 +155,8 @@ def federation_app(
         old_verify_keys=old_verify_keys,
         keyring=keyring,
         ingest=ingest,
+        members=members,
+        observer=observer,
         clock_ms=clock_ms,
     )
     app = Starlette(routes=api.routes(), exception_handlers=exception_handlers())

@@ -179,22 +179,22 @@ def joined_room(
     if not isinstance(state, list):
         raise InvalidPeekResponse("the send_join answer has no state list")
     user_id = join_event.get("state_key")
-    ours = [
-        pdu
-        for pdu in state
-        if isinstance(pdu, Mapping)
-        and pdu.get("type") == "m.room.member"
-        and pdu.get("state_key") == user_id
-    ]
+    before: list[Any] = []
+    ours: list[Any] = []
+    for pdu in state:
+        mine = (
+            isinstance(pdu, Mapping)
+            and pdu.get("type") == "m.room.member"
+            and pdu.get("state_key") == user_id
+        )
+        (ours if mine else before).append(pdu)
     auth_chain = answer.get("auth_chain", [])
-    if not isinstance(auth_chain, list):
-        raise InvalidPeekResponse("the send_join answer has no auth_chain list")
     body = {
         "room_version": room_version,
-        "state": [*(pdu for pdu in state if pdu not in ours), dict(join_event)],
-        # A rejoin: our earlier membership (a leave) is an auth event of our join, no
-        # longer state after it.
-        "auth_chain": [*auth_chain, *ours],
+        "state": [*before, dict(join_event)],
+        # Our earlier membership stays among the events (members may ask for the state
+        # before our join), no longer in the state.
+        "auth_chain": [*auth_chain, *ours] if isinstance(auth_chain, list) else auth_chain,
         "latest_event": dict(join_event),
     }
     validated = validate_peek_response(

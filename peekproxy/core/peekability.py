@@ -9,7 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["ending_reason", "observer_removed_reason", "unpeekable_reason"]
+from peekproxy.core.server_acl import server_allowed
+
+__all__ = [
+    "acl_denial_reason",
+    "ending_reason",
+    "observer_removed_reason",
+    "unpeekable_reason",
+]
 
 
 def unpeekable_reason(pdu: Mapping[str, Any]) -> str | None:
@@ -55,4 +62,20 @@ def observer_removed_reason(pdus: Iterable[Mapping[str, Any]], observer: str) ->
         reason = content.get("reason") if isinstance(content, Mapping) else None
         found = f"the observer was removed ({str(membership)[:20]} by {str(pdu.get('sender'))[:80]}"
         found += f": {reason[:120]})" if isinstance(reason, str) and reason else ")"
+    return found
+
+
+def acl_denial_reason(pdus: Iterable[Mapping[str, Any]], server_name: str) -> str | None:
+    """Why ``server_name`` may no longer follow the room after ``pdus`` (oldest first): the
+    newest ``m.room.server_acl`` among them denies it
+    (:func:`~peekproxy.core.server_acl.server_allowed`), or ``None``. Synapse then refuses
+    every request of the denied server, even its leave, but keeps pushing events: the peeks
+    end at once (docs/observer-join.md)."""
+    found = None
+    for pdu in pdus:
+        if pdu.get("type") != "m.room.server_acl" or pdu.get("state_key") != "":
+            continue
+        content = pdu.get("content")
+        allowed = server_allowed(content if isinstance(content, Mapping) else {}, server_name)
+        found = None if allowed else f"the room's server ACL denies {server_name}"
     return found

@@ -15,10 +15,12 @@ from peekproxy.services.directory import RoomDirectory
 from peekproxy.services.follower_choice import FollowerChoice
 from peekproxy.services.following import RoomFollower
 from peekproxy.services.ingest import Ingest
+from peekproxy.services.member_reads import MemberReads
 from peekproxy.services.missing_events import MissingEvents
 from peekproxy.services.msc2444 import Msc2444Peeks
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.observer_join import ObserverJoin
+from peekproxy.services.observer_queries import ObserverQueries
 from peekproxy.services.reads import HistoryReads
 from peekproxy.services.settings import PeekSettings, now_ms
 from peekproxy.services.subscriptions import Subscriptions
@@ -45,6 +47,10 @@ class Services:
     ingest: Ingest
     syncing: Syncing
     reads: HistoryReads
+    #: Other servers' reads of the rooms joined as the observer (events, state, history).
+    members: MemberReads
+    #: Other servers' questions about the observer user (devices, keys, profile).
+    observer_queries: ObserverQueries
     #: Front mode with ``upstream.access_token_file``: the fronted homeserver's own rooms.
     local_rooms: ClientApiFollower | None = None
 
@@ -141,6 +147,8 @@ def build_services(
     reads = HistoryReads(
         store=store, client=client, keyring=keyring, server_of=server_of, clock_ms=clock_ms
     )
+    members = MemberReads(store=store, subscriptions=subscriptions)
+    observer_queries = ObserverQueries(observer=settings.observer)
     return Services(
         store=store,
         client=client,
@@ -154,5 +162,7 @@ def build_services(
         ingest=ingest,
         syncing=syncing,
         reads=reads,
+        members=members,
+        observer_queries=observer_queries,
         local_rooms=local_rooms,
     )

@@ -9,6 +9,11 @@ it is stored. A state event that ends peeking (decision 10) ends the room's peek
 The events of rooms followed through the fronted homeserver's client API take the same path
 without the checks (:meth:`Ingest.append_trusted`).
 
+Rooms joined as the observer (docs/observer-join.md) hear from every server in the room: PDUs
+are taken from any origin (as for every followed room), but not from a server the room's
+current ``m.room.server_acl`` denies (``"Server is banned from room"``), nor its EDUs; a kick
+or ban of the observer, or an ACL that denies our own server, ends the room's peeks.
+
 Typing expiry: a remote user stops typing :data:`TYPING_TIMEOUT_MS` after the last
 ``typing: true`` (a stored ``typing: false`` row, which wakes the room's syncs).
 """
@@ -25,8 +30,13 @@ import trio
 from peekproxy.core.ephemeral import per_user_edus
 from peekproxy.core.events import best_effort_event_id, event_refs
 from peekproxy.core.pdu import check_pdu
-from peekproxy.core.peekability import ending_reason, observer_removed_reason
+from peekproxy.core.peekability import (
+    acl_denial_reason,
+    ending_reason,
+    observer_removed_reason,
+)
 from peekproxy.core.room_versions import room_version
+from peekproxy.core.server_acl import server_allowed
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
 from peekproxy.services.errors import PeekError
@@ -174,6 +184,13 @@ class Ingest:
         response = {"pdus": results}
         now = self.clock_ms()
 
+        observed_rooms = {
+            room_id
+            for room_id, *_ in ephemeral
+            if (sub := self.subscriptions.get(room_id)) is not None
+            and is_observer_handle(sub.peek_id)
+        }
+
         def write(tx: WriteTransaction) -> tuple[set[str], list[tuple[str, str, int]]]:
             edu_rooms: set[str] = set()
             typing: list[tuple[str, str, int]] = []
@@ -183,6 +200,10 @@ class Ingest:
                 if relayed and tx.membership(room_id, user_id) != "join":
                     log.debug("ignored %s of %s relayed by %s", edu_type, user_id, origin)
                     continue
+                if room_id in observed_rooms and not server_allowed(
+                    tx.state_content(room_id, "m.room.server_acl"), origin
+                ):
+                    continue  # an observed room's ACL denies the sender's server
                 for _, position, is_typing in tx.save_ephemeral(room_id, edu_type, content, now):
                     edu_rooms.add(room_id)
                     if is_typing:
@@ -275,6 +296,19 @@ class Ingest:
         sub = self.subscriptions.get(room_id)
         assert sub is not None and sub.room_version is not None
         rules = room_version(sub.room_version)
+        observer = self.subscriptions.settings.observer
+        observed = is_observer_handle(sub.peek_id)
+        if observed and not await self._acl_allows(room_id, origin):
+            for pdu in room_pdus:
+                if (event_id := best_effort_event_id(pdu)) is not None:
+                    results[event_id] = {"error": "Server is banned from room"}
+            log.info(
+                "dropped %d PDUs of %s from %s: denied by its server ACL",
+                len(room_pdus),
+                room_id,
+                origin,
+            )
+            return False
         await self.missing.signer_keys(room_pdus, sub.room_version)
         refs = [ref for p in room_pdus for ref in event_refs(p.get("prev_events"))]
         known = await self.store.read(lambda tx: tx.known_event_ids(event_ids=refs))
@@ -291,9 +325,11 @@ class Ingest:
             known.add(event_id)
             results[event_id] = {}
         reason = ending_reason(pdu for _, pdu, _ in batch)
-        observer = self.subscriptions.settings.observer
-        if not reason and observer is not None and is_observer_handle(sub.peek_id):
-            reason = observer_removed_reason((pdu for _, pdu, _ in batch), observer.user_id)
+        if not reason and observer is not None and observed:
+            pdus = [pdu for _, pdu, _ in batch]
+            reason = observer_removed_reason(pdus, observer.user_id) or acl_denial_reason(
+                pdus, observer.user_id.partition(":")[2]
+            )
         if reason:
             unpeekable[room_id] = reason
         lacking = [
@@ -305,6 +341,12 @@ class Ingest:
         if lacking:
             fetched = await self.missing.fetch(origin, room_id, lacking, rules, known=known)
         return await self._append(room_id, [*fetched, *batch])
+
+    async def _acl_allows(self, room_id: str, origin: str) -> bool:
+        """Whether the room's current ``m.room.server_acl`` lets ``origin`` in (an observed
+        room: every server of the room sends to us, and the ACL is ours to apply)."""
+        acl = await self.store.read(lambda tx: tx.state_content(room_id, "m.room.server_acl"))
+        return server_allowed(acl, origin)
 
     async def _append(self, room_id: str, events: list[Fetched]) -> bool:
         """Append a room's (event ID, PDU, redacted) ``events`` in DAG order (a gap before

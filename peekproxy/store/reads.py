@@ -89,6 +89,18 @@ class RoomEventReads(Protocol):
     def max_stream_pos(self) -> int:
         """The newest stream position (0 for an empty stream)."""
 
+    def find_event(self, event_id: str) -> tuple[str, dict[str, Any], bool] | None:
+        """A stored event of any room: (room ID, PDU as received, stored redacted), or
+        ``None`` when not stored."""
+
+    def stream_after(
+        self, room_id: str, event_id: str, limit: int
+    ) -> list[dict[str, Any] | None] | None:
+        """The first ``limit`` rows of the room's stream after the event's own row, oldest
+        first: the PDU of each event row, ``None`` for each gap row (other rows left out).
+        ``None`` when the event is not on the room's stream (not stored, only in a gap fill,
+        or of another room)."""
+
 
 class DevicePeekReads(Protocol):
     """Device peeks (MSC2753): which device peeks which room."""

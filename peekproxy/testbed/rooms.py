@@ -34,8 +34,6 @@ from __future__ import annotations
 import bisect
 import copy
 import heapq
-import ipaddress
-import re
 import secrets
 import string
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,6 +50,7 @@ from peekproxy.core.membership import sign_event
 from peekproxy.core.pdu import check_pdu
 from peekproxy.core.pdu_signatures import VerifyKeyInfo, key_table
 from peekproxy.core.room_versions import RoomVersion, UnknownRoomVersion, room_version
+from peekproxy.core.server_acl import server_allowed
 
 __all__ = [
     "HISTORY_VISIBILITIES",
@@ -241,13 +240,6 @@ def canonical_aliases(content: Mapping[str, Any], server_name: str) -> list[str]
             if checked not in found:
                 found.append(checked)
     return found
-
-
-def _acl_glob(pattern: str) -> re.Pattern[str]:
-    """An ``m.room.server_acl`` glob as a case-insensitive full-match regex: ``*`` is any
-    run of characters (also none), ``?`` exactly one."""
-    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.compile("".join(parts), re.IGNORECASE | re.DOTALL)
 
 
 @dataclass(eq=False, repr=False)
@@ -1044,50 +1036,13 @@ class TestbedRoom:
 
     def server_acl_allows(self, server_name: str) -> bool:
         """Whether the room's ``m.room.server_acl`` lets ``server_name`` in (CSAPI
-        §Server Access Control Lists; the order Synapse applies).
-
-        No ACL event: allowed. Otherwise the port is ignored, and: an IP literal is denied
-        when ``allow_ip_literals`` is ``false`` (default ``true``; a non-boolean counts as
-        ``true``); a match in ``deny`` denies; a match in ``allow`` allows; anything else
-        is denied. Globs use ``*`` and ``?`` and match case-insensitively against the host
-        (IPv6 with its brackets); non-string entries and non-list ``allow``/``deny`` are
-        ignored. An invalid server name is denied.
-        """
+        §Server Access Control Lists; the rules, in the order Synapse applies them, are
+        :func:`peekproxy.core.server_acl.server_allowed`'s). No ACL event: allowed."""
         position = self._current.get(_SERVER_ACL)
         if position is None:
             return True
         content = self.events[position].get("content")
-        if not isinstance(content, Mapping):
-            content = {}
-        try:
-            parsed = ServerName.parse(server_name)
-        except InvalidIdentifier:
-            return False
-        is_ipv6 = ":" in parsed.host
-        host = f"[{parsed.host}]" if is_ipv6 else parsed.host
-        allow_ip_literals = content.get("allow_ip_literals", True)
-        if allow_ip_literals is False and self._is_ip_literal(parsed.host):
-            return False
-
-        def matches(entries: object) -> bool:
-            if not isinstance(entries, list):
-                return False
-            return any(
-                isinstance(entry, str) and _acl_glob(entry).fullmatch(host) is not None
-                for entry in entries
-            )
-
-        if matches(content.get("deny", [])):
-            return False
-        return matches(content.get("allow", []))
-
-    @staticmethod
-    def _is_ip_literal(host: str) -> bool:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return True
+        return server_allowed(content if isinstance(content, Mapping) else {}, server_name)
 
     def backfill(self, from_event_ids: Sequence[str], limit: int) -> list[dict[str, Any]]:
         """SSAPI ``GET /backfill``: the given events and their ancestors through

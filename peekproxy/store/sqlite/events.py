@@ -275,3 +275,29 @@ class EventOps(SqliteBase):
     def max_stream_pos(self) -> int:
         row = self._conn.execute("SELECT MAX(stream_pos) FROM room_stream").fetchone()
         return int(row[0] or 0)
+
+    def find_event(self, event_id: str) -> tuple[str, dict[str, Any], bool] | None:
+        row = self._conn.execute(
+            "SELECT room_id, pdu_json, redacted FROM events WHERE event_id = ?", (event_id,)
+        ).fetchone()
+        return (str(row[0]), json.loads(row[1]), bool(row[2])) if row else None
+
+    def stream_after(
+        self, room_id: str, event_id: str, limit: int
+    ) -> list[dict[str, Any] | None] | None:
+        row = self._conn.execute(
+            "SELECT stream_pos FROM room_stream WHERE room_id = ? AND kind = 'event' AND "
+            "event_id = ?",
+            (room_id, event_id),
+        ).fetchone()
+        if row is None:
+            return None
+        return [
+            json.loads(pdu_json) if kind == "event" else None
+            for kind, pdu_json in self._conn.execute(
+                "SELECT s.kind, e.pdu_json FROM room_stream s LEFT JOIN events e ON "
+                "e.event_id = s.event_id WHERE s.room_id = ? AND s.stream_pos > ? AND "
+                "s.kind IN ('event', 'gap') ORDER BY s.stream_pos LIMIT ?",
+                (room_id, row[0], limit),
+            )
+        ]
