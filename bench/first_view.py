@@ -14,7 +14,11 @@ this order:
     join to A): the time until B's first ``/sync`` (lazy-loading members, as Element does)
     showing the room in ``rooms.join`` with state and a timeline;
 (c) **MSC2444 peek**: a fresh device peeks the testbed room: the request to the first sync
-    showing it.
+    showing it;
+(d) **the floor of a join**: what Synapse A alone needs to let a server in: ``make_join`` and
+    ``send_join`` (v2, full state) of another user of peekproxy's server name, signed, with
+    nothing checked or stored. No observer join can be faster than this; ``floor/synapse-join``
+    says how far below B's own join any observer join could get.
 
 Between rounds the device unpeeks (the observer leaves A, the remote peek is DELETEd) and B's
 user leaves and forgets the room (B is no longer in it), so every round starts cold.
@@ -45,6 +49,7 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from peekproxy.core.membership import membership_event
 from peekproxy.demo import (
     free_port,
     start_loopback_testbed,
@@ -52,6 +57,10 @@ from peekproxy.demo import (
     write_loopback_tls,
     write_peekproxy_config,
 )
+from peekproxy.federation.client import FederationClient, path_segment
+from peekproxy.federation.signing_key import load_signing_key
+from peekproxy.services.msc2444 import SUPPORTED_VERSIONS
+from tests.peer import loopback_client
 from tests.synapse import Synapse, running_synapse
 
 SECRET = "bench-secret"
@@ -66,6 +75,8 @@ DEADLINE_S = 120.0
 Json = dict[str, Any]
 #: One first view, in seconds from the request: (the request answered, the sync showing it).
 View = tuple[float, float]
+#: (d)'s client signing as peekproxy's server name, its user, that server name and key.
+Floor = tuple[FederationClient, str, str, Any]
 
 
 class Bench:
@@ -239,9 +250,16 @@ async def _until(
 
 
 async def one_round(
-    run: Bench, n: int, room_id: str, owner: str, observer: str, testbed: Any, testbed_room: str
+    run: Bench,
+    n: int,
+    room_id: str,
+    owner: str,
+    observer: str,
+    testbed: Any,
+    testbed_room: str,
+    floor: Floor,
 ) -> dict[str, View]:
-    """Round ``n``: (a), (b) and (c), each put back as it was after."""
+    """Round ``n``: (a), (b), (c) and (d), each put back as it was after."""
     figures = {"observer": await run.peek_view(room_id, f"ROUND{n}", [run.a.server_name])}
     await run.unpeek(room_id, f"ROUND{n}")
     await run.wait_left(room_id, owner, observer)
@@ -254,7 +272,32 @@ async def one_round(
     figures["msc2444"] = await run.peek_view(testbed_room, f"TB{n}", [testbed.server_name])
     await run.unpeek(testbed_room, f"TB{n}")
     await testbed.wait_until(lambda: sum(e[0] == "delete" for e in testbed.peek_log) > n)
+
+    figures["floor"] = await floor_view(floor, run.a.server_name, room_id)
     return figures
+
+
+async def _membership(floor: Floor, server: str, room_id: str, membership: str) -> None:
+    """make_X + send_X (v2) of ``floor``'s user, nothing checked: X is join or leave."""
+    client, user, name, key = floor
+    room = path_segment(room_id)
+    make = f"/_matrix/federation/v1/make_{membership}/{room}/{path_segment(user)}"
+    template = await client.get_json(server, make, query={"ver": SUPPORTED_VERSIONS})
+    event_id, pdu = membership_event(
+        template, room_id=room_id, user_id=user, membership=membership, server_name=name,
+        signing_key=key, now_ms=int(time.time() * 1000),
+    )  # fmt: skip
+    send = f"/_matrix/federation/v2/send_{membership}/{room}/{path_segment(event_id)}"
+    await client.put_json(server, send, pdu)
+
+
+async def floor_view(floor: Floor, server: str, room_id: str) -> View:
+    """(d): the join alone, timed; then the leave, not timed."""
+    started = time.perf_counter()
+    await _membership(floor, server, room_id, "join")
+    elapsed = time.perf_counter() - started
+    await _membership(floor, server, room_id, "leave")
+    return elapsed, elapsed
 
 
 async def bench(members: int, rounds: int, directory: Path) -> float:
@@ -276,7 +319,10 @@ async def bench(members: int, rounds: int, directory: Path) -> float:
         "PEEKPROXY_PEEKS__OBSERVER_LINGER": "0",
         "PEEKPROXY_PEEKS__LINGER": "0",
     }
-    times: dict[str, list[View]] = {"observer": [], "synapse": [], "msc2444": []}
+    times: dict[str, list[View]] = {"observer": [], "synapse": [], "msc2444": [], "floor": []}
+    name = f"localhost:{pp_port}"
+    key = load_signing_key(directory / "peekproxy" / "signing.key")
+    floor = (loopback_client(tls.ca_file, name, key), f"@floor:{name}", name, key)
     with ExitStack() as stack:
         a = stack.enter_context(running_synapse(ca, directory / "synapse-a"))
         b = stack.enter_context(running_synapse(ca, directory / "synapse-b"))
@@ -304,7 +350,7 @@ async def bench(members: int, rounds: int, directory: Path) -> float:
                 for n in range(rounds):
                     figures = await one_round(
                         run, n, room_id, owner, f"@peekproxy:localhost:{pp_port}", testbed,
-                        testbed_room,
+                        testbed_room, floor,
                     )  # fmt: skip
                     for name, view in figures.items():
                         times[name].append(view)
@@ -325,6 +371,7 @@ def _report(members: int, rounds: int, times: dict[str, list[View]]) -> float:
         ("observer", "observer join (peekproxy, room on Synapse A)", "peek"),
         ("synapse", "Synapse B's own remote join (lazy members)", "join"),
         ("msc2444", "MSC2444 peek (peekproxy, testbed room)", "peek"),
+        ("floor", "floor: Synapse A's make_join + send_join alone", "join"),
     ):
         print(
             f"  {what:45} {median[name]:8.1f} ms  ({request} request answered at "
@@ -333,6 +380,8 @@ def _report(members: int, rounds: int, times: dict[str, list[View]]) -> float:
     print(
         f"ratio first view msc2444-peek/synapse-join: {median['msc2444'] / median['synapse']:.3f}"
     )
+    print(f"ratio floor (join alone)/synapse-join: {median['floor'] / median['synapse']:.3f}")
+    print(f"ratio first view observer-join/floor: {median['observer'] / median['floor']:.3f}")
     ratio = median["observer"] / median["synapse"]
     print(f"ratio first view observer-join/synapse-join: {ratio:.3f}")
     return ratio

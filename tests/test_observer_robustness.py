@@ -114,7 +114,7 @@ async def test_bad_answers_to_the_observer_join_fail_the_peek_cleanly(
         body = response.json()
         assert body["errcode"] and error in body["error"], (name, body)
         if name == "room not world_readable":
-            assert "make_join" not in asked  # decided before joining
+            assert "send_join" not in asked  # decided before joining
         # An unusable send_join answer: we may be in the room, so we leave.
         assert ("make_leave" in asked) == (name == "send_join garbage"), (name, asked)
     async with httpx.AsyncClient() as http:

@@ -28,7 +28,7 @@ from peekproxy.core.pdu import check_pdu
 from peekproxy.core.room_versions import RoomVersion, UnknownRoomVersion, room_version
 from peekproxy.federation.client import FederationClient, FederationError, path_segment
 from peekproxy.federation.keyring import Keyring
-from peekproxy.services.following import Fetched, RoomSnapshot
+from peekproxy.services.following import Fetched
 from peekproxy.store import Storage
 
 __all__ = [
@@ -242,15 +242,16 @@ async def first_view(
     keyring: Keyring,
     room_id: str,
     server: str,
-    snapshot: RoomSnapshot,
+    latest: str,
+    version: str,
 ) -> tuple[list[Fetched], bool] | None:
-    """Up to :data:`FIRST_VIEW_LIMIT` events before ``snapshot``'s latest event from
+    """Up to :data:`FIRST_VIEW_LIMIT` events before ``latest`` (the snapshot's latest event;
+    room version ``version``) from
     ``server``'s ``/backfill`` (bounded by :data:`FIRST_VIEW_TIMEOUT_S`, its signers' keys
     included), oldest first, without those a client already sees, and whether nothing is
     missing before them (a new MSC2444 peek or observer join: the first view). ``None``
     when the latest event is already held (nothing to add); a failed fetch gives
     ``([], False)`` (a gap)."""
-    latest = snapshot.latest_event_id
     if await store.read(lambda tx: tx.held_event_ids(room_id, [latest])):
         return None
     fetched: list[Backfilled] | None = None
@@ -263,7 +264,7 @@ async def first_view(
                 keyring,
                 server=server,
                 room_id=room_id,
-                version=snapshot.room_version,
+                version=version,
                 anchors=[latest],
                 limit=FIRST_VIEW_LIMIT + 1,  # /backfill includes the anchor
                 timeout=FIRST_VIEW_TIMEOUT_S,

@@ -140,7 +140,13 @@ class Msc2444Peeks:
                     at_ms=now,
                     snapshot=validated,
                     history=await backfill.first_view(
-                        self.store, self.client, self.keyring, room_id, server, validated
+                        self.store,
+                        self.client,
+                        self.keyring,
+                        room_id,
+                        server,
+                        validated.latest_event_id,
+                        validated.room_version,
                     ),
                     abandoned=tuple(abandoned),
                 )

@@ -15,7 +15,9 @@ the same ingest as MSC2444 pushes). Per candidate server (SSAPI §Joining Rooms)
    (:func:`peekproxy.core.membership.joined_room`). A state that shows the room not
    peekable after all → leave at once, 403; an answer that cannot be used, or none at all
    (the join may have gone through) → leave too, and try the next candidate.
-4. The history before our join from ``/backfill`` (the first view, as for a peek).
+4. The history before our join from ``/backfill`` (the first view, as for a peek), fetched
+   while the ``send_join`` answer is checked (1 and 2 are asked at once too: make_join
+   changes nothing, and the summary still decides before ``send_join``).
 
 The following's handle is ``join:`` + our join event ID; it needs no renewal (its interval
 is a day; :meth:`ObserverJoin.renew` asks nothing). :meth:`ObserverJoin.stop` leaves
@@ -26,11 +28,13 @@ A restore joins again: what happened meanwhile is a gap.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import trio
 from signedjson.key import get_verify_key
 from signedjson.types import SigningKey
 
@@ -90,6 +94,35 @@ def _step(name: str) -> Iterator[None]:
         yield
     except Exception as error:  # classified by the caller (classify_join_error)
         raise _StepFailed(name, error) from error
+
+
+async def _gather(*steps: tuple[str, Awaitable[Any]]) -> tuple[Any, ...]:
+    """Await ``steps`` (name, awaitable) at once; their results in order.
+
+    Raises:
+        _StepFailed: the first step, in the given order, that failed. A failed step cancels
+            the steps after it (their outcome no longer matters), not those before it.
+    """
+    results: list[Any] = [None] * len(steps)
+    errors: list[_StepFailed | None] = [None] * len(steps)
+    scopes = [trio.CancelScope() for _ in steps]
+
+    async def run(i: int, name: str, awaitable: Awaitable[Any]) -> None:
+        with scopes[i]:
+            try:
+                results[i] = await awaitable
+            except Exception as error:  # reported below, in the steps' order
+                errors[i] = _StepFailed(name, error)
+                for later in scopes[i + 1 :]:
+                    later.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for i, (name, awaitable) in enumerate(steps):
+            nursery.start_soon(run, i, name, awaitable)
+    for error in errors:
+        if error is not None:
+            raise error
+    return tuple(results)
 
 
 class ObserverJoin:
@@ -225,23 +258,13 @@ class ObserverJoin:
             _StepFailed: naming the step and its error.
         """
         room = path_segment(room_id)
-        user = path_segment(self.user_id)
-        with _step("hierarchy"):
-            try:
-                summary = await self.client.get_json(server, f"{_V1}/hierarchy/{room}")
-            except RemoteError as e:
-                if e.errcode != "M_UNRECOGNIZED":
-                    raise  # 404: the server does not show us the room (unknown, or private)
-                summary = None  # an older server: the state after the join decides
-            if summary is not None:
-                check_summary(summary)
+        # The summary and the template are asked at once (make_join changes nothing); the
+        # summary decides before anything is sent.
+        _, template = await _gather(
+            ("hierarchy", self._check_summary(server, room)),
+            ("make_join", self._template(server, room)),
+        )
         with _step("make_join"):
-            template = await self.client.get_json(
-                server,
-                f"{_V1}/make_join/{room}/{user}",
-                query={"ver": SUPPORTED_VERSIONS},
-                timeout=JOIN_TIMEOUT_S,
-            )
             version = template_room_version(template, SUPPORTED_VERSIONS)
             event_id, join = membership_event(
                 template,
@@ -253,8 +276,8 @@ class ObserverJoin:
                 now_ms=self.clock_ms(),
                 displayname=self.settings.displayname,
             )
+        handle = OBSERVER_HANDLE_PREFIX + event_id
         with _step("send_join"):
-            handle = OBSERVER_HANDLE_PREFIX + event_id
             try:
                 answer = await self.client.put_json(
                     server,
@@ -269,12 +292,27 @@ class ObserverJoin:
                 await self.stop(room_id, server, handle)
                 raise
             try:
-                snapshot = await self._joined(answer, room_id, version, event_id, join)
-            except InvalidPeekResponse as e:
+                # The history before our join is fetched while the answer is checked.
+                snapshot, history = await _gather(
+                    ("send_join", self._joined(answer, room_id, version, event_id, join)),
+                    (
+                        "backfill",
+                        backfill.first_view(
+                            self.store,
+                            self.client,
+                            self.keyring,
+                            room_id,
+                            server,
+                            event_id,
+                            version,
+                        ),
+                    ),
+                )
+            except _StepFailed as failed:
                 # We are in the room but cannot follow it (RoomNotPeekable: may not).
-                log.warning("observer in %s through %s, leaving: %s", room_id, server, e)
+                log.warning("observer in %s through %s, leaving: %s", room_id, server, failed)
                 await self.stop(room_id, server, handle)
-                raise
+                raise failed.error from None
         log.info("observer joined %s through %s (room version %s)", room_id, server, version)
         return Followed(
             server=server,
@@ -282,9 +320,31 @@ class ObserverJoin:
             interval_ms=JOIN_INTERVAL_MS,
             at_ms=self.clock_ms(),
             snapshot=snapshot,
-            history=await backfill.first_view(
-                self.store, self.client, self.keyring, room_id, server, snapshot
-            ),
+            history=history,
+        )
+
+    async def _check_summary(self, server: str, room: str) -> None:
+        """Check the room's summary (``GET /hierarchy``; a server without it passes: the
+        state after the join decides).
+
+        Raises:
+            RoomNotPeekable: the summary shows a room that may not be peeked.
+            InvalidPeekResponse, FederationError: no usable summary.
+        """
+        try:
+            summary = await self.client.get_json(server, f"{_V1}/hierarchy/{room}")
+        except RemoteError as e:
+            if e.errcode != "M_UNRECOGNIZED":
+                raise  # 404: the server does not show us the room (unknown, or private)
+            return
+        check_summary(summary)
+
+    async def _template(self, server: str, room: str) -> Any:
+        return await self.client.get_json(
+            server,
+            f"{_V1}/make_join/{room}/{path_segment(self.user_id)}",
+            query={"ver": SUPPORTED_VERSIONS},
+            timeout=JOIN_TIMEOUT_S,
         )
 
     async def _joined(
@@ -300,13 +360,19 @@ class ObserverJoin:
             if isinstance(p, dict)
         ]
         await self.missing.signer_keys(pdus, version)
-        return joined_room(
-            answer,
-            room_id=room_id,
-            room_version=version,
-            join_event_id=event_id,
-            join_event=join,
-            keys=self.keyring.lookup,
+        # ~0.2 ms a PDU (mostly ed25519): in a thread, so that the event loop (other rooms'
+        # /send, devices' /sync) is not held up by a big room's state (a 10,000-member room
+        # would hold it ~2 s), and the first view's /backfill goes on meanwhile.
+        return await trio.to_thread.run_sync(
+            functools.partial(
+                joined_room,
+                answer,
+                room_id=room_id,
+                room_version=version,
+                join_event_id=event_id,
+                join_event=join,
+                keys=self.keyring.lookup,
+            )
         )
 
     async def _leave(self, room_id: str, server: str) -> None:
