@@ -69,14 +69,26 @@ def _template(fx: Fixture, membership: str = "join") -> dict[str, Any]:
     return {"event": event, "room_version": fx.version}
 
 
-def _join(fx: Fixture) -> tuple[str, dict[str, Any]]:
+def _ours(
+    fx: Fixture, answer: dict[str, Any], membership: str, **kwargs: Any
+) -> tuple[str, dict[str, Any]]:
+    """Our ``membership`` event from the make_X ``answer`` for the fixture's room."""
     return membership_event(
-        _template(fx),
+        answer,
         room_id=fx.room_id,
         user_id=OBSERVER,
-        membership="join",
+        membership=membership,
         server_name=OURS,
         signing_key=KEY,
+        **kwargs,
+    )
+
+
+def _join(fx: Fixture) -> tuple[str, dict[str, Any]]:
+    return _ours(
+        fx,
+        _template(fx),
+        "join",
         now_ms=1_800_000_000_000,
         displayname="peekproxy observer",
     )
@@ -104,13 +116,10 @@ def test_our_join_passes_the_receipt_checks_with_our_key(fx: Fixture) -> None:
 
 def test_a_leave_has_no_display_name() -> None:
     fx = Fixture("10")
-    _, leave = membership_event(
+    _, leave = _ours(
+        fx,
         _template(fx, "leave"),
-        room_id=fx.room_id,
-        user_id=OBSERVER,
-        membership="leave",
-        server_name=OURS,
-        signing_key=KEY,
+        "leave",
         now_ms=5,
         displayname="ignored",
     )
@@ -125,13 +134,10 @@ def test_rooms_v1_and_v2_get_an_event_id_of_our_server() -> None:
         answer["event"][key] = [
             [f"$e{i}:hs-alpha.test", {}] for i, _ in enumerate(answer["event"][key])
         ]
-    event_id, pdu = membership_event(
+    event_id, pdu = _ours(
+        fx,
         answer,
-        room_id=fx.room_id,
-        user_id=OBSERVER,
-        membership="join",
-        server_name=OURS,
-        signing_key=KEY,
+        "join",
         now_ms=5,
     )
     assert event_id == pdu["event_id"] and event_id.endswith(f":{OURS}")
@@ -158,13 +164,10 @@ def test_a_template_for_something_else_is_refused(field: str, value: Any, messag
     answer = _template(fx)
     answer["event"][field] = value
     with pytest.raises(InvalidTemplate, match=message):
-        membership_event(
+        _ours(
+            fx,
             answer,
-            room_id=fx.room_id,
-            user_id=OBSERVER,
-            membership="join",
-            server_name=OURS,
-            signing_key=KEY,
+            "join",
             now_ms=5,
         )
 
@@ -208,25 +211,19 @@ def test_the_send_join_answer_gives_the_room_with_our_join(fx: Fixture) -> None:
 
 
 def test_a_rejoin_replaces_our_old_leave_in_the_state(fx: Fixture) -> None:
-    leave_id, old_leave = membership_event(
+    leave_id, old_leave = _ours(
+        fx,
         _template(fx, "leave"),
-        room_id=fx.room_id,
-        user_id=OBSERVER,
-        membership="leave",
-        server_name=OURS,
-        signing_key=KEY,
+        "leave",
         now_ms=4,
     )
     # As Synapse does (research §7), the rejoin's template cites our current membership.
     template = _template(fx)
     template["event"]["auth_events"].append(leave_id)
-    event_id, join = membership_event(
+    event_id, join = _ours(
+        fx,
         template,
-        room_id=fx.room_id,
-        user_id=OBSERVER,
-        membership="join",
-        server_name=OURS,
-        signing_key=KEY,
+        "join",
         now_ms=1_800_000_000_000,
     )
     answer = _send_join_answer(fx, join)
