@@ -365,6 +365,16 @@ class Config(Section):
     delegation: DelegationSection = DelegationSection()
     logging: LoggingSection = LoggingSection()
 
+    @model_validator(mode="after")
+    def _observer_user_id_fits(self) -> Config:
+        user_id = f"@{self.peeks.observer_localpart}:{self.server.server_name}"
+        if len(user_id.encode()) > 255:
+            raise ValueError(
+                f"peeks.observer_localpart: the observer's user ID {user_id[:40]}… is "
+                f"{len(user_id.encode())} bytes; a user ID has at most 255"
+            )
+        return self
+
     @property
     def sqlite_path(self) -> Path:
         """The SQLite database file (``store.sqlite_path``, else ``<data_dir>/peekproxy.db``)."""

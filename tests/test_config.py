@@ -164,3 +164,11 @@ def test_the_upstream_token_file_needs_front_mode(server_dir: Path) -> None:
         _write(server_dir, MINIMAL + token + 'homeserver_url = "http://127.0.0.1:8080"\n'), {}
     )
     assert config.upstream.access_token_file == server_dir / "upstream.token"
+
+
+def test_an_observer_user_id_over_255_bytes_is_refused(server_dir: Path) -> None:
+    path = _write(server_dir, render_config("example.org"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {"PEEKPROXY_PEEKS__OBSERVER_LOCALPART": "o" * 250})
+    assert "peeks.observer_localpart" in str(caught.value)
+    assert "at most 255" in str(caught.value)

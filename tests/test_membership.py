@@ -13,7 +13,9 @@ from signedjson.key import generate_signing_key, get_verify_key
 
 from peekproxy.core.events import compute_event_id
 from peekproxy.core.membership import (
+    MAX_HELD_ROOMS,
     InvalidTemplate,
+    JoinHolds,
     check_summary,
     joined_room,
     membership_event,
@@ -346,3 +348,21 @@ def test_an_acl_that_denies_us_ends_the_following() -> None:
     assert acl_denial_reason([deny, acl({"allow": ["*"]})], OURS) is None  # the newest counts
     assert acl_denial_reason([acl("garbage")], OURS) is not None  # no allow: nobody
     assert acl_denial_reason([{**deny, "state_key": "x"}], OURS) is None
+
+
+def test_a_room_whose_join_was_undone_is_held_longer_each_time() -> None:
+    holds = JoinHolds()
+    first = holds.undone("!r:a.test", "a.test: not world_readable", 403, 0, 0.5)
+    assert first == 600_000  # 10 min (draw 0.5: no jitter)
+    assert holds.held("!r:a.test", 1) == (
+        403,
+        "a.test: not world_readable; the observer does not join it again for 10 min",
+    )
+    assert holds.held("!other:a.test", 1) is None
+    assert holds.held("!r:a.test", first) is None  # ran out
+    assert holds.undone("!r:a.test", "again", 502, first, 0.5) == first + 1_200_000  # doubled
+    holds.joined("!r:a.test")
+    assert holds.undone("!r:a.test", "afresh", 502, 0, 0.5) == 600_000
+    for n in range(MAX_HELD_ROOMS + 5):  # bounded
+        holds.undone(f"!{n}:a.test", "x", 502, 0, 0.5)
+    assert holds.held("!0:a.test", 1) is None and holds.held("!9:a.test", 1) is not None

@@ -4,6 +4,7 @@ goes on (a fake federation server over real TLS and DNS; tests/peek_world.py).""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -12,7 +13,10 @@ import httpx
 import pytest
 import trio
 import trustme
+from signedjson.key import generate_signing_key
 
+from peekproxy.federation.signing_key import server_key_document
+from peekproxy.testbed.rooms import TestbedRoom
 from tests.conftest import Spawn
 from tests.peek_world import PEEKPROXY, FakeServer, PeekWorld, build_world
 
@@ -115,8 +119,94 @@ async def test_bad_answers_to_the_observer_join_fail_the_peek_cleanly(
         assert body["errcode"] and error in body["error"], (name, body)
         if name == "room not world_readable":
             assert "send_join" not in asked  # decided before joining
-        # An unusable send_join answer: we may be in the room, so we leave.
+        # An unusable send_join answer: we may be in the room, so we leave (make_leave is
+        # answered 404 M_UNRECOGNIZED here: counted as left).
         assert ("make_leave" in asked) == (name == "send_join garbage"), (name, asked)
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{world.daemon.client}/health")).status_code == 200
     assert world.daemon.process.returncode is None
+
+
+class JoinedRoomServer:
+    """forger.test hosting a real room (signed with its published key) that says it is
+    world_readable in its summary but is not: the observer's join must be undone."""
+
+    def __init__(self, server: FakeServer) -> None:
+        self.key = generate_signing_key("f1")
+        self.room = TestbedRoom.create(
+            server_name="forger.test", signing_key=self.key, room_version="10",
+            creator="@admin:forger.test", now_ms=int(time.time() * 1000),
+            history_visibility="shared",
+        )  # fmt: skip
+        self.asked: list[str] = []
+        self.make_leave_status = 200
+        server.handler = self.handle
+
+    def _template(self, membership: str) -> dict[str, Any]:
+        latest, pdu = self.room.latest()
+        ids = dict(
+            zip(
+                ((p["type"], p["state_key"]) for p in self.room.state_at(latest)),
+                self.room.state_ids_at(latest),
+                strict=True,
+            )
+        )
+        auth = [ids[("m.room.create", "")], ids[("m.room.power_levels", "")]]
+        event = _template(self.room.room_id)["event"] | {
+            "auth_events": [*auth, ids[("m.room.join_rules", "")]],
+            "prev_events": [latest],
+            "depth": pdu["depth"] + 1,
+            "content": {"membership": membership},
+        }
+        return {"event": event, "room_version": "10"}
+
+    async def handle(self, scope: Any, body: bytes) -> tuple[int, Any]:
+        path = unquote(scope["path"])
+        if path == "/_matrix/key/v2/server":
+            now = int(time.time() * 1000)
+            return 200, server_key_document(
+                "forger.test", self.key, now_ms=now, valid_for_ms=3_600_000
+            )
+        step = path.split("/")[4]
+        self.asked.append(step)
+        latest, _ = self.room.latest()
+        answers: dict[str, tuple[int, Any]] = {
+            "hierarchy": (200, SUMMARY),  # it lies
+            "make_join": (200, self._template("join")),
+            "send_join": (200, {"state": self.room.state_at(latest), "auth_chain": []}),
+            "make_leave": (self.make_leave_status, self._template("leave")),
+            "send_leave": (200, {}),
+        }
+        return answers.get(step, (404, {"errcode": "M_UNRECOGNIZED", "error": "no"}))
+
+
+async def test_a_join_into_a_room_that_may_not_be_peeked_is_undone_and_not_repeated(
+    world: PeekWorld, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    forger = JoinedRoomServer(await world.add_server(nursery, tls_ca, tmp_path, "forger.test"))
+    room_id = forger.room.room_id
+    response = await world.peek(room_id, hints=["forger.test"])
+    assert response.status_code == 403, response.text
+    assert "not world_readable" in response.json()["error"]
+    membership = [step for step in forger.asked if "join" in step or "leave" in step]
+    assert membership == ["make_join", "send_join", "make_leave", "send_leave"]  # left at once
+    # Room members saw a join and a leave: a peek again does not join again soon.
+    asked = len(forger.asked)
+    response = await world.peek(room_id, hints=["forger.test"], device="D2")
+    assert response.status_code == 403, response.text
+    assert "does not join it again for" in response.json()["error"]
+    assert "send_join" not in forger.asked[asked:]
+
+
+async def test_a_leave_that_fails_after_an_undone_join_is_retried(
+    world: PeekWorld, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    forger = JoinedRoomServer(await world.add_server(nursery, tls_ca, tmp_path, "forger.test"))
+    forger.make_leave_status = 502
+    response = await world.peek(forger.room.room_id, hints=["forger.test"])
+    assert response.status_code == 403, response.text
+    assert forger.asked.count("make_leave") == 1
+    forger.make_leave_status = 200
+    with trio.fail_after(20):  # the subscription retries it, backing off
+        while "send_leave" not in forger.asked:  # noqa: ASYNC110 (a remote's log)
+            await trio.sleep(0.1)

@@ -9,6 +9,8 @@ Pure: no I/O. Used by :mod:`peekproxy.services.observer_join`.
 * :func:`joined_room`: the room as it stands after our join, from the ``send_join`` (v2)
   answer, checked as an MSC2444 peek answer is
   (:func:`~peekproxy.core.validation.validate_peek_response`);
+* :class:`JoinHolds`: rooms not to be joined again for a while after a join that had to
+  be undone;
 * :func:`check_summary`: whether the room's summary (``GET /hierarchy/{roomId}``, SSAPI
   §Spaces) lets us join it at all.
 """
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from signedjson.sign import sign_json
 from signedjson.types import SigningKey
 from unpaddedbase64 import encode_base64
 
+from peekproxy.core.backoff import backoff_delay
 from peekproxy.core.events import compute_event_id, content_hash, redact
 from peekproxy.core.pdu_signatures import KeyLookup
 from peekproxy.core.room_versions import EventIdFormat, RoomVersion
@@ -35,7 +39,10 @@ from peekproxy.core.validation import (
 )
 
 __all__ = [
+    "JOIN_HOLD_MS",
+    "MAX_HELD_ROOMS",
     "InvalidTemplate",
+    "JoinHolds",
     "check_summary",
     "joined_room",
     "membership_event",
@@ -222,3 +229,47 @@ def check_summary(answer: Any) -> None:
         raise RoomNotPeekable("the room is not world_readable (its summary says so)")
     if room.get("encryption") is not None:
         raise RoomNotPeekable("the room is encrypted (its summary says so)")
+
+
+#: After a join that had to be undone (the room may not be peeked after all, or its answer
+#: was unusable or never came), the room is not joined again for 10 min, doubling up to a
+#: day (±20 %): every attempt shows room members a join and a leave.
+JOIN_HOLD_MS = (600_000, 86_400_000)
+#: At most this many rooms are held; beyond it the oldest entry goes first.
+MAX_HELD_ROOMS = 10_000
+
+
+@dataclass
+class JoinHolds:
+    """Rooms not to be joined again for a while, after a join that had to be undone (see
+    :data:`JOIN_HOLD_MS`). Pure: times (ms since the epoch) and jitter draws (in [0, 1))
+    are passed in."""
+
+    #: room ID → (held until, ms; joins undone in a row; why the last one was undone; the
+    #: HTTP status a device got for it).
+    _rooms: dict[str, tuple[int, int, str, int]] = field(default_factory=dict)
+
+    def undone(self, room_id: str, reason: str, status: int, now_ms: int, draw: float) -> int:
+        """A join of ``room_id`` had to be undone (``reason``; the device got ``status``):
+        hold the room; returns until when (ms)."""
+        _, count, _, _ = self._rooms.pop(room_id, (0, 0, "", 0))
+        count += 1
+        until = now_ms + int(backoff_delay(count, *JOIN_HOLD_MS, draw))
+        self._rooms[room_id] = (until, count, reason, status)
+        while len(self._rooms) > MAX_HELD_ROOMS:
+            del self._rooms[next(iter(self._rooms))]
+        return until
+
+    def held(self, room_id: str, now_ms: int) -> tuple[int, str] | None:
+        """(status, why) ``room_id`` is not to be joined now (the last failure's status, its
+        reason and for how long), or ``None``. A hold that ran out is kept (it still counts
+        for the next one) but does not hold."""
+        entry = self._rooms.get(room_id)
+        if entry is None or entry[0] <= now_ms:
+            return None
+        minutes = -(-(entry[0] - now_ms) // 60_000)  # rounded up
+        return entry[3], f"{entry[2]}; the observer does not join it again for {minutes} min"
+
+    def joined(self, room_id: str) -> None:
+        """A join of ``room_id`` worked: its hold count starts afresh."""
+        self._rooms.pop(room_id, None)

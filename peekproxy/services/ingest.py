@@ -324,14 +324,6 @@ class Ingest:
             batch.append((event_id, verdict.pdu, verdict.outcome == "redact"))
             known.add(event_id)
             results[event_id] = {}
-        reason = ending_reason(pdu for _, pdu, _ in batch)
-        if not reason and observer is not None and observed:
-            pdus = [pdu for _, pdu, _ in batch]
-            reason = observer_removed_reason(pdus, observer.user_id) or acl_denial_reason(
-                pdus, observer.user_id.partition(":")[2]
-            )
-        if reason:
-            unpeekable[room_id] = reason
         lacking = [
             event_id
             for event_id, pdu, _ in batch
@@ -340,6 +332,16 @@ class Ingest:
         fetched = []
         if lacking:
             fetched = await self.missing.fetch(origin, room_id, lacking, rules, known=known)
+        # The events fetched before the pushed ones count too (a lost transaction's
+        # history_visibility change comes back so).
+        pdus = [pdu for _, pdu, _ in (*fetched, *batch)]
+        reason = ending_reason(pdus)
+        if not reason and observer is not None and observed:
+            reason = observer_removed_reason(pdus, observer.user_id) or acl_denial_reason(
+                pdus, observer.user_id.partition(":")[2]
+            )
+        if reason:
+            unpeekable[room_id] = reason
         return await self._append(room_id, [*fetched, *batch])
 
     async def _acl_allows(self, room_id: str, origin: str) -> bool:

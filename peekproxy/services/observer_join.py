@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -39,6 +41,7 @@ from signedjson.key import get_verify_key
 from signedjson.types import SigningKey
 
 from peekproxy.core.membership import (
+    JoinHolds,
     check_summary,
     joined_room,
     membership_event,
@@ -82,9 +85,12 @@ _V2 = "/_matrix/federation/v2"
 
 
 class _StepFailed(Exception):
-    def __init__(self, step: str, error: Exception) -> None:
+    """Step ``step`` of a join failed with ``error``; ``joined``: after ``send_join`` was
+    sent, so the observer may be in the room (the join was undone, or its leave queued)."""
+
+    def __init__(self, step: str, error: Exception, *, joined: bool = False) -> None:
         super().__init__(f"{step}: {error}")
-        self.step, self.error = step, error
+        self.step, self.error, self.joined = step, error, joined
 
 
 @contextmanager
@@ -154,6 +160,8 @@ class ObserverJoin:
         self.signing_key = signing_key
         self.settings = settings
         self.clock_ms = clock_ms
+        #: Rooms whose last join had to be undone: not joined again for a while.
+        self.holds = JoinHolds()
         # Our own join comes back in send_join answers: its signature is checked too.
         keyring.add_trusted(
             StoredKey(
@@ -180,22 +188,38 @@ class ObserverJoin:
                 (not world_readable, encrypted, banned, invite-only...); 429 when every
                 candidate rate-limited us; else 502/404 naming each candidate and why.
         """
+        now = self.clock_ms()
+        held = self.holds.held(room_id, now)
+        if held is not None:
+            status, why = held
+            errcode = "M_FORBIDDEN" if status == 403 else "M_UNKNOWN"
+            error = PeekError(status, errcode, f"the observer could not join {room_id}: {why}")
+            raise FollowFailed(error, rate_limited=False, abandoned=())
         await self._check_cap(room_id)
         failures: list[PeekAttemptFailure] = []
+        abandoned: list[tuple[str, str]] = []
         for server in candidates:
             try:
-                followed = await self._join_through(room_id, server)
+                followed = await self._join_through(room_id, server, abandoned)
             except _StepFailed as failed:  # every failure of one candidate is classified
                 failure = classify_join_error(server, failed.step, failed.error)
                 log.info("observer join of %s through %s failed: %s", room_id, server, failure)
                 failures.append(failure)
                 forbidden = failure.kind is PeekFailureKind.FORBIDDEN
                 OBSERVER_MEMBERSHIP.labels("join", "refused" if forbidden else "failed").inc()
+                if failed.joined:
+                    # Room members saw a join (and a leave): not again soon, nor through
+                    # another candidate now.
+                    status = 403 if forbidden else 502
+                    reason = f"{server}: {failure.reason}"
+                    self.holds.undone(room_id, reason, status, self.clock_ms(), random.random())
+                    break
                 if forbidden:
                     break
             else:
+                self.holds.joined(room_id)
                 OBSERVER_MEMBERSHIP.labels("join", "ok").inc()
-                return followed
+                return replace(followed, abandoned=tuple(abandoned))
         summary = summarize_failures(room_id, failures)
         text = summary.error.replace("could not peek", "the observer could not join", 1)
         if failures and all(f.kind is PeekFailureKind.RATE_LIMITED for f in failures):
@@ -203,10 +227,12 @@ class ObserverJoin:
             raise FollowFailed(
                 PeekError(429, "M_LIMIT_EXCEEDED", text, retry_after_ms=wait),
                 rate_limited=True,
-                abandoned=(),
+                abandoned=tuple(abandoned),
             )
         raise FollowFailed(
-            PeekError(summary.status, summary.errcode, text), rate_limited=False, abandoned=()
+            PeekError(summary.status, summary.errcode, text),
+            rate_limited=False,
+            abandoned=tuple(abandoned),
         )
 
     async def renew(self, room_id: str, server: str, handle: str) -> Renewed:
@@ -251,8 +277,11 @@ class ObserverJoin:
                 abandoned=(),
             )
 
-    async def _join_through(self, room_id: str, server: str) -> Followed:
-        """Steps 1-4 of the module docstring through ``server``.
+    async def _join_through(
+        self, room_id: str, server: str, abandoned: list[tuple[str, str]]
+    ) -> Followed:
+        """Steps 1-4 of the module docstring through ``server``. A leave that could not be
+        done now goes to ``abandoned`` (the subscription retries it, backing off).
 
         Raises:
             _StepFailed: naming the step and its error.
@@ -277,42 +306,48 @@ class ObserverJoin:
                 displayname=self.settings.displayname,
             )
         handle = OBSERVER_HANDLE_PREFIX + event_id
-        with _step("send_join"):
-            try:
-                answer = await self.client.put_json(
-                    server,
-                    f"{_V2}/send_join/{room}/{path_segment(event_id)}",
-                    join,
-                    timeout=JOIN_TIMEOUT_S,
-                )
-            except RemoteError:
-                raise  # the server answered no: we are not in the room
-            except FederationError:
-                # No answer (timeout, connection lost): the join may have gone through.
-                await self.stop(room_id, server, handle)
-                raise
-            try:
-                # The history before our join is fetched while the answer is checked.
-                snapshot, history = await _gather(
-                    ("send_join", self._joined(answer, room_id, version, event_id, join)),
-                    (
-                        "backfill",
-                        backfill.first_view(
-                            self.store,
-                            self.client,
-                            self.keyring,
-                            room_id,
-                            server,
-                            event_id,
-                            version,
-                        ),
+        try:
+            answer = await self.client.put_json(
+                server,
+                f"{_V2}/send_join/{room}/{path_segment(event_id)}",
+                join,
+                timeout=JOIN_TIMEOUT_S,
+            )
+        except RemoteError as e:
+            if e.status < 500:
+                raise _StepFailed("send_join", e) from e  # refused: we are not in the room
+            # A 5xx (a proxy's 502/504, or the server failing after storing the join) or
+            # no answer at all: the join may have gone through. The leave is queued, not
+            # sent at once, so that it does not overtake a join still being handled.
+            abandoned.append((server, handle))
+            raise _StepFailed("send_join", e, joined=True) from e
+        except FederationError as e:
+            abandoned.append((server, handle))
+            raise _StepFailed("send_join", e, joined=True) from e
+        try:
+            # The history before our join is fetched while the answer is checked.
+            snapshot, history = await _gather(
+                ("send_join", self._joined(answer, room_id, version, event_id, join)),
+                (
+                    "backfill",
+                    backfill.first_view(
+                        self.store,
+                        self.client,
+                        self.keyring,
+                        room_id,
+                        server,
+                        event_id,
+                        version,
                     ),
-                )
-            except _StepFailed as failed:
-                # We are in the room but cannot follow it (RoomNotPeekable: may not).
-                log.warning("observer in %s through %s, leaving: %s", room_id, server, failed)
-                await self.stop(room_id, server, handle)
-                raise failed.error from None
+                ),
+            )
+        except _StepFailed as failed:
+            # We are in the room but cannot follow it (RoomNotPeekable: may not).
+            log.warning("observer in %s through %s, leaving: %s", room_id, server, failed)
+            if not await self.stop(room_id, server, handle):
+                abandoned.append((server, handle))
+            failed.joined = True
+            raise
         log.info("observer joined %s through %s (room version %s)", room_id, server, version)
         return Followed(
             server=server,
