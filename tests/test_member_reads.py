@@ -276,8 +276,12 @@ async def test_event_auth(world: World) -> None:
 async def test_rooms_not_observed_and_servers_not_in_the_room_get_403(world: World) -> None:
     ids, room, peeked = world.ids, world.room, world.peeked
     forbidden = {"errcode": "M_FORBIDDEN", "error": "Host not in room."}
+    # An event of a room not observed is "not found": whether it is held is not told.
+    answer = await world.ask("GET", _path("/event/{}", ids["peeked"]))
+    assert (answer.status_code, answer.json()["errcode"]) == (404, "M_NOT_FOUND")
+    unknown = await world.ask("GET", _path("/event/{}", "$unknown"))
+    assert answer.json() == unknown.json() | {"error": answer.json()["error"]}
     asks: list[tuple[str, str, Any]] = [
-        ("GET", _path("/event/{}", ids["peeked"]), None),
         ("GET", _path("/state_ids/{}?event_id={}", peeked.room_id, ids["peeked"]), None),
         ("GET", _path("/state/{}?event_id={}", peeked.room_id, ids["peeked"]), None),
         ("GET", _path("/backfill/{}?v={}&limit=5", peeked.room_id, ids["peeked"]), None),

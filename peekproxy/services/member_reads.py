@@ -9,9 +9,10 @@ rules of :mod:`peekproxy.core.member_reads`.
 
 Only *observed* rooms are served: a room whose subscription takes events and is held by an
 observer join (:func:`peekproxy.services.following.is_observer_handle`). Every other room —
-peeked by MSC2444, followed through the fronted homeserver's client API, left, unknown — and
-every event of such a room is ``403 M_FORBIDDEN "Host not in room."``, as Synapse answers a
-server that is not in the room, so nothing of a peeked room leaks. In an observed room the
+peeked by MSC2444, followed through the fronted homeserver's client API, left, unknown — is
+``403 M_FORBIDDEN "Host not in room."``, as Synapse answers a server that is not in the room,
+and an event of such a room asked by its ID alone (``/event``) is ``404 M_NOT_FOUND`` as an
+unknown one is: nothing of a peeked room leaks, not even whether it is held. In an observed room the
 asking server must have a joined member in the current state (else the same 403) and be let
 in by the room's ``m.room.server_acl`` (else ``403 M_FORBIDDEN "Server is banned from
 room"``; :func:`peekproxy.core.server_acl.server_allowed`).
@@ -151,11 +152,12 @@ class MemberReads:
         """``GET /event/{eventId}``: the stored event as served.
 
         Raises:
-            PeekError: 404 ``M_NOT_FOUND`` not stored; 403 as the module docstring says (also
-                for an event of a room that is not observed).
+            PeekError: 404 ``M_NOT_FOUND`` not stored, or stored for a room that is not
+                observed (whether peekproxy holds it is not told); 403 as the module
+                docstring says.
         """
         found = await self.store.read(lambda tx: tx.find_event(event_id))
-        if found is None:
+        if found is None or self.observed_version(found[0]) is None:
             raise PeekError(404, "M_NOT_FOUND", f"Could not find event {event_id}")
         served = await self._read(origin, found[0], lambda room: room.served([event_id]))
         if not served:  # gone between the two reads: not this room's any more
