@@ -38,6 +38,9 @@ OBSERVER_LOCALPART = "peekproxy"
 SHORT = {
     "PEEKPROXY_PEEKS__LINGER": "0.2s",
     "PEEKPROXY_PEEKS__OBSERVER_LINGER": "2s",
+    # An observer join's renewal asks A whether the observer is still in the room: each
+    # second here, so that every test also shows A answering it (else every 30 min).
+    "PEEKPROXY_PEEKS__RENEWAL_INTERVAL_MAX": "1s",
 }
 
 

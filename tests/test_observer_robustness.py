@@ -85,7 +85,14 @@ async def world(
     nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
 ) -> PeekWorld:
     return await build_world(
-        nursery, tls_ca, tmp_path, spawn, peeks_env={"PEEKPROXY_PEEKS__FALLBACK": "observer_join"}
+        nursery,
+        tls_ca,
+        tmp_path,
+        spawn,
+        peeks_env={
+            "PEEKPROXY_PEEKS__FALLBACK": "observer_join",
+            "PEEKPROXY_PEEKS__RENEWAL_INTERVAL_MAX": "1s",  # observer joins check each second
+        },
     )
 
 
@@ -131,15 +138,16 @@ class JoinedRoomServer:
     """forger.test hosting a real room (signed with its published key) that says it is
     world_readable in its summary but is not: the observer's join must be undone."""
 
-    def __init__(self, server: FakeServer) -> None:
+    def __init__(self, server: FakeServer, history_visibility: str = "shared") -> None:
         self.key = generate_signing_key("f1")
         self.room = TestbedRoom.create(
             server_name="forger.test", signing_key=self.key, room_version="10",
             creator="@admin:forger.test", now_ms=int(time.time() * 1000),
-            history_visibility="shared",
+            history_visibility=history_visibility,
         )  # fmt: skip
         self.asked: list[str] = []
         self.make_leave_status = 200
+        self.event_status = 200
         server.handler = self.handle
 
     def _template(self, membership: str) -> dict[str, Any]:
@@ -176,6 +184,8 @@ class JoinedRoomServer:
             "send_join": (200, {"state": self.room.state_at(latest), "auth_chain": []}),
             "make_leave": (self.make_leave_status, self._template("leave")),
             "send_leave": (200, {}),
+            "event": (self.event_status, {"errcode": "M_FORBIDDEN", "error": "Host not in room."}),
+            "backfill": (200, {"origin": "forger.test", "origin_server_ts": 1, "pdus": []}),
         }
         return answers.get(step, (404, {"errcode": "M_UNRECOGNIZED", "error": "no"}))
 
@@ -210,3 +220,28 @@ async def test_a_leave_that_fails_after_an_undone_join_is_retried(
     with trio.fail_after(20):  # the subscription retries it, backing off
         while "send_leave" not in forger.asked:  # noqa: ASYNC110 (a remote's log)
             await trio.sleep(0.1)
+
+
+async def test_an_observer_found_out_of_the_room_at_a_renewal_ends_the_peek(
+    world: PeekWorld, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    forger = JoinedRoomServer(
+        await world.add_server(nursery, tls_ca, tmp_path, "forger.test"), "world_readable"
+    )
+    room_id = forger.room.room_id
+    response = await world.peek(room_id, hints=["forger.test"])
+    assert response.status_code == 200, response.text
+    since = (await world.sync())["next_batch"]
+    with trio.fail_after(10):
+        while "event" not in forger.asked:  # noqa: ASYNC110 (a remote's log)
+            await trio.sleep(0.1)
+    assert world.subscription(room_id)["state"] == "active"  # still in: nothing changes
+    # Kicked while we did not hear of it: the next renewal finds out, and the peek ends
+    # instead of joining again (that would undo the kick).
+    forger.event_status = 403
+    with trio.fail_after(10):
+        while world.subscription(room_id)["state"] != "ended":  # noqa: ASYNC110 (its database)
+            await trio.sleep(0.1)
+    assert forger.asked.count("send_join") == 1
+    synced = await world.sync(since=since)
+    assert room_id in synced["rooms"]["leave"]

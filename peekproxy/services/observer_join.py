@@ -19,8 +19,9 @@ the same ingest as MSC2444 pushes). Per candidate server (SSAPI §Joining Rooms)
    while the ``send_join`` answer is checked (1 and 2 are asked at once too: make_join
    changes nothing, and the summary still decides before ``send_join``).
 
-The following's handle is ``join:`` + our join event ID; it needs no renewal (its interval
-is a day; :meth:`ObserverJoin.renew` asks nothing). :meth:`ObserverJoin.stop` leaves
+The following's handle is ``join:`` + our join event ID; its interval is a day, and a
+renewal (every ``peeks.renewal_interval_max``) only checks that the observer is still in the
+room (:meth:`ObserverJoin.renew`). :meth:`ObserverJoin.stop` leaves
 (``make_leave`` + ``send_leave`` v2). How long a room nobody peeks stays joined is
 ``peeks.observer_linger`` (:class:`~peekproxy.services.subscriptions.Subscriptions`).
 A restore joins again: what happened meanwhile is a gap.
@@ -63,6 +64,7 @@ from peekproxy.services.following import (
     OBSERVER_HANDLE_PREFIX,
     Followed,
     FollowFailed,
+    RenewalFailed,
     Renewed,
     is_observer_handle,
 )
@@ -235,9 +237,25 @@ class ObserverJoin:
             abandoned=tuple(abandoned),
         )
 
-    async def renew(self, room_id: str, server: str, handle: str) -> Renewed:
-        """Nothing to renew: a membership lasts until we leave (or are removed, which
-        the room's events tell)."""
+    async def renew(self, room_id: str, server: str, handle: str) -> Renewed | RenewalFailed:
+        """Check that the observer is still in the room: ``GET /event/{our join}`` through
+        ``server``, which only a server in the room may read (a removal missed while
+        peekproxy was down shows so; the request also tells the server we are back, which
+        ends its back-off towards us). A 403/404: the observer is out: the room is held
+        (a new join would undo a kick) and the renewal ``refused``, so the subscription's
+        next follow fails with 403 and the peeks end. Other failures are retried."""
+        event_id = handle.removeprefix(OBSERVER_HANDLE_PREFIX)
+        try:
+            await self.client.get_json(server, f"{_V1}/event/{path_segment(event_id)}")
+        except RemoteError as e:
+            if e.status not in (403, 404):
+                return RenewalFailed(refused=False, at_ms=self.clock_ms())
+            log.warning("the observer is no longer in %s (%s says %s)", room_id, server, e)
+            reason = f"{server}: the observer is no longer in the room"
+            self.holds.undone(room_id, reason, 403, self.clock_ms(), random.random())
+            return RenewalFailed(refused=True, at_ms=self.clock_ms())
+        except FederationError:
+            return RenewalFailed(refused=False, at_ms=self.clock_ms())
         return Renewed(at_ms=self.clock_ms())
 
     async def stop(self, room_id: str, server: str, handle: str) -> bool:
