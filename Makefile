@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SYNAPSE_VENV := .synapse-venv
+# The Synapse the interop tests were written against (its federation answers, rate limits and
+# errors are asserted on); raise it on purpose, with the tests.
+SYNAPSE_VERSION := 1.163.2
 DEMO_FLAGS ?=
 PYTEST_ARGS ?=
 
@@ -14,9 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Synapse (the real homeserver the interop tests run against) lives in its own venv.
-$(SYNAPSE_VENV)/.installed:
+$(SYNAPSE_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(SYNAPSE_VENV)
-	$(SYNAPSE_VENV)/bin/pip install --quiet matrix-synapse
+	$(SYNAPSE_VENV)/bin/pip install --quiet matrix-synapse==$(SYNAPSE_VERSION)
 	touch $@
 
 # dnsmasq (the DNS server the discovery tests run): installed with apt-get when missing.
