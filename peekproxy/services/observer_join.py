@@ -13,8 +13,10 @@ the same ingest as MSC2444 pushes). Per candidate server (SSAPI §Joining Rooms)
 3. ``PUT /_matrix/federation/v2/send_join/{roomId}/{eventId}`` (full state: no
    ``omit_members``) → the state and auth chain, every PDU checked
    (:func:`peekproxy.core.membership.joined_room`). A state that shows the room not
-   peekable after all → leave at once, 403; an answer that cannot be used, or none at all
-   (the join may have gone through) → leave too, and try the next candidate.
+   peekable after all → leave at once, 403; an answer that cannot be used → leave too; none
+   at all, or a 5xx (the join may have gone through) → the leave is queued. After any of
+   these no other candidate is tried, and the room is held for a while
+   (:class:`peekproxy.core.membership.JoinHolds`).
 4. The history before our join from ``/backfill`` (the first view, as for a peek), fetched
    while the ``send_join`` answer is checked (1 and 2 are asked at once too: make_join
    changes nothing, and the summary still decides before ``send_join``).
@@ -77,9 +79,10 @@ __all__ = ["JOIN_INTERVAL_MS", "JOIN_TIMEOUT_S", "ObserverJoin"]
 
 log = logging.getLogger("peekproxy.observer")
 
-#: An observer join needs no renewal: its ``interval_ms`` is a day (renewals ask nothing).
+#: An observer join does not lapse: its ``interval_ms`` is a day (a renewal only checks that
+#: the observer is still in the room).
 JOIN_INTERVAL_MS = 86_400_000
-#: One candidate's make_join + send_join may take this long (s) as a whole.
+#: Each make_join, send_join, make_leave and send_leave request may take this long (s).
 JOIN_TIMEOUT_S = 30.0
 
 _V1 = "/_matrix/federation/v1"
@@ -312,17 +315,7 @@ class ObserverJoin:
             ("make_join", self._template(server, room)),
         )
         with _step("make_join"):
-            version = template_room_version(template, SUPPORTED_VERSIONS)
-            event_id, join = membership_event(
-                template,
-                room_id=room_id,
-                user_id=self.user_id,
-                membership="join",
-                server_name=self.server_name,
-                signing_key=self.signing_key,
-                now_ms=self.clock_ms(),
-                displayname=self.settings.displayname,
-            )
+            version, event_id, join = self._our_event(template, room_id, "join")
         handle = OBSERVER_HANDLE_PREFIX + event_id
         try:
             answer = await self.client.put_json(
@@ -428,6 +421,28 @@ class ObserverJoin:
             )
         )
 
+    def _our_event(
+        self, template: Any, room_id: str, membership: str
+    ) -> tuple[str, str, dict[str, Any]]:
+        """(room version, event ID, signed PDU) of the observer's ``membership`` (join, with
+        its display name, or leave) from a make_join / make_leave answer.
+
+        Raises:
+            InvalidTemplate: the answer cannot be used.
+        """
+        version = template_room_version(template, SUPPORTED_VERSIONS)
+        event_id, pdu = membership_event(
+            template,
+            room_id=room_id,
+            user_id=self.user_id,
+            membership=membership,
+            server_name=self.server_name,
+            signing_key=self.signing_key,
+            now_ms=self.clock_ms(),
+            displayname=self.settings.displayname if membership == "join" else None,
+        )
+        return version, event_id, pdu
+
     async def _leave(self, room_id: str, server: str) -> None:
         room = path_segment(room_id)
         template = await self.client.get_json(
@@ -435,16 +450,7 @@ class ObserverJoin:
             f"{_V1}/make_leave/{room}/{path_segment(self.user_id)}",
             timeout=JOIN_TIMEOUT_S,
         )
-        template_room_version(template, SUPPORTED_VERSIONS)
-        event_id, leave = membership_event(
-            template,
-            room_id=room_id,
-            user_id=self.user_id,
-            membership="leave",
-            server_name=self.server_name,
-            signing_key=self.signing_key,
-            now_ms=self.clock_ms(),
-        )
+        _, event_id, leave = self._our_event(template, room_id, "leave")
         await self.client.put_json(
             server,
             f"{_V2}/send_leave/{room}/{path_segment(event_id)}",
