@@ -40,12 +40,12 @@ from peekproxy.core.server_acl import server_allowed
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
 from peekproxy.services.errors import PeekError
-from peekproxy.services.following import Fetched, is_observer_handle
+from peekproxy.services.following import Fetched
 from peekproxy.services.missing_events import MissingEvents
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import now_ms
 from peekproxy.services.subscriptions import SETUP_WAIT_S, Subscriptions
-from peekproxy.store import Storage, WriteTransaction
+from peekproxy.store import ReadTransaction, Storage, WriteTransaction
 
 __all__ = ["MAX_EDUS", "MAX_PDUS", "TYPING_TIMEOUT_MS", "Ingest"]
 
@@ -185,10 +185,7 @@ class Ingest:
         now = self.clock_ms()
 
         observed_rooms = {
-            room_id
-            for room_id, *_ in ephemeral
-            if (sub := self.subscriptions.get(room_id)) is not None
-            and is_observer_handle(sub.peek_id)
+            room_id for room_id, *_ in ephemeral if self.subscriptions.observed(room_id)
         }
 
         def write(tx: WriteTransaction) -> tuple[set[str], list[tuple[str, str, int]]]:
@@ -297,8 +294,16 @@ class Ingest:
         assert sub is not None and sub.room_version is not None
         rules = room_version(sub.room_version)
         observer = self.subscriptions.settings.observer
-        observed = is_observer_handle(sub.peek_id)
-        if observed and not await self._acl_allows(room_id, origin):
+        observed = self.subscriptions.observed(room_id)
+        refs = [ref for p in room_pdus for ref in event_refs(p.get("prev_events"))]
+
+        def read(tx: ReadTransaction) -> tuple[set[str], dict[str, Any] | None]:
+            acl = tx.state_content(room_id, "m.room.server_acl") if observed else None
+            return tx.known_event_ids(event_ids=refs), acl
+
+        known, acl = await self.store.read(read)
+        # An observed room hears from every server in it: the room's ACL is ours to apply.
+        if observed and not server_allowed(acl, origin):
             for pdu in room_pdus:
                 if (event_id := best_effort_event_id(pdu)) is not None:
                     results[event_id] = {"error": "Server is banned from room"}
@@ -310,8 +315,6 @@ class Ingest:
             )
             return False
         await self.missing.signer_keys(room_pdus, sub.room_version)
-        refs = [ref for p in room_pdus for ref in event_refs(p.get("prev_events"))]
-        known = await self.store.read(lambda tx: tx.known_event_ids(event_ids=refs))
         batch: list[tuple[str, dict[str, Any], bool]] = []
         for pdu in room_pdus:
             verdict = check_pdu(pdu, rules, self.keyring.lookup)
@@ -338,17 +341,11 @@ class Ingest:
         reason = ending_reason(pdus)
         if not reason and observer is not None and observed:
             reason = observer_removed_reason(pdus, observer.user_id) or acl_denial_reason(
-                pdus, observer.user_id.partition(":")[2]
+                pdus, observer.server_name
             )
         if reason:
             unpeekable[room_id] = reason
         return await self._append(room_id, [*fetched, *batch])
-
-    async def _acl_allows(self, room_id: str, origin: str) -> bool:
-        """Whether the room's current ``m.room.server_acl`` lets ``origin`` in (an observed
-        room: every server of the room sends to us, and the ACL is ours to apply)."""
-        acl = await self.store.read(lambda tx: tx.state_content(room_id, "m.room.server_acl"))
-        return server_allowed(acl, origin)
 
     async def _append(self, room_id: str, events: list[Fetched]) -> bool:
         """Append a room's (event ID, PDU, redacted) ``events`` in DAG order (a gap before

@@ -8,7 +8,7 @@ answers them from the store, as Synapse answers them (research §6 of issue 13),
 rules of :mod:`peekproxy.core.member_reads`.
 
 Only *observed* rooms are served: a room whose subscription takes events and is held by an
-observer join (:func:`peekproxy.services.following.is_observer_handle`). Every other room —
+observer join (:meth:`peekproxy.services.subscriptions.Subscriptions.observed`). Every other room —
 peeked by MSC2444, followed through the fronted homeserver's client API, left, unknown — is
 ``403 M_FORBIDDEN "Host not in room."``, as Synapse answers a server that is not in the room,
 and an event of such a room asked by its ID alone (``/event``) is ``404 M_NOT_FOUND`` as an
@@ -34,7 +34,6 @@ from peekproxy.core import member_reads as rules
 from peekproxy.core.room_versions import RoomVersion, UnknownRoomVersion, room_version
 from peekproxy.core.server_acl import server_allowed
 from peekproxy.services.errors import PeekError
-from peekproxy.services.following import is_observer_handle
 from peekproxy.services.subscriptions import Subscriptions
 from peekproxy.store import ReadTransaction, Storage
 
@@ -120,11 +119,10 @@ class MemberReads:
     def observed_version(self, room_id: str) -> RoomVersion | None:
         """The room version of ``room_id`` when it is observed (joined as the observer, its
         events taken), else ``None``."""
-        sub = self.subscriptions.get(room_id)
-        if sub is None or not sub.accepts_events or not is_observer_handle(sub.peek_id):
+        if not self.subscriptions.observed(room_id):
             return None
         try:
-            return room_version(sub.room_version or "")
+            return room_version(self.subscriptions.room_version_of(room_id) or "")
         except UnknownRoomVersion:
             return None
 

@@ -38,7 +38,7 @@ class ObserverQueries:
         self, *, observer: ObserverSettings | None, server_name: str | None = None
     ) -> None:
         if server_name is None and observer is not None:
-            server_name = observer.user_id.partition(":")[2]
+            server_name = observer.server_name
         self.server_name = server_name
         self.observer = observer
 

@@ -46,6 +46,11 @@ class ObserverSettings:
     linger_ms: int = 3_600_000
     max_rooms: int = 100
 
+    @property
+    def server_name(self) -> str:
+        """Our server name: the observer's user ID's."""
+        return self.user_id.partition(":")[2]
+
 
 def now_ms() -> int:
     """The wall clock in ms since the epoch."""

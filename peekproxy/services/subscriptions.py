@@ -111,6 +111,12 @@ class Subscriptions:
         """The subscription of ``room_id``, if the room was ever followed."""
         return self.by_room.get(room_id)
 
+    def observed(self, room_id: str) -> bool:
+        """Whether ``room_id`` is followed by an observer join that takes its events (the
+        observer is in the room: docs/observer-join.md)."""
+        sub = self.by_room.get(room_id)
+        return sub is not None and sub.accepts_events and is_observer_handle(sub.peek_id)
+
     def room_version_of(self, room_id: str) -> str | None:
         """The room version of a followed room (``None``: unknown or not followed yet)."""
         sub = self.by_room.get(room_id)
