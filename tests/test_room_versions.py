@@ -87,11 +87,28 @@ def test_event_id_format(version: str, expected: EventIdFormat) -> None:
 
 
 def test_versions_without_changes_we_model_equal_their_predecessor() -> None:
-    # v2 (state res v2), v7 (knocking), v10 (integer power levels) change only auth or
-    # state resolution, which PDU verification does not model.
-    for version in ("2", "7", "10"):
-        previous = room_version(str(int(version) - 1))
-        assert dataclasses.replace(previous, identifier=version) == room_version(version)
+    # v2 changes only state resolution, which peekproxy does not model; v7 (knocking) and
+    # v10 (integer power levels, knock_restricted) change only the auth rules.
+    assert dataclasses.replace(room_version("1"), identifier="2") == room_version("2")
+    for version in ("7", "10"):
+        previous, current = room_version(str(int(version) - 1)), room_version(version)
+        assert dataclasses.replace(previous, identifier=version, auth=current.auth) == current
+        assert previous.auth != current.auth
+
+
+def test_auth_rule_switches_per_version() -> None:
+    on = {
+        v: {k for k, flag in dataclasses.asdict(room_version(v).auth).items() if flag}
+        for v in ("1", "3", "6", "7", "8", "10", "11", "12")
+    }
+    assert on["1"] == {"special_case_aliases_auth", "redaction_checks_event_id_domain"}
+    assert on["3"] == {"special_case_aliases_auth"}
+    assert on["6"] == {"limit_notifications_power_levels"}
+    assert on["7"] == on["6"] | {"knock_join_rule"}
+    assert on["8"] == on["7"] | {"restricted_join_rule"}
+    assert on["10"] == on["8"] | {"knock_restricted_join_rule", "enforce_int_power_levels"}
+    assert on["11"] == on["10"] | {"implicit_room_creator"}
+    assert on["12"] == on["11"] | {"privileged_creators", "create_event_implied"}
 
 
 @pytest.mark.parametrize("bad", ["13", "0", "", "org.matrix.msc4289", "1.0", " 1"])

@@ -6,8 +6,9 @@ version numbers. Switches are grouped by concern (format, signatures, redaction)
 names the spec section that introduced it. "rooms/vN" means ``content/rooms/vN.md`` and its
 fragments in the matrix-spec repository; "SSAPI" the server-server API.
 
-Only what PDU verification (SSAPI §Checks performed on receipt of a PDU, steps 1-3) needs
-is modelled: no state resolution or authorization rules.
+What PDU verification (SSAPI §Checks performed on receipt of a PDU, steps 1-3) and the
+authorization rules (steps 4-6, :mod:`peekproxy.core.auth_rules`) need is modelled; state
+resolution is not.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from types import MappingProxyType
 
 __all__ = [
     "KNOWN_ROOM_VERSIONS",
+    "AuthRules",
     "EventIdFormat",
     "FormatRules",
     "RedactionRules",
@@ -116,6 +118,42 @@ class RedactionRules:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthRules:
+    """How the authorization rules differ across room versions (rooms/vN §Authorization
+    rules; :mod:`peekproxy.core.auth_rules` applies them). The v1 defaults are the base rules."""
+
+    #: rooms/v1-v5 §Authorization rules: ``m.room.aliases`` needs a ``state_key`` equal to
+    #: the sender's domain and skips the membership and power checks; rooms/v6
+    #: (``v6-auth-rules.md``) makes it an ordinary state event.
+    special_case_aliases_auth: bool = True
+    #: rooms/v6: the ``notifications`` key of ``m.room.power_levels`` is checked like
+    #: ``events`` when power levels change.
+    limit_notifications_power_levels: bool = False
+    #: rooms/v7 (MSC2403): the ``knock`` membership and join rule.
+    knock_join_rule: bool = False
+    #: rooms/v8 (MSC3083): the ``restricted`` join rule with ``join_authorised_via_users_server``.
+    restricted_join_rule: bool = False
+    #: rooms/v10 (MSC3787): the ``knock_restricted`` join rule.
+    knock_restricted_join_rule: bool = False
+    #: rooms/v10 (MSC3667): power levels must be JSON integers (v1-v9 accept strings that are
+    #: integers, read as Python's ``int()`` reads them, as Synapse does).
+    enforce_int_power_levels: bool = False
+    #: rooms/v11 (MSC2175): the room's creator is the create event's ``sender`` (v1-v10: its
+    #: ``content.creator``, which must be present).
+    implicit_room_creator: bool = False
+    #: rooms/v12 (MSC4289): the creator and ``additional_creators`` have infinite power and
+    #: must not be listed in ``m.room.power_levels`` ``users``.
+    privileged_creators: bool = False
+    #: rooms/v12 (MSC4291): the create event is implied by the room ID: events must not list
+    #: it in ``auth_events``, and it is found from ``room_id`` instead.
+    create_event_implied: bool = False
+    #: rooms/v1-v2 §Authorization rules: a redaction by a sender below the ``redact`` level
+    #: is allowed only for an event of the sender's own server (by event ID domain); v3+
+    #: (no server in event IDs) always passes the auth rules and is checked when shown.
+    redaction_checks_event_id_domain: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class RoomVersion:
     """The rules of one room version that PDU verification depends on."""
 
@@ -125,6 +163,7 @@ class RoomVersion:
     format: FormatRules
     signatures: SignatureRules
     redaction: RedactionRules
+    auth: AuthRules = AuthRules()
 
     def __str__(self) -> str:
         return f"room version {self.identifier}"
@@ -145,6 +184,7 @@ V3 = replace(
     identifier="3",
     event_id_format=EventIdFormat.REFERENCE_HASH_BASE64,
     signatures=replace(V2.signatures, event_id_server_signs=False),
+    auth=replace(V2.auth, redaction_checks_event_id_domain=False),
 )
 #: rooms/v4: URL-safe event IDs.
 V4 = replace(V3, identifier="4", event_id_format=EventIdFormat.REFERENCE_HASH_URLSAFE)
@@ -156,15 +196,17 @@ V6 = replace(
     identifier="6",
     format=replace(V5.format, strict_canonical_json=True),
     redaction=replace(V5.redaction, keep_aliases_aliases=False),
+    auth=replace(V5.auth, special_case_aliases_auth=False, limit_notifications_power_levels=True),
 )
 #: rooms/v7: knocking (an auth-rule change only).
-V7 = replace(V6, identifier="7")
+V7 = replace(V6, identifier="7", auth=replace(V6.auth, knock_join_rule=True))
 #: rooms/v8: restricted joins (authoriser signature; ``join_rules.allow`` survives redaction).
 V8 = replace(
     V7,
     identifier="8",
     signatures=replace(V7.signatures, restricted_join_authoriser_signs=True),
     redaction=replace(V7.redaction, keep_join_rules_allow=True),
+    auth=replace(V7.auth, restricted_join_rule=True),
 )
 #: rooms/v9: ``join_authorised_via_users_server`` survives redaction.
 V9 = replace(
@@ -173,7 +215,11 @@ V9 = replace(
     redaction=replace(V8.redaction, keep_member_join_authorised_via_users_server=True),
 )
 #: rooms/v10: integer-only power levels and knock_restricted (auth-rule changes only).
-V10 = replace(V9, identifier="10")
+V10 = replace(
+    V9,
+    identifier="10",
+    auth=replace(V9.auth, knock_restricted_join_rule=True, enforce_int_power_levels=True),
+)
 #: rooms/v11 (MSC2174, MSC2175, MSC2176, MSC3821, MSC3989): redaction overhaul; Synapse's
 #: strict byte limits start here.
 V11 = replace(
@@ -188,9 +234,15 @@ V11 = replace(
         keep_redaction_redacts=True,
         keep_member_third_party_invite_signed=True,
     ),
+    auth=replace(V10.auth, implicit_room_creator=True),
 )
 #: rooms/v12 (MSC4291, MSC4289, MSC4297): room IDs are the create event's reference hash.
-V12 = replace(V11, identifier="12", format=replace(V11.format, room_id_is_create_event_hash=True))
+V12 = replace(
+    V11,
+    identifier="12",
+    format=replace(V11.format, room_id_is_create_event_hash=True),
+    auth=replace(V11.auth, privileged_creators=True, create_event_implied=True),
+)
 
 #: Every implemented room version, by identifier, oldest first.
 KNOWN_ROOM_VERSIONS: Mapping[str, RoomVersion] = MappingProxyType(
