@@ -64,6 +64,15 @@ OBSERVER_MEMBERSHIP = Counter(
     ["action", "outcome"],
 )
 
+EVENT_AUTH = Counter(
+    "peekproxy_event_auth",
+    "Received events judged by the authorization rules (receipt steps 4-6, "
+    "docs/federation.md), by outcome: 'accepted', 'soft_failed' (stored, never shown), "
+    "'rejected' (never shown nor used as an auth event), 'dropped' (its auth events could "
+    "not be fetched)",
+    ["outcome"],
+)
+
 
 class RequestMetrics:
     """Pure ASGI middleware that counts requests and times them (no path labels)."""

@@ -14,6 +14,8 @@ from peekproxy.api.errors import exception_handlers
 from peekproxy.core import paging
 from peekproxy.federation.keyring import Keyring
 from peekproxy.services.errors import PeekError
+from peekproxy.services.event_auth import EventAuth
+from peekproxy.services.missing_events import MissingEvents
 from peekproxy.services.reads import HistoryReads
 from peekproxy.store import Storage
 from tests.offline import offline_client
@@ -29,8 +31,15 @@ def reads_over(store: Storage, asked: list[str]) -> HistoryReads:
         return None
 
     client = offline_client()
+    keyring = Keyring(client)
+    missing = MissingEvents(store=store, client=client, keyring=keyring)
     return HistoryReads(
-        store=store, client=client, keyring=Keyring(client), server_of=server_of, clock_ms=lambda: 0
+        store=store,
+        client=client,
+        keyring=keyring,
+        auth=EventAuth(store=store, missing=missing),
+        server_of=server_of,
+        clock_ms=lambda: 0,
     )
 
 

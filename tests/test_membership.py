@@ -55,8 +55,13 @@ def _template(fx: Fixture, membership: str = "join") -> dict[str, Any]:
     """A make_join answer as Synapse gives it for the fixture's room (research §2)."""
     body = fx.body()
     ids = {(p["type"], p["state_key"]): fx.event_id(p) for p in body["state"]}
-    auth = [ids[("m.room.create", "")], ids[("m.room.power_levels", "")]]
-    auth.append(ids[("m.room.join_rules", "")])
+    # v12 events never cite the create event (it is implied by the room ID, MSC4291).
+    # The join rules are an auth event of joins, not of leaves (SSAPI §Auth events selection).
+    auth = [ids[("m.room.power_levels", "")]]
+    if membership == "join":
+        auth.append(ids[("m.room.join_rules", "")])
+    if not room_version(fx.version).auth.create_event_implied:
+        auth.insert(0, ids[("m.room.create", "")])
     event = {
         "room_id": fx.room_id,
         "auth_events": auth,
@@ -213,13 +218,11 @@ def test_the_send_join_answer_gives_the_room_with_our_join(fx: Fixture) -> None:
 
 
 def test_a_rejoin_replaces_our_old_leave_in_the_state(fx: Fixture) -> None:
-    leave_id, old_leave = _ours(
-        fx,
-        _template(fx, "leave"),
-        "leave",
-        now_ms=4,
-    )
-    # As Synapse does (research §7), the rejoin's template cites our current membership.
+    old_join_id, old_join = _ours(fx, _template(fx), "join", now_ms=3)
+    # As Synapse does (research §7), a template cites our current membership.
+    leave_template = _template(fx, "leave")
+    leave_template["event"]["auth_events"].append(old_join_id)
+    leave_id, old_leave = _ours(fx, leave_template, "leave", now_ms=4)
     template = _template(fx)
     template["event"]["auth_events"].append(leave_id)
     event_id, join = _ours(
@@ -230,6 +233,7 @@ def test_a_rejoin_replaces_our_old_leave_in_the_state(fx: Fixture) -> None:
     )
     answer = _send_join_answer(fx, join)
     answer["state"].append(old_leave)
+    answer["auth_chain"].append(old_join)
     room = joined_room(
         answer,
         room_id=fx.room_id,

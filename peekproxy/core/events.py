@@ -36,6 +36,7 @@ __all__ = [
     "event_id_from_reference_hash",
     "event_refs",
     "hash_inputs",
+    "in_room",
     "redact",
     "reference_hash",
     "reference_hash_input",
@@ -301,3 +302,14 @@ def best_effort_event_id(pdu: Any) -> str | None:
         return compute_event_id(pdu, room_version("12"))
     except Exception:
         return None
+
+
+def in_room(pdu: Mapping[str, Any], room_id: str, rules: RoomVersion) -> bool:
+    """Whether a PDU belongs to ``room_id``. Room version 12's ``m.room.create`` has no
+    ``room_id``: the room ID is its reference hash (rooms/v12, MSC4291)."""
+    if pdu.get("type") == "m.room.create" and rules.format.room_id_is_create_event_hash:
+        try:
+            return room_id_for_create(pdu, rules) == room_id
+        except (ValueError, TypeError, RecursionError):
+            return False
+    return pdu.get("room_id") == room_id

@@ -29,12 +29,13 @@ events of other servers, or of itself without its key.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from peekproxy.core.events import redact, room_id_for_create
 from peekproxy.core.pdu import PduVerdict, check_pdu
 from peekproxy.core.pdu_signatures import KeyLookup
+from peekproxy.core.receipt import judge_batch
 from peekproxy.core.room_versions import RoomVersion, UnknownRoomVersion, room_version
 
 __all__ = [
@@ -96,6 +97,10 @@ class ValidatedPeek:
       :func:`~peekproxy.core.outcomes.renewal_delay_ms`), or
       :data:`DEFAULT_RENEWAL_INTERVAL_MS` when the response has none.
     * ``redacted``: the IDs of events stored redacted (content hash mismatch).
+    * ``rejected``: event ID → reason for the response's events that the auth rules reject
+      judged by their own auth events (receipt step 4, :func:`peekproxy.core.receipt.judge_batch`):
+      they are in none of the other fields (a rejected state event leaves its key out of
+      ``state``), so they are never stored nor shown.
     """
 
     room_id: str
@@ -106,6 +111,7 @@ class ValidatedPeek:
     auth_chain_ids: list[str]
     renewal_interval_ms: int
     redacted: frozenset[str]
+    rejected: Mapping[str, str] = field(default_factory=dict)
 
 
 def _short(value: object, limit: int = 60) -> str:
@@ -461,6 +467,8 @@ def validate_peek_response(
             events for one ``(type, state_key)``; no ``m.room.create`` in the state; an
             ``auth_events`` ID of a state event or of the latest event that is in neither
             the state nor the auth chain (R4: ``events``).
+            Then the auth rules judge every event by its own auth events (receipt step
+            4): a rejected create or latest event fails the response.
         RoomNotPeekable: (a subclass, checked last) the state's ``history_visibility`` is
             not ``world_readable`` (none at all counts as ``shared``), or the state has an
             ``m.room.encryption`` event.
@@ -482,14 +490,24 @@ def validate_peek_response(
     if _CREATE not in state:
         raise InvalidPeekResponse("no m.room.create event in the state")
     _check_auth_coverage(state, latest_id, known, checked.events)
+    judgement = judge_batch(checked.events, rules, stored={})
+    refused = {**judgement.rejected, **judgement.unknown}
+    for what, event_id in (
+        ("the room's create event", state[_CREATE]),
+        ("the latest event", latest_id),
+    ):
+        if event_id in refused:
+            raise InvalidPeekResponse(f"{what} {event_id} is not allowed: {refused[event_id]}")
+    state = {key: event_id for key, event_id in state.items() if event_id not in refused}
     _check_peekable(state, checked.events)
     return ValidatedPeek(
         room_id=room_id,
         room_version=rules.identifier,
-        events=checked.events,
+        events={e: pdu for e, pdu in checked.events.items() if e not in refused},
         state=state,
         latest_event_id=latest_id,
-        auth_chain_ids=auth_ids,
+        auth_chain_ids=[e for e in auth_ids if e not in refused],
         renewal_interval_ms=interval,
-        redacted=frozenset(checked.redacted),
+        redacted=frozenset(checked.redacted) - refused.keys(),
+        rejected=refused,
     )

@@ -12,6 +12,7 @@ from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
 from peekproxy.services.client_api_follower import ClientApiFollower, is_client_api_handle
 from peekproxy.services.directory import RoomDirectory
+from peekproxy.services.event_auth import EventAuth
 from peekproxy.services.follower_choice import FollowerChoice
 from peekproxy.services.following import RoomFollower
 from peekproxy.services.ingest import Ingest
@@ -89,6 +90,7 @@ def build_services(
     MSC2444)."""
     notifier = Notifier()
     missing = MissingEvents(store=store, client=client, keyring=keyring)
+    auth = EventAuth(store=store, missing=missing)
     if follower is None:
         msc2444 = Msc2444Peeks(
             store=store, client=client, keyring=keyring, missing=missing, clock_ms=clock_ms
@@ -116,6 +118,7 @@ def build_services(
         follower=follower,
         notifier=notifier,
         settings=settings,
+        auth=auth,
         clock_ms=clock_ms,
     )
     ingest = Ingest(
@@ -123,6 +126,7 @@ def build_services(
         client=client,
         keyring=keyring,
         missing=missing,
+        auth=auth,
         subscriptions=subscriptions,
         notifier=notifier,
         clock_ms=clock_ms,
@@ -145,7 +149,12 @@ def build_services(
         return sub.server if sub is not None and not is_client_api_handle(sub.peek_id) else None
 
     reads = HistoryReads(
-        store=store, client=client, keyring=keyring, server_of=server_of, clock_ms=clock_ms
+        store=store,
+        client=client,
+        keyring=keyring,
+        auth=auth,
+        server_of=server_of,
+        clock_ms=clock_ms,
     )
     members = MemberReads(store=store, subscriptions=subscriptions)
     observer_queries = ObserverQueries(observer=settings.observer)

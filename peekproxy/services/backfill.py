@@ -10,7 +10,9 @@ Two users (the design is in :mod:`peekproxy.core.paging` and ``docs/peeking.md``
 
 Every PDU is verified like a ``/send`` PDU (:func:`peekproxy.core.pdu.check_pdu`, the
 signers' keys through the keyring): a rejected PDU is dropped, a content-hash mismatch is
-kept redacted. Requests are bounded by a timeout; a failure is a :class:`BackfillFailed`
+kept redacted; then the auth rules judge each by its own auth events (receipt step 4,
+:class:`peekproxy.services.event_auth.EventAuth`): what they reject is stored as rejected and
+never shown. Requests are bounded by a timeout; a failure is a :class:`BackfillFailed`
 that says whether trying again later may help.
 """
 
@@ -23,13 +25,14 @@ from typing import Any
 
 import trio
 
-from peekproxy.core.events import event_refs, room_id_for_create
+from peekproxy.core.events import event_refs, in_room
 from peekproxy.core.pdu import check_pdu
-from peekproxy.core.room_versions import RoomVersion, UnknownRoomVersion, room_version
+from peekproxy.core.room_versions import UnknownRoomVersion, room_version
 from peekproxy.federation.client import FederationClient, FederationError, path_segment
 from peekproxy.federation.keyring import Keyring
+from peekproxy.services.event_auth import EventAuth
 from peekproxy.services.following import Fetched
-from peekproxy.store import Storage
+from peekproxy.store import Storage, WriteTransaction
 
 __all__ = [
     "BACKFILL_TIMEOUT_S",
@@ -79,17 +82,6 @@ class Backfilled:
     @property
     def prev_events(self) -> list[str]:
         return event_refs(self.pdu.get("prev_events"))
-
-
-def _in_room(pdu: dict[str, Any], room_id: str, rules: RoomVersion) -> bool:
-    """Whether a PDU belongs to ``room_id``. Room version 12's ``m.room.create`` has no
-    ``room_id``: the room ID is its reference hash (rooms/v12, MSC4291)."""
-    if pdu.get("type") == "m.room.create" and rules.format.room_id_is_create_event_hash:
-        try:
-            return room_id_for_create(pdu, rules) == room_id
-        except (ValueError, TypeError, RecursionError):
-            return False
-    return pdu.get("room_id") == room_id
 
 
 async def fetch_backfill(
@@ -143,7 +135,7 @@ async def fetch_backfill(
             log.info("dropped a backfilled PDU of %s: %s", room_id, verdict.reason)
             rejected += 1
             continue
-        if not _in_room(verdict.pdu, room_id, rules) or verdict.event_id in seen:
+        if not in_room(verdict.pdu, room_id, rules) or verdict.event_id in seen:
             rejected += 1
             continue
         seen.add(verdict.event_id)
@@ -186,6 +178,7 @@ async def fill_gap(
     store: Storage,
     client: FederationClient,
     keyring: Keyring,
+    auth: EventAuth,
     *,
     server: str,
     room_id: str,
@@ -197,8 +190,9 @@ async def fill_gap(
     """One backfill round for the gap at ``gap_pos`` (0: before the room's first stream
     event): fetch what precedes ``anchor`` (its oldest fetched event, else the first stream
     event after the gap), store it keyed to the gap in DAG order, and close the gap once the
-    answer reached held history. Returns whether anything changed (events stored or the gap
-    closed); ``False`` when the server answered but had nothing new to give.
+    answer reached held history. What the auth rules do not allow (receipt step 4, judged by
+    ``auth``) is stored as such, never shown. Returns whether anything changed (events
+    stored or the gap closed); ``False`` when the server answered but had nothing new to give.
 
     Raises:
         BackfillFailed: the server could not be asked, or refused.
@@ -218,14 +212,25 @@ async def fill_gap(
     new, reached = new_history(fetched, anchors=[anchor], held=held)
     if not new and not reached:
         return False
-    await store.write(
-        lambda tx: tx.add_gap_fill(
+    judged = await auth.judge(
+        room_id,
+        room_version(version),
+        [(e.event_id, e.pdu, e.redacted) for e in new],
+        server=server,
+        live=False,
+    )
+    shown = {event_id for event_id, _, _ in judged.shown}
+
+    def write(tx: WriteTransaction) -> None:
+        judged.store(tx, room_id)
+        tx.add_gap_fill(
             room_id,
             gap_pos,
-            [(e.event_id, e.pdu, e.redacted) for e in new],
+            [(e.event_id, e.pdu, e.redacted) for e in new if e.event_id in shown],
             closed=reached,
         )
-    )
+
+    await store.write(write)
     log.info(
         "backfilled %d events of %s into the gap at %d%s",
         len(new),
@@ -251,7 +256,9 @@ async def first_view(
     included), oldest first, without those a client already sees, and whether nothing is
     missing before them (a new MSC2444 peek or observer join: the first view). ``None``
     when the latest event is already held (nothing to add); a failed fetch gives
-    ``([], False)`` (a gap)."""
+    ``([], False)`` (a gap). The auth rules judge these events when the snapshot is stored
+    (:meth:`peekproxy.services.subscriptions.Subscriptions`), the snapshot's events at
+    hand."""
     if await store.read(lambda tx: tx.held_event_ids(room_id, [latest])):
         return None
     fetched: list[Backfilled] | None = None

@@ -255,6 +255,7 @@ class ClientApiFollower:
             at_ms=self.clock_ms(),
             snapshot=ClientApiSnapshot(state.room_version, events, state.state, latest_id),
             history=([(e, pdu, False) for e, pdu in reversed(older)], "end" not in page),
+            trusted=True,
         )
 
     async def renew(self, room_id: str, server: str, handle: str) -> Renewed | RenewalFailed:

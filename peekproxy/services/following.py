@@ -88,7 +88,9 @@ class Followed:
     ``at_ms`` (when the server answered, ms since the epoch);
     ``history``: the events before the snapshot's latest event, oldest first, and whether
     nothing is missing before them; ``None`` when there is nothing to add;
-    ``abandoned``: (server, handle) of earlier attempts the servers may still hold, to stop.
+    ``abandoned``: (server, handle) of earlier attempts the servers may still hold, to stop;
+    ``trusted``: the events come from the homeserver peekproxy fronts, not over federation
+    (no receipt checks, and so no auth rules, apply).
     """
 
     server: str
@@ -98,6 +100,7 @@ class Followed:
     snapshot: RoomSnapshot
     history: tuple[list[Fetched], bool] | None
     abandoned: tuple[tuple[str, str], ...] = ()
+    trusted: bool = False
 
 
 class FollowFailed(Exception):

@@ -2,8 +2,10 @@
 
 Every PDU of a followed room is checked (:func:`peekproxy.core.pdu.check_pdu`, its signers'
 keys through the keyring), the ``prev_events`` we lack fetched from the origin
-(``get_missing_events``), and what passed stored in DAG order, each room on its own (rooms
-in parallel); ``m.typing`` / ``m.receipt`` EDUs are stored per user, then the transaction's
+(``get_missing_events``), the whole batch put through the auth rules (receipt steps 4-6,
+:mod:`peekproxy.services.event_auth`: rejected and soft-failed events are stored but never
+shown), and what passed stored in DAG order, each room on its own (rooms in parallel);
+``m.typing`` / ``m.receipt`` EDUs are stored per user, then the transaction's
 answer (idempotency per origin and transaction ID). The transaction is answered once all of
 it is stored. A state event that ends peeking (decision 10) ends the room's peeks.
 The events of rooms followed through the fronted homeserver's client API take the same path
@@ -40,6 +42,7 @@ from peekproxy.core.server_acl import server_allowed
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
 from peekproxy.services.errors import PeekError
+from peekproxy.services.event_auth import EventAuth, Judged
 from peekproxy.services.following import Fetched
 from peekproxy.services.missing_events import MissingEvents
 from peekproxy.services.notifier import Notifier
@@ -68,6 +71,7 @@ class Ingest:
         client: FederationClient,
         keyring: Keyring,
         missing: MissingEvents,
+        auth: EventAuth,
         subscriptions: Subscriptions,
         notifier: Notifier,
         clock_ms: Callable[[], int] = now_ms,
@@ -76,6 +80,7 @@ class Ingest:
         self.client = client
         self.keyring = keyring
         self.missing = missing
+        self.auth = auth
         self.subscriptions = subscriptions
         self.notifier = notifier
         self.clock_ms = clock_ms
@@ -335,9 +340,13 @@ class Ingest:
         fetched = []
         if lacking:
             fetched = await self.missing.fetch(origin, room_id, lacking, rules, known=known)
+        judged = await self.auth.judge(room_id, rules, [*fetched, *batch], server=origin, live=True)
+        for event_id in judged.rejected_or_dropped():
+            if event_id in results:
+                results[event_id] = {"error": judged.reasons[event_id]}
         # The events fetched before the pushed ones count too (a lost transaction's
-        # history_visibility change comes back so).
-        pdus = [pdu for _, pdu, _ in (*fetched, *batch)]
+        # history_visibility change comes back so); events not shown count for nothing.
+        pdus = [pdu for _, pdu, _ in judged.shown]
         reason = ending_reason(pdus)
         if not reason and observer is not None and observed:
             reason = observer_removed_reason(pdus, observer.user_id) or acl_denial_reason(
@@ -345,13 +354,22 @@ class Ingest:
             )
         if reason:
             unpeekable[room_id] = reason
-        return await self._append(room_id, [*fetched, *batch])
+        return await self._append(room_id, judged.shown, judged)
 
-    async def _append(self, room_id: str, events: list[Fetched]) -> bool:
+    async def _append(
+        self, room_id: str, events: list[Fetched], judged: Judged | None = None
+    ) -> bool:
         """Append a room's (event ID, PDU, redacted) ``events`` in DAG order (a gap before
-        what lacks a ``prev_events`` entry); whether there was anything to append."""
+        what lacks a ``prev_events`` entry), after storing the ``judged`` events that are not
+        shown; whether there was anything to append."""
         now = self.clock_ms()
-        await self.store.write(lambda tx: tx.append_in_dag_order(room_id, events, now_ms=now))
+
+        def write(tx: WriteTransaction) -> None:
+            if judged is not None:
+                judged.store(tx, room_id)
+            tx.append_in_dag_order(room_id, events, now_ms=now)
+
+        await self.store.write(write)
         return bool(events)
 
     async def append_trusted(self, room_id: str, handle: str, events: list[Fetched]) -> bool:

@@ -20,6 +20,7 @@ from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
 from peekproxy.services import backfill
 from peekproxy.services.errors import PeekError
+from peekproxy.services.event_auth import EventAuth
 from peekproxy.store import ReadTransaction, Storage
 
 __all__ = ["HistoryReads", "Messages"]
@@ -54,10 +55,12 @@ class HistoryReads:
         store: Storage,
         client: FederationClient,
         keyring: Keyring,
+        auth: EventAuth,
         server_of: Callable[[str], str | None],
         clock_ms: Callable[[], int],
     ) -> None:
         self.store = store
+        self.auth = auth
         self.client = client
         self.keyring = keyring
         self.server_of = server_of
@@ -122,6 +125,7 @@ class HistoryReads:
                     self.store,
                     self.client,
                     self.keyring,
+                    self.auth,
                     server=server,
                     room_id=room_id,
                     version=page.room_version,

@@ -27,8 +27,10 @@ import trio
 from peekproxy.core import subscription as subs
 from peekproxy.core.backoff import backoff_delay
 from peekproxy.core.outcomes import retry_not_before
+from peekproxy.core.room_versions import room_version
 from peekproxy.core.subscription import Action, Subscription, SubState
 from peekproxy.services.errors import PeekError
+from peekproxy.services.event_auth import EventAuth, Judged
 from peekproxy.services.following import (
     Fetched,
     Followed,
@@ -63,9 +65,11 @@ class Subscriptions:
         follower: RoomFollower,
         notifier: Notifier,
         settings: PeekSettings,
+        auth: EventAuth,
         clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.store = store
+        self.auth = auth
         self.follower = follower
         self.notifier = notifier
         self.settings = settings
@@ -309,9 +313,23 @@ class Subscriptions:
         the timeline limit of them, as on a join; a gap precedes them when older history is
         missing."""
         validated, found = followed.snapshot, followed.history
+        judged = None
+        if found is not None and not followed.trusted:
+            # The snapshot's events may be its history's auth events.
+            judged = await self.auth.judge(
+                sub.room_id,
+                room_version(validated.room_version),
+                found[0],
+                server=followed.server,
+                live=False,
+                context=validated.events,
+            )
+            found = (judged.shown, found[1])
         now = self.clock_ms()
 
         def write(tx: WriteTransaction) -> None:
+            if judged is not None:
+                judged.store(tx, sub.room_id)
             tx.store_snapshot(
                 sub.room_id,
                 events=validated.events,
@@ -438,9 +456,15 @@ class Subscriptions:
         gap was recorded."""
         now = self.clock_ms()
         room_id, latest = sub.room_id, validated.latest_event_id
+        judged = Judged()
+        if fill:
+            rules = room_version(validated.room_version)
+            judged = await self.auth.judge(room_id, rules, fill, server=sub.server or "", live=True)
+            fill = judged.shown
 
         def write(tx: WriteTransaction) -> tuple[bool, bool]:
             tx.save_subscription(sub)
+            judged.store(tx, room_id)
             if tx.known_event_ids([latest]):
                 newest = tx.newest_event_ids(room_id, 1) == [latest]
                 if newest and tx.current_state_ids(room_id) != validated.state:

@@ -54,6 +54,19 @@ class RoomEventReads(Protocol):
     def known_event_ids(self, event_ids: Iterable[str]) -> set[str]:
         """Which of ``event_ids`` are stored."""
 
+    def judged_events(self, event_ids: Iterable[str]) -> dict[str, tuple[dict[str, Any], str]]:
+        """Stored events among ``event_ids``: event ID → (PDU as stored, auth status:
+        ``"accepted"``, ``"soft_failed"`` or ``"rejected"``; see
+        :meth:`~peekproxy.store.writes.RoomEventWrites.store_unshown`)."""
+
+    def auth_state(
+        self, room_id: str, user_ids: Iterable[str]
+    ) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+        """The room's current state that the auth rules read (SSAPI §Auth events
+        selection): ``m.room.create``, ``m.room.power_levels``, ``m.room.join_rules``, every
+        ``m.room.third_party_invite``, and the ``m.room.member`` of each of ``user_ids``;
+        (type, state_key) → (event ID, PDU as stored)."""
+
     def in_stream(self, event_id: str) -> bool:
         """Whether a client sees the event when paging: on a room stream, or in a filled gap
         (not only stored)."""

@@ -111,6 +111,22 @@ class RoomEventWrites(Protocol):
         descendants (:func:`~peekproxy.core.stream_rules.older_than_newest`,
         :func:`~peekproxy.core.stream_rules.joins_stream_when_late`)."""
 
+    def store_unshown(
+        self,
+        room_id: str,
+        events: Sequence[tuple[str, Mapping[str, Any], bool]],
+        *,
+        status: str,
+        reasons: Mapping[str, str] | None = None,
+    ) -> None:
+        """Store (event ID, PDU, redacted) ``events`` of one room without showing them: on no
+        stream, in no state (receipt checks 4-6, :mod:`peekproxy.core.receipt`).
+        ``status``: ``"accepted"`` (an auth event fetched for others: like a snapshot's auth
+        chain), ``"soft_failed"`` (stored, never shown) or ``"rejected"`` (never shown nor used
+        as an auth event; kept so it is neither fetched again nor taken as missing history).
+        ``reasons``: event ID → why (kept for admins). An event already stored keeps its row and
+        status."""
+
     def add_gap(self, room_id: str, now_ms: int) -> int:
         """Mark that history is missing at this point of the room's stream."""
 

@@ -107,6 +107,45 @@ class EventOps(SqliteBase):
         ).fetchone()
         return row[0] if row is not None and isinstance(row[0], int) else None
 
+    def judged_events(self, event_ids: Iterable[str]) -> dict[str, tuple[dict[str, Any], str]]:
+        return {
+            str(event_id): (json.loads(pdu_json), str(status))
+            for event_id, pdu_json, status in self._select_in(
+                "SELECT event_id, pdu_json, auth_status FROM events WHERE event_id IN ({marks})",
+                event_ids,
+            )
+        }
+
+    def auth_state(
+        self, room_id: str, user_ids: Iterable[str]
+    ) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+        rows = self._select_in(
+            "SELECT s.type, s.state_key, s.event_id, e.pdu_json FROM room_state s "
+            "JOIN events e ON e.event_id = s.event_id WHERE s.room_id = ? AND ("
+            "s.type IN ('m.room.create', 'm.room.power_levels', 'm.room.join_rules', "
+            "'m.room.third_party_invite') OR "
+            "(s.type = 'm.room.member' AND s.state_key IN ({marks})))",
+            set(user_ids) or {""},  # one query even without users: the rest of the state
+            before=[room_id],
+        )
+        return {(str(t), str(k)): (str(e), json.loads(p)) for t, k, e, p in rows}
+
+    def store_unshown(
+        self,
+        room_id: str,
+        events: Sequence[tuple[str, Mapping[str, Any], bool]],
+        *,
+        status: str,
+        reasons: Mapping[str, str] | None = None,
+    ) -> None:
+        reasons = reasons or {}
+        for event_id, pdu, redacted in events:
+            if self._insert_event(room_id, event_id, pdu, redacted) and status != "accepted":
+                self._conn.execute(
+                    "UPDATE events SET auth_status = ?, auth_reason = ? WHERE event_id = ?",
+                    (status, reasons.get(event_id), event_id),
+                )
+
     def in_stream(self, event_id: str) -> bool:
         return (
             self._conn.execute(
@@ -278,7 +317,9 @@ class EventOps(SqliteBase):
 
     def find_event(self, event_id: str) -> tuple[str, dict[str, Any], bool] | None:
         row = self._conn.execute(
-            "SELECT room_id, pdu_json, redacted FROM events WHERE event_id = ?", (event_id,)
+            "SELECT room_id, pdu_json, redacted FROM events WHERE event_id = ? "
+            "AND auth_status = 'accepted'",
+            (event_id,),
         ).fetchone()
         return (str(row[0]), json.loads(row[1]), bool(row[2])) if row else None
 

@@ -53,7 +53,7 @@ class HistoryOps(EventOps, SubscriptionOps):
             str(event_id): (json.loads(pdu_json), bool(redacted))
             for event_id, pdu_json, redacted in self._select_in(
                 "SELECT event_id, pdu_json, redacted FROM events WHERE room_id = ? AND "
-                "event_id IN ({marks})",
+                "auth_status = 'accepted' AND event_id IN ({marks})",
                 event_ids,
                 before=[room_id],
             )
