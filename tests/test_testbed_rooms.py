@@ -760,3 +760,28 @@ def test_from_json_checks_server_name_and_signatures(version: str) -> None:
     TestbedRoom.from_json(forged)  # no key: signatures are not checked
     with pytest.raises(RoomError, match=r"event 3 .*fails the checks peers run"):
         TestbedRoom.from_json(forged, signing_key=KEY)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_power_levels_are_enforced_by_the_shared_auth_rules(version: str) -> None:
+    """The testbed's users are held to the room's power levels: the auth rules of
+    :mod:`peekproxy.core.auth_rules`, not the testbed's own membership checks of before."""
+    room = _room(version)
+    room.join(KEY, BOB, T0 + 1)
+    count = len(room.events)
+    with pytest.raises(RoomError, match=REFUSED):  # state_default 50, bob has 0
+        _state(room, "m.room.name", {"name": "bob's"}, T0 + 2, sender=BOB)
+    with pytest.raises(RoomError, match=REFUSED):  # ban level 50
+        room.send(
+            KEY,
+            sender=BOB,
+            type="m.room.member",
+            state_key=ALICE,
+            content={"membership": "ban"},
+            now_ms=T0 + 2,
+        )
+    with pytest.raises(RoomError, match=REFUSED):  # the join rules need 50 too
+        _state(room, "m.room.join_rules", {"join_rule": "invite"}, T0 + 2, sender=BOB)
+    assert len(room.events) == count
+    _state(room, "m.room.name", {"name": "alice's"}, T0 + 3)  # the creator may
+    assert room.state_event("m.room.name") is not None
