@@ -21,6 +21,7 @@ from tests.support import JsonApp, issue_cert, run_cli, serve_app
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "synapse-pdus"
 OUTCOME = {"accept": "accept", "redact": "redact", "drop": "reject"}
+AUTH = " | auth: "  # what separates the auth verdict (step 4) from steps 1-3
 
 
 def _fixture(name: str) -> dict[str, Any]:
@@ -29,11 +30,17 @@ def _fixture(name: str) -> dict[str, Any]:
 
 
 def _lines(stdout: str) -> list[tuple[str, str, str]]:
+    """(event ID, outcome of steps 1-3, reason) per line, without the auth verdict."""
     parsed = []
     for line in stdout.splitlines():
-        event_id, outcome, reason = line.split(" ", 2)
+        event_id, outcome, reason = line.partition(AUTH)[0].split(" ", 2)
         parsed.append((event_id, outcome, reason))
     return parsed
+
+
+def _auth(stdout: str) -> list[str | None]:
+    """The auth verdict per line (``accept``, ``reject <reason>``), ``None`` without one."""
+    return [line.partition(AUTH)[2] or None for line in stdout.splitlines()]
 
 
 def _assert_usage_error(result: Any, message: str) -> None:
@@ -118,9 +125,12 @@ def test_key_whose_server_name_has_a_port(tmp_path: Path) -> None:
     key_option = f"localhost:8448:ed25519:a_b:{encode_base64(bytes(key.verify_key))}"
     for name, count in (("one.json", 1), ("list.json", 2)):
         path = str(tmp_path / name)
-        result = run_cli("pdu", "check", "--room-version", "11", "--key", key_option, path)
+        result = run_cli(
+            "pdu", "check", "--no-auth", "--room-version", "11", "--key", key_option, path
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert [(o, r) for _, o, r in _lines(result.stdout)] == [("accept", "ok")] * count
+        assert _auth(result.stdout) == [None] * count  # --no-auth: steps 1-3 only
 
 
 def test_room_version_option_overrides_the_fixture() -> None:
@@ -261,3 +271,100 @@ def test_reads_standard_input() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.decode().splitlines()) == 9 + 4 + 1
+
+
+# --- the auth verdict (receipt step 4) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [str(n) for n in range(1, 13)])
+def test_synapse_rooms_pass_the_auth_rules(version: str) -> None:
+    """Every real Synapse event passes step 4 with the file's events as auth events; the
+    redacted message is judged as its redacted copy."""
+    result = run_cli("pdu", "check", str(FIXTURES / f"v{version}.json"))
+    assert result.returncode == 1  # the already-redacted message, as before
+    assert _auth(result.stdout) == ["accept"] * len(_fixture(f"v{version}.json")["events"])
+
+
+def test_peek_responses_pass_the_auth_rules() -> None:
+    for name in ("peek-response-v10.json", "peek-response-v12.json"):
+        result = run_cli("pdu", "check", str(FIXTURES / name))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert set(_auth(result.stdout)) == {"accept"}
+
+
+def _illegal_message(fixture: dict[str, Any], key: SigningKey, server: str) -> dict[str, Any]:
+    """A message into the fixture's room from a user of ``server``, who never joined; its
+    ``auth_events`` cite the room's create event and power levels (as a server would
+    choose them), and it is correctly hashed and signed by ``server``."""
+    rules = room_version(fixture["room_version"])
+    events = [e["pdu"] for e in fixture["events"]]
+    ids = {
+        (p["type"], p.get("state_key")): e["event_id"]
+        for e, p in zip(fixture["events"], events, strict=True)
+    }
+    pdu: dict[str, Any] = {
+        "type": "m.room.message",
+        "content": {"msgtype": "m.text", "body": "I am not in this room"},
+        "sender": f"@mallory:{server}",
+        "room_id": fixture["room_id"],
+        "origin_server_ts": events[-1]["origin_server_ts"] + 1,
+        "depth": events[-1]["depth"] + 1,
+        "prev_events": [fixture["events"][-1]["event_id"]],
+        "auth_events": [ids[("m.room.create", "")], ids[("m.room.power_levels", "")]],
+    }
+    pdu["hashes"] = {"sha256": encode_base64(content_hash(pdu))}
+    signature = key.sign(reference_hash_input(redact(pdu, rules))).signature
+    pdu["signatures"] = {server: {"ed25519:a_b": encode_base64(signature)}}
+    return pdu
+
+
+def test_an_illegal_event_passes_steps_1_to_3_and_fails_the_auth_rules(tmp_path: Path) -> None:
+    fixture = _fixture("v10.json")
+    key = SigningKey.generate()
+    illegal = tmp_path / "illegal.json"
+    illegal.write_text(json.dumps(_illegal_message(fixture, key, "evil.test")))
+    key_option = f"evil.test:ed25519:a_b:{encode_base64(bytes(key.verify_key))}"
+    args = ["pdu", "check", "--room-version", "10", "--key", key_option]
+
+    # The room's events (a fixture file) as the auth events: rejected by the auth rules.
+    result = run_cli(*args, "--auth-events", str(FIXTURES / "v10.json"), str(illegal))
+    assert result.returncode == 1, result.stderr
+    [(_, outcome, reason)] = _lines(result.stdout)
+    assert (outcome, reason) == ("accept", "ok")  # steps 1-3: a well-made event
+    [verdict] = _auth(result.stdout)
+    assert verdict is not None and verdict.startswith("reject ") and "mallory" in verdict
+
+    # Without them: the cited auth events are not given.
+    result = run_cli(*args, str(illegal))
+    assert result.returncode == 1
+    create_id = fixture["events"][0]["event_id"]
+    assert _auth(result.stdout) == [f"reject auth event {create_id} not given"]
+
+    # --no-auth: steps 1-3 alone, the output of before.
+    result = run_cli(*args, "--no-auth", str(illegal))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [f"{_lines(result.stdout)[0][0]} accept ok"]
+
+
+def test_auth_events_from_a_list_of_pdus(tmp_path: Path) -> None:
+    """The last event of a real room, checked alone with the others as a JSON list."""
+    fixture = _fixture("v12.json")
+    *earlier, last = [e["pdu"] for e in fixture["events"]]
+    (tmp_path / "auth.json").write_text(json.dumps(earlier))
+    (tmp_path / "last.json").write_text(json.dumps(last))
+    key = next(iter(fixture["verify_keys"].items()))
+    key_option = f"{fixture['server_name']}:{key[0]}:{key[1]}"
+    base = ["pdu", "check", "--room-version", "12", "--key", key_option]
+    result = run_cli(
+        *base, "--auth-events", str(tmp_path / "auth.json"), str(tmp_path / "last.json")
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _auth(result.stdout) == ["accept"]
+    # Without the create event (implied in v12, never cited): not given.
+    (tmp_path / "auth.json").write_text(json.dumps(earlier[1:]))
+    result = run_cli(
+        *base, "--auth-events", str(tmp_path / "auth.json"), str(tmp_path / "last.json")
+    )
+    assert result.returncode == 1
+    create_id = fixture["events"][0]["event_id"]
+    assert _auth(result.stdout) == [f"reject auth event {create_id} not given"]

@@ -783,7 +783,8 @@ async def test_admin_refuses_events_peers_would_reject(world: World) -> None:
                 ],
             },
         )
-        assert v12.status_code == 400 and "must not be listed" in v12.json()["error"]
+        assert v12.status_code == 400, v12.text
+        assert "authorization rules refuse it" in v12.json()["error"]
 
 
 async def test_peek_fault_status_and_errcode(world: World) -> None:
@@ -966,3 +967,39 @@ async def test_edus_and_remote_servers_users(world: World) -> None:
     assert restarted.load_rooms() >= 1
     assert restarted.rooms[room_id].membership("@bob:other.test") == "join"
     assert set(restarted.remote_keys) == {"other.test"}
+
+
+async def test_relay_illegal_fault(world: World) -> None:
+    """The admin API makes illegal events only with the fault on, refuses legal ones, and
+    pushes the illegal ones to the peeker; the peek answer and the state ignore them."""
+    room_id = await world.create_room(room_version="12")
+    room = _room_path(room_id)
+    await world.peek(room_id)
+    async with admin(world.listening) as http:
+        body = {"kind": "non_member_message"}
+        off = await http.post(f"/rooms/{room}/illegal", json=body)
+        assert (off.status_code, off.json()["errcode"]) == (403, "M_FORBIDDEN")
+        assert (await http.put("/faults", json={"relay_illegal": 2})).status_code == 400
+        assert (await http.put("/faults", json={"relay_illegal": 1})).json()["relay_illegal"] == 1
+        for bad in (
+            {"kind": "nonsense"},
+            {"kind": "ban", "sender": "admin", "target": "bob"},  # the creator may: legal
+            {"kind": "cites_create", "target": "bob"},
+        ):
+            refused = await http.post(f"/rooms/{room}/illegal", json=bad)
+            assert (refused.status_code, refused.json()["errcode"]) == (400, "M_INVALID_PARAM")
+        made = []
+        for kind in ("non_member_message", "cites_create"):
+            answer = await http.post(f"/rooms/{room}/illegal", json={"kind": kind})
+            assert answer.status_code == 200, answer.text
+            made.append(answer.json()["event_id"])
+            assert answer.json()["reason"]
+        after = await world.send(room_id, "legal")
+        listed = (await http.get(f"/rooms/{room}/events")).json()["events"]
+    pdus = await world.peer.wait_for_pdus(3)
+    assert [p["content"]["body"] for p in pdus][-1] == "legal"
+    assert [e["event_id"] for e in listed if "rejected" in e] == made
+    assert world.testbed.rooms[room_id].latest()[0] == after
+    answer = await world.peek(room_id, "another")
+    verdicts = [e for e in answer["state"] + answer["auth_chain"] if e.get("sender")]
+    assert all("mallory" not in e["sender"] for e in verdicts)

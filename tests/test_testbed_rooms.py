@@ -33,6 +33,9 @@ SERVER = "hs.test"
 ALICE = f"@alice:{SERVER}"
 BOB = f"@bob:{SERVER}"
 KEY = generate_signing_key("tb1")
+#: The error of an event the room version's authorization rules refuse
+#: (:mod:`peekproxy.core.auth_rules`).
+REFUSED = "the room's authorization rules refuse it: "
 T0 = 1_700_000_000_000
 
 
@@ -531,7 +534,7 @@ def test_visibility_encryption_and_initial_state(version: str) -> None:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_room_errors(version: str) -> None:
     room = _room(version)
-    with pytest.raises(RoomError, match="not joined"):
+    with pytest.raises(RoomError, match=REFUSED):
         _message(room, BOB, "hi", T0)
     with pytest.raises(RoomError, match="not a user of this server"):
         _message(room, "@eve:other.test", "hi", T0)
@@ -548,9 +551,9 @@ def test_room_errors(version: str) -> None:
     before = len(room.events)
     room.join(KEY, BOB, T0 + 1)
     room.leave(KEY, BOB, T0 + 2)
-    with pytest.raises(RoomError, match="not joined"):
+    with pytest.raises(RoomError, match=REFUSED):
         _message(room, BOB, "hi", T0 + 3)
-    with pytest.raises(RoomError, match="not joined"):
+    with pytest.raises(RoomError, match=REFUSED):
         room.leave(KEY, BOB, T0 + 3)
     assert len(room.events) == before + 2  # failed sends leave no trace
     with pytest.raises(RoomError, match="not a user of this server"):
@@ -559,7 +562,7 @@ def test_room_errors(version: str) -> None:
 
 def test_invite_only_rooms_need_an_invite() -> None:
     room = _room("11", join_rule="invite")
-    with pytest.raises(RoomError, match="not invited"):
+    with pytest.raises(RoomError, match=REFUSED):
         room.join(KEY, BOB, T0)
     room.send(
         KEY,
@@ -646,7 +649,7 @@ def test_state_content_checks(version: str) -> None:
         ("m.room.join_rules", "", {"join_rule": "open"}, "one of"),
         ("m.room.member", "bob", {"membership": "invite"}, "user ID"),
         ("m.room.member", f"@Bob Smith:{SERVER}", {"membership": "invite"}, "local user"),
-        ("m.room.member", BOB, {"membership": "befriend"}, "membership must be"),
+        ("m.room.member", BOB, {"membership": "befriend"}, REFUSED),
         ("m.room.canonical_alias", "", {"alias": 5}, "alias string"),
         ("m.room.canonical_alias", "", {"alias": "busy"}, "not a valid room alias"),
         ("m.room.canonical_alias", "", {"alias": "#x:other.test"}, "not an alias of this"),
@@ -688,24 +691,24 @@ def test_power_levels_keep_the_creator_in_power(version: str) -> None:
     assert room.creators() == [ALICE]
     if version == "12":
         ok = [{**base, "users": {BOB: 100}}, {**base, "users": {}, "users_default": 0}]
-        bad = [({**base, "users": {ALICE: 100}}, "must not be listed")]
+        bad = [({**base, "users": {ALICE: 100}}, REFUSED)]
     else:
         ok = [
             {**base, "users": {ALICE: 100, BOB: 50}},
-            {**base, "users": {ALICE: 150}},
             {**base, "users": {}, "users_default": 100},
         ]
         bad = [
+            ({**base, "users": {ALICE: 150}}, REFUSED),  # above her own level
             ({**base, "users": {ALICE: 50}}, "power level 50"),
             ({**base, "users": {}}, "power level 0"),
             ({**base, "users": {BOB: 100}, "users_default": 10}, "power level 10"),
         ]
     bad += [
-        ({**base, "ban": "50"}, "'ban' must be an integer"),
-        ({**base, "kick": True}, "'kick' must be an integer"),
-        ({**base, "events": {"m.room.name": "50"}}, "'events' must be an object of integers"),
-        ({**base, "notifications": []}, "'notifications'"),
-        ({**base, "users": {"bob": 50}}, "not a user ID"),
+        ({**base, "ban": "50"}, REFUSED),
+        ({**base, "kick": True}, REFUSED),
+        ({**base, "events": {"m.room.name": "50"}}, REFUSED),
+        ({**base, "notifications": []}, REFUSED),
+        ({**base, "users": {**base["users"], "bob": 50}}, REFUSED),
         ({**base, "users": []}, "'users' must be an object"),
     ]
     for content in ok:
@@ -716,7 +719,7 @@ def test_power_levels_keep_the_creator_in_power(version: str) -> None:
             _state(room, "m.room.power_levels", content, T0 + 2)
     assert len(room.events) == count
     # initial_state goes through the same checks
-    with pytest.raises(RoomError, match="power"):
+    with pytest.raises(RoomError, match="power" if version != "12" else REFUSED):
         _room(
             version,
             initial_state=[{"type": "m.room.power_levels", "content": {**base, "users": {}}}]
@@ -757,3 +760,28 @@ def test_from_json_checks_server_name_and_signatures(version: str) -> None:
     TestbedRoom.from_json(forged)  # no key: signatures are not checked
     with pytest.raises(RoomError, match=r"event 3 .*fails the checks peers run"):
         TestbedRoom.from_json(forged, signing_key=KEY)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_power_levels_are_enforced_by_the_shared_auth_rules(version: str) -> None:
+    """The testbed's users are held to the room's power levels: the auth rules of
+    :mod:`peekproxy.core.auth_rules`, not the testbed's own membership checks of before."""
+    room = _room(version)
+    room.join(KEY, BOB, T0 + 1)
+    count = len(room.events)
+    with pytest.raises(RoomError, match=REFUSED):  # state_default 50, bob has 0
+        _state(room, "m.room.name", {"name": "bob's"}, T0 + 2, sender=BOB)
+    with pytest.raises(RoomError, match=REFUSED):  # ban level 50
+        room.send(
+            KEY,
+            sender=BOB,
+            type="m.room.member",
+            state_key=ALICE,
+            content={"membership": "ban"},
+            now_ms=T0 + 2,
+        )
+    with pytest.raises(RoomError, match=REFUSED):  # the join rules need 50 too
+        _state(room, "m.room.join_rules", {"join_rule": "invite"}, T0 + 2, sender=BOB)
+    assert len(room.events) == count
+    _state(room, "m.room.name", {"name": "alice's"}, T0 + 3)  # the creator may
+    assert room.state_event("m.room.name") is not None

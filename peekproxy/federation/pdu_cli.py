@@ -1,8 +1,10 @@
-"""``peekproxy pdu check``: run the PDU receipt checks (steps 1-3) on PDUs from a file.
+"""``peekproxy pdu check``: run the PDU receipt checks (steps 1-3, and step 4: the
+authorization rules against the event's own ``auth_events``) on PDUs from a file.
 
 Usage::
 
-    peekproxy pdu check [--room-version N] [--key SERVER:ed25519:ID:BASE64]... [FILE|-]
+    peekproxy pdu check [--room-version N] [--key SERVER:ed25519:ID:BASE64]...
+                        [--auth-events FILE] [--no-auth] [FILE|-]
 
 Input (a file, or standard input for ``-`` or no argument) is one of:
 
@@ -19,10 +21,18 @@ Keys: ``--key`` splits from the right, so a server name may carry a port
 the keys are fetched over federation (:func:`fetch_keys_for`), with the ``[federation]``
 settings of ``-c CONFIG`` when given.
 
+Auth events (step 4, :func:`peekproxy.core.auth_rules.check_event_auth`): the PDUs of the
+input and of ``--auth-events FILE`` (any input shape above), by event ID; an input PDU that
+fails steps 1-3 or step 4 counts as rejected for the PDUs after it; a ``redact`` PDU serves
+as its redacted copy. The ``--auth-events`` PDUs are taken as given (check them with their
+own ``pdu check``). ``--no-auth`` skips step 4.
+
 Output: one line per PDU, ``<event_id> <accept|redact|reject> <reason>`` (``-`` when the
-event ID cannot be known). Exit status: 0 when every PDU is accepted, 1 otherwise, 2 when
-the input is unusable (bad JSON, unknown room version, bad ``--key``), with a one-line
-message on standard error.
+event ID cannot be known), then, for a PDU that passed steps 1-3 (``accept`` or
+``redact``), `` | auth: accept`` or `` | auth: reject <reason>`` (``reject auth event $x
+not given`` when a cited auth event is in neither file). Exit status: 0 when every PDU is
+accepted by both, 1 otherwise, 2 when the input is unusable (bad JSON, unknown room
+version, bad ``--key``), with a one-line message on standard error.
 """
 
 from __future__ import annotations
@@ -35,7 +45,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from peekproxy.core.pdu import PduVerdict
     from peekproxy.core.pdu_signatures import KeyLookup, VerifyKeyInfo
+    from peekproxy.core.room_versions import RoomVersion
 
 __all__ = ["add_pdu_parser", "fetch_keys_for", "parse_key_option", "run_pdu_check"]
 
@@ -222,12 +234,70 @@ def _run(args: argparse.Namespace) -> int:
     else:
         keys = fetch_keys_for(_wanted_keys(pdus, rules), args.config)
 
+    verdicts = [check_pdu(pdu, rules, keys) for pdu in pdus]
+    auth = None
+    if not args.no_auth:
+        given = _split_input(_read_input(args.auth_events))[0] if args.auth_events else []
+        auth = _AuthJudge(rules, given, verdicts)
     all_accepted = True
-    for pdu in pdus:
-        verdict = check_pdu(pdu, rules, keys)
+    for verdict in verdicts:
+        line = f"{verdict.event_id or '-'} {verdict.outcome} {verdict.reason}"
         all_accepted = all_accepted and verdict.outcome == "accept"
-        print(f"{verdict.event_id or '-'} {verdict.outcome} {verdict.reason}")
+        if auth is not None and verdict.pdu is not None and verdict.event_id is not None:
+            reason = auth.judge(verdict.event_id, verdict.pdu)
+            all_accepted = all_accepted and reason is None
+            line += " | auth: accept" if reason is None else f" | auth: reject {reason}"
+        print(line)
     return EXIT_OK if all_accepted else EXIT_NOT_ALL_ACCEPTED
+
+
+class _AuthJudge:
+    """Receipt step 4 for the PDUs of one run, in input order: the auth events are the
+    ``--auth-events`` PDUs and the input's own PDUs (that passed steps 1-3; a redacted copy
+    for ``redact``); input PDUs that fail steps 1-3 or 4 are rejected auth events."""
+
+    def __init__(self, rules: RoomVersion, given: list[Any], verdicts: list[PduVerdict]) -> None:
+        from peekproxy.core.events import best_effort_event_id, compute_event_id
+
+        self.rules = rules
+        self.pool: dict[str, Mapping[str, Any]] = {}
+        for pdu in given:
+            if not isinstance(pdu, dict):
+                continue
+            event_id: str | None
+            try:
+                event_id = compute_event_id(pdu, rules)
+            except (ValueError, TypeError, KeyError, RecursionError):
+                event_id = best_effort_event_id(pdu)
+            if event_id is not None:
+                self.pool[event_id] = pdu
+        self.rejected: set[str] = set()
+        for verdict in verdicts:
+            if verdict.event_id is None:
+                continue
+            if verdict.pdu is None:
+                self.rejected.add(verdict.event_id)
+            else:
+                self.pool[verdict.event_id] = verdict.pdu
+
+    def judge(self, event_id: str, pdu: Mapping[str, Any]) -> str | None:
+        """``None`` when step 4 accepts, else the reason; a rejected PDU is remembered."""
+        from peekproxy.core.auth_rules import check_event_auth, create_event_id
+        from peekproxy.core.events import event_refs
+
+        cited = event_refs(pdu.get("auth_events"))
+        room_id = pdu.get("room_id")
+        implied = self.rules.auth.create_event_implied and pdu.get("type") != "m.room.create"
+        if implied and isinstance(room_id, str):
+            cited.append(create_event_id(room_id))
+        missing = [e for e in cited if e not in self.pool and e not in self.rejected]
+        if missing:
+            reason: str | None = f"auth event {missing[0]} not given"
+        else:
+            reason = check_event_auth(event_id, pdu, self.pool, self.rules, rejected=self.rejected)
+        if reason is not None:
+            self.rejected.add(event_id)
+        return reason
 
 
 def add_pdu_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -236,11 +306,12 @@ def add_pdu_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     actions = pdu.add_subparsers(dest="pdu_command", required=True, metavar="ACTION")
     check = actions.add_parser(
         "check",
-        help="verify PDUs: format, signatures, content hash (receipt checks 1-3)",
+        help="verify PDUs: format, signatures, content hash, auth rules (receipt checks 1-4)",
         description=(
-            "Verify PDUs as a receiving server does (format, signatures, content hash) and "
-            "print '<event_id> <accept|redact|reject> <reason>' per PDU. Exit 0 if all are "
-            "accepted, 1 if not, 2 on unusable input."
+            "Verify PDUs as a receiving server does (format, signatures, content hash, then "
+            "the authorization rules against the event's auth_events) and print "
+            "'<event_id> <accept|redact|reject> <reason> | auth: <accept|reject <reason>>' "
+            "per PDU. Exit 0 if all are accepted, 1 if not, 2 on unusable input."
         ),
     )
     check.add_argument(
@@ -252,6 +323,16 @@ def add_pdu_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         default=[],
         metavar="SERVER:ed25519:ID:BASE64",
         help="a signing key to trust (repeatable; the server name may carry a port)",
+    )
+    check.add_argument(
+        "--auth-events",
+        metavar="FILE",
+        help="PDUs (a JSON list or a fixture file) to use as auth events, besides the input's own",
+    )
+    check.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="skip the authorization rules (receipt step 4): steps 1-3 only",
     )
     check.add_argument(
         "-c",

@@ -23,6 +23,7 @@ from peekproxy.testbed.host import NOT_STATE, Testbed
 from peekproxy.testbed.parsing import (
     ConfigBody,
     CreateRoomBody,
+    IllegalBody,
     MembershipBody,
     ReceiptBody,
     RemoteServerBody,
@@ -80,6 +81,7 @@ def admin_app(testbed: Testbed, token: str) -> Starlette:
                 "room_version": target.rules.identifier,
                 "events": [
                     {"event_id": e, "pdu": p}
+                    | ({"rejected": target.rejected[e]} if e in target.rejected else {})
                     for e, p in zip(target.event_ids, target.events, strict=True)
                 ],
             }
@@ -105,6 +107,14 @@ def admin_app(testbed: Testbed, token: str) -> Starlette:
             state_key=spec.state_key,
         )
         return JSONResponse({"event_id": event_id})
+
+    async def illegal(request: Request) -> Response:
+        check(request)
+        spec = parse_body(IllegalBody, await body(request))
+        event_id, reason = testbed.relay_illegal(
+            request.path_params["room_id"], spec.kind, sender=spec.sender, target=spec.target
+        )
+        return JSONResponse({"event_id": event_id, "reason": reason})
 
     async def membership(request: Request) -> Response:
         check(request)
@@ -204,6 +214,7 @@ def admin_app(testbed: Testbed, token: str) -> Starlette:
             Route(f"{prefix}/rooms/{{room_id}}/events", events, methods=["GET"]),
             Route(f"{prefix}/rooms/{{room_id}}/typing", typing, methods=["POST"]),
             Route(f"{prefix}/rooms/{{room_id}}/receipt", receipt, methods=["POST"]),
+            Route(f"{prefix}/rooms/{{room_id}}/illegal", illegal, methods=["POST"]),
             Route(f"{prefix}/rooms/{{room_id}}/{{kind:str}}", send, methods=["POST"]),
             Route(
                 f"{prefix}/rooms/{{room_id}}/members/{{membership}}", membership, methods=["POST"]

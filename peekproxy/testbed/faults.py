@@ -1,8 +1,8 @@
 """Fault injection for the testbed's outgoing event stream and its peek endpoint.
 
 The ``*_next`` and ``peek_count`` counters are consumed one per use: ``drop_next = 2`` drops
-the next two transactions. ``delay_ms``, ``renew_full`` and the ``peek_status``/
-``peek_errcode``/``peek_retry_after_ms`` settings stay as set until changed.
+the next two transactions. ``delay_ms``, ``renew_full``, ``relay_illegal`` and the
+``peek_status``/``peek_errcode``/``peek_retry_after_ms`` settings stay as set until changed.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class Faults:
       for 429 and ``M_UNKNOWN`` otherwise (e.g. ``M_NOT_FOUND`` or ``M_UNRECOGNIZED`` with
       404).
     * ``peek_retry_after_ms``: the ``retry_after_ms`` of an injected 429.
+    * ``relay_illegal``: 1 lets the admin API make events the authorization rules reject
+      (``POST /rooms/{roomId}/illegal``, :mod:`~peekproxy.testbed.illegal`) and push them to
+      the room's peekers like any other event; 0 (the default) refuses that request.
 
     Counters (each use takes one):
 
@@ -67,6 +70,7 @@ class Faults:
     peek_errcode: str | None = None
     peek_count: int = 0
     peek_retry_after_ms: int = 1000
+    relay_illegal: int = 0
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply ``changes``: known fields only; non-negative integers, ``peek_status`` an
@@ -91,8 +95,8 @@ class Faults:
                 raise ValueError(f"{name} must be a non-negative integer")
             if name == "peek_status" and not 400 <= value <= 599:
                 raise ValueError("peek_status must be an HTTP error status, 400-599")
-            if name == "renew_full" and value > 1:
-                raise ValueError("renew_full must be 0 or 1")
+            if name in ("renew_full", "relay_illegal") and value > 1:
+                raise ValueError(f"{name} must be 0 or 1")
         for name, value in changes.items():
             setattr(self, name, value)
 

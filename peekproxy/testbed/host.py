@@ -34,6 +34,7 @@ from peekproxy.testbed.files import (
     load_saved_rooms,
     save_room,
 )
+from peekproxy.testbed.illegal import make_illegal
 from peekproxy.testbed.peek_rules import (
     PEEK_REQUESTS_KEPT,
     PeekRequest,
@@ -358,14 +359,50 @@ class Testbed:
         self._after_event(room, event_id, pdu)
         return event_id
 
+    def relay_illegal(
+        self, room_id: str, kind: str, *, sender: str | None, target: str | None
+    ) -> tuple[str, str]:
+        """With the ``relay_illegal`` fault on, make an event the authorization rules reject
+        (:func:`~peekproxy.testbed.illegal.make_illegal`; ``sender`` a localpart or user ID
+        of this server, by default ``mallory`` for ``non_member_message`` and ``admin``
+        otherwise), keep it in the room's DAG and push it to the room's peekers. Returns
+        ``(event_id, reason)``.
+
+        Raises:
+            MatrixError: 403 ``M_FORBIDDEN`` the fault is off; 404 unknown room; 400
+                ``M_INVALID_PARAM`` a bad kind, user or target, or an event the rules allow.
+        """
+        if not self.faults.relay_illegal:
+            raise MatrixError(403, "M_FORBIDDEN", "the relay_illegal fault is off (PUT /faults)")
+        room = self.room(room_id)
+        default = "mallory" if kind == "non_member_message" else "admin"
+        try:
+            event_id, pdu, reason = make_illegal(
+                room,
+                self.signing_key,
+                kind=kind,
+                sender=local_user_id(self.server_name, sender or default),
+                target=None if target is None else any_user_id(self.server_name, target),
+                now_ms=self.clock_ms(),
+            )
+        except RoomError as e:
+            raise MatrixError(400, "M_INVALID_PARAM", str(e)) from None
+        self._save(room)
+        self._push(room, event_id, pdu)
+        log.warning("relayed an illegal event %s (%s) in %s: %s", event_id, kind, room_id, reason)
+        return event_id, reason
+
+    def _push(self, room: TestbedRoom, event_id: str, pdu: dict[str, Any]) -> None:
+        for destination in sorted(self.peeks.destinations(room.room_id, self.clock_ms())):
+            self.sender(destination).enqueue(event_id, pdu)
+        self.poke()
+
     def _after_event(self, room: TestbedRoom, event_id: str, pdu: dict[str, Any]) -> None:
         self._save(room)
         if pdu.get("type") == "m.room.canonical_alias":
             index_aliases(self.aliases, room, self.rooms)
         # The event that makes a room unpeekable is still delivered; then the peeks end.
-        for destination in sorted(self.peeks.destinations(room.room_id, self.clock_ms())):
-            self.sender(destination).enqueue(event_id, pdu)
-        self.poke()
+        self._push(room, event_id, pdu)
         for peek, why in end_peeks_after(room, pdu, self.peeks, self.clock_ms()):
             self._record("end", peek.origin, peek.room_id, peek.peek_id)
             log.info("peek %r of %s by %s ended: %s", peek.peek_id, room.room_id, peek.origin, why)

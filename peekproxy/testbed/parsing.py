@@ -15,6 +15,7 @@ from peekproxy.api.errors import MatrixError
 __all__ = [
     "ConfigBody",
     "CreateRoomBody",
+    "IllegalBody",
     "MembershipBody",
     "ReceiptBody",
     "RemoteServerBody",
@@ -57,6 +58,14 @@ class MembershipBody(_Body):
 
     user: str
     sender: str | None = None  # the inviter (invite only; default "admin")
+
+
+class IllegalBody(_Body):
+    """``POST /rooms/{roomId}/illegal``: see :meth:`Testbed.relay_illegal`."""
+
+    kind: str
+    sender: str | None = None
+    target: str | None = None
 
 
 class TypingBody(_Body):

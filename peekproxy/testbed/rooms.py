@@ -20,9 +20,12 @@ Scope and simplifications (this is a test peer, not a homeserver):
 * state is a linear fold over the events in stream order. ``send(prev_events=...)`` can fork
   the DAG, but there is no state resolution: ``auth_events`` and state still come from that
   fold;
-* the authorization rules are not run, except the membership checks that keep the model sane
-  and the content checks a receiving server would apply (see :meth:`TestbedRoom.send`): no
-  power-level checks on senders;
+* every event the testbed's users send must pass the room version's authorization rules
+  against the current state (:func:`peekproxy.core.auth_rules.check_against_state`, the code
+  peekproxy itself judges received PDUs with), plus the testbed's own content checks (see
+  :meth:`TestbedRoom.send`). Only :meth:`TestbedRoom.send_illegal` (the testbed's
+  ``relay_illegal`` fault) makes events the rules reject: they enter the DAG (later events'
+  ``prev_events`` may point at them) but never the state, as a receiving server rejects them;
 * redactions are stored as events, but the events they redact are stored and served unchanged.
 
 Spec references: "SSAPI" is the server-server API, "rooms/vN" the room version pages, "APPX"
@@ -44,6 +47,13 @@ from signedjson.key import get_verify_key
 from signedjson.types import SigningKey
 from unpaddedbase64 import encode_base64
 
+from peekproxy.core.auth_rules import (
+    StateKey,
+    auth_types_for_event,
+    check_against_state,
+    check_event_auth,
+    create_event_id,
+)
 from peekproxy.core.events import compute_event_id, content_hash, room_id_for_create
 from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, ServerName, UserId
 from peekproxy.core.membership import sign_event
@@ -118,18 +128,10 @@ JOIN_RULES: tuple[str, ...] = (
     "knock_restricted",
     "private",
 )
-#: The memberships the auth rules know; any other is rejected (rooms/v10 auth rule 4).
-_MEMBERSHIPS = ("join", "leave", "invite", "ban", "knock")
-#: Power-level fields that must be integers when present (rooms/v10 auth rule 10).
-_POWER_LEVEL_INTEGERS = (
-    "users_default",
-    "events_default",
-    "state_default",
-    "ban",
-    "redact",
-    "kick",
-    "invite",
-)
+#: The order of the auth events the testbed cites, as Synapse lists them (the fixtures):
+#: create, power levels, the sender's member event, the target's, the join rules, then the
+#: rest (third-party invite, restricted-join authoriser) in DAG order.
+_AUTH_ORDER = {_CREATE: 0, _POWER_LEVELS: 1, _JOIN_RULES: 4}
 #: The power level the creator keeps in v10/v11 (it sends everything the admin API sends).
 _CREATOR_POWER = 100
 
@@ -269,6 +271,9 @@ class TestbedRoom:
     server_name: str
     events: list[dict[str, Any]]
     event_ids: list[str]
+    #: event ID → reason, for the events the authorization rules reject
+    #: (:meth:`send_illegal`): in the DAG, never in the state.
+    rejected: dict[str, str] = field(default_factory=dict)
 
     _features: _Features = field(init=False)
     #: event ID → position in ``events``.
@@ -450,42 +455,42 @@ class TestbedRoom:
         ``origin`` (default: this room's server) is the server whose user sends it and
         whose key ``signing_key`` is: another server's user is simulated that way.
 
-        * ``prev_events`` default to ``[latest event ID]`` (a linear DAG); ``depth`` is the
-          largest depth among them + 1; ``origin_server_ts`` is ``now_ms``. No top-level
-          ``origin`` (Synapse sends none, not even in v10).
+        * ``prev_events`` default to ``[newest event ID]`` (a linear DAG), plus the newest
+          accepted event's ID when the newest event is one the auth rules reject
+          (:meth:`send_illegal`); ``depth`` is the largest depth among them + 1;
+          ``origin_server_ts`` is ``now_ms``. No top-level ``origin`` (Synapse sends none,
+          not even in v10).
         * ``auth_events`` follow the spec's auth events selection (SSAPI §Auth events
-          selection), taken from the current state, in this order: the create event (not in
-          v12), the power levels, the sender's member event, and for ``m.room.member`` the
-          target's member event, the join rules (membership ``join``/``invite``/``knock``),
-          the ``m.room.third_party_invite`` named by ``third_party_invite.signed.token``, and
-          the member event of ``join_authorised_via_users_server`` (each if it exists, no
-          duplicates).
+          selection, :func:`~peekproxy.core.auth_rules.auth_types_for_event`), taken from
+          the current state, in Synapse's order: the create event (not in v12), the power
+          levels, the sender's member event, and for ``m.room.member`` the target's member
+          event, the join rules (membership ``join``/``invite``/``knock``), then the
+          ``m.room.third_party_invite`` named by ``third_party_invite.signed.token`` and
+          the member event of ``join_authorised_via_users_server`` (each if it exists).
         * The new PDU must pass :func:`~peekproxy.core.pdu.check_pdu` with the key's
           public half ("accept"), so a float, an out-of-range integer or an oversized event
           is refused here rather than by the peers.
 
-        Who may send: ``sender`` must be a user of ``origin`` and joined. A user who is not
-        joined may send only their own membership: ``join`` when the room is public, they
-        are invited, or it is the creator's first join right after the create event;
-        ``knock`` when the join rule is ``knock``/``knock_restricted``; ``leave`` to decline
-        an invite or withdraw a knock. A banned user cannot join. No other authorization
-        rules (power levels) are checked.
+        Who may send: ``sender`` must be a user of ``origin``, and the event must pass the
+        room version's authorization rules against the room's current state
+        (:func:`~peekproxy.core.auth_rules.check_against_state`, the code peekproxy judges
+        received PDUs with): membership changes, power levels, send levels, and so on.
 
-        Content checks (state events): an ``m.room.member`` state key must be a user ID
-        (compliant when local) and ``membership`` one the auth rules know;
+        The testbed's own content checks (state events) come first: an ``m.room.member``
+        needs a ``state_key`` that is a user ID (compliant when local);
         ``history_visibility`` one of :data:`HISTORY_VISIBILITIES`; ``join_rule`` one of
         :data:`JOIN_RULES`; ``m.room.canonical_alias`` as :func:`canonical_aliases` checks
-        it; ``m.room.power_levels`` with integer levels and user-ID keys (rooms/v10 auth
-        rule 10) that keep every creator at 100 or more (v10/v11) or do not list them in
-        ``users`` (v12). Senders must be compliant local user IDs.
+        it; ``m.room.power_levels`` with a ``users`` object that keeps every creator at 100
+        or more (v10/v11). Senders must be compliant local user IDs.
 
         Raises:
-            RoomError: the sender is not a valid local user, may not send this event,
-                ``m.room.create`` is sent again, a membership event lacks a string
-                ``membership`` or a ``state_key``, ``content`` is not JSON, fails the
-                content checks above or is not valid for the room version, ``now_ms`` is
-                not a non-negative integer, or ``prev_events`` is empty or names unknown
-                events (:class:`UnknownEventError`).
+            RoomError: the sender is not a valid local user, ``m.room.create`` is sent
+                again, a membership event lacks a ``state_key``, ``content`` is not JSON,
+                fails the content checks above or is not valid for the room version, the
+                authorization rules refuse the event ("the room's authorization rules
+                refuse it: <reason>"), ``now_ms`` is not a non-negative integer, or
+                ``prev_events`` is empty or names unknown events
+                (:class:`UnknownEventError`).
         """
         return self._send(
             signing_key,
@@ -573,6 +578,8 @@ class TestbedRoom:
         prev_events: Sequence[str] | None = None,
         extra: Mapping[str, Any] | None = None,
         origin: str | None = None,
+        illegal: bool = False,
+        cite_create: bool = False,
     ) -> tuple[str, dict[str, Any]]:
         if not self.events:
             raise RoomError("the room has no create event")
@@ -584,44 +591,120 @@ class TestbedRoom:
             raise RoomError("a room has exactly one m.room.create event")
         if state_key is not None and not isinstance(state_key, str):
             raise RoomError("'state_key' must be a string")
+        if type == _MEMBER and state_key is None:
+            raise RoomError("an m.room.member event needs a state_key")
         if not isinstance(content, Mapping):
             raise RoomError("'content' must be an object")
         if not isinstance(now_ms, int) or isinstance(now_ms, bool) or now_ms < 0:
             raise RoomError("now_ms must be a non-negative integer")
         body: dict[str, Any] = _json_copy(content)
-        self._check_may_send(sender, type, state_key, body)
         self._check_content(type, state_key, body)
 
-        if prev_events is None:
-            prev = [self.event_ids[-1]]
-        else:
-            prev = list(prev_events)
-            if not prev:
-                raise RoomError("prev_events must not be empty")
-            if len(set(prev)) != len(prev):
-                raise RoomError("prev_events has duplicates")
-            for event_id in prev:
-                if not isinstance(event_id, str) or event_id not in self._index:
-                    raise UnknownEventError(f"prev_events: unknown event {event_id!r}")
-        depth = max(self.events[self._index[e]]["depth"] for e in prev) + 1
-
+        prev = self._prev_events(prev_events)
         fields: dict[str, Any] = {
             "type": type,
             "room_id": self.room_id,
             "sender": sender,
             "content": body,
             "origin_server_ts": now_ms,
-            "depth": depth,
+            "depth": max(self.events[self._index[e]]["depth"] for e in prev) + 1,
             "prev_events": prev,
-            "auth_events": self._select_auth_events(sender, type, state_key, body),
             **(extra or {}),
         }
         if state_key is not None:
             fields["state_key"] = state_key
+        fields["auth_events"] = self._select_auth_events(fields)
+        if cite_create:
+            fields["auth_events"].insert(0, self.event_ids[0])
         pdu = self._sign(fields, self.rules, origin, signing_key)
         event_id = self._verify(pdu, self.rules, origin, signing_key)
+        if illegal:
+            reason = self._own_auth_events_verdict(event_id, pdu) or self._state_verdict(
+                event_id, pdu
+            )
+            if reason is None:
+                raise RoomError(
+                    "the room's authorization rules allow this event: it is not illegal"
+                )
+            self.rejected[event_id] = reason
+        else:
+            reason = self._state_verdict(event_id, pdu)
+            if reason is not None:
+                raise RoomError(f"the room's authorization rules refuse it: {reason}")
         self._append(event_id, pdu)
         return event_id, pdu
+
+    def send_illegal(
+        self,
+        signing_key: SigningKey,
+        *,
+        sender: str,
+        type: str,
+        content: Mapping[str, Any],
+        now_ms: int,
+        state_key: str | None = None,
+        cite_create: bool = False,
+    ) -> tuple[str, dict[str, Any], str]:
+        """Make an event the authorization rules reject, as a buggy or malicious server
+        would: created, hashed and signed like any other (so it passes receipt steps 1-3;
+        only the auth rules catch it), appended to the DAG, but recorded in
+        :attr:`rejected` and kept out of the state, the auth chains and :meth:`latest`.
+        ``cite_create`` (room version 12) also lists the create event in its
+        ``auth_events``, which MSC4291 forbids.
+
+        The next events' default ``prev_events`` name it *and* the newest accepted event
+        (see :meth:`send`), so a receiver that rejects it still holds a known parent.
+
+        Returns:
+            ``(event_id, pdu, reason)``: the reason is the auth rules' verdict (receipt step
+            4, the event's own ``auth_events``, else step 5, the current state).
+
+        Raises:
+            RoomError: as :meth:`send` for everything but the auth rules; also when the auth
+                rules *allow* the event.
+        """
+        event_id, pdu = self._send(
+            signing_key,
+            sender=sender,
+            type=type,
+            content=content,
+            now_ms=now_ms,
+            state_key=state_key,
+            illegal=True,
+            cite_create=cite_create,
+        )
+        return event_id, pdu, self.rejected[event_id]
+
+    def _prev_events(self, given: Sequence[str] | None) -> list[str]:
+        """``given``, checked, or by default the newest event, plus the newest accepted
+        event when the newest one is rejected (:meth:`send_illegal`)."""
+        if given is None:
+            prev = [self.event_ids[-1]]
+            accepted = self.latest()[0]
+            return prev if accepted in prev else [*prev, accepted]
+        prev = list(given)
+        if not prev:
+            raise RoomError("prev_events must not be empty")
+        if len(set(prev)) != len(prev):
+            raise RoomError("prev_events has duplicates")
+        for event_id in prev:
+            if not isinstance(event_id, str) or event_id not in self._index:
+                raise UnknownEventError(f"prev_events: unknown event {event_id!r}")
+        return prev
+
+    def _current_state_map(self) -> dict[StateKey, dict[str, Any]]:
+        return {key: self.events[position] for key, position in self._current.items()}
+
+    def _state_verdict(self, event_id: str, pdu: Mapping[str, Any]) -> str | None:
+        """The auth rules against the current state (receipt steps 5/6)."""
+        return check_against_state(event_id, pdu, self._current_state_map(), self.rules)
+
+    def _own_auth_events_verdict(self, event_id: str, pdu: Mapping[str, Any]) -> str | None:
+        """The auth rules against the event's own ``auth_events`` (receipt step 4)."""
+        cited = {ref: self.events[self._index[ref]] for ref in pdu["auth_events"]}
+        if self._features.room_id_is_create_hash:
+            cited[create_event_id(self.room_id)] = self.events[0]
+        return check_event_auth(event_id, pdu, cited, self.rules, rejected=self.rejected)
 
     @staticmethod
     def _check_local(user: object, server_name: str) -> None:
@@ -640,8 +723,8 @@ class TestbedRoom:
             )
 
     def _check_content(self, type: str, state_key: str | None, content: Mapping[str, Any]) -> None:
-        """Content a receiving server would reject (the auth rules' content checks), or that
-        would break the room for the testbed: see :meth:`send`."""
+        """The testbed's own content checks, beyond the auth rules: values that would break
+        the room for the testbed or that peers refuse to show (see :meth:`send`)."""
         if state_key is None:
             return
         if type == _MEMBER:
@@ -653,11 +736,6 @@ class TestbedRoom:
                 raise RoomError(
                     f"{state_key!r} is not a valid local user ID: the localpart may only use "
                     "a-z 0-9 . _ = - / +"
-                )
-            membership = content.get("membership")
-            if membership not in _MEMBERSHIPS:
-                raise RoomError(
-                    f"membership must be one of {', '.join(_MEMBERSHIPS)}, not {membership!r}"
                 )
             return
         if state_key != "":
@@ -676,122 +754,40 @@ class TestbedRoom:
         elif type == _CANONICAL_ALIAS[0]:
             canonical_aliases(content, self.server_name)
         elif type == _POWER_LEVELS[0]:
-            self._check_power_levels(content)
+            self._check_creator_power(content)
 
-    def _check_power_levels(self, content: Mapping[str, Any]) -> None:
-        """rooms/v10 auth rule 10 (integer levels, user-ID keys) and the creator's power:
-        v10/v11 creators keep at least 100 (through ``users`` or ``users_default``); v12
-        creators (MSC4289) must not be listed in ``users``."""
-        where = "m.room.power_levels"
-        for key in _POWER_LEVEL_INTEGERS:
-            if key in content and not _is_int(content[key]):
-                raise RoomError(f"{where}: {key!r} must be an integer")
-        for key in ("events", "notifications"):
-            if key not in content:
-                continue
-            table = content[key]
-            if not isinstance(table, Mapping) or not all(_is_int(v) for v in table.values()):
-                raise RoomError(f"{where}: {key!r} must be an object of integers")
+    def _check_creator_power(self, content: Mapping[str, Any]) -> None:
+        """v10/v11: the creator keeps at least 100 (through ``users`` or ``users_default``),
+        so that the testbed can still send everything its admin API offers. The auth rules
+        check the rest (integer levels, user-ID keys, v12 creators not in ``users``)."""
         users = content.get("users", {})
         if not isinstance(users, Mapping):
-            raise RoomError(f"{where}: 'users' must be an object of user IDs to integers")
-        for user, level in users.items():
-            try:
-                UserId.parse(user)
-            except InvalidIdentifier as e:
-                raise RoomError(f"{where}: 'users' key {user!r} is not a user ID: {e}") from None
-            if not _is_int(level):
-                raise RoomError(f"{where}: users[{user!r}] must be an integer")
+            raise RoomError(
+                "m.room.power_levels: 'users' must be an object of user IDs to integers"
+            )
+        if self._features.creators_outrank_power_levels:
+            return
         for creator in self.creators():
-            if self._features.creators_outrank_power_levels:
-                if creator in users:
-                    raise RoomError(
-                        f"{where}: room version {self.rules.identifier} creators outrank every "
-                        f"power level and must not be listed in 'users' ({creator})"
-                    )
-                continue
             level = users.get(creator, content.get("users_default", 0))
-            if level < _CREATOR_POWER:
+            if _is_int(level) and level < _CREATOR_POWER:
                 raise RoomError(
-                    f"{where}: would take the creator {creator} to power level {level}; "
-                    f"the creator must keep at least {_CREATOR_POWER}"
+                    f"m.room.power_levels: would take the creator {creator} to power level "
+                    f"{level}; the creator must keep at least {_CREATOR_POWER}"
                 )
 
-    def _check_may_send(
-        self, sender: str, type: str, state_key: str | None, content: Mapping[str, Any]
-    ) -> None:
-        """The membership rules of :meth:`send`."""
-        current = self.membership(sender)
-        if type == _MEMBER:
-            if state_key is None:
-                raise RoomError("an m.room.member event needs a state_key")
-            membership = content.get("membership")
-            if not isinstance(membership, str):
-                raise RoomError("an m.room.member event needs a string 'membership'")
-            if state_key == sender and current != "join":
-                self._check_own_membership(sender, membership, current)
-                return
-        if current != "join":
-            raise RoomError(f"{sender} is not joined to {self.room_id}")
-
-    def _check_own_membership(self, user: str, membership: str, current: str | None) -> None:
-        join_rule = self.join_rule()
-        if membership == "join":
-            if current == "ban":
-                raise RoomError(f"{user} is banned from {self.room_id}")
-            if len(self.events) == 1:
-                creator = self.events[0]["sender"]
-                if user != creator:
-                    raise RoomError(f"only the creator {creator} may join first")
-                return
-            if current == "invite" or join_rule == "public":
-                return
-            raise RoomError(
-                f"{user} cannot join {self.room_id}: the join rule is {join_rule!r} "
-                "and they are not invited"
-            )
-        if membership == "knock":
-            if current == "ban":
-                raise RoomError(f"{user} is banned from {self.room_id}")
-            if join_rule in ("knock", "knock_restricted"):
-                return
-            raise RoomError(f"{self.room_id} does not allow knocking (join rule {join_rule!r})")
-        if membership == "leave" and current in ("invite", "knock"):
-            return
-        raise RoomError(f"{user} is not joined to {self.room_id}")
-
-    def _select_auth_events(
-        self, sender: str, type: str, state_key: str | None, content: Mapping[str, Any]
-    ) -> list[str]:
-        """SSAPI §Auth events selection over the current state (see :meth:`send`)."""
-        keys: list[tuple[str, str]] = []
-        if not self._features.room_id_is_create_hash:
-            keys.append(_CREATE)
-        keys += [_POWER_LEVELS, (_MEMBER, sender)]
-        if type == _MEMBER and state_key is not None:
-            keys.append((_MEMBER, state_key))
-            membership = content.get("membership")
-            if membership in ("join", "invite", "knock"):
-                keys.append(_JOIN_RULES)
-            invite = content.get("third_party_invite")
-            if membership == "invite" and isinstance(invite, Mapping):
-                signed = invite.get("signed")
-                token = signed.get("token") if isinstance(signed, Mapping) else None
-                if isinstance(token, str):
-                    keys.append(("m.room.third_party_invite", token))
-            authoriser = content.get("join_authorised_via_users_server")
-            if (
-                membership == "join"
-                and self.rules.signatures.restricted_join_authoriser_signs
-                and isinstance(authoriser, str)
-            ):
-                keys.append((_MEMBER, authoriser))
-        chosen: list[int] = []
-        for key in keys:
-            position = self._current.get(key)
-            if position is not None and position not in chosen:
-                chosen.append(position)
-        return [self.event_ids[p] for p in chosen]
+    def _select_auth_events(self, event: Mapping[str, Any]) -> list[str]:
+        """SSAPI §Auth events selection (:func:`~peekproxy.core.auth_rules.auth_types_for_event`)
+        over the current state, in Synapse's order (:data:`_AUTH_ORDER`)."""
+        sender, target = event["sender"], event.get("state_key")
+        order = {**_AUTH_ORDER, (_MEMBER, sender): 2}
+        if event["type"] == _MEMBER:
+            order.setdefault((_MEMBER, target), 3)
+        chosen = sorted(
+            (order.get(key, 5), position)
+            for key in auth_types_for_event(event, self.rules)
+            if (position := self._current.get(key)) is not None
+        )
+        return [self.event_ids[position] for _, position in chosen]
 
     @staticmethod
     def _sign(
@@ -859,6 +855,8 @@ class TestbedRoom:
         self._prev.append(refs[0])
         self._auth.append(refs[1])
         state_key = pdu.get("state_key")
+        if event_id in self.rejected:
+            return
         if isinstance(state_key, str) and isinstance(pdu.get("type"), str):
             state = (pdu["type"], state_key)
             self._state_history.setdefault(state, []).append(position)
@@ -867,8 +865,11 @@ class TestbedRoom:
     # --- queries ------------------------------------------------------------------------
 
     def latest(self) -> tuple[str, dict[str, Any]]:
-        """The newest event as ``(event_id, pdu)``."""
-        return self.event_ids[-1], self.events[-1]
+        """The newest accepted event (not one of :attr:`rejected`) as ``(event_id, pdu)``."""
+        position = len(self.events) - 1
+        while self.event_ids[position] in self.rejected:
+            position -= 1
+        return self.event_ids[position], self.events[position]
 
     def event(self, event_id: str) -> dict[str, Any] | None:
         """The PDU with that ID, or ``None``."""
@@ -1105,14 +1106,19 @@ class TestbedRoom:
     # --- persistence --------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        """``{"room_id", "room_version", "server_name", "events": [PDU, ...]}``, a deep copy
-        that ``json.dumps`` can write and :meth:`from_json` reads back."""
-        return {
+        """``{"room_id", "room_version", "server_name", "events": [PDU, ...]}``, plus
+        ``"rejected": {event_id: reason}`` when the room holds events the auth rules reject
+        (:meth:`send_illegal`); a deep copy that ``json.dumps`` can write and
+        :meth:`from_json` reads back."""
+        saved: dict[str, Any] = {
             "room_id": self.room_id,
             "room_version": self.rules.identifier,
             "server_name": self.server_name,
             "events": copy.deepcopy(self.events),
         }
+        if self.rejected:
+            saved["rejected"] = dict(self.rejected)
+        return saved
 
     @classmethod
     def from_json(
@@ -1145,6 +1151,7 @@ class TestbedRoom:
             data.get("server_name"),
             data.get("events"),
         )
+        rejected = data.get("rejected", {})
         if not (
             isinstance(room_id, str)
             and isinstance(version, str)
@@ -1154,6 +1161,10 @@ class TestbedRoom:
             raise RoomError(
                 "a saved room needs string room_id, room_version, server_name and a list events"
             )
+        if not isinstance(rejected, Mapping) or not all(
+            isinstance(reason, str) for reason in rejected.values()
+        ):
+            raise RoomError("'rejected' must map event IDs to reasons")
         if server_name is not None and saved_server != server_name:
             raise RoomError(
                 f"the room {room_id} belongs to server {saved_server!r}, not {server_name!r} "
@@ -1217,5 +1228,10 @@ class TestbedRoom:
             pdus.append(pdu)
             event_ids.append(event_id)
         return cls(
-            room_id=room_id, rules=rules, server_name=saved_server, events=pdus, event_ids=event_ids
+            room_id=room_id,
+            rules=rules,
+            server_name=saved_server,
+            events=pdus,
+            event_ids=event_ids,
+            rejected={e: reason for e, reason in rejected.items() if e in event_ids},
         )
