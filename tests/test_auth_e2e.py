@@ -54,8 +54,10 @@ class Relay:
         self.legal: list[str] = []
         self.illegal: dict[str, str] = {}  # event ID → kind
 
-    async def message(self, body: str) -> str:
-        sent = await self.http.post(f"/rooms/{self.room}/send", json={"content": {"body": body}})
+    async def message(self, body: str, sender: str = "admin") -> str:
+        sent = await self.http.post(
+            f"/rooms/{self.room}/send", json={"sender": sender, "content": {"body": body}}
+        )
         assert sent.status_code == 200, sent.text
         self.legal.append(sent.json()["event_id"])
         return str(sent.json()["event_id"])
@@ -181,3 +183,31 @@ async def test_illegal_events_never_reach_a_device(world: PeekWorld, version: st
             world, f"/rooms/{quote(room_id, safe='')}/event/{quote(event_id, safe='')}"
         )
         assert one.status_code == 200, one.text
+
+
+@pytest.mark.parametrize("event_auth", ["served", "unrecognized"])
+async def test_auth_events_lost_in_a_gap_are_fetched(world: PeekWorld, event_auth: str) -> None:
+    # bob's join never reaches peekproxy and get_missing_events gives nothing (a gap): his
+    # message cites a join peekproxy lacks, which it must fetch (GET /event_auth, else GET
+    # /event for each auth event) before the auth rules can allow the message.
+    room_id = world.create_room("10", name="Gap")
+    async with admin(world.listening) as http:
+        relay = Relay(http, room_id)
+        assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+        await relay.message("before")
+        faults = {"withhold_next": 1, "missing_events_empty_next": 5}
+        if event_auth == "unrecognized":
+            faults["event_auth_fail_next"] = 5
+        assert (await http.put("/faults", json=faults)).is_success
+        join = await http.post(f"/rooms/{relay.room}/members/join", json={"user": "bob"})
+        assert join.is_success, join.text
+        message = await relay.message("bob after the gap", sender="bob")
+        await world.wait_delivered(message)
+        left = (await http.get("/faults")).json()
+    assert left["withhold_next"] == 0 and left["missing_events_empty_next"] < 5
+    if event_auth == "unrecognized":
+        assert left["event_auth_fail_next"] < 5  # asked, refused: /event instead
+
+    seen = await _sync_until(world, room_id, {message})
+    shown = [e for e in seen if e["event_id"] == message]
+    assert shown[0]["sender"] == f"@bob:{TESTBED}"

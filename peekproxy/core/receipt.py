@@ -95,6 +95,33 @@ def _order(batch: Mapping[str, Mapping[str, Any]], rules: RoomVersion) -> list[s
     return ordered
 
 
+def _depth(pdu: Mapping[str, Any]) -> int:
+    depth = pdu.get("depth")
+    return depth if type(depth) is int else 0
+
+
+def _view(
+    current: Mapping[StateKey, tuple[str, Mapping[str, Any]]],
+    cited: list[str],
+    usable: Mapping[str, Mapping[str, Any]],
+) -> dict[StateKey, Mapping[str, Any]]:
+    """The state an event is judged by in steps 5 and 6: the room's current state, except
+    where one of the event's own auth events is deeper than what that state holds for its
+    (type, state_key) — or the state holds nothing there. peekproxy resolves no state, and
+    after a gap (events that could not be fetched) its state lags behind the room: a member
+    who joined in the gap would make every later event of theirs fail. An older auth event
+    (a join before a ban peekproxy holds) changes nothing, so a stale fork still fails."""
+    view = {key: pdu for key, (_, pdu) in current.items()}
+    for auth_id in cited:
+        auth = usable[auth_id]
+        kind, state_key = auth.get("type"), auth.get("state_key")
+        if isinstance(kind, str) and isinstance(state_key, str):
+            held = view.get((kind, state_key))
+            if held is None or _depth(auth) > _depth(held):
+                view[(kind, state_key)] = auth
+    return view
+
+
 def judge_batch(
     batch: Mapping[str, Mapping[str, Any]],
     rules: RoomVersion,
@@ -138,8 +165,7 @@ def judge_batch(
             refused.add(event_id)
             continue
         if current is not None:
-            view = {key: held for key, (_, held) in current.items()}
-            reason = check_against_state(event_id, pdu, view, rules)
+            reason = check_against_state(event_id, pdu, _view(current, cited, usable), rules)
             if reason is not None:
                 if set(event_refs(pdu.get("prev_events"))) == newest:
                     judgement.rejected[event_id] = f"not allowed by the state before it: {reason}"

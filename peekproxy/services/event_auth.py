@@ -186,13 +186,14 @@ class EventAuth:
         with trio.move_on_after(AUTH_FETCH_TIMEOUT_S):
             for event_id, pdu in list(batch.items()):
                 have = known | batch.keys() | fetched.keys()
-                if all(a in have for a in cited_auth_ids(pdu, rules)):
+                lacking = [a for a in cited_auth_ids(pdu, rules) if a not in have]
+                if not lacking:
                     continue
                 if asked >= AUTH_FETCH_MAX:
                     break
                 asked += 1
                 for got_id, got_pdu, redacted in await self.missing.auth_chain(
-                    server, room_id, event_id, rules
+                    server, room_id, event_id, lacking, rules, known=have
                 ):
                     if got_id not in have:
                         fetched[got_id] = (got_pdu, redacted)

@@ -1,6 +1,7 @@
 """Fetching what received PDUs refer to: their signers' keys, the ``prev_events`` we
 lack (SSAPI ``POST /_matrix/federation/v1/get_missing_events/{roomId}``) and the auth events
-we lack (SSAPI ``GET /_matrix/federation/v1/event_auth/{roomId}/{eventId}``).
+we lack (SSAPI ``GET /_matrix/federation/v1/event_auth/{roomId}/{eventId}``, else
+``GET /_matrix/federation/v1/event/{eventId}`` one by one).
 
 Used by ``/send`` ingest (:mod:`peekproxy.services.ingest`) and by a full MSC2444 renewal
 reply that is ahead of the stored room (:mod:`peekproxy.services.msc2444`).
@@ -9,7 +10,7 @@ reply that is ahead of the stored room (:mod:`peekproxy.services.msc2444`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import trio
@@ -22,6 +23,7 @@ from peekproxy.federation.keyring import Keyring
 from peekproxy.store import Storage
 
 __all__ = [
+    "AUTH_EVENTS_MAX",
     "MISSING_EVENTS_LIMIT",
     "MISSING_EVENTS_MAX",
     "MISSING_EVENTS_TIMEOUT_S",
@@ -36,6 +38,9 @@ MISSING_EVENTS_LIMIT = 20
 MISSING_EVENTS_MAX = 200
 #: One fill (all its rounds together) may take this long, in seconds.
 MISSING_EVENTS_TIMEOUT_S = 10.0
+#: At most this many auth events fetched one by one (``GET /event``) for one event whose
+#: server does not answer ``/event_auth``.
+AUTH_EVENTS_MAX = 50
 
 
 class MissingEvents:
@@ -57,24 +62,62 @@ class MissingEvents:
             log.info("keys for PDUs: %s", problem)
 
     async def auth_chain(
-        self, server: str, room_id: str, event_id: str, rules: RoomVersion
+        self,
+        server: str,
+        room_id: str,
+        event_id: str,
+        lacking: Iterable[str],
+        rules: RoomVersion,
+        *,
+        known: Collection[str],
     ) -> list[tuple[str, dict[str, Any], bool]]:
-        """The auth chain of ``event_id`` from ``server`` (SSAPI ``GET /event_auth``): (event
-        ID, PDU, redacted) of the PDUs of ``room_id`` that pass receipt checks 1-3, unordered;
-        a failure (logged) gives what passed, or nothing. Bounded by
-        :data:`MISSING_EVENTS_TIMEOUT_S` seconds."""
+        """The auth events of ``event_id`` we lack, from ``server``: its whole auth chain
+        (SSAPI ``GET /event_auth``), or, when the server cannot answer that, each of
+        ``lacking`` and then their own auth events not in ``known`` one by one (SSAPI
+        ``GET /event/{eventId}``; at most :data:`AUTH_EVENTS_MAX`). Returns (event ID, PDU,
+        redacted) of the PDUs of ``room_id`` that pass receipt checks 1-3, unordered; a
+        failure (logged) gives what passed so far. The caller bounds the time."""
         path = f"/_matrix/federation/v1/event_auth/{path_segment(room_id)}/{path_segment(event_id)}"
         try:
             answer = await self.client.get_json(server, path, timeout=MISSING_EVENTS_TIMEOUT_S)
+            chain = answer.get("auth_chain") if isinstance(answer, dict) else None
         except (FederationError, ValueError) as e:
-            log.info("could not fetch the auth chain of %s from %s: %s", event_id, server, e)
-            return []
-        chain = answer.get("auth_chain") if isinstance(answer, dict) else None
-        if not isinstance(chain, list):
-            return []
-        await self.signer_keys([p for p in chain if isinstance(p, dict)], rules.identifier)
+            log.info("no auth chain of %s from %s (%s): asking for its events", event_id, server, e)
+            chain = None
+        if isinstance(chain, list):
+            return await self._checked(chain, room_id, rules)
+        found: dict[str, tuple[str, dict[str, Any], bool]] = {}
+        todo = list(dict.fromkeys(lacking))
+        while todo and len(found) < AUTH_EVENTS_MAX:
+            wanted = todo.pop(0)
+            try:
+                answer = await self.client.get_json(
+                    server,
+                    f"/_matrix/federation/v1/event/{path_segment(wanted)}",
+                    timeout=MISSING_EVENTS_TIMEOUT_S,
+                )
+            except (FederationError, ValueError) as e:
+                log.info("could not fetch auth event %s from %s: %s", wanted, server, e)
+                continue
+            pdus = answer.get("pdus") if isinstance(answer, dict) else None
+            for item in await self._checked(pdus if isinstance(pdus, list) else [], room_id, rules):
+                if item[0] == wanted and wanted not in found:
+                    found[wanted] = item
+                    todo += [
+                        a
+                        for a in event_refs(item[1].get("auth_events"))
+                        if a not in known and a not in found and a not in todo
+                    ]
+        return list(found.values())
+
+    async def _checked(
+        self, pdus: list[Any], room_id: str, rules: RoomVersion
+    ) -> list[tuple[str, dict[str, Any], bool]]:
+        """(event ID, PDU, redacted) of the PDUs of ``room_id`` among ``pdus`` that pass
+        receipt checks 1-3 (their signers' keys fetched first), each ID once."""
+        await self.signer_keys([p for p in pdus if isinstance(p, dict)], rules.identifier)
         found = {}
-        for pdu in chain:
+        for pdu in pdus:
             verdict = check_pdu(pdu, rules, self.keyring.lookup)
             if verdict.pdu is None or verdict.event_id is None:
                 continue

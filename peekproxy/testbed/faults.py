@@ -52,6 +52,8 @@ class Faults:
     * ``missing_events_empty_next``: the next N ``POST /get_missing_events`` requests are
       answered with no events (what a server that lost them would say), so withheld events
       become a gap at the receiver.
+    * ``event_auth_fail_next``: the next N ``GET /event_auth`` requests answer 404
+      ``M_UNRECOGNIZED``, as from a server without that endpoint.
     * ``peek_count``: the next N peek PUTs fail with ``peek_status``/``peek_errcode``.
     """
 
@@ -66,6 +68,7 @@ class Faults:
     forge_next: int = 0
     backfill_fail_next: int = 0
     missing_events_empty_next: int = 0
+    event_auth_fail_next: int = 0
     peek_status: int = 500
     peek_errcode: str | None = None
     peek_count: int = 0

@@ -87,6 +87,12 @@ def federation_app(testbed: Testbed) -> Starlette:
         pdu = testbed.reads.event(request.path_params["event_id"], origin)
         return JSONResponse({"origin": server_name, "origin_server_ts": now_ms(), "pdus": [pdu]})
 
+    async def event_auth(request: Request) -> Response:
+        origin, _ = await auth(request)
+        room = testbed.reads.readable_room(request.path_params["room_id"], origin)
+        chain = testbed.reads.event_auth(room, request.path_params["event_id"])
+        return JSONResponse({"auth_chain": chain})
+
     async def state(request: Request) -> Response:
         origin, _ = await auth(request)
         room = testbed.reads.readable_room(request.path_params["room_id"], origin)
@@ -137,6 +143,7 @@ def federation_app(testbed: Testbed) -> Starlette:
             Route(f"{prefix}/query/directory", query_directory, methods=["GET"]),
             Route(f"{prefix}/peek/{{rest:path}}", peek, methods=["PUT", "DELETE", "POST"]),
             Route(f"{prefix}/event/{{event_id}}", event, methods=["GET"]),
+            Route(f"{prefix}/event_auth/{{room_id}}/{{event_id}}", event_auth, methods=["GET"]),
             Route(f"{prefix}/state/{{room_id}}", state, methods=["GET"]),
             Route(f"{prefix}/state_ids/{{room_id}}", state_ids, methods=["GET"]),
             Route(f"{prefix}/backfill/{{room_id}}", backfill, methods=["GET"]),

@@ -50,6 +50,21 @@ class RoomReads:
                 return pdu
         raise MatrixError(404, "M_NOT_FOUND", f"unknown event {event_id}")
 
+    def event_auth(self, room: TestbedRoom, event_id: str) -> list[dict[str, Any]]:
+        """The auth chain of ``event_id`` of ``room`` (SSAPI ``GET /event_auth``): every event
+        reachable through ``auth_events``, the event itself not included.
+
+        Raises:
+            MatrixError: 404 ``M_NOT_FOUND`` unknown event; 404 ``M_UNRECOGNIZED`` while the
+                ``event_auth_fail_next`` fault lasts (a server without the endpoint).
+        """
+        if self.faults.take("event_auth_fail_next"):
+            raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
+        pdu = room.event(event_id)
+        if pdu is None:
+            raise MatrixError(404, "M_NOT_FOUND", f"unknown event {event_id}")
+        return room.auth_chain([pdu])
+
     @staticmethod
     def at(room: TestbedRoom, event_id: str | None) -> str:
         """``event_id`` (default: the room's latest event), checked to be of ``room``.

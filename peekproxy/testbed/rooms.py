@@ -782,10 +782,12 @@ class TestbedRoom:
         order = {**_AUTH_ORDER, (_MEMBER, sender): 2}
         if event["type"] == _MEMBER:
             order.setdefault((_MEMBER, target), 3)
+        implied = self.rules.auth.create_event_implied  # v12: never cited (MSC4291)
         chosen = sorted(
             (order.get(key, 5), position)
             for key in auth_types_for_event(event, self.rules)
             if (position := self._current.get(key)) is not None
+            and not (implied and key == ("m.room.create", ""))
         )
         return [self.event_ids[position] for _, position in chosen]
 
