@@ -124,6 +124,9 @@ class EventAuth:
                 result.shown.append((event_id, pdu, redacted))
             elif status is None:
                 batch[event_id] = pdu
+            else:  # judged before: it keeps its verdict (and its stored row)
+                result.unshown.setdefault(status, []).append((event_id, pdu, redacted))
+                result.reasons[event_id] = f"{status.replace('_', '-')} when first received"
         stored = {**(context or {}), **{e: p for e, (p, s) in judged.items() if s != "rejected"}}
         rejected = {e for e, (_, s) in judged.items() if s == "rejected"}
         fetched = await self._fetch_auth_chains(
