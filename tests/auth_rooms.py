@@ -1,0 +1,230 @@
+"""A room builder for the authorization-rule tests (tests/test_auth_rules.py, the
+differential tests against Synapse in tests/test_auth_rules_oracle.py and the replayed
+regression cases in tests/fixtures/auth-regressions/).
+
+PDUs are built with peekproxy's own code (``compute_event_id``, ``room_id_for_create``):
+v1/v2 carry an ``event_id`` field and ``[id, hashes]`` references, v12 rooms take their ID
+from the create event, whose ID their events do not cite. Hashes and signatures are
+placeholders: the auth rules never read them (receipt steps 2-3 are tested elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peekproxy.core.auth_rules import StateKey, check_against_state, check_event_auth
+from peekproxy.core.events import compute_event_id, content_hash_input, room_id_for_create
+from peekproxy.core.pdu_format import format_problem
+from peekproxy.core.room_versions import KNOWN_ROOM_VERSIONS, EventIdFormat, RoomVersion
+
+REGRESSIONS = Path(__file__).resolve().parent / "fixtures" / "auth-regressions"
+
+ALICE = "@alice:a.test"
+BOB = "@bob:b.test"
+CAROL = "@carol:b.test"
+DAVE = "@dave:c.test"
+MALLORY = "@mallory:m.test"
+#: Placeholder hashes and signatures (never read by the auth rules).
+_HASHES = {"sha256": "AAAA"}
+
+
+def peekproxy_verdict(
+    event_id: str,
+    pdu: dict[str, Any],
+    rules: RoomVersion,
+    auth_events: dict[str, dict[str, Any]],
+    rejected: set[str],
+    state: dict[StateKey, dict[str, Any]] | None,
+) -> str | None:
+    """Receipt steps 1 and 4-6 as peekproxy runs them: ``None`` = accepted, else why not."""
+    problem = format_problem(pdu, rules, len(content_hash_input(pdu)))
+    if problem is not None:
+        return f"step 1: {problem}"
+    problem = check_event_auth(event_id, pdu, auth_events, rules, rejected=rejected)
+    if problem is not None or state is None:
+        return problem
+    return check_against_state(event_id, pdu, state, rules)
+
+
+@dataclass
+class Room:
+    """One room of one version: accepted events, rejected IDs, and the current state."""
+
+    version: str
+    creator: str = ALICE
+    create_content: dict[str, Any] | None = None
+    rules: RoomVersion = field(init=False)
+    events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected: set[str] = field(default_factory=set)
+    state: dict[StateKey, str] = field(default_factory=dict)
+    last: list[str] = field(default_factory=list)
+    room_id: str | None = None
+    create_id: str = ""
+    counter: int = 0
+    create: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rules = KNOWN_ROOM_VERSIONS[self.version]
+        content = self.create_content
+        if content is None:
+            content = {"room_version": self.version}
+            if not self.rules.auth.implicit_room_creator:
+                content["creator"] = self.creator
+        self.create_id, self.create = self.build("m.room.create", self.creator, content, "")
+        self.commit(self.create_id, self.create, accepted=True)
+
+    @property
+    def v1_ids(self) -> bool:
+        return self.rules.event_id_format is EventIdFormat.EVENT_ID_FIELD
+
+    def refs(self, ids: list[str]) -> list[Any]:
+        """``prev_events``/``auth_events`` in this version's format."""
+        return [[i, dict(_HASHES)] for i in ids] if self.v1_ids else list(ids)
+
+    def auth_ids(
+        self, etype: str, sender: str, content: dict[str, Any], state_key: str | None
+    ) -> list[str]:
+        """The auth events the selection algorithm picks from the current state (SSAPI
+        §Auth events selection); v12 leaves the create event out."""
+        keys: list[StateKey] = [("m.room.power_levels", ""), ("m.room.member", sender)]
+        if not self.rules.auth.create_event_implied:
+            keys.append(("m.room.create", ""))
+        if etype == "m.room.member" and isinstance(state_key, str):
+            keys.append(("m.room.member", state_key))
+            membership = content.get("membership")
+            if membership in ("join", "invite", "knock"):
+                keys.append(("m.room.join_rules", ""))
+            tpi = content.get("third_party_invite")
+            if membership == "invite" and isinstance(tpi, dict):
+                token = tpi.get("signed", {}).get("token")
+                if isinstance(token, str):
+                    keys.append(("m.room.third_party_invite", token))
+            authoriser = content.get("join_authorised_via_users_server")
+            if membership == "join" and isinstance(authoriser, str):
+                keys.append(("m.room.member", authoriser))
+        return sorted({self.state[k] for k in keys if k in self.state})
+
+    def build(
+        self,
+        etype: str,
+        sender: str,
+        content: dict[str, Any],
+        state_key: str | None = None,
+        *,
+        auth: list[str] | None = None,
+        prev: list[str] | None = None,
+        id_server: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """A PDU and its ID; ``auth``/``prev`` default to the selection algorithm and the
+        last accepted event; ``id_server`` is the v1/v2 event ID's server (default the
+        sender's); ``extra`` adds or replaces top-level keys."""
+        self.counter += 1
+        server = sender.split(":", 1)[1]
+        pdu: dict[str, Any] = {
+            "type": etype,
+            "sender": sender,
+            "content": content,
+            "prev_events": self.refs(self.last if prev is None else prev),
+            "auth_events": self.refs(
+                self.auth_ids(etype, sender, content, state_key) if auth is None else auth
+            ),
+            "depth": self.counter,
+            "origin_server_ts": 1_700_000_000_000 + self.counter,
+            "origin": server,
+            "hashes": dict(_HASHES),
+            "signatures": {server: {"ed25519:k": "AAAA"}},
+        }
+        if state_key is not None:
+            pdu["state_key"] = state_key
+        if self.room_id is not None:
+            pdu["room_id"] = self.room_id
+        elif not self.rules.format.room_id_is_create_event_hash:
+            pdu["room_id"] = "!room:" + server
+        if self.v1_ids:
+            pdu["event_id"] = f"${self.counter}:{id_server or server}"
+        pdu.update(extra or {})
+        event_id = compute_event_id(pdu, self.rules)
+        if self.room_id is None and etype == "m.room.create":
+            self.room_id = room_id_for_create(pdu, self.rules)
+        return event_id, pdu
+
+    def commit(self, event_id: str, pdu: dict[str, Any], *, accepted: bool) -> None:
+        """Record a verdict: an accepted event joins the DAG (and the state, if it is a
+        state event); a rejected one is only remembered as rejected."""
+        if event_id in self.events or event_id in self.rejected:
+            return  # the first copy of an ID wins, as in Synapse's store
+        if not accepted:
+            self.rejected.add(event_id)
+            return
+        self.events[event_id] = pdu
+        self.last = [event_id]
+        if isinstance(pdu.get("state_key"), str):
+            self.state[(pdu["type"], pdu["state_key"])] = event_id
+
+    def state_pdus(self) -> dict[StateKey, dict[str, Any]]:
+        return {key: self.events[i] for key, i in self.state.items()}
+
+    def verdict(self, event_id: str, pdu: dict[str, Any]) -> str | None:
+        """peekproxy's verdict against the event's auth events and the current state."""
+        return peekproxy_verdict(
+            event_id, pdu, self.rules, self.events, self.rejected, self.state_pdus()
+        )
+
+    def send(
+        self,
+        etype: str,
+        sender: str,
+        content: dict[str, Any],
+        state_key: str | None = None,
+        **kwargs: Any,
+    ) -> str | None:
+        """Build, judge with peekproxy and commit an event; returns the verdict."""
+        event_id, pdu = self.build(etype, sender, content, state_key, **kwargs)
+        verdict = self.verdict(event_id, pdu)
+        self.commit(event_id, pdu, accepted=verdict is None)
+        return verdict
+
+
+def regression_case(
+    room: Room,
+    event_id: str,
+    pdu: dict[str, Any],
+    state: dict[StateKey, str],
+    rejected: frozenset[str],
+    synapse: dict[str, Any],
+) -> dict[str, Any]:
+    """A self-contained case for tests/fixtures/auth-regressions/ (replayed by
+    :func:`replay_regression`): the event, the events it cites and the room's state (as
+    they were when it was judged), the rejected IDs it cites, and Synapse's answer."""
+    cited = [r[0] if isinstance(r, list) else r for r in pdu.get("auth_events", [])]
+    if room.rules.auth.create_event_implied:
+        cited.append(room.create_id)
+    needed = set(cited) | set(state.values())
+    return {
+        "room_version": room.version,
+        "event_id": event_id,
+        "event": pdu,
+        "auth_events": {i: room.events[i] for i in sorted(needed) if i in room.events},
+        "rejected": sorted(rejected & set(cited)),
+        "state": sorted(state.values()),
+        "synapse": synapse,
+    }
+
+
+def replay_regression(case: dict[str, Any]) -> tuple[bool, str | None]:
+    """(Synapse accepted, peekproxy's verdict) for a stored regression case."""
+    rules = KNOWN_ROOM_VERSIONS[case["room_version"]]
+    events: dict[str, dict[str, Any]] = case["auth_events"]
+    state = {(events[i]["type"], events[i]["state_key"]): events[i] for i in case["state"]}
+    verdict = peekproxy_verdict(
+        case["event_id"], case["event"], rules, events, set(case["rejected"]), state
+    )
+    return case["synapse"]["verdict"] == "accept", verdict
+
+
+def load_regressions() -> list[tuple[str, dict[str, Any]]]:
+    return [(p.stem, json.loads(p.read_text())) for p in sorted(REGRESSIONS.glob("*.json"))]
