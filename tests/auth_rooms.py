@@ -10,6 +10,7 @@ placeholders: the auth rules never read them (receipt steps 2-3 are tested elsew
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,21 @@ def peekproxy_verdict(
 
 
 @dataclass
+class Judgement:
+    """One verdict a :class:`Room` gave, with the state it was judged against."""
+
+    event_id: str
+    pdu: dict[str, Any]
+    verdict: str | None
+    state: list[str] | None
+
+
+#: When a list, every :class:`Room` created appends itself (to replay its judgements
+#: against Synapse: tests/test_auth_rules_oracle.py).
+RECORDED_ROOMS: list[Room] | None = None
+
+
+@dataclass
 class Room:
     """One room of one version: accepted events, rejected IDs, and the current state."""
 
@@ -65,6 +81,7 @@ class Room:
     create_id: str = ""
     counter: int = 0
     create: dict[str, Any] = field(default_factory=dict)
+    judgements: list[Judgement] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.rules = KNOWN_ROOM_VERSIONS[self.version]
@@ -75,6 +92,10 @@ class Room:
                 content["creator"] = self.creator
         self.create_id, self.create = self.build("m.room.create", self.creator, content, "")
         self.commit(self.create_id, self.create, accepted=True)
+        if RECORDED_ROOMS is not None:
+            RECORDED_ROOMS.append(self)
+            verdict = check_event_auth(self.create_id, self.create, {}, self.rules)
+            self.judgements.append(Judgement(self.create_id, self.create, verdict, None))
 
     @property
     def v1_ids(self) -> bool:
@@ -103,7 +124,8 @@ class Room:
                 if isinstance(token, str):
                     keys.append(("m.room.third_party_invite", token))
             authoriser = content.get("join_authorised_via_users_server")
-            if membership == "join" and isinstance(authoriser, str):
+            restricted = self.rules.auth.restricted_join_rule and membership == "join"
+            if restricted and isinstance(authoriser, str):
                 keys.append(("m.room.member", authoriser))
         return sorted({self.state[k] for k in keys if k in self.state})
 
@@ -170,9 +192,13 @@ class Room:
 
     def verdict(self, event_id: str, pdu: dict[str, Any]) -> str | None:
         """peekproxy's verdict against the event's auth events and the current state."""
-        return peekproxy_verdict(
+        verdict = peekproxy_verdict(
             event_id, pdu, self.rules, self.events, self.rejected, self.state_pdus()
         )
+        if RECORDED_ROOMS is not None:
+            state = sorted(self.state.values())
+            self.judgements.append(Judgement(event_id, copy.deepcopy(pdu), verdict, state))
+        return verdict
 
     def send(
         self,

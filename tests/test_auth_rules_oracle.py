@@ -28,6 +28,7 @@ import copy
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,7 +40,17 @@ from signedjson.key import decode_signing_key_base64, encode_verify_key_base64, 
 from signedjson.sign import sign_json
 
 from peekproxy.core.auth_rules import StateKey, check_event_auth
-from tests.auth_rooms import ALICE, BOB, CAROL, DAVE, MALLORY, Room, regression_case
+from tests import auth_rooms, test_auth_rules
+from tests.auth_rooms import (
+    ALICE,
+    BOB,
+    CAROL,
+    DAVE,
+    MALLORY,
+    Room,
+    load_regressions,
+    regression_case,
+)
 from tests.synapse_oracle import AuthOracle, judge_request
 
 VERSIONS = [str(v) for v in range(1, 13)]
@@ -469,3 +480,62 @@ def test_peekproxy_agrees_with_synapse(auth_oracle: AuthOracle, version: str) ->
     # Both verdicts are common: the rooms are not all trivially legal or illegal.
     assert stats["synapse accept"] > 0.3 * stats["events"]
     assert stats["synapse reject"] + stats["synapse crash"] > 0.2 * stats["events"]
+
+
+def unit_test_calls() -> list[tuple[str, Callable[..., None], dict[str, Any]]]:
+    """Every test of tests/test_auth_rules.py (but the regression replay), with each of
+    its parameter combinations."""
+    calls = []
+    for name, function in vars(test_auth_rules).items():
+        if not name.startswith("test_") or name == "test_regression_cases":
+            continue
+        combinations: list[dict[str, Any]] = [{}]
+        for mark in getattr(function, "pytestmark", []):
+            if mark.name == "parametrize":
+                argname, values = mark.args
+                combinations = [{**c, argname: v} for c in combinations for v in values]
+        calls += [(name, function, kwargs) for kwargs in combinations]
+    return calls
+
+
+def test_the_unit_tests_rooms_agree_with_synapse(auth_oracle: AuthOracle) -> None:
+    """Every verdict the unit tests (tests/test_auth_rules.py) rely on is Synapse's too."""
+    recorded: list[Room] = []
+    auth_rooms.RECORDED_ROOMS = recorded
+    try:
+        for _, function, kwargs in unit_test_calls():
+            function(**kwargs)
+    finally:
+        auth_rooms.RECORDED_ROOMS = None
+    judged = 0
+    for room in recorded:
+        auth_oracle.reset()
+        for entry in room.judgements:
+            answer = auth_oracle.judge(room.version, entry.pdu, entry.state)
+            judged += 1
+            accepted = answer["verdict"] == "accept"
+            assert (entry.verdict is None) == accepted, (
+                f"v{room.version} {entry.pdu['type']} {entry.pdu.get('content')}: "
+                f"peekproxy {entry.verdict or 'accept'}, Synapse {answer}"
+            )
+    assert judged > 2000
+
+
+@pytest.mark.parametrize(
+    ("name", "case"), load_regressions(), ids=[n for n, _ in load_regressions()]
+)
+def test_regression_cases_still_hold_for_synapse(
+    auth_oracle: AuthOracle, name: str, case: dict[str, Any]
+) -> None:
+    """The stored cases' Synapse verdicts are still what the pinned Synapse says."""
+    auth_oracle.reset()
+    events = case["auth_events"]
+    answer = auth_oracle.ask(
+        {
+            "room_version": case["room_version"],
+            "event": case["event"],
+            "auth_events": [events[i] for i in sorted(events)],
+            "state": [events[i] for i in case["state"]],
+        }
+    )
+    assert answer["verdict"] == case["synapse"]["verdict"], answer
