@@ -149,11 +149,17 @@ def test_v12_creators_outrank_everyone_and_stay_out_of_users() -> None:
     assert member(r11, BOB, "ban", ALICE) is None
 
 
-@pytest.mark.parametrize("bad", [BOB, ["notauser"], [5], ["@:"]])
+@pytest.mark.parametrize("bad", [BOB, ["notauser"], [5], ["@:"], ["@d:c..test"], ["@d:c.test\n"]])
 def test_v12_additional_creators_must_be_a_list_of_user_ids(bad: Any) -> None:
     r = Room("12", create_content={"room_version": "12", "additional_creators": bad})
     verdict = check_event_auth(r.create_id, r.create, {}, r.rules)
     assert "additional_creators" in str(verdict)
+
+
+@pytest.mark.parametrize("good", [[DAVE, BOB], ["@:c.test"], ["@d:c.test:99999"], ["@d:[::1]:8"]])
+def test_v12_additional_creators_as_synapse_reads_user_ids(good: Any) -> None:
+    r = Room("12", create_content={"room_version": "12", "additional_creators": good})
+    assert check_event_auth(r.create_id, r.create, {}, r.rules) is None
 
 
 # --- Knocking (v7), restricted joins (v8), knock_restricted (v10) ---------------------------

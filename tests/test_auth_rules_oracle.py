@@ -346,7 +346,19 @@ def create_content(variant: int, version: str) -> dict[str, Any]:
     if variant % 13 == 12:
         content["m.federate"] = False
     if rules.privileged_creators and variant % 6 == 5:
-        creators: list[Any] = [[BOB], [BOB, DAVE], [BOB], ["notauser"], BOB, [5]]
+        creators: list[Any] = [
+            [BOB],
+            [BOB, DAVE],
+            [BOB],
+            ["notauser"],
+            BOB,
+            [5],
+            ["@:b.test"],
+            ["@d:c.test:99999"],
+            ["@d:c..test"],
+            ["@d:c.test\n"],
+            [BOB] * 2,
+        ]
         content["additional_creators"] = creators[variant % len(creators)]
     return content
 

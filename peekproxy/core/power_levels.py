@@ -24,10 +24,11 @@ the event).
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Mapping
 from typing import Any
 
-from peekproxy.core.pdu_format import user_id_or_error
 from peekproxy.core.room_versions import RoomVersion
 
 __all__ = [
@@ -70,6 +71,10 @@ _NAMED_LEVELS = (
 )
 #: The keys that map names to levels; ``notifications`` counts from v6 when levels change.
 _LEVEL_MAPS = ("events", "notifications", "users")
+
+
+#: Synapse's host names (``VALID_HOST_REGEX``): labels of letters, digits and ``-``.
+_SYNAPSE_HOST = re.compile(r"\A[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*\Z")
 
 
 class AuthRejected(Exception):
@@ -161,16 +166,44 @@ def send_level(event_type: str, state_key: str | None, state: StateMap) -> int:
 
 def valid_additional_creators_problem(value: object) -> str | None:
     """rooms/v12 rule 1 (MSC4289): ``additional_creators`` must be a list of valid user
-    IDs (at most 255 bytes each). ``None`` when it is, else the reason."""
+    IDs (at most 255 characters and bytes each), valid as Synapse judges user IDs.
+    ``None`` when it is, else the reason."""
     if type(value) is not list:
         return "additional_creators must be an array"
     for entry in value:
         if type(entry) is not str:
             return "an entry of additional_creators is not a string"
-        parsed = user_id_or_error(entry)
-        if isinstance(parsed, str):
-            return f"an entry of additional_creators is not a valid user ID: {parsed}"
+        if not _synapse_user_id_is_valid(entry):
+            return f"an entry of additional_creators is not a valid user ID: {entry[:60]!r}"
+        if len(entry) > 255 or len(entry.encode("utf-8")) > 255:
+            return "an entry of additional_creators is longer than 255 bytes"
     return None
+
+
+def _synapse_user_id_is_valid(value: str) -> bool:
+    """A user ID as Synapse's ``UserID.is_valid`` sees one, which is what Synapse checks
+    ``additional_creators`` with (it is both looser and stricter than the spec's grammar):
+    ``@``, any localpart (empty too) up to the first ``:``, then a server name whose host is
+    an IPv6 literal in brackets or dot-separated labels of ``A-Za-z0-9-``, and whose
+    optional port is anything Python's ``int()`` reads."""
+    localpart_and_server = value[1:].split(":", 1)
+    if not value.startswith("@") or len(localpart_and_server) != 2:
+        return False
+    server = localpart_and_server[1]
+    host = server
+    if not server.endswith("]") and ":" in server:
+        host, port = server.rsplit(":", 1)
+        try:
+            int(port)
+        except ValueError:
+            return False
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return host.endswith("]")
+    return _SYNAPSE_HOST.match(host) is not None
 
 
 def _check_users_keys(users: Any) -> None:
