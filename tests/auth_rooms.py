@@ -119,8 +119,9 @@ class Room:
             if membership in ("join", "invite", "knock"):
                 keys.append(("m.room.join_rules", ""))
             tpi = content.get("third_party_invite")
-            if membership == "invite" and isinstance(tpi, dict):
-                token = tpi.get("signed", {}).get("token")
+            signed = tpi.get("signed") if isinstance(tpi, dict) else None
+            if membership == "invite" and isinstance(signed, dict):
+                token = signed.get("token")
                 if isinstance(token, str):
                     keys.append(("m.room.third_party_invite", token))
             authoriser = content.get("join_authorised_via_users_server")

@@ -109,6 +109,7 @@ STEP_KINDS = (
     + ["power_levels"] * 4
     + ["join_rules", "aliases", "redaction", "third_party", "third_party", "state"]
     + ["join_rules", "third_party", "message", "member", "power_levels", "create"]
+    + ["odd", "odd"]
 )
 MUTATIONS = ["drop", "dup", "extra", "stale", "rejected", "create"]
 
@@ -248,6 +249,82 @@ def redaction_step(c: Choices, room: Room) -> Step:
     return step
 
 
+#: Malformed contents, as (type, content, state_key); "$sender" is replaced by the sender.
+ODD_EVENTS: list[tuple[str, Any, str | None]] = [
+    ("m.room.join_rules", {}, ""),
+    ("m.room.join_rules", {"join_rule": None}, ""),
+    ("m.room.join_rules", {"join_rule": ["public"]}, ""),
+    ("m.room.member", {"membership": "join", "join_authorised_via_users_server": None}, "$sender"),
+    ("m.room.member", {"membership": "join", "join_authorised_via_users_server": 5}, "$sender"),
+    ("m.room.member", {"membership": "join", "join_authorised_via_users_server": [1]}, "$sender"),
+    ("m.room.member", {"membership": ["join"]}, "$sender"),
+    ("m.room.member", {"membership": "invite", "third_party_invite": "x"}, DAVE),
+    ("m.room.member", {"membership": "invite", "third_party_invite": {"signed": []}}, DAVE),
+    (
+        "m.room.member",
+        {"membership": "invite", "third_party_invite": {"signed": {"token": 5}}},
+        DAVE,
+    ),
+    (
+        "m.room.member",
+        {"membership": "invite", "third_party_invite": {"signed": {"token": [5]}}},
+        DAVE,
+    ),
+    (
+        "m.room.member",
+        {
+            "membership": "invite",
+            "third_party_invite": {"signed": {"mxid": DAVE, "token": "tok1", "signatures": "x"}},
+        },
+        DAVE,
+    ),
+    (
+        "m.room.member",
+        {
+            "membership": "invite",
+            "third_party_invite": {
+                "signed": {"mxid": DAVE, "token": "tok1", "signatures": {"id": "x"}}
+            },
+        },
+        DAVE,
+    ),
+    ("m.room.member", {"membership": "join"}, "notauser"),
+    ("m.room.member", {"membership": "invite"}, ""),
+    ("m.room.power_levels", {"users": []}, ""),
+    ("m.room.power_levels", {"users": None}, ""),
+    ("m.room.power_levels", {"events": []}, ""),
+    ("m.room.power_levels", {"events": {"m.room.name": None}}, ""),
+    ("m.room.power_levels", {"users_default": None, "ban": None}, ""),
+    ("m.room.power_levels", {"notifications": [], "users": {ALICE: 100}}, ""),
+    ("m.room.third_party_invite", {"public_keys": {}}, "tok1"),
+    ("m.room.third_party_invite", {"public_keys": 5}, "tok2"),
+    ("m.room.third_party_invite", {"public_keys": [5]}, "tok1"),
+    ("m.room.third_party_invite", {"public_keys": [{"public_key": "!!"}]}, "tok2"),
+    ("m.room.third_party_invite", {"public_keys": [{}], "public_key": PUBLIC_KEYS[0]}, "tok1"),
+    ("m.room.third_party_invite", {"public_key": 5}, "tok2"),
+    ("m.room.third_party_invite", {}, None),
+    ("m.room.aliases", {"aliases": 5}, "$domain"),
+    ("m.room.redaction", {"redacts": 5}, None),
+    ("m.room.message", {"body": 1.5}, None),
+]
+
+
+def odd_step(c: Choices, room: Room) -> Step:
+    """A malformed event (a copy of one of :data:`ODD_EVENTS`)."""
+    sender = ALICE if c.one_in(2) else sender_of(c, room)
+    etype, content, state_key = c.pick(ODD_EVENTS)
+    if state_key == "$sender":
+        state_key = sender
+    elif state_key == "$domain":
+        state_key = sender.split(":", 1)[1]
+    return {
+        "etype": etype,
+        "sender": sender,
+        "content": copy.deepcopy(content),
+        "state_key": state_key,
+    }
+
+
 def other_step(kind: str, c: Choices, room: Room) -> Step:
     sender = sender_of(c, room)
     if kind == "message":
@@ -307,6 +384,8 @@ def make_step(numbers: tuple[int, ...], room: Room) -> Step:
         step = power_levels_step(c, room)
     elif kind == "redaction":
         step = redaction_step(c, room)
+    elif kind == "odd":
+        step = odd_step(c, room)
     else:
         step = other_step(kind, c, room)
     if mutation >= 256 - 2 * len(MUTATIONS) * 2:  # about one step in nine
@@ -337,14 +416,18 @@ def mutate_auth(mutation: str, c: Choices, room: Room, step: Step) -> None:
 
 
 def create_content(variant: int, version: str) -> dict[str, Any]:
-    """The create event's content: mostly ordinary; rarely no creator (v1-v10), m.federate
-    false, or v12 additional creators (valid or not)."""
+    """The create event's content: mostly ordinary; rarely no creator or an odd one (v1-v10),
+    m.federate false (or not a boolean), or v12 additional creators (valid or not)."""
     rules = Room(version).rules.auth
     content: dict[str, Any] = {"room_version": version}
     if not rules.implicit_room_creator and variant != 255:
         content["creator"] = ALICE
     if variant % 13 == 12:
         content["m.federate"] = False
+    if variant % 31 == 30:
+        content["m.federate"] = ["false", 0, None, True][variant % 4]
+    if variant == 254:  # v1-v10: any JSON value is a creator; v11+: an ignored key
+        content["creator"] = 5 if not rules.implicit_room_creator else BOB
     if rules.privileged_creators and variant % 6 == 5:
         creators: list[Any] = [
             [BOB],
@@ -428,12 +511,14 @@ class Differential:
         create_verdict = check_event_auth(room.create_id, room.create, {}, room.rules)
         judged = [Judged(room.create_id, room.create, create_verdict, {}, frozenset())]
         self.oracle.send(judge_request(version, room.create))
-        if create_verdict is None:
-            for step in start(room, variant):
-                judged.append(self.judge(room, step))
-            for numbers in steps:
-                judged.append(self.judge(room, make_step(numbers, room)))
-        answers = self.oracle.answers(len(judged) + 1)[1:]
+        try:
+            if create_verdict is None:
+                for step in start(room, variant):
+                    judged.append(self.judge(room, step))
+                for numbers in steps:
+                    judged.append(self.judge(room, make_step(numbers, room)))
+        finally:  # read every answer sent, even after an error, or later rooms get them
+            answers = self.oracle.answers(len(judged) + 1)[1:]
         for entry, answer in zip(judged, answers, strict=True):
             self.compare(room, entry, answer)
 
