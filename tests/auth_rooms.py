@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from signedjson.key import decode_signing_key_base64, encode_verify_key_base64, get_verify_key
 
 from peekproxy.core.auth_rules import StateKey, check_against_state, check_event_auth
 from peekproxy.core.events import compute_event_id, content_hash_input, room_id_for_create
@@ -28,6 +31,10 @@ BOB = "@bob:b.test"
 CAROL = "@carol:b.test"
 DAVE = "@dave:c.test"
 MALLORY = "@mallory:m.test"
+#: Two identity-server signing keys for third-party invites (fixed seeds: reproducible),
+#: and their public keys (unpadded base64).
+IDENTITY_KEYS = [decode_signing_key_base64("ed25519", "0", seed * 43) for seed in "AB"]
+IDENTITY_PUBLIC_KEYS = [encode_verify_key_base64(get_verify_key(key)) for key in IDENTITY_KEYS]
 #: Placeholder hashes and signatures (never read by the auth rules).
 _HASHES = {"sha256": "AAAA"}
 
@@ -201,6 +208,20 @@ class Room:
             self.judgements.append(Judgement(event_id, copy.deepcopy(pdu), verdict, state))
         return verdict
 
+    def build_step(self, step: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """:meth:`build` from a step: ``etype``, ``sender``, ``content``, ``state_key``
+        (optional) and :meth:`build`'s keyword arguments."""
+        rest = dict(step)
+        etype, sender, content = rest.pop("etype"), rest.pop("sender"), rest.pop("content")
+        return self.build(etype, sender, content, rest.pop("state_key", None), **rest)
+
+    def send_step(self, step: Mapping[str, Any]) -> str | None:
+        """:meth:`send` from a step (see :meth:`build_step`)."""
+        event_id, pdu = self.build_step(step)
+        verdict = self.verdict(event_id, pdu)
+        self.commit(event_id, pdu, accepted=verdict is None)
+        return verdict
+
     def send(
         self,
         etype: str,
@@ -214,6 +235,29 @@ class Room:
         verdict = self.verdict(event_id, pdu)
         self.commit(event_id, pdu, accepted=verdict is None)
         return verdict
+
+
+def opening(room: Room, levels: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The usual opening of a room, as steps (:meth:`Room.build_step`): the creator Alice
+    joins; power levels (Alice 100, or in v12 her creator's level; ban, kick, redact and
+    state_default 50; events_default and invite 0; ``levels`` overrides); public join
+    rules; Bob joins."""
+    users: dict[str, Any] = {} if room.rules.auth.privileged_creators else {ALICE: 100}
+    content = {"users": users, "users_default": 0, "ban": 50, "kick": 50, "redact": 50}
+    content.update({"state_default": 50, "events_default": 0, "invite": 0, "events": {}})
+    content.update(levels or {})
+    join = {"membership": "join"}
+    return [
+        {"etype": "m.room.member", "sender": ALICE, "content": join, "state_key": ALICE},
+        {"etype": "m.room.power_levels", "sender": ALICE, "content": content, "state_key": ""},
+        {
+            "etype": "m.room.join_rules",
+            "sender": ALICE,
+            "content": {"join_rule": "public"},
+            "state_key": "",
+        },
+        {"etype": "m.room.member", "sender": BOB, "content": dict(join), "state_key": BOB},
+    ]
 
 
 def regression_case(

@@ -36,7 +36,6 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-from signedjson.key import decode_signing_key_base64, encode_verify_key_base64, get_verify_key
 from signedjson.sign import sign_json
 
 from peekproxy.core.auth_rules import StateKey, check_event_auth
@@ -46,9 +45,12 @@ from tests.auth_rooms import (
     BOB,
     CAROL,
     DAVE,
+    IDENTITY_KEYS,
+    IDENTITY_PUBLIC_KEYS,
     MALLORY,
     Room,
     load_regressions,
+    opening,
     regression_case,
 )
 from tests.synapse_oracle import AuthOracle, judge_request
@@ -60,9 +62,8 @@ ROOMS_PER_VERSION = 32
 STEPS = st.lists(st.tuples(*[st.integers(0, 255)] * 7), min_size=28, max_size=45)
 
 USERS = [ALICE, BOB, CAROL, DAVE, MALLORY]
-#: Two identity-server keys for third-party invites (fixed seeds: reproducible runs).
-KEYS = [decode_signing_key_base64("ed25519", "0", seed * 43) for seed in "AB"]
-PUBLIC_KEYS = [encode_verify_key_base64(get_verify_key(key)) for key in KEYS]
+KEYS = IDENTITY_KEYS
+PUBLIC_KEYS = IDENTITY_PUBLIC_KEYS
 
 #: Levels, legal first. Strings, booleans and floats are levels for Python's int()
 #: (v1-v9, as Synapse reads them); v10+ refuses them; floats are invalid JSON from v6.
@@ -447,43 +448,11 @@ def create_content(variant: int, version: str) -> dict[str, Any]:
 
 
 def start(room: Room, variant: int) -> list[Step]:
-    """The usual beginning: the creator joins, power levels (some rooms: Bob at 100, an
-    invite level of 50), public join rules, Bob joins."""
-    users: dict[str, Any] = {} if room.rules.auth.privileged_creators else {ALICE: 100}
+    """The usual opening (``opening``); some rooms have Bob at 100, or an invite level of 50."""
+    steps = opening(room, {"invite": 50 if variant % 3 == 1 else 0})
     if variant % 5 == 1:
-        users[BOB] = 100
-    pl = {
-        "users": users,
-        "users_default": 0,
-        "ban": 50,
-        "kick": 50,
-        "redact": 50,
-        "state_default": 50,
-        "events_default": 0,
-        "invite": 50 if variant % 3 == 1 else 0,
-        "events": {},
-    }
-    return [
-        {
-            "etype": "m.room.member",
-            "sender": ALICE,
-            "content": {"membership": "join"},
-            "state_key": ALICE,
-        },
-        {"etype": "m.room.power_levels", "sender": ALICE, "content": pl, "state_key": ""},
-        {
-            "etype": "m.room.join_rules",
-            "sender": ALICE,
-            "content": {"join_rule": "public"},
-            "state_key": "",
-        },
-        {
-            "etype": "m.room.member",
-            "sender": BOB,
-            "content": {"membership": "join"},
-            "state_key": BOB,
-        },
-    ]
+        steps[1]["content"]["users"][BOB] = 100
+    return steps
 
 
 @dataclass
@@ -523,14 +492,7 @@ class Differential:
             self.compare(room, entry, answer)
 
     def judge(self, room: Room, step: Step) -> Judged:
-        step = dict(step)
-        event_id, pdu = room.build(
-            step.pop("etype"),
-            step.pop("sender"),
-            step.pop("content"),
-            step.pop("state_key", None),
-            **step,
-        )
+        event_id, pdu = room.build_step(step)
         state = dict(room.state)
         rejected = frozenset(room.rejected)
         verdict = room.verdict(event_id, pdu)

@@ -8,9 +8,17 @@ passed steps 1-3 (:func:`peekproxy.core.pdu.check_pdu`); their IDs are passed be
 version numbers.
 
 Where Synapse (the implementation the differential tests compare with,
-``synapse.event_auth``) and the spec disagree, this module follows Synapse, so that
+``synapse.event_auth`` 1.163.2) and the spec disagree, this module follows Synapse, so that
 peekproxy shows exactly what a Synapse member of the room would show (docs/federation.md
-lists the differences).
+lists the differences). Among them: ``m.federate: false`` also rejects a membership whose
+*target* is on another server; v1-v9 levels are read with Python's ``int()``; a v3+
+redaction always passes here; a knock before v7 is an unknown membership; without a
+previous power-levels event a new one passes the power-levels rule; the creator's join is
+allowed only when its ``prev_events`` is exactly the create event; a v1/v2 redaction whose
+``redacts`` is not a string passes; v12 ``additional_creators`` are user IDs as Synapse
+parses them. Content Synapse cannot read (a member event without ``membership``, a level
+``int()`` refuses, a third-party invite without ``signed.token`` ...) makes Synapse raise
+and drop the event; here it is rejected ("malformed ...").
 
 A verdict is ``None`` (allowed) or a one-line reason (rejected).
 """
@@ -19,10 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
-
-from signedjson.key import decode_verify_key_bytes
-from signedjson.sign import SignatureVerifyException, verify_signed_json
-from unpaddedbase64 import decode_base64
 
 from peekproxy.core.events import compute_event_id, event_refs
 from peekproxy.core.power_levels import (
@@ -39,6 +43,7 @@ from peekproxy.core.power_levels import (
     valid_additional_creators_problem,
 )
 from peekproxy.core.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion
+from peekproxy.core.third_party_invite import third_party_invite_is_valid
 
 __all__ = [
     "StateKey",
@@ -331,7 +336,7 @@ def _check_membership(
     ban_level = named_level(state, "ban", 50)
 
     if membership == "invite" and "third_party_invite" in event["content"]:
-        if not _third_party_invite_ok(event, state):
+        if not third_party_invite_is_valid(event, state):
             raise AuthRejected("the third-party invite is not valid")
         if target_membership == "ban":
             raise AuthRejected(f"{target} is banned")
@@ -431,52 +436,6 @@ def _check_knock(
         raise AuthRejected("the sender is already invited")
     if target_membership == "ban":
         raise AuthRejected("the sender is banned")
-
-
-def _third_party_invite_ok(event: Mapping[str, Any], state: StateMap) -> bool:
-    """Rule 5.4.1 (an invite from a third-party invite): ``signed`` names the target and
-    a token whose ``m.room.third_party_invite`` was sent by the same sender, and is signed
-    (ed25519) with one of that event's public keys. As Synapse: a key that does not verify
-    is skipped, any other malformed part raises."""
-    third_party_invite = event["content"]["third_party_invite"]
-    if not isinstance(third_party_invite, Mapping) or "signed" not in third_party_invite:
-        return False
-    signed = third_party_invite["signed"]
-    if not isinstance(signed, Mapping) or not {"mxid", "token", "signatures"} <= signed.keys():
-        return False
-    invite = state.get(("m.room.third_party_invite", signed["token"]))
-    if invite is None or invite["sender"] != event["sender"]:
-        return False
-    if signed["mxid"] != event["state_key"]:
-        return False
-    for public_key in _public_keys(invite["content"]):
-        try:
-            if _signed_by(signed, public_key["public_key"]):
-                return True
-        except (KeyError, SignatureVerifyException):
-            continue
-    return False
-
-
-def _public_keys(content: Mapping[str, Any]) -> list[Any]:
-    keys: list[Any] = []
-    if "public_key" in content:
-        keys.append({"public_key": content["public_key"]})
-    keys.extend(content.get("public_keys", []))
-    return keys
-
-
-def _signed_by(signed: Mapping[str, Any], public_key: Any) -> bool:
-    """Whether the first ed25519 signature in ``signed`` verifies with ``public_key``
-    (unpadded base64); raises ``SignatureVerifyException`` when it does not."""
-    for server, signature_block in signed["signatures"].items():
-        for key_name in signature_block.keys():  # noqa: SIM118 (a string must raise)
-            if not key_name.startswith("ed25519:"):
-                continue
-            verify_key = decode_verify_key_bytes(key_name, decode_base64(public_key))
-            verify_signed_json(signed, server, verify_key)  # type: ignore[arg-type]
-            return True
-    return False
 
 
 def _check_redaction(
