@@ -551,8 +551,15 @@ def unit_test_calls() -> list[tuple[str, Callable[..., None], dict[str, Any]]]:
         combinations: list[dict[str, Any]] = [{}]
         for mark in getattr(function, "pytestmark", []):
             if mark.name == "parametrize":
-                argname, values = mark.args
-                combinations = [{**c, argname: v} for c in combinations for v in values]
+                argnames, values = mark.args[:2]
+                if isinstance(argnames, str):
+                    argnames = [name.strip() for name in argnames.split(",")]
+                rows = [v if len(argnames) > 1 else (v,) for v in values]
+                combinations = [
+                    {**c, **dict(zip(argnames, row, strict=True))}
+                    for c in combinations
+                    for row in rows
+                ]
         calls += [(name, function, kwargs) for kwargs in combinations]
     return calls
 
