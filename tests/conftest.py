@@ -30,7 +30,7 @@ Spawn = Callable[..., Awaitable[DaemonProcess]]
 #: Fixtures that start real processes (peekproxy, a testbed, Synapse, nginx, Caddy): a test
 #: using one is an end-to-end test, marked ``slow`` so that ``-m "not slow"`` runs the fast
 #: set alone.
-PROCESS_FIXTURES = frozenset({"spawn", "synapse", "synapse_b", "reverse_proxies"})
+PROCESS_FIXTURES = frozenset({"spawn", "synapse", "synapse_b", "reverse_proxies", "auth_oracle"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -74,3 +74,4 @@ def tls_files(tls_ca: trustme.CA, tmp_path: Path) -> Iterator[tuple[Path, Path, 
 
 from tests.proxies import fronted, reverse_proxies  # noqa: E402,F401  (nginx, Caddy)
 from tests.synapse import synapse, synapse_b  # noqa: E402,F401  (session fixtures)
+from tests.synapse_oracle import auth_oracle  # noqa: E402,F401  (Synapse auth rules)
