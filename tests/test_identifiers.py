@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -131,3 +132,18 @@ def test_user_id_round_trips(localpart: str, host: str, port: int | None) -> Non
     assert UserId.parse(str(user)) == user
     assert str(RoomAlias.parse(f"#{localpart}:{server}")) == f"#{localpart}:{server}"
     assert str(RoomId.parse(f"!{localpart}:{server}")) == f"!{localpart}:{server}"
+
+
+@pytest.mark.parametrize(
+    "parse, value",
+    [
+        (ServerName.parse, "b.test\n"),
+        (ServerName.parse, "b.test:8448\n"),
+        (UserId.parse, "@a:b.test\n"),
+        (RoomId.parse, "!" + "A" * 43 + "\n"),
+    ],
+)
+def test_a_trailing_newline_is_not_part_of_a_valid_identifier(parse: Any, value: str) -> None:
+    # Python's "$" also matches before a final newline; the grammar ends at the string's end.
+    with pytest.raises(InvalidIdentifier):
+        parse(value)

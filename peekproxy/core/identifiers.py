@@ -21,8 +21,8 @@ __all__ = [
     "UserId",
 ]
 
-_DNS_NAME = re.compile(r"^[A-Za-z0-9.\-]{1,255}$")
-_PORT = re.compile(r"^[0-9]{1,5}$")
+_DNS_NAME = re.compile(r"^[A-Za-z0-9.\-]{1,255}\Z")
+_PORT = re.compile(r"^[0-9]{1,5}\Z")
 
 
 class InvalidIdentifier(ValueError):
@@ -105,9 +105,9 @@ MAX_IDENTIFIER_BYTES = 255
 
 #: Code points no opaque part may contain: NUL (APPX §Common Identifier Format).
 _FORBIDDEN_OPAQUE = re.compile(r"[\x00\ud800-\udfff]")
-_COMPLIANT_USER_LOCALPART = re.compile(r"^[a-z0-9._=\-/+]+$")
+_COMPLIANT_USER_LOCALPART = re.compile(r"^[a-z0-9._=\-/+]+\Z")
 #: v12 room ID: "!" + unpadded URL-safe base64 of a sha256 reference hash (43 characters).
-_HASH_ROOM_ID = re.compile(r"^[A-Za-z0-9_\-]{43}$")
+_HASH_ROOM_ID = re.compile(r"^[A-Za-z0-9_\-]{43}\Z")
 
 
 def _check_length(value: object, sigil: str, what: str) -> str:

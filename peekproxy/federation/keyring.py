@@ -53,7 +53,7 @@ class KeyFetchError(Exception):
     """No usable key could be obtained; the message says what was tried."""
 
 
-_KEY_ID = re.compile(r"^ed25519:[A-Za-z0-9_]+$")
+_KEY_ID = re.compile(r"^ed25519:[A-Za-z0-9_]+\Z")
 FAILURE_HOLD_S = 30.0
 FAILURE_HOLD_MAX_S = 600.0
 MISSING_KEY_HOLD_S = 60.0
