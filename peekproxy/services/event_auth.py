@@ -1,12 +1,13 @@
 """Checks on receipt of a PDU, steps 4-6, for batches of one room's events that passed steps
 1-3: the I/O shell around :func:`peekproxy.core.receipt.judge_batch`.
 
-It gathers what a batch cites — stored events and their auth status, the auth chains of
-events whose auth events are nowhere (``GET /_matrix/federation/v1/event_auth``, checked in
-turn), and for live events the room's current state — and stores what is not shown: soft-
-failed and rejected events, and the auth events fetched for others. Used by ``/send``
-(:mod:`peekproxy.services.ingest`), full renewal replies, ``/backfill`` and the first view
-(:mod:`peekproxy.services.backfill`).
+It gathers what a batch cites — stored events and their auth status, the auth events that
+are nowhere (``GET /_matrix/federation/v1/event_auth``, else ``GET /event`` one by one;
+checked in turn), and for live events the room's current state — and says what is shown and
+what is stored unshown: soft-failed and rejected events, and the auth events fetched for
+others. Used by ``/send`` (:mod:`peekproxy.services.ingest`), full renewal replies and the
+first view (:mod:`peekproxy.services.subscriptions`), and ``/backfill``
+(:func:`peekproxy.services.backfill.fill_gap`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ __all__ = ["AUTH_FETCH_MAX", "AUTH_FETCH_TIMEOUT_S", "EventAuth", "Judged"]
 
 log = logging.getLogger("peekproxy.peeks")
 
-#: At most this many ``/event_auth`` requests for one batch, all within
-#: :data:`AUTH_FETCH_TIMEOUT_S` seconds; events still lacking auth events are dropped.
+#: Auth events are fetched for at most this many events of one batch (one ``/event_auth``
+#: each, or its ``/event`` fallback), all within :data:`AUTH_FETCH_TIMEOUT_S` seconds;
+#: events still lacking auth events are dropped (not stored: a later delivery may bring them).
 AUTH_FETCH_MAX = 10
 AUTH_FETCH_TIMEOUT_S = 10.0
 
@@ -181,9 +183,9 @@ class EventAuth:
         server: str,
         known: set[str],
     ) -> dict[str, tuple[dict[str, Any], bool]]:
-        """The auth chains (``/event_auth``) of batch events citing auth events that are
-        neither in the batch, nor stored, nor fetched by an earlier request; at most
-        :data:`AUTH_FETCH_MAX` requests within :data:`AUTH_FETCH_TIMEOUT_S` s."""
+        """The auth events that batch events cite and that are neither in the batch, nor
+        stored, nor fetched for an earlier event (:meth:`MissingEvents.auth_chain`); for at
+        most :data:`AUTH_FETCH_MAX` events within :data:`AUTH_FETCH_TIMEOUT_S` s."""
         fetched: dict[str, tuple[dict[str, Any], bool]] = {}
         asked = 0
         with trio.move_on_after(AUTH_FETCH_TIMEOUT_S):
