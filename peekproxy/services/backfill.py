@@ -257,7 +257,7 @@ async def first_view(
     missing before them (a new MSC2444 peek or observer join: the first view). ``None``
     when the latest event is already held (nothing to add); a failed fetch gives
     ``([], False)`` (a gap). The auth rules judge these events when the snapshot is stored
-    (:meth:`peekproxy.services.subscriptions.Subscriptions`), the snapshot's events at
+    (:class:`peekproxy.services.subscriptions.Subscriptions`), the snapshot's events at
     hand."""
     if await store.read(lambda tx: tx.held_event_ids(room_id, [latest])):
         return None
