@@ -143,3 +143,73 @@ def test_synapse_rooms_pass_as_one_live_batch(version: str) -> None:
     judgement = judge_batch(events, room_version(version), stored={}, state={}, head=())
     assert not (judgement.rejected or judgement.soft_failed or judgement.unknown)
     assert judgement.accepted == [e["event_id"] for e in fixture["events"]]
+
+
+def test_a_banned_member_cannot_come_back_through_a_deep_soft_failed_join() -> None:
+    # A review found it: bob's server answers his ban with a join on an old fork (soft-
+    # failed) with a huge depth, then a message and a second join that cite that join and
+    # extend the room. Neither may be shown, nor become peekproxy's state.
+    room = _room()
+    fork_point = list(room.last)
+    join_auth = room.auth_ids("m.room.member", BOB, {"membership": "join"}, BOB)
+    old_join = room.state[("m.room.member", BOB)]
+    assert room.send("m.room.member", ALICE, {"membership": "ban"}, BOB) is None
+    state, head = _current(room), list(room.last)
+    fork_id, fork_join = room.build(
+        "m.room.member",
+        BOB,
+        {"membership": "join"},
+        BOB,
+        auth=join_auth,
+        prev=fork_point,
+        extra={"depth": 10**9},
+    )
+    cites_fork = [a for a in join_auth if a != old_join] + [fork_id]
+    message_id, message = room.build(
+        "m.room.message", BOB, {"body": "banned"}, auth=cites_fork, prev=head
+    )
+    rejoin_id, rejoin = room.build(
+        "m.room.member",
+        BOB,
+        {"membership": "join"},
+        BOB,
+        auth=cites_fork,
+        prev=head,
+        extra={"depth": 10**9 + 1},
+    )
+    batch = {fork_id: fork_join, message_id: message, rejoin_id: rejoin}
+    judgement = judge_batch(batch, V10, stored=room.events, state=state, head=head)
+    assert list(judgement.soft_failed) == [fork_id]
+    assert set(judgement.rejected) == {message_id, rejoin_id}
+    # The same, the fork join stored as soft-failed by an earlier /send.
+    later = judge_batch(
+        {message_id: message},
+        V10,
+        stored={**room.events, fork_id: fork_join},
+        soft_failed={fork_id},
+        state=state,
+        head=head,
+    )
+    assert list(later.rejected) == [message_id]
+
+
+def test_a_deep_join_from_before_a_ban_does_not_lift_it() -> None:
+    # Depth is the sender's to choose: a join bob planted before his ban, however deep,
+    # is not after the ban (the ban is not in its auth chain).
+    room = _room()
+    deep_id, deep = room.build(
+        "m.room.member",
+        BOB,
+        {"membership": "join", "displayname": "b"},
+        BOB,
+        extra={"depth": 10**9},
+    )
+    room.commit(deep_id, deep, accepted=True)
+    message_auth = room.auth_ids("m.room.message", BOB, {}, None)
+    assert deep_id in message_auth
+    assert room.send("m.room.member", ALICE, {"membership": "ban"}, BOB) is None
+    message_id, message = room.build("m.room.message", BOB, {"body": "x"}, auth=message_auth)
+    judgement = judge_batch(
+        {message_id: message}, V10, stored=room.events, state=_current(room), head=room.last
+    )
+    assert list(judgement.rejected) == [message_id]

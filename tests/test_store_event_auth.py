@@ -97,3 +97,45 @@ async def test_auth_state_reads_the_auth_types_and_the_members_asked_for(tmp_pat
         assert set(none) == {("m.room.create", ""), ("m.room.power_levels", "")}
     finally:
         await store.aclose()
+
+
+async def test_a_snapshot_state_keeps_rejected_events_out(tmp_path: Path) -> None:
+    # A review found it: a peek answer or renewal listing an event peekproxy rejected put
+    # it into the room's state. Rejected is final; a soft-failed event the room's server
+    # resolved into the state is taken in (and shown from then on).
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
+    try:
+
+        def write(tx: WriteTransaction) -> None:
+            member = {"type": "m.room.member", "state_key": "@b:x", "depth": 2}
+            tx.store_unshown(ROOM, [("$bad", member, False)], status="rejected")
+            topic = {"type": "m.room.topic", "state_key": "", "depth": 3}
+            tx.store_unshown(ROOM, [("$soft", topic, False)], status="soft_failed")
+            tx.store_snapshot(
+                ROOM,
+                events={
+                    "$c": {"type": "m.room.create", "state_key": "", "depth": 1},
+                    "$bad": member,
+                    "$soft": topic,
+                },
+                redacted=[],
+                state={
+                    ("m.room.create", ""): "$c",
+                    ("m.room.member", "@b:x"): "$bad",
+                    ("m.room.topic", ""): "$soft",
+                },
+                latest_event_id="$c",
+                gap=False,
+                now_ms=0,
+            )
+
+        await store.write(write)
+
+        def read(tx: Any) -> Any:
+            return tx.current_state_ids(ROOM), tx.read_event(ROOM, "$soft") is not None
+
+        state, soft_shown = await store.read(read)
+        assert state == {("m.room.create", ""): "$c", ("m.room.topic", ""): "$soft"}
+        assert soft_shown
+    finally:
+        await store.aclose()

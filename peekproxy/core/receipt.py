@@ -95,30 +95,51 @@ def _order(batch: Mapping[str, Mapping[str, Any]], rules: RoomVersion) -> list[s
     return ordered
 
 
-def _depth(pdu: Mapping[str, Any]) -> int:
-    depth = pdu.get("depth")
-    return depth if type(depth) is int else 0
+#: How many events :func:`_supersedes` walks at most.
+SUPERSEDES_WALK_MAX = 200
+
+
+def _supersedes(newer: str, older: str, usable: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether event ``older`` is in the auth chain of event ``newer``, walked through the
+    events at hand (``usable``; at most :data:`SUPERSEDES_WALK_MAX`): then ``newer`` came
+    after it. A member event cites the target's previous membership, a power-levels event
+    the previous power levels, so state changes chain this way."""
+    seen: set[str] = set()
+    todo = [newer]
+    while todo and len(seen) < SUPERSEDES_WALK_MAX:
+        pdu = usable.get(todo.pop())
+        for ref in event_refs(pdu.get("auth_events")) if pdu is not None else ():
+            if ref == older:
+                return True
+            if ref not in seen:
+                seen.add(ref)
+                todo.append(ref)
+    return False
 
 
 def _view(
     current: Mapping[StateKey, tuple[str, Mapping[str, Any]]],
     cited: list[str],
     usable: Mapping[str, Mapping[str, Any]],
+    soft_failed: Collection[str],
 ) -> dict[StateKey, Mapping[str, Any]]:
     """The state an event is judged by in steps 5 and 6: the room's current state, except
-    where one of the event's own auth events is deeper than what that state holds for its
-    (type, state_key) — or the state holds nothing there. peekproxy resolves no state, and
-    after a gap (events that could not be fetched) its state lags behind the room: a member
-    who joined in the gap would make every later event of theirs fail. An older auth event
-    (a join before a ban peekproxy holds) changes nothing, so a stale fork still fails."""
+    where one of the event's own auth events comes after what that state holds for its
+    (type, state_key) — the held event is in its auth chain — or the state holds nothing
+    there. peekproxy resolves no state, and after a gap (events that could not be fetched)
+    its state lags behind the room: a member who joined again in the gap would make every
+    later event of theirs fail. A soft-failed auth event never counts, nor does one the
+    held event does not lead to (a join from before a ban peekproxy holds, whatever its
+    ``depth`` says), so a banned member stays banned."""
     view = {key: pdu for key, (_, pdu) in current.items()}
     for auth_id in cited:
         auth = usable[auth_id]
         kind, state_key = auth.get("type"), auth.get("state_key")
-        if isinstance(kind, str) and isinstance(state_key, str):
-            held = view.get((kind, state_key))
-            if held is None or _depth(auth) > _depth(held):
-                view[(kind, state_key)] = auth
+        if auth_id in soft_failed or not (isinstance(kind, str) and isinstance(state_key, str)):
+            continue
+        held = current.get((kind, state_key))
+        if held is None or (held[0] != auth_id and _supersedes(auth_id, held[0], usable)):
+            view[(kind, state_key)] = auth
     return view
 
 
@@ -128,6 +149,7 @@ def judge_batch(
     *,
     stored: Mapping[str, Mapping[str, Any]],
     rejected: Collection[str] = (),
+    soft_failed: Collection[str] = (),
     state: Mapping[StateKey, tuple[str, Mapping[str, Any]]] | None = None,
     head: Collection[str] = (),
 ) -> Judgement:
@@ -139,6 +161,7 @@ def judge_batch(
         rules: the room's version.
         stored: event ID → PDU of stored events (accepted or soft-failed) the batch may cite.
         rejected: IDs already known to be rejected.
+        soft_failed: IDs of ``stored`` events that were soft-failed.
         state: the room's current state ((type, state_key) → (event ID, PDU)) for steps 5
             and 6; ``None`` runs step 4 only (history).
         head: the IDs of the room's newest events, after which ``state`` holds.
@@ -149,6 +172,7 @@ def judge_batch(
     judgement = Judgement()
     usable: dict[str, Mapping[str, Any]] = dict(stored)
     refused: set[str] = set(rejected)
+    soft: set[str] = set(soft_failed)
     current = dict(state) if state is not None else None
     newest = set(head)
     for event_id in _order(batch, rules):
@@ -165,7 +189,8 @@ def judge_batch(
             refused.add(event_id)
             continue
         if current is not None:
-            reason = check_against_state(event_id, pdu, _view(current, cited, usable), rules)
+            view = _view(current, cited, usable, soft)
+            reason = check_against_state(event_id, pdu, view, rules)
             if reason is not None:
                 if set(event_refs(pdu.get("prev_events"))) == newest:
                     judgement.rejected[event_id] = f"not allowed by the state before it: {reason}"
@@ -175,6 +200,7 @@ def judge_batch(
                         f"not allowed by the room's current state: {reason}"
                     )
                     usable[event_id] = pdu
+                    soft.add(event_id)
                 continue
             newest = {event_id}
             state_key = pdu.get("state_key")

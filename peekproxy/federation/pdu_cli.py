@@ -252,15 +252,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 class _AuthJudge:
-    """Receipt step 4 for the PDUs of one run, in input order: the auth events are the
-    ``--auth-events`` PDUs and the input's own PDUs (that passed steps 1-3; a redacted copy
-    for ``redact``); input PDUs that fail steps 1-3 or 4 are rejected auth events."""
+    """Receipt step 4 for the PDUs of one run, as the daemon runs it on a batch
+    (:func:`peekproxy.core.receipt.judge_batch`: each PDU after the input PDUs it cites,
+    whatever their order in the file): the auth events are the ``--auth-events`` PDUs (taken
+    as given) and the input's own PDUs that passed steps 1-3 (the redacted copy for
+    ``redact``); input PDUs that fail steps 1-3 or 4 are rejected auth events."""
 
     def __init__(self, rules: RoomVersion, given: list[Any], verdicts: list[PduVerdict]) -> None:
         from peekproxy.core.events import best_effort_event_id, compute_event_id
+        from peekproxy.core.receipt import judge_batch
 
-        self.rules = rules
-        self.pool: dict[str, Mapping[str, Any]] = {}
+        pool: dict[str, Mapping[str, Any]] = {}
         for pdu in given:
             if not isinstance(pdu, dict):
                 continue
@@ -270,34 +272,19 @@ class _AuthJudge:
             except (ValueError, TypeError, KeyError, RecursionError):
                 event_id = best_effort_event_id(pdu)
             if event_id is not None:
-                self.pool[event_id] = pdu
-        self.rejected: set[str] = set()
-        for verdict in verdicts:
-            if verdict.event_id is None:
-                continue
-            if verdict.pdu is None:
-                self.rejected.add(verdict.event_id)
-            else:
-                self.pool[verdict.event_id] = verdict.pdu
+                pool[event_id] = pdu
+        batch = {v.event_id: v.pdu for v in verdicts if v.event_id is not None and v.pdu}
+        failed = {v.event_id for v in verdicts if v.event_id is not None and v.pdu is None}
+        judgement = judge_batch(batch, rules, stored=pool, rejected=failed)
+        prefix = "not allowed by its auth events: "
+        self.reasons: dict[str, str] = {
+            **{e: r.removeprefix(prefix) for e, r in judgement.rejected.items()},
+            **{e: r.replace(" is unknown", " not given") for e, r in judgement.unknown.items()},
+        }
 
     def judge(self, event_id: str, pdu: Mapping[str, Any]) -> str | None:
-        """``None`` when step 4 accepts, else the reason; a rejected PDU is remembered."""
-        from peekproxy.core.auth_rules import check_event_auth, create_event_id
-        from peekproxy.core.events import event_refs
-
-        cited = event_refs(pdu.get("auth_events"))
-        room_id = pdu.get("room_id")
-        implied = self.rules.auth.create_event_implied and pdu.get("type") != "m.room.create"
-        if implied and isinstance(room_id, str):
-            cited.append(create_event_id(room_id))
-        missing = [e for e in cited if e not in self.pool and e not in self.rejected]
-        if missing:
-            reason: str | None = f"auth event {missing[0]} not given"
-        else:
-            reason = check_event_auth(event_id, pdu, self.pool, self.rules, rejected=self.rejected)
-        if reason is not None:
-            self.rejected.add(event_id)
-        return reason
+        """``None`` when step 4 accepts the PDU, else the reason."""
+        return self.reasons.get(event_id)
 
 
 def add_pdu_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

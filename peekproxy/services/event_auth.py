@@ -26,14 +26,17 @@ from peekproxy.services.following import Fetched
 from peekproxy.services.missing_events import MissingEvents
 from peekproxy.store import ReadTransaction, Storage, WriteTransaction
 
-__all__ = ["AUTH_FETCH_MAX", "AUTH_FETCH_TIMEOUT_S", "EventAuth", "Judged"]
+__all__ = ["AUTH_FETCH_MAX", "AUTH_FETCH_TIMEOUT_S", "AUTH_REQUESTS_MAX", "EventAuth", "Judged"]
 
 log = logging.getLogger("peekproxy.peeks")
 
-#: Auth events are fetched for at most this many events of one batch (one ``/event_auth``
-#: each, or its ``/event`` fallback), all within :data:`AUTH_FETCH_TIMEOUT_S` seconds;
-#: events still lacking auth events are dropped (not stored: a later delivery may bring them).
+#: Auth events are fetched for at most :data:`AUTH_FETCH_MAX` events of one batch (one
+#: ``/event_auth`` each, or ``/event`` for each auth event where that is refused), with at
+#: most :data:`AUTH_REQUESTS_MAX` requests in all, within :data:`AUTH_FETCH_TIMEOUT_S`
+#: seconds; events still lacking auth events are dropped (not stored: a later delivery may
+#: bring them).
 AUTH_FETCH_MAX = 10
+AUTH_REQUESTS_MAX = 50
 AUTH_FETCH_TIMEOUT_S = 10.0
 
 
@@ -137,8 +140,15 @@ class EventAuth:
         for event_id, (pdu, redacted) in fetched.items():
             batch.setdefault(event_id, pdu)
             by_id.setdefault(event_id, (pdu, redacted))
+        soft_failed = {e for e, (_, s) in judged.items() if s == "soft_failed"}
         judgement = judge_batch(
-            batch, rules, stored=stored, rejected=rejected, state=state, head=head
+            batch,
+            rules,
+            stored=stored,
+            rejected=rejected,
+            soft_failed=soft_failed,
+            state=state,
+            head=head,
         )
         self._sort(judgement, result, by_id, set(fetched) - ids)
         return result
@@ -185,21 +195,30 @@ class EventAuth:
     ) -> dict[str, tuple[dict[str, Any], bool]]:
         """The auth events that batch events cite and that are neither in the batch, nor
         stored, nor fetched for an earlier event (:meth:`MissingEvents.auth_chain`); for at
-        most :data:`AUTH_FETCH_MAX` events within :data:`AUTH_FETCH_TIMEOUT_S` s."""
+        most :data:`AUTH_FETCH_MAX` events, :data:`AUTH_REQUESTS_MAX` requests, within
+        :data:`AUTH_FETCH_TIMEOUT_S` s."""
         fetched: dict[str, tuple[dict[str, Any], bool]] = {}
-        asked = 0
+        asked, requests = 0, 0
         with trio.move_on_after(AUTH_FETCH_TIMEOUT_S):
             for event_id, pdu in list(batch.items()):
                 have = known | batch.keys() | fetched.keys()
                 lacking = [a for a in cited_auth_ids(pdu, rules) if a not in have]
                 if not lacking:
                     continue
-                if asked >= AUTH_FETCH_MAX:
+                if asked >= AUTH_FETCH_MAX or requests >= AUTH_REQUESTS_MAX:
                     break
                 asked += 1
-                for got_id, got_pdu, redacted in await self.missing.auth_chain(
-                    server, room_id, event_id, lacking, rules, known=have
-                ):
+                got, used = await self.missing.auth_chain(
+                    server,
+                    room_id,
+                    event_id,
+                    lacking,
+                    rules,
+                    known=have,
+                    max_requests=AUTH_REQUESTS_MAX - requests,
+                )
+                requests += used
+                for got_id, got_pdu, redacted in got:
                     if got_id not in have:
                         fetched[got_id] = (got_pdu, redacted)
         return fetched

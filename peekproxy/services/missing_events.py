@@ -23,7 +23,6 @@ from peekproxy.federation.keyring import Keyring
 from peekproxy.store import Storage
 
 __all__ = [
-    "AUTH_EVENTS_MAX",
     "MISSING_EVENTS_LIMIT",
     "MISSING_EVENTS_MAX",
     "MISSING_EVENTS_TIMEOUT_S",
@@ -38,9 +37,6 @@ MISSING_EVENTS_LIMIT = 20
 MISSING_EVENTS_MAX = 200
 #: One fill (all its rounds together) may take this long, in seconds.
 MISSING_EVENTS_TIMEOUT_S = 10.0
-#: At most this many auth events fetched one by one (``GET /event``) for one event whose
-#: server does not answer ``/event_auth``.
-AUTH_EVENTS_MAX = 50
 
 
 class MissingEvents:
@@ -70,13 +66,15 @@ class MissingEvents:
         rules: RoomVersion,
         *,
         known: Collection[str],
-    ) -> list[tuple[str, dict[str, Any], bool]]:
+        max_requests: int,
+    ) -> tuple[list[tuple[str, dict[str, Any], bool]], int]:
         """The auth events of ``event_id`` we lack, from ``server``: its whole auth chain
         (SSAPI ``GET /event_auth``), or, when the server cannot answer that, each of
         ``lacking`` and then their own auth events not in ``known`` one by one (SSAPI
-        ``GET /event/{eventId}``; at most :data:`AUTH_EVENTS_MAX`). Returns (event ID, PDU,
-        redacted) of the PDUs of ``room_id`` that pass receipt checks 1-3, unordered; a
-        failure (logged) gives what passed so far. The caller bounds the time."""
+        ``GET /event/{eventId}``), ``max_requests`` requests at most, answered or not.
+        Returns (event ID, PDU, redacted) of the PDUs of ``room_id`` that pass receipt
+        checks 1-3, unordered (a failure, logged, gives what passed so far), and how many
+        requests were sent. The caller bounds the time."""
         path = f"/_matrix/federation/v1/event_auth/{path_segment(room_id)}/{path_segment(event_id)}"
         try:
             answer = await self.client.get_json(server, path, timeout=MISSING_EVENTS_TIMEOUT_S)
@@ -85,11 +83,13 @@ class MissingEvents:
             log.info("no auth chain of %s from %s (%s): asking for its events", event_id, server, e)
             chain = None
         if isinstance(chain, list):
-            return await self._checked(chain, room_id, rules)
+            return await self._checked(chain, room_id, rules), 1
         found: dict[str, tuple[str, dict[str, Any], bool]] = {}
         todo = list(dict.fromkeys(lacking))
-        while todo and len(found) < AUTH_EVENTS_MAX:
+        asked = 1
+        while todo and asked < max_requests:
             wanted = todo.pop(0)
+            asked += 1
             try:
                 answer = await self.client.get_json(
                     server,
@@ -108,7 +108,7 @@ class MissingEvents:
                         for a in event_refs(item[1].get("auth_events"))
                         if a not in known and a not in found and a not in todo
                     ]
-        return list(found.values())
+        return list(found.values()), asked
 
     async def _checked(
         self, pdus: list[Any], room_id: str, rules: RoomVersion

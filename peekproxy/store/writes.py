@@ -90,7 +90,10 @@ class RoomEventWrites(Protocol):
         current state changes. Returns how many events were added."""
 
     def replace_state(self, room_id: str, state: Mapping[tuple[str, str], str]) -> None:
-        """Make ``state`` ((type, state_key) → event ID) the room's whole current state."""
+        """Make ``state`` ((type, state_key) → event ID) the room's whole current state
+        (a snapshot's, or a renewal reply's). An event stored as rejected stays out of it
+        (rejected is final); one stored as soft-failed is taken in and shown from then on,
+        since the room's server resolved it into the room's state."""
 
     def append_event(
         self,

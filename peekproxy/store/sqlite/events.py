@@ -205,10 +205,16 @@ class EventOps(SqliteBase):
         return len(added)
 
     def replace_state(self, room_id: str, state: Mapping[tuple[str, str], str]) -> None:
+        statuses = {e: s for e, (_, s) in self.judged_events(state.values()).items()}
         self._conn.execute("DELETE FROM room_state WHERE room_id = ?", (room_id,))
         self._conn.executemany(
             "INSERT INTO room_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?)",
-            [(room_id, t, k, e) for (t, k), e in state.items()],
+            [(room_id, t, k, e) for (t, k), e in state.items() if statuses.get(e) != "rejected"],
+        )
+        promoted = [e for e, s in statuses.items() if s == "soft_failed"]
+        self._conn.executemany(
+            "UPDATE events SET auth_status = 'accepted' WHERE event_id = ?",
+            [(e,) for e in promoted],
         )
 
     def append_event(
