@@ -26,7 +26,6 @@ appended wins, as on the room's stream). Steps 5 and 6 run only for ``live`` bat
 
 from __future__ import annotations
 
-import graphlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ from peekproxy.core.auth_rules import (
     check_event_auth,
     create_event_id,
 )
+from peekproxy.core.dag import topological_order
 from peekproxy.core.events import event_refs
 from peekproxy.core.room_versions import RoomVersion
 
@@ -73,26 +73,9 @@ def cited_auth_ids(event: Mapping[str, Any], rules: RoomVersion) -> list[str]:
 def _order(batch: Mapping[str, Mapping[str, Any]], rules: RoomVersion) -> list[str]:
     """The batch's IDs, each after the batch events it cites (auth and prev events); among
     events ready together, lower ``depth`` first, then as given."""
-    index = {event_id: i for i, event_id in enumerate(batch)}
-
-    def key(event_id: str) -> tuple[int, int]:
-        depth = batch[event_id].get("depth")
-        return (depth if type(depth) is int else 0, index[event_id])
-
-    sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
-    for event_id, pdu in batch.items():
-        refs = {*cited_auth_ids(pdu, rules), *event_refs(pdu.get("prev_events"))}
-        sorter.add(event_id, *(r for r in refs if r in batch and r != event_id))
-    try:
-        sorter.prepare()
-    except graphlib.CycleError:  # only forged events cite each other in a cycle
-        return sorted(batch, key=key)
-    ordered: list[str] = []
-    while sorter.is_active():
-        ready = sorted(sorter.get_ready(), key=key)
-        ordered.extend(ready)
-        sorter.done(*ready)
-    return ordered
+    return topological_order(
+        batch, lambda pdu: [*cited_auth_ids(pdu, rules), *event_refs(pdu.get("prev_events"))]
+    )
 
 
 #: How many events :func:`_supersedes` walks at most.
