@@ -201,13 +201,17 @@ class EventAuth:
         asked, requests = 0, 0
         with trio.move_on_after(AUTH_FETCH_TIMEOUT_S):
             for event_id, pdu in list(batch.items()):
-                have = known | batch.keys() | fetched.keys()
-                lacking = [a for a in cited_auth_ids(pdu, rules) if a not in have]
+                lacking = [
+                    a
+                    for a in cited_auth_ids(pdu, rules)
+                    if a not in known and a not in batch and a not in fetched
+                ]
                 if not lacking:
-                    continue
+                    continue  # the common case: no set is built for it
                 if asked >= AUTH_FETCH_MAX or requests >= AUTH_REQUESTS_MAX:
                     break
                 asked += 1
+                have = known | batch.keys() | fetched.keys()
                 got, used = await self.missing.auth_chain(
                     server,
                     room_id,
