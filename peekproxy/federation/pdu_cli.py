@@ -238,53 +238,50 @@ def _run(args: argparse.Namespace) -> int:
     auth = None
     if not args.no_auth:
         given = _split_input(_read_input(args.auth_events))[0] if args.auth_events else []
-        auth = _AuthJudge(rules, given, verdicts)
+        auth = _auth_reasons(rules, given, verdicts)
     all_accepted = True
     for verdict in verdicts:
         line = f"{verdict.event_id or '-'} {verdict.outcome} {verdict.reason}"
         all_accepted = all_accepted and verdict.outcome == "accept"
         if auth is not None and verdict.pdu is not None and verdict.event_id is not None:
-            reason = auth.judge(verdict.event_id, verdict.pdu)
+            reason = auth.get(verdict.event_id)
             all_accepted = all_accepted and reason is None
             line += " | auth: accept" if reason is None else f" | auth: reject {reason}"
         print(line)
     return EXIT_OK if all_accepted else EXIT_NOT_ALL_ACCEPTED
 
 
-class _AuthJudge:
+def _auth_reasons(
+    rules: RoomVersion, given: list[Any], verdicts: list[PduVerdict]
+) -> dict[str, str]:
     """Receipt step 4 for the PDUs of one run, as the daemon runs it on a batch
     (:func:`peekproxy.core.receipt.judge_batch`: each PDU after the input PDUs it cites,
-    whatever their order in the file): the auth events are the ``--auth-events`` PDUs (taken
-    as given) and the input's own PDUs that passed steps 1-3 (the redacted copy for
-    ``redact``); input PDUs that fail steps 1-3 or 4 are rejected auth events."""
+    whatever their order in the file): event ID → why, for each input PDU step 4 rejects
+    (absent: accepted). The auth events are the ``--auth-events`` PDUs (taken as given) and
+    the input's own PDUs that passed steps 1-3 (the redacted copy for ``redact``); input
+    PDUs that fail steps 1-3 or 4 are rejected auth events."""
+    from peekproxy.core.events import best_effort_event_id, compute_event_id
+    from peekproxy.core.receipt import judge_batch
 
-    def __init__(self, rules: RoomVersion, given: list[Any], verdicts: list[PduVerdict]) -> None:
-        from peekproxy.core.events import best_effort_event_id, compute_event_id
-        from peekproxy.core.receipt import judge_batch
-
-        pool: dict[str, Mapping[str, Any]] = {}
-        for pdu in given:
-            if not isinstance(pdu, dict):
-                continue
-            event_id: str | None
-            try:
-                event_id = compute_event_id(pdu, rules)
-            except (ValueError, TypeError, KeyError, RecursionError):
-                event_id = best_effort_event_id(pdu)
-            if event_id is not None:
-                pool[event_id] = pdu
-        batch = {v.event_id: v.pdu for v in verdicts if v.event_id is not None and v.pdu}
-        failed = {v.event_id for v in verdicts if v.event_id is not None and v.pdu is None}
-        judgement = judge_batch(batch, rules, stored=pool, rejected=failed)
-        prefix = "not allowed by its auth events: "
-        self.reasons: dict[str, str] = {
-            **{e: r.removeprefix(prefix) for e, r in judgement.rejected.items()},
-            **{e: r.replace(" is unknown", " not given") for e, r in judgement.unknown.items()},
-        }
-
-    def judge(self, event_id: str, pdu: Mapping[str, Any]) -> str | None:
-        """``None`` when step 4 accepts the PDU, else the reason."""
-        return self.reasons.get(event_id)
+    pool: dict[str, Mapping[str, Any]] = {}
+    for pdu in given:
+        if not isinstance(pdu, dict):
+            continue
+        event_id: str | None
+        try:
+            event_id = compute_event_id(pdu, rules)
+        except (ValueError, TypeError, KeyError, RecursionError):
+            event_id = best_effort_event_id(pdu)
+        if event_id is not None:
+            pool[event_id] = pdu
+    batch = {v.event_id: v.pdu for v in verdicts if v.event_id is not None and v.pdu}
+    failed = {v.event_id for v in verdicts if v.event_id is not None and v.pdu is None}
+    judgement = judge_batch(batch, rules, stored=pool, rejected=failed)
+    prefix = "not allowed by its auth events: "
+    return {
+        **{e: r.removeprefix(prefix) for e, r in judgement.rejected.items()},
+        **{e: r.replace(" is unknown", " not given") for e, r in judgement.unknown.items()},
+    }
 
 
 def add_pdu_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
