@@ -36,6 +36,7 @@ from pydantic import (
 )
 
 from peekproxy.core.identifiers import InvalidIdentifier, ServerName
+from peekproxy.credentials import CREDENTIAL_KEYS, CREDENTIAL_PREFIX, credential_files
 
 __all__ = [
     "DEFAULT_IP_RANGE_BLACKLIST",
@@ -492,6 +493,15 @@ def load_federation_section(
         raise ConfigError([describe_error(err, env_names) for err in e.errors()]) from None
 
 
+def _unset(data: Mapping[str, Any], parts: tuple[str, ...]) -> bool:
+    node: Any = data
+    for part in parts:
+        if not isinstance(node, Mapping) or part not in node:
+            return True
+        node = node[part]
+    return False
+
+
 def load_config(
     path: str | os.PathLike[str],
     environ: Mapping[str, str] | None = None,
@@ -502,7 +512,9 @@ def load_config(
 
     Args:
         path: the TOML file.
-        environ: where ``PEEKPROXY_*`` overrides come from (default ``os.environ``).
+        environ: where ``PEEKPROXY_*`` overrides and ``CREDENTIALS_DIRECTORY`` (systemd
+            credentials filling unset ``*_file`` keys, :mod:`peekproxy.credentials`) come
+            from (default ``os.environ``).
         check_files: also require that every configured file exists.
 
     Raises:
@@ -513,11 +525,16 @@ def load_config(
 
     env_names: dict[tuple[str, ...], str] = {}
     problems: list[str] = []
-    for parts, (name, value) in env_overrides(os.environ if environ is None else environ).items():
+    environ = os.environ if environ is None else environ
+    for parts, (name, value) in env_overrides(environ).items():
         trouble = apply_override(data, parts, value)
         if trouble:
             problems.append(f"{'.'.join(parts)}: {trouble} (from {name})")
         env_names[parts] = name
+    for parts, credential in credential_files(environ).items():
+        if _unset(data, parts):  # systemd credentials fill only keys left unset
+            apply_override(data, parts, str(credential))
+            env_names[parts] = f"credential {CREDENTIAL_PREFIX}{CREDENTIAL_KEYS[parts]}"
     try:
         config = Config.model_validate(
             data, context={"base_dir": file.resolve().parent, "check_files": check_files}
