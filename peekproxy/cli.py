@@ -11,9 +11,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 
 from peekproxy import __version__
 from peekproxy.config import Config, ConfigError, load_config
@@ -175,7 +175,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``peekproxy`` parser: one sub-parser per command (docs/cli.md lists them all)."""
-    parser = _Parser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="peekproxy",
         description="Room peeking for Matrix homeservers (MSC2753 over MSC2444).",
     )

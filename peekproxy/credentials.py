@@ -34,14 +34,20 @@ CREDENTIAL_KEYS: dict[tuple[str, ...], str] = {
 def credential_files(environ: Mapping[str, str] | None = None) -> dict[tuple[str, ...], Path]:
     """The credentials present in ``$CREDENTIALS_DIRECTORY`` (of ``environ``, default
     ``os.environ``), by the config key path they stand for: ``{("delegation",
-    "shared_secret_file"): Path(".../peekproxy_delegation.secret"), ...}``. Empty when the
-    variable is unset (not run by systemd, or a unit without credentials)."""
+    "shared_secret_file"): Path(".../peekproxy_delegation.secret"), ...}``; a file that is
+    there but cannot be read is listed too, so that the config check names it. Empty when
+    the variable is unset (not run by systemd, or a unit without credentials)."""
     directory = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
     if not directory:
         return {}
     found = {}
     for parts, name in CREDENTIAL_KEYS.items():
         path = Path(directory) / f"{CREDENTIAL_PREFIX}{name}"
-        if path.is_file():
-            found[parts] = path
+        try:
+            path.stat()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            pass  # there but unusable (permissions): the key's own check says why
+        found[parts] = path
     return found
