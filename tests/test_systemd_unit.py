@@ -4,6 +4,7 @@ environment the unit gives it (tests/unit_env.py), peeking a testbed room end to
 from __future__ import annotations
 
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -18,9 +19,10 @@ import trio
 import trustme
 
 from peekproxy.cli import render_config
+from tests.conftest import Spawn
 from tests.dns import REQUIRE_ALL
 from tests.peek_world import SECRET, TESTBED, build_world
-from tests.support import READY, DaemonProcess, run_cli
+from tests.support import READY, DaemonProcess, run_cli, write_config
 from tests.unit_env import (
     INSTALLED_SCRIPT,
     UNIT,
@@ -98,6 +100,24 @@ def test_unit_settings_an_admin_relies_on() -> None:
     # One credentials directory: optional secrets are files present or not, never a line
     # that fails the start when its file is missing.
     assert service["LoadCredential"] == ["peekproxy:/etc/peekproxy/credentials"]
+
+
+async def test_run_raises_its_soft_open_files_limit(server_dir: Path, spawn: Spawn) -> None:
+    # A plain `peekproxy run` started with the usual low soft limit under a higher hard one.
+    soft, hard = 256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard > soft
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    daemon = await spawn(
+        write_config(server_dir),
+        env={"PEEKPROXY_LOGGING__LEVEL": "DEBUG"},
+        preexec_fn=low_soft_limit,
+    )
+    limits = await trio.Path(f"/proc/{daemon.process.pid}/limits").read_text()
+    assert re.search(rf"Max open files\s+{hard}\s+{hard}\s", limits), limits
+    assert f"open files limit raised from {soft} to {hard}" in daemon.log
 
 
 @pytest.fixture
