@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from peekproxy.core.identifiers import InvalidIdentifier, ServerName
-from peekproxy.credentials import CREDENTIAL_KEYS, CREDENTIAL_PREFIX, credential_files
+from peekproxy.credentials import credentials_for_unset_keys
 
 __all__ = [
     "DEFAULT_IP_RANGE_BLACKLIST",
@@ -493,15 +493,6 @@ def load_federation_section(
         raise ConfigError([describe_error(err, env_names) for err in e.errors()]) from None
 
 
-def _unset(data: Mapping[str, Any], parts: tuple[str, ...]) -> bool:
-    node: Any = data
-    for part in parts:
-        if not isinstance(node, Mapping) or part not in node:
-            return True
-        node = node[part]
-    return False
-
-
 def load_config(
     path: str | os.PathLike[str],
     environ: Mapping[str, str] | None = None,
@@ -531,10 +522,9 @@ def load_config(
         if trouble:
             problems.append(f"{'.'.join(parts)}: {trouble} (from {name})")
         env_names[parts] = name
-    for parts, credential in credential_files(environ).items():
-        if _unset(data, parts):  # systemd credentials fill only keys left unset
-            apply_override(data, parts, str(credential))
-            env_names[parts] = f"credential {CREDENTIAL_PREFIX}{CREDENTIAL_KEYS[parts]}"
+    for parts, (credential, label) in credentials_for_unset_keys(data, environ).items():
+        apply_override(data, parts, str(credential))
+        env_names[parts] = label
     try:
         config = Config.model_validate(
             data, context={"base_dir": file.resolve().parent, "check_files": check_files}

@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["CREDENTIAL_KEYS", "CREDENTIAL_PREFIX", "credential_files"]
+__all__ = ["CREDENTIAL_KEYS", "CREDENTIAL_PREFIX", "credential_files", "credentials_for_unset_keys"]
 
 #: The ID prefix systemd gives the files of the unit's credentials directory
 #: (``LoadCredential=peekproxy:/etc/peekproxy/credentials``).
@@ -51,3 +52,25 @@ def credential_files(environ: Mapping[str, str] | None = None) -> dict[tuple[str
             pass  # there but unusable (permissions): the key's own check says why
         found[parts] = path
     return found
+
+
+def credentials_for_unset_keys(
+    data: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> dict[tuple[str, ...], tuple[Path, str]]:
+    """The credentials (:func:`credential_files`) whose key the parsed config ``data`` (the
+    file with its environment overrides applied) leaves unset: key path -> (file, the label
+    problems name it by, ``"credential peekproxy_tls.key"``)."""
+    return {
+        parts: (path, f"credential {path.name}")
+        for parts, path in credential_files(environ).items()
+        if _unset(data, parts)
+    }
+
+
+def _unset(data: Mapping[str, Any], parts: tuple[str, ...]) -> bool:
+    node: Any = data
+    for part in parts:
+        if not isinstance(node, Mapping) or part not in node:
+            return True
+        node = node[part]
+    return False

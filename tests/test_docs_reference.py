@@ -67,10 +67,10 @@ def schema_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
 
 
 def documented_keys(page: Path) -> set[str]:
-    """Keys named in the first column of the page's key table: `a.b.c`, then `d`, `e` for
-    a.b.d and a.b.e; `[[a.b]]` and `a.b."ID"` stand for a.b."""
+    """Keys named in the first column of the table of the page's "Keys" section: `a.b.c`,
+    then `d`, `e` for a.b.d and a.b.e; `[[a.b]]` and `a.b."ID"` stand for a.b."""
     keys = set()
-    for line in page.read_text().splitlines():
+    for line in sections(page)["Keys"].splitlines():
         if not line.startswith("| `"):
             continue
         names = re.findall(r"`([^`]+)`", line.split(" | ")[0])
