@@ -34,6 +34,8 @@ from tests.unit_env import (
     short_root,
 )
 
+#: What the test installs in /etc/peekproxy/credentials/.
+CREDENTIAL_FILES = ("signing.key", "delegation.secret", "tls.crt", "tls.key")
 #: The highest overall exposure accepted from `systemd-analyze security` (0-10, "OK" <= 2.0).
 MAX_EXPOSURE = 2.0
 
@@ -201,6 +203,17 @@ async def test_the_daemon_runs_and_peeks_with_the_units_environment(
         assert f"peeking {room_id}" in peek.stdout
         assert "sent before the peek" in peek.stdout and f"unpeeked {room_id}" in peek.stdout
 
+        # The config directory is left as installed (peekproxy never writes there).
+        installed = {p.relative_to(unit_root) for p in run.host("/etc/peekproxy").rglob("*")}
+        assert installed == {
+            Path("etc/peekproxy", name)
+            for name in (
+                "config.toml",
+                "federation-ca.pem",
+                "credentials",
+                *(f"credentials/{f}" for f in CREDENTIAL_FILES),
+            )
+        }
         # What the service created is its own and private (UMask=0077).
         state = run.state_root / "peekproxy"
         assert stat_mode(state) == 0o700
@@ -253,12 +266,14 @@ def install_like_the_quickstart(run: UnitRun, config: Path, env: dict[str, str])
     credentials = etc / "credentials"
     credentials.mkdir(parents=True, mode=0o700)
     etc.chmod(0o755)
-    for name, source in {
+    sources = {
         "signing.key": config.parent / "signing.key",
         "delegation.secret": config.parent / "delegation.secret",
         "tls.crt": Path(federation["tls_certificate_file"]),
         "tls.key": Path(federation["tls_private_key_file"]),
-    }.items():
+    }
+    assert set(sources) == set(CREDENTIAL_FILES)
+    for name, source in sources.items():
         shutil.copyfile(source, credentials / name)
         (credentials / name).chmod(0o600)
     text = render_config(test_config["server"]["server_name"])
