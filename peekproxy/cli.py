@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 
 from peekproxy import __version__
 from peekproxy.config import Config, ConfigError, load_config
@@ -145,13 +146,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from peekproxy.daemon import run_daemon
     from peekproxy.federation.signing_key import SigningKeyError
     from peekproxy.logs import setup_logging
-    from peekproxy.serving import ServingError, failure_message
+    from peekproxy.serving import ServingError, failure_message, raise_open_files_limit
     from peekproxy.store import StoreError
 
     config = _load_checked(args.config)
     if config is None:
         return EXIT_USAGE
     setup_logging(config.logging.level, config.logging.format, access_log=config.logging.access_log)
+    raise_open_files_limit()  # one socket per long-poll
     failure: str | None = None
     try:
         trio.run(run_daemon, config)
@@ -163,8 +165,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (``peekproxy peek: error: ...; see
+    peekproxy peek --help``) instead of the usage text and the message; exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``peekproxy`` parser: one sub-parser per command (docs/cli.md lists them all)."""
+    parser: argparse.ArgumentParser = _Parser(
         prog="peekproxy",
         description="Room peeking for Matrix homeservers (MSC2753 over MSC2444).",
     )

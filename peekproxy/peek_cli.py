@@ -8,6 +8,7 @@ import argparse
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
@@ -58,11 +59,11 @@ def describe_room(room_id: str, room: dict[str, Any]) -> list[str]:
     return lines
 
 
-async def _peek(args: argparse.Namespace, out: TextIO) -> int:
+async def _peek(args: argparse.Namespace, settings: tuple[str, str, str, str], out: TextIO) -> int:
     import httpx
     import trio
 
-    url, secret, user, device = _settings(args)
+    url, secret, user, device = settings
     params = {"user_id": user, "device_id": device}
     headers = {"Authorization": f"Bearer {secret}"}
     async with httpx.AsyncClient(
@@ -148,26 +149,71 @@ def _error(response: Any) -> str:
         return str(response.text)[:200]
 
 
-def _settings(args: argparse.Namespace) -> tuple[str, str, str, str]:
-    from peekproxy.config import ConfigError, load_config
+class UsageError(Exception):
+    """A usage mistake: ``peek`` prints it as one line and exits 2."""
 
-    try:
-        config = load_config(args.config, check_files=False)
-    except ConfigError as e:
-        raise SystemExit("\n".join(e.problems)) from None
+
+def _settings(args: argparse.Namespace) -> tuple[str, str, str, str]:
+    """(client listener URL, delegation secret, user ID, device ID) of a ``peek`` run.
+
+    The config is read only when ``-c`` or ``$PEEKPROXY_CONFIG`` names one, or when
+    ``--url`` or ``--secret-file`` is missing (then ``./config.toml``). The user ID defaults
+    to ``@peekproxy-admin:<server_name>``, or, without a config, to
+    ``@peekproxy-admin:<the URL's host>``.
+
+    Raises:
+        UsageError: no config where one is needed, an invalid one, or no readable secret.
+    """
+    import os
+    from urllib.parse import urlsplit
+
+    from peekproxy.api.delegation_params import SecretFileError, read_secret
+    from peekproxy.config import Config, ConfigError, load_config
+    from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, RoomId, UserId
+
+    config_path = args.config or os.environ.get("PEEKPROXY_CONFIG")
+    config: Config | None = None
+    if config_path or args.url is None or args.secret_file is None:
+        config_path = config_path or "config.toml"
+        try:
+            config = load_config(config_path, check_files=False)
+        except ConfigError as e:
+            hint = "" if args.url and args.secret_file else " (or give --url and --secret-file)"
+            raise UsageError("; ".join(e.problems) + hint) from None
     url = args.url
     if url is None:
+        assert config is not None
         host, _, port = config.listeners.client.bind.rpartition(":")
         host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
         url = f"http://{host}:{port}"
-    secret_file = config.delegation.shared_secret_file
-    if secret_file is None or not secret_file.exists():
-        raise SystemExit(
-            "peek: delegation.shared_secret_file is not set (or missing) in "
-            f"{args.config}; the peek command talks to the delegation API"
-        )
-    secret = secret_file.read_text().strip()
-    user = args.user or f"@peekproxy-admin:{config.server.server_name}"
+    elif not urlsplit(url).hostname or urlsplit(url).scheme not in ("http", "https"):
+        raise UsageError(f"--url: expected http(s)://HOST[:PORT], got {url!r}")
+    secret_file = args.secret_file
+    if secret_file is None:
+        assert config is not None
+        secret_file = config.delegation.shared_secret_file
+        if secret_file is None:
+            raise UsageError(
+                f"delegation.shared_secret_file is not set in {config_path}; the peek command "
+                "talks to the delegation API (or give --secret-file)"
+            )
+    try:
+        secret = read_secret(Path(secret_file))
+    except SecretFileError as e:
+        key = "--secret-file" if args.secret_file else "delegation.shared_secret_file"
+        raise UsageError(f"{key}: {e}") from None
+    assert secret is not None
+    host = urlsplit(url).hostname or ""
+    server_name = config.server.server_name if config else f"[{host}]" if ":" in host else host
+    user = args.user or f"@peekproxy-admin:{server_name}"
+    for what, value, kind in (
+        ("ROOM", args.room, RoomAlias if args.room.startswith("#") else RoomId),
+        ("--user", user, UserId),
+    ):
+        try:
+            kind.parse(value)
+        except InvalidIdentifier as e:
+            raise UsageError(f"{what}: {e}") from None
     return url.rstrip("/"), secret, user, args.device
 
 
@@ -175,7 +221,12 @@ def _run(args: argparse.Namespace) -> int:
     import trio
 
     try:
-        code: int = trio.run(_peek, args, sys.stdout)
+        settings = _settings(args)
+    except UsageError as e:
+        print(f"peek: {e}", file=sys.stderr)
+        return 2
+    try:
+        code: int = trio.run(_peek, args, settings, sys.stdout)
     except OSError as e:  # e.g. connection refused: the daemon is not running
         print(f"peek: cannot reach peekproxy: {e}", file=sys.stderr)
         return 1
@@ -187,10 +238,18 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}")
+    return value
+
+
 def add_peek_parser(commands: Any) -> None:
     """Register ``peekproxy peek``."""
-    import os
-
     parser = commands.add_parser(
         "peek",
         help="peek a room through the running daemon and print its events",
@@ -206,11 +265,27 @@ def add_peek_parser(commands: Any) -> None:
         metavar="SERVER",
         help="server to peek through (repeatable)",
     )
-    parser.add_argument("--user", help="user ID to peek as (default @peekproxy-admin:<name>)")
+    parser.add_argument(
+        "--user",
+        help="user ID to peek as (default @peekproxy-admin:<server_name>; without a config, "
+        "@peekproxy-admin:<the --url host>)",
+    )
     parser.add_argument("--device", default="PEEKPROXY_CLI", help="device ID to peek as")
-    parser.add_argument("-c", "--config", default=os.environ.get("PEEKPROXY_CONFIG", "config.toml"))
+    parser.add_argument(
+        "-c",
+        "--config",
+        help="config file (default: $PEEKPROXY_CONFIG or ./config.toml; not read when "
+        "--url and --secret-file are given and neither names one)",
+    )
     parser.add_argument("--url", help="client listener URL (default: from the config)")
-    parser.add_argument("--timeout-ms", type=int, default=30_000, help="long-poll timeout")
+    parser.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="file holding the delegation API secret (default: delegation.shared_secret_file)",
+    )
+    parser.add_argument(
+        "--timeout-ms", type=_non_negative, default=30_000, help="long-poll timeout, ms"
+    )
     parser.add_argument(
         "--once",
         action="store_true",
