@@ -24,6 +24,7 @@ from peekproxy.services.observer_join import ObserverJoin
 from peekproxy.services.observer_queries import ObserverQueries
 from peekproxy.services.reads import HistoryReads
 from peekproxy.services.settings import PeekSettings, now_ms
+from peekproxy.services.status import SubscriptionStatus
 from peekproxy.services.subscriptions import Subscriptions
 from peekproxy.services.syncing import Syncing
 from peekproxy.store import Storage
@@ -52,6 +53,8 @@ class Services:
     members: MemberReads
     #: Other servers' questions about the observer user (devices, keys, profile).
     observer_queries: ObserverQueries
+    #: The admin status view of the subscriptions.
+    status: SubscriptionStatus
     #: Front mode with ``upstream.access_token_file``: the fronted homeserver's own rooms.
     local_rooms: ClientApiFollower | None = None
 
@@ -173,5 +176,6 @@ def build_services(
         reads=reads,
         members=members,
         observer_queries=observer_queries,
+        status=SubscriptionStatus(store=store, subscriptions=subscriptions, clock_ms=clock_ms),
         local_rooms=local_rooms,
     )

@@ -41,6 +41,7 @@ from peekproxy.core.room_versions import room_version
 from peekproxy.core.server_acl import server_allowed
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
+from peekproxy.logs import bind_log_fields
 from peekproxy.services.errors import PeekError
 from peekproxy.services.event_auth import EventAuth, Judged
 from peekproxy.services.following import Fetched
@@ -172,6 +173,7 @@ class Ingest:
 
         async def one_room(room_id: str, room_pdus: list[dict[str, Any]]) -> None:
             nonlocal pending
+            bind_log_fields(room_id=room_id)  # this room's own task
             # Rooms are independent: one waiting for get_missing_events holds up no other.
             lock = self._ingest_locks.setdefault(room_id, trio.Lock())
             async with lock:
