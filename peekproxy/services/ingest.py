@@ -127,6 +127,7 @@ class Ingest:
                 f"a transaction may hold at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs",
             )
         self.client.heard_from(origin)  # it is up: fetching what its events lack may go on
+        log.debug("transaction %s: %d PDUs, %d EDUs", txn_id, len(pdus), len(edus))
         key = (origin, txn_id)
         lock = self._txn_locks.setdefault(key, trio.Lock())
         try:

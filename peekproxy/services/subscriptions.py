@@ -513,9 +513,7 @@ class Subscriptions:
             with log_fields(destination=server, peek_id=peek_id):
                 stopped = await self.follower.stop(room_id, server, peek_id)
             if not stopped:
-                self._failed(
-                    room_id, "delete", server, f"{peek_id} not stopped; retried after a back-off"
-                )
+                self._failed(room_id, "delete", server, f"{peek_id} not stopped; will retry")
                 continue
             async with self.room_lock(room_id):
                 await self._save(subs.deleted(self.by_room[room_id], server, peek_id))
