@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
@@ -149,7 +150,11 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
         shown = record.message
-        extra = [f"{k}={v}" for k, v in _fields_of(record).items() if v not in shown]
+        extra = [
+            f"{k}={v}"
+            for k, v in _fields_of(record).items()
+            if not re.search(rf"(?<!\w){re.escape(v)}(?!\w)", shown)
+        ]
         return " ".join([line, *extra])
 
 

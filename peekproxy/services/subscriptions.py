@@ -30,7 +30,7 @@ from peekproxy.core.outcomes import retry_not_before
 from peekproxy.core.room_versions import room_version
 from peekproxy.core.status import Failure, RecentFailures
 from peekproxy.core.subscription import Action, Subscription, SubState
-from peekproxy.logs import bind_log_fields, log_fields
+from peekproxy.logs import bind_log_fields
 from peekproxy.services.errors import PeekError
 from peekproxy.services.event_auth import EventAuth, Judged
 from peekproxy.services.following import (
@@ -420,8 +420,8 @@ class Subscriptions:
         sub = self.by_room[room_id]
         assert sub.server is not None and sub.peek_id is not None
         peek_id = sub.peek_id
-        with log_fields(destination=sub.server, peek_id=peek_id):
-            renewal = await self.follower.renew(room_id, sub.server, peek_id)
+        bind_log_fields(destination=sub.server, peek_id=peek_id)  # until the task's next plan
+        renewal = await self.follower.renew(room_id, sub.server, peek_id)
         if isinstance(renewal, RenewalFailed):
             self._failed(room_id, "renew", sub.server, renewal.error or "renewal failed")
         if isinstance(renewal, RenewalFailed) or renewal.snapshot is None:
@@ -510,9 +510,8 @@ class Subscriptions:
         is left."""
         sub = self.by_room[room_id]
         for server, peek_id in sub.pending_deletes:
-            with log_fields(destination=server, peek_id=peek_id):
-                stopped = await self.follower.stop(room_id, server, peek_id)
-            if not stopped:
+            bind_log_fields(destination=server, peek_id=peek_id)
+            if not await self.follower.stop(room_id, server, peek_id):
                 self._failed(room_id, "delete", server, f"{peek_id} not stopped; will retry")
                 continue
             async with self.room_lock(room_id):
