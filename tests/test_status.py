@@ -25,7 +25,9 @@ from peekproxy.core.status import (
 )
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.daemon_target import TargetError, client_url_of_bind, daemon_target
-from peekproxy.services.status import transport_of
+from peekproxy.services.errors import PeekError
+from peekproxy.services.following import FollowFailed, RenewalFailed
+from peekproxy.services.status import FailureRecorder, transport_of
 from peekproxy.status_cli import ago, format_status, run_status
 from peekproxy.store.sqlite import open_sqlite
 from tests.conftest import Spawn
@@ -47,12 +49,12 @@ def test_recent_failures_keep_the_newest_of_the_rooms_that_failed_last() -> None
     record.record("!b:x", Failure(10, "peek", None, "b"))
     assert [f.error for f in record.of("!a:x")] == ["a1", "a2"]  # the newest two, oldest first
     record.record("!a:x", Failure(11, "delete", "x", "a3"))  # !a:x failed last now
-    record.record("!c:x", Failure(12, "fetch", "x", "c"))  # a third room: !b:x is forgotten
+    record.record("!c:x", Failure(12, "delete", "x", "c"))  # a third room: !b:x is forgotten
     assert record.of("!b:x") == [] and len(record) == 2
     assert [f.error for f in record.of("!a:x")] == ["a2", "a3"]
     assert record.of("!c:x")[0].to_json() == {
         "ts": 12,
-        "action": "fetch",
+        "action": "delete",
         "server": "x",
         "error": "c",
     }
@@ -131,6 +133,40 @@ def test_entry_shape() -> None:
     )
     assert joined["peek_id"] is None and joined["next_renewal_ts"] is None
     assert joined["last_event_id"] is None and joined["last_event_ts"] is None
+
+
+class _Failing:
+    """A room follower whose every call fails."""
+
+    async def follow(self, room_id: str, candidates: Any) -> Any:
+        error = PeekError(502, "M_UNKNOWN", f"could not peek {room_id}: a.x: unreachable")
+        raise FollowFailed(error, rate_limited=False, abandoned=())
+
+    async def renew(self, room_id: str, server: str, handle: str) -> Any:
+        return RenewalFailed(refused=False, at_ms=1, error=f"{server}: HTTP 500 M_UNKNOWN")
+
+    async def stop(self, room_id: str, server: str, handle: str) -> bool:
+        return False
+
+
+async def test_failure_recorder_passes_calls_on_and_records_failures() -> None:
+    failures = RecentFailures()
+    recorder = FailureRecorder(_Failing(), failures, clock_ms=lambda: NOW)
+    with pytest.raises(FollowFailed):
+        await recorder.follow("!r:x", ["a.x"])
+    renewal = await recorder.renew("!r:x", "a.x", "P1")
+    assert isinstance(renewal, RenewalFailed) and not renewal.refused
+    assert await recorder.stop("!r:x", "b.x", "P0") is False
+    assert [f.to_json() for f in failures.of("!r:x")] == [
+        {
+            "ts": NOW,
+            "action": "peek",
+            "server": None,
+            "error": "could not peek !r:x: a.x: unreachable",
+        },
+        {"ts": NOW, "action": "renew", "server": "a.x", "error": "a.x: HTTP 500 M_UNKNOWN"},
+        {"ts": NOW, "action": "delete", "server": "b.x", "error": "P0 not stopped; will retry"},
+    ]
 
 
 def test_transport_of_handles() -> None:

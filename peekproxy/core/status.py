@@ -1,7 +1,8 @@
 """What the admin status view tells about each remote subscription (pure).
 
-:class:`RecentFailures` is the small in-memory record of the last failures per room that
-:class:`peekproxy.services.subscriptions.Subscriptions` keeps (per process, lost on restart);
+:class:`RecentFailures` is the small in-memory record of the last failures per room of the
+subscriptions' room follower (:class:`peekproxy.services.status.FailureRecorder`; per
+process, lost on restart);
 :func:`subscription_entry` shapes one room's entry of ``GET
 /_peekproxy/v1/admin/subscriptions`` (docs/operations.md "Status") and :func:`by_urgency`
 orders them, failing rooms first. Times are ms since the epoch.
@@ -37,10 +38,9 @@ class Failure:
     """One failed action of a room's subscription.
 
     ``ts``: when it failed (ms); ``action``: ``peek`` (a first peek or a re-peek through the
-    candidates), ``renew``, ``delete`` (stopping an old peek, or the observer's leave) or
-    ``fetch`` (events a renewal reply showed could not be fetched); ``server``: the server
-    asked (``None`` for a peek through several candidates: ``error`` names each);
-    ``error``: what went wrong, as logged.
+    candidates), ``renew`` or ``delete`` (stopping an old peek, or the observer's leave);
+    ``server``: the server asked (``None`` for a peek through several candidates: ``error``
+    names each); ``error``: what went wrong.
     """
 
     ts: int

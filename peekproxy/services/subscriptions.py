@@ -28,7 +28,6 @@ from peekproxy.core import subscription as subs
 from peekproxy.core.backoff import backoff_delay
 from peekproxy.core.outcomes import retry_not_before
 from peekproxy.core.room_versions import room_version
-from peekproxy.core.status import Failure, RecentFailures
 from peekproxy.core.subscription import Action, Subscription, SubState
 from peekproxy.logs import bind_log_fields
 from peekproxy.services.errors import PeekError
@@ -82,8 +81,6 @@ class Subscriptions:
         self._tasks: set[str] = set()
         self._room_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
-        #: The last failures of each room (in memory: the status view's recent failures).
-        self.failures = RecentFailures()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load subscriptions, resume them (renew at once; a lapse while down becomes a
@@ -118,9 +115,6 @@ class Subscriptions:
     def get(self, room_id: str) -> Subscription | None:
         """The subscription of ``room_id``, if the room was ever followed."""
         return self.by_room.get(room_id)
-
-    def _failed(self, room_id: str, action: str, server: str | None, error: str) -> None:
-        self.failures.record(room_id, Failure(self.clock_ms(), action, server, error))
 
     def observed(self, room_id: str) -> bool:
         """Whether ``room_id`` is followed by an observer join that takes its events (the
@@ -285,7 +279,6 @@ class Subscriptions:
         except FollowFailed as failed:
             sub = replace(sub, pending_deletes=(*sub.pending_deletes, *failed.abandoned))
             error = failed.error
-            self._failed(room_id, "peek", None, error.error)
             if failed.rate_limited:
                 await self._save(subs.start_failed(sub, error.error))
                 raise error from None
@@ -422,8 +415,6 @@ class Subscriptions:
         peek_id = sub.peek_id
         bind_log_fields(destination=sub.server, peek_id=peek_id)  # until the task's next plan
         renewal = await self.follower.renew(room_id, sub.server, peek_id)
-        if isinstance(renewal, RenewalFailed):
-            self._failed(room_id, "renew", sub.server, renewal.error or "renewal failed")
         if isinstance(renewal, RenewalFailed) or renewal.snapshot is None:
             async with self.room_lock(room_id):
                 current = self.by_room[room_id]
@@ -455,7 +446,6 @@ class Subscriptions:
             self.notifier.notify_room(room_id)
         if gap:
             log.info("renewal reply for %s shows events we cannot fetch: recorded a gap", room_id)
-            self._failed(room_id, "fetch", sub.server, "events a renewal reply showed: a gap")
 
     async def _store_renewal(
         self,
@@ -512,7 +502,6 @@ class Subscriptions:
         for server, peek_id in sub.pending_deletes:
             bind_log_fields(destination=server, peek_id=peek_id)
             if not await self.follower.stop(room_id, server, peek_id):
-                self._failed(room_id, "delete", server, f"{peek_id} not stopped; will retry")
                 continue
             async with self.room_lock(room_id):
                 await self._save(subs.deleted(self.by_room[room_id], server, peek_id))
