@@ -1,4 +1,5 @@
-"""Command line: ``peekproxy run | check-config | generate-config | generate-signing-key``.
+"""Command line: ``peekproxy run | check-config | generate-config | generate-signing-key``
+(and ``pdu``, ``testbed``, ``peek``, ``status``).
 
 Exit codes: 0 success; 1 runtime failure (unusable database, key or listener);
 2 bad usage or an invalid config (one line per problem on stderr, each naming the key).
@@ -211,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     from peekproxy.peek_cli import add_peek_parser
 
     add_peek_parser(commands)
+
+    from peekproxy.status_cli import add_status_parser
+
+    add_status_parser(commands)
     return parser
 
 
