@@ -1,7 +1,8 @@
 """Where a command-line client finds the running daemon: its client listener URL and the
 delegation secret, from ``--url`` / ``--secret-file`` or else from the config file.
 
-Used by ``peekproxy status`` (:mod:`peekproxy.status_cli`); a client of the delegation or
+Used by ``peekproxy status`` (:mod:`peekproxy.status_cli`) and ``peekproxy peek``
+(:mod:`peekproxy.peek_cli`); a client of the delegation or
 admin API needs nothing else. With both ``--url`` and ``--secret-file`` no config file is
 read at all.
 """
@@ -57,13 +58,21 @@ def daemon_target(
     """The daemon to talk to: ``url`` and the secret in ``secret_file`` when both are
     given; what is missing comes from the config file ``config`` (default
     ``$PEEKPROXY_CONFIG``, else ``./config.toml``): ``listeners.client.bind`` and
-    ``delegation.shared_secret_file``.
+    ``delegation.shared_secret_file``. A config named by ``config`` is read even when both
+    are given (its ``server_name`` is then known); otherwise, with both, none is read.
 
     Raises:
-        TargetError: the secret file cannot be read or is empty; the config cannot be read
-            or is invalid; it sets no ``delegation.shared_secret_file``.
+        TargetError: ``url`` is not ``http(s)://HOST[:PORT]``; the secret file cannot be
+            read or is empty; the config cannot be read or is invalid; it sets no
+            ``delegation.shared_secret_file``.
     """
-    if url is not None and secret_file is not None:
+    from urllib.parse import urlsplit
+
+    if url is not None and (
+        urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname
+    ):
+        raise TargetError(f"--url: expected http(s)://HOST[:PORT], got {url!r}")
+    if url is not None and secret_file is not None and config is None:
         return DaemonTarget(url.rstrip("/"), _secret_of(Path(secret_file), "--secret-file"))
     from peekproxy.config import ConfigError, load_config
 

@@ -8,7 +8,6 @@ import argparse
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
@@ -156,55 +155,32 @@ class UsageError(Exception):
 def _settings(args: argparse.Namespace) -> tuple[str, str, str, str]:
     """(client listener URL, delegation secret, user ID, device ID) of a ``peek`` run.
 
-    The config is read only when ``-c`` or ``$PEEKPROXY_CONFIG`` names one, or when
-    ``--url`` or ``--secret-file`` is missing (then ``./config.toml``). The user ID defaults
-    to ``@peekproxy-admin:<server_name>``, or, without a config, to
+    The daemon is found by :func:`peekproxy.daemon_target.daemon_target`: the config is
+    read only when ``-c`` or ``$PEEKPROXY_CONFIG`` names one, or when ``--url`` or
+    ``--secret-file`` is missing (then ``./config.toml``). The user ID defaults to
+    ``@peekproxy-admin:<server_name>``, or, without a config, to
     ``@peekproxy-admin:<the URL's host>``.
 
     Raises:
-        UsageError: no config where one is needed, an invalid one, or no readable secret.
+        UsageError: no config where one is needed, an invalid one, no readable secret, a
+            bad ``--url``, ROOM or ``--user``.
     """
     import os
     from urllib.parse import urlsplit
 
-    from peekproxy.api.delegation_params import SecretFileError, read_secret
-    from peekproxy.config import Config, ConfigError, load_config
     from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, RoomId, UserId
+    from peekproxy.daemon_target import TargetError, daemon_target
 
-    config_path = args.config or os.environ.get("PEEKPROXY_CONFIG")
-    config: Config | None = None
-    if config_path or args.url is None or args.secret_file is None:
-        config_path = config_path or "config.toml"
-        try:
-            config = load_config(config_path, check_files=False)
-        except ConfigError as e:
-            hint = "" if args.url and args.secret_file else " (or give --url and --secret-file)"
-            raise UsageError("; ".join(e.problems) + hint) from None
-    url = args.url
-    if url is None:
-        assert config is not None
-        host, _, port = config.listeners.client.bind.rpartition(":")
-        host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
-        url = f"http://{host}:{port}"
-    elif not urlsplit(url).hostname or urlsplit(url).scheme not in ("http", "https"):
-        raise UsageError(f"--url: expected http(s)://HOST[:PORT], got {url!r}")
-    secret_file = args.secret_file
-    if secret_file is None:
-        assert config is not None
-        secret_file = config.delegation.shared_secret_file
-        if secret_file is None:
-            raise UsageError(
-                f"delegation.shared_secret_file is not set in {config_path}; the peek command "
-                "talks to the delegation API (or give --secret-file)"
-            )
     try:
-        secret = read_secret(Path(secret_file))
-    except SecretFileError as e:
-        key = "--secret-file" if args.secret_file else "delegation.shared_secret_file"
-        raise UsageError(f"{key}: {e}") from None
-    assert secret is not None
-    host = urlsplit(url).hostname or ""
-    server_name = config.server.server_name if config else f"[{host}]" if ":" in host else host
+        target = daemon_target(
+            url=args.url,
+            secret_file=args.secret_file,
+            config=args.config or os.environ.get("PEEKPROXY_CONFIG"),
+        )
+    except TargetError as e:
+        raise UsageError(str(e)) from None
+    host = urlsplit(target.url).hostname or ""
+    server_name = target.server_name or (f"[{host}]" if ":" in host else host)
     user = args.user or f"@peekproxy-admin:{server_name}"
     for what, value, kind in (
         ("ROOM", args.room, RoomAlias if args.room.startswith("#") else RoomId),
@@ -214,7 +190,7 @@ def _settings(args: argparse.Namespace) -> tuple[str, str, str, str]:
             kind.parse(value)
         except InvalidIdentifier as e:
             raise UsageError(f"{what}: {e}") from None
-    return url.rstrip("/"), secret, user, args.device
+    return target.url, target.secret, user, args.device
 
 
 def _run(args: argparse.Namespace) -> int:

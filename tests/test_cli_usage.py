@@ -48,6 +48,16 @@ USAGE_ERRORS: list[tuple[list[str], str]] = [
         "peek: --user: ",
     ),
     (["peek", "--timeout-ms", "-1", "#a:example.org"], "peekproxy peek: error: argument"),
+    (["status", "--bogus"], "peekproxy: error: unrecognized arguments: --bogus"),
+    (["status"], "status: config.toml: config file not found"),
+    (
+        ["status", "--url", "gopher://x", "--secret-file", SECRET_FILE],
+        "status: --url: expected http(s)://HOST[:PORT]",
+    ),
+    (
+        ["status", "--url", "http://127.0.0.1:1", "--secret-file", "missing"],
+        "status: --secret-file",
+    ),
 ]
 
 
