@@ -35,6 +35,7 @@ from peekproxy.sdnotify import sd_notify
 from peekproxy.services.assembly import PeekSettings, build_services
 from peekproxy.services.client_api_follower import ClientApiFollower
 from peekproxy.services.front_sync import FrontSync
+from peekproxy.services.gauges import ScrapeGauges
 from peekproxy.services.passthrough import Passthrough
 from peekproxy.services.settings import ObserverSettings
 from peekproxy.serving import ServingError, hypercorn_config, open_listeners, watch_signals
@@ -219,7 +220,9 @@ async def run_daemon(
                 if listeners.metrics.enabled:
                     metrics_url = await servers.start(
                         "listeners.metrics.bind",
-                        MetricsOnly(),
+                        MetricsOnly(
+                            ScrapeGauges(subscriptions=services.subscriptions, store=store).refresh
+                        ),
                         hypercorn_config(listeners.metrics.bind, grace=grace, access_log=False),
                     )
                 listening = Listening(client_url, federation_url, metrics_url)

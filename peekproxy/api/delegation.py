@@ -48,6 +48,7 @@ from peekproxy.api.delegation_params import (
 )
 from peekproxy.api.errors import MatrixError
 from peekproxy.api.federation_auth import read_json_body
+from peekproxy.metrics import LONG_POLLS
 from peekproxy.services.assembly import Services
 from peekproxy.services.reads import HistoryReads
 from peekproxy.services.syncing import Syncing
@@ -172,14 +173,15 @@ class DelegationApi:
     async def sync(self, request: Request) -> Response:
         user_id, device_id = await self.device(request)
         params = sync_params(request.query_params)
-        answer = await self.syncing.sync(
-            user_id,
-            device_id,
-            since=params.since,
-            timeout_ms=params.timeout_ms,
-            full_state=params.full_state,
-            timeline_limit=params.timeline_limit,
-        )
+        with LONG_POLLS.labels("delegation").track_inprogress():
+            answer = await self.syncing.sync(
+                user_id,
+                device_id,
+                since=params.since,
+                timeout_ms=params.timeout_ms,
+                full_state=params.full_state,
+                timeline_limit=params.timeline_limit,
+            )
         return JSONResponse(answer)
 
     # -- reads -----------------------------------------------------------------------------

@@ -92,3 +92,12 @@ class DevicePeekOps(SqliteBase):
                 "SELECT DISTINCT user_id, device_id FROM device_peeks WHERE state = 'active'"
             )
         ]
+
+    def device_peek_totals(self) -> dict[str, int]:
+        return {
+            str(state): int(count)
+            for state, count in self._conn.execute(
+                "SELECT state, COUNT(*) FROM device_peeks WHERE state IN ('active', 'dormant') "
+                "GROUP BY state"
+            )
+        }
