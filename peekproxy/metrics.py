@@ -30,6 +30,7 @@ from peekproxy.core.metric_labels import (
 
 __all__ = [
     "DEVICE_PEEKS",
+    "EVENT_AUTH",
     "FEDERATION_REQUESTS",
     "FEDERATION_REQUEST_SECONDS",
     "FRONT_DEGRADED",
@@ -87,6 +88,7 @@ SYNC_ANSWERS = Counter(
     "limited timelines, tokens older than the window)",
     ["source"],
 )
+_present(SYNC_ANSWERS, ("memory", "store"))
 
 FRONT_SYNCS = Counter(
     "peekproxy_front_syncs",
@@ -95,6 +97,7 @@ FRONT_SYNCS = Counter(
     "(its non-200 answer passed on), 'unavailable' (it could not be reached: 502)",
     ["outcome"],
 )
+_present(FRONT_SYNCS, ("merged", "homeserver", "homeserver_error", "unavailable"))
 FRONT_DEGRADED = Counter(
     "peekproxy_front_degraded",
     "Faults in peekproxy's own part of a front /sync (logged); the client got the "
@@ -106,6 +109,7 @@ TOKEN_CHECKS = Counter(
     "request to the homeserver)",
     ["result"],
 )
+_present(TOKEN_CHECKS, ("cached", "asked"))
 
 OBSERVER_MEMBERSHIP = Counter(
     "peekproxy_observer_membership",
@@ -113,6 +117,7 @@ OBSERVER_MEMBERSHIP = Counter(
     "outcome ('ok', 'refused': the room may not be peeked or the server said no, 'failed')",
     ["action", "outcome"],
 )
+_present(OBSERVER_MEMBERSHIP, ("join", "leave"), ("ok", "refused", "failed"))
 
 EVENT_AUTH = Counter(
     "peekproxy_event_auth",
@@ -122,6 +127,7 @@ EVENT_AUTH = Counter(
     "not be fetched)",
     ["outcome"],
 )
+_present(EVENT_AUTH, ("accepted", "soft_failed", "rejected", "dropped"))
 
 # -- subscriptions and device peeks (set at scrape time) -----------------------------------
 
