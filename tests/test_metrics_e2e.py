@@ -14,9 +14,13 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from peekproxy.metrics import SUBSCRIPTION_STATES, TRANSPORTS
+from tests import front_support
+from tests.conftest import Spawn
 from tests.dashboard_check import exported_series, problems
+from tests.front_support import Account
 from tests.peek_world import PEEKPROXY, TESTBED, PeekWorld, build_world
 from tests.support import DaemonProcess
+from tests.synapse import Synapse
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "contrib" / "grafana" / "peekproxy.json"
 
@@ -61,13 +65,13 @@ async def wait_for(daemon: DaemonProcess, check: object, timeout: float = 30.0) 
 
 @pytest.fixture
 async def world(
-    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: object
+    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
 ) -> PeekWorld:
     return await build_world(
         nursery,
         tls_ca,
         tmp_path,
-        spawn,  # type: ignore[arg-type]
+        spawn,
         peeks_env={"PEEKPROXY_PEEKS__LINGER": "0.1", "PEEKPROXY_PEEKS__IDLE_TIMEOUT": "8s"},
     )
 
@@ -152,3 +156,45 @@ async def test_metrics_after_a_peek_and_the_dashboard(world: PeekWorld) -> None:
         daemon, lambda s: value(s, "peekproxy_device_peeks", status="dormant") == 1
     )
     assert value(idle, "peekproxy_device_peeks", status="active") == 0
+
+
+async def test_front_mode_metrics_with_synapse(
+    synapse: Synapse, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    """Front mode before the real Synapse: a world_readable room of Synapse itself is followed
+    through its client API (transport ``client_api``), and the client's own ``/sync`` counts
+    as a front long-poll while it waits."""
+    alice, bob, reader = (Account(synapse, f"metrics-{n}") for n in ("alice", "bob", "reader"))
+    room_id = await alice.create_room(version="10")
+    world = await front_support.front_world(
+        synapse, nursery, tls_ca, tmp_path, spawn, reader=reader
+    )
+    daemon = world.daemon
+    await front_support.peek(world, bob.token, room_id)
+    first = await front_support.sync(daemon.client, bob.token)
+
+    async def poll_until_live() -> None:
+        since = first["next_batch"]
+        with trio.fail_after(30):
+            while True:
+                synced = await front_support.sync(
+                    daemon.client, bob.token, since=since, timeout_ms=20_000
+                )
+                if "live for metrics" in json.dumps(synced):
+                    return
+                since = synced["next_batch"]
+
+    async with trio.open_nursery() as polls:
+        polls.start_soon(poll_until_live)
+        await wait_for(daemon, lambda s: value(s, "peekproxy_long_polls", api="front") == 1)
+        await alice.send(room_id, "live for metrics")
+
+    _, samples = await scrape(daemon)
+    assert value(samples, "peekproxy_subscriptions", state="active", transport="client_api") == 1
+    assert total(samples, "peekproxy_subscriptions") == 1
+    assert value(samples, "peekproxy_device_peeks", status="active") == 1
+    assert value(samples, "peekproxy_long_polls", api="front") == 0
+    assert value(samples, "peekproxy_front_syncs_total", outcome="merged") >= 1
+    assert value(samples, "peekproxy_wake_latency_seconds_count") >= 1
+    # No federation was needed for a room of the fronted homeserver: no peek was sent.
+    assert total(samples, "peekproxy_federation_requests_total", endpoint="peek") == 0
