@@ -39,6 +39,7 @@ __all__ = [
     "HTTP_REQUEST_SECONDS",
     "LAPSES",
     "LONG_POLLS",
+    "LONG_POLLS_IN_FLIGHT",
     "OBSERVER_MEMBERSHIP",
     "PDU_OUTCOMES",
     "RENEWALS",
@@ -245,7 +246,26 @@ LONG_POLLS = Gauge(
     "mode's client /sync)",
     ["api"],
 )
-_present(LONG_POLLS, ("delegation", "front"))
+
+
+class _InFlight:
+    """``with``: one more in flight for its series, while inside (no state of its own, so
+    one object serves every request; cheaper than ``track_inprogress`` per request)."""
+
+    __slots__ = ("_gauge",)
+
+    def __init__(self, gauge: Any) -> None:
+        self._gauge = gauge
+
+    def __enter__(self) -> None:
+        self._gauge.inc()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._gauge.dec()
+
+
+#: ``with LONG_POLLS_IN_FLIGHT[api]:`` around a ``/sync`` (``api``: ``delegation``, ``front``).
+LONG_POLLS_IN_FLIGHT = {api: _InFlight(LONG_POLLS.labels(api)) for api in ("delegation", "front")}
 WAKE_SECONDS = Histogram(
     "peekproxy_wake_latency_seconds",
     "From the commit of new stream rows to a woken long-poll's answer being ready (peek "

@@ -48,7 +48,7 @@ from peekproxy.api.delegation_params import (
 )
 from peekproxy.api.errors import MatrixError
 from peekproxy.api.federation_auth import read_json_body
-from peekproxy.metrics import LONG_POLLS
+from peekproxy.metrics import LONG_POLLS_IN_FLIGHT
 from peekproxy.services.assembly import Services
 from peekproxy.services.reads import HistoryReads
 from peekproxy.services.syncing import Syncing
@@ -173,7 +173,7 @@ class DelegationApi:
     async def sync(self, request: Request) -> Response:
         user_id, device_id = await self.device(request)
         params = sync_params(request.query_params)
-        with LONG_POLLS.labels("delegation").track_inprogress():
+        with LONG_POLLS_IN_FLIGHT["delegation"]:
             answer = await self.syncing.sync(
                 user_id,
                 device_id,

@@ -26,7 +26,7 @@ from peekproxy.api.errors import MatrixError
 from peekproxy.api.upstream_auth import UpstreamAuth, access_token, forwarded_headers
 from peekproxy.core.identifiers import InvalidIdentifier, RoomId
 from peekproxy.homeserver.client import HomeserverUnavailable
-from peekproxy.metrics import LONG_POLLS
+from peekproxy.metrics import LONG_POLLS_IN_FLIGHT
 from peekproxy.services.front_sync import FrontSync, FrontSyncRequest
 from peekproxy.services.passthrough import ClientRequest, Passthrough, UpstreamAnswer
 
@@ -99,7 +99,7 @@ class FrontApi:
             filter=params.get("filter"),
         )
         try:
-            with LONG_POLLS.labels("front").track_inprogress():
+            with LONG_POLLS_IN_FLIGHT["front"]:
                 answer = await self.front.sync(front_request)
         except HomeserverUnavailable as e:
             raise _unavailable(e) from None
