@@ -198,3 +198,33 @@ async def test_front_mode_metrics_with_synapse(
     assert value(samples, "peekproxy_wake_latency_seconds_count") >= 1
     # No federation was needed for a room of the fronted homeserver: no peek was sent.
     assert total(samples, "peekproxy_federation_requests_total", endpoint="peek") == 0
+
+
+async def test_renewals_lapses_and_repeeks_are_counted(world: PeekWorld) -> None:
+    world.testbed.renewal_interval_ms = 2_000  # renewed every second
+    room_id = world.create_room("10")
+    assert (await world.peek(room_id, hints=[TESTBED])).status_code == 200
+    await world.testbed.wait_until(lambda: len(world.log_of("renew")) >= 2, timeout=20)
+    renewed = await wait_for(
+        world.daemon, lambda s: value(s, "peekproxy_renewals_total", result="ok") >= 2
+    )
+    assert value(renewed, "peekproxy_lapses_total") == 0
+    assert value(renewed, "peekproxy_repeeks_total", result="ok") == 0
+
+    # The remote forgets the peek and refuses the next renewal: a lapse, then a re-peek.
+    world.testbed.faults.update(
+        {"peek_count": 1, "peek_status": 404, "peek_errcode": "M_NOT_FOUND"}
+    )
+    [(_, origin, _, peek_id)] = world.log_of("start")
+    assert world.testbed.peeks.delete(origin, room_id, peek_id, world.testbed.clock_ms())
+    await world.daemon.wait_for_log(rb"after a gap")
+    samples = await wait_for(
+        world.daemon, lambda s: value(s, "peekproxy_repeeks_total", result="ok") == 1
+    )
+    assert value(samples, "peekproxy_renewals_total", result="failed") == 1
+    assert value(samples, "peekproxy_lapses_total") == 1
+    assert value(samples, "peekproxy_subscriptions", state="active", transport="msc2444") == 1
+    assert (
+        value(samples, "peekproxy_federation_requests_total", endpoint="peek", result="http_4xx")
+        == 1
+    )
