@@ -218,11 +218,11 @@ async def run_daemon(
                 )
                 metrics_url = None
                 if listeners.metrics.enabled:
+                    gauges = ScrapeGauges(subscriptions=services.subscriptions, store=store)
+                    await outer.start(gauges.run)
                     metrics_url = await servers.start(
                         "listeners.metrics.bind",
-                        MetricsOnly(
-                            ScrapeGauges(subscriptions=services.subscriptions, store=store).refresh
-                        ),
+                        MetricsOnly(gauges.refresh),
                         hypercorn_config(listeners.metrics.bind, grace=grace, access_log=False),
                     )
                 listening = Listening(client_url, federation_url, metrics_url)

@@ -3,26 +3,25 @@
 Every label value is bounded (:mod:`peekproxy.core.metric_labels`): never a room ID, server
 name, user ID or peek ID. The series of each labelled counter and gauge exist from start
 (at 0), so that dashboards show zeros rather than gaps. The gauges of things the daemon
-holds (subscriptions, device peeks) are set at scrape time (:func:`metrics_app`'s
-``before_scrape``), so that the hot paths pay nothing for them. docs/operations.md lists
+holds (subscriptions, device peeks) are counted apart from the hot paths
+(:mod:`peekproxy.services.gauges`). docs/operations.md lists
 every series.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram, make_asgi_app
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, make_asgi_app
 from prometheus_client.metrics import MetricWrapperBase
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from peekproxy.core.federation_errors import FederationError
 from peekproxy.core.metric_labels import (
     ENDPOINTS,
-    REQUEST_RESULTS,
     endpoint_kind,
     request_result,
     store_operation,
@@ -59,6 +58,11 @@ __all__ = [
     "outbound_request",
     "timed_store_operation",
 ]
+
+
+# No ``_created`` series (one per counter and histogram series): they would double the
+# exposition and no dashboard or alert here reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 def _present(metric: MetricWrapperBase, *values: Iterable[str]) -> None:
@@ -130,7 +134,7 @@ EVENT_AUTH = Counter(
 )
 _present(EVENT_AUTH, ("accepted", "soft_failed", "rejected", "dropped"))
 
-# -- subscriptions and device peeks (set at scrape time) -----------------------------------
+# -- subscriptions and device peeks (services/gauges.py) --------------------------------------
 
 #: ``core.subscription.SubState`` values, and how a room is followed (its handle's kind).
 SUBSCRIPTION_STATES = ("starting", "active", "lapsed", "stopping", "dormant", "failed", "ended")
@@ -209,7 +213,8 @@ FEDERATION_REQUESTS = Counter(
     "timeout, connect_error, dns_error, refused_by_ip_policy, backing_off, bad_response, ...)",
     ["endpoint", "result"],
 )
-_present(FEDERATION_REQUESTS, ENDPOINTS, REQUEST_RESULTS)
+# Each endpoint's ``ok`` from start (the failures appear as they happen): 16 series, not 192.
+_present(FEDERATION_REQUESTS, ENDPOINTS, ("ok",))
 FEDERATION_REQUEST_SECONDS = Histogram(
     "peekproxy_federation_request_duration_seconds",
     "Outbound federation requests, from the call to the answer or failure (discovery "
@@ -320,16 +325,17 @@ class RequestMetrics:
         await self.app(scope, receive, send_and_count)
 
 
-def metrics_app(before_scrape: Callable[[], Awaitable[None]] | None = None) -> ASGIApp:
+def metrics_app(before_scrape: Callable[[], None] | None = None) -> ASGIApp:
     """The ASGI app for ``GET /metrics`` (Prometheus text format); ``before_scrape`` (if
-    given) is awaited before each scrape, to set the gauges read at scrape time."""
+    given) is called before each scrape, to set the gauges read at scrape time (it must be
+    quick: a scrape waits for nothing else)."""
     exposition: ASGIApp = make_asgi_app()
     if before_scrape is None:
         return exposition
     refresh = before_scrape
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await refresh()
+        refresh()
         await exposition(scope, receive, send)
 
     return app

@@ -111,6 +111,8 @@ async def test_metrics_after_a_peek_and_the_dashboard(world: PeekWorld) -> None:
         refused = await http.put(f"{daemon.federation}/_matrix/federation/v1/send/t1", json={})
     assert refused.status_code == 401
 
+    # The device peeks are counted every 5 s (services/gauges.py), the rest at each scrape.
+    await wait_for(daemon, lambda s: value(s, "peekproxy_device_peeks", status="active") == 1)
     text, samples = await scrape(daemon)
     assert value(samples, "peekproxy_subscriptions", state="active", transport="msc2444") == 1
     assert total(samples, "peekproxy_subscriptions") == 1
@@ -189,6 +191,7 @@ async def test_front_mode_metrics_with_synapse(
         await wait_for(daemon, lambda s: value(s, "peekproxy_long_polls", api="front") == 1)
         await alice.send(room_id, "live for metrics")
 
+    await wait_for(daemon, lambda s: value(s, "peekproxy_device_peeks", status="active") == 1)
     _, samples = await scrape(daemon)
     assert value(samples, "peekproxy_subscriptions", state="active", transport="client_api") == 1
     assert total(samples, "peekproxy_subscriptions") == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from starlette.types import Receive, Scope, Send
 
@@ -19,7 +19,7 @@ class MetricsOnly:
     ``before_scrape`` sets the gauges read at scrape time
     (:class:`peekproxy.services.gauges.ScrapeGauges`)."""
 
-    def __init__(self, before_scrape: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(self, before_scrape: Callable[[], None] | None = None) -> None:
         self._metrics = metrics_app(before_scrape)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

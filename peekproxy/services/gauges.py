@@ -1,16 +1,20 @@
 """The gauges read at scrape time: subscriptions by state and transport, device peeks by
 status (docs/operations.md, "Metrics").
 
-They describe what the daemon holds rather than events, so they are counted when Prometheus
-asks (:meth:`ScrapeGauges.refresh`, handed to :func:`peekproxy.metrics.metrics_app`), not
-kept up to date on the paths that change them: the subscriptions from memory
-(:attr:`Subscriptions.by_room`), the device peeks with one grouped store read.
+They describe what the daemon holds rather than events, so they are not kept up to date on
+the paths that change them: the subscriptions are counted from memory
+(:attr:`Subscriptions.by_room`) when Prometheus asks (:meth:`ScrapeGauges.refresh`, handed to
+:func:`peekproxy.metrics.metrics_app`: synchronous, so that a scrape never waits for the
+store), the device peeks with one grouped store read every :data:`DEVICE_PEEKS_EVERY_S`
+seconds (:meth:`ScrapeGauges.run`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+
+import trio
 
 from peekproxy.core.subscription import Subscription
 from peekproxy.metrics import DEVICE_PEEKS, SUBSCRIPTION_STATES, SUBSCRIPTIONS, TRANSPORTS
@@ -19,7 +23,10 @@ from peekproxy.services.following import is_observer_handle
 from peekproxy.services.subscriptions import Subscriptions
 from peekproxy.store import Storage
 
-__all__ = ["ScrapeGauges", "subscription_counts", "transport_of"]
+__all__ = ["DEVICE_PEEKS_EVERY_S", "ScrapeGauges", "subscription_counts", "transport_of"]
+
+#: How often the device peeks are counted in the store (seconds).
+DEVICE_PEEKS_EVERY_S = 5.0
 
 
 def transport_of(sub: Subscription) -> str:
@@ -45,18 +52,26 @@ def subscription_counts(subs: Iterable[Subscription]) -> dict[tuple[str, str], i
 
 
 class ScrapeGauges:
-    """Sets ``peekproxy_subscriptions`` and ``peekproxy_device_peeks`` before each scrape."""
+    """Sets ``peekproxy_subscriptions`` before each scrape and ``peekproxy_device_peeks``
+    every :data:`DEVICE_PEEKS_EVERY_S` seconds."""
 
     def __init__(self, *, subscriptions: Subscriptions, store: Storage) -> None:
         self.subscriptions = subscriptions
         self.store = store
 
-    async def refresh(self) -> None:
-        """Count the subscriptions (in memory) and the device peeks (one store read)."""
+    def refresh(self) -> None:
+        """Count the subscriptions (in memory)."""
         for (state, transport), count in subscription_counts(
             self.subscriptions.by_room.values()
         ).items():
             SUBSCRIPTIONS.labels(state, transport).set(count)
-        totals = await self.store.read(lambda tx: tx.device_peek_totals())
-        for status in ("active", "dormant"):
-            DEVICE_PEEKS.labels(status).set(totals.get(status, 0))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Count the device peeks (one grouped store read) now and every
+        :data:`DEVICE_PEEKS_EVERY_S` seconds, until cancelled."""
+        task_status.started()
+        while True:
+            totals = await self.store.read(lambda tx: tx.device_peek_totals())
+            for status in ("active", "dormant"):
+                DEVICE_PEEKS.labels(status).set(totals.get(status, 0))
+            await trio.sleep(DEVICE_PEEKS_EVERY_S)
