@@ -35,6 +35,7 @@ from peekproxy.sdnotify import sd_notify
 from peekproxy.services.assembly import PeekSettings, build_services
 from peekproxy.services.client_api_follower import ClientApiFollower
 from peekproxy.services.front_sync import FrontSync
+from peekproxy.services.gauges import ScrapeGauges
 from peekproxy.services.passthrough import Passthrough
 from peekproxy.services.settings import ObserverSettings
 from peekproxy.serving import ServingError, hypercorn_config, open_listeners, watch_signals
@@ -217,9 +218,11 @@ async def run_daemon(
                 )
                 metrics_url = None
                 if listeners.metrics.enabled:
+                    gauges = ScrapeGauges(subscriptions=services.subscriptions, store=store)
+                    await outer.start(gauges.run)
                     metrics_url = await servers.start(
                         "listeners.metrics.bind",
-                        MetricsOnly(),
+                        MetricsOnly(gauges.refresh),
                         hypercorn_config(listeners.metrics.bind, grace=grace, access_log=False),
                     )
                 listening = Listening(client_url, federation_url, metrics_url)

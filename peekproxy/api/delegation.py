@@ -50,6 +50,7 @@ from peekproxy.api.delegation_params import (
 from peekproxy.api.errors import MatrixError
 from peekproxy.api.federation_auth import read_json_body
 from peekproxy.logs import bind_log_fields
+from peekproxy.metrics import LONG_POLLS_IN_FLIGHT
 from peekproxy.services.assembly import Services
 from peekproxy.services.reads import HistoryReads
 from peekproxy.services.syncing import Syncing
@@ -189,14 +190,15 @@ class DelegationApi:
     async def sync(self, request: Request) -> Response:
         user_id, device_id = await self.device(request)
         params = sync_params(request.query_params)
-        answer = await self.syncing.sync(
-            user_id,
-            device_id,
-            since=params.since,
-            timeout_ms=params.timeout_ms,
-            full_state=params.full_state,
-            timeline_limit=params.timeline_limit,
-        )
+        with LONG_POLLS_IN_FLIGHT["delegation"]:
+            answer = await self.syncing.sync(
+                user_id,
+                device_id,
+                since=params.since,
+                timeout_ms=params.timeout_ms,
+                full_state=params.full_state,
+                timeline_limit=params.timeline_limit,
+            )
         return JSONResponse(answer)
 
     # -- reads -----------------------------------------------------------------------------

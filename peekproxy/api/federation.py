@@ -31,7 +31,7 @@ from peekproxy.api.federation_member import MemberRoutes
 from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias
 from peekproxy.federation.keyring import Keyring
 from peekproxy.federation.signing_key import server_key_document
-from peekproxy.metrics import RequestMetrics
+from peekproxy.metrics import SEND_TRANSACTIONS, RequestMetrics
 from peekproxy.services.ingest import Ingest
 from peekproxy.services.member_reads import MemberReads
 from peekproxy.services.observer_queries import ObserverQueries
@@ -118,7 +118,11 @@ class FederationApi:
 
     async def send(self, request: Request) -> Response:
         """``PUT /send/{txnId}``: a transaction, answered once it is stored."""
-        auth = await authenticate(request, server_name=self.server_name, keyring=self.keyring)
+        try:
+            auth = await authenticate(request, server_name=self.server_name, keyring=self.keyring)
+        except MatrixError as e:
+            SEND_TRANSACTIONS.labels("unauthenticated" if e.status == 401 else "malformed").inc()
+            raise
         txn_id = request.path_params["txn_id"]
         if self.ingest is None:
             raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")

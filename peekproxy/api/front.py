@@ -27,6 +27,7 @@ from peekproxy.api.upstream_auth import UpstreamAuth, access_token, forwarded_he
 from peekproxy.core.identifiers import InvalidIdentifier, RoomId
 from peekproxy.homeserver.client import HomeserverUnavailable
 from peekproxy.logs import bind_log_fields
+from peekproxy.metrics import LONG_POLLS_IN_FLIGHT
 from peekproxy.services.front_sync import FrontSync, FrontSyncRequest
 from peekproxy.services.passthrough import ClientRequest, Passthrough, UpstreamAnswer
 
@@ -90,18 +91,18 @@ class FrontApi:
             timeout_ms = int(params.get("timeout", "0"))
         except ValueError:
             timeout_ms = 0  # the homeserver answers the client's mistake
+        front_request = FrontSyncRequest(
+            client=_client_request(request, token.token, token.in_header),
+            user_id=user_id,
+            device_id=device_id,
+            since=params.get("since"),
+            timeout_ms=timeout_ms,
+            full_state=params.get("full_state") == "true",
+            filter=params.get("filter"),
+        )
         try:
-            answer = await self.front.sync(
-                FrontSyncRequest(
-                    client=_client_request(request, token.token, token.in_header),
-                    user_id=user_id,
-                    device_id=device_id,
-                    since=params.get("since"),
-                    timeout_ms=timeout_ms,
-                    full_state=params.get("full_state") == "true",
-                    filter=params.get("filter"),
-                )
-            )
+            with LONG_POLLS_IN_FLIGHT["front"]:
+                answer = await self.front.sync(front_request)
         except HomeserverUnavailable as e:
             raise _unavailable(e) from None
         return _response(answer)

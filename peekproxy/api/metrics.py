@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.types import Receive, Scope, Send
 
 from peekproxy.api.errors import matrix_error_response
@@ -13,10 +15,12 @@ __all__ = ["MetricsOnly"]
 class MetricsOnly:
     """ASGI app: ``GET``/``HEAD /metrics`` is the Prometheus text exposition
     (:func:`peekproxy.metrics.metrics_app`); another method on ``/metrics`` is
-    ``405 M_UNRECOGNIZED``, any other path ``404 M_UNRECOGNIZED`` (Matrix error JSON)."""
+    ``405 M_UNRECOGNIZED``, any other path ``404 M_UNRECOGNIZED`` (Matrix error JSON).
+    ``before_scrape`` sets the gauges read at scrape time
+    (:class:`peekproxy.services.gauges.ScrapeGauges`)."""
 
-    def __init__(self) -> None:
-        self._metrics = metrics_app()
+    def __init__(self, before_scrape: Callable[[], None] | None = None) -> None:
+        self._metrics = metrics_app(before_scrape)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -31,7 +31,14 @@ class FederationError(Exception):
 
 
 class DestinationUnreachable(FederationError):
-    """DNS, connection, TLS or timeout failure."""
+    """DNS, connection, TLS or timeout failure. ``kind``: ``connect_error`` (connection,
+    TLS, a broken answer), ``timeout``, ``dns_error`` (the name could not be resolved, or
+    offers no federation) or ``invalid_destination`` (not a server name); the metrics'
+    ``result`` label (core/metric_labels.py)."""
+
+    def __init__(self, destination: str, reason: str, kind: str = "connect_error") -> None:
+        super().__init__(destination, reason)
+        self.kind = kind
 
 
 class DestinationBlocked(FederationError):

@@ -60,6 +60,7 @@ from peekproxy.federation.discovery import (
 )
 from peekproxy.federation.ip_policy import IpFilter
 from peekproxy.federation.transport import ROUTE_EXTENSION, FederationTransport, Route
+from peekproxy.metrics import outbound_request
 
 __all__ = [
     "BadResponse",
@@ -201,6 +202,13 @@ class FederationClient:
     # -- requests ---------------------------------------------------------------------------
 
     async def request(
+        self, method: str, destination: str, path: str, **kwargs: Any
+    ) -> FederationResponse:
+        """:meth:`_request`, counted (``peekproxy_federation_requests_total``); raises as it."""
+        with outbound_request(method, path):
+            return await self._request(method, destination, path, **kwargs)
+
+    async def _request(
         self,
         method: str,
         destination: str,
@@ -232,7 +240,9 @@ class FederationClient:
         try:
             ServerName.parse(destination)
         except InvalidIdentifier as e:
-            raise DestinationUnreachable(destination, f"not a server name: {e}") from None
+            raise DestinationUnreachable(
+                destination, f"not a server name: {e}", "invalid_destination"
+            ) from None
         if self._backoff is not None:
             self._backoff.check(destination)
         target = path
@@ -248,7 +258,7 @@ class FederationClient:
                 resolution = await self.resolver.resolve(destination)
             except (DnsError, FederationNotOffered) as e:
                 self._failed(destination)
-                raise DestinationUnreachable(destination, str(e)) from None
+                raise DestinationUnreachable(destination, str(e), "dns_error") from None
             phase = "connecting or waiting for the answer"
             try:
                 response = await self._send_to_targets(
@@ -261,7 +271,7 @@ class FederationClient:
         if scope.cancelled_caught:
             self._failed(destination)
             raise DestinationUnreachable(
-                destination, f"request timed out after {budget:g} s while {phase}"
+                destination, f"request timed out after {budget:g} s while {phase}", "timeout"
             )
         if response.status >= 500:
             self._failed(destination)  # the remote is there but failing: back off too
@@ -273,13 +283,18 @@ class FederationClient:
 
     async def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
         """GET and parse the JSON answer (see :meth:`request`)."""
-        return (await self.request("GET", destination, path, **kwargs)).json()
+        return await self._json("GET", destination, path, **kwargs)
 
     async def put_json(self, destination: str, path: str, content: Any, **kwargs: Any) -> Any:
-        return (await self.request("PUT", destination, path, content=content, **kwargs)).json()
+        return await self._json("PUT", destination, path, content=content, **kwargs)
 
     async def post_json(self, destination: str, path: str, content: Any, **kwargs: Any) -> Any:
-        return (await self.request("POST", destination, path, content=content, **kwargs)).json()
+        return await self._json("POST", destination, path, content=content, **kwargs)
+
+    async def _json(self, method: str, destination: str, path: str, **kwargs: Any) -> Any:
+        # Counted once, as bad_response when the answer is not JSON.
+        with outbound_request(method, path):
+            return (await self._request(method, destination, path, **kwargs)).json()
 
     def heard_from(self, destination: str) -> None:
         """``destination`` just sent us an authenticated request (a ``/send``): it is up,
@@ -296,9 +311,9 @@ class FederationClient:
         try:
             found = await self._dns.addresses(host)
         except DnsError as e:
-            raise DestinationUnreachable(destination, str(e)) from None
+            raise DestinationUnreachable(destination, str(e), "dns_error") from None
         if not found:
-            raise DestinationUnreachable(destination, f"{host} has no address")
+            raise DestinationUnreachable(destination, f"{host} has no address", "dns_error")
         allowed = tuple(a for a in found if self._ip_filter.allowed(a))
         if not allowed:
             raise DestinationBlocked(
@@ -373,11 +388,11 @@ class FederationClient:
         except (httpcore.ConnectError, httpcore.ConnectTimeout, ssl.SSLError, OSError) as e:
             raise _ConnectFailed(_describe(e)) from None
         except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError) as e:
-            raise DestinationUnreachable(destination, _describe(e)) from None
+            raise DestinationUnreachable(destination, _describe(e), _kind(e)) from None
         try:
             body = await self._read_capped(destination, response, cap)
         except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError) as e:
-            raise DestinationUnreachable(destination, _describe(e)) from None
+            raise DestinationUnreachable(destination, _describe(e), _kind(e)) from None
         finally:
             await response.aclose()
         return FederationResponse(response.status_code, dict(response.headers), body, destination)
@@ -456,6 +471,10 @@ class FederationClient:
             delegated = parse_well_known(response.status, response.body)
             return delegated, well_known_cache_period(response.headers, time.time())
         raise WellKnownInvalid("too many redirects")
+
+
+def _kind(error: Exception) -> str:
+    return "timeout" if isinstance(error, httpcore.TimeoutException) else "connect_error"
 
 
 class _ConnectFailed(Exception):

@@ -31,6 +31,7 @@ import trio
 
 from peekproxy.core.ephemeral import per_user_edus
 from peekproxy.core.events import best_effort_event_id, event_refs
+from peekproxy.core.metric_labels import pushed_pdu_outcomes
 from peekproxy.core.pdu import check_pdu
 from peekproxy.core.peekability import (
     acl_denial_reason,
@@ -42,6 +43,7 @@ from peekproxy.core.server_acl import server_allowed
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
 from peekproxy.logs import bind_log_fields
+from peekproxy.metrics import SEND_PDUS, SEND_TRANSACTIONS
 from peekproxy.services.errors import PeekError
 from peekproxy.services.event_auth import EventAuth, Judged
 from peekproxy.services.following import Fetched
@@ -118,9 +120,11 @@ class Ingest:
             or not isinstance(body.get("pdus", []), list)
             or not isinstance(body.get("edus", []), list)
         ):
+            SEND_TRANSACTIONS.labels("malformed").inc()
             raise PeekError(400, "M_BAD_JSON", "a transaction needs pdus (and edus) lists")
         pdus, edus = body.get("pdus", []), body.get("edus", [])
         if len(pdus) > MAX_PDUS or len(edus) > MAX_EDUS:
+            SEND_TRANSACTIONS.labels("malformed").inc()
             raise PeekError(
                 400,
                 "M_BAD_JSON",
@@ -134,8 +138,11 @@ class Ingest:
             async with lock:
                 stored = await self.store.read(lambda tx: tx.txn_response(origin, txn_id))
                 if stored is not None:
+                    SEND_TRANSACTIONS.labels("duplicate").inc()
                     return stored
-                return await self._ingest_locked(origin, txn_id, pdus, edus)
+                answer = await self._ingest_locked(origin, txn_id, pdus, edus)
+                SEND_TRANSACTIONS.labels("accepted").inc()
+                return answer
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._txn_locks.pop(key, None)
@@ -161,6 +168,7 @@ class Ingest:
                 event_id = best_effort_event_id(pdu)
                 if event_id is not None:
                     results[event_id] = {"error": "this server is not peeking that room"}
+                SEND_PDUS.labels("not_peeked").inc()
                 continue
             assert isinstance(room_id, str)
             by_room.setdefault(room_id, []).append(pdu)
@@ -304,12 +312,14 @@ class Ingest:
         observer = self.subscriptions.settings.observer
         observed = self.subscriptions.observed(room_id)
         refs = [ref for p in room_pdus for ref in event_refs(p.get("prev_events"))]
+        pushed = {e for p in room_pdus if (e := best_effort_event_id(p)) is not None}
 
         def read(tx: ReadTransaction) -> tuple[set[str], dict[str, Any] | None]:
             acl = tx.state_content(room_id, "m.room.server_acl") if observed else None
-            return tx.known_event_ids(event_ids=refs), acl
+            return tx.known_event_ids(event_ids=[*refs, *pushed]), acl
 
         known, acl = await self.store.read(read)
+        held = known & pushed  # stored before: duplicates
         # An observed room hears from every server in it: the room's ACL is ours to apply.
         if observed and not server_allowed(acl, origin):
             for pdu in room_pdus:
@@ -321,6 +331,7 @@ class Ingest:
                 room_id,
                 origin,
             )
+            SEND_PDUS.labels("acl_denied").inc(len(room_pdus))
             return False
         await self.missing.signer_keys(room_pdus, sub.room_version)
         batch: list[tuple[str, dict[str, Any], bool]] = []
@@ -331,6 +342,7 @@ class Ingest:
                 if event_id is not None:
                     results[event_id] = {"error": verdict.reason}
                 log.info("rejected PDU %s from %s: %s", event_id, origin, verdict.reason)
+                SEND_PDUS.labels("invalid").inc()
                 continue
             batch.append((event_id, verdict.pdu, verdict.outcome == "redact"))
             known.add(event_id)
@@ -347,6 +359,11 @@ class Ingest:
         for event_id in judged.rejected_or_dropped():
             if event_id in results:
                 results[event_id] = {"error": judged.reasons[event_id]}
+        unshown = {status: {e for e, _, _ in events} for status, events in judged.unshown.items()}
+        for outcome, count in pushed_pdu_outcomes(
+            (e for e, _, _ in batch), held=held, unshown=unshown, dropped=judged.dropped
+        ).items():
+            SEND_PDUS.labels(outcome).inc(count)
         # The events fetched before the pushed ones count too (a lost transaction's
         # history_visibility change comes back so); events not shown count for nothing.
         pdus = [pdu for _, pdu, _ in judged.shown]

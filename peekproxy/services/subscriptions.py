@@ -30,6 +30,7 @@ from peekproxy.core.outcomes import retry_not_before
 from peekproxy.core.room_versions import room_version
 from peekproxy.core.subscription import Action, Subscription, SubState
 from peekproxy.logs import bind_log_fields
+from peekproxy.metrics import LAPSES, RENEWALS, REPEEKS
 from peekproxy.services.errors import PeekError
 from peekproxy.services.event_auth import EventAuth, Judged
 from peekproxy.services.following import (
@@ -99,7 +100,8 @@ class Subscriptions:
                     tx.save_subscription(sub)
 
             await self.store.write(save_all)
-            for sub in resumed:
+            for old, sub in zip(loaded, resumed, strict=True):
+                _count_lapse(old, sub)
                 self.by_room[sub.room_id] = sub
                 self._ensure_task(sub.room_id)
             if loaded:
@@ -146,6 +148,7 @@ class Subscriptions:
         return self._room_locks.setdefault(room_id, trio.Lock())
 
     async def _save(self, sub: Subscription) -> None:
+        _count_lapse(self.by_room.get(sub.room_id), sub)
         self.by_room[sub.room_id] = sub
         await self.store.write(lambda tx: tx.save_subscription(sub))
 
@@ -277,6 +280,8 @@ class Subscriptions:
         try:
             followed = await self.follower.follow(room_id, sub.candidates)
         except FollowFailed as failed:
+            if gap:
+                REPEEKS.labels("failed").inc()
             sub = replace(sub, pending_deletes=(*sub.pending_deletes, *failed.abandoned))
             error = failed.error
             if failed.rate_limited:
@@ -299,6 +304,8 @@ class Subscriptions:
             max_renewal_ms=self.settings.renewal_max_ms,
         )
         await self._store_snapshot(sub, followed, gap=gap)
+        if gap:
+            REPEEKS.labels("ok").inc()
         log.info(
             "peeking %s through %s (peek %s, interval %d ms%s)",
             room_id,
@@ -415,6 +422,7 @@ class Subscriptions:
         peek_id = sub.peek_id
         bind_log_fields(destination=sub.server, peek_id=peek_id)  # until the task's next plan
         renewal = await self.follower.renew(room_id, sub.server, peek_id)
+        RENEWALS.labels("failed" if isinstance(renewal, RenewalFailed) else "ok").inc()
         if isinstance(renewal, RenewalFailed) or renewal.snapshot is None:
             async with self.room_lock(room_id):
                 current = self.by_room[room_id]
@@ -514,3 +522,9 @@ class Subscriptions:
         if ended:
             log.info("ended %d device peeks of %s", ended, room_id)
         self.notifier.notify_room(room_id)
+
+
+def _count_lapse(old: Subscription | None, new: Subscription) -> None:
+    """``peekproxy_lapses_total``: an active following became lapsed."""
+    if new.state is SubState.LAPSED and old is not None and old.state is SubState.ACTIVE:
+        LAPSES.inc()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from peekproxy.core.identifiers import InvalidIdentifier, RoomId
 from peekproxy.core.live import LiveAnswer, LiveWindow, StreamChange
 from peekproxy.core.outcomes import candidate_servers
 from peekproxy.core.sync import InvalidToken, build_sync, decode_token
-from peekproxy.metrics import SYNC_ANSWERS
+from peekproxy.metrics import SYNC_ANSWERS, WAKE_SECONDS
 from peekproxy.services.directory import RoomDirectory
 from peekproxy.services.errors import PeekError
 from peekproxy.services.notifier import Notifier
@@ -71,6 +72,8 @@ class Syncing:
         #: devices woken together share it).
         self._built_key: tuple[Any, ...] | None = None
         self._built: dict[str, Any] = {}
+        #: When the last write that brought stream rows committed (perf_counter, s).
+        self._committed_at = 0.0
 
     async def open_live_window(self) -> None:
         """Feed the live window from every write's new stream rows (the store's commit
@@ -100,6 +103,8 @@ class Syncing:
                 self.live.start(upto)
             else:
                 self.live.apply(changes, upto)
+            if changes:
+                self._committed_at = time.perf_counter()
         except ValueError:
             log.exception("the live window is out of step: syncs read the database from now on")
 
@@ -299,6 +304,7 @@ class Syncing:
         watched = self._watched.get(device, [])
         restored = False
         live: LiveAnswer | None = None
+        woke: float | None = None  # the commit that woke this long-poll (perf_counter)
         while True:
             # Register for wake-ups first, then look: no change can slip in between.
             registered = watched
@@ -341,14 +347,18 @@ class Syncing:
                 remaining = deadline - trio.current_time()
                 if changed or remaining <= 0:
                     break
+                waited = time.perf_counter()
                 with trio.move_on_after(remaining):
                     await event.wait()
+                woke = (
+                    self._committed_at if event.is_set() and self._committed_at > waited else None
+                )
             finally:
                 self.notifier.unregister(event, registered, device)
         self._mark_seen(device)
         if live is not None and position is not None:
             SYNC_ANSWERS.labels("memory").inc()
-            return self._built_answer(live, position, timeline_limit)
+            return _woken(woke, self._built_answer(live, position, timeline_limit))
         SYNC_ANSWERS.labels("store").inc()
         upto = snapshot.upto
         if position is not None and position > upto:
@@ -363,7 +373,7 @@ class Syncing:
             now_ms=self.clock_ms(),
             section=self.settings.sync_section,
         )
-        return answer
+        return _woken(woke, answer)
 
     def _built_answer(self, live: LiveAnswer, since: int, timeline_limit: int) -> dict[str, Any]:
         """The sync response for a window answer. The devices woken by one change get the
@@ -456,3 +466,11 @@ class Syncing:
                     await self.subscriptions.unwanted(room_id, now)
             log.info("%s/%s idle: its peek of %s is dormant", user_id, device_id, room_id)
             self.subscriptions.poke(room_id)
+
+
+def _woken(committed_at: float | None, answer: dict[str, Any]) -> dict[str, Any]:
+    """``answer``, its wake latency observed when a commit woke the long-poll (at
+    ``committed_at``, perf_counter seconds): ``peekproxy_wake_latency_seconds``."""
+    if committed_at is not None:
+        WAKE_SECONDS.observe(time.perf_counter() - committed_at)
+    return answer

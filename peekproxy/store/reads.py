@@ -146,6 +146,10 @@ class DevicePeekReads(Protocol):
     def active_devices(self) -> list[tuple[str, str]]:
         """(user ID, device ID) of every device with at least one ``active`` peek."""
 
+    def device_peek_totals(self) -> dict[str, int]:
+        """How many device peeks are ``active`` and ``dormant`` (a state none is in is
+        missing); for the metrics, read at scrape time."""
+
 
 class FrontPositionReads(Protocol):
     """The sync front (docs/front.md): the peek stream position each homeserver

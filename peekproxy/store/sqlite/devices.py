@@ -103,3 +103,12 @@ class DevicePeekOps(SqliteBase):
         ):
             counts.setdefault(str(room), [0, 0])[0 if state == "active" else 1] = int(count)
         return {room: (c[0], c[1]) for room, c in counts.items()}
+
+    def device_peek_totals(self) -> dict[str, int]:
+        return {
+            str(state): int(count)
+            for state, count in self._conn.execute(
+                "SELECT state, COUNT(*) FROM device_peeks WHERE state IN ('active', 'dormant') "
+                "GROUP BY state"
+            )
+        }

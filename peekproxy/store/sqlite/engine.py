@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from peekproxy.metrics import timed_store_operation
 from peekproxy.store.interface import StoreError, StoreVersionError
 from peekproxy.store.sqlite.migrations import (
     apply_migrations,
@@ -214,7 +215,9 @@ class SqliteStorage:
         """Run ``fn(tx)`` in one write transaction and return its result once committed.
 
         Not abandoned on cancellation: a write that started is finished or rolled back.
+        Timed (``peekproxy_store_operation_duration_seconds``, waiting for the writer included).
         """
+        start = time.perf_counter()
 
         hook_read, hook_apply = self._hook_read, self._hook_apply
 
@@ -233,11 +236,13 @@ class SqliteStorage:
             result, changes = await trio.to_thread.run_sync(run, limiter=self._write_limiter)
             if hook_apply is not None:
                 hook_apply(changes)
+        timed_store_operation(fn, "write", time.perf_counter() - start)
         return result
 
     async def read(self, fn: Callable[[SqliteTransaction], T]) -> T:
         """Run ``fn(tx)`` on one of the read-only connections, in one read transaction (all
-        its queries see the same commit), and return its result."""
+        its queries see the same commit), and return its result. Timed as :meth:`write`."""
+        start = time.perf_counter()
 
         def run(reader: sqlite3.Connection) -> T:
             reader.execute("BEGIN")
@@ -249,9 +254,11 @@ class SqliteStorage:
         async with self._read_limiter:
             reader = self._free_readers.pop()
             try:
-                return await trio.to_thread.run_sync(run, reader, limiter=self._read_threads)
+                result = await trio.to_thread.run_sync(run, reader, limiter=self._read_threads)
             finally:
                 self._free_readers.append(reader)
+        timed_store_operation(fn, "read", time.perf_counter() - start)
+        return result
 
     async def server_info(self) -> dict[str, str]:
         """The ``server_info`` facts (``server_name``, ``created_ts`` in ms)."""

@@ -1,0 +1,77 @@
+"""The gauges read at scrape time: subscriptions by state and transport, device peeks by
+status (docs/operations.md, "Metrics").
+
+They describe what the daemon holds rather than events, so they are not kept up to date on
+the paths that change them: the subscriptions are counted from memory
+(:attr:`Subscriptions.by_room`) when Prometheus asks (:meth:`ScrapeGauges.refresh`, handed to
+:func:`peekproxy.metrics.metrics_app`: synchronous, so that a scrape never waits for the
+store), the device peeks with one grouped store read every :data:`DEVICE_PEEKS_EVERY_S`
+seconds (:meth:`ScrapeGauges.run`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+import trio
+
+from peekproxy.core.subscription import Subscription
+from peekproxy.metrics import DEVICE_PEEKS, SUBSCRIPTION_STATES, SUBSCRIPTIONS, TRANSPORTS
+from peekproxy.services.client_api_follower import is_client_api_handle
+from peekproxy.services.following import is_observer_handle
+from peekproxy.services.subscriptions import Subscriptions
+from peekproxy.store import Storage
+
+__all__ = ["DEVICE_PEEKS_EVERY_S", "ScrapeGauges", "subscription_counts", "transport_of"]
+
+#: How often the device peeks are counted in the store (seconds).
+DEVICE_PEEKS_EVERY_S = 5.0
+
+
+def transport_of(sub: Subscription) -> str:
+    """How ``sub``'s room is followed (the ``transport`` label), from its handle:
+    ``client_api`` (:class:`~peekproxy.services.client_api_follower.ClientApiFollower`),
+    ``observer_join`` (:class:`~peekproxy.services.observer_join.ObserverJoin`), ``msc2444``
+    (an MSC2444 peek ID), ``none`` (no following held: starting, failed, stopped)."""
+    if sub.peek_id is None:
+        return "none"
+    if is_client_api_handle(sub.peek_id):
+        return "client_api"
+    if is_observer_handle(sub.peek_id):
+        return "observer_join"
+    return "msc2444"
+
+
+def subscription_counts(subs: Iterable[Subscription]) -> dict[tuple[str, str], int]:
+    """(state, transport) → how many of ``subs``; every pair of
+    :data:`~peekproxy.metrics.SUBSCRIPTION_STATES` × :data:`~peekproxy.metrics.TRANSPORTS`
+    is present (0 when none)."""
+    found = Counter((sub.state.value, transport_of(sub)) for sub in subs)
+    return {(s, t): found[s, t] for s in SUBSCRIPTION_STATES for t in TRANSPORTS}
+
+
+class ScrapeGauges:
+    """Sets ``peekproxy_subscriptions`` before each scrape and ``peekproxy_device_peeks``
+    every :data:`DEVICE_PEEKS_EVERY_S` seconds."""
+
+    def __init__(self, *, subscriptions: Subscriptions, store: Storage) -> None:
+        self.subscriptions = subscriptions
+        self.store = store
+
+    def refresh(self) -> None:
+        """Count the subscriptions (in memory)."""
+        for (state, transport), count in subscription_counts(
+            self.subscriptions.by_room.values()
+        ).items():
+            SUBSCRIPTIONS.labels(state, transport).set(count)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Count the device peeks (one grouped store read) now and every
+        :data:`DEVICE_PEEKS_EVERY_S` seconds, until cancelled."""
+        task_status.started()
+        while True:
+            totals = await self.store.read(lambda tx: tx.device_peek_totals())
+            for status in ("active", "dormant"):
+                DEVICE_PEEKS.labels(status).set(totals.get(status, 0))
+            await trio.sleep(DEVICE_PEEKS_EVERY_S)
