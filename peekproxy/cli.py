@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -97,6 +98,19 @@ def _load_checked(path: str) -> Config | None:
     return config
 
 
+def _reload_config(path: str) -> Config:
+    """The config file read again for a reload (SIGHUP): as ``run`` reads it.
+
+    Raises:
+        ConfigError: one line per problem (load_config's, then :func:`preflight`'s).
+    """
+    config = load_config(path)
+    problems = preflight(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     if _load_checked(args.config) is None:
         return EXIT_USAGE
@@ -154,7 +168,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     setup_logging(config.logging.level, config.logging.format, access_log=config.logging.access_log)
     failure: str | None = None
     try:
-        trio.run(run_daemon, config)
+        trio.run(partial(run_daemon, config, reload=partial(_reload_config, args.config)))
     except* (SigningKeyError, StoreError, ServingError) as group:
         failure = failure_message(group)
     if failure:

@@ -5,7 +5,8 @@ One public surface (import from ``peekproxy.serving``, not from its modules) for
 (:mod:`peekproxy.testbed.server`, :mod:`peekproxy.testbed.cli`):
 
 * :func:`hypercorn_config`: one listener's hypercorn settings (bind, backlog, TLS files,
-  graceful drain in seconds, access and error logs);
+  graceful drain in seconds, access and error logs), a :class:`ListenerConfig` whose TLS
+  certificate can be replaced while it serves;
 * :func:`open_listeners` / :class:`Listeners` and :func:`start_listener`: start listeners in
   a nursery, each returning the base URL it is bound to, or :class:`ServingError`
   ``<key>: cannot listen on <bind>: <reason>``; leaving :func:`open_listeners` is the
@@ -14,7 +15,7 @@ One public surface (import from ``peekproxy.serving``, not from its modules) for
   an HTTP/2 or connection error ends only its own connection, never a listener or the
   process (installed by every :func:`start_listener`);
 * :func:`watch_signals`: the first SIGINT/SIGTERM sets the shutdown event, a second stops
-  at once;
+  at once; SIGHUP runs a reload callback, one at a time;
 * :func:`exception_leaves` / :func:`failure_message`: exception groups flattened into the
   one-line ``cannot start: ...`` message.
 
@@ -30,6 +31,7 @@ from peekproxy.serving.errors import ServingError, exception_leaves, failure_mes
 from peekproxy.serving.guards import TESTED_HYPERCORN, install_guards
 from peekproxy.serving.listeners import (
     LISTEN_BACKLOG,
+    ListenerConfig,
     Listeners,
     hypercorn_config,
     open_listeners,
@@ -40,6 +42,7 @@ from peekproxy.serving.signals import watch_signals
 __all__ = [
     "LISTEN_BACKLOG",
     "TESTED_HYPERCORN",
+    "ListenerConfig",
     "Listeners",
     "ServingError",
     "exception_leaves",
