@@ -133,7 +133,7 @@ class Reloader:
                 reason = getattr(e, "reason", None) or e
                 raise ConfigError(
                     [
-                        "listeners.federation.tls_certificate_file: cannot use "
+                        "listeners.federation: cannot use "
                         f"tls_certificate_file/tls_private_key_file: {reason}"
                     ]
                 ) from None

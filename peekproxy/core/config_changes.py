@@ -59,7 +59,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """The dotted keys whose values differ between two flat configs (a key present in
     only one counts as changed), sorted."""
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    missing = object()
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing))
 
 
 @dataclass(frozen=True)

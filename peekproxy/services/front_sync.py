@@ -266,7 +266,7 @@ class FrontSync:
         self, request: FrontSyncRequest, since: str | None, limit: int, timeout_ms: int
     ) -> dict[str, Any]:
         """The device's peek sync once it has news, or at the deadline (without; at once
-        for ``timeout_ms`` 0)."""
+        for ``timeout_ms`` 0, or once the daemon drains)."""
         deadline = trio.current_time() + timeout_ms / 1000
         token = since
         while True:
@@ -279,8 +279,8 @@ class FrontSync:
                 full_state=request.full_state,
                 timeline_limit=limit,
             )
-            if remaining == 0 or has_news(answer, self.section):
-                return answer
+            if remaining == 0 or has_news(answer, self.section) or self.syncing.notifier.draining:
+                return answer  # (draining: the sync above answers at once, so not again)
             token = answer["next_batch"]  # a change with nothing to show: wait on from there
 
     async def _save(self, request: FrontSyncRequest, next_batch: str, position: int) -> None:
