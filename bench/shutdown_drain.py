@@ -10,11 +10,12 @@ delegation API and take their first ``next_batch``.
    that many syncs at all.
 2. **Drain**: the devices long-poll (``timeout=30000``) on fresh connections; once the daemon
    has read every request (``/proc/net/tcp``: accept and receive queues empty) it gets
-   SIGTERM. Printed: the time from the signal until the last long-poll is answered, until
-   the process has exited, its exit code, and how many answers were a 200 with a
-   ``next_batch``.
+   SIGTERM. ``--idle`` more connections sit idle on keep-alive after one ``GET /health``.
+   Printed: the time from the signal until the last long-poll is answered, until the last
+   idle connection is closed by the daemon, until the process has exited, its exit code,
+   and how many answers were a 200 with a ``next_batch``.
 
-Usage: ``.venv/bin/python bench/shutdown_drain.py [--devices 1000]``. The last line is
+Usage: ``.venv/bin/python bench/shutdown_drain.py [--devices 1000] [--idle 200]``. The last line is
 ``drain: all answered in X s, exit Y s after SIGTERM (floor Z s)``.
 """
 
@@ -84,6 +85,27 @@ async def _syncs(
                 nursery.start_soon(one, user)
 
 
+async def _idle_connection(port: int) -> trio.SocketStream:
+    """A keep-alive connection that asked ``GET /health`` once and now sits idle."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n")
+    answer = b""
+    while b'"ok"' not in answer:
+        answer += await stream.receive_some(4096)
+    return stream
+
+
+async def _closed_at(stream: trio.SocketStream, closed: list[float]) -> None:
+    """Append when the server closes ``stream`` (EOF or reset)."""
+    try:
+        while await stream.receive_some(4096):
+            pass
+    except trio.BrokenResourceError:
+        pass
+    closed.append(time.monotonic())
+    await stream.aclose()
+
+
 def _good(answer: Any) -> bool:
     return (
         isinstance(answer, httpx.Response)
@@ -92,7 +114,7 @@ def _good(answer: Any) -> bool:
     )
 
 
-async def main(devices: int) -> None:
+async def main(devices: int, idle_connections: int) -> None:
     _raise_open_files(4 * devices + 1024)
     workdir = Path(tempfile.mkdtemp(prefix="peekproxy-drain-"))
     tls = write_loopback_tls(workdir)
@@ -107,7 +129,7 @@ async def main(devices: int) -> None:
     env = {
         **os.environ,
         **tls.env,
-        "PEEKPROXY_LOGGING__LEVEL": "WARNING",
+        "PEEKPROXY_LOGGING__LEVEL": "INFO",  # the ready line
         "PEEKPROXY_LOGGING__ACCESS_LOG": "false",
         "PEEKPROXY_PEEKS__MAX_REMOTE_PEEKS": "10",
     }
@@ -157,8 +179,19 @@ async def main(devices: int) -> None:
             await _syncs(base, users, tokens, 30_000, answers)
             done.set()
 
+        idle = [await _idle_connection(client_port) for _ in range(idle_connections)]
+        closed: list[float] = []
+        all_closed = trio.Event()
+
+        async def watch_idle() -> None:
+            async with trio.open_nursery() as watchers:
+                for stream in idle:
+                    watchers.start_soon(_closed_at, stream, closed)
+            all_closed.set()
+
+        nursery.start_soon(watch_idle)
         nursery.start_soon(long_polls)
-        await wait_requests_read(client_port, devices, timeout=120)
+        await wait_requests_read(client_port, devices + idle_connections, timeout=120)
         assert not answers, "a long-poll was answered before SIGTERM"
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -167,6 +200,11 @@ async def main(devices: int) -> None:
         with trio.fail_after(60):
             await done.wait()
         answered_s = max(at for at, _ in answers) - signalled
+        with trio.fail_after(60):
+            await all_closed.wait()
+        if idle:
+            idle_s = max(closed) - signalled
+            print(f"idle keep-alive: {len(idle)} connections closed {idle_s:.3f} s after SIGTERM")
         good = sum(_good(a) for _, a in answers)
         print(f"drain: {good}/{devices} answered 200 with a next_batch; exit code {code}")
         print(
@@ -179,4 +217,6 @@ async def main(devices: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=1000)
-    trio.run(main, parser.parse_args().devices)
+    parser.add_argument("--idle", type=int, default=200, help="idle keep-alive connections")
+    args = parser.parse_args()
+    trio.run(main, args.devices, args.idle)
