@@ -67,6 +67,7 @@ log = logging.getLogger("peekproxy.front")
 
 #: Longest wait for peek news, ms (as the delegation API's ``/sync``).
 MAX_TIMEOUT_MS = 300_000
+#: The Content-Type of the answers built here.
 JSON = "application/json"
 #: Seconds a filter fetch may take.
 FILTER_TIMEOUT_S = 10.0
