@@ -1,4 +1,5 @@
-"""Command line: ``peekproxy run | check-config | generate-config | generate-signing-key``.
+"""Command line: ``peekproxy run | check-config | generate-config | generate-signing-key``
+(and ``pdu``, ``testbed``, ``peek``, ``status``).
 
 Exit codes: 0 success; 1 runtime failure (unusable database, key or listener);
 2 bad usage or an invalid config (one line per problem on stderr, each naming the key).
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from functools import partial
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 
 from peekproxy import __version__
 from peekproxy.config import Config, ConfigError, load_config
@@ -85,21 +87,8 @@ def preflight(config: Config) -> list[str]:
     return problems
 
 
-def _load_checked(path: str) -> Config | None:
-    try:
-        config = load_config(path)
-    except ConfigError as e:
-        _print_problems(e.problems)
-        return None
-    problems = preflight(config)
-    if problems:
-        _print_problems(problems)
-        return None
-    return config
-
-
-def _reload_config(path: str) -> Config:
-    """The config file read again for a reload (SIGHUP): as ``run`` reads it.
+def _checked_config(path: str) -> Config:
+    """The config file, loaded and preflight-checked (at start, and again on each SIGHUP).
 
     Raises:
         ConfigError: one line per problem (load_config's, then :func:`preflight`'s).
@@ -109,6 +98,14 @@ def _reload_config(path: str) -> Config:
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _load_checked(path: str) -> Config | None:
+    try:
+        return _checked_config(path)
+    except ConfigError as e:
+        _print_problems(e.problems)
+        return None
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -159,16 +156,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from peekproxy.daemon import run_daemon
     from peekproxy.federation.signing_key import SigningKeyError
     from peekproxy.logs import setup_logging
-    from peekproxy.serving import ServingError, failure_message
+    from peekproxy.serving import ServingError, failure_message, raise_open_files_limit
     from peekproxy.store import StoreError
 
     config = _load_checked(args.config)
     if config is None:
         return EXIT_USAGE
     setup_logging(config.logging.level, config.logging.format, access_log=config.logging.access_log)
+    raise_open_files_limit()  # one socket per long-poll
     failure: str | None = None
     try:
-        trio.run(partial(run_daemon, config, reload=partial(_reload_config, args.config)))
+        trio.run(partial(run_daemon, config, reload=partial(_checked_config, args.config)))
     except* (SigningKeyError, StoreError, ServingError) as group:
         failure = failure_message(group)
     if failure:
@@ -177,8 +175,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (``peekproxy peek: error: ...; see
+    peekproxy peek --help``) instead of the usage text and the message; exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``peekproxy`` parser: one sub-parser per command (docs/cli.md lists them all)."""
+    parser: argparse.ArgumentParser = _Parser(
         prog="peekproxy",
         description="Room peeking for Matrix homeservers (MSC2753 over MSC2444).",
     )
@@ -214,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     from peekproxy.peek_cli import add_peek_parser
 
     add_peek_parser(commands)
+
+    from peekproxy.status_cli import add_status_parser
+
+    add_status_parser(commands)
     return parser
 
 

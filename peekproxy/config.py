@@ -36,6 +36,7 @@ from pydantic import (
 )
 
 from peekproxy.core.identifiers import InvalidIdentifier, ServerName
+from peekproxy.credentials import credentials_for_unset_keys
 
 __all__ = [
     "DEFAULT_IP_RANGE_BLACKLIST",
@@ -502,7 +503,9 @@ def load_config(
 
     Args:
         path: the TOML file.
-        environ: where ``PEEKPROXY_*`` overrides come from (default ``os.environ``).
+        environ: where ``PEEKPROXY_*`` overrides and ``CREDENTIALS_DIRECTORY`` (systemd
+            credentials filling unset ``*_file`` keys, :mod:`peekproxy.credentials`) come
+            from (default ``os.environ``).
         check_files: also require that every configured file exists.
 
     Raises:
@@ -513,11 +516,15 @@ def load_config(
 
     env_names: dict[tuple[str, ...], str] = {}
     problems: list[str] = []
-    for parts, (name, value) in env_overrides(os.environ if environ is None else environ).items():
+    environ = os.environ if environ is None else environ
+    for parts, (name, value) in env_overrides(environ).items():
         trouble = apply_override(data, parts, value)
         if trouble:
             problems.append(f"{'.'.join(parts)}: {trouble} (from {name})")
         env_names[parts] = name
+    for parts, (credential, label) in credentials_for_unset_keys(data, environ).items():
+        apply_override(data, parts, str(credential))
+        env_names[parts] = label
     try:
         config = Config.model_validate(
             data, context={"base_dir": file.resolve().parent, "check_files": check_files}

@@ -58,11 +58,11 @@ def describe_room(room_id: str, room: dict[str, Any]) -> list[str]:
     return lines
 
 
-async def _peek(args: argparse.Namespace, out: TextIO) -> int:
+async def _peek(args: argparse.Namespace, settings: tuple[str, str, str, str], out: TextIO) -> int:
     import httpx
     import trio
 
-    url, secret, user, device = _settings(args)
+    url, secret, user, device = settings
     params = {"user_id": user, "device_id": device}
     headers = {"Authorization": f"Bearer {secret}"}
     async with httpx.AsyncClient(
@@ -148,34 +148,61 @@ def _error(response: Any) -> str:
         return str(response.text)[:200]
 
 
+class UsageError(Exception):
+    """A usage mistake: ``peek`` prints it as one line and exits 2."""
+
+
 def _settings(args: argparse.Namespace) -> tuple[str, str, str, str]:
-    from peekproxy.config import ConfigError, load_config
+    """(client listener URL, delegation secret, user ID, device ID) of a ``peek`` run.
+
+    The daemon is found by :func:`peekproxy.daemon_target.daemon_target`: the config is
+    read only when ``-c`` or ``$PEEKPROXY_CONFIG`` names one, or when ``--url`` or
+    ``--secret-file`` is missing (then ``./config.toml``). The user ID defaults to
+    ``@peekproxy-admin:<server_name>``, or, without a config, to
+    ``@peekproxy-admin:<the URL's host>``.
+
+    Raises:
+        UsageError: no config where one is needed, an invalid one, no readable secret, a
+            bad ``--url``, ROOM or ``--user``.
+    """
+    import os
+    from urllib.parse import urlsplit
+
+    from peekproxy.core.identifiers import InvalidIdentifier, RoomAlias, RoomId, UserId
+    from peekproxy.daemon_target import TargetError, daemon_target
 
     try:
-        config = load_config(args.config, check_files=False)
-    except ConfigError as e:
-        raise SystemExit("\n".join(e.problems)) from None
-    url = args.url
-    if url is None:
-        host, _, port = config.listeners.client.bind.rpartition(":")
-        host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
-        url = f"http://{host}:{port}"
-    secret_file = config.delegation.shared_secret_file
-    if secret_file is None or not secret_file.exists():
-        raise SystemExit(
-            "peek: delegation.shared_secret_file is not set (or missing) in "
-            f"{args.config}; the peek command talks to the delegation API"
+        target = daemon_target(
+            url=args.url,
+            secret_file=args.secret_file,
+            config=args.config or os.environ.get("PEEKPROXY_CONFIG"),
         )
-    secret = secret_file.read_text().strip()
-    user = args.user or f"@peekproxy-admin:{config.server.server_name}"
-    return url.rstrip("/"), secret, user, args.device
+    except TargetError as e:
+        raise UsageError(str(e)) from None
+    host = urlsplit(target.url).hostname or ""
+    server_name = target.server_name or (f"[{host}]" if ":" in host else host)
+    user = args.user or f"@peekproxy-admin:{server_name}"
+    for what, value, kind in (
+        ("ROOM", args.room, RoomAlias if args.room.startswith("#") else RoomId),
+        ("--user", user, UserId),
+    ):
+        try:
+            kind.parse(value)
+        except InvalidIdentifier as e:
+            raise UsageError(f"{what}: {e}") from None
+    return target.url, target.secret, user, args.device
 
 
 def _run(args: argparse.Namespace) -> int:
     import trio
 
     try:
-        code: int = trio.run(_peek, args, sys.stdout)
+        settings = _settings(args)
+    except UsageError as e:
+        print(f"peek: {e}", file=sys.stderr)
+        return 2
+    try:
+        code: int = trio.run(_peek, args, settings, sys.stdout)
     except OSError as e:  # e.g. connection refused: the daemon is not running
         print(f"peek: cannot reach peekproxy: {e}", file=sys.stderr)
         return 1
@@ -187,10 +214,18 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}")
+    return value
+
+
 def add_peek_parser(commands: Any) -> None:
     """Register ``peekproxy peek``."""
-    import os
-
     parser = commands.add_parser(
         "peek",
         help="peek a room through the running daemon and print its events",
@@ -206,11 +241,27 @@ def add_peek_parser(commands: Any) -> None:
         metavar="SERVER",
         help="server to peek through (repeatable)",
     )
-    parser.add_argument("--user", help="user ID to peek as (default @peekproxy-admin:<name>)")
+    parser.add_argument(
+        "--user",
+        help="user ID to peek as (default @peekproxy-admin:<server_name>; without a config, "
+        "@peekproxy-admin:<the --url host>)",
+    )
     parser.add_argument("--device", default="PEEKPROXY_CLI", help="device ID to peek as")
-    parser.add_argument("-c", "--config", default=os.environ.get("PEEKPROXY_CONFIG", "config.toml"))
+    parser.add_argument(
+        "-c",
+        "--config",
+        help="config file (default: $PEEKPROXY_CONFIG or ./config.toml; not read when "
+        "--url and --secret-file are given and neither names one)",
+    )
     parser.add_argument("--url", help="client listener URL (default: from the config)")
-    parser.add_argument("--timeout-ms", type=int, default=30_000, help="long-poll timeout")
+    parser.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="file holding the delegation API secret (default: delegation.shared_secret_file)",
+    )
+    parser.add_argument(
+        "--timeout-ms", type=_non_negative, default=30_000, help="long-poll timeout, ms"
+    )
     parser.add_argument(
         "--once",
         action="store_true",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -68,6 +70,14 @@ def run_cli(
     )
 
 
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The sub-command parsers of ``parser`` by name (``{}`` when it has none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PEEKPROXY_")}
 
@@ -122,12 +132,15 @@ async def start_daemon(
     *,
     env: dict[str, str] | None = None,
     expect_ready: bool = True,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> DaemonProcess:
-    """Start ``python -m peekproxy run -c CONFIG``; wait (≤ 30 s) for its ready line."""
+    """Start ``python -m peekproxy run -c CONFIG``; wait (≤ 30 s) for its ready line.
+    ``preexec_fn`` runs in the child before the exec (limits, say)."""
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "peekproxy", "run", "-c", str(config)],
         stderr=subprocess.PIPE,
         env={**_clean_env(), **(env or {})},
+        preexec_fn=preexec_fn,
     )
     daemon = DaemonProcess(process)
     nursery.start_soon(daemon._pump)

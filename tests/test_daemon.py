@@ -335,34 +335,6 @@ async def test_sigint_and_idle_connections_still_exit_quickly(
     await stuck.aclose()
 
 
-async def test_systemd_unit_settings_run_the_daemon(tmp_path: Path, spawn: Spawn) -> None:
-    """Run with the environment the shipped unit sets (config, state dir, credential key)."""
-    unit = (Path(__file__).parent.parent / "systemd" / "peekproxy.service").read_text()
-    etc, state, credentials = tmp_path / "etc", tmp_path / "state", tmp_path / "credentials"
-    for directory in (etc, state, credentials):
-        directory.mkdir()
-    from peekproxy.federation.signing_key import write_new_signing_key
-
-    write_new_signing_key(credentials / "signing.key")
-    config = write_config(etc)
-    config.chmod(0o444)
-    env: dict[str, str] = {}
-    for line in unit.splitlines():
-        if line.startswith("Environment="):
-            name, value = line.removeprefix("Environment=").split("=", 1)
-            env[name] = (
-                value.replace("/etc/peekproxy/config.toml", str(config))
-                .replace("/var/lib/peekproxy", str(state))
-                .replace("%d", str(credentials))
-            )
-    assert set(env) >= {"PEEKPROXY_CONFIG", "PEEKPROXY_SERVER__SIGNING_KEY_FILE"}
-    daemon = await spawn(config, env=env)
-    daemon.signal(signal.SIGTERM)
-    assert await daemon.wait() == 0
-    assert (state / "peekproxy.db").exists()
-    assert not (etc / "data").exists()
-
-
 async def test_one_daemon_per_database(server_dir: Path, spawn: Spawn) -> None:
     config = write_config(server_dir)
     first = await spawn(config)

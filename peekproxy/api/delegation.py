@@ -36,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from peekproxy.api.admin import AdminApi
 from peekproxy.api.delegation_params import (
     TokenBucket,
     check_hints,
@@ -48,6 +49,7 @@ from peekproxy.api.delegation_params import (
 )
 from peekproxy.api.errors import MatrixError
 from peekproxy.api.federation_auth import read_json_body
+from peekproxy.logs import bind_log_fields
 from peekproxy.services.assembly import Services
 from peekproxy.services.reads import HistoryReads
 from peekproxy.services.settings import LiveSettings
@@ -96,23 +98,37 @@ class DelegationApi:
     # -- authentication --------------------------------------------------------------------
 
     async def device(self, request: Request) -> tuple[str, str]:
-        """(user ID, device ID) the request is for.
+        """(user ID, device ID) the request is for (bound to the request's log records).
 
         Raises:
             MatrixError: 403 ``M_FORBIDDEN`` (API off), 401 ``M_UNKNOWN_TOKEN`` (wrong
                 secret), 400 (see :func:`device_params`), or what ``auth`` raises.
         """
         if self.auth is not None:  # client access tokens (front mode)
-            return await self.auth(request)
+            user_id, device_id = await self.auth(request)
+        else:
+            self.check_secret(request, off_status=403, off_errcode="M_FORBIDDEN")
+            user_id, device_id = device_params(request.query_params.getlist)
+        bind_log_fields(user_id=user_id, device_id=device_id)
+        return user_id, device_id
+
+    def check_secret(self, request: Request, *, off_status: int, off_errcode: str) -> None:
+        """Check ``Authorization: Bearer <delegation secret>``.
+
+        Raises:
+            MatrixError: ``off_status`` ``off_errcode`` when no secret is configured (the
+                bearer-secret API is off); 401 ``M_UNKNOWN_TOKEN`` for a missing or wrong one.
+        """
         secret = self.live.delegation_secret
         if secret is None:
             raise MatrixError(
-                403, "M_FORBIDDEN", "the delegation API is off: set delegation.shared_secret_file"
+                off_status,
+                off_errcode,
+                "the delegation API is off: set delegation.shared_secret_file",
             )
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {secret}".encode()):
             raise MatrixError(401, "M_UNKNOWN_TOKEN", "missing or wrong delegation secret")
-        return device_params(request.query_params.getlist)
 
     async def peeked_room(self, request: Request) -> str:
         """The ``{room_id}`` of a read, which the request's device must be peeking.
@@ -123,6 +139,7 @@ class DelegationApi:
         """
         user_id, device_id = await self.device(request)
         room_id = room_id_param(request.path_params["room_id"])
+        bind_log_fields(room_id=room_id)
         if not await self.reads.is_peeking(user_id, device_id, room_id):
             raise MatrixError(403, "M_FORBIDDEN", f"this device is not peeking {room_id}")
         return room_id
@@ -249,10 +266,17 @@ def delegation_routes(
     with_sync: bool = True,
 ) -> list[Route]:
     """Routes to mount on the client listener: :class:`DelegationApi`'s handlers under each
-    of ``prefixes`` (``/_peekproxy/v1``, or the MSC2753 client prefixes with ``auth``).
+    of ``prefixes`` (``/_peekproxy/v1``, or the MSC2753 client prefixes with ``auth``);
+    without ``auth``, also the admin API behind the same secret (:mod:`peekproxy.api.admin`).
 
     The secret and the peek-start rate limit come from ``service.settings.live``
     (:class:`~peekproxy.services.settings.LiveSettings`), read at each request.
     """
     api = DelegationApi(service.syncing, service.reads, live=service.settings.live, auth=auth)
-    return api.routes(prefixes, with_sync=with_sync)
+    routes = api.routes(prefixes, with_sync=with_sync)
+    if auth is None:  # the bearer-secret flavour: the admin API too, absent without a secret
+        routes += AdminApi(
+            service.status,
+            lambda request: api.check_secret(request, off_status=404, off_errcode="M_UNRECOGNIZED"),
+        ).routes()
+    return routes

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from peekproxy.api.errors import MatrixError
 from peekproxy.core.xmatrix import XMatrixError, parse_authorization, verify_request
 from peekproxy.federation.keyring import KeyFetchError, Keyring
+from peekproxy.logs import bind_log_fields
 
 __all__ = ["AuthenticatedRequest", "authenticate", "raw_request_target"]
 
@@ -108,6 +109,7 @@ async def authenticate(
         except (XMatrixError, KeyFetchError) as e:
             errors.append(str(e))
             continue
+        bind_log_fields(origin=auth.origin)  # the request's task logs it from now on
         return AuthenticatedRequest(auth.origin, content)
     log.info(
         "refused federation request %s %s: %s", request.method, request.url.path, "; ".join(errors)

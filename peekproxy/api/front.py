@@ -26,6 +26,7 @@ from peekproxy.api.errors import MatrixError
 from peekproxy.api.upstream_auth import UpstreamAuth, access_token, forwarded_headers
 from peekproxy.core.identifiers import InvalidIdentifier, RoomId
 from peekproxy.homeserver.client import HomeserverUnavailable
+from peekproxy.logs import bind_log_fields
 from peekproxy.services.front_sync import FrontSync, FrontSyncRequest
 from peekproxy.services.passthrough import ClientRequest, Passthrough, UpstreamAnswer
 
@@ -83,6 +84,7 @@ class FrontApi:
     async def sync(self, request: Request) -> Response:
         token = access_token(request)
         user_id, device_id = await self.auth.whoami(token.token, forwarded_headers(request))
+        bind_log_fields(user_id=user_id, device_id=device_id)
         params = request.query_params
         try:
             timeout_ms = int(params.get("timeout", "0"))
@@ -111,6 +113,7 @@ class FrontApi:
         async def handle(request: Request) -> Response:
             token = access_token(request)
             user_id, device_id = await self.auth.whoami(token.token, forwarded_headers(request))
+            bind_log_fields(user_id=user_id, device_id=device_id)
             room_id = request.path_params["room_id"]
             try:
                 RoomId.parse(room_id)

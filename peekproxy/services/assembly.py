@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import trio
 from signedjson.types import SigningKey
 
+from peekproxy.core.status import RecentFailures
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
 from peekproxy.services.client_api_follower import ClientApiFollower, is_client_api_handle
@@ -24,6 +25,7 @@ from peekproxy.services.observer_join import ObserverJoin
 from peekproxy.services.observer_queries import ObserverQueries
 from peekproxy.services.reads import HistoryReads
 from peekproxy.services.settings import PeekSettings, now_ms
+from peekproxy.services.status import FailureRecorder, SubscriptionStatus
 from peekproxy.services.subscriptions import Subscriptions
 from peekproxy.services.syncing import Syncing
 from peekproxy.store import Storage
@@ -52,6 +54,8 @@ class Services:
     members: MemberReads
     #: Other servers' questions about the observer user (devices, keys, profile).
     observer_queries: ObserverQueries
+    #: The admin status view of the subscriptions.
+    status: SubscriptionStatus
     #: Front mode with ``upstream.access_token_file``: the fronted homeserver's own rooms.
     local_rooms: ClientApiFollower | None = None
 
@@ -114,9 +118,10 @@ def build_services(
     directory = RoomDirectory(
         client=client, local_aliases=None if local_rooms is None else local_rooms.directory_entry
     )
+    failures = RecentFailures()  # for the status view
     subscriptions = Subscriptions(
         store=store,
-        follower=follower,
+        follower=FailureRecorder(follower, failures, clock_ms),
         notifier=notifier,
         settings=settings,
         auth=auth,
@@ -174,5 +179,8 @@ def build_services(
         reads=reads,
         members=members,
         observer_queries=observer_queries,
+        status=SubscriptionStatus(
+            store=store, subscriptions=subscriptions, failures=failures, clock_ms=clock_ms
+        ),
         local_rooms=local_rooms,
     )

@@ -263,7 +263,8 @@ class ClientApiFollower:
         again, with a gap)."""
         if handle in self._live:
             return Renewed(at_ms=self.clock_ms())
-        return RenewalFailed(refused=True, at_ms=self.clock_ms())
+        stopped = "its /events long-poll at the homeserver stopped"
+        return RenewalFailed(refused=True, at_ms=self.clock_ms(), error=stopped)
 
     async def stop(self, room_id: str, server: str, handle: str) -> bool:
         """End the room's live task (``True``: also when there is none)."""

@@ -132,10 +132,11 @@ class Renewed:
 class RenewalFailed:
     """A renewal failed; ``refused``: the server no longer holds the following (it lapsed:
     follow again, with a gap), else it may be tried again after a back-off. ``at_ms``: when
-    it failed (ms since the epoch)."""
+    it failed (ms since the epoch); ``error``: why (for the status view's recent failures)."""
 
     refused: bool
     at_ms: int
+    error: str = ""
 
 
 class RoomFollower(Protocol):

@@ -41,6 +41,7 @@ from peekproxy.core.room_versions import room_version
 from peekproxy.core.server_acl import server_allowed
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
+from peekproxy.logs import bind_log_fields
 from peekproxy.services.errors import PeekError
 from peekproxy.services.event_auth import EventAuth, Judged
 from peekproxy.services.following import Fetched
@@ -126,6 +127,7 @@ class Ingest:
                 f"a transaction may hold at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs",
             )
         self.client.heard_from(origin)  # it is up: fetching what its events lack may go on
+        log.debug("transaction %s: %d PDUs, %d EDUs", txn_id, len(pdus), len(edus))
         key = (origin, txn_id)
         lock = self._txn_locks.setdefault(key, trio.Lock())
         try:
@@ -172,6 +174,7 @@ class Ingest:
 
         async def one_room(room_id: str, room_pdus: list[dict[str, Any]]) -> None:
             nonlocal pending
+            bind_log_fields(room_id=room_id)  # this room's own task
             # Rooms are independent: one waiting for get_missing_events holds up no other.
             lock = self._ingest_locks.setdefault(room_id, trio.Lock())
             async with lock:

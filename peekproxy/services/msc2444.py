@@ -40,6 +40,7 @@ from peekproxy.core.validation import (
 )
 from peekproxy.federation.client import FederationClient, FederationError, RemoteError, path_segment
 from peekproxy.federation.keyring import Keyring
+from peekproxy.logs import bind_log_fields
 from peekproxy.services import backfill
 from peekproxy.services.errors import PeekError
 from peekproxy.services.following import (
@@ -103,6 +104,7 @@ class Msc2444Peeks:
                 continue
             for attempt in (1, 2):
                 peek_id = new_peek_id()
+                bind_log_fields(destination=server, peek_id=peek_id)
                 try:
                     body = await self.client.put_json(
                         server,
@@ -189,7 +191,7 @@ class Msc2444Peeks:
                 " (peek lapsed)" if refused else "",
                 error,
             )
-            return RenewalFailed(refused=refused, at_ms=self.clock_ms())
+            return RenewalFailed(refused=refused, at_ms=self.clock_ms(), error=str(error))
         now = self.clock_ms()
         if is_empty_renewal(body):
             return Renewed(at_ms=now)
@@ -197,7 +199,7 @@ class Msc2444Peeks:
             validated = await self._validate(body, room_id)
         except InvalidPeekResponse as e:
             log.warning("invalid renewal reply from %s for %s: %s", server, room_id, e)
-            return RenewalFailed(refused=True, at_ms=now)
+            return RenewalFailed(refused=True, at_ms=now, error=f"invalid renewal reply: {e}")
         # A full reply to a live renewal (Dendrite always answers so) is not a lapse: what
         # lies between our newest events and its latest event is fetched, not skipped.
         fill = await self._renewal_fill(server, room_id, validated)

@@ -255,13 +255,13 @@ class ObserverJoin:
             await self.client.get_json(server, f"{_V1}/event/{path_segment(event_id)}")
         except RemoteError as e:
             if e.status not in (403, 404):
-                return RenewalFailed(refused=False, at_ms=self.clock_ms())
+                return RenewalFailed(refused=False, at_ms=self.clock_ms(), error=str(e))
             log.warning("the observer is no longer in %s (%s says %s)", room_id, server, e)
             reason = f"{server}: the observer is no longer in the room"
             self.holds.undone(room_id, reason, 403, self.clock_ms(), random.random())
-            return RenewalFailed(refused=True, at_ms=self.clock_ms())
-        except FederationError:
-            return RenewalFailed(refused=False, at_ms=self.clock_ms())
+            return RenewalFailed(refused=True, at_ms=self.clock_ms(), error=reason)
+        except FederationError as e:
+            return RenewalFailed(refused=False, at_ms=self.clock_ms(), error=str(e))
         return Renewed(at_ms=self.clock_ms())
 
     async def stop(self, room_id: str, server: str, handle: str) -> bool:

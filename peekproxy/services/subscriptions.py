@@ -29,6 +29,7 @@ from peekproxy.core.backoff import backoff_delay
 from peekproxy.core.outcomes import retry_not_before
 from peekproxy.core.room_versions import room_version
 from peekproxy.core.subscription import Action, Subscription, SubState
+from peekproxy.logs import bind_log_fields
 from peekproxy.services.errors import PeekError
 from peekproxy.services.event_auth import EventAuth, Judged
 from peekproxy.services.following import (
@@ -157,6 +158,7 @@ class Subscriptions:
         Raises:
             PeekError: 503 ``max_remote_peeks`` reached; else as :meth:`_establish`.
         """
+        bind_log_fields(room_id=room_id)  # the request's task: the room it peeks
         sub = self.by_room.get(room_id)
         if sub is None:
             live = sum(
@@ -353,6 +355,7 @@ class Subscriptions:
         delete_failures = 0
         try:
             while True:
+                bind_log_fields(fresh=True, room_id=room_id)  # not those of who started it
                 changed = self._changed.setdefault(room_id, trio.Event())
                 sub = self.by_room[room_id]
                 action, wake = subs.plan(sub, self.clock_ms())
@@ -410,6 +413,7 @@ class Subscriptions:
         sub = self.by_room[room_id]
         assert sub.server is not None and sub.peek_id is not None
         peek_id = sub.peek_id
+        bind_log_fields(destination=sub.server, peek_id=peek_id)  # until the task's next plan
         renewal = await self.follower.renew(room_id, sub.server, peek_id)
         if isinstance(renewal, RenewalFailed) or renewal.snapshot is None:
             async with self.room_lock(room_id):
@@ -496,6 +500,7 @@ class Subscriptions:
         is left."""
         sub = self.by_room[room_id]
         for server, peek_id in sub.pending_deletes:
+            bind_log_fields(destination=server, peek_id=peek_id)
             if not await self.follower.stop(room_id, server, peek_id):
                 continue
             async with self.room_lock(room_id):

@@ -14,12 +14,13 @@ One public surface (import from ``peekproxy.serving``, not from its modules) for
 * :func:`install_guards` (:mod:`~peekproxy.serving.guards`): hypercorn 0.18 patched so that
   an HTTP/2 or connection error ends only its own connection, never a listener or the
   process (installed by every :func:`start_listener`);
+* :func:`raise_open_files_limit`: the soft open-files limit raised to the hard one;
 * :func:`watch_signals`: the first SIGINT/SIGTERM sets the shutdown event, a second stops
   at once; SIGHUP runs a reload callback, one at a time;
 * :func:`exception_leaves` / :func:`failure_message`: exception groups flattened into the
   one-line ``cannot start: ...`` message.
 
-Modules: ``listeners.py``, ``guards.py`` (hypercorn internals, pinned to
+Modules: ``listeners.py``, ``limits.py``, ``guards.py`` (hypercorn internals, pinned to
 :data:`TESTED_HYPERCORN`), ``signals.py``, ``errors.py``.
 
 May import: the standard library, trio, hypercorn (with h11/h2), starlette's ASGI types and
@@ -29,6 +30,7 @@ store, federation or config.
 
 from peekproxy.serving.errors import ServingError, exception_leaves, failure_message
 from peekproxy.serving.guards import TESTED_HYPERCORN, install_guards
+from peekproxy.serving.limits import raise_open_files_limit
 from peekproxy.serving.listeners import (
     LISTEN_BACKLOG,
     ListenerConfig,
@@ -50,6 +52,7 @@ __all__ = [
     "hypercorn_config",
     "install_guards",
     "open_listeners",
+    "raise_open_files_limit",
     "start_listener",
     "watch_signals",
 ]

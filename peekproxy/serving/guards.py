@@ -24,13 +24,19 @@ together let one request end the whole process:
    ``LocalProtocolError``), found by ``tests/http_fuzz.py``. It also keeps an answer sent
    while the client half-closes from failing inside the application (its docstring).
 
+One access-log line per request (:class:`OneAccessLine`): hypercorn 0.18 logs a request
+whose stream closes before its answer is complete (``"GET /x" - -``), and logs it again when
+the answer completes. A client that closes its connection as soon as it has read the
+answer (curl, a load balancer's health check) races the end of the answer, so most such
+requests were logged twice, the first time without a status.
+
 A third guard is about the request after: an HTTP/1.1 answer sent before the request body
 has arrived says ``Connection: close`` (:class:`GuardedH11Protocol`), since hypercorn closes
 such a connection and a client that reused it would lose its next request.
 
 :func:`install_guards` puts the classes where the trio worker looks them up
 (``hypercorn.trio.run.TCPServer``, ``hypercorn.protocol.H2Protocol`` and
-``hypercorn.protocol.H11Protocol``). They rely on
+``hypercorn.protocol.H11Protocol``, and the ``HTTPStream`` these two create). They rely on
 hypercorn internals, so ``pyproject.toml`` pins hypercorn to the release line they are
 tested against (``tests/test_http_robustness.py``); :func:`install_guards` refuses any other.
 """
@@ -40,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from importlib.metadata import version
+from time import time
 from typing import Any
 
 import h2.errors
@@ -47,13 +54,16 @@ import h2.events
 import h2.exceptions
 import h11
 import hypercorn.protocol
+import hypercorn.protocol.h2
+import hypercorn.protocol.h11
 import hypercorn.trio.run
 import trio
 from hypercorn.events import Closed, Event
+from hypercorn.protocol.events import EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.protocol.events import Response
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
 
 from peekproxy.serving.errors import exception_leaves
@@ -63,6 +73,7 @@ __all__ = [
     "GuardedH2Protocol",
     "GuardedH11Protocol",
     "IsolatedTCPServer",
+    "OneAccessLine",
     "QuietProtocolErrors",
     "install_guards",
 ]
@@ -118,6 +129,48 @@ class GuardedH11Protocol(H11Protocol):
         ):
             event = dataclasses.replace(event, headers=[*event.headers, (b"connection", b"close")])
         await super().stream_send(event)
+
+
+class OneAccessLine(HTTPStream):
+    """hypercorn's HTTP stream, writing exactly one access-log line per request.
+
+    hypercorn writes the line once the answer's end is sent, and a line without status when
+    the stream closes before that. A client that closes the connection as soon as it has
+    read the answer's body is seen closing before the answer's end is marked sent, so it
+    got both lines. Here a stream closed while its answer is under way writes its line (with
+    the answer's status) when the answer ends, or when the application returns; a stream
+    closed before any answer writes its line (no status) at once, and no second one when
+    the application answers after all.
+    """
+
+    _line_written = False
+
+    async def handle(self, event: StreamEvent) -> None:
+        if isinstance(event, StreamClosed) and not self.closed:
+            if self.state in (ASGIHTTPState.RESPONSE, ASGIHTTPState.TRAILERS):
+                self.closed = True  # the line comes with the answer's end
+                if self.app_put is not None:
+                    await self.app_put({"type": "http.disconnect"})
+                return
+            # hypercorn writes the line of a request closed before its answer
+            self._line_written = self._line_written or self.state is not ASGIHTTPState.CLOSED
+        await super().handle(event)
+
+    async def app_send(self, message: Any) -> None:
+        if message is None and self.closed and self.state is not ASGIHTTPState.REQUEST:
+            await self._write_line()  # the client left during the answer
+        await super().app_send(message)
+
+    async def _send_closed(self) -> None:
+        self.state = ASGIHTTPState.CLOSED
+        await self.send(EndBody(stream_id=self.stream_id))
+        await self._write_line()
+        await self.send(StreamClosed(stream_id=self.stream_id))
+
+    async def _write_line(self) -> None:
+        if not self._line_written:
+            self._line_written = True
+            await self.config.log.access(self.scope, self.response, time() - self.start_time)
 
 
 class IsolatedTCPServer(TCPServer):
@@ -208,10 +261,13 @@ def install_guards() -> None:
             f"with hypercorn {TESTED_HYPERCORN}x only (see peekproxy/serving/guards.py)"
         )
     worker, protocols = vars(hypercorn.trio.run), vars(hypercorn.protocol)
+    streams = (vars(hypercorn.protocol.h2), vars(hypercorn.protocol.h11))
     if (
         worker.get("TCPServer") not in (TCPServer, IsolatedTCPServer)
         or protocols.get("H2Protocol") not in (H2Protocol, GuardedH2Protocol)
         or protocols.get("H11Protocol") not in (H11Protocol, GuardedH11Protocol)
+        or any(module.get("HTTPStream") not in (HTTPStream, OneAccessLine) for module in streams)
+        or not callable(getattr(HTTPStream, "_send_closed", None))
     ):
         raise RuntimeError("hypercorn internals changed: cannot install the listener guards")
     if not any(isinstance(f, QuietProtocolErrors) for f in log.filters):
@@ -219,3 +275,5 @@ def install_guards() -> None:
     worker["TCPServer"] = IsolatedTCPServer
     protocols["H2Protocol"] = GuardedH2Protocol
     protocols["H11Protocol"] = GuardedH11Protocol
+    for module in streams:
+        module["HTTPStream"] = OneAccessLine

@@ -83,6 +83,11 @@ class RoomEventReads(Protocol):
     def newest_event_ids(self, room_id: str, count: int) -> list[str]:
         """The IDs of the room's newest ``count`` events on its stream, newest first."""
 
+    def newest_events(self, room_id: str | None = None) -> dict[str, tuple[str, int]]:
+        """Room ID → (event ID, ``received_ts`` ms: when peekproxy stored it) of the newest
+        event on each room's stream (only ``room_id``'s when given); rooms without events
+        are left out."""
+
     def current_state_ids(self, room_id: str) -> dict[tuple[str, str], str]:
         """The room's current state: (type, state_key) → event ID."""
 
@@ -124,6 +129,10 @@ class DevicePeekReads(Protocol):
 
     def device_peek_count(self, room_id: str, state: str = "active") -> int:
         """How many device peeks of the room are in ``state``."""
+
+    def device_peek_counts(self, room_id: str | None = None) -> dict[str, tuple[int, int]]:
+        """Room ID → (``active``, ``dormant``) device peeks of each room that has any (only
+        ``room_id``'s when given)."""
 
     def device_peeks_of_device(self, user_id: str, device_id: str) -> int:
         """How many rooms the device peeks (``active`` peeks)."""

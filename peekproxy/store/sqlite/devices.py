@@ -92,3 +92,14 @@ class DevicePeekOps(SqliteBase):
                 "SELECT DISTINCT user_id, device_id FROM device_peeks WHERE state = 'active'"
             )
         ]
+
+    def device_peek_counts(self, room_id: str | None = None) -> dict[str, tuple[int, int]]:
+        counts: dict[str, list[int]] = {}
+        where = "state IN ('active', 'dormant')" + (" AND room_id = ?" if room_id else "")
+        for room, state, count in self._conn.execute(
+            f"SELECT room_id, state, COUNT(*) FROM device_peeks WHERE {where} "
+            "GROUP BY room_id, state",
+            (room_id,) if room_id else (),
+        ):
+            counts.setdefault(str(room), [0, 0])[0 if state == "active" else 1] = int(count)
+        return {room: (c[0], c[1]) for room, c in counts.items()}

@@ -277,6 +277,16 @@ class EventOps(SqliteBase):
             )
         ]
 
+    def newest_events(self, room_id: str | None = None) -> dict[str, tuple[str, int]]:
+        where = "kind = 'event'" + (" AND room_id = ?" if room_id else "")
+        rows = self._conn.execute(
+            "SELECT s.room_id, s.event_id, s.received_ts FROM room_stream s JOIN "
+            f"(SELECT room_id, MAX(stream_pos) AS pos FROM room_stream WHERE {where} "
+            "GROUP BY room_id) n ON s.stream_pos = n.pos",
+            (room_id,) if room_id else (),
+        )
+        return {str(r): (str(e), int(t)) for r, e, t in rows}
+
     def current_state_ids(self, room_id: str) -> dict[tuple[str, str], str]:
         return {
             (t, k): e

@@ -1,0 +1,97 @@
+"""Where a command-line client finds the running daemon: its client listener URL and the
+delegation secret, from ``--url`` / ``--secret-file`` or else from the config file.
+
+Used by ``peekproxy status`` (:mod:`peekproxy.status_cli`) and ``peekproxy peek``
+(:mod:`peekproxy.peek_cli`); a client of the delegation or
+admin API needs nothing else. With both ``--url`` and ``--secret-file`` no config file is
+read at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DaemonTarget", "TargetError", "client_url_of_bind", "daemon_target"]
+
+#: Wildcard binds are reached on the loopback address of the same family.
+_LOOPBACK = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
+
+
+class TargetError(Exception):
+    """The daemon cannot be found from the arguments and config (a usage error, exit 2);
+    the message is one line."""
+
+
+@dataclass(frozen=True)
+class DaemonTarget:
+    """``url``: the client listener's base URL (no trailing ``/``); ``secret``: the
+    delegation secret; ``server_name``: the config's, when a config was read."""
+
+    url: str
+    secret: str
+    server_name: str | None = None
+
+
+def client_url_of_bind(bind: str) -> str:
+    """``http://host:port`` for a ``listeners.client.bind`` value (a wildcard host is
+    reached on loopback)."""
+    host, _, port = bind.rpartition(":")
+    return f"http://{_LOOPBACK.get(host, host)}:{port}"
+
+
+def _secret_of(path: Path, key: str) -> str:
+    from peekproxy.api.delegation_params import SecretFileError, read_secret
+
+    try:
+        secret = read_secret(path)
+    except SecretFileError as e:
+        raise TargetError(f"{key}: {e}") from None
+    assert secret is not None
+    return secret
+
+
+def daemon_target(
+    *, url: str | None, secret_file: str | None, config: str | None = None
+) -> DaemonTarget:
+    """The daemon to talk to: ``url`` and the secret in ``secret_file`` when both are
+    given; what is missing comes from the config file ``config`` (default
+    ``$PEEKPROXY_CONFIG``, else ``./config.toml``): ``listeners.client.bind`` and
+    ``delegation.shared_secret_file``. A config named by ``config`` is read even when both
+    are given (its ``server_name`` is then known); otherwise, with both, none is read.
+
+    Raises:
+        TargetError: ``url`` is not ``http(s)://HOST[:PORT]``; the secret file cannot be
+            read or is empty; the config cannot be read or is invalid; it sets no
+            ``delegation.shared_secret_file``.
+    """
+    from urllib.parse import urlsplit
+
+    if url is not None and (
+        urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname
+    ):
+        raise TargetError(f"--url: expected http(s)://HOST[:PORT], got {url!r}")
+    if url is not None and secret_file is not None and config is None:
+        return DaemonTarget(url.rstrip("/"), _secret_of(Path(secret_file), "--secret-file"))
+    from peekproxy.config import ConfigError, load_config
+
+    path = config or os.environ.get("PEEKPROXY_CONFIG", "config.toml")
+    try:
+        loaded = load_config(path, check_files=False)
+    except ConfigError as e:
+        detail = "; ".join(e.problems)
+        detail = detail if str(path) in detail else f"{path}: {detail}"
+        given = "" if config else " (or give --url and --secret-file)"
+        raise TargetError(detail + given) from None
+    if secret_file is not None:
+        secret = _secret_of(Path(secret_file), "--secret-file")
+    elif loaded.delegation.shared_secret_file is None:
+        raise TargetError(
+            f"{path}: delegation.shared_secret_file is not set; the admin and delegation "
+            "APIs need it (or give --secret-file)"
+        )
+    else:
+        secret = _secret_of(loaded.delegation.shared_secret_file, "delegation.shared_secret_file")
+    base = url or client_url_of_bind(loaded.listeners.client.bind)
+    return DaemonTarget(base.rstrip("/"), secret, loaded.server.server_name)
