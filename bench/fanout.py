@@ -366,6 +366,7 @@ async def memory(rooms: int, peeks: int, directory: Path) -> None:
     from peekproxy.federation.ip_policy import IpFilter
     from peekproxy.federation.keyring import Keyring
     from peekproxy.services.assembly import PeekSettings, build_services
+    from peekproxy.services.settings import LiveSettings
     from peekproxy.store import WriteTransaction
     from peekproxy.store.sqlite import open_sqlite
 
@@ -413,8 +414,7 @@ async def memory(rooms: int, peeks: int, directory: Path) -> None:
         settings=PeekSettings(
             linger_ms=60_000,
             renewal_max_ms=1_800_000,
-            max_peeks_per_device=100,
-            max_remote_peeks=rooms + 1,
+            live=LiveSettings(max_remote_peeks=rooms + 1),
         ),
     )
     async with trio.open_nursery() as nursery:

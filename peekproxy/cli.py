@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import NoReturn
@@ -86,17 +87,25 @@ def preflight(config: Config) -> list[str]:
     return problems
 
 
+def _checked_config(path: str) -> Config:
+    """The config file, loaded and preflight-checked (at start, and again on each SIGHUP).
+
+    Raises:
+        ConfigError: one line per problem (load_config's, then :func:`preflight`'s).
+    """
+    config = load_config(path)
+    problems = preflight(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
 def _load_checked(path: str) -> Config | None:
     try:
-        config = load_config(path)
+        return _checked_config(path)
     except ConfigError as e:
         _print_problems(e.problems)
         return None
-    problems = preflight(config)
-    if problems:
-        _print_problems(problems)
-        return None
-    return config
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -157,7 +166,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     raise_open_files_limit()  # one socket per long-poll
     failure: str | None = None
     try:
-        trio.run(run_daemon, config)
+        trio.run(partial(run_daemon, config, reload=partial(_checked_config, args.config)))
     except* (SigningKeyError, StoreError, ServingError) as group:
         failure = failure_message(group)
     if failure:

@@ -5,9 +5,11 @@ delegation secret, the store, the federation client and keyring, the services, t
 apps of the federation, client and (optional) metrics listeners, served with
 :mod:`peekproxy.serving` (hypercorn settings, listener guards, signals, graceful drain).
 Everything runs in one trio nursery. The ``ready`` log line and ``READY=1`` (systemd) come
-only once every listener is bound. SIGINT/SIGTERM stop accepting connections and give
-in-flight requests ``server.shutdown_grace`` seconds to finish; a second signal stops at
-once.
+only once every listener accepts connections. SIGINT/SIGTERM: ``STOPPING=1``, every open
+``/sync`` long-poll is answered at once (:meth:`Notifier.drain`), the listeners stop
+accepting connections and give other in-flight requests ``server.shutdown_grace`` seconds
+to finish; a second signal stops at once. SIGHUP reloads the config
+(:class:`peekproxy.reload.Reloader`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring, TrustedNotary
 from peekproxy.federation.signing_key import key_id, load_signing_key
 from peekproxy.homeserver.client import HomeserverClient
+from peekproxy.reload import LoadConfig, Reloader, live_settings
 from peekproxy.sdnotify import sd_notify
 from peekproxy.services.assembly import PeekSettings, build_services
 from peekproxy.services.client_api_follower import ClientApiFollower
@@ -84,11 +87,15 @@ async def run_daemon(
     *,
     shutdown: trio.Event | None = None,
     handle_signals: bool = True,
+    reload: LoadConfig | None = None,
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run peekproxy until ``shutdown`` is set (or SIGINT/SIGTERM when ``handle_signals``).
 
     Calls ``task_status.started(Listening(...))`` once every listener is bound.
+    ``reload`` reads the config file again (a new Config, or ConfigError): SIGHUP runs it
+    and applies the live settings (:class:`~peekproxy.reload.Reloader`); without it a
+    SIGHUP is logged and ignored.
 
     Raises:
         SigningKeyError: the signing key cannot be loaded.
@@ -126,6 +133,7 @@ async def run_daemon(
         if upstream_token:
             # World_readable rooms of the homeserver itself, through its client API.
             local_rooms = ClientApiFollower(homeserver=homeserver, token=upstream_token)
+    live = live_settings(config, secret)
     services = build_services(
         store=store,
         client=federation,
@@ -133,8 +141,7 @@ async def run_daemon(
         settings=PeekSettings(
             linger_ms=int(config.peeks.linger * 1000),
             renewal_max_ms=int(config.peeks.renewal_interval_max * 1000),
-            max_peeks_per_device=config.peeks.max_peeks_per_device,
-            max_remote_peeks=config.peeks.max_remote_peeks,
+            live=live,
             idle_timeout_ms=int(config.peeks.idle_timeout * 1000),
             sync_section=config.peeks.sync_section,
             observer=ObserverSettings(
@@ -142,7 +149,6 @@ async def run_daemon(
                 joins=config.peeks.fallback == "observer_join",
                 displayname=config.peeks.observer_displayname,
                 linger_ms=int(config.peeks.observer_linger * 1000),
-                max_rooms=config.peeks.max_observed_rooms,
             ),
         ),
         local_rooms=local_rooms,
@@ -150,11 +156,7 @@ async def run_daemon(
         signing_key=signing_key,
     )
 
-    limits = {
-        "rate_limit_per_second": config.peeks.rate_limit_per_second,
-        "rate_limit_burst": config.peeks.rate_limit_burst,
-    }
-    client_routes = delegation_routes(services, secret, **limits)  # type: ignore[arg-type]
+    client_routes = delegation_routes(services)
     homeserver_check = None
     if homeserver is not None:
         # Front mode (docs/front.md): /sync merged, history reads routed, the MSC2753
@@ -162,7 +164,7 @@ async def run_daemon(
         passthrough = Passthrough(homeserver)
         homeserver_check = passthrough.homeserver_answers
         auth = UpstreamAuth(homeserver)
-        msc2753 = DelegationApi(services.syncing, services.reads, secret=None, auth=auth, **limits)  # type: ignore[arg-type]
+        msc2753 = DelegationApi(services.syncing, services.reads, live=live, auth=auth)
         front = FrontSync(
             passthrough=passthrough,
             syncing=services.syncing,
@@ -175,12 +177,36 @@ async def run_daemon(
     started = False
     gc_thresholds: tuple[int, int, int] | None = None
     grace = server.shutdown_grace
-    access_log = config.logging.access_log
     listeners = config.listeners
+    # The access log is switched by its logger (a reload may turn it on or off).
+    logging.getLogger("peekproxy.access").disabled = not config.logging.access_log
+    federation_http = hypercorn_config(
+        listeners.federation.bind,
+        grace=grace,
+        access_log=True,
+        certfile=listeners.federation.tls_certificate_file,
+        keyfile=listeners.federation.tls_private_key_file,
+    )
+    client_http = hypercorn_config(listeners.client.bind, grace=grace, access_log=True)
+    metrics_http = hypercorn_config(listeners.metrics.bind, grace=grace, access_log=False)
+    reloader = None
+    if reload is not None:
+        reloader = Reloader(
+            config,
+            reload,
+            live,
+            listeners=(federation_http, client_http, metrics_http),
+            federation=federation_http,
+        )
     try:
         async with trio.open_nursery() as outer:
             if handle_signals:
-                outer.start_soon(watch_signals, shutdown, outer.cancel_scope)
+                outer.start_soon(
+                    watch_signals,
+                    shutdown,
+                    outer.cancel_scope,
+                    None if reloader is None else reloader.reload,
+                )
             await outer.start(services.run)
             async with open_listeners(shutdown) as servers:
                 federation_url = await servers.start(
@@ -198,13 +224,7 @@ async def run_daemon(
                         members=services.members,
                         observer=services.observer_queries,
                     ),
-                    hypercorn_config(
-                        listeners.federation.bind,
-                        grace=grace,
-                        access_log=access_log,
-                        certfile=listeners.federation.tls_certificate_file,
-                        keyfile=listeners.federation.tls_private_key_file,
-                    ),
+                    federation_http,
                 )
                 client_url = await servers.start(
                     "listeners.client.bind",
@@ -214,7 +234,7 @@ async def run_daemon(
                         homeserver_check=homeserver_check,
                         cors=homeserver is not None,  # front mode: browsers' clients
                     ),
-                    hypercorn_config(listeners.client.bind, grace=grace, access_log=access_log),
+                    client_http,
                 )
                 metrics_url = None
                 if listeners.metrics.enabled:
@@ -223,7 +243,7 @@ async def run_daemon(
                     metrics_url = await servers.start(
                         "listeners.metrics.bind",
                         MetricsOnly(gauges.refresh),
-                        hypercorn_config(listeners.metrics.bind, grace=grace, access_log=False),
+                        metrics_http,
                     )
                 listening = Listening(client_url, federation_url, metrics_url)
                 await store.record_server_name()
@@ -241,12 +261,16 @@ async def run_daemon(
                     config.peeks.fallback,
                 )
                 sd_notify("READY=1")
+                if reloader is not None:
+                    reloader.ready = True
                 started = True
                 gc_thresholds = gc_policy.settle()
                 outer.start_soon(gc_policy.collect_periodically)
                 task_status.started(listening)
                 await shutdown.wait()
                 sd_notify("STOPPING=1")
+                # Every open long-poll answers now, and any that comes in during the drain.
+                services.notifier.drain()
             outer.cancel_scope.cancel()
     finally:
         if gc_thresholds is not None:

@@ -33,6 +33,7 @@ __all__ = [
     "TextFormatter",
     "bind_log_fields",
     "log_fields",
+    "set_level",
     "setup_logging",
     "short_path",
 ]
@@ -172,11 +173,18 @@ def setup_logging(
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
     access = logging.getLogger("peekproxy.access")
-    access.disabled = not access_log
     if not any(isinstance(f, _ShortPaths) for f in access.filters):
         access.addFilter(_ShortPaths())
+    set_level(level, access_log=access_log)
+
+
+def set_level(level: str, *, access_log: bool) -> None:
+    """Apply ``logging.level`` and ``logging.access_log`` (at start-up, and again on each
+    reload): the root logger's level, the access log on or off, and the floors below."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    logging.getLogger("peekproxy.access").disabled = not access_log
     # hypercorn's own start-up chatter ("Running on ...") duplicates our ready line.
     logging.getLogger("peekproxy.http").setLevel(max(logging.WARNING, root.level))
     # httpx logs full request URLs at INFO; the HTTP libraries log headers at DEBUG (hpack

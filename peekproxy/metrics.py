@@ -99,10 +99,11 @@ FRONT_SYNCS = Counter(
     "peekproxy_front_syncs",
     "Front mode /sync answers, by outcome: 'merged' (peeked rooms merged into the "
     "homeserver's answer), 'homeserver' (its answer alone: no peek news), 'homeserver_error' "
-    "(its non-200 answer passed on), 'unavailable' (it could not be reached: 502)",
+    "(its non-200 answer passed on), 'unavailable' (it could not be reached: 502), 'drained' "
+    "(a long-poll answered at once on SIGTERM)",
     ["outcome"],
 )
-_present(FRONT_SYNCS, ("merged", "homeserver", "homeserver_error", "unavailable"))
+_present(FRONT_SYNCS, ("merged", "homeserver", "homeserver_error", "unavailable", "drained"))
 FRONT_DEGRADED = Counter(
     "peekproxy_front_degraded",
     "Faults in peekproxy's own part of a front /sync (logged); the client got the "

@@ -13,14 +13,14 @@ from peekproxy.federation.discovery import DnspythonLookup
 from peekproxy.federation.ip_policy import IpFilter
 from peekproxy.federation.keyring import Keyring
 from peekproxy.services.assembly import PeekSettings, Services, build_services
+from peekproxy.services.settings import LiveSettings
 from peekproxy.store import Storage
 
 #: Small caps, no linger, a one-minute idle timeout.
 OFFLINE_SETTINGS = PeekSettings(
     linger_ms=0,
     renewal_max_ms=1_800_000,
-    max_peeks_per_device=100,
-    max_remote_peeks=10,
+    live=LiveSettings(max_remote_peeks=10),
     idle_timeout_ms=60_000,
 )
 

@@ -275,6 +275,48 @@ async def test_sigterm_cuts_a_stuck_request_at_the_deadline(
     assert responses == []
 
 
+async def test_a_second_sigterm_stops_at_once(
+    server_dir: Path, tls_files: tuple[Path, Path, Path], spawn: Spawn
+) -> None:
+    """The drain waits up to 3 s for a stuck request; a second SIGTERM does not wait."""
+    async with trio.open_nursery() as nursery:
+        daemon, _remote, responses = await _start_gated_request(
+            server_dir, tls_files, spawn, nursery
+        )
+        daemon.signal(signal.SIGTERM)
+        await daemon.wait_for_log(rb"SIGTERM received")
+        started = trio.current_time()
+        daemon.signal(signal.SIGTERM)
+        with trio.fail_after(5):
+            assert await daemon.wait() == 0
+        assert trio.current_time() - started < 1.5
+        nursery.cancel_scope.cancel()
+    assert "second SIGTERM: stopping now" in daemon.log
+    assert responses == []
+
+
+async def test_sighup_during_the_drain_does_no_harm(
+    server_dir: Path, tls_files: tuple[Path, Path, Path], spawn: Spawn
+) -> None:
+    """A SIGHUP (logrotate, a reload) while the daemon drains neither reloads nor ends it:
+    the request in flight still finishes and the exit is 0."""
+    async with trio.open_nursery() as nursery:
+        daemon, remote, responses = await _start_gated_request(
+            server_dir, tls_files, spawn, nursery
+        )
+        daemon.signal(signal.SIGTERM)
+        await daemon.wait_for_log(rb"SIGTERM received")
+        daemon.signal(signal.SIGHUP)
+        await daemon.wait_for_log(rb"SIGHUP ignored: shutting down")
+        remote.release.set()
+        with trio.fail_after(5):
+            assert await daemon.wait() == 0
+        nursery.cancel_scope.cancel()
+    [response] = responses
+    assert response.status_code == 404
+    assert "reloading" not in daemon.log
+
+
 async def test_sigint_and_idle_connections_still_exit_quickly(
     server_dir: Path, spawn: Spawn
 ) -> None:

@@ -18,6 +18,7 @@ import trio.testing
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.services.assembly import PeekSettings, Services, build_services
 from peekproxy.services.ingest import TYPING_TIMEOUT_MS
+from peekproxy.services.settings import LiveSettings
 from peekproxy.store import Storage
 from peekproxy.store.sqlite import open_sqlite
 from peekproxy.store.sqlite.migrations import apply_migrations, available_migrations
@@ -110,7 +111,7 @@ async def start(
         client=offline_client(),  # no subscription task runs here: it sends nothing
         keyring=None,  # type: ignore[arg-type]
         settings=PeekSettings(
-            linger_ms=0, renewal_max_ms=1_800_000, max_peeks_per_device=100, max_remote_peeks=10
+            linger_ms=0, renewal_max_ms=1_800_000, live=LiveSettings(max_remote_peeks=10)
         ),
         clock_ms=clock_ms,
     )

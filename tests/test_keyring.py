@@ -28,6 +28,7 @@ from peekproxy.federation.keyring import (
 )
 from peekproxy.federation.signing_key import server_key_document
 from peekproxy.services.assembly import PeekSettings, build_services
+from peekproxy.services.settings import LiveSettings
 from peekproxy.store.sqlite import open_sqlite
 from peekproxy.testbed.rooms import TestbedRoom
 from tests.support import JsonApp, serve_app
@@ -274,7 +275,9 @@ async def _ingest_later_event(
         client=client,
         keyring=keyring,
         settings=PeekSettings(
-            linger_ms=0, renewal_max_ms=1_800_000, max_peeks_per_device=10, max_remote_peeks=10
+            linger_ms=0,
+            renewal_max_ms=1_800_000,
+            live=LiveSettings(max_peeks_per_device=10, max_remote_peeks=10),
         ),
     )
     room = TestbedRoom.create(

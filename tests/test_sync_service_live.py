@@ -11,6 +11,7 @@ import trio
 
 from peekproxy.core.sync import build_sync, decode_token
 from peekproxy.services.assembly import PeekSettings, Services, build_services
+from peekproxy.services.settings import LiveSettings
 from peekproxy.store import Storage
 from peekproxy.store.sqlite import SqliteTransaction, open_sqlite
 
@@ -36,7 +37,7 @@ async def _service(tmp_path: Path) -> tuple[Storage, Services]:
         client=None,  # type: ignore[arg-type]  # not used by sync
         keyring=None,  # type: ignore[arg-type]
         settings=PeekSettings(
-            linger_ms=0, renewal_max_ms=1_800_000, max_peeks_per_device=100, max_remote_peeks=10
+            linger_ms=0, renewal_max_ms=1_800_000, live=LiveSettings(max_remote_peeks=10)
         ),
         clock_ms=lambda: 5_000,
     )

@@ -53,6 +53,7 @@ from peekproxy.logs import bind_log_fields
 from peekproxy.metrics import LONG_POLLS_IN_FLIGHT
 from peekproxy.services.assembly import Services
 from peekproxy.services.reads import HistoryReads
+from peekproxy.services.settings import LiveSettings
 from peekproxy.services.syncing import Syncing
 
 __all__ = ["DelegationApi", "delegation_routes"]
@@ -74,10 +75,11 @@ class DelegationApi:
         syncing: starts and ends device peeks, answers ``/sync``.
         reads: answers ``/messages``, ``/state`` and ``/event``, and whether a device peeks
             a room.
-        secret: the delegation shared secret; ``None``: the bearer-secret API is off (403).
+        live: the delegation shared secret (``delegation_secret``; ``None``: the
+            bearer-secret API is off, 403) and how fast each user may start peeks
+            (``rate_limit_per_second`` / ``rate_limit_burst``), read at each request, so a
+            reload (SIGHUP) changes them at once.
         auth: in front mode, resolves client access tokens instead of the secret.
-        rate_limit_per_second / rate_limit_burst: how fast each user may start peeks
-            (config ``peeks.rate_limit_*``).
     """
 
     def __init__(
@@ -85,16 +87,14 @@ class DelegationApi:
         syncing: Syncing,
         reads: HistoryReads,
         *,
-        secret: str | None,
+        live: LiveSettings,
         auth: DeviceAuth | None = None,
-        rate_limit_per_second: float = 1.0,
-        rate_limit_burst: int = 10,
     ) -> None:
         self.syncing = syncing
         self.reads = reads
-        self.secret = secret
+        self.live = live
         self.auth = auth
-        self.limiter = TokenBucket(rate_limit_per_second, rate_limit_burst)
+        self.limiter = TokenBucket(live.rate_limit_per_second, live.rate_limit_burst)
 
     # -- authentication --------------------------------------------------------------------
 
@@ -120,14 +120,15 @@ class DelegationApi:
             MatrixError: ``off_status`` ``off_errcode`` when no secret is configured (the
                 bearer-secret API is off); 401 ``M_UNKNOWN_TOKEN`` for a missing or wrong one.
         """
-        if self.secret is None:
+        secret = self.live.delegation_secret
+        if secret is None:
             raise MatrixError(
                 off_status,
                 off_errcode,
                 "the delegation API is off: set delegation.shared_secret_file",
             )
         given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {self.secret}".encode()):
+        if not secrets.compare_digest(given.encode(), f"Bearer {secret}".encode()):
             raise MatrixError(401, "M_UNKNOWN_TOKEN", "missing or wrong delegation secret")
 
     async def peeked_room(self, request: Request) -> str:
@@ -153,6 +154,9 @@ class DelegationApi:
                 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``.
         """
         check_hints(hints)  # before any lookup, and before a rate-limit token is spent
+        limits = (self.live.rate_limit_per_second, self.live.rate_limit_burst)
+        if limits != (self.limiter.rate, self.limiter.burst):  # changed by a reload
+            self.limiter.set_limits(*limits)
         wait = self.limiter.take(user_id)
         if wait is not None:
             raise MatrixError(
@@ -258,10 +262,7 @@ class DelegationApi:
 
 def delegation_routes(
     service: Services,
-    secret: str | None,
     *,
-    rate_limit_per_second: float = 1.0,
-    rate_limit_burst: int = 10,
     auth: DeviceAuth | None = None,
     prefixes: Sequence[str] = ("/_peekproxy/v1",),
     with_sync: bool = True,
@@ -270,17 +271,10 @@ def delegation_routes(
     of ``prefixes`` (``/_peekproxy/v1``, or the MSC2753 client prefixes with ``auth``);
     without ``auth``, also the admin API behind the same secret (:mod:`peekproxy.api.admin`).
 
-    ``rate_limit_per_second`` / ``rate_limit_burst`` (config ``peeks.rate_limit_*``) limit
-    how fast each user may start peeks (``peek`` and ``peek_room`` requests).
+    The secret and the peek-start rate limit come from ``service.settings.live``
+    (:class:`~peekproxy.services.settings.LiveSettings`), read at each request.
     """
-    api = DelegationApi(
-        service.syncing,
-        service.reads,
-        secret=secret,
-        auth=auth,
-        rate_limit_per_second=rate_limit_per_second,
-        rate_limit_burst=rate_limit_burst,
-    )
+    api = DelegationApi(service.syncing, service.reads, live=service.settings.live, auth=auth)
     routes = api.routes(prefixes, with_sync=with_sync)
     if auth is None:  # the bearer-secret flavour: the admin API too, absent without a secret
         routes += AdminApi(

@@ -319,10 +319,20 @@ class TokenBucket:
     def __init__(
         self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
+        self.clock = clock
+        self.set_limits(rate, burst)
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def set_limits(self, rate: float, burst: int) -> None:
+        """Refill at ``rate`` tokens per second up to ``burst`` from now on (a reload);
+        each key keeps the tokens it has, never more than ``burst``.
+
+        Raises:
+            ValueError: ``rate`` not > 0 or ``burst`` < 1.
+        """
         if not rate > 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
-        self.rate, self.burst, self.clock = float(rate), int(burst), clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self.rate, self.burst = float(rate), int(burst)
 
     def take(self, key: str) -> int | None:
         now = self.clock()

@@ -185,3 +185,12 @@ def encode_answer(answer: Mapping[str, Any]) -> bytes:
         return json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
     except UnicodeEncodeError:
         return json.dumps(answer, separators=(",", ":")).encode()
+
+
+def drained_answer(since: str) -> dict[str, Any]:
+    """The front ``/sync`` answer of a long-poll cut short by a shutdown (SIGTERM drain):
+    nothing new, ``next_batch`` the client's own ``since`` (a homeserver token), so its
+    next ``/sync``, to this daemon's successor or the homeserver, goes on from where it
+    was and misses nothing. Synapse answers a long-poll with no news the same way (only
+    ``next_batch``; every other key of the response is optional)."""
+    return {"next_batch": since}

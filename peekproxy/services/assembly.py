@@ -109,6 +109,7 @@ def build_services(
                 server_name=server_name,
                 signing_key=signing_key,
                 settings=settings.observer,
+                live=settings.live,
                 clock_ms=clock_ms,
             )
         follower = msc2444

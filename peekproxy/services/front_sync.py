@@ -19,6 +19,11 @@ position on (:meth:`Syncing.quiet_position`: it never peeked, or its peeks ended
 ``leave`` delivered, or were joined) has no token saved, and one that never peeked starts from
 the newest position without a read: most devices syncing through the front never peek.
 
+Shutdown (SIGTERM, :meth:`Notifier.drain`): a long-poll still waiting for both sides, or one
+that comes in during the drain, is answered at once with nothing new and its own ``since``
+as ``next_batch`` (:func:`~peekproxy.core.front_sync.drained_answer`); the homeserver's
+pending long-poll is cancelled.
+
 A room in the homeserver's ``rooms.join`` that the user peeks: the user's peeks of it end
 without a ``rooms.leave`` entry (:meth:`Syncing.end_joined`) and it leaves this answer's peek
 section. Any fault in peekproxy's own part degrades to the homeserver's answer alone (logged).
@@ -36,6 +41,7 @@ import trio
 
 from peekproxy.core.front_sync import (
     DEFAULT_TIMELINE_LIMIT,
+    drained_answer,
     encode_answer,
     filter_timeline_limit,
     has_news,
@@ -61,6 +67,8 @@ log = logging.getLogger("peekproxy.front")
 
 #: Longest wait for peek news, ms (as the delegation API's ``/sync``).
 MAX_TIMEOUT_MS = 300_000
+#: The Content-Type of the answers built here.
+JSON = "application/json"
 #: Seconds a filter fetch may take.
 FILTER_TIMEOUT_S = 10.0
 _FAULT = "the front's own part of a /sync failed (%s): the homeserver's answer goes out alone"
@@ -139,7 +147,14 @@ class FrontSync:
         homeserver: UpstreamAnswer | None = None
         peek: dict[str, Any] | None = None
         failure: HomeserverUnavailable | None = None
+        drained = False
         async with trio.open_nursery() as nursery:
+
+            async def answer_on_drain() -> None:
+                nonlocal drained
+                await self.syncing.notifier.wait_drain()
+                drained = True
+                nursery.cancel_scope.cancel()
 
             async def ask_homeserver() -> None:
                 nonlocal homeserver, failure
@@ -161,6 +176,10 @@ class FrontSync:
             nursery.start_soon(ask_homeserver)
             if race:
                 nursery.start_soon(wait_for_peeks)
+                nursery.start_soon(answer_on_drain)
+        if drained and homeserver is None and failure is None and request.since is not None:
+            FRONT_SYNCS.labels("drained").inc()
+            return UpstreamAnswer(200, encode_answer(drained_answer(request.since)), JSON)
         if failure is not None:
             FRONT_SYNCS.labels("unavailable").inc()
             raise failure
@@ -205,7 +224,7 @@ class FrontSync:
             return homeserver
         FRONT_SYNCS.labels("merged").inc()
         merged = merge_sync(body, peek, section=self.section, drop=joined)
-        return UpstreamAnswer(200, encode_answer(merged), "application/json")
+        return UpstreamAnswer(200, encode_answer(merged), JSON)
 
     async def _own_part(self, fn: Callable[..., Any], *args: Any, default: Any) -> Any:
         """``await fn(*args)``; any fault in it (peekproxy's own part of the sync) is logged
@@ -248,7 +267,7 @@ class FrontSync:
         self, request: FrontSyncRequest, since: str | None, limit: int, timeout_ms: int
     ) -> dict[str, Any]:
         """The device's peek sync once it has news, or at the deadline (without; at once
-        for ``timeout_ms`` 0)."""
+        for ``timeout_ms`` 0, or once the daemon drains)."""
         deadline = trio.current_time() + timeout_ms / 1000
         token = since
         while True:
@@ -261,8 +280,8 @@ class FrontSync:
                 full_state=request.full_state,
                 timeline_limit=limit,
             )
-            if remaining == 0 or has_news(answer, self.section):
-                return answer
+            if remaining == 0 or has_news(answer, self.section) or self.syncing.notifier.draining:
+                return answer  # (draining: the sync above answers at once, so not again)
             token = answer["next_batch"]  # a change with nothing to show: wait on from there
 
     async def _save(self, request: FrontSyncRequest, next_batch: str, position: int) -> None:

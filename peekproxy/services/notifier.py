@@ -1,5 +1,6 @@
 """Wake-ups for long-polling syncs: a waiter registers for its rooms and its device, and is
-woken by the first change to any of them (no polling loops)."""
+woken by the first change to any of them (no polling loops). On shutdown :meth:`Notifier.drain`
+wakes every waiter, and every later one at once: long-polls answer without waiting."""
 
 from __future__ import annotations
 
@@ -16,6 +17,22 @@ class Notifier:
     def __init__(self) -> None:
         self._by_room: dict[str, set[trio.Event]] = {}
         self._by_device: dict[tuple[str, str], set[trio.Event]] = {}
+        self._draining = trio.Event()
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` was called: long-polls must answer now."""
+        return self._draining.is_set()
+
+    def drain(self) -> None:
+        """The daemon is stopping (SIGTERM): wake every waiter now, and make every later
+        :meth:`register` return an event already set. Idempotent."""
+        self._draining.set()
+        self.notify_all()
+
+    async def wait_drain(self) -> None:
+        """Return once :meth:`drain` is called (at once if it was)."""
+        await self._draining.wait()
 
     def notify_room(self, room_id: str) -> None:
         for event in self._by_room.pop(room_id, ()):
@@ -34,8 +51,12 @@ class Notifier:
 
     def register(self, rooms: Iterable[str], device: tuple[str, str]) -> trio.Event:
         """An event set by the next change to ``rooms`` or ``device``. Register *before*
-        looking for changes, so none is missed; call :meth:`unregister` when done."""
+        looking for changes, so none is missed; call :meth:`unregister` when done. While
+        draining the event is set already."""
         event = trio.Event()
+        if self.draining:
+            event.set()
+            return event
         for room_id in rooms:
             self._by_room.setdefault(room_id, set()).add(event)
         self._by_device.setdefault(device, set()).add(event)

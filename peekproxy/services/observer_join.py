@@ -72,7 +72,7 @@ from peekproxy.services.following import (
 )
 from peekproxy.services.missing_events import MissingEvents
 from peekproxy.services.msc2444 import SUPPORTED_VERSIONS
-from peekproxy.services.settings import ObserverSettings, now_ms
+from peekproxy.services.settings import LiveSettings, ObserverSettings, now_ms
 from peekproxy.store import Storage
 
 __all__ = ["JOIN_INTERVAL_MS", "JOIN_TIMEOUT_S", "ObserverJoin"]
@@ -142,7 +142,8 @@ class ObserverJoin:
     Args:
         server_name: our server name (the observer's, and the signer of its events).
         signing_key: our current signing key.
-        settings: the observer's user ID, display name and cap on joined rooms.
+        settings: the observer's user ID and display name.
+        live: its cap on joined rooms (``max_observed_rooms``, read at each join).
     """
 
     def __init__(
@@ -155,6 +156,7 @@ class ObserverJoin:
         server_name: str,
         signing_key: SigningKey,
         settings: ObserverSettings,
+        live: LiveSettings | None = None,
         clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.store = store
@@ -164,6 +166,7 @@ class ObserverJoin:
         self.server_name = server_name
         self.signing_key = signing_key
         self.settings = settings
+        self.live = LiveSettings() if live is None else live
         self.clock_ms = clock_ms
         #: Rooms whose last join had to be undone: not joined again for a while.
         self.holds = JoinHolds()
@@ -189,7 +192,7 @@ class ObserverJoin:
 
         Raises:
             FollowFailed: 503 ``M_LIMIT_EXCEEDED`` when the observer is already in
-                ``max_rooms`` rooms; 403 when a server shows the room may not be peeked
+                ``max_observed_rooms`` rooms; 403 when a server shows the room may not be peeked
                 (not world_readable, encrypted, banned, invite-only...); 429 when every
                 candidate rate-limited us; else 502/404 naming each candidate and why.
         """
@@ -286,7 +289,7 @@ class ObserverJoin:
     async def _check_cap(self, room_id: str) -> None:
         subs = await self.store.read(lambda tx: tx.load_subscriptions())
         joined = {s.room_id for s in subs if is_observer_handle(s.peek_id) and s.room_id != room_id}
-        if len(joined) >= self.settings.max_rooms:
+        if len(joined) >= self.live.max_observed_rooms:
             raise FollowFailed(
                 PeekError(
                     503,

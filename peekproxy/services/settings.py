@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["ObserverSettings", "PeekSettings", "now_ms"]
+__all__ = ["LiveSettings", "ObserverSettings", "PeekSettings", "now_ms"]
+
+
+@dataclass
+class LiveSettings:
+    """The settings a reload (SIGHUP, :mod:`peekproxy.reload`) changes in a running daemon:
+    one mutable object built by the daemon and shared by everything that reads them, each
+    reading it at use time (never copying a value).
+
+    ``max_peeks_per_device``: rooms one device may peek (403 ``M_RESOURCE_LIMIT_EXCEEDED``
+    beyond); ``max_remote_peeks``: rooms followed at once (503 beyond);
+    ``max_observed_rooms``: rooms the observer user is joined to at once (503 beyond);
+    ``rate_limit_per_second`` / ``rate_limit_burst``: how fast each user may start peeks
+    (token bucket; 429 beyond); ``delegation_secret``: the delegation API's bearer secret
+    (``None``: that API is off). Config keys: ``peeks.*`` of the same names and
+    ``delegation.shared_secret_file``.
+    """
+
+    max_peeks_per_device: int = 100
+    max_remote_peeks: int = 10_000
+    max_observed_rooms: int = 100
+    rate_limit_per_second: float = 1.0
+    rate_limit_burst: int = 10
+    delegation_secret: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -14,7 +37,7 @@ class PeekSettings:
 
     ``linger_ms``: how long a remote peek nobody wants is kept before its DELETE;
     ``renewal_max_ms``: the longest wait between renewals of a remote peek;
-    ``max_peeks_per_device`` / ``max_remote_peeks``: caps (403 / 503 beyond them);
+    ``live``: the caps and limits a reload changes (:class:`LiveSettings`, shared);
     ``idle_timeout_ms``: a device silent this long has its peeks made dormant;
     ``sync_section``: the key of the peeked rooms in a ``/sync`` answer (MSC2753: ``peek``);
     ``observer``: the observer user (docs/observer-join.md; ``None``: none at all).
@@ -22,8 +45,7 @@ class PeekSettings:
 
     linger_ms: int
     renewal_max_ms: int
-    max_peeks_per_device: int
-    max_remote_peeks: int
+    live: LiveSettings = field(default_factory=LiveSettings)
     idle_timeout_ms: int = 600_000
     sync_section: str = "peek"
     observer: ObserverSettings | None = None
@@ -35,16 +57,16 @@ class ObserverSettings:
 
     ``user_id``: the observer, ``@<observer_localpart>:<server_name>``; ``displayname``:
     its ``m.room.member`` display name; ``linger_ms``: how long an observed room nobody
-    peeks stays joined before the observer leaves; ``max_rooms``: most rooms joined at once;
-    ``joins``: whether new rooms are joined (``[peeks] fallback = "observer_join"``). With
-    ``joins`` off the observer still leaves the rooms it was in, and answers for them.
+    peeks stays joined before the observer leaves (its cap on rooms joined at once is
+    :attr:`LiveSettings.max_observed_rooms`); ``joins``: whether new rooms are joined
+    (``[peeks] fallback = "observer_join"``). With ``joins`` off the observer still leaves
+    the rooms it was in, and answers for them.
     """
 
     user_id: str
     joins: bool
     displayname: str
     linger_ms: int = 3_600_000
-    max_rooms: int = 100
 
     @property
     def server_name(self) -> str:

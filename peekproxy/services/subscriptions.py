@@ -167,7 +167,7 @@ class Subscriptions:
             live = sum(
                 1 for s in self.by_room.values() if s.wanted and s.state is not SubState.FAILED
             )
-            if live >= self.settings.max_remote_peeks:
+            if live >= self.settings.live.max_remote_peeks:
                 raise PeekError(
                     503,
                     "M_RESOURCE_LIMIT_EXCEEDED",

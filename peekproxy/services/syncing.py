@@ -142,12 +142,12 @@ class Syncing:
         )
         if current != "active":
             count = await self.store.read(lambda tx: tx.device_peeks_of_device(user_id, device_id))
-            if count >= self.settings.max_peeks_per_device:
+            cap = self.settings.live.max_peeks_per_device
+            if count >= cap:
                 raise PeekError(
                     403,
                     "M_RESOURCE_LIMIT_EXCEEDED",
-                    f"a device may peek at most {self.settings.max_peeks_per_device}"
-                    " rooms; unpeek some first",
+                    f"a device may peek at most {cap} rooms; unpeek some first",
                 )
         async with self.subscriptions.room_lock(room_id):
             sub = await self.subscriptions.want(room_id, candidates)
@@ -289,7 +289,10 @@ class Syncing:
         not modify it: devices woken by the same change share one response.
 
         Long-polls up to ``timeout_ms`` for something new for this device. A device that was
-        idle has its dormant peeks restored first (the remote peek again, with a gap).
+        idle has its dormant peeks restored first (the remote peek again, with a gap). While
+        the daemon drains (:meth:`Notifier.drain`, SIGTERM) it answers at once with what
+        there is, often nothing: its ``next_batch`` stays valid after a restart (stream
+        positions are stored), and no dormant peek is restored then.
 
         Raises:
             PeekError: 400 M_INVALID_PARAM for a token this server did not issue.
@@ -331,7 +334,7 @@ class Syncing:
                         )
                     )
                     dormant = [p.room_id for p in snapshot.peeks if p.state == "dormant"]
-                    if dormant and not restored:
+                    if dormant and not restored and not self.notifier.draining:
                         restored = True
                         # Shielded: a sync cancelled meanwhile (the front's homeserver part
                         # answered first, a client gone) must not leave a re-peek half done.
@@ -345,7 +348,7 @@ class Syncing:
                     self._watched[device] = watched
                     continue  # registered for the wrong rooms: register again and look again
                 remaining = deadline - trio.current_time()
-                if changed or remaining <= 0:
+                if changed or remaining <= 0 or self.notifier.draining:
                     break
                 waited = time.perf_counter()
                 with trio.move_on_after(remaining):

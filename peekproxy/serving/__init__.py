@@ -5,7 +5,8 @@ One public surface (import from ``peekproxy.serving``, not from its modules) for
 (:mod:`peekproxy.testbed.server`, :mod:`peekproxy.testbed.cli`):
 
 * :func:`hypercorn_config`: one listener's hypercorn settings (bind, backlog, TLS files,
-  graceful drain in seconds, access and error logs);
+  graceful drain in seconds, access and error logs), a :class:`ListenerConfig` whose TLS
+  certificate can be replaced while it serves;
 * :func:`open_listeners` / :class:`Listeners` and :func:`start_listener`: start listeners in
   a nursery, each returning the base URL it is bound to, or :class:`ServingError`
   ``<key>: cannot listen on <bind>: <reason>``; leaving :func:`open_listeners` is the
@@ -15,7 +16,7 @@ One public surface (import from ``peekproxy.serving``, not from its modules) for
   process (installed by every :func:`start_listener`);
 * :func:`raise_open_files_limit`: the soft open-files limit raised to the hard one;
 * :func:`watch_signals`: the first SIGINT/SIGTERM sets the shutdown event, a second stops
-  at once;
+  at once; SIGHUP runs a reload callback, one at a time;
 * :func:`exception_leaves` / :func:`failure_message`: exception groups flattened into the
   one-line ``cannot start: ...`` message.
 
@@ -32,6 +33,7 @@ from peekproxy.serving.guards import TESTED_HYPERCORN, install_guards
 from peekproxy.serving.limits import raise_open_files_limit
 from peekproxy.serving.listeners import (
     LISTEN_BACKLOG,
+    ListenerConfig,
     Listeners,
     hypercorn_config,
     open_listeners,
@@ -42,6 +44,7 @@ from peekproxy.serving.signals import watch_signals
 __all__ = [
     "LISTEN_BACKLOG",
     "TESTED_HYPERCORN",
+    "ListenerConfig",
     "Listeners",
     "ServingError",
     "exception_leaves",

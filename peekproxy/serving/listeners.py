@@ -9,6 +9,7 @@ same graceful drain.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -24,10 +25,52 @@ from peekproxy.logs import ACCESS_LOG_FORMAT
 from peekproxy.serving.errors import ServingError, exception_leaves
 from peekproxy.serving.guards import install_guards
 
-__all__ = ["LISTEN_BACKLOG", "Listeners", "hypercorn_config", "open_listeners", "start_listener"]
+__all__ = [
+    "LISTEN_BACKLOG",
+    "ListenerConfig",
+    "Listeners",
+    "hypercorn_config",
+    "open_listeners",
+    "start_listener",
+]
 
 #: Pending connections each listener queues (the kernel caps it at net.core.somaxconn).
 LISTEN_BACKLOG = 4096
+
+
+class ListenerConfig(HypercornConfig):
+    """hypercorn's settings for one listener, whose TLS certificate can be replaced while it
+    serves (:meth:`reload_certificate`).
+
+    hypercorn builds its ``SSLContext`` once, when the listener starts; this config builds
+    it on the first call and hands the same context out after, so loading a new pair into
+    it changes what every later handshake presents. Connections already open keep theirs.
+    """
+
+    _ssl_context: ssl.SSLContext | None = None
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        if self._ssl_context is None:
+            self._ssl_context = super().create_ssl_context()
+        return self._ssl_context
+
+    def reload_certificate(self, certfile: Path, keyfile: Path) -> None:
+        """Serve the PEM chain ``certfile`` with the key ``keyfile`` to new connections.
+
+        The pair is loaded into a scratch context first, so a pair that does not load (or
+        does not match) leaves the one in force untouched.
+
+        Raises:
+            ssl.SSLError / OSError: the files cannot be read, are not PEM, or do not match.
+            ValueError: this listener does not speak TLS (turning TLS on or off needs a
+                restart).
+        """
+        context = self.create_ssl_context()
+        if context is None:
+            raise ValueError("this listener does not use TLS")
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+        context.load_cert_chain(certfile, keyfile)
+        self.certfile, self.keyfile = str(certfile), str(keyfile)
 
 
 def hypercorn_config(
@@ -37,7 +80,7 @@ def hypercorn_config(
     access_log: bool,
     certfile: Path | None = None,
     keyfile: Path | None = None,
-) -> HypercornConfig:
+) -> ListenerConfig:
     """hypercorn's settings for one listener.
 
     ``bind`` is ``host:port`` (port ``0``: any free port); ``grace`` is the graceful drain
@@ -46,9 +89,11 @@ def hypercorn_config(
     (:data:`~peekproxy.logs.ACCESS_LOG_FORMAT`); hypercorn's own errors go to
     ``peekproxy.http``. With both ``certfile`` and ``keyfile`` (PEM chain and key) the
     listener speaks TLS, offering HTTP/2 and HTTP/1.1 by ALPN; without, plain HTTP/1.1 and
-    h2c. The backlog is :data:`LISTEN_BACKLOG`; no ``Server`` header is sent.
+    h2c. The backlog is :data:`LISTEN_BACKLOG`; no ``Server`` header is sent. The
+    certificate can be replaced later (:meth:`ListenerConfig.reload_certificate`), and
+    ``graceful_timeout`` changed until the listener stops.
     """
-    config = HypercornConfig()
+    config = ListenerConfig()
     config.bind = [bind]
     # hypercorn's default of 100 pending connections drops SYNs when many devices (re)connect
     # at once, e.g. after a restart; each dropped SYN costs that client 1 s, then 3 s.
