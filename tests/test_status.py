@@ -26,8 +26,9 @@ from peekproxy.core.status import (
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.daemon_target import TargetError, client_url_of_bind, daemon_target
 from peekproxy.services.errors import PeekError
+from peekproxy.services.follower_choice import transport_of
 from peekproxy.services.following import FollowFailed, RenewalFailed
-from peekproxy.services.status import FailureRecorder, transport_of
+from peekproxy.services.status import FailureRecorder
 from peekproxy.status_cli import ago, format_status, run_status
 from peekproxy.store.sqlite import open_sqlite
 from tests.conftest import Spawn

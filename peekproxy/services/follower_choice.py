@@ -34,7 +34,22 @@ from peekproxy.services.following import (
 from peekproxy.services.msc2444 import Msc2444Peeks
 from peekproxy.services.observer_join import ObserverJoin
 
-__all__ = ["FollowerChoice"]
+__all__ = ["FollowerChoice", "transport_of"]
+
+
+def transport_of(handle: str | None) -> str | None:
+    """How a following named ``handle`` (``Subscription.peek_id``) reaches the room:
+    ``client_api`` (the fronted homeserver's client API,
+    :class:`~peekproxy.services.client_api_follower.ClientApiFollower`), ``observer_join``
+    (:class:`~peekproxy.services.observer_join.ObserverJoin`), ``msc2444`` (an MSC2444 peek
+    ID); ``None`` when the room is followed by nothing now (starting, failed, stopped)."""
+    if handle is None:
+        return None
+    if is_client_api_handle(handle):
+        return "client_api"
+    if is_observer_handle(handle):
+        return "observer_join"
+    return "msc2444"
 
 
 def _prefixed(failed: FollowFailed, before: str, after: str = "") -> FollowFailed:

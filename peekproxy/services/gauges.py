@@ -18,36 +18,21 @@ import trio
 
 from peekproxy.core.subscription import Subscription
 from peekproxy.metrics import DEVICE_PEEKS, SUBSCRIPTION_STATES, SUBSCRIPTIONS, TRANSPORTS
-from peekproxy.services.client_api_follower import is_client_api_handle
-from peekproxy.services.following import is_observer_handle
+from peekproxy.services.follower_choice import transport_of
 from peekproxy.services.subscriptions import Subscriptions
 from peekproxy.store import Storage
 
-__all__ = ["DEVICE_PEEKS_EVERY_S", "ScrapeGauges", "subscription_counts", "transport_of"]
+__all__ = ["DEVICE_PEEKS_EVERY_S", "ScrapeGauges", "subscription_counts"]
 
 #: How often the device peeks are counted in the store (seconds).
 DEVICE_PEEKS_EVERY_S = 5.0
-
-
-def transport_of(sub: Subscription) -> str:
-    """How ``sub``'s room is followed (the ``transport`` label), from its handle:
-    ``client_api`` (:class:`~peekproxy.services.client_api_follower.ClientApiFollower`),
-    ``observer_join`` (:class:`~peekproxy.services.observer_join.ObserverJoin`), ``msc2444``
-    (an MSC2444 peek ID), ``none`` (no following held: starting, failed, stopped)."""
-    if sub.peek_id is None:
-        return "none"
-    if is_client_api_handle(sub.peek_id):
-        return "client_api"
-    if is_observer_handle(sub.peek_id):
-        return "observer_join"
-    return "msc2444"
 
 
 def subscription_counts(subs: Iterable[Subscription]) -> dict[tuple[str, str], int]:
     """(state, transport) → how many of ``subs``; every pair of
     :data:`~peekproxy.metrics.SUBSCRIPTION_STATES` × :data:`~peekproxy.metrics.TRANSPORTS`
     is present (0 when none)."""
-    found = Counter((sub.state.value, transport_of(sub)) for sub in subs)
+    found = Counter((sub.state.value, transport_of(sub.peek_id) or "none") for sub in subs)
     return {(s, t): found[s, t] for s in SUBSCRIPTION_STATES for t in TRANSPORTS}
 
 

@@ -16,33 +16,19 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from peekproxy.core.status import Failure, RecentFailures, by_urgency, subscription_entry
-from peekproxy.services.client_api_follower import is_client_api_handle
+from peekproxy.services.follower_choice import transport_of
 from peekproxy.services.following import (
     Followed,
     FollowFailed,
     RenewalFailed,
     Renewed,
     RoomFollower,
-    is_observer_handle,
 )
 from peekproxy.services.settings import now_ms
 from peekproxy.services.subscriptions import Subscriptions
 from peekproxy.store import ReadTransaction, Storage
 
-__all__ = ["FailureRecorder", "SubscriptionStatus", "transport_of"]
-
-
-def transport_of(handle: str | None) -> str | None:
-    """How a following named ``handle`` reaches the room: ``observer_join``,
-    ``client_api`` (the fronted homeserver's client API), ``msc2444``; ``None`` when the
-    room is followed by nothing now."""
-    if handle is None:
-        return None
-    if is_observer_handle(handle):
-        return "observer_join"
-    if is_client_api_handle(handle):
-        return "client_api"
-    return "msc2444"
+__all__ = ["FailureRecorder", "SubscriptionStatus"]
 
 
 class FailureRecorder:
