@@ -15,10 +15,12 @@ to finish; a second signal stops at once. SIGHUP reloads the config
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+from starlette.routing import BaseRoute
 
 from peekproxy import __version__, gc_policy
 from peekproxy.api.client import client_app
@@ -35,16 +37,17 @@ from peekproxy.federation.signing_key import key_id, load_signing_key
 from peekproxy.homeserver.client import HomeserverClient
 from peekproxy.reload import LoadConfig, Reloader, live_settings
 from peekproxy.sdnotify import sd_notify
-from peekproxy.services.assembly import PeekSettings, build_services
+from peekproxy.services.assembly import PeekSettings, Services, build_services
 from peekproxy.services.client_api_follower import ClientApiFollower
 from peekproxy.services.front_sync import FrontSync
 from peekproxy.services.gauges import ScrapeGauges
 from peekproxy.services.passthrough import Passthrough
 from peekproxy.services.settings import ObserverSettings
 from peekproxy.serving import ServingError, hypercorn_config, open_listeners, watch_signals
+from peekproxy.store import Storage
 from peekproxy.store.sqlite import open_sqlite
 
-__all__ = ["Listening", "run_daemon"]
+__all__ = ["Listening", "client_api_routes", "run_daemon"]
 
 log = logging.getLogger("peekproxy")
 
@@ -80,6 +83,35 @@ def _read_secret(path: Path | None, key: str) -> str | None:
         return read_secret(path)
     except SecretFileError as e:  # check-config passed, but the file changed since
         raise ServingError(f"{key}: {e}") from None
+
+
+def client_api_routes(
+    services: Services, store: Storage, homeserver: HomeserverClient | None, config: Config
+) -> tuple[list[BaseRoute], Callable[[], Awaitable[str | None]] | None]:
+    """The client listener's routes besides ``/health`` and ``/ready``, and front mode's
+    readiness check of the homeserver (``None`` outside front mode): the delegation API
+    (``/_peekproxy/v1``, with the admin API), and in front mode (``homeserver`` given,
+    docs/front.md) the merged ``/sync``, the history reads routed by peek and the MSC2753
+    client endpoints, all with the homeserver's access tokens. docs/operations.md
+    ("Endpoints") lists them all."""
+    routes: list[BaseRoute] = [*delegation_routes(services)]
+    if homeserver is None:
+        return routes, None
+    passthrough = Passthrough(homeserver)
+    auth = UpstreamAuth(homeserver)
+    msc2753 = DelegationApi(
+        services.syncing, services.reads, live=services.settings.live, auth=auth
+    )
+    front = FrontSync(
+        passthrough=passthrough,
+        syncing=services.syncing,
+        store=store,
+        section=config.peeks.sync_section,
+    )
+    api = FrontApi(auth=auth, front=front, passthrough=passthrough, delegation=msc2753)
+    routes += api.routes()  # before the MSC2753 routes: the first match wins
+    routes += msc2753.routes(CLIENT_PREFIXES, with_sync=False)
+    return routes, passthrough.homeserver_answers
 
 
 async def run_daemon(
@@ -156,24 +188,7 @@ async def run_daemon(
         signing_key=signing_key,
     )
 
-    client_routes = delegation_routes(services)
-    homeserver_check = None
-    if homeserver is not None:
-        # Front mode (docs/front.md): /sync merged, history reads routed, the MSC2753
-        # client endpoints, all with the homeserver's access tokens.
-        passthrough = Passthrough(homeserver)
-        homeserver_check = passthrough.homeserver_answers
-        auth = UpstreamAuth(homeserver)
-        msc2753 = DelegationApi(services.syncing, services.reads, live=live, auth=auth)
-        front = FrontSync(
-            passthrough=passthrough,
-            syncing=services.syncing,
-            store=store,
-            section=config.peeks.sync_section,
-        )
-        api = FrontApi(auth=auth, front=front, passthrough=passthrough, delegation=msc2753)
-        client_routes += api.routes()  # before the MSC2753 routes: the first match wins
-        client_routes += msc2753.routes(CLIENT_PREFIXES, with_sync=False)
+    client_routes, homeserver_check = client_api_routes(services, store, homeserver, config)
     started = False
     gc_thresholds: tuple[int, int, int] | None = None
     grace = server.shutdown_grace
