@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -159,6 +160,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from peekproxy.serving import ServingError, failure_message, raise_open_files_limit
     from peekproxy.store import StoreError
 
+    # SIGHUP is a reload (peekproxy/reload.py) once the daemon's signal receiver runs; before
+    # it starts and after it closes (start-up, the end of a shutdown) it must not end the
+    # process either, as its default action would: ignored there.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = _load_checked(args.config)
     if config is None:
         return EXIT_USAGE

@@ -41,6 +41,18 @@ def client_url_of_bind(bind: str) -> str:
     return f"http://{_LOOPBACK.get(host, host)}:{port}"
 
 
+def _is_base_url(url: str) -> bool:
+    """Whether ``url`` is ``http(s)://HOST[:PORT]`` (a path is allowed) with a valid port."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not one
+    except ValueError:  # e.g. an unclosed IPv6 literal, a port that is not a number
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def _secret_of(path: Path, key: str) -> str:
     from peekproxy.api.delegation_params import SecretFileError, read_secret
 
@@ -66,11 +78,7 @@ def daemon_target(
             read or is empty; the config cannot be read or is invalid; it sets no
             ``delegation.shared_secret_file``.
     """
-    from urllib.parse import urlsplit
-
-    if url is not None and (
-        urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname
-    ):
+    if url is not None and not _is_base_url(url):
         raise TargetError(f"--url: expected http(s)://HOST[:PORT], got {url!r}")
     if url is not None and secret_file is not None and config is None:
         return DaemonTarget(url.rstrip("/"), _secret_of(Path(secret_file), "--secret-file"))

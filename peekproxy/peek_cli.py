@@ -11,6 +11,8 @@ import time
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from peekproxy.terminal import terminal_safe
+
 __all__ = ["add_peek_parser", "describe_room", "format_event"]
 
 
@@ -29,7 +31,7 @@ def format_event(event: dict[str, Any]) -> str:
         text = f"* name: {content.get('name', '')}"
     else:
         text = f"* {kind}"
-    return f"[{stamp}] {event.get('sender')}: {text}"
+    return terminal_safe(f"[{stamp}] {event.get('sender')}: {text}")  # a remote's text
 
 
 def describe_room(room_id: str, room: dict[str, Any]) -> list[str]:
@@ -55,7 +57,7 @@ def describe_room(room_id: str, room: dict[str, Any]) -> list[str]:
         e for e in room.get("timeline", {}).get("events", []) if e.get("type") == "m.room.message"
     ]
     lines += [f"  {format_event(e)}" for e in messages] or ["  (none in the latest batch)"]
-    return lines
+    return [terminal_safe(line) for line in lines]  # names and topics are a remote's text
 
 
 async def _peek(args: argparse.Namespace, settings: tuple[str, str, str, str], out: TextIO) -> int:
@@ -143,9 +145,10 @@ async def _follow(
 def _error(response: Any) -> str:
     try:
         data = response.json()
-        return f"{data.get('errcode')}: {data.get('error')}"
+        text = f"{data.get('errcode')}: {data.get('error')}"
     except ValueError:
-        return str(response.text)[:200]
+        text = str(response.text)[:200]
+    return terminal_safe(text)  # the daemon's errors quote remote servers' answers
 
 
 class UsageError(Exception):

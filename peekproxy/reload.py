@@ -121,6 +121,8 @@ class Reloader:
             secret = read_secret(config.delegation.shared_secret_file)
         except SecretFileError as e:
             raise ConfigError([f"delegation.shared_secret_file: {e}"]) from None
+        # What the file's keys do not show: the same paths, new contents.
+        renewed = ["delegation secret replaced"] if secret != self._live.delegation_secret else []
         tls = config.listeners.federation
         tls_on = self._federation is not None and self._federation.ssl_enabled
         if tls_on and tls.tls_certificate_file and tls.tls_private_key_file:
@@ -137,6 +139,7 @@ class Reloader:
                         f"tls_certificate_file/tls_private_key_file: {reason}"
                     ]
                 ) from None
+            renewed.append("TLS certificate and key read again")
         # Nothing below can fail: the reload is all or nothing.
         fresh = live_settings(config, secret)
         for name in LiveSettings.__dataclass_fields__:
@@ -153,6 +156,6 @@ class Reloader:
             if key not in self._warned or self._warned[key] != warned[key]:
                 log.warning("%s changed: takes effect after a restart", key)
         self._warned = warned
-        applied = ", ".join(changes.live) or "nothing changed"
+        applied = ", ".join([*changes.live, *renewed]) or "nothing changed"
         log.info("config reloaded: %s", applied)
         return f"reloaded: {applied}"

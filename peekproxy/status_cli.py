@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from peekproxy.terminal import terminal_safe
+
 __all__ = ["add_status_parser", "ago", "format_status", "run_status"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -84,7 +86,7 @@ def format_status(answer: dict[str, Any]) -> list[str]:
     lines = [line(HEADER)]
     for row, notes in rows:
         lines += [line(row), *notes]
-    return lines
+    return [terminal_safe(text) for text in lines]  # errors and names come from remotes
 
 
 def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -125,14 +127,26 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if response.status_code != 200 or not isinstance(answer, dict):
         error = answer if isinstance(answer, dict) else {}
         print(
-            f"status: {target.url} answered {response.status_code} "
-            f"{error.get('errcode', '')}: {error.get('error', response.text[:200])}",
+            terminal_safe(
+                f"status: {target.url} answered {response.status_code} "
+                f"{error.get('errcode', '')}: {error.get('error', response.text[:200])}"
+            ),
             file=sys.stderr,
         )
         return EXIT_FAILURE
     text = json.dumps(answer, indent=2) if args.json else "\n".join(format_status(answer))
     print(text, file=out or sys.stdout)
     return EXIT_OK
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0 (at most 3600), got {text!r}")
+    return value
 
 
 def add_status_parser(commands: Any) -> None:
@@ -158,6 +172,9 @@ def add_status_parser(commands: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print the endpoint's JSON answer")
     parser.add_argument("--room", metavar="ROOM_ID", help="only this room")
     parser.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default 10)"
+        "--timeout",
+        type=_positive_seconds,
+        default=10.0,
+        help="seconds to wait for the daemon (default 10)",
     )
     parser.set_defaults(func=run_status)

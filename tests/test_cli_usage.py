@@ -58,6 +58,14 @@ USAGE_ERRORS: list[tuple[list[str], str]] = [
         ["status", "--url", "http://127.0.0.1:1", "--secret-file", "missing"],
         "status: --secret-file",
     ),
+    (["status", "--url", "http://[::1", "--secret-file", SECRET_FILE], "status: --url: expected"),
+    (["status", "--url", "http://x:abc", "--secret-file", SECRET_FILE], "status: --url: expected"),
+    (["status", "--timeout", "-1"], "peekproxy status: error: argument --timeout"),
+    (["status", "--timeout", "0"], "peekproxy status: error: argument --timeout"),
+    (
+        ["peek", "--url", "http://[::1", "--secret-file", SECRET_FILE, "#a:x.org"],
+        "peek: --url: expected",
+    ),
 ]
 
 

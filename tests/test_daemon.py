@@ -345,3 +345,34 @@ async def test_one_daemon_per_database(server_dir: Path, spawn: Spawn) -> None:
     assert "Traceback" not in second.log
     first.signal()
     assert await first.wait() == 0
+
+
+def _ignores_sighup(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGHUP (the ``SigIgn`` mask of /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGHUP - 1)))
+
+
+async def test_sighup_at_start_up_and_at_the_end_of_a_shutdown_never_ends_it(
+    server_dir: Path, spawn: Spawn
+) -> None:
+    """Before the daemon's signal receiver runs and after it closes, SIGHUP (a logrotate
+    ``kill -HUP`` at the wrong moment) must not end the process by its default action."""
+    daemon = await spawn(write_config(server_dir), expect_ready=False)
+    pid = daemon.process.pid
+    with trio.fail_after(30):
+        while not _ignores_sighup(pid):  # noqa: ASYNC110 -- polls /proc: no event to wait on
+            await trio.sleep(0.005)
+        while b"ready:" not in daemon.log.encode():  # a SIGHUP storm through the start-up
+            daemon.signal(signal.SIGHUP)
+            await trio.sleep(0.01)
+    await daemon.wait_for_log(rb"ready:")
+    daemon.signal(signal.SIGTERM)
+    with trio.fail_after(10):  # and through the whole shutdown
+        while daemon.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                daemon.signal(signal.SIGHUP)
+            await trio.sleep(0.005)
+    assert await daemon.wait() == 0
+    assert "peekproxy stopped" in daemon.log

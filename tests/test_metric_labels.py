@@ -153,3 +153,28 @@ def test_outbound_request_counts_results_not_cancellations() -> None:
         raise KeyboardInterrupt  # not a request's result (as a cancellation): not counted
     assert _requests("hierarchy", "ok") == before_ok + 1
     assert _requests("hierarchy", "http_4xx") == before_404 + 1
+
+
+async def test_device_peek_gauge_survives_a_failing_store(autojump_clock: object) -> None:
+    """A database error while counting the device peeks is logged and retried next round:
+    the metrics task runs in the daemon's own nursery, so raising would end the daemon."""
+    import trio
+
+    from peekproxy.services.gauges import DEVICE_PEEKS_EVERY_S, ScrapeGauges
+
+    reads = []
+
+    class FlakyStore:
+        async def read(self, fn: object) -> dict[str, int]:
+            reads.append(trio.current_time())
+            if len(reads) == 1:
+                raise OSError("disk I/O error")
+            return {"active": 4, "dormant": 1}
+
+    gauges = ScrapeGauges(subscriptions=None, store=FlakyStore())  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gauges.run)
+        await trio.sleep(DEVICE_PEEKS_EVERY_S * 1.5)
+        nursery.cancel_scope.cancel()
+    assert len(reads) == 2
+    assert REGISTRY.get_sample_value("peekproxy_device_peeks", {"status": "active"}) == 4

@@ -151,6 +151,20 @@ async def test_reloader_refuses_an_unreadable_secret_without_applying_anything(
     assert (reloader._live.delegation_secret, reloader._live.rate_limit_burst) == ("one", 10)
 
 
+async def test_a_secret_replaced_in_place_is_reported(server_dir: Path) -> None:
+    """The same path with new contents changes no key of the file, yet the reload applied
+    something: its status says so (and never the secret itself)."""
+    secret = server_dir / "s"
+    secret.write_text("one\n")
+    path = write_config(server_dir, extra={"delegation": f'shared_secret_file = "{secret}"'})
+    _, reloader = _reloader(path, "one")
+    assert reloader.apply(load_config(path)) == "reloaded: nothing changed"
+    secret.write_text("two\n")
+    status = reloader.apply(load_config(path))
+    assert status == "reloaded: delegation secret replaced"
+    assert reloader._live.delegation_secret == "two"
+
+
 def test_monotonic_usec_is_clock_monotonic() -> None:
     import time
 

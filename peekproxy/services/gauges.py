@@ -11,6 +11,7 @@ seconds (:meth:`ScrapeGauges.run`).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterable
 
@@ -23,6 +24,8 @@ from peekproxy.services.subscriptions import Subscriptions
 from peekproxy.store import Storage
 
 __all__ = ["DEVICE_PEEKS_EVERY_S", "ScrapeGauges", "subscription_counts"]
+
+log = logging.getLogger("peekproxy.metrics")
 
 #: How often the device peeks are counted in the store (seconds).
 DEVICE_PEEKS_EVERY_S = 5.0
@@ -56,7 +59,12 @@ class ScrapeGauges:
         :data:`DEVICE_PEEKS_EVERY_S` seconds, until cancelled."""
         task_status.started()
         while True:
-            totals = await self.store.read(lambda tx: tx.device_peek_totals())
-            for status in ("active", "dormant"):
-                DEVICE_PEEKS.labels(status).set(totals.get(status, 0))
+            try:
+                totals = await self.store.read(lambda tx: tx.device_peek_totals())
+            except Exception as e:  # a gauge must never end the daemon (a database error, a
+                # bug): the gauge keeps its last value, and the next round tries again
+                log.warning("cannot count the device peeks for the metrics: %s", e)
+            else:
+                for status in ("active", "dormant"):
+                    DEVICE_PEEKS.labels(status).set(totals.get(status, 0))
             await trio.sleep(DEVICE_PEEKS_EVERY_S)
