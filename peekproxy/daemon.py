@@ -284,7 +284,11 @@ async def run_daemon(
                 task_status.started(listening)
                 await shutdown.wait()
                 sd_notify("STOPPING=1")
-                # Every open long-poll answers now, and any that comes in during the drain.
+                # Answers from now on close their HTTP/1.1 connections (hypercorn's own
+                # shutdown, woken by the same event, may not have begun yet) ...
+                for http in (federation_http, client_http, metrics_http):
+                    http.closing = True
+                # ... and every open long-poll answers now, and any that comes in meanwhile.
                 services.notifier.drain()
             outer.cancel_scope.cancel()
     finally:

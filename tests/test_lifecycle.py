@@ -369,3 +369,57 @@ async def test_sigterm_answers_front_long_polls(
             assert event_id in [e["event_id"] for e in events]
         else:
             assert room_id not in peeked
+
+
+async def test_sigterm_with_a_keep_alive_client_exits_without_waiting_the_grace(
+    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn
+) -> None:
+    """``peekproxy peek`` keeps one connection and sends its next ``/sync`` on it as soon as
+    the drained one is answered. hypercorn left such a connection open, unread, during the
+    shutdown: the client waited, and the daemon waited the whole grace (3 s) for it. Now the
+    drained answer says ``Connection: close``, the connection is closed, the client stops at
+    once and the daemon exits well within the grace."""
+    import subprocess
+    import sys
+
+    world = await build_world(nursery, tls_ca, tmp_path, spawn)
+    room_id = world.create_room("10")
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    cli = await trio.lowlevel.open_process(
+        [
+            *(sys.executable, "-m", "peekproxy", "peek", "--url", world.daemon.client),
+            *("--secret-file", str(secret), "--user", "@cli:peekproxy.test", room_id),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    await world.daemon.wait_for_log(rb'"GET /_peekproxy/v1/sync HTTP/1.1" 200 .*@cli:peekproxy')
+    await wait_requests_read(port_of(world.daemon.client), 1)  # the CLI's long-poll is parked
+    started = trio.current_time()
+    world.daemon.signal(signal.SIGTERM)
+    with trio.fail_after(10):
+        assert await world.daemon.wait() == 0
+        await cli.wait()
+    assert trio.current_time() - started < 1.5
+
+    # The answer a client gets during the drain says the connection closes.
+    world.daemon = await spawn(world.config, env=world.env)
+    async with httpx.AsyncClient(timeout=30) as http:
+        params = {"user_id": "@h:peekproxy.test", "device_id": "D", "timeout": "0"}
+        auth = {"Authorization": f"Bearer {SECRET}"}
+        url = f"{world.daemon.client}/_peekproxy/v1/sync"
+        first = (await http.get(url, params=params, headers=auth)).json()
+        async with trio.open_nursery() as waiting:
+            answers: list[httpx.Response] = []
+
+            async def long_poll() -> None:
+                since = {**params, "since": first["next_batch"], "timeout": "30000"}
+                answers.append(await http.get(url, params=since, headers=auth))
+
+            waiting.start_soon(long_poll)
+            await wait_requests_read(port_of(world.daemon.client), 1)
+            world.daemon.signal(signal.SIGTERM)
+        [answer] = answers
+        assert answer.status_code == 200
+        assert answer.headers["connection"] == "close"
+    assert await world.daemon.wait() == 0

@@ -111,24 +111,43 @@ class GuardedH2Protocol(H2Protocol):
 
 
 class GuardedH11Protocol(H11Protocol):
-    """hypercorn's HTTP/1.1 protocol; an answer sent before the request body has arrived
-    says ``Connection: close``.
+    """hypercorn's HTTP/1.1 protocol; an answer sent before the request body has arrived,
+    or once the server is shutting down, says ``Connection: close``, and in the second case
+    the connection is closed once the answer is sent.
 
-    hypercorn cannot start the next request on such a connection and closes it once the
-    answer is sent. Without the header a client may send its next request on it before the
-    close reaches it, and that request fails ("server disconnected without sending a
-    response"); RFC 9112 §9.6 asks a server that closes to say so.
+    hypercorn cannot start the next request on such a connection. Without the header a
+    client may send its next request on it before the close reaches it, and that request
+    fails ("server disconnected without sending a response"); RFC 9112 §9.6 asks a server
+    that closes to say so. During a shutdown (hypercorn's, or one the server announces first
+    with :attr:`~peekproxy.serving.listeners.ListenerConfig.closing`) hypercorn 0.18 also
+    left the connection open after the answer, without reading from it: a client that sent
+    its next request there (``peekproxy peek``'s next ``/sync`` after the drained one) got
+    no answer, and the process waited the whole ``shutdown_grace`` for that connection
+    before it exited.
     """
+
+    def _shutting_down(self) -> bool:
+        return self.context.terminated.is_set() or getattr(self.config, "closing", False)
 
     async def stream_send(self, event: StreamEvent) -> None:
         if (
             isinstance(event, Response)
             and event.status_code >= 200
-            and getattr(self.connection, "their_state", None) is h11.SEND_BODY
+            and (
+                self._shutting_down()
+                or getattr(self.connection, "their_state", None) is h11.SEND_BODY
+            )
             and not any(name.lower() == b"connection" for name, _ in event.headers)
         ):
             event = dataclasses.replace(event, headers=[*event.headers, (b"connection", b"close")])
         await super().stream_send(event)
+
+    async def _maybe_recycle(self) -> None:
+        if self._shutting_down():  # answered during a shutdown: no next request here
+            await self._close_stream()
+            await self.send(Closed())
+            return
+        await super()._maybe_recycle()
 
 
 class OneAccessLine(HTTPStream):

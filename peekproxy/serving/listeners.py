@@ -48,6 +48,11 @@ class ListenerConfig(HypercornConfig):
     """
 
     _ssl_context: ssl.SSLContext | None = None
+    #: Set when the server starts its shutdown, before it answers its open long-polls: from
+    #: then on every HTTP/1.1 answer says ``Connection: close`` and its connection is closed
+    #: once it is sent (:class:`~peekproxy.serving.guards.GuardedH11Protocol`), so no client
+    #: sends another request on a connection the shutdown would leave unanswered.
+    closing: bool = False
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
         if self._ssl_context is None:
