@@ -394,7 +394,7 @@ async def test_sigterm_with_a_keep_alive_client_exits_without_waiting_the_grace(
         stdout=subprocess.DEVNULL,
     )
     await world.daemon.wait_for_log(rb'"GET /_peekproxy/v1/sync HTTP/1.1" 200 .*@cli:peekproxy')
-    await wait_requests_read(port_of(world.daemon.client), 1)  # the CLI's long-poll is parked
+    await _long_polls_parked(world.daemon.metrics, 1)  # the CLI's long-poll waits
     started = trio.current_time()
     world.daemon.signal(signal.SIGTERM)
     with trio.fail_after(10):
@@ -409,6 +409,7 @@ async def test_sigterm_with_a_keep_alive_client_exits_without_waiting_the_grace(
         auth = {"Authorization": f"Bearer {SECRET}"}
         url = f"{world.daemon.client}/_peekproxy/v1/sync"
         first = (await http.get(url, params=params, headers=auth)).json()
+    async with httpx.AsyncClient(timeout=30) as http:
         async with trio.open_nursery() as waiting:
             answers: list[httpx.Response] = []
 
@@ -417,9 +418,21 @@ async def test_sigterm_with_a_keep_alive_client_exits_without_waiting_the_grace(
                 answers.append(await http.get(url, params=since, headers=auth))
 
             waiting.start_soon(long_poll)
-            await wait_requests_read(port_of(world.daemon.client), 1)
+            await _long_polls_parked(world.daemon.metrics, 1)
             world.daemon.signal(signal.SIGTERM)
         [answer] = answers
         assert answer.status_code == 200
         assert answer.headers["connection"] == "close"
     assert await world.daemon.wait() == 0
+
+
+async def _long_polls_parked(metrics: str, count: int) -> None:
+    """Wait until ``count`` delegation ``/sync`` long-polls are in flight
+    (``peekproxy_long_polls``, scraped from the daemon's metrics listener)."""
+    wanted = f'peekproxy_long_polls{{api="delegation"}} {float(count)}'
+    async with httpx.AsyncClient(timeout=10) as http:
+        with trio.fail_after(30):
+            while True:  # a scrape has no event to wait on: poll
+                if wanted in (await http.get(f"{metrics}/metrics")).text:
+                    return
+                await trio.sleep(0.02)
