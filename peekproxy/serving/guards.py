@@ -123,7 +123,9 @@ class GuardedH11Protocol(H11Protocol):
     left the connection open after the answer, without reading from it: a client that sent
     its next request there (``peekproxy peek``'s next ``/sync`` after the drained one) got
     no answer, and the process waited the whole ``shutdown_grace`` for that connection
-    before it exited.
+    before it exited. With the header the client closes the connection itself once it has
+    read the answer (the server closing it could reset the connection before the client
+    has read it).
     """
 
     def _shutting_down(self) -> bool:
@@ -141,13 +143,6 @@ class GuardedH11Protocol(H11Protocol):
         ):
             event = dataclasses.replace(event, headers=[*event.headers, (b"connection", b"close")])
         await super().stream_send(event)
-
-    async def _maybe_recycle(self) -> None:
-        if self._shutting_down():  # answered during a shutdown: no next request here
-            await self._close_stream()
-            await self.send(Closed())
-            return
-        await super()._maybe_recycle()
 
 
 class OneAccessLine(HTTPStream):
