@@ -12,8 +12,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["DaemonTarget", "TargetError", "client_url_of_bind", "daemon_target"]
+from peekproxy.terminal import terminal_safe
+
+__all__ = ["DaemonTarget", "TargetError", "answer_error", "client_url_of_bind", "daemon_target"]
 
 #: Wildcard binds are reached on the loopback address of the same family.
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
@@ -39,6 +42,21 @@ def client_url_of_bind(bind: str) -> str:
     reached on loopback)."""
     host, _, port = bind.rpartition(":")
     return f"http://{_LOOPBACK.get(host, host)}:{port}"
+
+
+def answer_error(response: Any) -> str:
+    """What the daemon's error answer says, on one line safe to print: ``errcode: error``
+    of its Matrix error JSON, else the first 200 characters of the body (its errors quote
+    remote servers' answers: :func:`~peekproxy.terminal.terminal_safe`)."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        text = f"{data.get('errcode')}: {data.get('error')}"
+    else:
+        text = str(response.text)[:200]
+    return terminal_safe(text)
 
 
 def _is_base_url(url: str) -> bool:

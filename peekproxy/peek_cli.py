@@ -11,6 +11,7 @@ import time
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from peekproxy.daemon_target import answer_error
 from peekproxy.terminal import terminal_safe
 
 __all__ = ["add_peek_parser", "describe_room", "format_event"]
@@ -76,7 +77,7 @@ async def _peek(args: argparse.Namespace, settings: tuple[str, str, str, str], o
             json={},
         )
         if response.status_code != 200:
-            print(f"peek: {response.status_code} {_error(response)}", file=sys.stderr)
+            print(f"peek: {response.status_code} {answer_error(response)}", file=sys.stderr)
             return 1
         room_id = response.json()["room_id"]
         print(
@@ -104,7 +105,7 @@ async def _peek(args: argparse.Namespace, settings: tuple[str, str, str, str], o
                 print(
                     f"unpeeked {room_id}"
                     if done.status_code == 200
-                    else f"unpeek: {done.status_code} {_error(done)}",
+                    else f"unpeek: {done.status_code} {answer_error(done)}",
                     file=out,
                     flush=True,
                 )
@@ -140,15 +141,6 @@ async def _follow(
                 flush=True,
             )
             return
-
-
-def _error(response: Any) -> str:
-    try:
-        data = response.json()
-        text = f"{data.get('errcode')}: {data.get('error')}"
-    except ValueError:
-        text = str(response.text)[:200]
-    return terminal_safe(text)  # the daemon's errors quote remote servers' answers
 
 
 class UsageError(Exception):

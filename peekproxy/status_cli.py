@@ -95,7 +95,7 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     import httpx
 
     from peekproxy.core.identifiers import InvalidIdentifier, RoomId
-    from peekproxy.daemon_target import TargetError, daemon_target
+    from peekproxy.daemon_target import TargetError, answer_error, daemon_target
 
     params = {}
     if args.room is not None:
@@ -125,14 +125,8 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except ValueError:
         answer = None
     if response.status_code != 200 or not isinstance(answer, dict):
-        error = answer if isinstance(answer, dict) else {}
-        print(
-            terminal_safe(
-                f"status: {target.url} answered {response.status_code} "
-                f"{error.get('errcode', '')}: {error.get('error', response.text[:200])}"
-            ),
-            file=sys.stderr,
-        )
+        error = answer_error(response)
+        print(f"status: {target.url} answered {response.status_code} {error}", file=sys.stderr)
         return EXIT_FAILURE
     text = json.dumps(answer, indent=2) if args.json else "\n".join(format_status(answer))
     print(text, file=out or sys.stdout)
