@@ -31,8 +31,9 @@ answer (curl, a load balancer's health check) races the end of the answer, so mo
 requests were logged twice, the first time without a status.
 
 A third guard is about the request after: an HTTP/1.1 answer sent before the request body
-has arrived says ``Connection: close`` (:class:`GuardedH11Protocol`), since hypercorn closes
-such a connection and a client that reused it would lose its next request.
+has arrived, or during a shutdown, says ``Connection: close`` (:class:`GuardedH11Protocol`),
+since hypercorn starts no next request on such a connection and a client that reused it
+would lose its next request.
 
 :func:`install_guards` puts the classes where the trio worker looks them up
 (``hypercorn.trio.run.TCPServer``, ``hypercorn.protocol.H2Protocol`` and
@@ -112,8 +113,7 @@ class GuardedH2Protocol(H2Protocol):
 
 class GuardedH11Protocol(H11Protocol):
     """hypercorn's HTTP/1.1 protocol; an answer sent before the request body has arrived,
-    or once the server is shutting down, says ``Connection: close``, and in the second case
-    the connection is closed once the answer is sent.
+    or once the server is shutting down, says ``Connection: close``.
 
     hypercorn cannot start the next request on such a connection. Without the header a
     client may send its next request on it before the close reaches it, and that request

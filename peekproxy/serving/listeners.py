@@ -49,9 +49,9 @@ class ListenerConfig(HypercornConfig):
 
     _ssl_context: ssl.SSLContext | None = None
     #: Set when the server starts its shutdown, before it answers its open long-polls: from
-    #: then on every HTTP/1.1 answer says ``Connection: close`` and its connection is closed
-    #: once it is sent (:class:`~peekproxy.serving.guards.GuardedH11Protocol`), so no client
-    #: sends another request on a connection the shutdown would leave unanswered.
+    #: then on every HTTP/1.1 answer says ``Connection: close``
+    #: (:class:`~peekproxy.serving.guards.GuardedH11Protocol`), so the client closes that
+    #: connection rather than send another request the shutdown would leave unanswered.
     closing: bool = False
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
