@@ -10,7 +10,7 @@ May import: the standard library, ``trio`` and ``peekproxy.core`` (the types ope
 and return). Must not import the services, the API or the federation shell.
 """
 
-from peekproxy.store.interface import Storage, StoreError, StoreVersionError
+from peekproxy.store.interface import Storage, StoreError, StoreUnavailable, StoreVersionError
 from peekproxy.store.reads import ReadTransaction, ServerKeyRow
 from peekproxy.store.writes import WriteTransaction
 
@@ -19,6 +19,7 @@ __all__ = [
     "ServerKeyRow",
     "Storage",
     "StoreError",
+    "StoreUnavailable",
     "StoreVersionError",
     "WriteTransaction",
 ]

@@ -41,7 +41,14 @@ from typing import Protocol, TypeVar, runtime_checkable
 from peekproxy.store.reads import ReadTransaction
 from peekproxy.store.writes import WriteTransaction
 
-__all__ = ["ReadTransaction", "Storage", "StoreError", "StoreVersionError", "WriteTransaction"]
+__all__ = [
+    "ReadTransaction",
+    "Storage",
+    "StoreError",
+    "StoreUnavailable",
+    "StoreVersionError",
+    "WriteTransaction",
+]
 
 T = TypeVar("T")
 H = TypeVar("H")
@@ -53,6 +60,14 @@ class StoreError(Exception):
 
 class StoreVersionError(StoreError):
     """The database was written by a newer peekproxy (its schema version is too high)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached right now (a PostgreSQL server stopped or restarting,
+    a connection lost, no connection free within the pool's timeout). Nothing of the call
+    was committed; the same call may succeed later, once the implementation has
+    reconnected by itself. Requests answer ``503 M_UNKNOWN``; background loops back off
+    and retry."""
 
 
 @runtime_checkable
