@@ -1,10 +1,9 @@
 """The SQLite implementation of :class:`peekproxy.store.Storage`.
 
 ``engine.py`` (:class:`SqliteStorage`: connections, worker threads, the write lock, the
-commit hook), ``migrations.py`` with ``migrations/*.sql``, and the operations by concern,
-mixins composed into :class:`SqliteTransaction` (``transaction.py``): ``subscriptions.py``,
-``events.py`` (room events, stream, state, gaps), ``devices.py``, ``ephemeral.py``,
-``txns.py``, ``keys.py``, ``history.py`` (``/messages`` paging), ``sync.py``.
+commit hook), ``migrations.py`` with ``migrations/*.sql``, and :class:`SqliteTransaction`
+(``transaction.py``): the shared operations of ``peekproxy/store/sql/`` over a ``sqlite3``
+connection.
 
 May import: the standard library (``sqlite3``), ``trio``, ``peekproxy.core`` and the
 interface modules of ``peekproxy.store``.

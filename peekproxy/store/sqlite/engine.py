@@ -115,7 +115,7 @@ def _open_locked(
         row = writer.execute("SELECT value FROM server_info WHERE key = 'server_name'").fetchone()
         if row is None and record:
             writer.execute("BEGIN IMMEDIATE")
-            _insert_server_name(writer, server_name)
+            SqliteTransaction(writer).bind_server_name(server_name, int(time.time() * 1000))
             writer.execute("COMMIT")
         elif row is not None and row[0] != server_name:
             raise StoreError(
@@ -131,15 +131,6 @@ def _open_locked(
         reader.execute("PRAGMA query_only = ON")
         readers.append(reader)
     return writer, readers
-
-
-def _insert_server_name(conn: sqlite3.Connection, server_name: str) -> None:
-    """Bind the database to ``server_name`` unless it is bound (inside a write transaction);
-    ``created_ts`` (ms) is when that happened."""
-    conn.executemany(
-        "INSERT OR IGNORE INTO server_info (key, value) VALUES (?, ?)",
-        [("server_name", server_name), ("created_ts", str(int(time.time() * 1000)))],
-    )
 
 
 class SqliteStorage:
@@ -209,7 +200,8 @@ class SqliteStorage:
         yet; from then on :meth:`open` refuses any other name. The daemon calls this once it
         has started, so that a start that fails (a port in use, say) leaves no binding that
         a corrected config with another server name would be refused by."""
-        await self.write(lambda tx: _insert_server_name(tx.connection, self.server_name))
+        now_ms = int(time.time() * 1000)
+        await self.write(lambda tx: tx.bind_server_name(self.server_name, now_ms))
 
     async def write(self, fn: Callable[[SqliteTransaction], T]) -> T:
         """Run ``fn(tx)`` in one write transaction and return its result once committed.
@@ -262,10 +254,7 @@ class SqliteStorage:
 
     async def server_info(self) -> dict[str, str]:
         """The ``server_info`` facts (``server_name``, ``created_ts`` in ms)."""
-        rows = await self.read(
-            lambda tx: tx.connection.execute("SELECT key, value FROM server_info").fetchall()
-        )
-        return {str(k): str(v) for k, v in rows}
+        return await self.read(lambda tx: tx.server_info_facts())
 
     async def ping(self) -> None:
         """``SELECT 1`` on a reader connection (for ``GET /ready``)."""

@@ -1,19 +1,24 @@
-"""The SQLite transaction object: every operations mixin composed over one connection."""
+"""The SQLite transaction object: the shared operations over a ``sqlite3`` connection."""
 
 from __future__ import annotations
 
-from peekproxy.store.sqlite.ephemeral import EphemeralOps
-from peekproxy.store.sqlite.front import FrontPositionOps
-from peekproxy.store.sqlite.history import HistoryOps
-from peekproxy.store.sqlite.keys import ServerKeyOps
-from peekproxy.store.sqlite.sync import SyncOps
-from peekproxy.store.sqlite.txns import TxnOps
+import sqlite3
+
+from peekproxy.store.sql.transaction import SqlTransaction
 
 __all__ = ["SqliteTransaction"]
 
 
-class SqliteTransaction(SyncOps, HistoryOps, EphemeralOps, TxnOps, ServerKeyOps, FrontPositionOps):
-    """The named operations of :class:`~peekproxy.store.WriteTransaction` (and so of
-    :class:`~peekproxy.store.ReadTransaction`) over the connection the engine began a
-    transaction on. A read gets one over a ``query_only`` reader connection: the write
-    operations are there too, and SQLite refuses them."""
+class SqliteTransaction(SqlTransaction):
+    """:class:`~peekproxy.store.sql.SqlTransaction` over a ``sqlite3`` connection. A read
+    gets one over a ``query_only`` reader connection: the write operations are there too,
+    and SQLite refuses them."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        super().__init__(conn)
+        self._sqlite = conn
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The connection itself: for tests and benchmarks of the SQLite implementation only."""
+        return self._sqlite

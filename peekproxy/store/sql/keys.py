@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from peekproxy.store.reads import ServerKeyRow
-from peekproxy.store.sqlite.base import SqliteBase
+from peekproxy.store.sql.base import SqlBase
 
 __all__ = ["ServerKeyOps"]
 
 
-class ServerKeyOps(SqliteBase):
+class ServerKeyOps(SqlBase):
     """The operations of
     :class:`~peekproxy.store.reads.ServerKeyReads`
     and :class:`~peekproxy.store.writes.ServerKeyWrites`
@@ -27,7 +27,10 @@ class ServerKeyOps(SqliteBase):
 
     def save_server_keys(self, keys: Iterable[ServerKeyRow]) -> None:
         self._conn.executemany(
-            "INSERT OR REPLACE INTO server_keys (server_name, key_id, key_base64, "
-            "valid_until_ts, expired_ts, fetched_ts) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO server_keys (server_name, key_id, key_base64, valid_until_ts, "
+            "expired_ts, fetched_ts) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (server_name, key_id) DO UPDATE SET key_base64 = excluded.key_base64, "
+            "valid_until_ts = excluded.valid_until_ts, expired_ts = excluded.expired_ts, "
+            "fetched_ts = excluded.fetched_ts",
             list(keys),
         )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from peekproxy.store.sqlite.base import SqliteBase
+from peekproxy.store.sql.base import SqlBase
 
 __all__ = ["DevicePeekOps"]
 
 
-class DevicePeekOps(SqliteBase):
+class DevicePeekOps(SqlBase):
     """The operations of
     :class:`~peekproxy.store.reads.DevicePeekReads`
     and :class:`~peekproxy.store.writes.DevicePeekWrites`

@@ -17,12 +17,21 @@ from peekproxy.core.stream_rules import (
     snapshot_gap,
     snapshot_step,
 )
-from peekproxy.store.sqlite.base import SqliteBase
+from peekproxy.store.sql.base import SqlBase
 
 __all__ = ["EventOps"]
 
 
-class EventOps(SqliteBase):
+def _depth(row: tuple[str] | None) -> int | None:
+    """The ``depth`` of a ``(pdu_json,)`` row when it is an integer (else, or without a row,
+    ``None``)."""
+    if row is None:
+        return None
+    depth = json.loads(row[0]).get("depth")
+    return depth if isinstance(depth, int) and not isinstance(depth, bool) else None
+
+
+class EventOps(SqlBase):
     """The operations of
     :class:`~peekproxy.store.reads.RoomEventReads`
     and :class:`~peekproxy.store.writes.RoomEventWrites`
@@ -91,21 +100,21 @@ class EventOps(SqliteBase):
             (room_id,),
         ).fetchone()
         row = self._conn.execute(
-            "SELECT json_extract(e.pdu_json, '$.depth') FROM room_stream s "
+            "SELECT e.pdu_json FROM room_stream s "
             "JOIN events e ON e.event_id = s.event_id WHERE s.room_id = ? AND s.kind = 'event' "
             "AND s.stream_pos > ? ORDER BY s.stream_pos LIMIT 1",
             (room_id, gap[0] if gap else 0),
         ).fetchone()
-        return row[0] if row is not None and isinstance(row[0], int) else None
+        return _depth(row)
 
     def _newest_depth(self, room_id: str) -> int | None:
         row = self._conn.execute(
-            "SELECT json_extract(e.pdu_json, '$.depth') FROM room_stream s "
+            "SELECT e.pdu_json FROM room_stream s "
             "JOIN events e ON e.event_id = s.event_id WHERE s.room_id = ? AND s.kind = 'event' "
             "ORDER BY s.stream_pos DESC LIMIT 1",
             (room_id,),
         ).fetchone()
-        return row[0] if row is not None and isinstance(row[0], int) else None
+        return _depth(row)
 
     def judged_events(self, event_ids: Iterable[str]) -> dict[str, tuple[dict[str, Any], str]]:
         return {
@@ -199,7 +208,8 @@ class EventOps(SqliteBase):
             )
         self._conn.execute(
             "INSERT INTO gap_fills (room_id, gap_pos, closed) VALUES (?, ?, ?) "
-            "ON CONFLICT (room_id, gap_pos) DO UPDATE SET closed = MAX(closed, excluded.closed)",
+            "ON CONFLICT (room_id, gap_pos) DO UPDATE SET closed = CASE WHEN "
+            "excluded.closed > gap_fills.closed THEN excluded.closed ELSE gap_fills.closed END",
             (room_id, gap_pos, int(closed)),
         )
         return len(added)
@@ -239,8 +249,8 @@ class EventOps(SqliteBase):
         state_key = pdu.get("state_key")
         if isinstance(state_key, str):
             self._conn.execute(
-                "INSERT OR REPLACE INTO room_state (room_id, type, state_key, event_id) "
-                "VALUES (?, ?, ?, ?)",
+                "INSERT INTO room_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = excluded.event_id",
                 (room_id, pdu["type"], state_key, event_id),
             )
         return position

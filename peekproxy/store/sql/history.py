@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from peekproxy.core.paging import HOLE, Backfill, Direction, Page, Point, TokenAhead
-from peekproxy.store.sqlite.events import EventOps
-from peekproxy.store.sqlite.subscriptions import SubscriptionOps
+from peekproxy.store.sql.events import EventOps
+from peekproxy.store.sql.subscriptions import SubscriptionOps
 
 __all__ = ["HistoryOps"]
 

@@ -7,12 +7,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from peekproxy.store.sqlite.base import SqliteBase, dumps
+from peekproxy.store.sql.base import SqlBase, dumps
 
 __all__ = ["TxnOps"]
 
 
-class TxnOps(SqliteBase):
+class TxnOps(SqlBase):
     """The operations of
     :class:`~peekproxy.store.reads.TxnReads`
     and :class:`~peekproxy.store.writes.TxnWrites`
@@ -27,7 +27,8 @@ class TxnOps(SqliteBase):
 
     def save_txn(self, origin: str, txn_id: str, response: Mapping[str, Any], now_ms: int) -> None:
         self._conn.execute(
-            "INSERT OR REPLACE INTO federation_txns (origin, txn_id, response_json, received_ts) "
-            "VALUES (?, ?, ?, ?)",
+            "INSERT INTO federation_txns (origin, txn_id, response_json, received_ts) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (origin, txn_id) DO UPDATE SET "
+            "response_json = excluded.response_json, received_ts = excluded.received_ts",
             (origin, txn_id, dumps(response), now_ms),
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from peekproxy.store.sqlite.base import SqliteBase, dumps
+from peekproxy.store.sql.base import SqlBase, dumps
 
 __all__ = ["EphemeralOps"]
 
@@ -29,7 +29,7 @@ def _ephemeral_rows(
                     yield user_id, receipt_type, {receipt_type: {user_id: dict(receipt)}}, False
 
 
-class EphemeralOps(SqliteBase):
+class EphemeralOps(SqlBase):
     """The operations of
     :class:`~peekproxy.store.reads.EphemeralReads`
     and :class:`~peekproxy.store.writes.EphemeralWrites`
@@ -42,8 +42,11 @@ class EphemeralOps(SqliteBase):
         for user_id, receipt_type, row, typing in _ephemeral_rows(room_id, edu_type, content):
             position = self._stream_row(room_id, "ephemeral", None, now_ms)
             self._conn.execute(
-                "INSERT OR REPLACE INTO ephemeral (room_id, edu_type, user_id, receipt_type, "
-                "content_json, typing, stream_pos) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO ephemeral (room_id, edu_type, user_id, receipt_type, "
+                "content_json, typing, stream_pos) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (room_id, edu_type, user_id, receipt_type) DO UPDATE SET "
+                "content_json = excluded.content_json, typing = excluded.typing, "
+                "stream_pos = excluded.stream_pos",
                 (room_id, edu_type, user_id, receipt_type, dumps(row), int(typing), position),
             )
             written.append((user_id, position, typing))

@@ -3,7 +3,7 @@ homeserver ``next_batch`` token (kept as its sha256) stands for, per device."""
 
 from __future__ import annotations
 
-from peekproxy.store.sqlite.base import SqliteBase
+from peekproxy.store.sql.base import SqlBase
 
 __all__ = ["FrontPositionOps"]
 
@@ -11,7 +11,7 @@ __all__ = ["FrontPositionOps"]
 KEPT_PER_DEVICE = 20
 
 
-class FrontPositionOps(SqliteBase):
+class FrontPositionOps(SqlBase):
     """The operations of
     :class:`~peekproxy.store.reads.FrontPositionReads`
     and :class:`~peekproxy.store.writes.FrontPositionWrites`
@@ -36,8 +36,13 @@ class FrontPositionOps(SqliteBase):
     def save_front_position(
         self, user_id: str, device_id: str, token_hash: str, position: int, now_ms: int
     ) -> None:
+        # Deleted, then inserted: a re-saved token becomes the newest row (a new ``rowid``).
         self._conn.execute(
-            "INSERT OR REPLACE INTO front_positions (user_id, device_id, token_hash, "
+            "DELETE FROM front_positions WHERE user_id = ? AND device_id = ? AND token_hash = ?",
+            (user_id, device_id, token_hash),
+        )
+        self._conn.execute(
+            "INSERT INTO front_positions (user_id, device_id, token_hash, "
             "stream_pos, saved_ts) VALUES (?, ?, ?, ?, ?)",
             (user_id, device_id, token_hash, position, now_ms),
         )

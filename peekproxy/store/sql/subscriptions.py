@@ -6,12 +6,31 @@ import json
 
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.core.sync import FALLBACK_ROOM_VERSION
-from peekproxy.store.sqlite.base import SqliteBase, dumps
+from peekproxy.store.sql.base import SqlBase, dumps
 
 __all__ = ["SubscriptionOps"]
 
+#: Every column but the key, replaced by a new save.
+_UPDATE_ALL = ", ".join(
+    f"{column} = excluded.{column}"
+    for column in (
+        "room_version",
+        "state",
+        "candidates_json",
+        "server",
+        "peek_id",
+        "remote_interval_ms",
+        "last_renewed_ts",
+        "renew_at_ts",
+        "wanted",
+        "linger_until_ts",
+        "ended_reason",
+        "pending_deletes_json",
+    )
+)
 
-class SubscriptionOps(SqliteBase):
+
+class SubscriptionOps(SqlBase):
     """The operations of
     :class:`~peekproxy.store.reads.SubscriptionReads`
     and :class:`~peekproxy.store.writes.SubscriptionWrites`
@@ -19,10 +38,11 @@ class SubscriptionOps(SqliteBase):
 
     def save_subscription(self, sub: Subscription) -> None:
         self._conn.execute(
-            "INSERT OR REPLACE INTO subscriptions (room_id, room_version, state, candidates_json, "
+            "INSERT INTO subscriptions (room_id, room_version, state, candidates_json, "
             "server, peek_id, remote_interval_ms, last_renewed_ts, renew_at_ts, wanted, "
             "linger_until_ts, ended_reason, pending_deletes_json) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (room_id) DO UPDATE SET "
+            + _UPDATE_ALL,
             (
                 sub.room_id,
                 sub.room_version,

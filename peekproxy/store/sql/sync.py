@@ -14,9 +14,9 @@ from peekproxy.core.sync_rules import (
     shown_afresh,
     shown_in_sync,
 )
-from peekproxy.store.sqlite.devices import DevicePeekOps
-from peekproxy.store.sqlite.events import EventOps
-from peekproxy.store.sqlite.subscriptions import SubscriptionOps
+from peekproxy.store.sql.devices import DevicePeekOps
+from peekproxy.store.sql.events import EventOps
+from peekproxy.store.sql.subscriptions import SubscriptionOps
 
 __all__ = ["SyncOps"]
 
