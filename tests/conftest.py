@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,10 @@ import trio
 import trustme
 
 from peekproxy.federation.signing_key import write_new_signing_key
+from peekproxy.store import Storage
+from peekproxy.store.postgres import open_postgres
+from peekproxy.store.sqlite import open_sqlite
+from tests.pg_cluster import PgCluster, start_cluster
 from tests.support import DaemonProcess, start_daemon
 
 
@@ -30,7 +35,9 @@ Spawn = Callable[..., Awaitable[DaemonProcess]]
 #: Fixtures that start real processes (peekproxy, a testbed, Synapse, nginx, Caddy): a test
 #: using one is an end-to-end test, marked ``slow`` so that ``-m "not slow"`` runs the fast
 #: set alone.
-PROCESS_FIXTURES = frozenset({"spawn", "synapse", "synapse_b", "reverse_proxies", "auth_oracle"})
+PROCESS_FIXTURES = frozenset(
+    {"spawn", "synapse", "synapse_b", "reverse_proxies", "auth_oracle", "pg_cluster", "pg_dsn"}
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -75,3 +82,42 @@ def tls_files(tls_ca: trustme.CA, tmp_path: Path) -> Iterator[tuple[Path, Path, 
 from tests.proxies import fronted, reverse_proxies  # noqa: E402,F401  (nginx, Caddy)
 from tests.synapse import synapse, synapse_b  # noqa: E402,F401  (session fixtures)
 from tests.synapse_oracle import auth_oracle  # noqa: E402,F401  (Synapse auth rules)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL cluster for the session (tests/pg_cluster.py)."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.pg_ctl("stop", "-m", "immediate")
+        shutil.rmtree(cluster.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster: PgCluster) -> Iterator[str]:
+    """The DSN of a fresh, empty PostgreSQL database (dropped after the test)."""
+    dsn = pg_cluster.new_database()
+    try:
+        yield dsn
+    finally:
+        pg_cluster.drop_database(dsn)
+
+
+OpenStore = Callable[..., Awaitable[Storage]]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
+    """The store's tests on both backends: ``await open_store(server_name="local.test",
+    record_server_name=True)`` opens the test's one database (SQLite in ``tmp_path``, or a
+    fresh PostgreSQL database), again on each call."""
+    dsn = request.getfixturevalue("pg_dsn") if request.param == "postgres" else None
+
+    async def _open(server_name: str = "local.test", **kwargs: Any) -> Storage:
+        if dsn is not None:
+            return await open_postgres(dsn, server_name, pool_size=4, **kwargs)
+        return await open_sqlite(tmp_path / "p.db", server_name, **kwargs)
+
+    return _open

@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 import trio
 
 from peekproxy.metrics import timed_store_operation
-from peekproxy.store.interface import StoreError, StoreVersionError
+from peekproxy.store.interface import StoreError
+from peekproxy.store.sql.migrations import refuse_newer, refuse_other_server
 from peekproxy.store.sqlite.migrations import (
     apply_migrations,
     available_migrations,
@@ -103,25 +104,15 @@ def _open_locked(
             raise StoreError(f"cannot switch database {path} to WAL mode (got {mode})")
         writer.execute("PRAGMA synchronous = FULL")
         migrations = available_migrations()
-        newest = migrations[-1].version
-        current = schema_version(writer)
-        if current > newest:
-            raise StoreVersionError(
-                f"database {path} has schema version {current}, but this peekproxy only knows "
-                f"versions up to {newest}: it was written by a newer peekproxy. Run that newer "
-                "version, or restore a backup made before the upgrade."
-            )
+        refuse_newer(str(path), schema_version(writer), migrations)
         apply_migrations(writer, migrations)
         row = writer.execute("SELECT value FROM server_info WHERE key = 'server_name'").fetchone()
         if row is None and record:
             writer.execute("BEGIN IMMEDIATE")
             SqliteTransaction(writer).bind_server_name(server_name, int(time.time() * 1000))
             writer.execute("COMMIT")
-        elif row is not None and row[0] != server_name:
-            raise StoreError(
-                f"database {path} belongs to server name {row[0]!r}, but the config says "
-                f"{server_name!r}; a server name cannot change (use a new data_dir)"
-            )
+        elif row is not None:
+            refuse_other_server(str(path), row[0], server_name)
     except BaseException:
         writer.close()
         raise

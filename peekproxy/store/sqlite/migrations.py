@@ -7,34 +7,15 @@ by a newer peekproxy and is refused (:class:`StoreVersionError`).
 
 from __future__ import annotations
 
-import re
 import sqlite3
-from dataclasses import dataclass
-from importlib import resources
+from functools import partial
+
+from peekproxy.store.sql.migrations import Migration, shipped_migrations
 
 __all__ = ["Migration", "apply_migrations", "available_migrations", "schema_version"]
 
-_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-
-
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-
-def available_migrations() -> list[Migration]:
-    """All shipped migrations, ordered by version; versions are 1, 2, 3... without gaps."""
-    found = []
-    for entry in resources.files("peekproxy.store.sqlite").joinpath("migrations").iterdir():
-        match = _NAME.match(entry.name)
-        if match:
-            found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
-    found.sort(key=lambda m: m.version)
-    if [m.version for m in found] != list(range(1, len(found) + 1)):
-        raise RuntimeError(f"migration numbers are not 1..N: {[m.name for m in found]}")
-    return found
+#: All shipped SQLite migrations, ordered by version (1, 2, 3... without gaps).
+available_migrations = partial(shipped_migrations, "peekproxy.store.sqlite")
 
 
 def schema_version(conn: sqlite3.Connection) -> int:

@@ -1,0 +1,90 @@
+"""Other instances' commits, heard through ``LISTEN peekproxy_stream``.
+
+One thread per engine holds its own connection (outside the pool), waits for notifications
+and, for each from another instance (its payload is not ours), runs the engine's catch-up in
+the trio thread (:func:`trio.from_thread.run`). On every (re)connect it catches up too: what
+was committed while it was not listening is read then. A lost connection is retried every
+second until :meth:`StreamListener.stop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+import trio
+
+__all__ = ["CHANNEL", "StreamListener"]
+
+log = logging.getLogger(__name__)
+
+#: The notification channel of stream-writing commits; the payload is the writer's instance ID.
+CHANNEL = "peekproxy_stream"
+#: Seconds between checks of ``stop`` while waiting, and between reconnection attempts.
+POLL_S = 0.5
+
+
+class StreamListener:
+    """The ``LISTEN`` thread of one engine. ``conninfo``: :func:`psycopg.connect` keyword
+    arguments; ``catch_up``: the engine's async catch-up, run in the trio thread of ``token``."""
+
+    def __init__(
+        self,
+        conninfo: dict[str, Any],
+        instance_id: str,
+        catch_up: Callable[[], Awaitable[None]],
+        token: trio.lowlevel.TrioToken,
+    ) -> None:
+        self._conninfo = conninfo
+        self._instance_id = instance_id
+        self._catch_up = catch_up
+        self._token = token
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="peekproxy-listen", daemon=True)
+        #: Set once the first LISTEN is in place (for tests).
+        self.listening = threading.Event()
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it (blocking: call from a worker thread)."""
+        self._stopping.set()
+        self._thread.join()
+
+    def _run_catch_up(self) -> bool:
+        """Run the catch-up in the trio thread; False once trio has gone (stop then)."""
+        try:
+            trio.from_thread.run(self._catch_up, trio_token=self._token)
+        except trio.RunFinishedError:
+            return False
+        except Exception:  # a store error: the next notification or reconnect retries
+            log.warning("catching up with other instances' commits failed", exc_info=True)
+        return True
+
+    def _loop(self) -> None:
+        failed = False
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(**self._conninfo) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    if failed:
+                        log.info("listening for other instances' commits again")
+                    failed = False
+                    self.listening.set()
+                    if not self._run_catch_up():
+                        return
+                    while not self._stopping.is_set():
+                        notes = list(conn.notifies(timeout=POLL_S))
+                        others = any(n.payload != self._instance_id for n in notes)
+                        if others and not self._run_catch_up():
+                            return
+            except psycopg.Error as e:
+                if not failed:
+                    log.warning("LISTEN connection lost (%s); reconnecting every %ss", e, POLL_S)
+                failed = True
+                self._stopping.wait(POLL_S)

@@ -1,0 +1,165 @@
+"""PostgreSQL store (a real throwaway cluster): migrations and their guards, several
+instances on one database, positions committed in order, other instances' commits fed to
+the commit hook."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+import trio
+
+from peekproxy.store import StoreError, StoreUnavailable, StoreVersionError, WriteTransaction
+from peekproxy.store.postgres import PostgresStorage, PostgresTransaction, open_postgres
+from peekproxy.store.postgres.migrations import available_migrations
+
+ROOM = "!r:remote.test"
+
+
+def _event(tx: WriteTransaction, n: int) -> int | None:
+    pdu = {"type": "m.room.message", "room_id": ROOM, "depth": n, "prev_events": []}
+    return tx.append_event(ROOM, f"$e{n}", pdu, redacted=False, now_ms=n)
+
+
+async def test_new_database_is_migrated_and_bound(pg_dsn: str) -> None:
+    store = await open_postgres(pg_dsn, "a.example")
+    try:
+        info = await store.server_info()
+        assert info["server_name"] == "a.example"
+        assert int(info["created_ts"]) > 1_600_000_000_000
+        version = await store.read(
+            lambda tx: tx.raw.execute("SELECT version FROM schema_version").fetchone()
+        )
+        assert version == (available_migrations()[-1].version,)
+    finally:
+        await store.aclose()
+
+
+async def test_guards_newer_version_and_other_server_name(pg_dsn: str) -> None:
+    await (await open_postgres(pg_dsn, "a.example")).aclose()
+    with pytest.raises(StoreError, match=r"belongs to server name 'a\.example'"):
+        await open_postgres(pg_dsn, "b.example")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE schema_version SET version = 42")
+    with pytest.raises(StoreVersionError, match=r"schema version 42.*newer peekproxy"):
+        await open_postgres(pg_dsn, "a.example")
+
+
+async def test_instances_starting_at_once_migrate_once(pg_dsn: str) -> None:
+    stores: list[PostgresStorage] = []
+
+    async def start() -> None:
+        stores.append(await open_postgres(pg_dsn, "a.example", pool_size=2))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(start)
+    for store in stores:
+        await store.aclose()
+    assert len(stores) == 4
+
+
+async def test_failed_write_rolls_back(pg_dsn: str) -> None:
+    store = await open_postgres(pg_dsn, "a.example")
+
+    def append_then_fail(tx: PostgresTransaction) -> None:
+        _event(tx, 1)
+        raise RuntimeError("boom")
+
+    try:
+        with pytest.raises(RuntimeError):
+            await store.write(append_then_fail)
+        assert await store.read(lambda tx: tx.max_stream_pos()) == 0
+        assert await store.write(lambda tx: _event(tx, 1)) is not None
+    finally:
+        await store.aclose()
+
+
+async def test_unreachable_server_is_store_unavailable(pg_dsn: str) -> None:
+    bad = pg_dsn.replace("dbname=", "port=1 dbname=")
+    with pytest.raises(StoreUnavailable):
+        await open_postgres(bad + " connect_timeout=1", "a.example")
+
+
+async def test_concurrent_writers_on_two_instances_commit_positions_in_order(
+    pg_dsn: str,
+) -> None:
+    """Two engines append (some writes rolled back) while a reader polls: every view is a
+    prefix of the final stream (no position appears before a smaller one that commits)."""
+    a = await open_postgres(pg_dsn, "a.example", pool_size=4)
+    b = await open_postgres(pg_dsn, "a.example", pool_size=4)
+    final: list[int] = []
+    committed = [0]
+    views: list[list[int]] = []
+    done = trio.Event()
+
+    def positions(tx: PostgresTransaction) -> list[int]:
+        return [p for p, _, _ in tx.stream_events(ROOM)]
+
+    async def writer(store: PostgresStorage, start: int) -> None:
+        for n in range(start, start + 60, 2):
+
+            def write(tx: WriteTransaction, n: int = n) -> None:
+                tx.add_gap(ROOM, n)  # a stream row in any order (an event may come late)
+                if n % 7 == 0:
+                    raise ValueError("rolled back: its position is a hole")
+
+            try:
+                await store.write(write)
+                committed[0] += 1
+            except ValueError:
+                pass
+
+    async def reader() -> None:
+        while not done.is_set():
+            views.append(await a.read(positions))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            async with trio.open_nursery() as writers:
+                for i in range(3):
+                    writers.start_soon(writer, a, 1000 * i)
+                    writers.start_soon(writer, b, 1000 * i + 1)
+            done.set()
+        final = await b.read(positions)
+    finally:
+        await a.aclose()
+        await b.aclose()
+    assert len(final) == committed[0] > 100
+    assert len(views) > 5
+    for view in views:
+        assert view == final[: len(view)]
+
+
+async def test_other_instances_commits_reach_the_commit_hook_once_in_order(
+    pg_dsn: str,
+) -> None:
+    a = await open_postgres(pg_dsn, "a.example")
+    b = await open_postgres(pg_dsn, "a.example")
+    seen: list[int] = []
+    watermark = 0
+    got_all = trio.Event()
+
+    def read(tx: PostgresTransaction) -> list[int]:
+        return [c.pos for c in tx.stream_changes(watermark)[0]]
+
+    def apply(positions: list[int]) -> None:
+        nonlocal watermark
+        seen.extend(positions)
+        if positions:
+            watermark = positions[-1]
+        if len(seen) == 20:
+            got_all.set()
+
+    a.set_commit_hook(read, apply)
+    try:
+        for n in range(1, 11):  # half written by A itself, half by B
+            await a.write(lambda tx, n=n: _event(tx, 2 * n))
+            await b.write(lambda tx, n=n: _event(tx, 2 * n + 1))
+        with trio.fail_after(10):
+            await got_all.wait()
+        final = await b.read(lambda tx: [p for p, _, _ in tx.stream_events(ROOM)])
+    finally:
+        await a.aclose()
+        await b.aclose()
+    assert seen == final
