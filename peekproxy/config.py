@@ -261,15 +261,32 @@ class ListenersSection(Section):
 
 
 class StoreSection(Section):
-    sqlite_path: ConfigPath | None = None
-    postgres: dict[str, Any] | None = None
+    """``[store]``: SQLite (one instance, the default) or PostgreSQL (one or several
+    instances of one server name; docs/postgresql.md)."""
 
-    @field_validator("postgres")
-    @classmethod
-    def _no_postgres(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            raise ValueError("PostgreSQL storage is reserved for a later release; remove it")
-        return value
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    sqlite_path: ConfigPath | None = None
+    #: libpq conninfo string or URI, without the password (``backend = "postgres"``).
+    dsn: str | None = None
+    #: A file holding the PostgreSQL password (read at start), or the systemd credential
+    #: ``peekproxy_store_password``.
+    password_file: ExistingFile | None = None
+    #: Connections in the pool (reads run on all but one at once; writes one at a time).
+    pool_size: int = Field(default=10, ge=2, le=1000)
+
+    @model_validator(mode="after")
+    def _dsn_for_postgres(self) -> StoreSection:
+        if self.backend == "postgres" and not self.dsn:
+            raise ValueError('store.dsn is required with backend = "postgres"')
+        if self.dsn and "password" in self.dsn.lower():
+            raise ValueError("store.dsn must not hold the password: use store.password_file")
+        return self
+
+    def password(self) -> str | None:
+        """The PostgreSQL password from ``password_file`` (trailing newline dropped), if set."""
+        if self.password_file is None:
+            return None
+        return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
 
 
 class TrustedKeyServer(Section):

@@ -29,6 +29,7 @@ CREDENTIAL_KEYS: dict[tuple[str, ...], str] = {
     ("upstream", "access_token_file"): "upstream.token",
     ("listeners", "federation", "tls_certificate_file"): "tls.crt",
     ("listeners", "federation", "tls_private_key_file"): "tls.key",
+    ("store", "password_file"): "store_password",
 }
 
 

@@ -45,6 +45,7 @@ from peekproxy.services.passthrough import Passthrough
 from peekproxy.services.settings import ObserverSettings
 from peekproxy.serving import ServingError, hypercorn_config, open_listeners, watch_signals
 from peekproxy.store import Storage
+from peekproxy.store.postgres import open_postgres
 from peekproxy.store.sqlite import open_sqlite
 
 __all__ = ["Listening", "client_api_routes", "run_daemon"]
@@ -114,6 +115,23 @@ def client_api_routes(
     return routes, passthrough.homeserver_answers
 
 
+async def open_store(config: Config) -> Storage:
+    """The configured store (``[store] backend``), its server name not yet recorded (the
+    daemon records it once started). SQLite: this process alone; PostgreSQL: shared by the
+    instances of one server name (docs/postgresql.md)."""
+    name = config.server.server_name
+    if config.store.backend == "postgres":
+        assert config.store.dsn is not None  # the config's validator
+        return await open_postgres(
+            config.store.dsn,
+            name,
+            password=config.store.password(),
+            pool_size=config.store.pool_size,
+            record_server_name=False,
+        )
+    return await open_sqlite(config.sqlite_path, name, record_server_name=False)
+
+
 async def run_daemon(
     config: Config,
     *,
@@ -143,7 +161,7 @@ async def run_daemon(
     upstream_token = _read_secret(config.upstream.access_token_file, "upstream.access_token_file")
     # The database is bound to the server name only once the daemon has started (below):
     # a start that fails must not leave a database that a corrected config is refused by.
-    store = await open_sqlite(config.sqlite_path, server.server_name, record_server_name=False)
+    store = await open_store(config)
     federation = FederationClient.from_config(
         config.federation, server_name=server.server_name, signing_key=signing_key
     )

@@ -126,11 +126,37 @@ def test_bad_durations(text: object) -> None:
         parse_duration(text)
 
 
-def test_postgres_is_reserved(server_dir: Path) -> None:
-    path = _write(server_dir, MINIMAL + '[store.postgres]\nhost = "db"\n')
+def test_postgres_needs_a_dsn(server_dir: Path) -> None:
+    path = _write(server_dir, MINIMAL + '[store]\nbackend = "postgres"\n')
     with pytest.raises(ConfigError) as caught:
         load_config(path, {})
-    assert caught.value.problems[0].startswith("store.postgres: PostgreSQL storage is reserved")
+    assert "store.dsn is required" in caught.value.problems[0]
+
+
+def test_postgres_store_settings(server_dir: Path) -> None:
+    (server_dir / "db.password").write_text("s3cret\n")
+    path = _write(
+        server_dir,
+        MINIMAL + '[store]\nbackend = "postgres"\ndsn = "host=db dbname=peekproxy"\n'
+        'password_file = "db.password"\npool_size = 4\n',
+    )
+    store = load_config(path, {}).store
+    assert (store.backend, store.dsn, store.pool_size) == (
+        "postgres",
+        "host=db dbname=peekproxy",
+        4,
+    )
+    assert store.password() == "s3cret"
+    assert load_config(_write(server_dir, MINIMAL), {}).store.backend == "sqlite"
+
+
+def test_postgres_dsn_must_not_hold_the_password(server_dir: Path) -> None:
+    path = _write(
+        server_dir, MINIMAL + '[store]\nbackend = "postgres"\ndsn = "host=db password=x"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert "use store.password_file" in caught.value.problems[0]
 
 
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ def credentials(tmp_path: Path, tls_files: tuple[Path, Path, Path], server_dir: 
     shutil.copyfile(server_dir / "signing.key", directory / "peekproxy_signing.key")
     (directory / "peekproxy_delegation.secret").write_text("s3cret\n")
     (directory / "peekproxy_upstream.token").write_text("syt_token\n")
+    (directory / "peekproxy_store_password").write_text("s3cret\n")
     shutil.copyfile(chain, directory / "peekproxy_tls.crt")
     shutil.copyfile(key, directory / "peekproxy_tls.key")
     return directory
@@ -44,7 +45,9 @@ def test_every_secret_comes_from_the_credentials_directory(
     assert federation.tls_certificate_file == credentials / "peekproxy_tls.crt"
     assert federation.tls_private_key_file == credentials / "peekproxy_tls.key"
     assert federation.tls
+    assert config.store.password() == "s3cret"
     assert {k[-1] for k in CREDENTIAL_KEYS} == {
+        "password_file",
         "signing_key_file",
         "shared_secret_file",
         "access_token_file",

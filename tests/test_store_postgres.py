@@ -4,11 +4,19 @@ the commit hook."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import psycopg
 import pytest
 import trio
 
-from peekproxy.store import StoreError, StoreUnavailable, StoreVersionError, WriteTransaction
+from peekproxy.store import (
+    ReadTransaction,
+    StoreError,
+    StoreUnavailable,
+    StoreVersionError,
+    WriteTransaction,
+)
 from peekproxy.store.postgres import PostgresStorage, PostgresTransaction, open_postgres
 from peekproxy.store.postgres.migrations import available_migrations
 
@@ -140,7 +148,7 @@ async def test_other_instances_commits_reach_the_commit_hook_once_in_order(
     watermark = 0
     got_all = trio.Event()
 
-    def read(tx: PostgresTransaction) -> list[int]:
+    def read(tx: ReadTransaction) -> list[int]:
         return [c.pos for c in tx.stream_changes(watermark)[0]]
 
     def apply(positions: list[int]) -> None:
@@ -154,8 +162,8 @@ async def test_other_instances_commits_reach_the_commit_hook_once_in_order(
     a.set_commit_hook(read, apply)
     try:
         for n in range(1, 11):  # half written by A itself, half by B
-            await a.write(lambda tx, n=n: _event(tx, 2 * n))
-            await b.write(lambda tx, n=n: _event(tx, 2 * n + 1))
+            await a.write(partial(_event, n=2 * n))
+            await b.write(partial(_event, n=2 * n + 1))
         with trio.fail_after(10):
             await got_all.wait()
         final = await b.read(lambda tx: [p for p, _, _ in tx.stream_events(ROOM)])

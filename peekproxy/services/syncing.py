@@ -98,6 +98,7 @@ class Syncing:
 
     def _apply_changes(self, result: tuple[list[StreamChange], int]) -> None:
         changes, upto = result
+        self._wake(changes)
         try:
             if self.live.watermark is None:
                 self.live.start(upto)
@@ -107,6 +108,15 @@ class Syncing:
                 self._committed_at = time.perf_counter()
         except ValueError:
             log.exception("the live window is out of step: syncs read the database from now on")
+
+    def _wake(self, changes: list[StreamChange]) -> None:
+        """Wake the long-polls waiting on the changed rooms and devices: rows another
+        instance committed (PostgreSQL) wake no one else here. Local writers notify too; the
+        duplicates are harmless."""
+        for change in changes:
+            self.notifier.notify_room(change.room_id)
+            if change.device is not None:
+                self.notifier.notify_device(change.device)
 
     async def peek(
         self, user_id: str, device_id: str, room_id_or_alias: str, hints: Sequence[str] = ()
