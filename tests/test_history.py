@@ -4,7 +4,6 @@ over real sockets are in tests/test_delegation_api.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ from peekproxy.core import paging
 from peekproxy.core.sync import InvalidToken, decode_token
 from peekproxy.services.backfill import Backfilled, new_history
 from peekproxy.store import Storage, WriteTransaction
-from peekproxy.store.sqlite import open_sqlite
+from tests.conftest import OpenStore
 
 ROOM = "!room:remote.test"
 
@@ -60,9 +59,9 @@ def test_tokens() -> None:
         decode_token("pp1_7_3")  # a gap point is no sync token
 
 
-async def store_with_gap(tmp_path: Path, *, closed: bool) -> tuple[Storage, int]:
+async def store_with_gap(open_store: OpenStore, *, closed: bool) -> tuple[Storage, int]:
     """The room's stream: $e1 $e2 [gap] $e6 $e7, with $e5 $e4 fetched into the gap."""
-    store = await open_sqlite(tmp_path / "p.db", "local.test")
+    store = await open_store()
 
     def write(tx: WriteTransaction) -> int:
         for n in (1, 2):
@@ -102,8 +101,8 @@ async def pages(
     raise AssertionError("no end")
 
 
-async def test_pages_walk_through_a_closed_gap_both_ways(tmp_path: Path) -> None:
-    store, gap = await store_with_gap(tmp_path, closed=True)
+async def test_pages_walk_through_a_closed_gap_both_ways(open_store: OpenStore) -> None:
+    store, gap = await store_with_gap(open_store, closed=True)
     back = await pages(store, None, "b", 2)
     assert [ids for ids, _, _ in back] == [["$e7", "$e6"], ["$e5", "$e4"], ["$e2", "$e1"]]
     assert [end for _, end, _ in back] == [f"pp1_{gap}", f"pp1_{gap}_3", None]
@@ -124,8 +123,8 @@ async def test_pages_walk_through_a_closed_gap_both_ways(tmp_path: Path) -> None
     await store.aclose()
 
 
-async def test_an_open_gap_asks_for_backfill_below_what_it_holds(tmp_path: Path) -> None:
-    store, gap = await store_with_gap(tmp_path, closed=False)
+async def test_an_open_gap_asks_for_backfill_below_what_it_holds(open_store: OpenStore) -> None:
+    store, gap = await store_with_gap(open_store, closed=False)
     back = await pages(store, None, "b", 3)
     # The page stops at the hole; the next one asks to backfill before the oldest fill.
     assert back[0][0] == ["$e7", "$e6", "$e5"]
@@ -147,8 +146,8 @@ async def test_an_open_gap_asks_for_backfill_below_what_it_holds(tmp_path: Path)
     await store.aclose()
 
 
-async def test_events_in_a_filled_gap_are_not_appended_again(tmp_path: Path) -> None:
-    store, _ = await store_with_gap(tmp_path, closed=True)
+async def test_events_in_a_filled_gap_are_not_appended_again(open_store: OpenStore) -> None:
+    store, _ = await store_with_gap(open_store, closed=True)
     again = await store.write(
         lambda tx: tx.append_event(ROOM, "$e5", pdu(5), redacted=False, now_ms=0)
     )
@@ -160,8 +159,8 @@ async def test_events_in_a_filled_gap_are_not_appended_again(tmp_path: Path) -> 
     await store.aclose()
 
 
-async def test_a_snapshot_with_history_keeps_the_current_state(tmp_path: Path) -> None:
-    store = await open_sqlite(tmp_path / "p.db", "local.test")
+async def test_a_snapshot_with_history_keeps_the_current_state(open_store: OpenStore) -> None:
+    store = await open_store()
     old_topic = {**pdu(2), "type": "m.room.topic", "state_key": "", "content": {"topic": "old"}}
     new_topic = {**pdu(3), "type": "m.room.topic", "state_key": "", "content": {"topic": "new"}}
 
@@ -191,11 +190,11 @@ async def test_a_snapshot_with_history_keeps_the_current_state(tmp_path: Path) -
 
 
 async def test_a_room_stored_before_the_first_view_backfills_before_its_first_event(
-    tmp_path: Path,
+    open_store: OpenStore,
 ) -> None:
     """A room whose first peek stored only its latest event ($e3, with prev_events): the
     history before it is a gap at position 0, filled and paged like any other."""
-    store = await open_sqlite(tmp_path / "p.db", "local.test")
+    store = await open_store()
     await store.write(
         lambda tx: [
             tx.append_event(ROOM, f"$e{n}", pdu(n), redacted=False, now_ms=0) for n in (3, 4)

@@ -3,11 +3,10 @@ are kept, known (no false gap) but never read back as shown events; the auth sta
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from peekproxy.store import WriteTransaction
-from peekproxy.store.sqlite import open_sqlite
+from tests.conftest import OpenStore
 
 ROOM = "!r:remote.test"
 
@@ -24,8 +23,8 @@ def pdu(n: int, prev: list[str], **extra: Any) -> dict[str, Any]:
     }
 
 
-async def test_unshown_events_are_known_but_never_read_back(tmp_path: Path) -> None:
-    store = await open_sqlite(tmp_path / "p.db", "local.test")
+async def test_unshown_events_are_known_but_never_read_back(open_store: OpenStore) -> None:
+    store = await open_store()
     try:
 
         def write(tx: WriteTransaction) -> tuple[list[str], bool]:
@@ -68,8 +67,10 @@ async def test_unshown_events_are_known_but_never_read_back(tmp_path: Path) -> N
         await store.aclose()
 
 
-async def test_auth_state_reads_the_auth_types_and_the_members_asked_for(tmp_path: Path) -> None:
-    store = await open_sqlite(tmp_path / "p.db", "local.test")
+async def test_auth_state_reads_the_auth_types_and_the_members_asked_for(
+    open_store: OpenStore,
+) -> None:
+    store = await open_store()
     try:
         state = {
             ("m.room.create", ""): "$c",
@@ -99,11 +100,11 @@ async def test_auth_state_reads_the_auth_types_and_the_members_asked_for(tmp_pat
         await store.aclose()
 
 
-async def test_a_snapshot_state_keeps_rejected_events_out(tmp_path: Path) -> None:
+async def test_a_snapshot_state_keeps_rejected_events_out(open_store: OpenStore) -> None:
     # A review found it: a peek answer or renewal listing an event peekproxy rejected put
     # it into the room's state. Rejected is final; a soft-failed event the room's server
     # resolved into the state is taken in (and shown from then on).
-    store = await open_sqlite(tmp_path / "p.db", "local.test")
+    store = await open_store()
     try:
 
         def write(tx: WriteTransaction) -> None:
