@@ -5,7 +5,8 @@ Services hold a :class:`Storage` and never see a connection. They call
 ``await storage.read(fn)`` / ``await storage.write(fn)``, where ``fn`` takes a
 :class:`~peekproxy.store.reads.ReadTransaction` / :class:`~peekproxy.store.writes.WriteTransaction`
 (an object of named, synchronous operations) and returns a value. SQLite
-(:mod:`peekproxy.store.sqlite`) is today's one implementation.
+(:mod:`peekproxy.store.sqlite`, one instance) and PostgreSQL (:mod:`peekproxy.store.postgres`,
+one or several instances on one database) implement it.
 
 **What an implementation must provide** (a second one, PostgreSQL with several peekproxy
 instances, issue 16, included):
@@ -19,7 +20,11 @@ instances, issue 16, included):
   hook's ``apply`` runs in the caller's trio thread, for each write in commit order, before
   the next write's ``apply`` (the live window and the notifier follow the stream this way).
   With several writers, an implementation must still hand ``apply`` every stream row once,
-  in position order, with no row missing below a position it has handed on.
+  in position order, with no row missing below a position it has handed on. PostgreSQL
+  (several instances) also calls ``read`` in a fresh read transaction and ``apply`` under
+  the same ordering when another instance commits stream rows (``LISTEN/NOTIFY``) and when
+  its listening connection (re)connects; ``read`` reads above what ``apply`` last took in,
+  so a row is never handed on twice.
 * **Stream positions allocated by the storage**, increasing in commit order (a reader never
   sees position ``p`` before every position below ``p`` that will ever commit), never
   reused, shared by all rooms (one stream; ``pp1_<pos>`` sync tokens name positions).
