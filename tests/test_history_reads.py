@@ -5,7 +5,6 @@ remote are tested end to end in tests/test_delegation_api.py."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from starlette.requests import Request
@@ -18,6 +17,7 @@ from peekproxy.services.event_auth import EventAuth
 from peekproxy.services.missing_events import MissingEvents
 from peekproxy.services.reads import HistoryReads
 from peekproxy.store import Storage
+from tests.conftest import OpenStore
 from tests.offline import offline_client
 from tests.test_history import ROOM, store_with_gap
 
@@ -43,8 +43,8 @@ def reads_over(store: Storage, asked: list[str]) -> HistoryReads:
     )
 
 
-async def test_a_room_followed_through_no_server_pages_over_its_hole(tmp_path: Path) -> None:
-    store, _ = await store_with_gap(tmp_path, closed=False)
+async def test_a_room_followed_through_no_server_pages_over_its_hole(open_store: OpenStore) -> None:
+    store, _ = await store_with_gap(open_store, closed=False)
     asked: list[str] = []
     reads = reads_over(store, asked)
     page = await reads.messages(ROOM, from_point=None, to_point=None, direction="b", limit=10)
@@ -57,8 +57,8 @@ async def test_a_room_followed_through_no_server_pages_over_its_hole(tmp_path: P
     await store.aclose()
 
 
-async def test_read_errors_are_peek_errors(tmp_path: Path) -> None:
-    store, _ = await store_with_gap(tmp_path, closed=True)
+async def test_read_errors_are_peek_errors(open_store: OpenStore) -> None:
+    store, _ = await store_with_gap(open_store, closed=True)
     reads = reads_over(store, [])
     with pytest.raises(PeekError) as ahead:
         await reads.messages(
