@@ -26,6 +26,7 @@ from peekproxy.core.live import LiveAnswer, LiveWindow, StreamChange
 from peekproxy.core.outcomes import candidate_servers
 from peekproxy.core.sync import InvalidToken, build_sync, decode_token
 from peekproxy.metrics import SYNC_ANSWERS, WAKE_SECONDS
+from peekproxy.outage import OUTAGE, store_unavailable_in
 from peekproxy.services.directory import RoomDirectory
 from peekproxy.services.errors import PeekError
 from peekproxy.services.notifier import Notifier
@@ -276,6 +277,50 @@ class Syncing:
         return self.live.watermark
 
     async def sync(
+        self,
+        user_id: str,
+        device_id: str,
+        *,
+        since: str | None,
+        timeout_ms: int,
+        full_state: bool = False,
+        timeline_limit: int = 10,
+    ) -> dict[str, Any]:
+        """:meth:`_sync`, save that the database unreachable meanwhile
+        (:class:`~peekproxy.store.StoreUnavailable`, issue 16) ends a sync with a ``since``
+        token at once with nothing new: ``next_batch`` its ``since`` (valid on every
+        instance, as a drained answer's), ``peekproxy_sync_answers{source="store_unavailable"}``.
+
+        Raises:
+            StoreUnavailable: for an initial sync (no ``since``): the API answers 503.
+            PeekError: as :meth:`_sync`.
+        """
+        try:
+            return await self._sync(
+                user_id,
+                device_id,
+                since=since,
+                timeout_ms=timeout_ms,
+                full_state=full_state,
+                timeline_limit=timeline_limit,
+            )
+        except Exception as e:
+            unavailable = store_unavailable_in(e)
+            if since is None or unavailable is None:
+                raise
+            OUTAGE.failed("a /sync", unavailable)
+            SYNC_ANSWERS.labels("store_unavailable").inc()
+            position = decode_token(since)  # _sync decoded it before any store call
+            return build_sync(
+                since=position,
+                upto=position,
+                peeks=(),
+                rooms={},
+                now_ms=self.clock_ms(),
+                section=self.settings.sync_section,
+            )
+
+    async def _sync(
         self,
         user_id: str,
         device_id: str,
