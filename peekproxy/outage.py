@@ -25,7 +25,7 @@ import trio
 
 from peekproxy.core.backoff import backoff_delay
 from peekproxy.serving.errors import exception_leaves
-from peekproxy.store import Storage, StoreError, StoreUnavailable
+from peekproxy.store import StoreError, StoreUnavailable
 
 __all__ = [
     "OUTAGE",
@@ -91,31 +91,42 @@ OUTAGE = StoreOutage()
 
 
 async def retry_store_errors(
-    store: Storage, what: str, fn: Callable[..., Awaitable[T]], *args: object
+    ping: Callable[[], Awaitable[None]] | None,
+    what: str,
+    fn: Callable[..., Awaitable[T]],
+    *args: object,
 ) -> T:
-    """``await fn(*args)`` until it returns without a :class:`~peekproxy.store.StoreError`.
+    """``await fn(*args)`` until it returns without a :class:`~peekproxy.store.StoreError`;
+    ``what`` names the task in the log.
 
-    After each such error: :meth:`StoreOutage.failed`, then ``store.ping()`` after
-    back-off waits (seconds: :data:`RETRY_INITIAL_S` doubling up to
-    :data:`RETRY_MAXIMUM_S`, ±20 % jitter) until it answers, :meth:`StoreOutage.recovered`,
-    and ``fn(*args)`` again from its start: ``fn`` must be safe to run again (a background
-    loop that keeps its state in memory, or reads it back). Any other exception, and
-    cancellation, end the call as usual."""
+    After each such error: :meth:`StoreOutage.failed`, then back-off waits (seconds:
+    :data:`RETRY_INITIAL_S` doubling up to :data:`RETRY_MAXIMUM_S`, ±20 % jitter), each
+    followed by ``ping()`` (the store's :meth:`~peekproxy.store.Storage.ping`) until it
+    answers (:meth:`StoreOutage.recovered`); then ``fn(*args)`` runs again from its start,
+    so it must be safe to run again (a loop that keeps its state in memory, or reads it
+    back). ``ping`` ``None`` (a task that holds no store): ``fn`` itself is tried again
+    after each wait. Any other exception, and cancellation, end the call as usual."""
+    failures = 0
     while True:
+        started = trio.current_time()
         try:
             return await fn(*args)
         except StoreError as e:
             OUTAGE.failed(what, e)
-        failures = 0
+        if trio.current_time() - started > RETRY_MAXIMUM_S:
+            failures = 0  # it ran well for a while: a new outage starts its back-off afresh
         while True:
             failures += 1
             await trio.sleep(
                 backoff_delay(failures, RETRY_INITIAL_S, RETRY_MAXIMUM_S, random.random())
             )
+            if ping is None:
+                break
             try:
-                await store.ping()
+                await ping()
             except Exception as e:  # whatever the database says while it cannot answer
                 OUTAGE.failed(what, e)
                 continue
             OUTAGE.recovered()
+            failures = 0
             break

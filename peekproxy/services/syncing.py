@@ -26,13 +26,13 @@ from peekproxy.core.live import LiveAnswer, LiveWindow, StreamChange
 from peekproxy.core.outcomes import candidate_servers
 from peekproxy.core.sync import InvalidToken, build_sync, decode_token
 from peekproxy.metrics import SYNC_ANSWERS, WAKE_SECONDS
-from peekproxy.outage import OUTAGE, store_unavailable_in
+from peekproxy.outage import OUTAGE, retry_store_errors, store_unavailable_in
 from peekproxy.services.directory import RoomDirectory
 from peekproxy.services.errors import PeekError
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import PeekSettings, now_ms
 from peekproxy.services.subscriptions import Subscriptions
-from peekproxy.store import ReadTransaction, Storage, WriteTransaction
+from peekproxy.store import ReadTransaction, Storage, StoreError, WriteTransaction
 
 __all__ = ["Syncing"]
 
@@ -90,7 +90,7 @@ class Syncing:
         for device in active:  # the idle clock restarts with the daemon
             self._mark_seen(device, now)
         task_status.started()
-        await self._reap_idle()
+        await retry_store_errors(self.store.ping, "the idle reaper", self._reap_idle)
 
     def _read_changes(self, tx: ReadTransaction) -> tuple[list[StreamChange], int]:
         # In the writer thread, inside the write's transaction; the watermark only moves in
@@ -486,7 +486,11 @@ class Syncing:
                     heapq.heappush(heap, (seen, device))
                     continue
                 del self._seen[device]
-                await self._make_dormant(*device)
+                try:
+                    await self._make_dormant(*device)
+                except StoreError:
+                    self._mark_seen(device, seen)  # still idle: reaped once the store answers
+                    raise
             wake = heap[0][0] + idle if heap else None
             changed = self._seen_changed
             if wake is None:
