@@ -30,7 +30,9 @@ Spawn = Callable[..., Awaitable[DaemonProcess]]
 #: Fixtures that start real processes (peekproxy, a testbed, Synapse, nginx, Caddy): a test
 #: using one is an end-to-end test, marked ``slow`` so that ``-m "not slow"`` runs the fast
 #: set alone.
-PROCESS_FIXTURES = frozenset({"spawn", "synapse", "synapse_b", "reverse_proxies", "auth_oracle"})
+PROCESS_FIXTURES = frozenset(
+    {"spawn", "synapse", "synapse_b", "reverse_proxies", "auth_oracle", "outage_world"}
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
