@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -59,12 +58,6 @@ def sent_503() -> float:
     """``PUT`` requests answered 503 on the federation listener (this process's metrics)."""
     labels = {"listener": "federation", "method": "PUT", "code": "503"}
     return REGISTRY.get_sample_value("peekproxy_http_requests_total", labels) or 0.0
-
-
-async def wait_for(predicate: Any, timeout: float = 30) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.05)
 
 
 async def test_requests_answer_503_while_down_and_work_after(outage_world: PeekWorld) -> None:
@@ -135,11 +128,13 @@ async def test_send_is_not_acknowledged_while_down_and_stored_once_after(
     event_id = world.send(room_id, "during the outage")
     sender = world.testbed.senders[PEEKPROXY]
     # The sender was answered 503 (not acknowledged) and retries.
-    await wait_for(lambda: sender.sending is not None and sender.sending.attempts >= 2)
+    await world.testbed.wait_until(
+        lambda: sender.sending is not None and sender.sending.attempts >= 2
+    )
     assert not world.delivered(event_id)
     assert sent_503() > before
     # The subscription task renews (the testbed sees it) but cannot store: it waits.
-    await wait_for(lambda: len(world.log_of("renew")) > renewals)
+    await world.testbed.wait_until(lambda: len(world.log_of("renew")) > renewals)
     await trio.sleep(1.5)  # an outage longer than a renewal interval
     store.down = False
     await world.wait_delivered(event_id)
@@ -150,7 +145,7 @@ async def test_send_is_not_acknowledged_while_down_and_stored_once_after(
     assert [e["content"]["body"] for e in timeline] == ["during the outage"]
     # Renewals go on after the outage, and are stored.
     after = len(world.log_of("renew"))
-    await wait_for(lambda: len(world.log_of("renew")) >= after + 2)
+    await world.testbed.wait_until(lambda: len(world.log_of("renew")) >= after + 2)
     assert world.subscription(room_id)["state"] == "active"
     outage_lines = [r for r in caplog.records if "database is unavailable" in r.getMessage()]
     assert len(outage_lines) == 1 and outage_lines[0].levelno == logging.WARNING
