@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 import trio
 
-import peekproxy.daemon
 from peekproxy.config import load_config
 from peekproxy.daemon import Listening, run_daemon
 from peekproxy.store import ReadTransaction, Storage, StoreUnavailable, WriteTransaction
+from peekproxy.store.sqlite import open_sqlite
 
 T = TypeVar("T")
 H = TypeVar("H")
@@ -86,7 +86,7 @@ class InProcessDaemons:
         self.nursery = nursery
         self.started: list[InProcessDaemon] = []
         self._stores: list[FaultyStorage] = []
-        self._real_open = peekproxy.daemon.open_sqlite
+        self._real_open = open_sqlite
 
     async def open_sqlite(self, *args: Any, **kwargs: Any) -> FaultyStorage:
         store = FaultyStorage(await self._real_open(*args, **kwargs))
