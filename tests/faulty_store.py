@@ -25,12 +25,15 @@ H = TypeVar("H")
 
 
 class FaultyStorage:
-    """``inner``, failing with StoreUnavailable while ``down``; counts the calls refused."""
+    """``inner``, failing with StoreUnavailable while ``down``; counts the calls refused.
+    ``fail_write`` (when set) also refuses each write whose ``fn`` it says yes to (its
+    ``__qualname__`` names the service step), reads going on."""
 
     def __init__(self, inner: Storage) -> None:
         self.inner = inner
         self.down = False
         self.refused = 0
+        self.fail_write: Callable[[Callable[..., object]], bool] | None = None
 
     def _check(self) -> None:
         if self.down:
@@ -43,6 +46,9 @@ class FaultyStorage:
 
     async def write(self, fn: Callable[[WriteTransaction], T]) -> T:
         self._check()
+        if self.fail_write is not None and self.fail_write(fn):
+            self.refused += 1
+            raise StoreUnavailable("injected: the database went away during this write")
         return await self.inner.write(fn)
 
     def set_commit_hook(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -21,6 +23,7 @@ import peekproxy.daemon
 from peekproxy.outage import OUTAGE
 from tests.faulty_store import FaultyStorage, InProcessDaemons
 from tests.peek_world import PEEKPROXY, SECRET, TESTBED, PeekWorld, build_world
+from tests.synapse import Synapse
 
 AUTH = {"Authorization": f"Bearer {SECRET}"}
 DEVICE = {"user_id": "@alice:peekproxy.test", "device_id": "D1"}
@@ -151,3 +154,88 @@ async def test_send_is_not_acknowledged_while_down_and_stored_once_after(
     assert len(outage_lines) == 1 and outage_lines[0].levelno == logging.WARNING
     assert any("answers again" in r.getMessage() for r in caplog.records)
     assert TESTBED in world.subscription(room_id)["server"]
+
+
+async def test_send_whose_record_cannot_be_written_is_retried_and_stored_once(
+    outage_world: PeekWorld,
+) -> None:
+    """The transaction's events are stored but its idempotency record (the last write)
+    fails: nothing is acknowledged, and the sender's retry stores nothing twice."""
+    world = outage_world
+    room_id = world.create_room("10")
+    assert (await world.peek(room_id)).status_code == 200
+    since = (await world.sync())["next_batch"]
+    store = store_of(world)
+    before = sent_503()
+    store.fail_write = lambda fn: "_ingest_locked" in fn.__qualname__
+    event_id = world.send(room_id, "record lost")
+    sender = world.testbed.senders[PEEKPROXY]
+    await world.testbed.wait_until(
+        lambda: sender.sending is not None and sender.sending.attempts >= 2
+    )
+    assert sent_503() >= before + 2 and not world.delivered(event_id)
+    assert [b for k, b in world.stream(room_id) if k == "event"].count("record lost") == 1
+    store.fail_write = None
+    await world.wait_delivered(event_id)
+    assert [b for k, b in world.stream(room_id) if k == "event"].count("record lost") == 1
+    answer = await world.sync(since=since, timeout_ms=5000)
+    timeline = answer["rooms"]["peek"][room_id]["timeline"]["events"]
+    assert [e["content"]["body"] for e in timeline] == ["record lost"]
+
+
+async def test_front_mode_while_down(
+    synapse: Synapse,
+    nursery: trio.Nursery,
+    tls_ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Front mode: the MSC2753 client routes answer 503; ``/sync`` is the homeserver's
+    answer alone (a valid sync, never an error) until the store is back, then merged."""
+    daemons = InProcessDaemons(nursery)
+    monkeypatch.setattr(peekproxy.daemon, "open_sqlite", daemons.open_sqlite)
+    world = await build_world(
+        nursery,
+        tls_ca,
+        tmp_path,
+        daemons.spawn,
+        peeks_env={"PEEKPROXY_UPSTREAM__HOMESERVER_URL": synapse.client},
+    )
+    store = store_of(world)
+    auth = {"Authorization": f"Bearer {synapse.register('outage-front')}"}
+    room_id, other = world.create_room("10"), world.create_room("10")
+    async with httpx.AsyncClient(base_url=world.daemon.client, timeout=60) as http:
+
+        async def peek(room: str) -> httpx.Response:
+            return await http.post(
+                f"/_matrix/client/v3/peek/{quote(room, safe='')}",
+                params={"server_name": TESTBED},
+                json={},
+                headers=auth,
+            )
+
+        async def sync(since: str | None, timeout_ms: int = 0) -> dict[str, Any]:
+            params = {"timeout": str(timeout_ms), **({"since": since} if since else {})}
+            response = await http.get("/_matrix/client/v3/sync", params=params, headers=auth)
+            assert response.status_code == 200, response.text
+            body: dict[str, Any] = response.json()
+            return body
+
+        assert (await peek(room_id)).status_code == 200
+        since = (await sync(None))["next_batch"]
+        store.down = True
+        refused = await peek(other)
+        assert refused.status_code == 503 and refused.json() == UNAVAILABLE
+        during = await sync(since, timeout_ms=300)
+        assert "next_batch" in during and room_id not in str(during.get("rooms", {}))
+        store.down = False
+        world.send(room_id, "after the outage")
+        with trio.fail_after(30):
+            while True:
+                answer = await sync(since, timeout_ms=5000)
+                since = answer["next_batch"]
+                peeked = answer.get("rooms", {}).get("peek", {}).get(room_id)
+                if peeked:
+                    break
+        bodies = [e["content"].get("body") for e in peeked["timeline"]["events"]]
+        assert "after the outage" in bodies
