@@ -44,7 +44,7 @@ T = TypeVar("T")
 #: Back-off of background work after a store error, in seconds: the first wait (±20 %
 #: jitter), doubled after each failed ping up to the maximum.
 RETRY_INITIAL_S = 0.5
-RETRY_MAXIMUM_S = 30.0
+RETRY_MAXIMUM_S = 10.0
 #: Failures further apart than this (seconds) with no recovery seen in between are two
 #: outages (each logged at WARNING): only requests may have seen the first one.
 OUTAGE_QUIET_S = 60.0
