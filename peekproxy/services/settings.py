@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["LiveSettings", "ObserverSettings", "PeekSettings", "now_ms"]
+__all__ = ["ClusterSettings", "LiveSettings", "ObserverSettings", "PeekSettings", "now_ms"]
 
 
 @dataclass
@@ -40,7 +40,9 @@ class PeekSettings:
     ``live``: the caps and limits a reload changes (:class:`LiveSettings`, shared);
     ``idle_timeout_ms``: a device silent this long has its peeks made dormant;
     ``sync_section``: the key of the peeked rooms in a ``/sync`` answer (MSC2753: ``peek``);
-    ``observer``: the observer user (docs/observer-join.md; ``None``: none at all).
+    ``observer``: the observer user (docs/observer-join.md; ``None``: none at all);
+    ``cluster``: this instance among several on one database (docs/cluster.md; ``None``:
+    the only instance, no leases).
     """
 
     linger_ms: int
@@ -49,6 +51,18 @@ class PeekSettings:
     idle_timeout_ms: int = 600_000
     sync_section: str = "peek"
     observer: ObserverSettings | None = None
+    cluster: ClusterSettings | None = None
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The ``[cluster]`` config section (docs/cluster.md): ``instance_name`` names this
+    instance in the subscription leases (unique among the running instances);
+    ``lease_ms``: how long a room's lease lasts unless renewed (renewed every third of it).
+    """
+
+    instance_name: str
+    lease_ms: int = 15_000
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import trio
 
 from peekproxy.core import subscription as subs
 from peekproxy.core.backoff import backoff_delay
+from peekproxy.core.cluster import needs_follower
 from peekproxy.core.outcomes import retry_not_before
 from peekproxy.core.room_versions import room_version
 from peekproxy.core.subscription import Action, Subscription, SubState
@@ -42,6 +43,7 @@ from peekproxy.services.following import (
     RoomSnapshot,
     is_observer_handle,
 )
+from peekproxy.services.leases import Leases
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import PeekSettings, now_ms
 from peekproxy.store import Storage, WriteTransaction
@@ -82,12 +84,18 @@ class Subscriptions:
         self._tasks: set[str] = set()
         self._room_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
+        #: Several instances on one database: the rooms this one follows (docs/cluster.md).
+        self.leases: Leases | None = None
+        if settings.cluster is not None:
+            self.leases = Leases(store=store, settings=settings.cluster, clock_ms=clock_ms)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load subscriptions, resume them (renew at once; a lapse while down becomes a
         gap) and keep them going until cancelled."""
         now = self.clock_ms()
         loaded = await self.store.read(lambda tx: tx.load_subscriptions())
+        if self.leases is not None:  # resume only the rooms this instance takes
+            loaded = await self._take_free(loaded)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             spread = subs.resume_spread_ms(len(loaded))
@@ -108,6 +116,23 @@ class Subscriptions:
                 log.info("resumed %d subscriptions", len(loaded))
             task_status.started()
             await trio.sleep_forever()
+
+    async def _take_free(self, loaded: list[Subscription]) -> list[Subscription]:
+        """Of the stored subscriptions, those whose lease this instance took (free or
+        expired, and the room needs a follower); the others are only viewed."""
+        assert self.leases is not None
+        active = await self.store.read(lambda tx: tx.device_peek_counts())
+        taken = []
+        for sub in loaded:
+            self.by_room[sub.room_id] = sub
+            needed = needs_follower(sub, active.get(sub.room_id, (0, 0))[0])
+            if needed and await self.leases.take(sub.room_id):
+                taken.append(sub)
+        return taken
+
+    def owns(self, room_id: str) -> bool:
+        """Whether this instance follows ``room_id`` (always, without ``[cluster]``)."""
+        return self.leases is None or self.leases.owns(room_id)
 
     @staticmethod
     def _resume(sub: Subscription, now_ms: int, spread_ms: int) -> Subscription:
@@ -130,7 +155,7 @@ class Subscriptions:
         return sub.room_version if sub is not None else None
 
     def _ensure_task(self, room_id: str) -> None:
-        if room_id in self._tasks or self._nursery is None:
+        if room_id in self._tasks or self._nursery is None or not self.owns(room_id):
             return
         self._tasks.add(room_id)
         self._nursery.start_soon(self._run_subscription, room_id)
@@ -162,6 +187,8 @@ class Subscriptions:
             PeekError: 503 ``max_remote_peeks`` reached; else as :meth:`_establish`.
         """
         bind_log_fields(room_id=room_id)  # the request's task: the room it peeks
+        if not self.owns(room_id) and not await self._take_over(room_id):
+            return await self._owner_view(room_id)
         sub = self.by_room.get(room_id)
         if sub is None:
             live = sum(
@@ -193,6 +220,8 @@ class Subscriptions:
             PeekError: the room could not be followed again; its task retries after the
                 back-off (unless the room is not peekable, 403). The subscription is saved.
         """
+        if not self.owns(room_id) and not await self._take_over(room_id):
+            return  # its owner sees the device peek active again and follows the room
         sub = subs.wanted(self.by_room[room_id])
         failure: PeekError | None = None
         if not sub.has_remote_peek:
@@ -212,7 +241,7 @@ class Subscriptions:
         following stops after ``linger_ms`` (an observer join: after the observer's own
         ``linger_ms``, so that idle and restore do not spam membership events)."""
         sub = self.by_room.get(room_id)
-        if sub is not None:
+        if sub is not None and self.owns(room_id):  # an owner elsewhere counts the peeks
             linger_ms = self.settings.linger_ms
             observer = self.settings.observer
             if observer is not None and is_observer_handle(sub.peek_id):
@@ -221,7 +250,14 @@ class Subscriptions:
 
     async def end_peeking(self, room_id: str, reason: str) -> None:
         """The room is no longer peekable (protocol.md decision 10): its subscription and
-        every device peek of it end."""
+        every device peek of it end. On an instance that does not follow the room, the
+        owner is asked to end the subscription (through the room's lease)."""
+        if not self.owns(room_id):
+            await self.store.write(lambda tx: tx.request_end(room_id, reason))
+            self.by_room[room_id] = subs.ended(self.by_room[room_id], reason)
+            await self._end_device_peeks(room_id)
+            log.info("%s is no longer peekable (%s): its owner is told", room_id, reason)
+            return
         async with self.room_lock(room_id):
             await self._save(subs.ended(self.by_room[room_id], reason))
         await self._end_device_peeks(room_id)
@@ -356,6 +392,80 @@ class Subscriptions:
         self.by_room[sub.room_id] = sub
         self.notifier.notify_room(sub.room_id)
 
+    # -- several instances on one database (docs/cluster.md) ------------------------------
+
+    async def _take_over(self, room_id: str) -> bool:
+        """Take the room's lease if it is free or expired; then its stored subscription is
+        resumed here as after a restart (``subs.resumed``: the same peek renewed at once, or
+        re-peeked with a gap if it lapsed meanwhile), not yet saved. Returns whether this
+        instance follows the room now; if not, the local view is the stored row."""
+        assert self.leases is not None
+        taken = await self.leases.take(room_id)
+        stored = await self.leases.stored(room_id)
+        if stored is not None:
+            self.by_room[room_id] = self._resume(stored, self.clock_ms(), 0) if taken else stored
+        return taken
+
+    async def adopt(self, room_id: str) -> bool:
+        """Follow ``room_id`` if its lease is free or expired (its owner died, or stopped
+        following it): resumed, saved, its task started. Returns whether it was taken."""
+        async with self.room_lock(room_id):
+            if not await self._take_over(room_id):
+                return False
+            sub = self.by_room.get(room_id)
+            if sub is not None:
+                await self._save(sub)
+                log.info("took %s over (peek %s, %s)", room_id, sub.peek_id, sub.state)
+        self.poke(room_id)
+        return True
+
+    async def _owner_view(self, room_id: str) -> Subscription:
+        """The subscription another instance follows (its first following set up).
+
+        Raises:
+            PeekError: 403 the room is not peekable; 502 the owner could not follow it.
+        """
+        assert self.leases is not None
+        sub = await self.leases.settled(room_id, SETUP_WAIT_S)
+        if sub is None or sub.state is SubState.STARTING:
+            raise PeekError(502, "M_UNKNOWN", f"another instance is still peeking {room_id}")
+        self.by_room[room_id] = sub
+        if sub.state is SubState.ENDED:
+            raise PeekError(403, "M_FORBIDDEN", sub.ended_reason or f"{room_id} is not peekable")
+        if sub.state is SubState.FAILED:
+            raise PeekError(502, "M_UNKNOWN", sub.ended_reason or f"could not peek {room_id}")
+        return sub
+
+    async def match_wanted(self, room_id: str) -> None:
+        """An owned room is wanted exactly while some device of the cluster peeks it (the
+        device peeks table, not this instance's memory): started again, or let linger."""
+        async with self.room_lock(room_id):
+            sub = self.by_room.get(room_id)
+            if sub is None or not self.owns(room_id):
+                return
+            active = await self._active_peeks(room_id)
+            if bool(active) == sub.wanted:
+                return
+            if active:
+                await self._save(subs.wanted(sub))
+            else:
+                await self.unwanted(room_id, self.clock_ms())
+        self.poke(room_id)
+
+    async def refresh(self, room_ids: Iterable[str]) -> None:
+        """Before ``/send`` decides (with ``[cluster]``): rooms another instance may follow
+        that the local view does not accept events for are read again from the store
+        (waiting, as :meth:`wait_for_setups`, for a first following being set up)."""
+        if self.leases is None:
+            return
+        for room_id in room_ids:
+            sub = self.by_room.get(room_id)
+            if self.owns(room_id) or (sub is not None and sub.accepts_events):
+                continue
+            stored = await self.leases.settled(room_id, SETUP_WAIT_S)
+            if stored is not None:
+                self.by_room[room_id] = stored
+
     # -- the subscription task ------------------------------------------------------------
 
     async def _run_subscription(self, room_id: str) -> None:
@@ -363,12 +473,16 @@ class Subscriptions:
         try:
             while True:
                 bind_log_fields(fresh=True, room_id=room_id)  # not those of who started it
+                if not self.owns(room_id):
+                    return  # another instance follows it now (fencing: docs/cluster.md)
                 changed = self._changed.setdefault(room_id, trio.Event())
                 sub = self.by_room[room_id]
                 action, wake = subs.plan(sub, self.clock_ms())
                 if action is None:
                     if wake is None:
                         if sub.state in (SubState.DORMANT, SubState.FAILED, SubState.ENDED):
+                            if self.leases is not None:  # nothing to look after
+                                await self.leases.release(room_id)
                             return  # a later peek starts a new task
                         await changed.wait()
                     else:
@@ -379,7 +493,7 @@ class Subscriptions:
                     await self._renew(room_id)
                 elif action is Action.STOP:
                     async with self.room_lock(room_id):
-                        await self._save(subs.stopping(self.by_room[room_id]))
+                        await self._stop_unless_wanted(room_id)
                 elif action is Action.DELETE:
                     if await self._delete_pending(room_id):
                         delete_failures = 0
@@ -415,6 +529,18 @@ class Subscriptions:
                         await self._save(sub)
         finally:
             self._tasks.discard(room_id)
+
+    async def _stop_unless_wanted(self, room_id: str) -> None:
+        """Linger over: stop following the room, unless (with ``[cluster]``) a device of
+        another instance peeks it now."""
+        sub = self.by_room[room_id]
+        if self.leases is not None and await self._active_peeks(room_id):
+            await self._save(subs.wanted(sub))
+        else:
+            await self._save(subs.stopping(sub))
+
+    async def _active_peeks(self, room_id: str) -> int:
+        return await self.store.read(lambda tx: tx.device_peek_count(room_id))
 
     async def _renew(self, room_id: str) -> None:
         sub = self.by_room[room_id]
