@@ -320,6 +320,19 @@ class PeeksSection(Section):
     max_observed_rooms: int = Field(default=100, ge=1)
 
 
+class ClusterSection(Section):
+    """Several instances on one database (docs/cluster.md)."""
+
+    #: Turn the subscription leases on: required for several instances on one database.
+    enabled: bool = False
+    #: This instance's name in the leases and logs (default ``<hostname>-<pid>``: set it,
+    #: unique per instance, for logs that stay the same across restarts).
+    instance_name: str | None = Field(default=None, min_length=1, max_length=128)
+    #: Seconds a room's lease lasts unless renewed (renewed every third of it): how long a
+    #: dead owner's rooms wait before another instance takes them over.
+    lease: Duration = Field(default=15.0, ge=1.0)
+
+
 class UpstreamSection(Section):
     homeserver_url: str | None = None
 
@@ -365,6 +378,7 @@ class Config(Section):
     upstream: UpstreamSection = UpstreamSection()
     delegation: DelegationSection = DelegationSection()
     logging: LoggingSection = LoggingSection()
+    cluster: ClusterSection = ClusterSection()
 
     @model_validator(mode="after")
     def _observer_user_id_fits(self) -> Config:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["ClusterSettings", "LiveSettings", "ObserverSettings", "PeekSettings", "now_ms"]
+from peekproxy.core.cluster import default_instance_name
+
+__all__ = [
+    "ClusterSettings",
+    "LiveSettings",
+    "ObserverSettings",
+    "PeekSettings",
+    "cluster_settings",
+    "now_ms",
+]
 
 
 @dataclass
@@ -91,3 +102,10 @@ class ObserverSettings:
 def now_ms() -> int:
     """The wall clock in ms since the epoch."""
     return int(time.time() * 1000)
+
+
+def cluster_settings(instance_name: str | None, lease_s: float) -> ClusterSettings:
+    """The ``[cluster]`` section in the services' units: ``instance_name`` (``None``:
+    ``<hostname>-<pid>``), ``lease_s`` seconds → :attr:`ClusterSettings.lease_ms`."""
+    name = instance_name or default_instance_name(socket.gethostname(), os.getpid())
+    return ClusterSettings(instance_name=name, lease_ms=int(lease_s * 1000))
