@@ -18,7 +18,7 @@ from peekproxy.core.subscription import SubState
 from peekproxy.services.assembly import Services, build_services
 from peekproxy.services.following import Followed, RenewalFailed, Renewed
 from peekproxy.services.settings import ClusterSettings
-from peekproxy.store import Storage
+from peekproxy.store import Storage, StoreUnavailable
 from peekproxy.store.sqlite import SqliteTransaction, open_sqlite
 from tests.offline import OFFLINE_SETTINGS, offline_client
 from tests.test_following import Snapshot, _topic
@@ -235,4 +235,37 @@ async def test_the_reaper_spares_devices_syncing_on_another_instance(tmp_path: P
             return await _state(store, ALICE) == "dormant"
 
         await until(alice_dormant, timeout_s=2 * idle_ms / 1000)  # she stopped syncing
+    await store.aclose()
+
+
+async def test_an_owner_that_cannot_renew_its_leases_stops_acting_on_its_rooms(
+    tmp_path: Path,
+) -> None:
+    """Fencing: A's renewals fail (its store writes refused); once its lease runs out it no
+    longer renews the remote peek, and B, having taken the room over, does."""
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
+    remote = Remote()
+    a, b = _stack(store, remote, "A"), _stack(store, remote, "B")
+    async with running(a), running(b):
+        await a.syncing.peek(*ALICE, ROOM, ["remote.test"])
+        assert a.subscriptions.leases is not None
+
+        async def refused() -> list[str]:
+            raise StoreUnavailable("the database is gone (for A)")
+
+        a.subscriptions.leases.renew = refused  # type: ignore[method-assign]
+
+        async def taken() -> bool:
+            return not a.subscriptions.owns(ROOM) and await _owner(store) == "B"
+
+        await until(taken)
+        renewals_by_a = len(remote.of("A", "renew"))
+
+        async def b_renewed() -> bool:
+            return remote.of("B", "renew") == ["peek-1"]
+
+        await until(b_renewed)
+        a.subscriptions.poke(ROOM)  # A's task looks again: not its room any more
+        await trio.sleep(3 * LEASE_MS / 1000)
+        assert len(remote.of("A", "renew")) == renewals_by_a
     await store.aclose()
