@@ -11,8 +11,10 @@ first following of a room nobody follows yet (:meth:`Subscriptions.want`).
 Other services call: :meth:`~Subscriptions.room_lock` (held while a room's subscription and
 its device peeks change together), :meth:`~Subscriptions.want` / :meth:`~Subscriptions.restore` /
 :meth:`~Subscriptions.unwanted` (with that lock), :meth:`~Subscriptions.poke`,
-:meth:`~Subscriptions.get`, :meth:`~Subscriptions.wait_for_setups` and
-:meth:`~Subscriptions.end_peeking` (``/send`` ingest).
+:meth:`~Subscriptions.get`, :meth:`~Subscriptions.wait_for_setups`,
+:meth:`~Subscriptions.refresh` and :meth:`~Subscriptions.end_peeking` (``/send`` ingest).
+With several instances (``[cluster]``), only the holder of a room's lease follows it
+(:mod:`peekproxy.services.subscription_cluster`, docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import trio
 
 from peekproxy.core import subscription as subs
 from peekproxy.core.backoff import backoff_delay
-from peekproxy.core.cluster import needs_follower
 from peekproxy.core.outcomes import retry_not_before
 from peekproxy.core.room_versions import room_version
 from peekproxy.core.subscription import Action, Subscription, SubState
@@ -46,6 +47,7 @@ from peekproxy.services.following import (
 from peekproxy.services.leases import Leases
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import PeekSettings, now_ms
+from peekproxy.services.subscription_cluster import ClusterSubscriptions
 from peekproxy.store import Storage, WriteTransaction
 
 __all__ = ["DELETE_BACKOFF_S", "SETUP_WAIT_S", "Subscriptions"]
@@ -59,7 +61,7 @@ SETUP_WAIT_S = 30.0
 DELETE_BACKOFF_S = (1.0, 300.0)
 
 
-class Subscriptions:
+class Subscriptions(ClusterSubscriptions):
     """Remote subscriptions (see the module docstring)."""
 
     def __init__(
@@ -116,23 +118,6 @@ class Subscriptions:
                 log.info("resumed %d subscriptions", len(loaded))
             task_status.started()
             await trio.sleep_forever()
-
-    async def _take_free(self, loaded: list[Subscription]) -> list[Subscription]:
-        """Of the stored subscriptions, those whose lease this instance took (free or
-        expired, and the room needs a follower); the others are only viewed."""
-        assert self.leases is not None
-        active = await self.store.read(lambda tx: tx.device_peek_counts())
-        taken = []
-        for sub in loaded:
-            self.by_room[sub.room_id] = sub
-            needed = needs_follower(sub, active.get(sub.room_id, (0, 0))[0])
-            if needed and await self.leases.take(sub.room_id):
-                taken.append(sub)
-        return taken
-
-    def owns(self, room_id: str) -> bool:
-        """Whether this instance follows ``room_id`` (always, without ``[cluster]``)."""
-        return self.leases is None or self.leases.owns(room_id)
 
     @staticmethod
     def _resume(sub: Subscription, now_ms: int, spread_ms: int) -> Subscription:
@@ -392,80 +377,6 @@ class Subscriptions:
         self.by_room[sub.room_id] = sub
         self.notifier.notify_room(sub.room_id)
 
-    # -- several instances on one database (docs/cluster.md) ------------------------------
-
-    async def _take_over(self, room_id: str) -> bool:
-        """Take the room's lease if it is free or expired; then its stored subscription is
-        resumed here as after a restart (``subs.resumed``: the same peek renewed at once, or
-        re-peeked with a gap if it lapsed meanwhile), not yet saved. Returns whether this
-        instance follows the room now; if not, the local view is the stored row."""
-        assert self.leases is not None
-        taken = await self.leases.take(room_id)
-        stored = await self.leases.stored(room_id)
-        if stored is not None:
-            self.by_room[room_id] = self._resume(stored, self.clock_ms(), 0) if taken else stored
-        return taken
-
-    async def adopt(self, room_id: str) -> bool:
-        """Follow ``room_id`` if its lease is free or expired (its owner died, or stopped
-        following it): resumed, saved, its task started. Returns whether it was taken."""
-        async with self.room_lock(room_id):
-            if not await self._take_over(room_id):
-                return False
-            sub = self.by_room.get(room_id)
-            if sub is not None:
-                await self._save(sub)
-                log.info("took %s over (peek %s, %s)", room_id, sub.peek_id, sub.state)
-        self.poke(room_id)
-        return True
-
-    async def _owner_view(self, room_id: str) -> Subscription:
-        """The subscription another instance follows (its first following set up).
-
-        Raises:
-            PeekError: 403 the room is not peekable; 502 the owner could not follow it.
-        """
-        assert self.leases is not None
-        sub = await self.leases.settled(room_id, SETUP_WAIT_S)
-        if sub is None or sub.state is SubState.STARTING:
-            raise PeekError(502, "M_UNKNOWN", f"another instance is still peeking {room_id}")
-        self.by_room[room_id] = sub
-        if sub.state is SubState.ENDED:
-            raise PeekError(403, "M_FORBIDDEN", sub.ended_reason or f"{room_id} is not peekable")
-        if sub.state is SubState.FAILED:
-            raise PeekError(502, "M_UNKNOWN", sub.ended_reason or f"could not peek {room_id}")
-        return sub
-
-    async def match_wanted(self, room_id: str) -> None:
-        """An owned room is wanted exactly while some device of the cluster peeks it (the
-        device peeks table, not this instance's memory): started again, or let linger."""
-        async with self.room_lock(room_id):
-            sub = self.by_room.get(room_id)
-            if sub is None or not self.owns(room_id):
-                return
-            active = await self._active_peeks(room_id)
-            if bool(active) == sub.wanted:
-                return
-            if active:
-                await self._save(subs.wanted(sub))
-            else:
-                await self.unwanted(room_id, self.clock_ms())
-        self.poke(room_id)
-
-    async def refresh(self, room_ids: Iterable[str]) -> None:
-        """Before ``/send`` decides (with ``[cluster]``): rooms another instance may follow
-        that the local view does not accept events for are read again from the store
-        (waiting, as :meth:`wait_for_setups`, for a first following being set up)."""
-        if self.leases is None:
-            return
-        for room_id in room_ids:
-            sub = self.by_room.get(room_id)
-            if self.owns(room_id) or (sub is not None and sub.accepts_events):
-                continue
-            stored = await self.leases.settled(room_id, SETUP_WAIT_S)
-            if stored is not None:
-                self.by_room[room_id] = stored
-
     # -- the subscription task ------------------------------------------------------------
 
     async def _run_subscription(self, room_id: str) -> None:
@@ -529,18 +440,6 @@ class Subscriptions:
                         await self._save(sub)
         finally:
             self._tasks.discard(room_id)
-
-    async def _stop_unless_wanted(self, room_id: str) -> None:
-        """Linger over: stop following the room, unless (with ``[cluster]``) a device of
-        another instance peeks it now."""
-        sub = self.by_room[room_id]
-        if self.leases is not None and await self._active_peeks(room_id):
-            await self._save(subs.wanted(sub))
-        else:
-            await self._save(subs.stopping(sub))
-
-    async def _active_peeks(self, room_id: str) -> int:
-        return await self.store.read(lambda tx: tx.device_peek_count(room_id))
 
     async def _renew(self, room_id: str) -> None:
         sub = self.by_room[room_id]
