@@ -42,7 +42,7 @@ from peekproxy.services.client_api_follower import ClientApiFollower
 from peekproxy.services.front_sync import FrontSync
 from peekproxy.services.gauges import ScrapeGauges
 from peekproxy.services.passthrough import Passthrough
-from peekproxy.services.settings import ObserverSettings
+from peekproxy.services.settings import ObserverSettings, cluster_settings
 from peekproxy.serving import ServingError, hypercorn_config, open_listeners, watch_signals
 from peekproxy.store import Storage
 from peekproxy.store.postgres import open_postgres
@@ -200,6 +200,9 @@ async def run_daemon(
                 displayname=config.peeks.observer_displayname,
                 linger_ms=int(config.peeks.observer_linger * 1000),
             ),
+            cluster=None
+            if not config.cluster_enabled
+            else cluster_settings(config.cluster.instance_name, config.cluster.lease),
         ),
         local_rooms=local_rooms,
         server_name=server.server_name,
