@@ -85,11 +85,17 @@ class Follower:
         return True
 
 
-def _stack(store: Storage, remote: Remote, name: str, idle_timeout_ms: int = 60_000) -> Services:
+def _stack(
+    store: Storage,
+    remote: Remote,
+    name: str,
+    idle_timeout_ms: int = 60_000,
+    lease_ms: int = LEASE_MS,
+) -> Services:
     settings = replace(
         OFFLINE_SETTINGS,
         idle_timeout_ms=idle_timeout_ms,
-        cluster=ClusterSettings(instance_name=name, lease_ms=LEASE_MS),
+        cluster=ClusterSettings(instance_name=name, lease_ms=lease_ms),
     )
     return build_services(
         store=store,
@@ -213,6 +219,31 @@ async def test_owner_dies_and_the_remote_expired_the_peek_a_gap_is_marked(
     assert remote.of("B", "renew")[0] == "peek-1"  # tried first: refused (404)
     assert remote.of("B", "follow") == ["peek-2"]
     assert await _gaps(store) == 1  # events could have been lost meanwhile
+    await store.aclose()
+
+
+async def test_a_clean_stop_hands_the_rooms_over_without_waiting_for_the_lease(
+    tmp_path: Path,
+) -> None:
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
+    remote = Remote()
+    lease_ms = 3_000
+    a, b = (_stack(store, remote, name, lease_ms=lease_ms) for name in ("A", "B"))
+    async with running(b):
+        async with running(a) as a_scope:
+            await a.syncing.peek(*ALICE, ROOM, ["remote.test"])
+            await b.syncing.peek(*BOB, ROOM, ["remote.test"])
+            assert await a.subscriptions.leases.release_all() == 1  # type: ignore[union-attr]
+            a_scope.cancel()
+        stopped = trio.current_time()
+
+        async def taken() -> bool:
+            return bool(remote.of("B", "renew")) and await _owner(store) == "B"
+
+        await until(taken)
+        # At B's next look (a third of the lease), not once A's lease would have run out.
+        assert trio.current_time() - stopped < lease_ms / 1000 / 3 + 0.5
+        assert remote.of("B", "renew")[0] == "peek-1" and remote.of("B", "follow") == []
     await store.aclose()
 
 

@@ -77,6 +77,14 @@ class Leases:
         self._until.pop(room_id, None)
         await self.store.write(lambda tx: tx.release_lease(room_id, self.me))
 
+    async def release_all(self) -> int:
+        """Give up every lease this instance holds (a clean stop: the other instances take
+        the rooms over at their next look, not a whole lease later); returns how many. The
+        subscriptions stay stored as they are, so the next owner renews the same peeks.
+        Raises what the store raises."""
+        self._until.clear()
+        return len(await self.store.write(lambda tx: tx.renew_leases(self.me, 0)))
+
     async def stored(self, room_id: str) -> Subscription | None:
         """The room's subscription as stored (by whichever instance follows it)."""
         rows = await self.store.read(lambda tx: tx.load_subscriptions(room_id))
