@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import trio
 import trustme
 
+from peekproxy.core.xmatrix import authorization_header
 from tests.cluster_world import build_cluster
 from tests.conftest import Spawn
+from tests.peek_world import PEEKPROXY, TESTBED
 
 BOB = "@bob:peekproxy.test"
 
@@ -51,3 +54,70 @@ async def test_a_long_poll_on_a_wakes_for_an_event_delivered_to_b(
     assert event_id in _event_ids(bob, room_id)
     assert [entry[2] for entry in world.log_of("start")] == [room_id]
     assert cluster.owner(room_id) == "pp0"
+
+
+async def test_concurrent_sends_to_two_processes_store_each_event_once_in_order(
+    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, spawn: Spawn, pg_dsn: str
+) -> None:
+    """The remote's events in split transactions, to A and to B at once over real sockets
+    (signed as the testbed): each stored once, in DAG order, no gap; devices on both see
+    each once."""
+    cluster = await build_cluster(nursery, tls_ca, tmp_path, spawn, pg_dsn)
+    world = cluster.world
+    room_id = world.create_room()
+    assert (await world.peek(room_id, via=cluster.client(0))).status_code == 200
+    assert (await world.peek(room_id, user=BOB, via=cluster.client(1))).status_code == 200
+    alice_since = (await world.sync(via=cluster.client(0)))["next_batch"]
+    bob_since = (await world.sync(user=BOB, via=cluster.client(1)))["next_batch"]
+
+    world.testbed.faults.withhold_next = 30  # the testbed pushes none of them itself
+    event_ids = [world.send(room_id, f"m{n}") for n in range(30)]
+    room = world.testbed.room(room_id)
+    pdus = [room.event(e) for e in event_ids]
+    answers: list[httpx.Response] = []
+
+    async def send(index: int) -> None:
+        federation = cluster.daemons[index].federation
+        async with httpx.AsyncClient(verify=False, timeout=30) as http:  # cert: peekproxy.test
+            for start in range(0, len(pdus), 10):
+                uri = f"/_matrix/federation/v1/send/c{index}-{start}"
+                body = {"origin": TESTBED, "origin_server_ts": 0, "pdus": pdus[start : start + 10]}
+                auth = authorization_header(
+                    world.testbed.signing_key,
+                    origin=TESTBED,
+                    destination=PEEKPROXY,
+                    method="PUT",
+                    uri=uri,
+                    content=body,
+                )
+                answers.append(
+                    await http.put(f"{federation}{uri}", json=body, headers={"Authorization": auth})
+                )
+
+    async with trio.open_nursery() as senders:
+        senders.start_soon(send, 0)
+        senders.start_soon(send, 1)
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        assert all(result == {} for result in answer.json()["pdus"].values()), answer.text
+    stream = cluster.rows(
+        "SELECT kind, event_id FROM room_stream WHERE room_id = ? AND kind IN ('event', 'gap') "
+        "ORDER BY stream_pos",
+        room_id,
+    )
+    assert [e for _, e in stream if e in event_ids] == event_ids  # each once, in order
+    assert all(kind == "event" for kind, _ in stream)
+    for user, since, via in ((None, alice_since, 0), (BOB, bob_since, 1)):
+        seen: list[str] = []
+        with trio.fail_after(20):
+            while len(seen) < 30:
+                answer = await world.sync(
+                    **({"user": user} if user else {}),
+                    since=since,
+                    limit=100,
+                    timeout_ms=5_000,
+                    via=cluster.client(via),
+                )
+                since = answer["next_batch"]
+                seen += _event_ids(answer, room_id)
+        assert seen == event_ids
