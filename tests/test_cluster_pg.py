@@ -111,13 +111,13 @@ async def test_concurrent_sends_to_two_processes_store_each_event_once_in_order(
         seen: list[str] = []
         with trio.fail_after(20):
             while len(seen) < 30:
-                answer = await world.sync(
+                got = await world.sync(
                     **({"user": user} if user else {}),
                     since=since,
                     limit=100,
                     timeout_ms=5_000,
                     via=cluster.client(via),
                 )
-                since = answer["next_batch"]
-                seen += _event_ids(answer, room_id)
+                since = got["next_batch"]
+                seen += _event_ids(got, room_id)
         assert seen == event_ids
