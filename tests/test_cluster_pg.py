@@ -107,12 +107,12 @@ async def test_concurrent_sends_to_two_processes_store_each_event_once_in_order(
     )
     assert [e for _, e in stream if e in event_ids] == event_ids  # each once, in order
     assert all(kind == "event" for kind, _ in stream)
-    for user, since, via in ((None, alice_since, 0), (BOB, bob_since, 1)):
+    for user, since, via in (("@alice:peekproxy.test", alice_since, 0), (BOB, bob_since, 1)):
         seen: list[str] = []
         with trio.fail_after(20):
             while len(seen) < 30:
                 got = await world.sync(
-                    **({"user": user} if user else {}),
+                    user=user,
                     since=since,
                     limit=100,
                     timeout_ms=5_000,
