@@ -11,15 +11,18 @@ transactions go to it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import httpx
 import psycopg
 import trio
 import trustme
 
-from tests.peek_world import PeekWorld, build_world
+from peekproxy.core.xmatrix import authorization_header
+from tests.peek_world import PEEKPROXY, TESTBED, PeekWorld, build_world
 from tests.support import DaemonProcess
 from tests.synapse import free_tcp_port
 
@@ -104,3 +107,22 @@ async def build_cluster(
         cluster.daemons.append(await spawn(config, env=cluster.envs[index]))
     world.daemon = cluster.daemons[0]
     return cluster
+
+
+async def put_transaction(
+    world: PeekWorld, federation: str, txn_id: str, pdus: list[dict[str, Any]]
+) -> httpx.Response:
+    """``PUT /send/{txn_id}`` of ``pdus`` signed as the testbed, straight to one instance's
+    federation listener (``federation``: its base URL; its certificate is not checked)."""
+    uri = f"/_matrix/federation/v1/send/{txn_id}"
+    body = {"origin": TESTBED, "origin_server_ts": int(time.time() * 1000), "pdus": pdus}
+    auth = authorization_header(
+        world.testbed.signing_key,
+        origin=TESTBED,
+        destination=PEEKPROXY,
+        method="PUT",
+        uri=uri,
+        content=body,
+    )
+    async with httpx.AsyncClient(verify=False, timeout=30) as http:
+        return await http.put(f"{federation}{uri}", json=body, headers={"Authorization": auth})

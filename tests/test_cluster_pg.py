@@ -10,10 +10,8 @@ import httpx
 import trio
 import trustme
 
-from peekproxy.core.xmatrix import authorization_header
-from tests.cluster_world import build_cluster
+from tests.cluster_world import build_cluster, put_transaction
 from tests.conftest import Spawn
-from tests.peek_world import PEEKPROXY, TESTBED
 
 BOB = "@bob:peekproxy.test"
 
@@ -73,26 +71,14 @@ async def test_concurrent_sends_to_two_processes_store_each_event_once_in_order(
     world.testbed.faults.withhold_next = 30  # the testbed pushes none of them itself
     event_ids = [world.send(room_id, f"m{n}") for n in range(30)]
     room = world.testbed.room(room_id)
-    pdus = [room.event(e) for e in event_ids]
+    pdus = [pdu for e in event_ids if (pdu := room.event(e)) is not None]
     answers: list[httpx.Response] = []
 
     async def send(index: int) -> None:
-        federation = cluster.daemons[index].federation
-        async with httpx.AsyncClient(verify=False, timeout=30) as http:  # cert: peekproxy.test
-            for start in range(0, len(pdus), 10):
-                uri = f"/_matrix/federation/v1/send/c{index}-{start}"
-                body = {"origin": TESTBED, "origin_server_ts": 0, "pdus": pdus[start : start + 10]}
-                auth = authorization_header(
-                    world.testbed.signing_key,
-                    origin=TESTBED,
-                    destination=PEEKPROXY,
-                    method="PUT",
-                    uri=uri,
-                    content=body,
-                )
-                answers.append(
-                    await http.put(f"{federation}{uri}", json=body, headers={"Authorization": auth})
-                )
+        for start in range(0, len(pdus), 10):
+            federation = cluster.daemons[index].federation
+            chunk = pdus[start : start + 10]
+            answers.append(await put_transaction(world, federation, f"c{index}-{start}", chunk))
 
     async with trio.open_nursery() as senders:
         senders.start_soon(send, 0)
