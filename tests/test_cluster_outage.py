@@ -71,7 +71,7 @@ async def test_postgresql_stopped_and_started_under_two_instances(
     bob_since = (await world.sync(user=BOB, via=b))["next_batch"]
     assert before in alice_seen
 
-    # Load: both devices long-poll (2 s) on their instances, over and over.
+    # Load: Bob long-polls (2 s) on B over and over, before, during and after the stop.
     statuses: list[tuple[int, float]] = []
     load_done = trio.Event()
 
@@ -80,7 +80,6 @@ async def test_postgresql_stopped_and_started_under_two_instances(
             status, body, took = await _sync(via, user, since, timeout_ms=2_000)
             statuses.append((status, took))
             if status == 200:
-                assert not _event_ids(body, room_id) or user == BOB, body
                 since = body["next_batch"]
 
     async with trio.open_nursery() as loads:
@@ -120,7 +119,9 @@ async def test_postgresql_stopped_and_started_under_two_instances(
         refused_put = await put_transaction(world, cluster.daemons[1].federation, "t1", [pdu])
         assert (refused_put.status_code, refused_put.json()["errcode"]) == (503, "M_UNKNOWN")
         load_done.set()
-    assert all(status in (200, 503) for status, _ in statuses), statuses
+    # The long-polls with a since token under way when it stopped, and during: valid answers.
+    assert statuses and all(status == 200 for status, _ in statuses), statuses
+    assert max(took for _, took in statuses) < 2.0 + PROMPT_S, statuses  # at their timeout
     assert max(figures.values()) < PROMPT_S, figures
 
     await trio.to_thread.run_sync(own_pg_cluster.pg_ctl, "start")
