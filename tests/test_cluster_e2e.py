@@ -16,9 +16,9 @@ import trustme
 from tests.cluster_world import Cluster, build_cluster
 from tests.conftest import Spawn
 from tests.peek_world import PEEKPROXY
-from tests.proxies import StartProxy, address, render_cluster
+from tests.proxies import NGINX_CLUSTER_CONF, StartProxy, address, render_cluster
 from tests.support import issue_cert
-from tests.synapse import free_tcp_port
+from tests.synapse import REPO, free_tcp_port
 from tests.test_cluster import until
 
 LEASE_S = 2.0
@@ -49,6 +49,11 @@ class Device:
         with trio.fail_after(30):
             while not set(event_ids) <= set(self.seen):
                 await self.sync(via, timeout_ms=5_000)
+
+
+def test_docs_show_the_shipped_cluster_configuration() -> None:
+    docs = (REPO / "docs" / "cluster.md").read_text()
+    assert f"```nginx\n{NGINX_CLUSTER_CONF.read_text()}```" in docs
 
 
 async def _cluster_behind_nginx(
