@@ -44,12 +44,6 @@ class Cluster:
     def client(self, index: int) -> str:
         return self.daemons[index].client
 
-    async def start(self, index: int) -> DaemonProcess:
-        """(Re)start instance ``index`` with its environment."""
-        daemon = await self.spawn(self.config, env=self.envs[index])
-        self.daemons[index] = daemon
-        return daemon
-
     def rows(self, sql: str, *args: object) -> list[tuple[object, ...]]:
         """Rows of the shared database (``?`` placeholders, as the store's SQL)."""
         with psycopg.connect(self.dsn, autocommit=True) as conn:
