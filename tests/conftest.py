@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import shutil
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ PROCESS_FIXTURES = frozenset(
         "auth_oracle",
         "pg_cluster",
         "pg_dsn",
+        "own_pg_cluster",
         "outage_world",
     }
 )
@@ -101,6 +104,18 @@ def pg_cluster() -> Iterator[PgCluster]:
         yield cluster
     finally:
         cluster.pg_ctl("stop", "-m", "immediate")
+        shutil.rmtree(cluster.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def own_pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL cluster of the test's own, which it may stop and start."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):  # the test left it stopped
+            cluster.pg_ctl("stop", "-m", "immediate")
         shutil.rmtree(cluster.directory, ignore_errors=True)
 
 

@@ -54,6 +54,8 @@ class PeekWorld:
         self.extra_env: dict[str, str] = {}
         self.nopeek_requests: list[dict[str, Any]] = []
         self.dns = ""
+        #: The port the SRV record of peekproxy.test points at (the daemon's federation bind).
+        self.federation_port = 0
 
     # -- peekproxy's delegation API ----------------------------------------------------------
 
@@ -65,6 +67,7 @@ class PeekWorld:
         device: str = "D1",
         hints: list[str] | None = None,
         servers: list[str] | None = None,
+        via: str | None = None,
     ) -> httpx.Response:
         params: list[tuple[str, str | int | float | bool | None]] = [
             ("user_id", user),
@@ -73,7 +76,7 @@ class PeekWorld:
         params += [("server_name", h) for h in hints or []]
         async with httpx.AsyncClient(timeout=60) as http:
             return await http.post(
-                f"{self.daemon.client}/_peekproxy/v1/peek/{quote(room, safe='')}",
+                f"{via or self.daemon.client}/_peekproxy/v1/peek/{quote(room, safe='')}",
                 params=params,
                 json={"servers": servers} if servers else {},
                 headers={"Authorization": f"Bearer {SECRET}"},
@@ -99,7 +102,10 @@ class PeekWorld:
         timeout_ms: int = 0,
         full_state: bool = False,
         limit: int | None = None,
+        via: str | None = None,
     ) -> dict[str, Any]:
+        """The device's delegation ``/sync`` answer, from ``via`` (a base URL: another
+        instance, a load balancer) or the daemon."""
         params: dict[str, str] = {"user_id": user, "device_id": device, "timeout": str(timeout_ms)}
         if since:
             params["since"] = since
@@ -109,7 +115,7 @@ class PeekWorld:
             params["filter"] = json.dumps({"room": {"timeline": {"limit": limit}}})
         async with httpx.AsyncClient(timeout=120) as http:
             response = await http.get(
-                f"{self.daemon.client}/_peekproxy/v1/sync",
+                f"{via or self.daemon.client}/_peekproxy/v1/sync",
                 params=params,
                 headers={"Authorization": f"Bearer {SECRET}"},
             )
@@ -223,7 +229,10 @@ async def build_world(
     *,
     peeks_env: dict[str, str] | None = None,
     testbed_peeks: dict[str, Any] | None = None,
+    start: bool = True,
 ) -> PeekWorld:
+    """The world; ``start=False``: everything but the daemon (``world.config`` and
+    ``world.env`` written, ``world.daemon`` unset: tests/cluster_world.py starts several)."""
     world = PeekWorld()
     pp_port, tb_port, np_port, down_port = (free_tcp_port() for _ in range(4))
     world.ports = {name: free_tcp_port() for name in EXTRA_SERVERS}
@@ -247,6 +256,7 @@ async def build_world(
         ],
     )
     world.dns = dns
+    world.federation_port = pp_port
     world.listening, world.testbed = await start_testbed(
         nursery, ca, tmp_path, server_name=TESTBED, port=tb_port, dns=dns, **(testbed_peeks or {})
     )
@@ -295,5 +305,6 @@ async def build_world(
         "PEEKPROXY_FEDERATION__BACKOFF_INITIAL": "0.1",
         "PEEKPROXY_LOGGING__LEVEL": "INFO",
     } | (peeks_env or {})
-    world.daemon = await spawn(world.config, env=world.env)
+    if start:
+        world.daemon = await spawn(world.config, env=world.env)
     return world

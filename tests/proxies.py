@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import httpx
 import pytest
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 NGINX_CONF = REPO / "contrib" / "nginx" / "peekproxy.conf"
 CADDYFILE = REPO / "contrib" / "caddy" / "Caddyfile"
+NGINX_CLUSTER_CONF = REPO / "contrib" / "nginx" / "peekproxy-cluster.conf"
 
 #: The reverse proxies the tests run through (the ``kind`` of :func:`start_reverse_proxy`).
 KINDS = ("nginx", "caddy")
@@ -82,6 +83,24 @@ def render(kind: str, *, port: int, homeserver: str, peekproxy: str) -> str:
     text = text.replace("__HOMESERVER_ADDRESS__", homeserver)
     text = text.replace("__PEEKPROXY_ADDRESS__", peekproxy)
     assert not re.search(r"__[A-Z_]+__", text), "a placeholder was left unfilled"
+    return text
+
+
+def render_cluster(
+    *, federation: int, client: int, tls: tuple[Path, Path], instances: list[tuple[str, str]]
+) -> str:
+    """contrib/nginx/peekproxy-cluster.conf with its placeholders filled in: TLS federation
+    on ``127.0.0.1:federation``, plain HTTP on ``127.0.0.1:client``; ``instances`` are three
+    (client, federation) ``host:port`` pairs."""
+    text = NGINX_CLUSTER_CONF.read_text()
+    text = text.replace("__FEDERATION_LISTEN__", f"127.0.0.1:{federation} ssl")
+    text = text.replace("__CLIENT_LISTEN__", f"127.0.0.1:{client}")
+    text = text.replace("__TLS_CERTIFICATE__", str(tls[0]))
+    text = text.replace("__TLS_CERTIFICATE_KEY__", str(tls[1]))
+    for n, (client_bind, federation_bind) in enumerate(instances, start=1):
+        text = text.replace(f"__PEEKPROXY_{n}_CLIENT__", client_bind)
+        text = text.replace(f"__PEEKPROXY_{n}_FEDERATION__", federation_bind)
+    assert not re.search(r"__[A-Z0-9_]+__", text.split("\nupstream", 1)[1]), "a placeholder left"
     return text
 
 
@@ -136,12 +155,18 @@ def _prepare(kind: str, directory: Path, config: str) -> tuple[list[str], dict[s
 
 
 async def start_reverse_proxy(
-    directory: Path, kind: str, *, homeserver: str, peekproxy: str
+    directory: Path,
+    kind: str,
+    *,
+    homeserver: str = "",
+    peekproxy: str = "",
+    rendered: tuple[int, str] | None = None,
 ) -> ReverseProxy:
     """Start ``kind`` (nginx or caddy) with the shipped configuration and wait (≤ 30 s) until
-    it answers HTTP. ``homeserver`` and ``peekproxy`` are ``host:port``."""
-    port = free_tcp_port()
-    config = render(kind, port=port, homeserver=homeserver, peekproxy=peekproxy)
+    it answers HTTP. ``homeserver`` and ``peekproxy`` are ``host:port``; or ``rendered``:
+    (the plain-HTTP port it listens on, another rendered configuration)."""
+    port, config = rendered or (free_tcp_port(), "")
+    config = config or render(kind, port=port, homeserver=homeserver, peekproxy=peekproxy)
     args, env, log = await trio.to_thread.run_sync(_prepare, kind, directory, config)
     with log:
         process = await trio.lowlevel.open_process(
@@ -172,11 +197,9 @@ async def reverse_proxies(tmp_path: Path) -> AsyncIterator[StartProxy]:
     fixture: tests using it are marked slow by tests/conftest.py)."""
     started: list[ReverseProxy] = []
 
-    async def _start(kind: str, *, homeserver: str, peekproxy: str) -> ReverseProxy:
+    async def _start(kind: str, **kwargs: Any) -> ReverseProxy:
         directory = tmp_path / f"{kind}-{len(started)}"
-        proxy = await start_reverse_proxy(
-            directory, kind, homeserver=homeserver, peekproxy=peekproxy
-        )
+        proxy = await start_reverse_proxy(directory, kind, **kwargs)
         started.append(proxy)
         return proxy
 

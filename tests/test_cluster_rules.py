@@ -25,7 +25,7 @@ from peekproxy.core.cluster import (
 )
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.services.settings import cluster_settings
-from peekproxy.store.sqlite import open_sqlite
+from tests.conftest import OpenStore
 
 ROOM = "!r:remote.test"
 times = st.integers(min_value=0, max_value=10**13)
@@ -77,8 +77,10 @@ def test_a_room_needs_a_follower_while_peeked_or_something_is_left_to_do() -> No
     assert not needs_follower(Subscription(ROOM, state=SubState.ENDED, wanted=False), 0)
 
 
-async def test_the_store_gives_a_lease_to_one_instance_until_it_expires(tmp_path: Path) -> None:
-    store = await open_sqlite(tmp_path / "p.db", "local.test")
+async def test_the_store_gives_a_lease_to_one_instance_until_it_expires(
+    open_store: OpenStore,
+) -> None:
+    store = await open_store()
     assert await store.write(lambda tx: tx.take_lease(ROOM, "A", 1_000, 2_000))
     assert not await store.write(lambda tx: tx.take_lease(ROOM, "B", 1_500, 2_500))
     assert await store.write(lambda tx: tx.take_lease(ROOM, "A", 1_500, 2_500))  # renewed
@@ -99,8 +101,8 @@ async def test_the_store_gives_a_lease_to_one_instance_until_it_expires(tmp_path
     await store.aclose()
 
 
-async def test_the_store_keeps_each_devices_last_sync(tmp_path: Path) -> None:
-    store = await open_sqlite(tmp_path / "p.db", "local.test")
+async def test_the_store_keeps_each_devices_last_sync(open_store: OpenStore) -> None:
+    store = await open_store()
     for device in ("PHONE", "LAPTOP"):
         await store.write(
             lambda tx: tx.set_device_peek("@a:local.test", device, ROOM, "active", 0)  # noqa: B023

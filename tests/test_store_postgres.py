@@ -4,6 +4,7 @@ the commit hook."""
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import psycopg
@@ -19,6 +20,8 @@ from peekproxy.store import (
 )
 from peekproxy.store.postgres import PostgresStorage, PostgresTransaction, open_postgres
 from peekproxy.store.postgres.migrations import available_migrations
+from tests.pg_cluster import PgCluster
+from tests.test_cluster import until
 
 ROOM = "!r:remote.test"
 
@@ -171,3 +174,30 @@ async def test_other_instances_commits_reach_the_commit_hook_once_in_order(
         await a.aclose()
         await b.aclose()
     assert seen == final
+
+
+async def test_a_stopped_server_is_store_unavailable_within_a_second(
+    own_pg_cluster: PgCluster,
+) -> None:
+    """Once a call has met the server away, the next ones do not wait POOL_TIMEOUT (10 s)
+    for a connection the pool cannot make (engine.DOWN_POOL_TIMEOUT); after the restart the
+    pool reconnects by itself."""
+    store = await open_postgres(own_pg_cluster.new_database(), "local.test", pool_size=4)
+    await store.ping()
+    await trio.to_thread.run_sync(own_pg_cluster.pg_ctl, "stop", "-m", "fast")
+    for _ in range(3):
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        assert time.monotonic() - start < 1.0
+    await trio.to_thread.run_sync(own_pg_cluster.pg_ctl, "start")
+
+    async def answers() -> bool:
+        try:
+            await store.ping()
+        except StoreUnavailable:
+            return False
+        return True
+
+    await until(answers, timeout_s=30)
+    await store.aclose()

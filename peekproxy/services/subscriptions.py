@@ -118,7 +118,10 @@ class Subscriptions(ClusterSubscriptions):
             if loaded:
                 log.info("resumed %d subscriptions", len(loaded))
             task_status.started()
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:  # stopping: a poke from a task still ending starts no task
+                self._nursery = None
 
     @staticmethod
     def _resume(sub: Subscription, now_ms: int, spread_ms: int) -> Subscription:

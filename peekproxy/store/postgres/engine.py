@@ -60,6 +60,10 @@ T = TypeVar("T")
 WRITE_LOCK = 0x7065656B77727431
 #: Seconds to wait for a pooled connection before :class:`StoreUnavailable`.
 POOL_TIMEOUT = 10.0
+#: Seconds to wait for a pooled connection while the last attempt found the server away: a
+#: pool with no live connection can only wait for its reconnect, so requests are answered
+#: ``StoreUnavailable`` (503) within this instead of :data:`POOL_TIMEOUT`.
+DOWN_POOL_TIMEOUT = 0.5
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
 
 
@@ -99,6 +103,8 @@ class PostgresStorage:
         self._hook_read: Callable[[SqlTransaction], Any] | None = None
         self._hook_apply: Callable[[Any], None] | None = None
         self._listener: StreamListener | None = None
+        #: Whether the last transaction met the server away (then waits are short).
+        self._down = False
 
     def set_commit_hook(
         self, read: Callable[[SqlTransaction], T], apply: Callable[[T], None]
@@ -111,7 +117,8 @@ class PostgresStorage:
     def _run(self, fn: Callable[[PostgresTransaction], T], begin: str, lock: bool) -> T:
         """In a worker thread: ``fn`` in one transaction on a pooled connection."""
         try:
-            with self._pool.connection(timeout=POOL_TIMEOUT) as conn:
+            timeout = DOWN_POOL_TIMEOUT if self._down else POOL_TIMEOUT
+            with self._pool.connection(timeout=timeout) as conn:
                 conn.execute(begin)
                 tx = PostgresTransaction(conn)
                 try:
@@ -125,8 +132,10 @@ class PostgresStorage:
                         conn.execute("ROLLBACK")
                     raise
                 conn.execute("COMMIT")
-                return result
+            self._down = False
+            return result
         except _UNAVAILABLE as e:
+            self._down = True
             raise _unavailable(e, self.where) from e
 
     async def write(self, fn: Callable[[PostgresTransaction], T]) -> T:
