@@ -47,6 +47,7 @@ PROCESS_FIXTURES = frozenset(
         "pg_cluster",
         "pg_dsn",
         "own_pg_cluster",
+        "pg_migrated_dsn",
         "outage_world",
     }
 )
@@ -129,6 +130,17 @@ def pg_dsn(pg_cluster: PgCluster) -> Iterator[str]:
         pg_cluster.drop_database(dsn)
 
 
+@pytest.fixture
+def pg_migrated_dsn(pg_cluster: PgCluster) -> Iterator[str]:
+    """The DSN of a fresh PostgreSQL database already migrated (a copy of a template made
+    once per session), not bound to a server name yet; dropped after the test."""
+    dsn = pg_cluster.new_database(migrated=True)
+    try:
+        yield dsn
+    finally:
+        pg_cluster.drop_database(dsn)
+
+
 OpenStore = Callable[..., Awaitable[Storage]]
 
 
@@ -136,8 +148,8 @@ OpenStore = Callable[..., Awaitable[Storage]]
 def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
     """The store's tests on both backends: ``await open_store(server_name="local.test",
     record_server_name=True)`` opens the test's one database (SQLite in ``tmp_path``, or a
-    fresh PostgreSQL database), again on each call."""
-    dsn = request.getfixturevalue("pg_dsn") if request.param == "postgres" else None
+    fresh PostgreSQL database, migrated from a template), again on each call."""
+    dsn = request.getfixturevalue("pg_migrated_dsn") if request.param == "postgres" else None
 
     async def _open(server_name: str = "local.test", **kwargs: Any) -> Storage:
         if dsn is not None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from peekproxy.store.postgres.migrations import available_migrations, migrate
 from tests.dns import REQUIRE_ALL
 from tests.synapse import free_tcp_port
 
@@ -56,18 +57,32 @@ class PgCluster:
     bin: Path
     as_postgres: list[str]
     _names: Iterator[int] = field(default_factory=itertools.count)
+    _template: str | None = None
 
     def dsn(self, dbname: str = "postgres", *, tcp: bool = False) -> str:
         """A libpq conninfo string for ``dbname`` (unix socket, or 127.0.0.1 with ``tcp``)."""
         host = "127.0.0.1" if tcp else str(self.directory)
         return f"host={host} port={self.port} user=postgres dbname={dbname}"
 
-    def new_database(self) -> str:
-        """Create an empty database; returns its DSN."""
+    def new_database(self, *, migrated: bool = False) -> str:
+        """Create an empty database, or with ``migrated`` a copy of one migrated to the latest
+        schema (not bound to a server name; made once per cluster, then ``CREATE DATABASE
+        ... TEMPLATE``: about 200 ms less per database than migrating each); returns its DSN."""
         name = f"t{os.getpid()}_{next(self._names)}"
+        template = f" TEMPLATE {self._migrated_template()}" if migrated else ""
         with psycopg.connect(self.dsn(), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
+            conn.execute(f"CREATE DATABASE {name}{template}")
         return self.dsn(name)
+
+    def _migrated_template(self) -> str:
+        name = "migrated_template"
+        if self._template is None:
+            with psycopg.connect(self.dsn(), autocommit=True) as conn:
+                conn.execute(f"CREATE DATABASE {name}")
+            with psycopg.connect(self.dsn(name), autocommit=True) as conn, conn.transaction():
+                migrate(conn, name, available_migrations())
+            self._template = name
+        return self._template
 
     def drop_database(self, dsn: str) -> None:
         """Drop a database made by :meth:`new_database` (connections still open are ended)."""

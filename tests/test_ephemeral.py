@@ -1,13 +1,13 @@
-"""Typing and receipts from ``/send`` (issue 10 item 8), in-process over a real store: which
-EDUs are kept (a server for its own users; the room's peek target also for users joined to
-the room), typing listed per user, the typing timeout, and what a restart does. End to end
-with the testbed: tests/test_ephemeral_relay.py."""
+"""Typing and receipts from ``/send`` (issue 10 item 8), in-process over a real store (both
+engines, but for the mock-clock test): which EDUs are kept (a server for its own users; the
+room's peek target also for users joined to the room), typing listed per user, the typing
+timeout, and what a restart does. End to end with the testbed: tests/test_ephemeral_relay.py."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from peekproxy.services.settings import LiveSettings
 from peekproxy.store import Storage
 from peekproxy.store.sqlite import open_sqlite
 from peekproxy.store.sqlite.migrations import apply_migrations, available_migrations
+from tests.conftest import OpenStore
 from tests.offline import offline_client
 
 ROOM = "!room:remote.test"
@@ -81,10 +82,21 @@ class World:
         return {e["type"]: e["content"] for e in room["ephemeral"]["events"]}
 
 
+@pytest.fixture
+async def running(open_store: OpenStore) -> AsyncIterator[tuple[trio.Nursery, Storage]]:
+    """A nursery for the services and a store on either engine, closed after them."""
+    store = await open_store()
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery, store
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
 async def start(
-    nursery: trio.Nursery, tmp_path: Path, clock_ms: Callable[[], int] = lambda: 5_000
+    nursery: trio.Nursery, store: Storage, clock_ms: Callable[[], int] = lambda: 5_000
 ) -> World:
-    store = await open_sqlite(tmp_path / "p.db", "local.test")
     for event_id, (user, membership) in enumerate(
         [(BOB, "join"), (DAVE, "join"), (IVAN, "invite")]
     ):
@@ -130,8 +142,8 @@ async def start(
     return world
 
 
-async def test_which_edus_are_kept(nursery: trio.Nursery, tmp_path: Path) -> None:
-    world = await start(nursery, tmp_path)
+async def test_which_edus_are_kept(running: tuple[trio.Nursery, Storage]) -> None:
+    world = await start(*running)
     # The target relays other servers' users: kept for members only.
     await world.send(TARGET, typing(BOB), typing(CAROL), typing(IVAN), receipt(BOB, DAVE, CAROL))
     assert await world.sync() == {
@@ -180,7 +192,10 @@ async def test_typing_times_out(
     (each one restarts it) unless ``typing: false`` comes first; syncs then list them no
     more. Also a sync waiting for news is woken by the timeout."""
     assert TYPING_TIMEOUT_MS == 60_000
-    world = await start(nursery, tmp_path, clock_ms=lambda: int(trio.current_time() * 1000))
+    # SQLite only: the mock clock and wait_all_tasks_blocked need the store's calls to end
+    # within trio (the PostgreSQL engine has a listener thread and pool timeouts of its own).
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
+    world = await start(nursery, store, clock_ms=lambda: int(trio.current_time() * 1000))
     t0 = trio.current_time()
     await world.send(TARGET, typing(BOB), typing(DAVE))
     assert await world.sync() == {"m.typing": {"user_ids": [BOB, DAVE]}}
@@ -208,8 +223,11 @@ async def test_typing_times_out(
     assert await world.sync() is None
 
 
-async def test_typing_does_not_survive_a_restart(nursery: trio.Nursery, tmp_path: Path) -> None:
-    world = await start(nursery, tmp_path)
+async def test_typing_does_not_survive_a_restart(
+    running: tuple[trio.Nursery, Storage],
+) -> None:
+    nursery, store = running
+    world = await start(nursery, store)
     await world.send(TARGET, typing(BOB), receipt(BOB))
     assert await world.sync() is not None
     assert [u for _, u, _ in await world.store.read(lambda tx: tx.typing_now())] == [BOB]

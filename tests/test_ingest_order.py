@@ -22,9 +22,8 @@ from peekproxy.federation.client import FederationClient, build_ssl_context
 from peekproxy.federation.discovery import DnspythonLookup
 from peekproxy.federation.ip_policy import IpFilter
 from peekproxy.federation.signing_key import server_key_document
-from peekproxy.store import WriteTransaction
-from peekproxy.store.sqlite import SqliteStorage, SqliteTransaction, open_sqlite
-from tests.conftest import Spawn
+from peekproxy.store import ReadTransaction, Storage, WriteTransaction
+from tests.conftest import OpenStore, Spawn
 from tests.peek_world import PEEKPROXY, SECRET, TESTBED, PeekWorld, build_world
 
 
@@ -40,12 +39,10 @@ def _pdu(event_id: str, depth: int, prevs: list[str], body: str) -> dict[str, An
     }
 
 
-async def _bodies(store: SqliteStorage) -> list[str | None]:
-    def read(tx: SqliteTransaction) -> list[str | None]:
+async def _bodies(store: Storage) -> list[str | None]:
+    def read(tx: ReadTransaction) -> list[str | None]:
         out: list[str | None] = []
-        for kind, event_id in tx.connection.execute(
-            "SELECT kind, event_id FROM room_stream WHERE room_id = '!r:x' ORDER BY stream_pos"
-        ):
+        for _, kind, event_id in tx.stream_events("!r:x"):
             pdu = tx.event_pdu(event_id) if event_id else None
             out.append(pdu["content"]["body"] if pdu else kind)
         return out
@@ -54,13 +51,13 @@ async def _bodies(store: SqliteStorage) -> list[str | None]:
     return result
 
 
-async def test_dag_order_puts_each_event_after_its_prev_events(tmp_path: Path) -> None:
+async def test_dag_order_puts_each_event_after_its_prev_events(open_store: OpenStore) -> None:
     e1, e2, e3 = _pdu("$1", 1, [], "1"), _pdu("$2", 2, ["$1"], "2"), _pdu("$3", 3, ["$2"], "3")
     fork = _pdu("$f", 2, ["$1"], "f")
     given = [("$3", e3, False), ("$f", fork, False), ("$2", e2, False), ("$1", e1, False)]
     assert [e for e, _, _ in dag_order(given)] == ["$1", "$f", "$2", "$3"]
 
-    store = await open_sqlite(tmp_path / "p.db", "a.example")
+    store = await open_store("a.example")
     try:
         appended, gap = await store.write(
             lambda tx: tx.append_in_dag_order("!r:x", given, now_ms=1)
@@ -71,8 +68,10 @@ async def test_dag_order_puts_each_event_after_its_prev_events(tmp_path: Path) -
         await store.aclose()
 
 
-async def test_late_events_behind_a_gap_are_stored_but_not_appended(tmp_path: Path) -> None:
-    store = await open_sqlite(tmp_path / "p.db", "a.example")
+async def test_late_events_behind_a_gap_are_stored_but_not_appended(
+    open_store: OpenStore,
+) -> None:
+    store = await open_store("a.example")
     pdus = {i: _pdu(f"${i}", i, [f"${i - 1}"] if i > 1 else [], str(i)) for i in range(1, 7)}
 
     def append(tx: WriteTransaction, *numbers: int) -> list[int | None]:

@@ -31,6 +31,7 @@ from peekproxy.services.assembly import PeekSettings, build_services
 from peekproxy.services.settings import LiveSettings
 from peekproxy.store.sqlite import open_sqlite
 from peekproxy.testbed.rooms import TestbedRoom
+from tests.conftest import OpenStore
 from tests.faulty_store import FaultyStorage
 from tests.support import JsonApp, serve_app
 
@@ -128,10 +129,11 @@ def test_validity_is_capped_at_seven_days_after_the_fetch() -> None:
 
 
 async def test_fetch_cache_persist_and_reload(
-    nursery: trio.Nursery, tls_files: tuple[Path, Path, Path], tmp_path: Path
+    nursery: trio.Nursery, tls_files: tuple[Path, Path, Path], open_store: OpenStore
 ) -> None:
+    """On both engines: the keys kept in the store are reloaded as they were fetched last."""
     remote = await _key_server(nursery, tls_files)
-    store = await open_sqlite(tmp_path / "p.db", "me.test")
+    store = await open_store("me.test")
     keyring = Keyring(_client(tls_files[2]), store)
     await keyring.fetch_keys(remote.name, ["ed25519:k1"])
     info = keyring.lookup(remote.name, "ed25519:k1")
@@ -156,7 +158,10 @@ async def test_fetch_cache_persist_and_reload(
 
     reloaded = Keyring(_client(tls_files[2]), store)
     assert await reloaded.load() == 1
-    assert reloaded.lookup(remote.name, "ed25519:k1") is not None
+    info = reloaded.lookup(remote.name, "ed25519:k1")
+    assert info is not None
+    assert info.verify_key.encode() == get_verify_key(remote.key).encode()
+    assert info == keyring.lookup(remote.name, "ed25519:k1")  # the refetched validity
     await store.aclose()
 
 

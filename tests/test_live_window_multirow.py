@@ -6,14 +6,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from peekproxy.core.live import LiveWindow
 from peekproxy.store import WriteTransaction
-from peekproxy.store.sqlite import SqliteTransaction, open_sqlite
+from peekproxy.store.sql import SqlTransaction
+from tests.conftest import OpenStore
 from tests.test_live_window import (
     ALICE,
     BOB,
@@ -26,9 +26,9 @@ from tests.test_live_window import (
 
 
 @pytest.mark.parametrize("seed", range(10))
-async def test_multi_row_writes(tmp_path: Path, seed: int) -> None:
+async def test_multi_row_writes(open_store: OpenStore, seed: int) -> None:
     rng = random.Random(seed)
-    store = await open_sqlite(tmp_path / "p.db", "local.test")
+    store = await open_store()
     window = LiveWindow(capacity=rng.choice([5, 12, 1000]))
     store.set_commit_hook(
         lambda tx: tx.stream_changes(window.watermark),
@@ -61,7 +61,7 @@ async def test_multi_row_writes(tmp_path: Path, seed: int) -> None:
                 eid = f"$event{rng.randint(0, n)}"  # sometimes a repeat
                 ops.append(
                     partial(
-                        SqliteTransaction.append_event,
+                        SqlTransaction.append_event,
                         room_id=room_id,
                         event_id=eid,
                         pdu=_pdu(rng, room_id, n),
@@ -70,7 +70,7 @@ async def test_multi_row_writes(tmp_path: Path, seed: int) -> None:
                     )
                 )
             elif roll < 0.55:
-                ops.append(partial(SqliteTransaction.add_gap, room_id=room_id, now_ms=0))
+                ops.append(partial(SqlTransaction.add_gap, room_id=room_id, now_ms=0))
             elif roll < 0.85:
                 t = rng.choice(["m.typing", "m.receipt"])
                 c: dict[str, Any] = (
@@ -91,7 +91,7 @@ async def test_multi_row_writes(tmp_path: Path, seed: int) -> None:
                 )
                 ops.append(
                     partial(
-                        SqliteTransaction.save_ephemeral,
+                        SqlTransaction.save_ephemeral,
                         room_id=room_id,
                         edu_type=t,
                         content=c,
@@ -102,7 +102,7 @@ async def test_multi_row_writes(tmp_path: Path, seed: int) -> None:
                 d = rng.choice(devices)
                 ops.append(
                     partial(
-                        SqliteTransaction.set_device_peek,
+                        SqlTransaction.set_device_peek,
                         user_id=d[0],
                         device_id=d[1],
                         room_id=room_id,

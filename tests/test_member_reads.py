@@ -26,8 +26,8 @@ from peekproxy.federation.keyring import StoredKey
 from peekproxy.services.assembly import Services
 from peekproxy.services.observer_queries import ObserverQueries
 from peekproxy.services.settings import ObserverSettings
-from peekproxy.store.sqlite import open_sqlite
 from peekproxy.testbed.rooms import TestbedRoom
+from tests.conftest import OpenStore
 from tests.member_support import DEVICE, Followings, RoomView, Snapshot, now_ms, serve_member
 from tests.peer import Peer, loopback_client
 from tests.support import serve_app
@@ -112,7 +112,10 @@ def _message(room: TestbedRoom, body: str, peer: Peer | None = None) -> str:
 
 
 @pytest.fixture
-async def world(nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path) -> AsyncIterator[World]:
+async def world(
+    nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path, open_store: OpenStore
+) -> AsyncIterator[World]:
+    """The member's federation app over a store on either engine (``open_store``)."""
     for name in ("bob", "stranger"):
         (tmp_path / name).mkdir()
     peer, stranger = Peer(tls_ca, tmp_path / "bob"), Peer(tls_ca, tmp_path / "stranger")
@@ -138,7 +141,7 @@ async def world(nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path) -> As
     peeked.join(peer.signing_key, bob, now_ms(), origin=peer.name)
     ids["peeked"] = _message(peeked, "secret of a peeked room")
 
-    store = await open_sqlite(tmp_path / "p.db", OUR)
+    store = await open_store(OUR)
     views = {room.room_id: _view(room), peeked.room_id: _view(peeked)}
     follower = Followings(REMOTE, views, {room.room_id})
     services, url = await serve_member(

@@ -16,7 +16,7 @@ from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.core.validation import ValidatedPeek
 from peekproxy.services.subscriptions import Subscriptions
 from peekproxy.store.sqlite import open_sqlite
-from tests.conftest import Spawn
+from tests.conftest import OpenStore, Spawn
 from tests.offline import offline_service
 from tests.peek_world import PEEKPROXY, SECRET, TESTBED, build_world
 from tests.test_ingest_order import _bodies, _pdu
@@ -28,12 +28,14 @@ def _state(event_id: str, depth: int, prevs: list[str], key: str, body: str) -> 
     return pdu
 
 
-async def test_renewal_reply_older_than_a_gap_is_not_appended_after_it(tmp_path: Path) -> None:
+async def test_renewal_reply_older_than_a_gap_is_not_appended_after_it(
+    open_store: OpenStore,
+) -> None:
     """$1..$2 held; $4 (a topic change) arrived, $3 could not be fetched: gap, $4. Then a
     full renewal reply taken at $3 (latest $3, state at $3) arrives. append_in_dag_order
     withholds $3 (below the history floor), but store_snapshot appends it after $4 anyway
     and replaces the state with the state at $3 (the topic of $4 is lost)."""
-    store = await open_sqlite(tmp_path / "p.db", "a.example")
+    store = await open_store("a.example")
     try:
         p1 = _state("$1", 1, [], "", "t1")
         p2 = _pdu("$2", 2, ["$1"], "2")
@@ -69,12 +71,14 @@ async def test_renewal_reply_older_than_a_gap_is_not_appended_after_it(tmp_path:
         await store.aclose()
 
 
-async def test_repeek_snapshot_stored_after_newer_pushed_events_keeps_state(tmp_path: Path) -> None:
+async def test_repeek_snapshot_stored_after_newer_pushed_events_keeps_state(
+    open_store: OpenStore,
+) -> None:
     """A re-peek (LAPSED accepts /send, so _wait_for_setups does not hold the push back)
     whose snapshot (latest $2, state at $2) is written after the target's push of $3 (a
     topic change) was ingested: store_snapshot replaces the state before it sees that $2
     is on the stream already, so the topic of $3 is lost."""
-    store = await open_sqlite(tmp_path / "p.db", "a.example")
+    store = await open_store("a.example")
     try:
         p1 = _state("$1", 1, [], "", "t1")
         p2 = _pdu("$2", 2, ["$1"], "2")

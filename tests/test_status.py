@@ -30,8 +30,7 @@ from peekproxy.services.follower_choice import transport_of
 from peekproxy.services.following import FollowFailed, RenewalFailed
 from peekproxy.services.status import FailureRecorder
 from peekproxy.status_cli import ago, format_status, run_status
-from peekproxy.store.sqlite import open_sqlite
-from tests.conftest import Spawn
+from tests.conftest import OpenStore, Spawn
 from tests.peek_world import SECRET, TESTBED, PeekWorld, build_world
 from tests.support import run_cli, write_config
 from tests.synapse import free_tcp_port
@@ -177,8 +176,8 @@ def test_transport_of_handles() -> None:
     assert transport_of("client-api:7") == "client_api"
 
 
-async def test_store_reads_newest_events_and_device_counts(tmp_path: Path) -> None:
-    store = await open_sqlite(tmp_path / "p.db", "a.example")
+async def test_store_reads_newest_events_and_device_counts(open_store: OpenStore) -> None:
+    store = await open_store("a.example")
     try:
 
         def write(tx: Any) -> None:

@@ -1,23 +1,20 @@
-"""The storage seam: the SQLite implementation satisfies the ``Storage`` Protocol (checked by
-mypy on the assignments below and at run time), and nothing outside ``peekproxy/store/``
-reaches SQLite."""
+"""The storage seam: both engines satisfy the ``Storage`` Protocol (checked by mypy on the
+assignments below and, through ``open_store``, at run time on each engine)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from peekproxy.store import ReadTransaction, Storage, WriteTransaction
-from peekproxy.store.sqlite import SqliteStorage, SqliteTransaction, open_sqlite
-
-PACKAGE = Path(__file__).resolve().parent.parent / "peekproxy"
-
-
-def _as_storage(store: SqliteStorage) -> Storage:
-    return store  # mypy: SqliteStorage is a Storage
+from peekproxy.store.postgres import PostgresStorage, PostgresTransaction
+from peekproxy.store.sqlite import SqliteStorage, SqliteTransaction
+from tests.conftest import OpenStore
 
 
-def _as_write(tx: SqliteTransaction) -> WriteTransaction:
-    return tx  # mypy: SqliteTransaction has every named operation
+def _as_storage(store: SqliteStorage | PostgresStorage) -> Storage:
+    return store  # mypy: each engine is a Storage
+
+
+def _as_write(tx: SqliteTransaction | PostgresTransaction) -> WriteTransaction:
+    return tx  # mypy: each engine's transaction has every named operation
 
 
 def _members(protocol: type) -> set[str]:
@@ -30,15 +27,16 @@ def _members(protocol: type) -> set[str]:
     }
 
 
-async def test_sqlite_implements_the_storage_protocol(tmp_path: Path) -> None:
-    store = await open_sqlite(tmp_path / "p.db", "local.test")
+async def test_each_engine_implements_the_storage_protocol(open_store: OpenStore) -> None:
+    storage = await open_store()
     try:
-        storage = _as_storage(store)
         assert isinstance(storage, Storage)
+        transaction = await storage.read(type)
+        assert await storage.write(type) is transaction
         for protocol, implementation in [
-            (Storage, SqliteStorage),
-            (ReadTransaction, SqliteTransaction),
-            (WriteTransaction, SqliteTransaction),
+            (Storage, type(storage)),
+            (ReadTransaction, transaction),
+            (WriteTransaction, transaction),
         ]:
             missing = sorted(
                 name
@@ -51,4 +49,4 @@ async def test_sqlite_implements_the_storage_protocol(tmp_path: Path) -> None:
         await storage.ping()
         assert await storage.read(lambda tx: tx.max_stream_pos()) == 0
     finally:
-        await store.aclose()
+        await storage.aclose()

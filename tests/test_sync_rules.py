@@ -4,8 +4,6 @@ markers a room shown afresh leaves out (decision 4)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from peekproxy.core.sync import DevicePeek
 from peekproxy.core.sync_rules import (
     active_rooms,
@@ -15,7 +13,7 @@ from peekproxy.core.sync_rules import (
     shown_in_sync,
 )
 from peekproxy.store import Storage, WriteTransaction
-from peekproxy.store.sqlite import open_sqlite
+from tests.conftest import OpenStore
 
 ACTIVE = DevicePeek("!a:x", "active", 5)
 DORMANT = DevicePeek("!d:x", "dormant", 5)
@@ -90,9 +88,9 @@ async def _recent(store: Storage, since: int | None, limit: int) -> tuple[list[s
 
 
 async def test_a_room_shown_afresh_leaves_out_closed_empty_gaps_within_its_limit(
-    tmp_path: Path,
+    open_store: OpenStore,
 ) -> None:
-    store = await open_sqlite(tmp_path / "p.db", "x")
+    store = await open_store("x")
     try:
 
         def fill(tx: WriteTransaction) -> int:

@@ -94,7 +94,11 @@ class Storage(Protocol):
         transaction has committed, call ``apply(result)`` in the trio thread. ``apply``
         calls happen in commit order, each before the next write's. An exception from
         ``read`` fails the write (rolled back); one from ``apply`` is the hook's to handle
-        (the write has committed)."""
+        (the write has committed). PostgreSQL also calls ``apply(read(...))`` in a fresh
+        read transaction between writes, for other instances' commits and on each
+        (re)connection of its listener (docs/postgresql.md): ``read`` must read what is new
+        since the last ``apply`` (rows above a watermark), so that a call with nothing new
+        is harmless."""
 
     async def record_server_name(self) -> None:
         """Bind the database to the server name it was opened for, if it is not bound yet

@@ -223,10 +223,16 @@ class PostgresStorage:
         )
         self._listener.start()
 
+    def _notify(self) -> None:
+        """``NOTIFY`` with this instance's own ID: wakes its listener (the other instances
+        catch up and find nothing new). Blocking."""
+        with self._pool.connection(timeout=1) as conn:
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.instance_id))
+
     async def aclose(self) -> None:
         """Stop the listener, wait for running reads and writes, close the pool."""
         if self._listener is not None:
-            await trio.to_thread.run_sync(self._listener.stop)
+            await trio.to_thread.run_sync(self._listener.stop, self._notify)
         async with self._write_lock:
             for _ in range(int(self._read_limiter.total_tokens)):
                 await self._read_limiter.acquire_on_behalf_of(object())

@@ -51,9 +51,16 @@ class StreamListener:
         """Start the thread."""
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the thread and wait for it (blocking: call from a worker thread)."""
+    def stop(self, wake: Callable[[], None] | None = None) -> None:
+        """Stop the thread and wait for it (blocking: call from a worker thread). ``wake``
+        sends this instance a notification, so that the thread ends at once rather than at
+        its next check (up to ``POLL_S``); its errors are ignored."""
         self._stopping.set()
+        if wake is not None:
+            try:
+                wake()
+            except Exception:  # the database is away: the thread ends within POLL_S
+                log.debug("could not wake the LISTEN thread", exc_info=True)
         self._thread.join()
 
     def _run_catch_up(self) -> bool:
@@ -79,7 +86,11 @@ class StreamListener:
                     if not self._run_catch_up():
                         return
                     while not self._stopping.is_set():
-                        notes = list(conn.notifies(timeout=POLL_S))
+                        # Back at the first notification (not at the end of POLL_S), then
+                        # whatever else is queued already: one catch-up for a burst.
+                        notes = list(conn.notifies(timeout=POLL_S, stop_after=1))
+                        if notes:
+                            notes += conn.notifies(timeout=0)
                         others = any(n.payload != self._instance_id for n in notes)
                         if others and not self._run_catch_up():
                             return
