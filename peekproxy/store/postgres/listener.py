@@ -79,10 +79,11 @@ class StreamListener:
                     if not self._run_catch_up():
                         return
                     while not self._stopping.is_set():
-                        notes = list(conn.notifies(timeout=POLL_S))
-                        others = any(n.payload != self._instance_id for n in notes)
-                        if others and not self._run_catch_up():
-                            return
+                        # Each notification as it arrives: collecting them until the
+                        # timeout would delay every wake-up by up to POLL_S.
+                        for note in conn.notifies(timeout=POLL_S):
+                            if note.payload != self._instance_id and not self._run_catch_up():
+                                return
             except psycopg.Error as e:
                 if not failed:
                     log.warning("LISTEN connection lost (%s); reconnecting every %ss", e, POLL_S)
