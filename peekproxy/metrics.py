@@ -90,10 +90,11 @@ SYNC_ANSWERS = Counter(
     "peekproxy_sync_answers",
     "Sync responses, by where they were built from: 'memory' (the live window of recent "
     "stream rows) or 'store' (a database read: initial, full_state, new or restored peeks, "
-    "limited timelines, tokens older than the window)",
+    "limited timelines, tokens older than the window), or 'store_unavailable' (the database "
+    "could not be reached: nothing new, next_batch the since token)",
     ["source"],
 )
-_present(SYNC_ANSWERS, ("memory", "store"))
+_present(SYNC_ANSWERS, ("memory", "store", "store_unavailable"))
 
 FRONT_SYNCS = Counter(
     "peekproxy_front_syncs",

@@ -36,7 +36,16 @@ Spawn = Callable[..., Awaitable[DaemonProcess]]
 #: using one is an end-to-end test, marked ``slow`` so that ``-m "not slow"`` runs the fast
 #: set alone.
 PROCESS_FIXTURES = frozenset(
-    {"spawn", "synapse", "synapse_b", "reverse_proxies", "auth_oracle", "pg_cluster", "pg_dsn"}
+    {
+        "spawn",
+        "synapse",
+        "synapse_b",
+        "reverse_proxies",
+        "auth_oracle",
+        "pg_cluster",
+        "pg_dsn",
+        "outage_world",
+    }
 )
 
 

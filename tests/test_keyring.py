@@ -31,6 +31,7 @@ from peekproxy.services.assembly import PeekSettings, build_services
 from peekproxy.services.settings import LiveSettings
 from peekproxy.store.sqlite import open_sqlite
 from peekproxy.testbed.rooms import TestbedRoom
+from tests.faulty_store import FaultyStorage
 from tests.support import JsonApp, serve_app
 
 NOW_MS = int(time.time() * 1000)
@@ -156,6 +157,21 @@ async def test_fetch_cache_persist_and_reload(
     reloaded = Keyring(_client(tls_files[2]), store)
     assert await reloaded.load() == 1
     assert reloaded.lookup(remote.name, "ed25519:k1") is not None
+    await store.aclose()
+
+
+async def test_keys_fetched_while_the_database_is_away_still_verify(
+    nursery: trio.Nursery, tls_files: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Saving fetched keys fails (StoreUnavailable, issue 16): the fetch still succeeds
+    and the key verifies from memory; the request that needed it is not failed."""
+    remote = await _key_server(nursery, tls_files)
+    store = FaultyStorage(await open_sqlite(tmp_path / "p.db", "me.test"))
+    keyring = Keyring(_client(tls_files[2]), store)
+    store.down = True
+    await keyring.fetch_keys(remote.name, ["ed25519:k1"])
+    assert store.refused == 1
+    assert keyring.lookup(remote.name, "ed25519:k1") is not None
     await store.aclose()
 
 

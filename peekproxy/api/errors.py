@@ -4,6 +4,12 @@ Handlers raise :class:`MatrixError`, services raise
 :class:`peekproxy.services.errors.PeekError`; :func:`exception_handlers` turns both (and
 Starlette's 404/405) into JSON. Client-server API §Standard error response; server-server API
 §Unsupported endpoints (404/405 ``M_UNRECOGNIZED``).
+
+The database unreachable (:class:`peekproxy.store.StoreUnavailable`, raised anywhere under a
+request, also inside an exception group from a nursery) is ``503 M_UNKNOWN`` "the database is
+unavailable; retry later" with ``Retry-After`` (:data:`STORE_RETRY_AFTER_S`), on every app that
+installs these handlers: nothing of the request was committed, and the same request may succeed
+once the store has reconnected (federation ``/send``: not acknowledged, so the sender retries).
 """
 
 from __future__ import annotations
@@ -16,9 +22,22 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from peekproxy.outage import OUTAGE, store_unavailable_in
 from peekproxy.services.errors import PeekError
+from peekproxy.store import StoreUnavailable
 
-__all__ = ["MatrixError", "exception_handlers", "matrix_error_response"]
+__all__ = [
+    "STORE_RETRY_AFTER_S",
+    "STORE_UNAVAILABLE",
+    "MatrixError",
+    "exception_handlers",
+    "matrix_error_response",
+]
+
+#: The ``error`` of the 503 answered while the database cannot be reached.
+STORE_UNAVAILABLE = "the database is unavailable; retry later"
+#: ``Retry-After`` (seconds) of that 503.
+STORE_RETRY_AFTER_S = 5
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +91,22 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return matrix_error_response(exc.status_code, "M_UNKNOWN", str(exc.detail))
 
 
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    OUTAGE.failed(f"{request.method} {request.url.path}", exc)
+    return matrix_error_response(
+        503, "M_UNKNOWN", STORE_UNAVAILABLE, headers={"Retry-After": str(STORE_RETRY_AFTER_S)}
+    )
+
+
+async def _exception_group(request: Request, exc: Exception) -> Response:
+    """A group from a nursery under the request: 503 when the database was unreachable in
+    any of its tasks; anything else is unexpected (re-raised: 500, logged)."""
+    unavailable = store_unavailable_in(exc)
+    if unavailable is None:
+        raise exc
+    return await _store_unavailable(request, unavailable)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("internal error handling %s %s", request.method, request.url.path)
     return matrix_error_response(500, "M_UNKNOWN", "Internal server error")
@@ -83,5 +118,7 @@ def exception_handlers() -> dict[Any, Any]:
         MatrixError: _matrix_error,
         PeekError: _service_error,
         HTTPException: _http_error,
+        StoreUnavailable: _store_unavailable,
+        ExceptionGroup: _exception_group,
         Exception: _unexpected,
     }

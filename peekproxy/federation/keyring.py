@@ -40,7 +40,8 @@ from unpaddedbase64 import decode_base64
 from peekproxy.core.pdu_signatures import VerifyKeyInfo, signer_key_ids, signer_key_validity
 from peekproxy.core.room_versions import RoomVersion
 from peekproxy.federation.client import FederationClient, FederationError
-from peekproxy.store import ServerKeyRow, Storage
+from peekproxy.outage import OUTAGE
+from peekproxy.store import ServerKeyRow, Storage, StoreError
 
 __all__ = ["KEY_VALIDITY_CAP_MS", "KeyFetchError", "Keyring", "StoredKey", "TrustedNotary"]
 
@@ -234,7 +235,11 @@ class Keyring:
                 )
                 for k in fresh
             ]
-            await self._store.write(lambda tx: tx.save_server_keys(rows))
+            try:
+                await self._store.write(lambda tx: tx.save_server_keys(rows))
+            except StoreError as e:  # the database away: the keys verify from memory as well
+                # (a restart fetches them again); the request that needed them goes on.
+                OUTAGE.failed("saving fetched server keys", e)
 
     # -- fetching ----------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from peekproxy.core.backoff import backoff_delay
 from peekproxy.core.client_api_events import pdu_from_raw, room_state
 from peekproxy.core.outcomes import new_peek_id
 from peekproxy.homeserver.client import HomeserverClient, HomeserverRefused, HomeserverUnavailable
+from peekproxy.outage import retry_store_errors
 from peekproxy.services.backfill import FIRST_VIEW_LIMIT
 from peekproxy.services.errors import PeekError
 from peekproxy.services.following import (
@@ -314,7 +315,16 @@ class ClientApiFollower:
             self._live[handle] = (room_id, scope)
             task_status.started()
             try:
-                await self._poll(room_id, handle, since)
+                # A store error (the database away) polls again from ``since`` after the
+                # back-off: the events stored already are known and skipped.
+                await retry_store_errors(
+                    None,
+                    f"following {room_id} through the client API",
+                    self._poll,
+                    room_id,
+                    handle,
+                    since,
+                )
             finally:
                 if self._live.get(handle, (None, None))[1] is scope:
                     del self._live[handle]

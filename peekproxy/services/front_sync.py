@@ -56,6 +56,7 @@ from peekproxy.core.front_sync import (
 from peekproxy.core.sync import decode_token, encode_token
 from peekproxy.homeserver.client import HomeserverUnavailable
 from peekproxy.metrics import FRONT_DEGRADED, FRONT_SYNCS
+from peekproxy.outage import OUTAGE, store_unavailable_in
 from peekproxy.services.passthrough import ClientRequest, Passthrough, UpstreamAnswer
 from peekproxy.services.settings import now_ms
 from peekproxy.services.syncing import Syncing
@@ -136,9 +137,8 @@ class FrontSync:
         bound_s = max(0, request.timeout_ms) / 1000 + margin_s
         try:
             since_pos = await self._start_position(request)
-        except Exception:
-            FRONT_DEGRADED.inc()
-            log.exception(_FAULT, "reading the device's position")
+        except Exception as e:
+            _degraded(e, "reading the device's position")
             return await self.passthrough.forward(request.client, timeout_s=bound_s)
         limit = await self._own_part(self._timeline_limit, request, default=DEFAULT_TIMELINE_LIMIT)
         since_token = encode_token(since_pos) if since_pos is not None else None
@@ -236,9 +236,8 @@ class FrontSync:
         except HomeserverUnavailable as e:
             log.warning(_FAULT + ": %s", getattr(fn, "__name__", fn), e)
             return default
-        except Exception:
-            FRONT_DEGRADED.inc()
-            log.exception(_FAULT, getattr(fn, "__name__", fn))
+        except Exception as e:
+            _degraded(e, getattr(fn, "__name__", fn))
             return default
 
     async def _start_position(self, request: FrontSyncRequest) -> int | None:
@@ -326,3 +325,15 @@ class FrontSync:
             self._filters.clear()
         self._filters[key] = limit
         return limit
+
+
+def _degraded(error: Exception, part: object) -> None:
+    """A fault in the front's own ``part`` of a sync (``peekproxy_front_degraded``): the
+    database unreachable is noted once per outage (:data:`peekproxy.outage.OUTAGE`, no
+    traceback); anything else is logged with its traceback."""
+    FRONT_DEGRADED.inc()
+    unavailable = store_unavailable_in(error)
+    if unavailable is not None:
+        OUTAGE.failed(f"the front's /sync ({part})", unavailable)
+    else:
+        log.exception(_FAULT, part)

@@ -19,9 +19,10 @@ import trio
 
 from peekproxy.core.subscription import Subscription
 from peekproxy.metrics import DEVICE_PEEKS, SUBSCRIPTION_STATES, SUBSCRIPTIONS, TRANSPORTS
+from peekproxy.outage import OUTAGE
 from peekproxy.services.follower_choice import transport_of
 from peekproxy.services.subscriptions import Subscriptions
-from peekproxy.store import Storage
+from peekproxy.store import Storage, StoreError
 
 __all__ = ["DEVICE_PEEKS_EVERY_S", "ScrapeGauges", "subscription_counts"]
 
@@ -63,7 +64,10 @@ class ScrapeGauges:
                 totals = await self.store.read(lambda tx: tx.device_peek_totals())
             except Exception as e:  # a gauge must never end the daemon (a database error, a
                 # bug): the gauge keeps its last value, and the next round tries again
-                log.warning("cannot count the device peeks for the metrics: %s", e)
+                if isinstance(e, StoreError):  # the database away: one line per outage
+                    OUTAGE.failed("counting the device peeks for the metrics", e)
+                else:
+                    log.warning("cannot count the device peeks for the metrics: %s", e)
             else:
                 for status in ("active", "dormant"):
                     DEVICE_PEEKS.labels(status).set(totals.get(status, 0))

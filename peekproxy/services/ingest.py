@@ -44,6 +44,7 @@ from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
 from peekproxy.logs import bind_log_fields
 from peekproxy.metrics import SEND_PDUS, SEND_TRANSACTIONS
+from peekproxy.outage import retry_store_errors
 from peekproxy.services.errors import PeekError
 from peekproxy.services.event_auth import EventAuth, Judged
 from peekproxy.services.following import Fetched
@@ -51,7 +52,7 @@ from peekproxy.services.missing_events import MissingEvents
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import now_ms
 from peekproxy.services.subscriptions import SETUP_WAIT_S, Subscriptions
-from peekproxy.store import ReadTransaction, Storage, WriteTransaction
+from peekproxy.store import ReadTransaction, Storage, StoreError, WriteTransaction
 
 __all__ = ["MAX_EDUS", "MAX_PDUS", "TYPING_TIMEOUT_MS", "Ingest"]
 
@@ -103,7 +104,7 @@ class Ingest:
             lambda tx: [tx.stop_typing(r, u, p, now) for r, u, p in tx.typing_now()]
         )
         task_status.started()
-        await self._expire_typing()
+        await retry_store_errors(self.store.ping, "typing expiry", self._expire_typing)
 
     async def receive(self, origin: str, txn_id: str, body: Any) -> dict[str, Any]:
         """Handle ``PUT /_matrix/federation/v1/send/{txnId}`` from ``origin`` (verified).
@@ -285,7 +286,13 @@ class Ingest:
                 ) -> set[str]:
                     return {r for _, r, u, p in due if tx.stop_typing(r, u, p, now)}
 
-                for room_id in await self.store.write(expire):
+                try:
+                    expired = await self.store.write(expire)
+                except StoreError:
+                    for item in due:  # not expired yet: again once the store answers
+                        heapq.heappush(heap, item)
+                    raise
+                for room_id in expired:
                     self.notifier.notify_room(room_id)
                 continue
             changed = self._typing_changed

@@ -31,6 +31,7 @@ from peekproxy.core.room_versions import room_version
 from peekproxy.core.subscription import Action, Subscription, SubState
 from peekproxy.logs import bind_log_fields
 from peekproxy.metrics import LAPSES, RENEWALS, REPEEKS
+from peekproxy.outage import retry_store_errors
 from peekproxy.services.errors import PeekError
 from peekproxy.services.event_auth import EventAuth, Judged
 from peekproxy.services.following import (
@@ -44,7 +45,7 @@ from peekproxy.services.following import (
 )
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import PeekSettings, now_ms
-from peekproxy.store import Storage, WriteTransaction
+from peekproxy.store import Storage, StoreError, WriteTransaction
 
 __all__ = ["DELETE_BACKOFF_S", "SETUP_WAIT_S", "Subscriptions"]
 
@@ -133,7 +134,13 @@ class Subscriptions:
         if room_id in self._tasks or self._nursery is None:
             return
         self._tasks.add(room_id)
-        self._nursery.start_soon(self._run_subscription, room_id)
+        self._nursery.start_soon(
+            retry_store_errors,
+            self.store.ping,
+            f"the task of {room_id}",
+            self._run_subscription,
+            room_id,
+        )
 
     def poke(self, room_id: str) -> None:
         """The room's subscription changed: its task (started if none runs) plans again."""
@@ -360,6 +367,7 @@ class Subscriptions:
 
     async def _run_subscription(self, room_id: str) -> None:
         delete_failures = 0
+        store_failed = False
         try:
             while True:
                 bind_log_fields(fresh=True, room_id=room_id)  # not those of who started it
@@ -413,8 +421,12 @@ class Subscriptions:
                                 e.error,
                             )
                         await self._save(sub)
+        except StoreError:
+            store_failed = True  # still the room's task: run again after the back-off
+            raise
         finally:
-            self._tasks.discard(room_id)
+            if not store_failed:
+                self._tasks.discard(room_id)
 
     async def _renew(self, room_id: str) -> None:
         sub = self.by_room[room_id]

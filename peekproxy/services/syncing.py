@@ -26,12 +26,13 @@ from peekproxy.core.live import LiveAnswer, LiveWindow, StreamChange
 from peekproxy.core.outcomes import candidate_servers
 from peekproxy.core.sync import InvalidToken, build_sync, decode_token
 from peekproxy.metrics import SYNC_ANSWERS, WAKE_SECONDS
+from peekproxy.outage import OUTAGE, retry_store_errors, store_unavailable_in
 from peekproxy.services.directory import RoomDirectory
 from peekproxy.services.errors import PeekError
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import PeekSettings, now_ms
 from peekproxy.services.subscriptions import Subscriptions
-from peekproxy.store import ReadTransaction, Storage, WriteTransaction
+from peekproxy.store import ReadTransaction, Storage, StoreError, WriteTransaction
 
 __all__ = ["Syncing"]
 
@@ -89,7 +90,7 @@ class Syncing:
         for device in active:  # the idle clock restarts with the daemon
             self._mark_seen(device, now)
         task_status.started()
-        await self._reap_idle()
+        await retry_store_errors(self.store.ping, "the idle reaper", self._reap_idle)
 
     def _read_changes(self, tx: ReadTransaction) -> tuple[list[StreamChange], int]:
         # In the writer thread, inside the write's transaction; the watermark only moves in
@@ -295,6 +296,50 @@ class Syncing:
         full_state: bool = False,
         timeline_limit: int = 10,
     ) -> dict[str, Any]:
+        """:meth:`_sync`, save that the database unreachable meanwhile
+        (:class:`~peekproxy.store.StoreUnavailable`, issue 16) ends a sync with a ``since``
+        token at once with nothing new: ``next_batch`` its ``since`` (valid on every
+        instance, as a drained answer's), ``peekproxy_sync_answers{source="store_unavailable"}``.
+
+        Raises:
+            StoreUnavailable: for an initial sync (no ``since``): the API answers 503.
+            PeekError: as :meth:`_sync`.
+        """
+        try:
+            return await self._sync(
+                user_id,
+                device_id,
+                since=since,
+                timeout_ms=timeout_ms,
+                full_state=full_state,
+                timeline_limit=timeline_limit,
+            )
+        except Exception as e:
+            unavailable = store_unavailable_in(e)
+            if since is None or unavailable is None:
+                raise
+            OUTAGE.failed("a /sync", unavailable)
+            SYNC_ANSWERS.labels("store_unavailable").inc()
+            position = decode_token(since)  # _sync decoded it before any store call
+            return build_sync(
+                since=position,
+                upto=position,
+                peeks=(),
+                rooms={},
+                now_ms=self.clock_ms(),
+                section=self.settings.sync_section,
+            )
+
+    async def _sync(
+        self,
+        user_id: str,
+        device_id: str,
+        *,
+        since: str | None,
+        timeout_ms: int,
+        full_state: bool = False,
+        timeline_limit: int = 10,
+    ) -> dict[str, Any]:
         """``{next_batch, rooms: {peek, leave}}`` for one device (MSC2753). The caller must
         not modify it: devices woken by the same change share one response.
 
@@ -451,7 +496,11 @@ class Syncing:
                     heapq.heappush(heap, (seen, device))
                     continue
                 del self._seen[device]
-                await self._make_dormant(*device)
+                try:
+                    await self._make_dormant(*device)
+                except StoreError:
+                    self._mark_seen(device, seen)  # still idle: reaped once the store answers
+                    raise
             wake = heap[0][0] + idle if heap else None
             changed = self._seen_changed
             if wake is None:
