@@ -1,7 +1,7 @@
 """A throwaway PostgreSQL database for the benches: tests/pg_cluster.py's cluster (initdb +
 pg_ctl in a temporary directory, ``fsync=off``), one empty database, stopped and removed at
-the end. ``fsync=off`` flatters PostgreSQL's writes a little; SQLite's benches run with its
-own defaults (WAL, ``synchronous=NORMAL``), so read the two as "same machine, no disk wait"."""
+the end. ``fsync=off`` flatters PostgreSQL's writes (no disk wait at commit), while SQLite
+runs as configured (WAL, ``synchronous=FULL``): read a PostgreSQL figure as an upper bound."""
 
 from __future__ import annotations
 
