@@ -337,6 +337,21 @@ class PeeksSection(Section):
     max_observed_rooms: int = Field(default=100, ge=1)
 
 
+class ClusterSection(Section):
+    """Several instances on one database (docs/cluster.md)."""
+
+    #: Turn the subscription leases on: required for several instances on one database.
+    #: Unset: on with ``store.backend = "postgres"`` (which several instances may share),
+    #: off with SQLite (one process only); see :meth:`Config.cluster_enabled`.
+    enabled: bool | None = None
+    #: This instance's name in the leases and logs (default ``<hostname>-<pid>``: set it,
+    #: unique per instance, for logs that stay the same across restarts).
+    instance_name: str | None = Field(default=None, min_length=1, max_length=128)
+    #: Seconds a room's lease lasts unless renewed (renewed every third of it): how long a
+    #: dead owner's rooms wait before another instance takes them over.
+    lease: Duration = Field(default=15.0, ge=1.0)
+
+
 class UpstreamSection(Section):
     homeserver_url: str | None = None
 
@@ -382,6 +397,7 @@ class Config(Section):
     upstream: UpstreamSection = UpstreamSection()
     delegation: DelegationSection = DelegationSection()
     logging: LoggingSection = LoggingSection()
+    cluster: ClusterSection = ClusterSection()
 
     @model_validator(mode="after")
     def _observer_user_id_fits(self) -> Config:
@@ -397,6 +413,14 @@ class Config(Section):
     def sqlite_path(self) -> Path:
         """The SQLite database file (``store.sqlite_path``, else ``<data_dir>/peekproxy.db``)."""
         return self.store.sqlite_path or self.server.data_dir / "peekproxy.db"
+
+    @property
+    def cluster_enabled(self) -> bool:
+        """Whether the subscription leases are on (docs/cluster.md): ``cluster.enabled``,
+        else on exactly when ``store.backend`` is ``"postgres"``."""
+        if self.cluster.enabled is not None:
+            return self.cluster.enabled
+        return self.store.backend == "postgres"
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, Any]]:

@@ -42,9 +42,9 @@ from peekproxy.services.client_api_follower import ClientApiFollower
 from peekproxy.services.front_sync import FrontSync
 from peekproxy.services.gauges import ScrapeGauges
 from peekproxy.services.passthrough import Passthrough
-from peekproxy.services.settings import ObserverSettings
+from peekproxy.services.settings import ObserverSettings, cluster_settings
 from peekproxy.serving import ServingError, hypercorn_config, open_listeners, watch_signals
-from peekproxy.store import Storage
+from peekproxy.store import Storage, StoreError
 from peekproxy.store.postgres import open_postgres
 from peekproxy.store.sqlite import open_sqlite
 
@@ -113,6 +113,27 @@ def client_api_routes(
     routes += api.routes()  # before the MSC2753 routes: the first match wins
     routes += msc2753.routes(CLIENT_PREFIXES, with_sync=False)
     return routes, passthrough.homeserver_answers
+
+
+async def _release_leases(services: Services) -> None:
+    """On a clean stop, give this instance's room leases up so the other instances of a
+    cluster take the rooms over at their next look (docs/cluster.md); at most 2 s, and a
+    store that cannot be reached only costs the others a lease's wait."""
+    leases = services.subscriptions.leases
+    if leases is None:
+        return
+    with trio.move_on_after(2.0):
+        try:
+            released = await leases.release_all()
+        except StoreError as e:
+            log.warning(
+                "could not release the room leases at stop (%s): other instances "
+                "take the rooms over once the leases run out",
+                e,
+            )
+            return
+        if released:
+            log.info("released the leases of %d room(s) to the other instances", released)
 
 
 async def open_store(config: Config) -> Storage:
@@ -200,6 +221,9 @@ async def run_daemon(
                 displayname=config.peeks.observer_displayname,
                 linger_ms=int(config.peeks.observer_linger * 1000),
             ),
+            cluster=None
+            if not config.cluster_enabled
+            else cluster_settings(config.cluster.instance_name, config.cluster.lease),
         ),
         local_rooms=local_rooms,
         server_name=server.server_name,
@@ -313,6 +337,8 @@ async def run_daemon(
         if gc_thresholds is not None:
             gc_policy.restore(gc_thresholds)
         with trio.CancelScope(shield=True):
+            if started:
+                await _release_leases(services)
             if homeserver is not None:
                 await homeserver.aclose()
             await federation.aclose()

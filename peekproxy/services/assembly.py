@@ -12,6 +12,7 @@ from peekproxy.core.status import RecentFailures
 from peekproxy.federation.client import FederationClient
 from peekproxy.federation.keyring import Keyring
 from peekproxy.services.client_api_follower import ClientApiFollower, is_client_api_handle
+from peekproxy.services.cluster import ClusterLoop
 from peekproxy.services.directory import RoomDirectory
 from peekproxy.services.event_auth import EventAuth
 from peekproxy.services.follower_choice import FollowerChoice
@@ -71,6 +72,8 @@ class Services:
                 await nursery.start(self.local_rooms.run)
             await nursery.start(self.ingest.run)
             await nursery.start(self.subscriptions.run)
+            if self.subscriptions.leases is not None:  # several instances: docs/cluster.md
+                await nursery.start(ClusterLoop(self.subscriptions, self.subscriptions.leases).run)
             await nursery.start(self.syncing.run)
             task_status.started()
 

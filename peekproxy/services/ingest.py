@@ -155,12 +155,13 @@ class Ingest:
         by_room: dict[str, list[dict[str, Any]]] = {}
         # Wait for the peeks being set up of these PDUs' rooms (their targets push events as
         # soon as they answered the PUT).
-        await self.subscriptions.wait_for_setups(
-            {
-                p["room_id"]
-                for p in pdus
-                if isinstance(p, dict) and isinstance(p.get("room_id"), str)
-            }
+        pdu_rooms = {
+            p["room_id"] for p in pdus if isinstance(p, dict) and isinstance(p.get("room_id"), str)
+        }
+        await self.subscriptions.wait_for_setups(pdu_rooms)
+        # Several instances: rooms another one follows are looked up in the store.
+        await self.subscriptions.refresh(
+            sorted(pdu_rooms | {room_id for edu in edus for room_id, *_ in per_user_edus(edu)})
         )
         for pdu in pdus:
             room_id = pdu.get("room_id") if isinstance(pdu, dict) else None

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["LiveSettings", "ObserverSettings", "PeekSettings", "now_ms"]
+from peekproxy.core.cluster import default_instance_name
+
+__all__ = [
+    "ClusterSettings",
+    "LiveSettings",
+    "ObserverSettings",
+    "PeekSettings",
+    "cluster_settings",
+    "now_ms",
+]
 
 
 @dataclass
@@ -40,7 +51,9 @@ class PeekSettings:
     ``live``: the caps and limits a reload changes (:class:`LiveSettings`, shared);
     ``idle_timeout_ms``: a device silent this long has its peeks made dormant;
     ``sync_section``: the key of the peeked rooms in a ``/sync`` answer (MSC2753: ``peek``);
-    ``observer``: the observer user (docs/observer-join.md; ``None``: none at all).
+    ``observer``: the observer user (docs/observer-join.md; ``None``: none at all);
+    ``cluster``: this instance among several on one database (docs/cluster.md; ``None``:
+    the only instance, no leases).
     """
 
     linger_ms: int
@@ -49,6 +62,18 @@ class PeekSettings:
     idle_timeout_ms: int = 600_000
     sync_section: str = "peek"
     observer: ObserverSettings | None = None
+    cluster: ClusterSettings | None = None
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The ``[cluster]`` config section (docs/cluster.md): ``instance_name`` names this
+    instance in the subscription leases (unique among the running instances);
+    ``lease_ms``: how long a room's lease lasts unless renewed (renewed every third of it).
+    """
+
+    instance_name: str
+    lease_ms: int = 15_000
 
 
 @dataclass(frozen=True)
@@ -77,3 +102,10 @@ class ObserverSettings:
 def now_ms() -> int:
     """The wall clock in ms since the epoch."""
     return int(time.time() * 1000)
+
+
+def cluster_settings(instance_name: str | None, lease_s: float) -> ClusterSettings:
+    """The ``[cluster]`` section in the services' units: ``instance_name`` (``None``:
+    ``<hostname>-<pid>``), ``lease_s`` seconds → :attr:`ClusterSettings.lease_ms`."""
+    name = instance_name or default_instance_name(socket.gethostname(), os.getpid())
+    return ClusterSettings(instance_name=name, lease_ms=int(lease_s * 1000))

@@ -11,8 +11,10 @@ first following of a room nobody follows yet (:meth:`Subscriptions.want`).
 Other services call: :meth:`~Subscriptions.room_lock` (held while a room's subscription and
 its device peeks change together), :meth:`~Subscriptions.want` / :meth:`~Subscriptions.restore` /
 :meth:`~Subscriptions.unwanted` (with that lock), :meth:`~Subscriptions.poke`,
-:meth:`~Subscriptions.get`, :meth:`~Subscriptions.wait_for_setups` and
-:meth:`~Subscriptions.end_peeking` (``/send`` ingest).
+:meth:`~Subscriptions.get`, :meth:`~Subscriptions.wait_for_setups`,
+:meth:`~Subscriptions.refresh` and :meth:`~Subscriptions.end_peeking` (``/send`` ingest).
+With several instances (``[cluster]``), only the holder of a room's lease follows it
+(:mod:`peekproxy.services.subscription_cluster`, docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ from peekproxy.services.following import (
     RoomSnapshot,
     is_observer_handle,
 )
+from peekproxy.services.leases import Leases
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import PeekSettings, now_ms
+from peekproxy.services.subscription_cluster import ClusterSubscriptions
 from peekproxy.store import Storage, StoreError, WriteTransaction
 
 __all__ = ["DELETE_BACKOFF_S", "SETUP_WAIT_S", "Subscriptions"]
@@ -58,7 +62,7 @@ SETUP_WAIT_S = 30.0
 DELETE_BACKOFF_S = (1.0, 300.0)
 
 
-class Subscriptions:
+class Subscriptions(ClusterSubscriptions):
     """Remote subscriptions (see the module docstring)."""
 
     def __init__(
@@ -83,12 +87,18 @@ class Subscriptions:
         self._tasks: set[str] = set()
         self._room_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
+        #: Several instances on one database: the rooms this one follows (docs/cluster.md).
+        self.leases: Leases | None = None
+        if settings.cluster is not None:
+            self.leases = Leases(store=store, settings=settings.cluster, clock_ms=clock_ms)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load subscriptions, resume them (renew at once; a lapse while down becomes a
         gap) and keep them going until cancelled."""
         now = self.clock_ms()
         loaded = await self.store.read(lambda tx: tx.load_subscriptions())
+        if self.leases is not None:  # resume only the rooms this instance takes
+            loaded = await self._take_free(loaded)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             spread = subs.resume_spread_ms(len(loaded))
@@ -131,7 +141,7 @@ class Subscriptions:
         return sub.room_version if sub is not None else None
 
     def _ensure_task(self, room_id: str) -> None:
-        if room_id in self._tasks or self._nursery is None:
+        if room_id in self._tasks or self._nursery is None or not self.owns(room_id):
             return
         self._tasks.add(room_id)
         self._nursery.start_soon(
@@ -169,6 +179,8 @@ class Subscriptions:
             PeekError: 503 ``max_remote_peeks`` reached; else as :meth:`_establish`.
         """
         bind_log_fields(room_id=room_id)  # the request's task: the room it peeks
+        if not self.owns(room_id) and not await self._take_over(room_id):
+            return await self._owner_view(room_id)
         sub = self.by_room.get(room_id)
         if sub is None:
             live = sum(
@@ -200,6 +212,8 @@ class Subscriptions:
             PeekError: the room could not be followed again; its task retries after the
                 back-off (unless the room is not peekable, 403). The subscription is saved.
         """
+        if not self.owns(room_id) and not await self._take_over(room_id):
+            return  # its owner sees the device peek active again and follows the room
         sub = subs.wanted(self.by_room[room_id])
         failure: PeekError | None = None
         if not sub.has_remote_peek:
@@ -219,7 +233,7 @@ class Subscriptions:
         following stops after ``linger_ms`` (an observer join: after the observer's own
         ``linger_ms``, so that idle and restore do not spam membership events)."""
         sub = self.by_room.get(room_id)
-        if sub is not None:
+        if sub is not None and self.owns(room_id):  # an owner elsewhere counts the peeks
             linger_ms = self.settings.linger_ms
             observer = self.settings.observer
             if observer is not None and is_observer_handle(sub.peek_id):
@@ -228,7 +242,14 @@ class Subscriptions:
 
     async def end_peeking(self, room_id: str, reason: str) -> None:
         """The room is no longer peekable (protocol.md decision 10): its subscription and
-        every device peek of it end."""
+        every device peek of it end. On an instance that does not follow the room, the
+        owner is asked to end the subscription (through the room's lease)."""
+        if not self.owns(room_id):
+            await self.store.write(lambda tx: tx.request_end(room_id, reason))
+            self.by_room[room_id] = subs.ended(self.by_room[room_id], reason)
+            await self._end_device_peeks(room_id)
+            log.info("%s is no longer peekable (%s): its owner is told", room_id, reason)
+            return
         async with self.room_lock(room_id):
             await self._save(subs.ended(self.by_room[room_id], reason))
         await self._end_device_peeks(room_id)
@@ -371,12 +392,16 @@ class Subscriptions:
         try:
             while True:
                 bind_log_fields(fresh=True, room_id=room_id)  # not those of who started it
+                if not self.owns(room_id):
+                    return  # another instance follows it now (fencing: docs/cluster.md)
                 changed = self._changed.setdefault(room_id, trio.Event())
                 sub = self.by_room[room_id]
                 action, wake = subs.plan(sub, self.clock_ms())
                 if action is None:
                     if wake is None:
                         if sub.state in (SubState.DORMANT, SubState.FAILED, SubState.ENDED):
+                            if self.leases is not None:  # nothing to look after
+                                await self.leases.release(room_id)
                             return  # a later peek starts a new task
                         await changed.wait()
                     else:
@@ -387,7 +412,7 @@ class Subscriptions:
                     await self._renew(room_id)
                 elif action is Action.STOP:
                     async with self.room_lock(room_id):
-                        await self._save(subs.stopping(self.by_room[room_id]))
+                        await self._stop_unless_wanted(room_id)
                 elif action is Action.DELETE:
                     if await self._delete_pending(room_id):
                         delete_failures = 0

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from peekproxy.core.cluster import idle_reap_at, renew_every_ms, store_sync_due
 from peekproxy.core.identifiers import InvalidIdentifier, RoomId
 from peekproxy.core.live import LiveAnswer, LiveWindow, StreamChange
 from peekproxy.core.outcomes import candidate_servers
@@ -65,6 +66,8 @@ class Syncing:
         #: older than _seen says (the device synced again): the reaper then pushes it again.
         self._idle_heap: list[tuple[int, tuple[str, str]]] = []
         self._seen_changed = trio.Event()
+        #: With ``[cluster]``: each device's last sync as this instance last stored it (ms).
+        self._stored: dict[tuple[str, str], int] = {}
         #: The rooms each device's last sync watched, to register wake-ups before reading.
         self._watched: dict[tuple[str, str], list[str]] = {}
         #: The newest stream rows in memory: most woken syncs are answered from here.
@@ -86,6 +89,11 @@ class Syncing:
         """Start the idle clock of every device with an active peek, then reap idle devices
         until cancelled."""
         now = self.clock_ms()
+        if self.settings.cluster is not None:  # several instances: reap from the store
+            await self.store.write(lambda tx: tx.record_unsynced_devices(now))
+            task_status.started()
+            await self._reap_stored(self.settings.cluster.lease_ms)
+            return
         active = await self.store.read(lambda tx: tx.active_devices())
         for device in active:  # the idle clock restarts with the daemon
             self._mark_seen(device, now)
@@ -174,6 +182,7 @@ class Syncing:
         self.notifier.notify_room(room_id)
         self.notifier.notify_device((user_id, device_id))
         self._mark_seen((user_id, device_id))
+        await self._record_sync((user_id, device_id))
         log.info("%s/%s peeks %s via %s", user_id, device_id, room_id, sub.server)
         return room_id
 
@@ -354,6 +363,7 @@ class Syncing:
         """
         device = (user_id, device_id)
         self._mark_seen(device)
+        await self._record_sync(device)
         try:
             position = decode_token(since) if since else None
         except InvalidToken:
@@ -508,6 +518,38 @@ class Syncing:
             else:
                 with trio.move_on_after(max(0.0, (wake - self.clock_ms()) / 1000)):
                     await changed.wait()
+
+    async def _record_sync(self, device: tuple[str, str]) -> None:
+        """With ``[cluster]``: store the device's sync as its last one when the stored one
+        is a quarter of the idle timeout old (:func:`~peekproxy.core.cluster.store_sync_due`),
+        for the reaper of every instance."""
+        now = self.clock_ms()
+        idle = self.settings.idle_timeout_ms
+        if self.settings.cluster is None or not store_sync_due(self._stored.get(device), now, idle):
+            return
+        self._stored[device] = now
+        await self.store.write(lambda tx: tx.record_sync(*device, now))
+
+    async def _reap_stored(self, lease_ms: int) -> None:
+        """With ``[cluster]``: every third of the lease, at most every quarter of the idle
+        timeout, make the peeks of devices idle by their stored last sync dormant (whichever
+        instance they synced on; :func:`~peekproxy.core.cluster.idle_reap_at`, this
+        instance's own exact last sync counted too)."""
+        idle = self.settings.idle_timeout_ms
+        every_s = min(renew_every_ms(lease_ms), idle // 4) / 1000
+        while True:
+            now = self.clock_ms()
+            try:
+                candidates = await self.store.read(lambda tx: tx.idle_devices(now - idle))  # noqa: B023
+                for user_id, device_id, stored in candidates:
+                    at = idle_reap_at(self._seen.get((user_id, device_id)), stored, idle)
+                    if at is not None and at <= self.clock_ms():
+                        self._seen.pop((user_id, device_id), None)
+                        self._stored.pop((user_id, device_id), None)
+                        await self._make_dormant(user_id, device_id)
+            except StoreError as e:
+                log.warning("idle reaper: the store failed (%s); looking again", e)
+            await trio.sleep(every_s)
 
     async def _make_dormant(self, user_id: str, device_id: str) -> None:
         # An idle device leaves the live window; its next sync reads the store (and restores).

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
+from peekproxy.core.cluster import Lease
 from peekproxy.core.live import StreamChange
 from peekproxy.core.paging import Direction, Page, Point
 from peekproxy.core.subscription import Subscription
@@ -22,6 +23,7 @@ __all__ = [
     "EphemeralReads",
     "FrontPositionReads",
     "HistoryQueries",
+    "LeaseReads",
     "ReadTransaction",
     "RoomEventReads",
     "ServerKeyReads",
@@ -40,11 +42,28 @@ ServerKeyRow = tuple[str, str, str, int, int | None, int]
 class SubscriptionReads(Protocol):
     """Remote subscriptions (``core/subscription.py``): one per room followed."""
 
-    def load_subscriptions(self) -> list[Subscription]:
-        """Every stored subscription (one per remote room followed), in no particular order."""
+    def load_subscriptions(self, room_id: str | None = None) -> list[Subscription]:
+        """Every stored subscription (one per remote room followed), in no particular order;
+        with ``room_id``: that room's only (an empty list: none stored)."""
 
     def room_version_of(self, room_id: str) -> str:
         """The room's version as its subscription recorded it, else ``FALLBACK_ROOM_VERSION``."""
+
+
+class LeaseReads(Protocol):
+    """Several instances on one database (docs/cluster.md, :mod:`peekproxy.core.cluster`):
+    the subscription leases and each device's last stored sync (times in ms)."""
+
+    def leases(self) -> dict[str, Lease]:
+        """Every room's lease, by room ID (expired ones included)."""
+
+    def last_sync(self, user_id: str, device_id: str) -> int | None:
+        """The device's last sync as stored by any instance (ms; ``None``: none stored)."""
+
+    def idle_devices(self, synced_before_ms: int) -> list[tuple[str, str, int]]:
+        """``(user_id, device_id, synced_ms)`` of each device with an active peek whose stored
+        last sync is before ``synced_before_ms``, the longest idle first. Devices with no
+        stored sync are not listed (see ``record_unsynced_devices``)."""
 
 
 class RoomEventReads(Protocol):
@@ -258,6 +277,7 @@ class SyncReads(Protocol):
 @runtime_checkable
 class ReadTransaction(
     SubscriptionReads,
+    LeaseReads,
     RoomEventReads,
     DevicePeekReads,
     EphemeralReads,

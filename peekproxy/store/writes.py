@@ -17,6 +17,7 @@ __all__ = [
     "DevicePeekWrites",
     "EphemeralWrites",
     "FrontPositionWrites",
+    "LeaseWrites",
     "RoomEventWrites",
     "ServerKeyWrites",
     "SubscriptionWrites",
@@ -30,6 +31,35 @@ class SubscriptionWrites(Protocol):
 
     def save_subscription(self, sub: Subscription) -> None:
         """Store ``sub`` (insert or replace the room's subscription; ``*_ms`` fields as ms)."""
+
+
+class LeaseWrites(Protocol):
+    """The subscription leases and devices' last syncs (see
+    :class:`~peekproxy.store.reads.LeaseReads`; times in ms). Each is one atomic statement:
+    concurrent instances never both own a room."""
+
+    def take_lease(self, room_id: str, owner: str, now_ms: int, expires_ms: int) -> bool:
+        """Own ``room_id`` as ``owner`` until ``expires_ms`` if nobody holds its lease,
+        ``owner`` does (renewed), or it expired by ``now_ms``
+        (:func:`peekproxy.core.cluster.may_take`). Returns whether ``owner`` now holds it."""
+
+    def renew_leases(self, owner: str, expires_ms: int) -> list[str]:
+        """Extend every lease ``owner`` holds to ``expires_ms``; returns those rooms, sorted
+        (a room taken over by another instance is not among them)."""
+
+    def release_lease(self, room_id: str, owner: str) -> None:
+        """Give the room's lease up, if ``owner`` holds it."""
+
+    def request_end(self, room_id: str, reason: str | None) -> bool:
+        """Ask the room's owner to end its subscription (protocol.md decision 10; ``None``:
+        clear the request). Returns ``False`` when no instance holds a lease of the room."""
+
+    def record_sync(self, user_id: str, device_id: str, now_ms: int) -> None:
+        """Store the device's last sync (never moves it back)."""
+
+    def record_unsynced_devices(self, now_ms: int) -> int:
+        """Store ``now_ms`` as the last sync of each device with an active peek and no stored
+        sync (its idle clock starts now); returns how many."""
 
 
 class RoomEventWrites(Protocol):
@@ -213,6 +243,7 @@ class ServerKeyWrites(Protocol):
 class WriteTransaction(
     ReadTransaction,
     SubscriptionWrites,
+    LeaseWrites,
     RoomEventWrites,
     DevicePeekWrites,
     EphemeralWrites,

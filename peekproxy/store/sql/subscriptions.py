@@ -60,11 +60,13 @@ class SubscriptionOps(SqlBase):
             ),
         )
 
-    def load_subscriptions(self) -> list[Subscription]:
+    def load_subscriptions(self, room_id: str | None = None) -> list[Subscription]:
         rows = self._conn.execute(
             "SELECT room_id, room_version, state, candidates_json, server, peek_id, "
             "remote_interval_ms, last_renewed_ts, renew_at_ts, wanted, linger_until_ts, "
             "ended_reason, pending_deletes_json FROM subscriptions"
+            + ("" if room_id is None else " WHERE room_id = ?"),
+            () if room_id is None else (room_id,),
         ).fetchall()
         return [
             Subscription(

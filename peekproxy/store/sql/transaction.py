@@ -7,13 +7,16 @@ from peekproxy.store.sql.ephemeral import EphemeralOps
 from peekproxy.store.sql.front import FrontPositionOps
 from peekproxy.store.sql.history import HistoryOps
 from peekproxy.store.sql.keys import ServerKeyOps
+from peekproxy.store.sql.leases import LeaseOps
 from peekproxy.store.sql.sync import SyncOps
 from peekproxy.store.sql.txns import TxnOps
 
 __all__ = ["SqlTransaction"]
 
 
-class SqlTransaction(SyncOps, HistoryOps, EphemeralOps, TxnOps, ServerKeyOps, FrontPositionOps):
+class SqlTransaction(
+    SyncOps, HistoryOps, EphemeralOps, TxnOps, ServerKeyOps, FrontPositionOps, LeaseOps
+):
     """The named operations of :class:`~peekproxy.store.WriteTransaction` (and so of
     :class:`~peekproxy.store.ReadTransaction`) over the connection the engine began a
     transaction on. A read gets one too: the write operations are there, and the engine's
