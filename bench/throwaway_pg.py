@@ -33,6 +33,12 @@ def throwaway_database() -> Iterator[str]:
     cluster = start_cluster()
     try:
         yield cluster.new_database()
+    except BaseException:  # the server's own account of a failed run, before it is removed
+        log = cluster.directory / "server.log"
+        if log.exists():
+            tail = log.read_text(errors="replace").splitlines()[-30:]
+            print("PostgreSQL server.log (end):", *tail, sep="\n", file=sys.stderr)
+        raise
     finally:
         cluster.pg_ctl("stop", "-m", "immediate")
         shutil.rmtree(cluster.directory, ignore_errors=True)
