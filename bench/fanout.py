@@ -6,28 +6,34 @@
    long-poll has answered with it: p50, p99 and max, against the goal p99 ≤ 50 ms. The time
    for the event to reach peekproxy (one /send) is printed alongside, as the floor every
    device pays.
-2. **Memory.** In this process, the peek services over a fresh database holding R rooms
-   (default 10,000 subscriptions) and D device peeks (default 100,000) is started; the
-   resident-memory growth divided by D is the cost per device peek (goal ≤ 2 KiB).
+   ``--instances 1,2``: the devices are spread round-robin over N peekproxy processes (one
+   server name) on one PostgreSQL database, for each N in the same run; a device on a
+   process the testbed does not send to wakes through PostgreSQL's NOTIFY. ``--backend``
+   (``sqlite|postgres|both``, default both) picks the one-process runs; N > 1 is always
+   PostgreSQL (bench/throwaway_pg.py starts a throwaway cluster).
+2. **Memory** (bench/peek_memory.py, one process per backend): the peek services over a
+   fresh database holding R rooms (default 10,000 subscriptions) and D device peeks (default
+   100,000); the resident-memory growth divided by D is the cost per device peek (goal
+   ≤ 2 KiB), on each backend of ``--backend``.
 
-Usage: ``.venv/bin/python bench/fanout.py [--devices 1000] [--rooms 10000] [--peeks 100000]``.
+Usage: ``.venv/bin/python bench/fanout.py [--devices 1000] [--rooms 10000] [--peeks 100000]
+[--instances 1,2] [--backend both]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -38,6 +44,10 @@ import httpx
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peek_memory import memory_figures
+from throwaway_pg import BACKENDS, backends_of, store_env, throwaway_database
 
 from peekproxy.demo import (
     free_port,
@@ -234,51 +244,96 @@ async def floor(devices: int, framework: str) -> list[float]:
         await process.wait()
 
 
-async def fanout(devices: int, directory: Path) -> list[float]:
+@dataclass(frozen=True)
+class Setup:
+    """One fan-out configuration: the backend and how many peekproxy processes share it."""
+
+    backend: str
+    instances: int
+
+    @property
+    def label(self) -> str:
+        """``"sqlite, 1 process"``, ``"postgres, 2 processes"``."""
+        return f"{self.backend}, {self.instances} process{'es' if self.instances > 1 else ''}"
+
+
+async def _peek_devices(
+    nursery_limit: int, devices: int, room_id: str, client_ports: list[int]
+) -> list[tuple[int, str, list[tuple[str, str]]]]:
+    """Peek ``room_id`` for each device through the delegation API of its process (devices
+    round-robin over ``client_ports``), sync once for a token: each device's long-poll."""
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    polls: list[tuple[int, str, list[tuple[str, str]]]] = [(0, "", [])] * devices
+    limiter = trio.CapacityLimiter(nursery_limit)
+
+    async def one(http: httpx.AsyncClient, device: int) -> None:
+        port = client_ports[device % len(client_ports)]
+        base = f"http://127.0.0.1:{port}/_peekproxy/v1"
+        params = {"user_id": f"@u{device}:localhost", "device_id": "D"}
+        async with limiter:
+            response = await http.post(
+                f"{base}/peek/{quote(room_id, safe='')}", params=params, json={}
+            )
+            response.raise_for_status()
+            token = (await http.get(f"{base}/sync", params=params)).json()["next_batch"]
+        query = urlencode({**params, "since": token, "timeout": "60000"})
+        polls[device] = (
+            port,
+            f"/_peekproxy/v1/sync?{query}",
+            [("authorization", f"Bearer {SECRET}")],
+        )
+
+    async with (
+        httpx.AsyncClient(headers=headers, timeout=120) as http,
+        trio.open_nursery() as nursery,
+    ):
+        for device in range(devices):
+            nursery.start_soon(one, http, device)
+    return polls
+
+
+async def fanout(devices: int, directory: Path, setup: Setup, dsn: str | None) -> list[float]:
+    """Devices spread round-robin over ``setup.instances`` peekproxy processes (one server
+    name, one signing key; on the PostgreSQL database ``dsn``, or SQLite for ``None``),
+    one event sent on the testbed: each device's wake latency, ms, sorted. The testbed
+    sends to the first process (the server name's port); the others learn of the event
+    from PostgreSQL's NOTIFY."""
+    await trio.Path(directory).mkdir(parents=True, exist_ok=True)
     tls = write_loopback_tls(directory)
-    pp_port, tb_port, client_port = free_port(), free_port(), free_port()
-    metrics_port = free_port()
+    pp_port, tb_port = free_port(), free_port()
+    client_ports = [free_port() for _ in range(setup.instances)]
+    metrics_ports = [free_port() for _ in range(setup.instances)]
     config_path = write_peekproxy_config(
         directory / "peekproxy",
         federation_port=pp_port,
-        client_port=client_port,
+        client_port=client_ports[0],
         tls=tls,
         secret=SECRET,
     )
     env = {
         **os.environ,
         **tls.env,
+        **store_env(dsn),
         "PEEKPROXY_LOGGING__ACCESS_LOG": "false",
         "PEEKPROXY_LISTENERS__METRICS__ENABLED": "true",
-        "PEEKPROXY_LISTENERS__METRICS__BIND": f"127.0.0.1:{metrics_port}",
         "PEEKPROXY_PEEKS__RATE_LIMIT_BURST": str(devices + 10),
         "PEEKPROXY_PEEKS__RATE_LIMIT_PER_SECOND": "10000",
     }
-    base = f"http://127.0.0.1:{client_port}/_peekproxy/v1"
-    headers = {"Authorization": f"Bearer {SECRET}"}
 
     async with trio.open_nursery() as nursery:
-        process = await start_peekproxy(nursery, config_path, env)
+        processes = []
+        for i in range(setup.instances):
+            federation_port = pp_port if i == 0 else free_port()
+            own = {
+                "PEEKPROXY_LISTENERS__CLIENT__BIND": f"127.0.0.1:{client_ports[i]}",
+                "PEEKPROXY_LISTENERS__FEDERATION__BIND": f"127.0.0.1:{federation_port}",
+                "PEEKPROXY_LISTENERS__METRICS__BIND": f"127.0.0.1:{metrics_ports[i]}",
+            }
+            processes.append(await start_peekproxy(nursery, config_path, {**env, **own}))
         testbed, room_id = await start_loopback_testbed(
             nursery, port=tb_port, tls=tls, data_dir=directory / "testbed", room_version="10"
         )
-        polls: list[tuple[int, str, list[tuple[str, str]]]] = []
-        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120) as http:
-            for device in range(devices):
-                params = {"user_id": f"@u{device}:localhost", "device_id": "D"}
-                response = await http.post(
-                    f"/peek/{quote(room_id, safe='')}", params=params, json={}
-                )
-                response.raise_for_status()
-                token = (await http.get("/sync", params=params)).json()["next_batch"]
-                query = urlencode({**params, "since": token, "timeout": "60000"})
-                polls.append(
-                    (
-                        client_port,
-                        f"/_peekproxy/v1/sync?{query}",
-                        [("authorization", f"Bearer {SECRET}")],
-                    )
-                )
+        polls = await _peek_devices(16, devices, room_id, client_ports)
         sent: dict[str, Any] = {}
         stored = trio.Event()
 
@@ -311,12 +366,16 @@ async def fanout(devices: int, directory: Path) -> list[float]:
         latencies = await time_fan_out(polls, trigger, check)
         with trio.fail_after(30):
             await stored.wait()
+        answers: dict[str, float] = {}
         async with httpx.AsyncClient() as scrape:
-            metrics = (await scrape.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
-        answers = dict(re.findall(r'peekproxy_sync_answers_total\{source="(\w+)"\} (\S+)', metrics))
+            for port in metrics_ports:
+                metrics = (await scrape.get(f"http://127.0.0.1:{port}/metrics")).text
+                pattern = r'peekproxy_sync_answers_total\{source="(\w+)"\} (\S+)'
+                for source, value in re.findall(pattern, metrics):
+                    answers[source] = answers.get(source, 0.0) + float(value)
         print(
-            f"  syncs answered from memory: {float(answers.get('memory', 0)):.0f}, "
-            f"from the store: {float(answers.get('store', 0)):.0f} "
+            f"  syncs answered from memory: {answers.get('memory', 0):.0f}, "
+            f"from the store: {answers.get('store', 0):.0f} "
             f"(the store: each device's first sync)"
         )
         print(
@@ -325,136 +384,71 @@ async def fanout(devices: int, directory: Path) -> list[float]:
             "device wakes; the answer itself queues behind the woken devices)"
         )
         nursery.cancel_scope.cancel()
-    process.terminate()
-    await process.wait()
+    for process in processes:
+        process.terminate()
+        await process.wait()
     return latencies
 
 
-async def fan_out_figures(devices: int, directory: Path) -> None:
+async def fan_out_figures(
+    devices: int, directory: Path, setups: list[Setup], dsn: str | None
+) -> None:
+    """Each setup's fan-out (each PostgreSQL setup on a fresh database of the cluster behind
+    ``dsn``), then the single-process peer and floor, all in this run."""
     print(f"fan-out: {devices} devices long-polling one peeked room, one event")
-    ours = _summary(await fanout(devices, directory))
+    ours: list[tuple[Setup, tuple[float, float, float]]] = []
+    for n, setup in enumerate(setups):
+        print(f" {setup.label}:", flush=True)
+        own_dsn = None
+        if setup.backend == "postgres":
+            assert dsn is not None
+            own_dsn = await trio.to_thread.run_sync(_fresh_database, dsn, n)
+        ours.append((setup, _summary(await fanout(devices, directory / str(n), setup, own_dsn))))
     peer = _summary(await floor(devices, "starlette"))
     bare = _summary(await floor(devices, "asgi"))
-    for name, (p50, p99, worst), what in (
-        ("peekproxy", ours, f"goal p99 <= 50 ms: {'PASS' if ours[1] <= 50 else 'BELOW GOAL'}"),
-        ("peer", peer, "hypercorn + Starlette, one route, a canned answer of the same size"),
-        ("floor", bare, "hypercorn + a bare ASGI app, the same canned answer"),
-    ):
-        figures = f"p50 {p50:7.1f} ms, p99 {p99:7.1f} ms, max {worst:7.1f} ms"
-        print(f"  {name + ':':<11} {figures}  ({what})")
-    print(
-        f"  ratio of p99s: peekproxy / peer {ours[1] / peer[1]:.2f}, "
-        f"peekproxy / floor {ours[1] / bare[1]:.2f}"
+    rows = [
+        (
+            f"peekproxy ({setup.label})",
+            figures,
+            f"goal p99 <= 50 ms: {'PASS' if figures[1] <= 50 else 'BELOW GOAL'}",
+        )
+        for setup, figures in ours
+    ]
+    rows.append(
+        ("peer", peer, "hypercorn + Starlette, one route, a canned answer of the same size")
     )
+    rows.append(("floor", bare, "hypercorn + a bare ASGI app, one process, the same answer"))
+    width = max(len(name) for name, _, _ in rows) + 1
+    for name, (p50, p99, worst), what in rows:
+        shown = f"p50 {p50:7.1f} ms, p99 {p99:7.1f} ms, max {worst:7.1f} ms"
+        print(f"  {name + ':':<{width}} {shown}  ({what})")
+    for setup, figures in ours:
+        print(
+            f"  ratio of p99s ({setup.label}): peekproxy / peer {figures[1] / peer[1]:.2f}, "
+            f"peekproxy / floor {figures[1] / bare[1]:.2f}"
+        )
 
 
-def _rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(re.findall(r"\d+", line)[0])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _fresh_database(dsn: str, n: int) -> str:
+    """A new empty database beside the one of ``dsn`` (same cluster), named after it."""
+    import psycopg
+
+    name = f"{psycopg.conninfo.conninfo_to_dict(dsn)['dbname']}_{n}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return psycopg.conninfo.make_conninfo(dsn, dbname=name)
 
 
-async def memory(rooms: int, peeks: int, directory: Path) -> None:
-    import logging
-
-    logging.disable(logging.WARNING)  # renewals to the made-up remote fail: not the point
-    from peekproxy.core.subscription import Subscription, SubState
-    from peekproxy.core.sync import DevicePeek
-    from peekproxy.federation.client import FederationClient, build_ssl_context
-    from peekproxy.federation.discovery import DnspythonLookup
-    from peekproxy.federation.ip_policy import IpFilter
-    from peekproxy.federation.keyring import Keyring
-    from peekproxy.services.assembly import PeekSettings, build_services
-    from peekproxy.services.settings import LiveSettings
-    from peekproxy.store import WriteTransaction
-    from peekproxy.store.sqlite import open_sqlite
-
-    store = await open_sqlite(directory / "memory.db", "localhost:1")
-    now = int(time.time() * 1000)
-
-    def fill(tx: WriteTransaction) -> None:
-        for r in range(rooms):
-            tx.save_subscription(
-                Subscription(
-                    room_id=f"!room{r}:remote.test",
-                    state=SubState.ACTIVE,
-                    candidates=("remote.test",),
-                    room_version="10",
-                    server="remote.test",
-                    peek_id=f"p{r:07d}",
-                    remote_interval_ms=3_600_000,
-                    last_renewed_ms=now,
-                    renew_at_ms=now + 1_800_000,
-                ),
-            )
-        for p in range(peeks):
-            tx.set_device_peek(
-                f"@user{p // 10}:local.test",
-                f"D{p % 10}",
-                f"!room{p % rooms}:remote.test",
-                "active",
-                now,
-            )
-
-    await store.write(fill)
-    client = FederationClient(
-        server_name=None,
-        signing_key=None,
-        dns=DnspythonLookup(),
-        ip_filter=IpFilter([]),
-        ssl_context=build_ssl_context(),
-    )
-    gc.collect()
-    before = _rss_kib()
-    service = build_services(
-        store=store,
-        client=client,
-        keyring=Keyring(client),
-        settings=PeekSettings(
-            linger_ms=60_000,
-            renewal_max_ms=1_800_000,
-            live=LiveSettings(max_remote_peeks=rooms + 1),
-        ),
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        # Every device has synced once: the live window knows its peeks, as in steady state.
-        # Read in chunks, as syncs would: one big temporary list would stay resident.
-        upto = service.syncing.live.watermark
-        assert upto is not None
-        after_rowid = 0
-        while True:
-            chunk = await store.read(
-                partial(
-                    lambda tx, after: tx.connection.execute(
-                        "SELECT rowid, user_id, device_id, room_id, state, changed_pos "
-                        "FROM device_peeks WHERE rowid > ? ORDER BY rowid LIMIT 2000",
-                        (after,),
-                    ).fetchall(),
-                    after=after_rowid,
-                )
-            )
-            if not chunk:
-                break
-            after_rowid = chunk[-1][0]
-            for _, user_id, device_id, room_id, state, changed_pos in chunk:
-                service.syncing.live.load_device(
-                    (user_id, device_id), [DevicePeek(room_id, state, changed_pos)], upto
-                )
-        devices = service.syncing.live.known_devices()
-        gc.collect()
-        after = _rss_kib()
-        nursery.cancel_scope.cancel()
-    per_peek = (after - before) * 1024 / peeks
-    print(
-        f"memory: {peeks:,} device peeks over {rooms:,} rooms: +{after - before:,} KiB "
-        f"resident, {per_peek:,.0f} bytes per device peek (goal <= 2048: "
-        f"{'PASS' if per_peek <= 2048 else 'BELOW GOAL'}; "
-        f"{devices:,} devices known to the live window)"
-    )
-    await client.aclose()
-    await store.aclose()
+def _setups(instances: list[int], backend: str) -> list[Setup]:
+    """The fan-out runs: SQLite for one process when asked, PostgreSQL for every N
+    (always for N > 1: several processes need the shared store)."""
+    setups = []
+    for n in instances:
+        if n == 1 and backend in ("sqlite", "both"):
+            setups.append(Setup("sqlite", 1))
+        if n > 1 or backend in ("postgres", "both"):
+            setups.append(Setup("postgres", n))
+    return setups
 
 
 def main() -> int:
@@ -462,15 +456,27 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--rooms", type=int, default=10_000)
     parser.add_argument("--peeks", type=int, default=100_000)
+    parser.add_argument(
+        "--instances",
+        default="1",
+        help="comma-separated process counts for the fan-out, e.g. 1,2 (N > 1: PostgreSQL)",
+    )
+    parser.add_argument("--backend", default="both", choices=BACKENDS)
     parser.add_argument("--floor-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--framework", default="asgi", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_server:
         floor_server(args.floor_server, args.framework)
         return 0
+    instances = [int(n) for n in args.instances.split(",")]
+    setups = _setups(instances, args.backend)
+    memory_figures(args.rooms, args.peeks, backends_of(args.backend))
     with tempfile.TemporaryDirectory(prefix="fanout-") as directory:
-        trio.run(memory, args.rooms, args.peeks, Path(directory))
-        trio.run(fan_out_figures, args.devices, Path(directory))
+        if all(setup.backend == "sqlite" for setup in setups):
+            trio.run(fan_out_figures, args.devices, Path(directory), setups, None)
+        else:
+            with throwaway_database() as dsn:
+                trio.run(fan_out_figures, args.devices, Path(directory), setups, dsn)
     return 0
 
 

@@ -6,9 +6,12 @@ pushes them in transactions of 50 PDUs. The clock runs from the first push until
 has acknowledged the last one (it stores everything before it answers), so the figure is
 events verified and stored per second, end to end over TLS.
 
-In the same run it measures the floor of bench/pdu_verify.py (pynacl signature check plus
-sha256 over pre-encoded bytes, per event) and prints the ratio. Usage:
-``.venv/bin/python bench/send_ingest.py [--events 2000] [--version 10]``.
+The run is made on each backend asked for (``--backend sqlite|postgres|both``, default
+both): SQLite in the data directory, PostgreSQL in a throwaway cluster
+(bench/throwaway_pg.py), each on a fresh database. In the same run it measures the floor of
+bench/pdu_verify.py (pynacl signature check plus sha256 over pre-encoded bytes, per event)
+and prints each backend's ratio to it. Usage:
+``.venv/bin/python bench/send_ingest.py [--events 2000] [--version 10] [--backend both]``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pdu_verify import floor_inputs, load, time_floor
+from throwaway_pg import BACKENDS, backends_of, store_env, throwaway_database
 
 from peekproxy.demo import (
     free_port,
@@ -40,7 +44,9 @@ from peekproxy.demo import (
 SECRET = "bench-secret"
 
 
-async def run(events: int, version: str, directory: Path) -> float:
+async def run(events: int, version: str, directory: Path, dsn: str | None) -> float:
+    """One ingest run on SQLite (``dsn`` None) or the PostgreSQL database ``dsn``:
+    events per second."""
     tls = write_loopback_tls(directory)
     pp_port, tb_port, client_port = free_port(), free_port(), free_port()
     config_path = write_peekproxy_config(
@@ -50,7 +56,7 @@ async def run(events: int, version: str, directory: Path) -> float:
         tls=tls,
         secret=SECRET,
     )
-    env = {**os.environ, **tls.env, "PEEKPROXY_LOGGING__ACCESS_LOG": "false"}
+    env = {**os.environ, **tls.env, **store_env(dsn), "PEEKPROXY_LOGGING__ACCESS_LOG": "false"}
     client_url = f"http://127.0.0.1:{client_port}"
 
     async with trio.open_nursery() as nursery:
@@ -104,15 +110,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--version", default="10", choices=["10", "11", "12"])
+    parser.add_argument("--backend", default="both", choices=BACKENDS)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="send-ingest-") as directory:
-        rate = trio.run(run, args.events, args.version, Path(directory))
+    rates: dict[str, float] = {}
+    for backend in backends_of(args.backend):
+        with tempfile.TemporaryDirectory(prefix="send-ingest-") as directory:
+            if backend == "sqlite":
+                rates[backend] = trio.run(run, args.events, args.version, Path(directory), None)
+                continue
+            with throwaway_database() as dsn:
+                rates[backend] = trio.run(run, args.events, args.version, Path(directory), dsn)
     inputs = floor_inputs(load(["10", "11", "12"]))
     floor = min(time_floor(inputs, 40) for _ in range(5))
     floor_rate = len(inputs) * 40 / floor
-    print(f"ingest (verify + store, end to end): {rate:9,.0f} events/s")
-    print(f"floor (verify+sha256, same run):     {floor_rate:9,.0f} events/s")
-    print(f"ratio ingest/floor: {rate / floor_rate:.2f}")
+    for backend, rate in rates.items():
+        label = f"ingest on {backend} (verify + store, end to end):"
+        print(f"{label:<47} {rate:9,.0f} events/s")
+    print(f"{'floor (verify+sha256, same run):':<47} {floor_rate:9,.0f} events/s")
+    for backend, rate in rates.items():
+        print(f"ratio ingest/floor on {backend}: {rate / floor_rate:.2f}")
+    if len(rates) == 2:
+        print(f"ratio postgres/sqlite: {rates['postgres'] / rates['sqlite']:.2f}")
     return 0
 
 

@@ -18,7 +18,7 @@ from peekproxy.store import (
     StoreVersionError,
     WriteTransaction,
 )
-from peekproxy.store.postgres import PostgresStorage, PostgresTransaction, open_postgres
+from peekproxy.store.postgres import PostgresStorage, PostgresTransaction, listener, open_postgres
 from peekproxy.store.postgres.migrations import available_migrations
 from tests.pg_cluster import PgCluster
 from tests.test_cluster import until
@@ -180,3 +180,32 @@ async def test_a_stopped_server_is_store_unavailable_within_a_second(
 
     await until(answers, timeout_s=30)
     await store.aclose()
+
+
+async def test_other_instances_commit_reaches_the_hook_at_once(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notification is acted on when it arrives, not when the listener's wait times out
+    (a device on A waited up to that long for an event B ingested)."""
+    monkeypatch.setattr(listener, "POLL_S", 3.0)
+    a = await open_postgres(pg_dsn, "a.example")
+    b = await open_postgres(pg_dsn, "a.example")
+    seen = trio.Event()
+
+    def read(tx: ReadTransaction) -> list[int]:
+        return [c.pos for c in tx.stream_changes(0)[0]]
+
+    def apply(positions: list[int]) -> None:
+        if positions:
+            seen.set()
+
+    try:
+        assert a._listener is not None
+        await trio.to_thread.run_sync(a._listener.listening.wait)
+        a.set_commit_hook(read, apply)
+        await b.write(partial(_event, n=1))
+        with trio.fail_after(1.5):
+            await seen.wait()
+    finally:
+        await a.aclose()
+        await b.aclose()
