@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 import trustme
 
@@ -107,3 +108,45 @@ async def test_concurrent_sends_to_two_processes_store_each_event_once_in_order(
                 since = got["next_batch"]
                 seen += _event_ids(got, room_id)
         assert seen == event_ids
+
+
+async def test_a_pdu_with_a_nul_character_is_rejected_and_the_rest_stored(
+    nursery: trio.Nursery,
+    tls_ca: trustme.CA,
+    tmp_path: Path,
+    spawn: Spawn,
+    pg_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A state key holding U+0000 (PostgreSQL's TEXT cannot hold it): that PDU gets a
+    per-PDU error, the next PDU of the transaction and the next transaction are stored (it
+    was a 500 for ever, blocking the sender's queue)."""
+    cluster = await build_cluster(nursery, tls_ca, tmp_path, spawn, pg_dsn, instances=1)
+    world = cluster.world
+    room_id = world.create_room()
+    assert (await world.peek(room_id, via=cluster.client(0))).status_code == 200
+    world.testbed.faults.withhold_next = 4  # pushed below, by hand
+    first = world.send(room_id, "before")
+    with monkeypatch.context() as patch:  # the testbed checks its events as peers do
+        patch.setattr("peekproxy.core.pdu_format.pdu_nul_problem", lambda pdu: None)
+        nul = world.testbed.send(
+            room_id, sender="admin", type="org.example.nul", content={}, state_key="a\x00b"
+        )
+    after, later = world.send(room_id, "after"), world.send(room_id, "later")
+    room = world.testbed.room(room_id)
+    pdus = [pdu for e in (first, nul, after) if (pdu := room.event(e)) is not None]
+    federation = cluster.daemons[0].federation
+    answer = await put_transaction(world, federation, "nul1", pdus)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["pdus"]
+    assert results[first] == {} and results[after] == {}
+    assert "U+0000" in results[nul]["error"]
+    later_pdu = room.event(later)
+    assert later_pdu is not None
+    again = await put_transaction(world, federation, "nul2", [later_pdu])
+    assert again.status_code == 200, again.text
+    assert again.json()["pdus"] == {later: {}}
+    stored = {
+        e for (e,) in cluster.rows("SELECT event_id FROM room_stream WHERE room_id = ?", room_id)
+    }
+    assert {first, after, later} <= stored and nul not in stored

@@ -100,10 +100,11 @@ async def _store_unavailable(request: Request, exc: Exception) -> Response:
 
 async def _exception_group(request: Request, exc: Exception) -> Response:
     """A group from a nursery under the request: 503 when the database was unreachable in
-    any of its tasks; anything else is unexpected (re-raised: 500, logged)."""
+    any of its tasks; anything else is unexpected: 500 ``M_UNKNOWN``, logged once here with
+    its traceback (not re-raised, which would have the server log it a second time)."""
     unavailable = store_unavailable_in(exc)
     if unavailable is None:
-        raise exc
+        return await _unexpected(request, exc)
     return await _store_unavailable(request, unavailable)
 
 

@@ -19,6 +19,7 @@ from peekproxy.core.canonical_json import (
     encode_canonical,
 )
 from peekproxy.core.identifiers import EventId, InvalidIdentifier, RoomId, UserId
+from peekproxy.core.nul import pdu_nul_problem
 from peekproxy.core.room_versions import EventIdFormat, RoomVersion
 
 __all__ = [
@@ -94,6 +95,9 @@ def format_problem(pdu: dict[str, Any], rules: RoomVersion, hashed_size: int) ->
     for key, kind, what in _REQUIRED_KEYS:
         if type(pdu.get(key)) is not kind:
             return f"missing or invalid {key!r} (must be {what})"
+    problem = pdu_nul_problem(pdu)  # PostgreSQL's TEXT cannot hold it: refused on both
+    if problem is not None:
+        return problem
     max_int = MAX_SAFE_INTEGER if rules.format.strict_canonical_json else MAX_DEPTH
     for key in ("origin_server_ts", "depth"):
         if not 0 <= pdu[key] <= max_int:

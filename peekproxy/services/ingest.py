@@ -32,6 +32,7 @@ import trio
 from peekproxy.core.ephemeral import per_user_edus
 from peekproxy.core.events import best_effort_event_id, event_refs
 from peekproxy.core.metric_labels import pushed_pdu_outcomes
+from peekproxy.core.nul import has_nul, pdu_nul_problem
 from peekproxy.core.pdu import check_pdu
 from peekproxy.core.peekability import (
     acl_denial_reason,
@@ -113,9 +114,16 @@ class Ingest:
         Answers ``{"pdus": {event_id: {} | {"error": reason}}}`` once everything accepted
         is stored.
 
+        A PDU whose indexed strings hold U+0000 (:func:`peekproxy.core.nul.pdu_nul_problem`)
+        gets a per-PDU error and is stored nowhere; the rest of the transaction is stored.
+
         Raises:
-            PeekError: 400 for a malformed transaction (not an object, > 50 PDUs, > 100 EDUs).
+            PeekError: 400 for a malformed transaction (not an object, > 50 PDUs, > 100 EDUs,
+                U+0000 in ``txn_id``).
         """
+        if has_nul(txn_id):
+            SEND_TRANSACTIONS.labels("malformed").inc()
+            raise PeekError(400, "M_INVALID_PARAM", "the transaction ID contains U+0000")
         if (
             not isinstance(body, dict)
             or not isinstance(body.get("pdus", []), list)
@@ -153,6 +161,20 @@ class Ingest:
     ) -> dict[str, Any]:
         results: dict[str, dict[str, str]] = {}
         by_room: dict[str, list[dict[str, Any]]] = {}
+        # First: a PDU with U+0000 in a string the store looks up (room ID, references...)
+        # is refused before any query (PostgreSQL's TEXT cannot hold it; SQLite alike).
+        kept = []
+        for pdu in pdus:
+            problem = pdu_nul_problem(pdu)
+            if problem is None:
+                kept.append(pdu)
+                continue
+            event_id = best_effort_event_id(pdu)
+            if event_id is not None:
+                results[event_id] = {"error": problem}
+            log.info("rejected PDU %r from %s: %s", event_id, origin, problem)
+            SEND_PDUS.labels("invalid").inc()
+        pdus = kept
         # Wait for the peeks being set up of these PDUs' rooms (their targets push events as
         # soon as they answered the PUT).
         pdu_rooms = {

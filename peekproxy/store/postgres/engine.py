@@ -36,6 +36,7 @@ worker threads via :mod:`trio.to_thread` (psycopg's async API is asyncio-only), 
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -53,7 +54,13 @@ from peekproxy.store.postgres.migrations import available_migrations, migrate
 from peekproxy.store.sql.migrations import refuse_other_server
 from peekproxy.store.sql.transaction import SqlTransaction
 
-__all__ = ["WRITE_LOCK", "PostgresStorage", "PostgresTransaction", "open_postgres"]
+__all__ = [
+    "WRITE_LOCK",
+    "PostgresStorage",
+    "PostgresTransaction",
+    "database_name",
+    "open_postgres",
+]
 
 T = TypeVar("T")
 #: The advisory lock key every write transaction holds until it ends ("peekwrt1").
@@ -78,6 +85,17 @@ class PostgresTransaction(SqlTransaction):
 
     def _before_stream_row(self) -> None:
         self.stream_written = True
+
+
+def database_name(params: dict[str, Any]) -> str:
+    """How errors and logs name the database of parsed conninfo ``params``
+    (:func:`psycopg.conninfo.conninfo_to_dict`): ``dbname@host:port``, each part libpq's
+    default when absent (``PGDATABASE``/``PGHOST``/``PGPORT``, else the user name, the local
+    socket, 5432). Never the DSN itself, which may hold a password."""
+    dbname = params.get("dbname") or os.environ.get("PGDATABASE") or params.get("user") or ""
+    host = params.get("host") or os.environ.get("PGHOST") or "localhost"
+    port = params.get("port") or os.environ.get("PGPORT") or "5432"
+    return f"{dbname}@{host}:{port}"
 
 
 def _unavailable(e: BaseException, where: str) -> StoreUnavailable:
@@ -257,10 +275,10 @@ async def open_postgres(
         StoreError: a database bound to another server name, or a bad ``dsn``.
     """
     try:
-        where = psycopg.conninfo.conninfo_to_dict(dsn).get("dbname") or dsn
-    except psycopg.ProgrammingError as e:
-        raise StoreError(f"bad PostgreSQL dsn: {e}") from None
-    where = f"{where!s}"
+        where = database_name(psycopg.conninfo.conninfo_to_dict(dsn))
+    except psycopg.ProgrammingError:
+        # Not the parser's message: it may quote the DSN, with a password in it.
+        raise StoreError("bad PostgreSQL dsn: not a libpq conninfo string or URI") from None
     kwargs: dict[str, Any] = {"autocommit": True}
     if password is not None:
         kwargs["password"] = password

@@ -4,7 +4,7 @@ One thread per engine holds its own connection (outside the pool), waits for not
 and, for each from another instance (its payload is not ours), runs the engine's catch-up in
 the trio thread (:func:`trio.from_thread.run`). On every (re)connect it catches up too: what
 was committed while it was not listening is read then. A lost connection is retried every
-second until :meth:`StreamListener.stop`.
+:data:`POLL_S` (0.5 s) until :meth:`StreamListener.stop`.
 """
 
 from __future__ import annotations

@@ -56,7 +56,9 @@ class SqlBase:
 
     def _before_stream_row(self) -> None:
         """Called before each stream position is allocated; an engine's hook (PostgreSQL
-        takes its stream lock here, see ``store/postgres/engine.py``). Nothing by default."""
+        notes that the transaction wrote stream rows, so it notifies the other instances on
+        commit; its write lock is taken at ``BEGIN``, see ``store/postgres/engine.py``).
+        Nothing by default."""
 
     def _select_in(
         self, sql: str, ids: Iterable[str], before: Sequence[Any] = ()
