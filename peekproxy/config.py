@@ -19,6 +19,7 @@ import os
 import re
 import ssl
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -260,6 +261,21 @@ class ListenersSection(Section):
     metrics: MetricsListener = MetricsListener()
 
 
+#: A libpq key=value conninfo's ``password`` key (libpq allows spaces around ``=``).
+_CONNINFO_PASSWORD = re.compile(r"(?:^|\s)password\s*=", re.IGNORECASE)
+
+
+def _dsn_holds_password(dsn: str) -> bool:
+    """Whether a libpq DSN carries a password: the ``user:password@`` of a
+    ``postgresql://``/``postgres://`` URI or its ``password=`` query parameter, or the
+    ``password`` key of a key=value conninfo (not a user or database merely named so)."""
+    if re.match(r"^postgres(?:ql)?://", dsn, re.IGNORECASE):
+        parts = urllib.parse.urlsplit(dsn)
+        query = urllib.parse.parse_qs(parts.query)
+        return ":" in parts.netloc.rpartition("@")[0] or "password" in query
+    return _CONNINFO_PASSWORD.search(dsn) is not None
+
+
 class StoreSection(Section):
     """``[store]``: SQLite (one instance, the default) or PostgreSQL (one or several
     instances of one server name; docs/postgresql.md)."""
@@ -278,7 +294,7 @@ class StoreSection(Section):
     def _dsn_for_postgres(self) -> StoreSection:
         if self.backend == "postgres" and not self.dsn:
             raise ValueError('store.dsn is required with backend = "postgres"')
-        if self.dsn and "password" in self.dsn.lower():
+        if self.dsn and _dsn_holds_password(self.dsn):
             raise ValueError("store.dsn must not hold the password: use store.password_file")
         return self
 

@@ -150,13 +150,36 @@ def test_postgres_store_settings(server_dir: Path) -> None:
     assert load_config(_write(server_dir, MINIMAL), {}).store.backend == "sqlite"
 
 
-def test_postgres_dsn_must_not_hold_the_password(server_dir: Path) -> None:
-    path = _write(
-        server_dir, MINIMAL + '[store]\nbackend = "postgres"\ndsn = "host=db password=x"\n'
-    )
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=db password=x",
+        "host=db PASSWORD = x",
+        "postgresql://peekproxy:URISECRET@127.0.0.1:5432/peekproxy",
+        "postgres://peekproxy:s@db1,db2/peekproxy",
+        "postgresql://db/peekproxy?password=x",
+    ],
+)
+def test_postgres_dsn_must_not_hold_the_password(server_dir: Path, dsn: str) -> None:
+    path = _write(server_dir, MINIMAL + f'[store]\nbackend = "postgres"\ndsn = "{dsn}"\n')
     with pytest.raises(ConfigError) as caught:
         load_config(path, {})
+    assert "store.dsn" in caught.value.problems[0]
     assert "use store.password_file" in caught.value.problems[0]
+    assert "URISECRET" not in str(caught.value.problems)
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=db dbname=password_vault user=passwordless",
+        "postgresql://peekproxy@db:5432/password_vault",
+        "postgresql:///peekproxy?host=/run/postgresql",
+    ],
+)
+def test_postgres_dsn_naming_a_password_is_accepted(server_dir: Path, dsn: str) -> None:
+    path = _write(server_dir, MINIMAL + f'[store]\nbackend = "postgres"\ndsn = "{dsn}"\n')
+    assert load_config(path, {}).store.dsn == dsn
 
 
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:

@@ -209,3 +209,34 @@ async def test_other_instances_commit_reaches_the_hook_at_once(
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_a_failed_catch_up_is_retried_without_another_commit(pg_dsn: str) -> None:
+    """A catch-up that fails (the store away for a moment) is retried every POLL_S: the
+    other instance's rows reach this one's hook without waiting for some later commit."""
+    a = await open_postgres(pg_dsn, "a.example")
+    b = await open_postgres(pg_dsn, "a.example")
+    failures = [1]
+    seen = trio.Event()
+
+    def read(tx: ReadTransaction) -> list[int]:
+        if failures[0]:
+            failures[0] -= 1
+            raise StoreUnavailable("away for a moment")
+        return [c.pos for c in tx.stream_changes(0)[0]]
+
+    def apply(positions: list[int]) -> None:
+        if positions:
+            seen.set()
+
+    try:
+        assert a._listener is not None
+        await trio.to_thread.run_sync(a._listener.listening.wait)
+        a.set_commit_hook(read, apply)
+        await b.write(partial(_event, n=1))
+        with trio.fail_after(listener.POLL_S * 6):
+            await seen.wait()
+        assert failures == [0]
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -63,14 +63,17 @@ class StreamListener:
                 log.debug("could not wake the LISTEN thread", exc_info=True)
         self._thread.join()
 
-    def _run_catch_up(self) -> bool:
-        """Run the catch-up in the trio thread; False once trio has gone (stop then)."""
+    def _run_catch_up(self) -> bool | None:
+        """Run the catch-up in the trio thread: True done, False failed (a store error: the
+        caller retries it every ``POLL_S`` until it succeeds), None once trio has gone (stop
+        then)."""
         try:
             trio.from_thread.run(self._catch_up, trio_token=self._token)
         except trio.RunFinishedError:
-            return False
-        except Exception:  # a store error: the next notification or reconnect retries
+            return None
+        except Exception:
             log.warning("catching up with other instances' commits failed", exc_info=True)
+            return False
         return True
 
     def _loop(self) -> None:
@@ -83,17 +86,22 @@ class StreamListener:
                         log.info("listening for other instances' commits again")
                     failed = False
                     self.listening.set()
-                    if not self._run_catch_up():
-                        return
+                    # Other instances' rows committed while this one was not listening
+                    # (and any catch-up that failed since) are caught up now, or retried
+                    # every POLL_S until the store answers: none is left for a later commit.
+                    pending = True
                     while not self._stopping.is_set():
+                        if pending:
+                            done = self._run_catch_up()
+                            if done is None:
+                                return
+                            pending = not done
                         # Back at the first notification (not at the end of POLL_S), then
                         # whatever else is queued already: one catch-up for a burst.
                         notes = list(conn.notifies(timeout=POLL_S, stop_after=1))
                         if notes:
                             notes += conn.notifies(timeout=0)
-                        others = any(n.payload != self._instance_id for n in notes)
-                        if others and not self._run_catch_up():
-                            return
+                        pending = pending or any(n.payload != self._instance_id for n in notes)
             except psycopg.Error as e:
                 if not failed:
                     log.warning("LISTEN connection lost (%s); reconnecting every %ss", e, POLL_S)
