@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import trio
 
-from peekproxy.core.cluster import fenced
+from peekproxy.core.cluster import Lease, fenced
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.services.settings import ClusterSettings
-from peekproxy.store import Storage
+from peekproxy.store import ReadTransaction, Storage
 
 __all__ = ["POLL_S", "Leases"]
 
@@ -92,12 +92,25 @@ class Leases:
 
     async def settled(self, room_id: str, wait_s: float) -> Subscription | None:
         """The room's stored subscription once its owner is no longer setting up its first
-        following (state ``starting``), polled every :data:`POLL_S` for at most ``wait_s``
-        (then as it is). ``None``: no row stored."""
+        following, polled every :data:`POLL_S` for at most ``wait_s`` seconds (then as it
+        is). The owner is setting it up while the row is ``starting``, or while no row is
+        stored yet but another instance holds a live lease of the room (it took the lease
+        and is still peeking: the row is stored with the first snapshot).
+
+        Returns ``None``: no row stored, and no instance holds a live lease of the room (its
+        owner gave up or died before storing one), or the wait ran out. Raises what the
+        store raises."""
+
+        def read(tx: ReadTransaction) -> tuple[Subscription | None, Lease | None]:
+            rows = tx.load_subscriptions(room_id)
+            return (rows[0] if rows else None), tx.leases().get(room_id)
+
         with trio.move_on_after(wait_s):
             while True:
-                sub = await self.stored(room_id)
-                if sub is None or sub.state is not SubState.STARTING:
+                sub, lease = await self.store.read(read)
+                if sub is not None and sub.state is not SubState.STARTING:
                     return sub
+                if sub is None and (lease is None or self.clock_ms() >= lease.expires_ms):
+                    return None
                 await trio.sleep(POLL_S)
         return await self.stored(room_id)
