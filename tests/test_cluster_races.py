@@ -15,7 +15,7 @@ from peekproxy.services.following import Followed
 from peekproxy.store import Storage
 from peekproxy.store.sqlite import SqliteStorage
 from tests.conftest import OpenStore
-from tests.test_cluster import ALICE, BOB, CAROL, ROOM, Follower, Remote, _stack, running
+from tests.test_cluster import ALICE, BOB, CAROL, LEASE_MS, ROOM, Follower, Remote, _stack, running
 
 #: How long the remote takes to answer the first peek of a room (seconds).
 FIRST_FOLLOW_S = 0.8
@@ -95,4 +95,29 @@ async def test_send_on_a_non_owner_waits_for_the_owners_first_peek(
         sub = b.subscriptions.get(ROOM)
         assert sub is not None and sub.accepts_events
         assert trio.current_time() - started < FIRST_FOLLOW_S + 1
+    await _close(stores)
+
+
+async def test_two_processes_with_the_same_instance_name_are_two_lease_owners(
+    open_store: OpenStore,
+) -> None:
+    """A configuration mistake: two processes named ``pp``. Each records its own lease
+    owner (``pp/<random>``): one follows the room, and a clean stop of the other releases
+    nothing of the first's."""
+    stores = await _stores(open_store, 2)
+    remote = Remote()
+    a, b = _stack(stores[0], remote, "pp"), _stack(stores[1], remote, "pp")
+    assert a.subscriptions.leases is not None and b.subscriptions.leases is not None
+    async with running(a), running(b):
+        await a.syncing.peek(*ALICE, ROOM, ["remote.test"])
+        await b.syncing.peek(*BOB, ROOM, ["remote.test"])
+        assert [what for _, what, _ in remote.calls] == ["follow"]
+        assert a.subscriptions.owns(ROOM) and not b.subscriptions.owns(ROOM)
+        assert await b.subscriptions.leases.release_all() == 0
+        lease = (await stores[0].read(lambda tx: tx.leases()))[ROOM]
+        assert lease.owner == a.subscriptions.leases.me
+        await trio.sleep(2 * LEASE_MS / 1000)  # B's looks: the lease is A's, live
+        assert a.subscriptions.owns(ROOM) and not b.subscriptions.owns(ROOM)
+        assert remote.of("pp", "follow") == ["peek-1"]
+    assert a.subscriptions.leases.me.startswith("pp/") and b.subscriptions.leases.me != "pp"
     await _close(stores)

@@ -6,11 +6,12 @@ acts on a room and runs :meth:`Leases.renew` every third of the lease."""
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 
 import trio
 
-from peekproxy.core.cluster import Lease, fenced
+from peekproxy.core.cluster import Lease, fenced, lease_owner
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.services.settings import ClusterSettings
 from peekproxy.store import ReadTransaction, Storage
@@ -24,14 +25,19 @@ log = logging.getLogger("peekproxy.peeks")
 
 
 class Leases:
-    """The leases this instance (``settings.instance_name``) holds, and until when it may
-    act on each (ms, on ``clock_ms``; instances' clocks must agree to well under a lease)."""
+    """The leases this process holds, and until when it may act on each (ms, on
+    ``clock_ms``; instances' clocks must agree to well under a lease). It records itself as
+    their owner under :attr:`me`: ``settings.instance_name`` plus a random suffix new for
+    each process (:func:`~peekproxy.core.cluster.lease_owner`, e.g. ``pp2/3f9a1c``), so two
+    processes given the same name never act on or release each other's leases, and a
+    restarted instance waits out the leases its previous process did not release."""
 
     def __init__(
         self, *, store: Storage, settings: ClusterSettings, clock_ms: Callable[[], int]
     ) -> None:
         self.store = store
-        self.me = settings.instance_name
+        #: This process's name as a lease owner (``<instance_name>/<6 hex digits>``).
+        self.me = lease_owner(settings.instance_name, secrets.token_hex(3))
         self.lease_ms = settings.lease_ms
         self.clock_ms = clock_ms
         self._until: dict[str, int] = {}
