@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import pytest
 import trio
 
 from peekproxy.services.assembly import Services
 from peekproxy.services.following import Followed
-from peekproxy.store import Storage
+from peekproxy.store import Storage, StoreUnavailable
 from peekproxy.store.sqlite import SqliteStorage
 from tests.conftest import OpenStore
 from tests.test_cluster import ALICE, BOB, CAROL, LEASE_MS, ROOM, Follower, Remote, _stack, running
@@ -121,3 +123,29 @@ async def test_two_processes_with_the_same_instance_name_are_two_lease_owners(
         assert remote.of("pp", "follow") == ["peek-1"]
     assert a.subscriptions.leases.me.startswith("pp/") and b.subscriptions.leases.me != "pp"
     await _close(stores)
+
+
+async def test_a_failed_write_of_a_devices_last_sync_is_tried_again_at_its_next_sync(
+    open_store: OpenStore,
+) -> None:
+    """The write of the device's last sync fails (the database away a moment): the next sync
+    writes it, rather than taking it for stored for a quarter of the idle timeout."""
+    (store,) = await _stores(open_store, 1)
+    services = _stack(store, Remote(), "A")
+    write = store.write
+    failed: list[bool] = []
+
+    async def failing_once(fn: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            raise StoreUnavailable("the database is away a moment")
+        return await write(fn)
+
+    store.write = failing_once  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable):
+        await services.syncing._record_sync(ALICE)
+    store.write = write  # type: ignore[method-assign]
+    await services.syncing._record_sync(ALICE)
+    assert await store.read(lambda tx: tx.last_sync(*ALICE)) is not None
+    await services.client.aclose()
+    await _close([store])
