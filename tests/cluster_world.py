@@ -21,6 +21,7 @@ import psycopg
 import trio
 import trustme
 
+from peekproxy.core.cluster import instance_of
 from peekproxy.core.xmatrix import authorization_header
 from tests.peek_world import PEEKPROXY, TESTBED, PeekWorld, build_world
 from tests.support import DaemonProcess
@@ -50,9 +51,10 @@ class Cluster:
             return conn.execute(sql.replace("?", "%s"), args).fetchall()
 
     def owner(self, room_id: str) -> str | None:
-        """The instance holding the room's lease (None: nobody)."""
+        """The instance holding the room's lease, by its ``instance_name`` (the stored owner
+        without its per-process suffix; None: nobody)."""
         rows = self.rows("SELECT owner FROM subscription_leases WHERE room_id = ?", room_id)
-        return str(rows[0][0]) if rows else None
+        return instance_of(str(rows[0][0])) if rows else None
 
 
 async def build_cluster(

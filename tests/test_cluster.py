@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from peekproxy.core.cluster import instance_of
 from peekproxy.core.subscription import SubState
 from peekproxy.services.assembly import Services, build_services
 from peekproxy.services.following import Followed, RenewalFailed, Renewed
@@ -137,7 +138,7 @@ async def _gaps(store: Storage) -> int:
 
 async def _owner(store: Storage) -> str | None:
     lease = (await store.read(lambda tx: tx.leases())).get(ROOM)
-    return None if lease is None else lease.owner
+    return None if lease is None else instance_of(lease.owner)
 
 
 async def _state(store: Storage, device: tuple[str, str]) -> str | None:

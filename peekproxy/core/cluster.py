@@ -20,6 +20,8 @@ __all__ = [
     "default_instance_name",
     "fenced",
     "idle_reap_at",
+    "instance_of",
+    "lease_owner",
     "may_take",
     "needs_follower",
     "renew_every_ms",
@@ -42,6 +44,19 @@ class Lease:
 def default_instance_name(hostname: str, pid: int) -> str:
     """``<hostname>-<pid>``: unique among running instances, new after each restart."""
     return f"{hostname}-{pid}"
+
+
+def lease_owner(instance_name: str, suffix: str) -> str:
+    """What a process records as the owner of the leases it takes: ``<instance_name>/<suffix>``
+    (``suffix``: random, new for each process, e.g. ``pp2/3f9a1c``). Two processes started
+    with the same ``instance_name`` by mistake are then still two owners: neither renews nor
+    releases the other's leases."""
+    return f"{instance_name}/{suffix}"
+
+
+def instance_of(owner: str) -> str:
+    """The instance name of a lease owner (:func:`lease_owner`): before its last ``/``."""
+    return owner.rpartition("/")[0] or owner
 
 
 def renew_every_ms(lease_ms: int) -> int:

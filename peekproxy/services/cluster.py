@@ -38,6 +38,11 @@ class ClusterLoop:
         next look tried (the leases run out meanwhile: this instance stops acting)."""
         task_status.started()
         every_s = renew_every_ms(self.leases.lease_ms) / 1000
+        log.info(
+            "cluster: this instance takes leases as %s (lease %d ms)",
+            self.leases.me,
+            self.leases.lease_ms,
+        )
         while True:
             await trio.sleep(every_s)
             try:

@@ -6,14 +6,15 @@ acts on a room and runs :meth:`Leases.renew` every third of the lease."""
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 
 import trio
 
-from peekproxy.core.cluster import fenced
+from peekproxy.core.cluster import Lease, fenced, lease_owner
 from peekproxy.core.subscription import Subscription, SubState
 from peekproxy.services.settings import ClusterSettings
-from peekproxy.store import Storage
+from peekproxy.store import ReadTransaction, Storage
 
 __all__ = ["POLL_S", "Leases"]
 
@@ -24,14 +25,19 @@ log = logging.getLogger("peekproxy.peeks")
 
 
 class Leases:
-    """The leases this instance (``settings.instance_name``) holds, and until when it may
-    act on each (ms, on ``clock_ms``; instances' clocks must agree to well under a lease)."""
+    """The leases this process holds, and until when it may act on each (ms, on
+    ``clock_ms``; instances' clocks must agree to well under a lease). It records itself as
+    their owner under :attr:`me`: ``settings.instance_name`` plus a random suffix new for
+    each process (:func:`~peekproxy.core.cluster.lease_owner`, e.g. ``pp2/3f9a1c``), so two
+    processes given the same name never act on or release each other's leases, and a
+    restarted instance waits out the leases its previous process did not release."""
 
     def __init__(
         self, *, store: Storage, settings: ClusterSettings, clock_ms: Callable[[], int]
     ) -> None:
         self.store = store
-        self.me = settings.instance_name
+        #: This process's name as a lease owner (``<instance_name>/<6 hex digits>``).
+        self.me = lease_owner(settings.instance_name, secrets.token_hex(3))
         self.lease_ms = settings.lease_ms
         self.clock_ms = clock_ms
         self._until: dict[str, int] = {}
@@ -92,12 +98,25 @@ class Leases:
 
     async def settled(self, room_id: str, wait_s: float) -> Subscription | None:
         """The room's stored subscription once its owner is no longer setting up its first
-        following (state ``starting``), polled every :data:`POLL_S` for at most ``wait_s``
-        (then as it is). ``None``: no row stored."""
+        following, polled every :data:`POLL_S` for at most ``wait_s`` seconds (then as it
+        is). The owner is setting it up while the row is ``starting``, or while no row is
+        stored yet but another instance holds a live lease of the room (it took the lease
+        and is still peeking: the row is stored with the first snapshot).
+
+        Returns ``None``: no row stored, and no instance holds a live lease of the room (its
+        owner gave up or died before storing one), or the wait ran out. Raises what the
+        store raises."""
+
+        def read(tx: ReadTransaction) -> tuple[Subscription | None, Lease | None]:
+            rows = tx.load_subscriptions(room_id)
+            return (rows[0] if rows else None), tx.leases().get(room_id)
+
         with trio.move_on_after(wait_s):
             while True:
-                sub = await self.stored(room_id)
-                if sub is None or sub.state is not SubState.STARTING:
+                sub, lease = await self.store.read(read)
+                if sub is not None and sub.state is not SubState.STARTING:
                     return sub
+                if sub is None and (lease is None or self.clock_ms() >= lease.expires_ms):
+                    return None
                 await trio.sleep(POLL_S)
         return await self.stored(room_id)

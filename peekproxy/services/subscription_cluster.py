@@ -93,15 +93,21 @@ class ClusterSubscriptions:
         self.poke(room_id)
         return True
 
-    async def _owner_view(self, room_id: str) -> Subscription:
-        """The subscription another instance follows (its first following set up).
+    async def _owner_view(self, room_id: str, wait_s: float) -> Subscription | None:
+        """The subscription another instance follows, once its first following is set up
+        (waiting for it at most ``wait_s`` seconds: :meth:`Leases.settled`). ``None``: no row
+        stored and no live lease (its owner gave up or died before storing one): the caller
+        may take the room over.
 
         Raises:
-            PeekError: 403 the room is not peekable; 502 the owner could not follow it.
+            PeekError: 403 the room is not peekable; 502 the owner could not follow it, or
+                was still setting it up when the wait ran out.
         """
         assert self.leases is not None
-        sub = await self.leases.settled(room_id, OWNER_WAIT_S)
-        if sub is None or sub.state is SubState.STARTING:
+        sub = await self.leases.settled(room_id, wait_s)
+        if sub is None:
+            return None
+        if sub.state is SubState.STARTING:
             raise PeekError(502, "M_UNKNOWN", f"another instance is still peeking {room_id}")
         self.by_room[room_id] = sub
         if sub.state is SubState.ENDED:
@@ -109,6 +115,27 @@ class ClusterSubscriptions:
         if sub.state is SubState.FAILED:
             raise PeekError(502, "M_UNKNOWN", sub.ended_reason or f"could not peek {room_id}")
         return sub
+
+    async def _follow_or_view(self, room_id: str) -> Subscription | None:
+        """Before a device's peek of ``room_id`` (with ``[cluster]``, the room's lock held):
+        ``None`` when this instance follows the room (it holds or took the lease), else the
+        subscription its owner follows, waiting (at most :data:`OWNER_WAIT_S` in all) while
+        the owner sets up its first following; a lease left without a row (its owner died or
+        gave up meanwhile) is taken.
+
+        Raises:
+            PeekError: as :meth:`_owner_view`; 502 when the owner was still peeking the room
+                when the wait ran out.
+        """
+        deadline = trio.current_time() + OWNER_WAIT_S
+        while not self.owns(room_id) and not await self._take_over(room_id):
+            left = deadline - trio.current_time()
+            viewed = await self._owner_view(room_id, max(0.0, left))
+            if viewed is not None:
+                return viewed
+            if left <= 0 or trio.current_time() >= deadline:
+                raise PeekError(502, "M_UNKNOWN", f"another instance is still peeking {room_id}")
+        return None
 
     async def match_wanted(self, room_id: str) -> None:
         """An owned room is wanted exactly while some device of the cluster peeks it (the
@@ -129,13 +156,17 @@ class ClusterSubscriptions:
     async def refresh(self, room_ids: Iterable[str]) -> None:
         """Before ``/send`` decides (with ``[cluster]``): rooms another instance may follow
         that the local view does not accept events for are read again from the store
-        (waiting, as :meth:`wait_for_setups`, for a first following being set up)."""
+        (waiting, as :meth:`wait_for_setups`, at most :data:`OWNER_WAIT_S` seconds, for a
+        first following being set up: a ``starting`` row, or another instance's live lease
+        with no row stored yet). Raises what the store raises."""
         if self.leases is None:
             return
         for room_id in room_ids:
             sub = self.by_room.get(room_id)
             if self.owns(room_id) or (sub is not None and sub.accepts_events):
                 continue
+            # A live lease and no row yet: the owner's first peek is in flight (the remote
+            # may push its events before the owner has stored the snapshot): wait for it.
             stored = await self.leases.settled(room_id, OWNER_WAIT_S)
             if stored is not None:
                 self.by_room[room_id] = stored

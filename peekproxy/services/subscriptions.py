@@ -179,11 +179,13 @@ class Subscriptions(ClusterSubscriptions):
         ``candidates`` unless it is followed already; returns the subscription, stored.
 
         Raises:
-            PeekError: 503 ``max_remote_peeks`` reached; else as :meth:`_establish`.
+            PeekError: 503 ``max_remote_peeks`` reached; else as :meth:`_establish` (on an
+                instance that does not follow the room: as :meth:`_follow_or_view`).
         """
         bind_log_fields(room_id=room_id)  # the request's task: the room it peeks
-        if not self.owns(room_id) and not await self._take_over(room_id):
-            return await self._owner_view(room_id)
+        viewed = await self._follow_or_view(room_id) if self.leases is not None else None
+        if viewed is not None:
+            return viewed
         sub = self.by_room.get(room_id)
         if sub is None:
             live = sum(

@@ -522,13 +522,15 @@ class Syncing:
     async def _record_sync(self, device: tuple[str, str]) -> None:
         """With ``[cluster]``: store the device's sync as its last one when the stored one
         is a quarter of the idle timeout old (:func:`~peekproxy.core.cluster.store_sync_due`),
-        for the reaper of every instance."""
+        for the reaper of every instance. Marked as stored only once the write succeeded,
+        so a failed write is tried again at the device's next sync. Raises what the store
+        raises."""
         now = self.clock_ms()
         idle = self.settings.idle_timeout_ms
         if self.settings.cluster is None or not store_sync_due(self._stored.get(device), now, idle):
             return
-        self._stored[device] = now
         await self.store.write(lambda tx: tx.record_sync(*device, now))
+        self._stored[device] = now
 
     async def _reap_stored(self, lease_ms: int) -> None:
         """With ``[cluster]``: every third of the lease, at most every quarter of the idle
