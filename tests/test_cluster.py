@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from prometheus_client import REGISTRY
 
 from peekproxy.core.cluster import instance_of
 from peekproxy.core.subscription import SubState
 from peekproxy.services.assembly import Services, build_services
 from peekproxy.services.following import Followed, RenewalFailed, Renewed
+from peekproxy.services.gauges import ScrapeGauges
 from peekproxy.services.settings import ClusterSettings
 from peekproxy.store import Storage, StoreUnavailable
 from peekproxy.store.sqlite import SqliteTransaction, open_sqlite
@@ -170,6 +172,30 @@ async def test_devices_on_two_instances_share_one_remote_peek(tmp_path: Path) ->
             return remote.of("A", "stop") == ["peek-1"] and await _owner(store) is None
 
         await until(stopped)
+    await store.aclose()
+
+
+async def test_each_room_is_counted_in_the_metrics_of_its_follower_only(
+    tmp_path: Path,
+) -> None:
+    store = await open_sqlite(tmp_path / "p.db", "local.test")
+    remote = Remote()
+    a, b = _stack(store, remote, "A"), _stack(store, remote, "B")
+
+    def followed(services: Services) -> float:
+        ScrapeGauges(subscriptions=services.subscriptions, store=store).refresh()
+        return sum(
+            REGISTRY.get_sample_value("peekproxy_subscriptions", {"state": state, "transport": t})
+            or 0.0
+            for state in ("active", "starting")
+            for t in ("msc2444", "none")
+        )
+
+    async with running(a), running(b):
+        await a.syncing.peek(*ALICE, ROOM, ["remote.test"])
+        await b.syncing.peek(*BOB, ROOM, ["remote.test"])
+        assert b.subscriptions.get(ROOM) is not None  # B views the room A follows ...
+        assert (followed(a), followed(b)) == (1.0, 0.0)  # ... and counts it not
     await store.aclose()
 
 

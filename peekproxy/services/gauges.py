@@ -49,10 +49,14 @@ class ScrapeGauges:
         self.store = store
 
     def refresh(self) -> None:
-        """Count the subscriptions (in memory)."""
-        for (state, transport), count in subscription_counts(
-            self.subscriptions.by_room.values()
-        ).items():
+        """Count the subscriptions (in memory) this instance follows: with ``[cluster]``,
+        the rooms whose lease it holds, so the series add up across instances
+        (docs/cluster.md); the other instances' rooms it only views are not counted."""
+        subscriptions = self.subscriptions
+        followed = (
+            sub for room_id, sub in subscriptions.by_room.items() if subscriptions.owns(room_id)
+        )
+        for (state, transport), count in subscription_counts(followed).items():
             SUBSCRIPTIONS.labels(state, transport).set(count)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
