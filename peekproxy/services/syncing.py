@@ -13,7 +13,6 @@ protocol.md decision 9); its next sync restores them (the rooms followed again, 
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -21,7 +20,6 @@ from typing import Any
 
 import trio
 
-from peekproxy.core.cluster import idle_reap_at, renew_every_ms, store_sync_due
 from peekproxy.core.identifiers import InvalidIdentifier, RoomId
 from peekproxy.core.live import LiveAnswer, LiveWindow, StreamChange
 from peekproxy.core.outcomes import candidate_servers
@@ -30,17 +28,18 @@ from peekproxy.metrics import SYNC_ANSWERS, WAKE_SECONDS
 from peekproxy.outage import OUTAGE, retry_store_errors, store_unavailable_in
 from peekproxy.services.directory import RoomDirectory
 from peekproxy.services.errors import PeekError
+from peekproxy.services.idle_reaper import IdleReaper
 from peekproxy.services.notifier import Notifier
 from peekproxy.services.settings import PeekSettings, now_ms
 from peekproxy.services.subscriptions import Subscriptions
-from peekproxy.store import ReadTransaction, Storage, StoreError, WriteTransaction
+from peekproxy.store import ReadTransaction, Storage, WriteTransaction
 
 __all__ = ["Syncing"]
 
 log = logging.getLogger("peekproxy.peeks")
 
 
-class Syncing:
+class Syncing(IdleReaper):
     """Device peeks, ``/sync`` long-polls, dormant restore and the idle reaper."""
 
     def __init__(
@@ -185,19 +184,6 @@ class Syncing:
         await self._record_sync((user_id, device_id))
         log.info("%s/%s peeks %s via %s", user_id, device_id, room_id, sub.server)
         return room_id
-
-    def _mark_seen(self, device: tuple[str, str], now_ms: int | None = None) -> None:
-        """Restart the device's idle clock. O(log devices): only a device new to the reaper
-        can need it to wake earlier than it planned."""
-        now = self.clock_ms() if now_ms is None else now_ms
-        new = device not in self._seen
-        self._seen[device] = now
-        if new:
-            entry = (now, device)
-            heapq.heappush(self._idle_heap, entry)
-            if self._idle_heap[0] is entry:
-                self._seen_changed.set()
-                self._seen_changed = trio.Event()
 
     async def unpeek(self, user_id: str, device_id: str, room_id: str) -> None:
         """End a device's peek, active or dormant; its next sync shows the room in
@@ -489,88 +475,6 @@ class Syncing:
                     lambda tx: tx.set_device_peek(user_id, device_id, room_id, "active", now)  # noqa: B023
                 )
             log.info("restored %s/%s's peek of %s after an idle drop", user_id, device_id, room_id)
-            self.subscriptions.poke(room_id)
-
-    async def _reap_idle(self) -> None:
-        """Make the peeks of devices that have not synced for ``idle_timeout`` dormant
-        (protocol.md decision 9); a room left with no active peek is then released."""
-        idle = self.settings.idle_timeout_ms
-        while True:
-            heap = self._idle_heap
-            while heap and heap[0][0] + idle <= self.clock_ms():
-                _, device = heapq.heappop(heap)
-                seen = self._seen.get(device)
-                if seen is None:
-                    continue
-                if seen + idle > self.clock_ms():  # synced since: look again later
-                    heapq.heappush(heap, (seen, device))
-                    continue
-                del self._seen[device]
-                try:
-                    await self._make_dormant(*device)
-                except StoreError:
-                    self._mark_seen(device, seen)  # still idle: reaped once the store answers
-                    raise
-            wake = heap[0][0] + idle if heap else None
-            changed = self._seen_changed
-            if wake is None:
-                await changed.wait()
-            else:
-                with trio.move_on_after(max(0.0, (wake - self.clock_ms()) / 1000)):
-                    await changed.wait()
-
-    async def _record_sync(self, device: tuple[str, str]) -> None:
-        """With ``[cluster]``: store the device's sync as its last one when the stored one
-        is a quarter of the idle timeout old (:func:`~peekproxy.core.cluster.store_sync_due`),
-        for the reaper of every instance. Marked as stored only once the write succeeded,
-        so a failed write is tried again at the device's next sync. Raises what the store
-        raises."""
-        now = self.clock_ms()
-        idle = self.settings.idle_timeout_ms
-        if self.settings.cluster is None or not store_sync_due(self._stored.get(device), now, idle):
-            return
-        await self.store.write(lambda tx: tx.record_sync(*device, now))
-        self._stored[device] = now
-
-    async def _reap_stored(self, lease_ms: int) -> None:
-        """With ``[cluster]``: every third of the lease, at most every quarter of the idle
-        timeout, make the peeks of devices idle by their stored last sync dormant (whichever
-        instance they synced on; :func:`~peekproxy.core.cluster.idle_reap_at`, this
-        instance's own exact last sync counted too)."""
-        idle = self.settings.idle_timeout_ms
-        every_s = min(renew_every_ms(lease_ms), idle // 4) / 1000
-        while True:
-            now = self.clock_ms()
-            try:
-                candidates = await self.store.read(lambda tx: tx.idle_devices(now - idle))  # noqa: B023
-                for user_id, device_id, stored in candidates:
-                    at = idle_reap_at(self._seen.get((user_id, device_id)), stored, idle)
-                    if at is not None and at <= self.clock_ms():
-                        self._seen.pop((user_id, device_id), None)
-                        self._stored.pop((user_id, device_id), None)
-                        await self._make_dormant(user_id, device_id)
-            except StoreError as e:
-                log.warning("idle reaper: the store failed (%s); looking again", e)
-            await trio.sleep(every_s)
-
-    async def _make_dormant(self, user_id: str, device_id: str) -> None:
-        # An idle device leaves the live window; its next sync reads the store (and restores).
-        self.live.forget_device((user_id, device_id))
-        peeks = await self.store.read(lambda tx: tx.device_peeks(user_id, device_id))
-        for room_id, state, _ in peeks:
-            if state != "active":
-                continue
-            async with self.subscriptions.room_lock(room_id):
-                now = self.clock_ms()
-
-                def drop(tx: WriteTransaction, room_id: str = room_id, now: int = now) -> int:
-                    tx.set_device_peek(user_id, device_id, room_id, "dormant", now)
-                    return tx.device_peek_count(room_id)
-
-                remaining = await self.store.write(drop)
-                if remaining == 0:
-                    await self.subscriptions.unwanted(room_id, now)
-            log.info("%s/%s idle: its peek of %s is dormant", user_id, device_id, room_id)
             self.subscriptions.poke(room_id)
 
 
