@@ -37,6 +37,7 @@ worker threads via :mod:`trio.to_thread` (psycopg's async API is asyncio-only), 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -71,6 +72,12 @@ POOL_TIMEOUT = 10.0
 #: pool with no live connection can only wait for its reconnect, so requests are answered
 #: ``StoreUnavailable`` (503) within this instead of :data:`POOL_TIMEOUT`.
 DOWN_POOL_TIMEOUT = 0.5
+#: While the server was away and the pool has no connection: at most one connection of a
+#: call's own every this many seconds (the pool may be backing off its reconnects although
+#: the server is back), each attempt bounded by DIRECT_TIMEOUT seconds (libpq's
+#: ``connect_timeout``: whole seconds, at least 2).
+DIRECT_EVERY_S = 0.5
+DIRECT_TIMEOUT = 2
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
 
 
@@ -108,7 +115,12 @@ class PostgresStorage:
     with :meth:`aclose`."""
 
     def __init__(
-        self, pool: psycopg_pool.ConnectionPool, where: str, server_name: str, pool_size: int
+        self,
+        pool: psycopg_pool.ConnectionPool,
+        where: str,
+        server_name: str,
+        pool_size: int,
+        conninfo: dict[str, Any],
     ) -> None:
         self.where = where
         self.server_name = server_name
@@ -123,6 +135,10 @@ class PostgresStorage:
         self._listener: StreamListener | None = None
         #: Whether the last transaction met the server away (then waits are short).
         self._down = False
+        #: How a call connects on its own (:meth:`_run`): the pool's conninfo and kwargs.
+        self._conninfo = conninfo
+        self._direct_lock = threading.Lock()
+        self._direct_at = 0.0
 
     def set_commit_hook(
         self, read: Callable[[SqlTransaction], T], apply: Callable[[T], None]
@@ -133,28 +149,58 @@ class PostgresStorage:
         self._hook_apply = apply
 
     def _run(self, fn: Callable[[PostgresTransaction], T], begin: str, lock: bool) -> T:
-        """In a worker thread: ``fn`` in one transaction on a pooled connection."""
+        """In a worker thread: ``fn`` in one transaction on a pooled connection. While the
+        server was away, a pool that finds no connection within ``DOWN_POOL_TIMEOUT`` may
+        still be backing off its reconnects (psycopg_pool waits 1, 2, 4... s between
+        attempts) although the server is back: then one connection of the call's own is
+        tried (:meth:`_direct_due`), so the daemon answers again as soon as the server does."""
         try:
             timeout = DOWN_POOL_TIMEOUT if self._down else POOL_TIMEOUT
-            with self._pool.connection(timeout=timeout) as conn:
-                conn.execute(begin)
-                tx = PostgresTransaction(conn)
-                try:
-                    if lock:
-                        conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-                    result = fn(tx)
-                    if tx.stream_written:
-                        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.instance_id))
-                except BaseException:
-                    if not conn.closed:
-                        conn.execute("ROLLBACK")
+            try:
+                with self._pool.connection(timeout=timeout) as conn:
+                    result = self._transact(conn, fn, begin, lock)
+            except psycopg_pool.PoolTimeout:
+                if not self._down or not self._direct_due():
                     raise
-                conn.execute("COMMIT")
+                with psycopg.connect(**self._conninfo, connect_timeout=DIRECT_TIMEOUT) as conn:
+                    result = self._transact(conn, fn, begin, lock)
             self._down = False
             return result
         except _UNAVAILABLE as e:
             self._down = True
             raise _unavailable(e, self.where) from e
+
+    def _direct_due(self) -> bool:
+        """Whether a call may try a connection of its own now: at most one attempt every
+        :data:`DIRECT_EVERY_S` seconds for the whole instance (no hammering a down server)."""
+        with self._direct_lock:
+            now = time.monotonic()
+            if now - self._direct_at < DIRECT_EVERY_S:
+                return False
+            self._direct_at = now
+            return True
+
+    def _transact(
+        self,
+        conn: psycopg.Connection[Any],
+        fn: Callable[[PostgresTransaction], T],
+        begin: str,
+        lock: bool,
+    ) -> T:
+        conn.execute(begin)
+        tx = PostgresTransaction(conn)
+        try:
+            if lock:
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            result = fn(tx)
+            if tx.stream_written:
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.instance_id))
+        except BaseException:
+            if not conn.closed:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
 
     async def write(self, fn: Callable[[PostgresTransaction], T]) -> T:
         """Run ``fn(tx)`` in one write transaction and return its result once committed
@@ -285,6 +331,7 @@ async def open_postgres(
     pool = psycopg_pool.ConnectionPool(
         dsn, kwargs=kwargs, min_size=1, max_size=pool_size, open=False, name="peekproxy"
     )
-    store = PostgresStorage(pool, where, server_name, pool_size)
-    await store._start(record_server_name, {"conninfo": dsn, **kwargs})
+    conninfo = {"conninfo": dsn, **kwargs}
+    store = PostgresStorage(pool, where, server_name, pool_size, conninfo)
+    await store._start(record_server_name, conninfo)
     return store
