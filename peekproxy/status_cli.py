@@ -68,6 +68,8 @@ def _notes(entry: dict[str, Any], now_ts: int) -> list[str]:
         notes.append(f"  backing off for {wait}s more ({entry.get('failures_in_a_row')} in a row)")
     if entry.get("ended_reason"):
         notes.append(f"  ended: {entry['ended_reason']}")
+    if entry.get("follower"):
+        notes.append(f"  followed by instance {entry['follower']}")
     return notes
 
 

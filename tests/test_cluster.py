@@ -175,7 +175,7 @@ async def test_devices_on_two_instances_share_one_remote_peek(tmp_path: Path) ->
     await store.aclose()
 
 
-async def test_each_room_is_counted_in_the_metrics_of_its_follower_only(
+async def test_metrics_and_status_name_each_room_s_follower(
     tmp_path: Path,
 ) -> None:
     store = await open_sqlite(tmp_path / "p.db", "local.test")
@@ -196,6 +196,11 @@ async def test_each_room_is_counted_in_the_metrics_of_its_follower_only(
         await b.syncing.peek(*BOB, ROOM, ["remote.test"])
         assert b.subscriptions.get(ROOM) is not None  # B views the room A follows ...
         assert (followed(a), followed(b)) == (1.0, 0.0)  # ... and counts it not
+        # Both instances' status names the follower: A's lease (name and suffix).
+        for services in (a, b):
+            (entry,) = (await services.status.report(ROOM))["subscriptions"]
+            assert instance_of(entry["follower"]) == "A"
+            assert entry["follower"] == a.subscriptions.leases.me  # type: ignore[union-attr]
     await store.aclose()
 
 

@@ -122,6 +122,7 @@ def test_entry_shape() -> None:
         "ended_reason": None,
         "pending_deletes": 1,
         "recent_failures": [{"ts": NOW - 9, "action": "renew", "server": "x", "error": "boom"}],
+        "follower": None,
     }
     joined = subscription_entry(
         replace(sub, peek_id="join:$j", state=SubState.LAPSED),

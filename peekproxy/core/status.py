@@ -104,12 +104,15 @@ def subscription_entry(
     devices: tuple[int, int],
     last_event: tuple[str, int] | None,
     failures: Iterable[Failure],
+    follower: str | None = None,
 ) -> dict[str, Any]:
     """One room's entry of the status answer (docs/operations.md "Status" lists the keys).
 
     ``transport``: ``msc2444``, ``observer_join``, ``client_api`` or ``None`` (no following
     now); ``devices``: (active, dormant) device peeks; ``last_event``: (event ID, ms when
-    peekproxy stored it) of the newest event on the room's stream.
+    peekproxy stored it) of the newest event on the room's stream; ``follower``: with
+    ``[cluster]``, the lease owner that follows the room (``<instance_name>/<suffix>``, or
+    ``"none"``), else ``None``.
     """
     event_id, event_ts = last_event if last_event is not None else (None, None)
     return {
@@ -131,6 +134,7 @@ def subscription_entry(
         "ended_reason": sub.ended_reason,
         "pending_deletes": len(sub.pending_deletes),
         "recent_failures": [f.to_json() for f in failures],
+        "follower": follower,
     }
 
 

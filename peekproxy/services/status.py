@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from peekproxy.core.cluster import Lease
 from peekproxy.core.status import Failure, RecentFailures, by_urgency, subscription_entry
 from peekproxy.services.follower_choice import transport_of
 from peekproxy.services.following import (
@@ -95,10 +96,15 @@ class SubscriptionStatus:
         subs = self.subscriptions.by_room
         chosen = [subs[room_id]] if room_id in subs else [] if room_id else list(subs.values())
 
-        def read(tx: ReadTransaction) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
-            return tx.device_peek_counts(room_id), tx.newest_events(room_id)
+        clustered = self.subscriptions.leases is not None
 
-        devices, newest = await self.store.read(read)
+        def read(
+            tx: ReadTransaction,
+        ) -> tuple[dict[str, tuple[int, int]], dict[str, Any], dict[str, Lease]]:
+            leases = tx.leases() if clustered else {}
+            return tx.device_peek_counts(room_id), tx.newest_events(room_id), leases
+
+        devices, newest, leases = await self.store.read(read)
         now = self.clock_ms()
         failures = self.failures
         entries = [
@@ -111,8 +117,17 @@ class SubscriptionStatus:
                     devices=devices.get(sub.room_id, (0, 0)),
                     last_event=newest.get(sub.room_id),
                     failures=failures.of(sub.room_id),
+                    follower=_follower(leases.get(sub.room_id), now) if clustered else None,
                 ),
             )
             for sub in chosen
         ]
         return {"subscriptions": by_urgency(entries), "now_ts": now}
+
+
+def _follower(lease: Lease | None, now_ms: int) -> str:
+    """Which instance follows a room (``[cluster]``): the lease owner's instance name and
+    suffix, or ``"none"`` when no live lease is held."""
+    if lease is None or lease.expires_ms <= now_ms:
+        return "none"
+    return lease.owner
