@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 CHANNEL = "peekproxy_stream"
 #: Seconds between checks of ``stop`` while waiting, and between reconnection attempts.
 POLL_S = 0.5
+#: Seconds a (re)connect of the LISTEN connection may take (libpq's ``connect_timeout``):
+#: a server that does not answer at all (a dropped route) must not hold the thread, and so
+#: a stop of the daemon, for the operating system's TCP timeout.
+CONNECT_TIMEOUT = 5
 
 
 class StreamListener:
@@ -80,7 +84,7 @@ class StreamListener:
         failed = False
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(**self._conninfo) as conn:
+                with psycopg.connect(**self._conninfo, connect_timeout=CONNECT_TIMEOUT) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     if failed:
                         log.info("listening for other instances' commits again")
