@@ -93,6 +93,13 @@ async def test_the_store_gives_a_lease_to_one_instance_until_it_expires(
     assert await store.read(lambda tx: tx.leases()) == {
         ROOM: Lease(ROOM, "B", 4_000, "encrypted")  # the end request waits for its owner
     }
+    other = "!other:remote.test"
+    assert await store.write(lambda tx: tx.take_lease(other, "A", 5_000, 6_000))
+    assert set(await store.read(lambda tx: tx.leases())) == {ROOM, other}
+    assert await store.read(lambda tx: tx.leases(ROOM)) == {  # one room's alone
+        ROOM: Lease(ROOM, "B", 4_000, "encrypted")
+    }
+    await store.write(lambda tx: tx.release_lease(other, "A"))
     await store.write(lambda tx: tx.release_lease(ROOM, "A"))  # not A's: kept
     assert ROOM in await store.read(lambda tx: tx.leases())
     await store.write(lambda tx: tx.release_lease(ROOM, "B"))

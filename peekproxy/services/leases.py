@@ -109,7 +109,7 @@ class Leases:
 
         def read(tx: ReadTransaction) -> tuple[Subscription | None, Lease | None]:
             rows = tx.load_subscriptions(room_id)
-            return (rows[0] if rows else None), tx.leases().get(room_id)
+            return (rows[0] if rows else None), tx.leases(room_id).get(room_id)
 
         with trio.move_on_after(wait_s):
             while True:

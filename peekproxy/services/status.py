@@ -101,7 +101,7 @@ class SubscriptionStatus:
         def read(
             tx: ReadTransaction,
         ) -> tuple[dict[str, tuple[int, int]], dict[str, Any], dict[str, Lease]]:
-            leases = tx.leases() if clustered else {}
+            leases = tx.leases(room_id) if clustered else {}
             return tx.device_peek_counts(room_id), tx.newest_events(room_id), leases
 
         devices, newest, leases = await self.store.read(read)

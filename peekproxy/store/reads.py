@@ -54,8 +54,9 @@ class LeaseReads(Protocol):
     """Several instances on one database (docs/cluster.md, :mod:`peekproxy.core.cluster`):
     the subscription leases and each device's last stored sync (times in ms)."""
 
-    def leases(self) -> dict[str, Lease]:
-        """Every room's lease, by room ID (expired ones included)."""
+    def leases(self, room_id: str | None = None) -> dict[str, Lease]:
+        """Every room's lease (only ``room_id``'s when given), by room ID (expired ones
+        included)."""
 
     def last_sync(self, user_id: str, device_id: str) -> int | None:
         """The device's last sync as stored by any instance (ms; ``None``: none stored)."""

@@ -47,11 +47,13 @@ class LeaseOps(SqlBase):
         )
         return cursor.rowcount == 1
 
-    def leases(self) -> dict[str, Lease]:
+    def leases(self, room_id: str | None = None) -> dict[str, Lease]:
         return {
             str(r): Lease(str(r), str(o), int(e), None if x is None else str(x))
             for r, o, e, x in self._conn.execute(
                 "SELECT room_id, owner, expires_ts, end_reason FROM subscription_leases"
+                + ("" if room_id is None else " WHERE room_id = ?"),
+                () if room_id is None else (room_id,),
             )
         }
 
