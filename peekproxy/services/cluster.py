@@ -17,6 +17,7 @@ import trio
 
 from peekproxy.core.cluster import Lease, may_take, needs_follower, renew_every_ms
 from peekproxy.core.subscription import Subscription
+from peekproxy.outage import OUTAGE
 from peekproxy.services.leases import Leases
 from peekproxy.services.subscriptions import Subscriptions
 from peekproxy.store import ReadTransaction, StoreError
@@ -34,8 +35,10 @@ class ClusterLoop:
         self.leases = leases
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Look every third of the lease until cancelled; a store error is logged and the
-        next look tried (the leases run out meanwhile: this instance stops acting)."""
+        """Look every third of the lease until cancelled; a store error is noted
+        (:data:`~peekproxy.outage.OUTAGE`: one WARNING per outage, one INFO when a look
+        succeeds again) and the next look tried (the leases run out meanwhile: this instance
+        stops acting)."""
         task_status.started()
         every_s = renew_every_ms(self.leases.lease_ms) / 1000
         log.info(
@@ -47,8 +50,10 @@ class ClusterLoop:
             await trio.sleep(every_s)
             try:
                 await self.tick()
-            except StoreError as e:
-                log.warning("cluster: the store failed (%s); looking again in %.1f s", e, every_s)
+            except StoreError as e:  # one WARNING per outage, as every other store user
+                OUTAGE.failed("the cluster loop", e)
+            else:
+                OUTAGE.recovered()
 
     async def tick(self) -> None:
         """One look (see the module docstring)."""

@@ -17,6 +17,7 @@ import trio
 
 from peekproxy.core.cluster import idle_reap_at, renew_every_ms, store_sync_due
 from peekproxy.core.live import LiveWindow
+from peekproxy.outage import OUTAGE
 from peekproxy.services.settings import PeekSettings
 from peekproxy.services.subscriptions import Subscriptions
 from peekproxy.store import Storage, StoreError, WriteTransaction
@@ -114,8 +115,8 @@ class IdleReaper:
                         self._seen.pop((user_id, device_id), None)
                         self._stored.pop((user_id, device_id), None)
                         await self._make_dormant(user_id, device_id)
-            except StoreError as e:
-                log.warning("idle reaper: the store failed (%s); looking again", e)
+            except StoreError as e:  # one WARNING per outage; looked at again next time
+                OUTAGE.failed("the idle reaper", e)
             await trio.sleep(every_s)
 
     async def _make_dormant(self, user_id: str, device_id: str) -> None:
