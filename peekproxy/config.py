@@ -298,12 +298,6 @@ class StoreSection(Section):
             raise ValueError("store.dsn must not hold the password: use store.password_file")
         return self
 
-    def password(self) -> str | None:
-        """The PostgreSQL password from ``password_file`` (trailing newline dropped), if set."""
-        if self.password_file is None:
-            return None
-        return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
-
 
 class TrustedKeyServer(Section):
     """A notary asked for other servers' keys when they cannot be fetched directly."""

@@ -139,14 +139,20 @@ async def _release_leases(services: Services) -> None:
 async def open_store(config: Config) -> Storage:
     """The configured store (``[store] backend``), its server name not yet recorded (the
     daemon records it once started). SQLite: this process alone; PostgreSQL: shared by the
-    instances of one server name (docs/postgresql.md)."""
+    instances of one server name (docs/postgresql.md).
+
+    Raises:
+        ServingError: ``store.password_file`` cannot be read or its first line is empty.
+        StoreError: as :func:`~peekproxy.store.sqlite.open_sqlite` /
+            :func:`~peekproxy.store.postgres.open_postgres`.
+    """
     name = config.server.server_name
     if config.store.backend == "postgres":
         assert config.store.dsn is not None  # the config's validator
         return await open_postgres(
             config.store.dsn,
             name,
-            password=config.store.password(),
+            password=_read_secret(config.store.password_file, "store.password_file"),
             pool_size=config.store.pool_size,
             record_server_name=False,
         )

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from peekproxy.api.delegation_params import read_secret
 from peekproxy.cli import render_config
 from peekproxy.config import ConfigError, load_config, parse_duration
+from peekproxy.daemon import open_store
+from peekproxy.serving import ServingError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -146,7 +149,7 @@ def test_postgres_store_settings(server_dir: Path) -> None:
         "host=db dbname=peekproxy",
         4,
     )
-    assert store.password() == "s3cret"
+    assert read_secret(store.password_file) == "s3cret"
     assert load_config(_write(server_dir, MINIMAL), {}).store.backend == "sqlite"
 
 
@@ -221,3 +224,18 @@ def test_an_observer_user_id_over_255_bytes_is_refused(server_dir: Path) -> None
         load_config(path, {"PEEKPROXY_PEEKS__OBSERVER_LOCALPART": "o" * 250})
     assert "peeks.observer_localpart" in str(caught.value)
     assert "at most 255" in str(caught.value)
+
+
+async def test_an_empty_store_password_file_stops_the_start_naming_the_key(
+    server_dir: Path,
+) -> None:
+    """The PostgreSQL password file is read as the other secret files are: an empty first
+    line is a configuration mistake, named before any connection is tried."""
+    (server_dir / "db.password").write_text("\n")
+    path = _write(
+        server_dir,
+        MINIMAL + '[store]\nbackend = "postgres"\ndsn = "host=db.invalid dbname=peekproxy"\n'
+        'password_file = "db.password"\n',
+    )
+    with pytest.raises(ServingError, match=r"^store\.password_file: .*first line .* empty"):
+        await open_store(load_config(path, {}))

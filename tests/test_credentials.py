@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from peekproxy.api.delegation_params import read_secret
 from peekproxy.config import ConfigError, load_config
 from peekproxy.credentials import CREDENTIAL_KEYS
 from tests.support import run_cli
@@ -45,7 +46,7 @@ def test_every_secret_comes_from_the_credentials_directory(
     assert federation.tls_certificate_file == credentials / "peekproxy_tls.crt"
     assert federation.tls_private_key_file == credentials / "peekproxy_tls.key"
     assert federation.tls
-    assert config.store.password() == "s3cret"
+    assert read_secret(config.store.password_file) == "s3cret"
     assert {k[-1] for k in CREDENTIAL_KEYS} == {
         "password_file",
         "signing_key_file",

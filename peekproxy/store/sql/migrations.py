@@ -38,7 +38,8 @@ def shipped_migrations(package: str) -> list[Migration]:
 
 def refuse_newer(where: str, current: int, migrations: list[Migration]) -> None:
     """Raise :class:`~peekproxy.store.StoreVersionError` when the database ``where`` (a
-    path or a DSN, for the message) has a schema version above the newest migration."""
+    path, or ``dbname@host:port``: never a DSN) has a schema version above the newest
+    migration."""
     newest = migrations[-1].version
     if current > newest:
         raise StoreVersionError(
