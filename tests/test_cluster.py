@@ -293,6 +293,8 @@ async def test_the_reaper_spares_devices_syncing_on_another_instance(tmp_path: P
             await trio.sleep(0.1)
         assert await _state(store, ALICE) == "active"
         assert await _state(store, CAROL) == "dormant"  # never synced: idle
+        # The reaper of each instance reads the store; the in-memory heap is not kept.
+        assert a.syncing._idle_heap == [] and b.syncing._idle_heap == []
 
         async def alice_dormant() -> bool:
             return await _state(store, ALICE) == "dormant"

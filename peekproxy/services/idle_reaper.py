@@ -46,11 +46,13 @@ class IdleReaper:
 
     def _mark_seen(self, device: tuple[str, str], now_ms: int | None = None) -> None:
         """Restart the device's idle clock. O(log devices): only a device new to the reaper
-        can need it to wake earlier than it planned."""
+        can need it to wake earlier than it planned. With ``[cluster]`` only the time is
+        kept (:meth:`_reap_stored` reads it); the heap and its wake-up serve
+        :meth:`_reap_idle` alone, which does not run then (the heap would only grow)."""
         now = self.clock_ms() if now_ms is None else now_ms
         new = device not in self._seen
         self._seen[device] = now
-        if new:
+        if new and self.settings.cluster is None:
             entry = (now, device)
             heapq.heappush(self._idle_heap, entry)
             if self._idle_heap[0] is entry:
