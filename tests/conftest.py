@@ -59,11 +59,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+#: The daemons a test started (the ``spawn`` fixture), for their logs when it fails.
+STARTED = pytest.StashKey[list[DaemonProcess]]()
+#: How much of each daemon's log a failed test's report shows (its last lines).
+LOG_LINES = 300
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test's report shows the last lines of each daemon's log (its stderr), so a
+    CI failure says what the daemons did (pytest-trio tears the fixtures down within the
+    call phase: the logs are kept in the item's stash until here)."""
+    report = yield
+    if report.when == "call" and report.failed:
+        for n, daemon in enumerate(item.stash.get(STARTED, [])):
+            tail = "\n".join(daemon.log.splitlines()[-LOG_LINES:])
+            report.sections.append((f"daemon {n} log (last {LOG_LINES} lines)", tail))
+    return report
+
+
 @pytest.fixture
-async def spawn() -> AsyncIterator[Spawn]:
+async def spawn(request: pytest.FixtureRequest) -> AsyncIterator[Spawn]:
     """``await spawn(config_path, env=..., expect_ready=...)`` starts ``peekproxy run``;
-    any daemon still running when the test ends is killed."""
+    any daemon still running when the test ends is killed. A failed test's report shows
+    each daemon's log (:func:`pytest_runtest_makereport`)."""
     started: list[DaemonProcess] = []
+    request.node.stash[STARTED] = started
     async with trio.open_nursery() as nursery:
 
         async def _spawn(config: Path, **kwargs: Any) -> DaemonProcess:
