@@ -72,7 +72,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     call phase: the logs are kept in the item's stash until here)."""
     report = yield
     if report.when == "call" and report.failed:
-        for n, daemon in enumerate(item.stash.get(STARTED, [])):
+        no_daemons: list[DaemonProcess] = []
+        for n, daemon in enumerate(item.stash.get(STARTED, no_daemons)):
             tail = "\n".join(daemon.log.splitlines()[-LOG_LINES:])
             report.sections.append((f"daemon {n} log (last {LOG_LINES} lines)", tail))
     return report
