@@ -72,7 +72,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     call phase: the logs are kept in the item's stash until here)."""
     report = yield
     if report.when == "call" and report.failed:
-        started = item.stash[STARTED] if STARTED in item.stash else []
+        started = item.stash.setdefault(STARTED, [])
         for n, daemon in enumerate(started):
             tail = "\n".join(daemon.log.splitlines()[-LOG_LINES:])
             report.sections.append((f"daemon {n} log (last {LOG_LINES} lines)", tail))
