@@ -17,12 +17,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from signedjson.types import SigningKey
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from peekproxy import __version__
 from peekproxy.api.errors import MatrixError, exception_handlers
@@ -39,6 +41,21 @@ from peekproxy.services.observer_queries import ObserverQueries
 __all__ = ["FederationApi", "federation_app"]
 
 log = logging.getLogger("peekproxy.federation")
+
+
+class AnswerThen(JSONResponse):
+    """A JSON answer that calls ``then()`` once it is sent, or once sending it failed or was
+    cancelled (the peer went away): never left uncalled."""
+
+    def __init__(self, content: Any, *, then: Callable[[], None]) -> None:
+        super().__init__(content)
+        self._then = then
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._then()
 
 
 class FederationApi:
@@ -126,7 +143,10 @@ class FederationApi:
         txn_id = request.path_params["txn_id"]
         if self.ingest is None:
             raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
-        return JSONResponse(await self.ingest.receive(auth.origin, txn_id, auth.content))
+        # The devices this transaction wakes are woken once its answer is out (issue 17).
+        with self.ingest.notifier.holding() as held:
+            answer = await self.ingest.receive(auth.origin, txn_id, auth.content)
+        return AnswerThen(answer, then=held.release)
 
     def routes(self) -> list[Route]:
         return [

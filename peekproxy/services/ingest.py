@@ -198,11 +198,10 @@ class Ingest:
             by_room.setdefault(room_id, []).append(pdu)
 
         unpeekable: dict[str, str] = {}
-        # Rooms stored while others of the transaction are still pending are shown at once;
-        # the rest wake their devices after the transaction's record is written, so that
-        # this last write does not wait behind the woken long-polls.
+        # The caller holds this transaction's wake-ups until its answer is sent (see
+        # Notifier.holding); a room stored while others of the transaction are still
+        # pending (waiting for get_missing_events, say) is shown at once.
         pending = len(by_room)
-        woken_later: set[str] = set()
 
         async def one_room(room_id: str, room_pdus: list[dict[str, Any]]) -> None:
             nonlocal pending
@@ -213,9 +212,7 @@ class Ingest:
                 changed = await self._ingest_room(origin, room_id, room_pdus, results, unpeekable)
             pending -= 1
             if changed and pending:
-                self.notifier.notify_room(room_id)
-            elif changed:
-                woken_later.add(room_id)
+                self.notifier.notify_room(room_id, now=True)
 
         async with trio.open_nursery() as nursery:
             for room_id, room_pdus in by_room.items():
@@ -250,7 +247,7 @@ class Ingest:
 
         edu_rooms, typing = await self.store.write(write)
         self._typing_started(typing, now)
-        for room_id in edu_rooms | woken_later:
+        for room_id in edu_rooms:
             self.notifier.notify_room(room_id)
         for room_id, reason in unpeekable.items():
             await self.subscriptions.end_peeking(room_id, reason)

@@ -1,14 +1,47 @@
 """Wake-ups for long-polling syncs: a waiter registers for its rooms and its device, and is
 woken by the first change to any of them (no polling loops). On shutdown :meth:`Notifier.drain`
-wakes every waiter, and every later one at once: long-polls answer without waiting."""
+wakes every waiter, and every later one at once: long-polls answer without waiting.
+
+A federation ``/send`` holds its wake-ups (:meth:`Notifier.holding`) until its own answer has
+gone out: a woken long-poll is a task of its own, and thousands of them woken first would
+queue the transaction's answer behind their answers (issue 17), which holds up the sending
+server's next transaction to us.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import trio
 
-__all__ = ["Notifier"]
+__all__ = ["HeldWakes", "Notifier"]
+
+
+class HeldWakes:
+    """The wake-ups a :meth:`Notifier.holding` block collected; :meth:`release` wakes them
+    (once: later calls do nothing)."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self.rooms: set[str] = set()
+        self.devices: set[tuple[str, str]] = set()
+        self.released = False
+
+    def release(self) -> None:
+        """Wake every room and device collected, and stop collecting."""
+        if self.released:
+            return
+        self.released = True
+        for room_id in self.rooms:
+            self.notifier.notify_room(room_id)
+        for device in self.devices:
+            self.notifier.notify_device(device)
+
+
+#: The hold of the running task (and of the tasks it starts: trio copies the context).
+_HELD: ContextVar[HeldWakes | None] = ContextVar("peekproxy_held_wakes", default=None)
 
 
 class Notifier:
@@ -34,11 +67,41 @@ class Notifier:
         """Return once :meth:`drain` is called (at once if it was)."""
         await self._draining.wait()
 
-    def notify_room(self, room_id: str) -> None:
+    @contextmanager
+    def holding(self) -> Iterator[HeldWakes]:
+        r"""Within the block, this task's (and its child tasks') :meth:`notify_room` and
+        :meth:`notify_device` calls are collected instead of waking anyone; the caller
+        :meth:`HeldWakes.release`\ s them once its answer is sent. If the block raises,
+        they are released at once."""
+        held = HeldWakes(self)
+        token = _HELD.set(held)
+        try:
+            yield held
+        except BaseException:
+            held.release()
+            raise
+        finally:
+            _HELD.reset(token)
+
+    def _held(self) -> HeldWakes | None:
+        held = _HELD.get()
+        return held if held is not None and held.notifier is self and not held.released else None
+
+    def notify_room(self, room_id: str, *, now: bool = False) -> None:
+        """Wake the waiters of ``room_id`` (held, within :meth:`holding`, unless ``now``)."""
+        held = None if now else self._held()
+        if held is not None:
+            held.rooms.add(room_id)
+            return
         for event in self._by_room.pop(room_id, ()):
             event.set()
 
     def notify_device(self, device: tuple[str, str]) -> None:
+        """Wake the waiters of ``device`` (held, within :meth:`holding`)."""
+        held = self._held()
+        if held is not None:
+            held.devices.add(device)
+            return
         for event in self._by_device.pop(device, ()):
             event.set()
 

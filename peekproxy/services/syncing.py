@@ -120,7 +120,8 @@ class Syncing(IdleReaper):
     def _wake(self, changes: list[StreamChange]) -> None:
         """Wake the long-polls waiting on the changed rooms and devices: rows another
         instance committed (PostgreSQL) wake no one else here. Local writers notify too; the
-        duplicates are harmless."""
+        duplicates are harmless. Within a :meth:`Notifier.holding` block (a federation
+        ``/send``) these wake-ups wait for its answer, as the writer's own do."""
         for change in changes:
             self.notifier.notify_room(change.room_id)
             if change.device is not None:
