@@ -95,6 +95,9 @@ class DelegationApi:
         self.live = live
         self.auth = auth
         self.limiter = TokenBucket(live.rate_limit_per_second, live.rate_limit_burst)
+        #: The last /sync answer encoded, and the (shared, read-only) answer it encodes:
+        #: the devices one change wakes get the same answer object, encoded once.
+        self._encoded: tuple[dict[str, Any], bytes] | None = None
 
     # -- authentication --------------------------------------------------------------------
 
@@ -203,7 +206,16 @@ class DelegationApi:
                 full_state=params.full_state,
                 timeline_limit=params.timeline_limit,
             )
-        return JSONResponse(answer)
+        return Response(self._encode(answer), media_type="application/json")
+
+    def _encode(self, answer: dict[str, Any]) -> bytes:
+        """The JSON body of a /sync answer (as JSONResponse renders it), reused while the
+        same answer object comes back (:meth:`Syncing.sync` shares one between woken devices
+        and never changes it)."""
+        encoded = self._encoded
+        if encoded is None or encoded[0] is not answer:
+            encoded = self._encoded = (answer, bytes(JSONResponse(answer).body))
+        return encoded[1]
 
     # -- reads -----------------------------------------------------------------------------
 

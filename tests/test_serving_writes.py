@@ -1,0 +1,70 @@
+"""serving/guards.py's GuardedH11Protocol writes an HTTP/1.1 answer with one socket write
+(its head with its body) where hypercorn wrote three (issue 17: a fan-out to thousands of
+long-polls pays each write); the answers themselves are unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from peekproxy.serving import install_guards
+from tests.support import serve_app
+
+BODY = b'{"next_batch":"s1"}'
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["path"] == "/stream":  # no Content-Length: chunked, two parts
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"one", "more_body": True})
+        await send({"type": "http.response.body", "body": b"two"})
+        return
+    if scope["path"] == "/empty":
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(BODY))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": BODY})
+
+
+async def test_an_answer_is_one_socket_write(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install_guards()
+    writes: list[bytes] = []
+    send_all = trio.SocketStream.send_all
+
+    async def counted(self: trio.SocketStream, data: Any) -> None:
+        writes.append(bytes(data))
+        await send_all(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", counted)
+    base = await serve_app(nursery, app)
+    async with httpx.AsyncClient(base_url=base) as http:
+        writes.clear()
+        response = await http.get("/sync")
+        server_writes = [w for w in writes if w.startswith(b"HTTP/1.1")]
+        assert response.status_code == 200 and response.content == BODY
+        # the request is the client's write; the answer is the server's one write
+        assert len(server_writes) == 1 and server_writes[0].endswith(BODY), writes
+        assert len(writes) == 2, writes
+
+        writes.clear()  # keep-alive: the next request on the same connection
+        head = await http.head("/sync")
+        assert head.status_code == 200 and head.headers["content-length"] == str(len(BODY))
+        assert len(writes) == 2, writes
+
+        empty = await http.get("/empty")
+        assert empty.status_code == 204 and empty.content == b""
+
+        stream = await http.get("/stream")  # chunked answers still stream, correctly framed
+        assert stream.status_code == 200 and stream.content == b"onetwo"
