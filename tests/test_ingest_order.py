@@ -96,6 +96,18 @@ async def test_late_events_behind_a_gap_are_stored_but_not_appended(
             lambda tx: tx.append_in_dag_order("!r:y", items, now_ms=1)
         )
         assert appended == ["$y5", "$y6"] and gap
+        # A late event whose parents are unknown (a renewal reply's latest event, older
+        # than what /send already brought behind a gap) adds no gap after its descendants.
+        y3 = _pdu("$y3", 3, ["$y2"], "y3")
+        appended, gap = await store.write(
+            lambda tx: tx.append_in_dag_order("!r:y", [("$y3", y3, False)], now_ms=1)
+        )
+        assert appended == [] and not gap
+        assert [kind for _, kind, _ in await store.read(lambda tx: tx.stream_events("!r:y"))] == [
+            "gap",
+            "event",
+            "event",
+        ]
     finally:
         await store.aclose()
 

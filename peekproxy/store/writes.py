@@ -173,7 +173,8 @@ class RoomEventWrites(Protocol):
         """Append (event ID, PDU, redacted) ``events`` of one room in DAG order: each after
         its ``prev_events`` (ties by ``depth``, then as given), each once. An event with a
         ``prev_events`` entry that is neither stored nor among ``events`` gets a gap marker
-        before it. Returns the IDs appended to the stream (see :meth:`append_event` for the
+        before it, unless it is a late event that stays off the stream (no gap row after its
+        own descendants). Returns the IDs appended to the stream (see :meth:`append_event` for the
         ones that are only stored) and whether a gap was marked."""
 
 

@@ -239,11 +239,7 @@ class EventOps(SqlBase):
         self._insert_event(room_id, event_id, pdu, redacted)
         if self.in_stream(event_id):
             return None
-        depth = pdu.get("depth")
-        # The newest depth is cheap; the floor is looked up only for a late event.
-        if older_than_newest(depth, self._newest_depth(room_id)) and not joins_stream_when_late(
-            depth, self.history_floor(room_id)
-        ):
+        if self._behind_the_floor(room_id, pdu):
             return None
         position = self._stream_row(room_id, "event", event_id, now_ms)
         state_key = pdu.get("state_key")
@@ -254,6 +250,14 @@ class EventOps(SqlBase):
                 (room_id, pdu["type"], state_key, event_id),
             )
         return position
+
+    def _behind_the_floor(self, room_id: str, pdu: Mapping[str, Any]) -> bool:
+        """Whether ``pdu`` is a late event that stays off the stream (append_event's rule)."""
+        depth = pdu.get("depth")
+        # The newest depth is cheap; the floor is looked up only for a late event.
+        return older_than_newest(depth, self._newest_depth(room_id)) and not joins_stream_when_late(
+            depth, self.history_floor(room_id)
+        )
 
     def add_gap(self, room_id: str, now_ms: int) -> int:
         return self._stream_row(room_id, "gap", None, now_ms)
@@ -270,7 +274,14 @@ class EventOps(SqlBase):
             if self.in_stream(event_id):
                 continue
             prevs = set(event_refs(pdu.get("prev_events")))
-            if prevs and len(self.known_event_ids(prevs)) < len(prevs):
+            # A gap only before an event that goes on the stream: a late one (stored, not
+            # appended) would leave a gap row after its own descendants, and a sync would
+            # hide them behind it.
+            if (
+                prevs
+                and len(self.known_event_ids(prevs)) < len(prevs)
+                and not self._behind_the_floor(room_id, pdu)
+            ):
                 self.add_gap(room_id, now_ms)
                 gap = True
             if self.append_event(room_id, event_id, pdu, redacted=redacted, now_ms=now_ms):
