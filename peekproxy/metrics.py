@@ -273,6 +273,14 @@ class _InFlight:
 
 #: ``with LONG_POLLS_IN_FLIGHT[api]:`` around a ``/sync`` (``api``: ``delegation``, ``front``).
 LONG_POLLS_IN_FLIGHT = {api: _InFlight(LONG_POLLS.labels(api)) for api in ("delegation", "front")}
+GC_SECONDS = Counter(
+    "peekproxy_gc_seconds",
+    "Seconds spent in CPython's cyclic garbage collector, by generation (0 and 1: the "
+    "automatic young collections; 2: the scheduled full ones, peekproxy/gc_policy.py)",
+    ["generation"],
+)
+GC_COLLECTIONS_BY_GENERATION = [GC_SECONDS.labels(str(g)) for g in range(3)]
+
 WAKE_SECONDS = Histogram(
     "peekproxy_wake_latency_seconds",
     "From the commit of new stream rows to a woken long-poll's answer being ready (peek "

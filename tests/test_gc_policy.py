@@ -24,7 +24,7 @@ async def test_cycles_are_freed_on_schedule_and_settle_is_undone(
     previous = gc_policy.settle()
     try:
         assert previous == before
-        assert gc.get_threshold()[:2] == before[:2]
+        assert gc.get_threshold()[:2] == (gc_policy.YOUNG_THRESHOLD, before[1])
         assert gc.get_threshold()[2] > 1_000_000  # no automatic full collections
         assert gc.get_freeze_count() > 0
         node = Node()
@@ -43,3 +43,28 @@ async def test_cycles_are_freed_on_schedule_and_settle_is_undone(
         gc_policy.restore(previous)
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+def test_collections_are_timed_while_settled() -> None:
+    from peekproxy.metrics import GC_SECONDS
+
+    def seconds() -> float:
+        return sum(
+            s.value
+            for m in GC_SECONDS.collect()
+            for s in m.samples
+            if "generation" in s.labels
+            and s.labels["generation"] == "1"
+            and s.name.endswith("_total")
+        )
+
+    previous = gc_policy.settle()
+    try:
+        before = seconds()
+        gc.collect(1)
+        assert seconds() > before
+    finally:
+        gc_policy.restore(previous)
+    after = seconds()
+    gc.collect(1)
+    assert seconds() == after  # restore took the timing off
