@@ -317,6 +317,9 @@ class RequestMetrics:
     def __init__(self, app: ASGIApp, listener: str) -> None:
         self.app = app
         self.listener = listener
+        # The labelled children, looked up once (a fan-out answers thousands at once).
+        self._seconds = HTTP_REQUEST_SECONDS.labels(listener)
+        self._counted: dict[tuple[str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -326,10 +329,15 @@ class RequestMetrics:
 
         async def send_and_count(message: Message) -> None:
             if message["type"] == "http.response.start":
-                HTTP_REQUESTS.labels(
-                    self.listener, _method_label(scope["method"]), str(message["status"])
-                ).inc()
-                HTTP_REQUEST_SECONDS.labels(self.listener).observe(time.perf_counter() - start)
+                # bounded: the known methods and "other", times the statuses
+                key = (_method_label(scope["method"]), message["status"])
+                counter = self._counted.get(key)
+                if counter is None:
+                    counter = self._counted[key] = HTTP_REQUESTS.labels(
+                        self.listener, key[0], str(key[1])
+                    )
+                counter.inc()
+                self._seconds.observe(time.perf_counter() - start)
             await send(message)
 
         await self.app(scope, receive, send_and_count)
