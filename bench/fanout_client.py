@@ -1,0 +1,141 @@
+"""The client side of bench/fanout.py: one thin h11 client for every server measured.
+
+A *poll* is ``(port, target, headers)``: one ``GET target`` on 127.0.0.1:port over its own
+HTTP/1.1 connection. :func:`fan_out_rounds` parks every poll, fires one trigger (an event
+sent, a ``/go`` request), waits for every answer and does it again ``rounds`` times, each
+round a fresh set of long-polls made from the previous round's answers (a ``since`` token).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+
+import h11
+import trio
+
+__all__ = [
+    "Poll",
+    "fan_out_rounds",
+    "long_poll",
+    "raise_fd_limit",
+    "summary",
+    "time_fan_out",
+]
+
+#: ``(port, target, headers)``: one long-poll, ``GET target`` on 127.0.0.1:port.
+Poll = tuple[int, str, list[tuple[str, str]]]
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (processes started after
+    inherit it: thousands of parked connections need one descriptor each, on both sides);
+    returns the new soft limit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+async def long_poll(
+    port: int,
+    target: str,
+    headers: list[tuple[str, str]],
+    sent: Callable[[], None] = lambda: None,
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 GET on its own connection, parsed with h11: (status, body); ``sent`` is
+    called once the request is written. A client this thin keeps the figure about the
+    server, not about client-side overhead.
+
+    Raises:
+        RuntimeError: the server closed the connection before the response ended.
+    """
+    connection = h11.Connection(h11.CLIENT)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        request = h11.Request(
+            method="GET", target=target, headers=[("host", "peekproxy"), *headers]
+        )
+        await stream.send_all(connection.send(request) + connection.send(h11.EndOfMessage()))
+        sent()
+        status, body = 0, b""
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                connection.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return status, body
+            elif isinstance(event, h11.ConnectionClosed):
+                raise RuntimeError("connection closed before the response ended")
+
+
+async def time_fan_out(
+    polls: list[Poll], trigger: Callable[[], Awaitable[float]], settle: float = 1.5
+) -> list[tuple[float, bytes]]:
+    """Park every long-poll, wait ``settle`` s (every request reaches the server and parks),
+    then call ``trigger`` (it returns the ``time.perf_counter()`` moment it fired) and wait
+    for all: ``(latency after that moment in ms, body)`` per poll, in the order of ``polls``.
+
+    Raises:
+        RuntimeError: a poll answered with a status other than 200.
+    """
+    answered: list[tuple[float, bytes]] = [(0.0, b"")] * len(polls)
+    sent = [0]
+    all_sent = trio.Event()
+
+    def one_sent() -> None:
+        sent[0] += 1
+        if sent[0] == len(polls):
+            all_sent.set()
+
+    async def one(index: int, port: int, target: str, headers: list[tuple[str, str]]) -> None:
+        status, body = await long_poll(port, target, headers, one_sent)
+        answered[index] = (time.perf_counter(), body)
+        if status != 200:
+            raise RuntimeError(f"long-poll answered {status}: {body[:200]!r}")
+
+    async with trio.open_nursery() as nursery:
+        for index, poll in enumerate(polls):
+            nursery.start_soon(one, index, *poll)
+        await all_sent.wait()
+        await trio.sleep(settle)  # a bench, not a test: let every request reach the server
+        if os.environ.get("FANOUT_PAUSE"):  # time to attach a profiler
+            await trio.sleep(float(os.environ["FANOUT_PAUSE"]))
+        fired_at = await trigger()
+    return [((at - fired_at) * 1000, body) for at, body in answered]
+
+
+async def fan_out_rounds(
+    polls: list[Poll],
+    rounds: int,
+    trigger: Callable[[], Awaitable[float]],
+    follow: Callable[[Poll, bytes], Poll],
+    settle: float = 1.5,
+) -> list[float]:
+    """``rounds`` fan-outs (:func:`time_fan_out`), each round's polls made by ``follow(poll,
+    body)`` from the previous round's (it checks the answer and raises if it is wrong):
+    every answer's latency in ms, all rounds pooled, sorted."""
+    latencies: list[float] = []
+    for n in range(rounds):
+        answers = await time_fan_out(polls, trigger, settle)
+        latencies += [latency for latency, _ in answers]
+        polls = [follow(poll, body) for poll, (_, body) in zip(polls, answers, strict=True)]
+        worst = max(latency for latency, _ in answers)
+        print(
+            f"  round {n + 1}: {len(polls)} long-polls answered, the last after {worst:.1f} ms",
+            flush=True,
+        )
+    return sorted(latencies)
+
+
+def summary(latencies: list[float]) -> tuple[float, float, float]:
+    """``(p50, p99, max)`` of sorted ``latencies`` (nearest-rank p99)."""
+    p99 = latencies[max(0, math.ceil(len(latencies) * 0.99) - 1)]
+    return statistics.median(latencies), p99, latencies[-1]
