@@ -1,23 +1,55 @@
-"""Benchmark: /sync fan-out and memory per device peek.
+"""Benchmark: /sync fan-out beside its floors and Synapse, /send answer latency, memory per peek.
 
-1. **Fan-out.** A peekproxy process peeks one testbed room for N devices (default 1,000),
-   each long-polling ``GET /_peekproxy/v1/sync`` over its own connection. One event is sent on
-   the testbed; the figure is the time from the testbed sending it until each device's
-   long-poll has answered with it: p50, p99 and max, against the goal p99 ≤ 50 ms. The time
-   for the event to reach peekproxy (one /send) is printed alongside, as the floor every
-   device pays.
+1. **Fan-out**, at every device count of ``--devices`` (default ``1000,5000``), every server
+   in the same run with the same client (bench/fanout_client.py: h11 on raw sockets, one
+   connection per device), each for ``--rounds`` fan-outs (default 5; a round's long-polls
+   are opened after the previous round answered, from its ``next_batch``). The figure is
+   each answer's latency from the trigger until the device's long-poll answered; all rounds
+   pooled, printed as p50, p99 and max (ms):
+
+   - **peekproxy** (``peekproxy (sqlite, 1 process)``): one testbed room peeked by N
+     devices, each long-polling ``GET /_peekproxy/v1/sync``; the trigger is one event sent
+     on the testbed (event → ``/send`` → verify → store → every device). Each answer is
+     checked to hold exactly that event.
+   - **trio-h11 floor** (bench/fanout_floors.py): trio + h11 alone in its own process,
+     parking every request until ``GET /go`` and answering each with a canned body of the
+     size of peekproxy's, in one ``send_all``: this machine's and this client's lower bound.
+   - **bare hypercorn** (bench/fanout_floors.py): hypercorn + a bare ASGI app, same canned
+     answer: what any hypercorn-served long-poll pays.
+   - **synapse** (``--synapse``, bench/fanout_synapse.py): a real Synapse (the tests'
+     venv, SQLite), one user logged in on N devices, each long-polling
+     ``/_matrix/client/v3/sync?since=…&timeout=60000`` on a joined room; the trigger is
+     another user's ``PUT …/send`` (each answer is checked to hold that event ID). The
+     Synapse runs for the whole bench (idle while the others are measured); its log is in
+     the temporary directory.
+
+   **/send answer latency** (peekproxy): from the testbed sending an event until it had
+   peekproxy's answer to the ``/send`` transaction carrying it; first for 5 events with no
+   device long-polling (one idle device peek keeps the room followed), then for each
+   fan-out round. Printed as ``send answer p99: with N devices X ms, no devices Y ms,
+   difference Z ms (goal <= 50 ms)``. The testbed runs in this process beside the client,
+   so the figure includes this process's own delay in reading the answer.
+
+   Then the ratios of p99s at each count, with the goals (peekproxy / trio-h11 floor ≤ 1.5,
+   peekproxy / Synapse ≤ 0.1); the output ends with ``ratio p99 peekproxy/trio-h11 floor: X``
+   and (with ``--synapse``) ``ratio p99 peekproxy/synapse: Y`` at the largest count, for
+   the first peekproxy setup.
+
    ``--instances 1,2``: the devices are spread round-robin over N peekproxy processes (one
    server name) on one PostgreSQL database, for each N in the same run; a device on a
    process the testbed does not send to wakes through PostgreSQL's NOTIFY. ``--backend``
-   (``sqlite|postgres|both``, default both) picks the one-process runs; N > 1 is always
-   PostgreSQL (bench/throwaway_pg.py starts a throwaway cluster).
-2. **Memory** (bench/peek_memory.py, one process per backend): the peek services over a
-   fresh database holding R rooms (default 10,000 subscriptions) and D device peeks (default
-   100,000); the resident-memory growth divided by D is the cost per device peek (goal
-   ≤ 2 KiB), on each backend of ``--backend``.
+   (``sqlite|postgres|both``, default sqlite, for speed) picks the one-process runs; N > 1
+   is always PostgreSQL (bench/throwaway_pg.py starts a throwaway cluster).
+2. **Memory** (bench/peek_memory.py, one process per backend; skipped with
+   ``--no-memory``): the peek services over a fresh database holding R rooms (default
+   10,000 subscriptions) and D device peeks (default 100,000); the resident-memory growth
+   divided by D is the cost per device peek (goal ≤ 2 KiB), on each backend of
+   ``--backend``. It runs first.
 
-Usage: ``.venv/bin/python bench/fanout.py [--devices 1000] [--rooms 10000] [--peeks 100000]
-[--instances 1,2] [--backend both]``.
+The bench raises its RLIMIT_NOFILE to the hard limit (every server it starts inherits it).
+
+Usage: ``.venv/bin/python bench/fanout.py [--devices 1000,5000] [--rounds 5] [--synapse]
+[--no-memory] [--rooms 10000] [--peeks 100000] [--instances 1,2] [--backend sqlite]``.
 """
 
 from __future__ import annotations
@@ -201,7 +233,7 @@ async def fanout(
             )
         polls = await _peek_devices(16, devices, room_id, client_ports, "u")
         send_fanning: list[float] = []
-        all_answered = trio.Event()
+        send_answers, answered = trio.open_memory_channel[float](rounds)
         event: dict[str, str] = {}
 
         async def trigger() -> float:
@@ -211,9 +243,11 @@ async def fanout(
             return fired_at
 
         async def note_answer(event_id: str, sent_at: float) -> None:
-            send_fanning.append(await _answered(testbed, destination, event_id, sent_at))
-            if len(send_fanning) == rounds:
-                all_answered.set()
+            await send_answers.send(await _answered(testbed, destination, event_id, sent_at))
+
+        async def after_round() -> None:  # the next round's polls wait for this /send answer
+            with trio.fail_after(30):
+                send_fanning.append(await answered.receive())
 
         def follow(poll: Poll, body: bytes) -> Poll:
             answer = json.loads(body)
@@ -222,9 +256,7 @@ async def fanout(
             target = re.sub(r"since=[^&]*", f"since={quote(answer['next_batch'])}", poll[1])
             return (poll[0], target, poll[2])
 
-        latencies = await fan_out_rounds(polls, rounds, trigger, follow)
-        with trio.fail_after(30):
-            await all_answered.wait()
+        latencies = await fan_out_rounds(polls, rounds, trigger, follow, after_round=after_round)
         answers: dict[str, float] = {}
         async with httpx.AsyncClient() as scrape:
             for port in metrics_ports:

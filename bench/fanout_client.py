@@ -118,15 +118,19 @@ async def fan_out_rounds(
     trigger: Callable[[], Awaitable[float]],
     follow: Callable[[Poll, bytes], Poll],
     settle: float = 1.5,
+    after_round: Callable[[], Awaitable[None]] | None = None,
 ) -> list[float]:
     """``rounds`` fan-outs (:func:`time_fan_out`), each round's polls made by ``follow(poll,
-    body)`` from the previous round's (it checks the answer and raises if it is wrong):
-    every answer's latency in ms, all rounds pooled, sorted."""
+    body)`` from the previous round's (it checks the answer and raises if it is wrong), after
+    ``after_round()`` returned (say, the trigger's own answer arrived): every answer's
+    latency in ms, all rounds pooled, sorted."""
     latencies: list[float] = []
     for n in range(rounds):
         answers = await time_fan_out(polls, trigger, settle)
         latencies += [latency for latency, _ in answers]
         polls = [follow(poll, body) for poll, (_, body) in zip(polls, answers, strict=True)]
+        if after_round is not None:
+            await after_round()
         worst = max(latency for latency, _ in answers)
         print(
             f"  round {n + 1}: {len(polls)} long-polls answered, the last after {worst:.1f} ms",
