@@ -3,9 +3,10 @@
 1. **Fan-out**, at every device count of ``--devices`` (default ``1000,5000``), every server
    in the same run with the same client (bench/fanout_client.py: h11 on raw sockets, one
    connection per device), each for ``--rounds`` fan-outs (default 5; a round's long-polls
-   are opened after the previous round answered, from its ``next_batch``). The figure is
-   each answer's latency from the trigger until the device's long-poll answered; all rounds
-   pooled, printed as p50, p99 and max (ms):
+   are opened after the previous round answered, from its ``next_batch``; the trigger fires
+   once the server's processes have been quiet, under 5% of a core for 0.5 s: every
+   long-poll parked). The figure is each answer's latency from the trigger until the
+   device's long-poll answered; all rounds pooled, printed as p50, p99 and max (ms):
 
    - **peekproxy** (``peekproxy (sqlite, 1 process)``): one testbed room peeked by N
      devices, each long-polling ``GET /_peekproxy/v1/sync``; the trigger is one event sent
@@ -256,7 +257,8 @@ async def fanout(
             target = re.sub(r"since=[^&]*", f"since={quote(answer['next_batch'])}", poll[1])
             return (poll[0], target, poll[2])
 
-        latencies = await fan_out_rounds(polls, rounds, trigger, follow, after_round=after_round)
+        pids = [process.pid for process in processes]
+        latencies = await fan_out_rounds(polls, rounds, trigger, follow, pids, after_round)
         answers: dict[str, float] = {}
         async with httpx.AsyncClient() as scrape:
             for port in metrics_ports:

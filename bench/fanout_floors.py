@@ -169,7 +169,7 @@ async def floor(kind: str, port: int, devices: int, rounds: int) -> list[float]:
             return poll
 
         polls: list[Poll] = [(port, f"/sync?device={d}", []) for d in range(devices)]
-        return await fan_out_rounds(polls, rounds, trigger, follow)
+        return await fan_out_rounds(polls, rounds, trigger, follow, [process.pid])
     finally:
         process.terminate()
         await process.wait()

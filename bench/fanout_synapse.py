@@ -17,7 +17,6 @@ stdout), so its log costs the bench process nothing during a fan-out.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 import trio
-from fanout_client import Poll, fan_out_rounds
+from fanout_client import Poll, fan_out_rounds, quiet
 
 from tests.synapse import Synapse
 
@@ -134,23 +133,6 @@ async def _log_in(room: SynapseRoom, devices: int, concurrency: int = 8) -> None
         )
 
 
-def _cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
-async def _quiet(pid: int, limit: float = 60) -> None:
-    """Wait (at most ``limit`` s) until process ``pid`` used under 5% of a core for 0.5 s:
-    every parked sync has been read and is waiting."""
-    tick = os.sysconf("SC_CLK_TCK")
-    with trio.move_on_after(limit):
-        while True:
-            before = _cpu_ticks(pid)
-            await trio.sleep(0.5)
-            if (_cpu_ticks(pid) - before) / tick < 0.025:
-                return
-
-
 async def synapse_fan_out(room: SynapseRoom, devices: int, rounds: int) -> list[float]:
     """Log the owner in on ``devices`` devices (more if needed), take one ``since`` token,
     then ``rounds`` fan-outs of one speaker event to every device: each answer's latency in
@@ -161,7 +143,7 @@ async def synapse_fan_out(room: SynapseRoom, devices: int, rounds: int) -> list[
     """
     await _log_in(room, devices)
     pid = room.synapse.process.pid
-    await _quiet(pid)
+    await quiet([pid])
     headers = {"Authorization": f"Bearer {room.devices[0]}"}
     async with httpx.AsyncClient(base_url=room.synapse.client, timeout=60) as http:
         first = await http.get(
@@ -174,7 +156,6 @@ async def synapse_fan_out(room: SynapseRoom, devices: int, rounds: int) -> list[
         event: dict[str, str] = {}
 
         async def trigger() -> float:
-            await _quiet(pid)  # every long-poll read and parked
             room.sent += 1
             fired_at = time.perf_counter()
             response = await http.put(
@@ -199,4 +180,4 @@ async def synapse_fan_out(room: SynapseRoom, devices: int, rounds: int) -> list[
             (room.port, f"/_matrix/client/v3/sync?{query}", [("authorization", f"Bearer {t}")])
             for t in room.devices[:devices]
         ]
-        return await fan_out_rounds(polls, rounds, trigger, follow)
+        return await fan_out_rounds(polls, rounds, trigger, follow, [pid])
