@@ -149,10 +149,13 @@ class Synapse:
 
 @contextmanager
 def running_synapse(
-    ca: trustme.CA, directory: Path, *, python: str | None = None
+    ca: trustme.CA, directory: Path, *, python: str | None = None, log: str = LOG
 ) -> Iterator[Synapse]:
     """Start a Synapse in ``directory`` (its config, keys and database), trusting ``ca`` for
-    federation; stop it on exit. Used by the ``synapse`` fixture and by bench/.
+    federation; stop it on exit. Used by the ``synapse`` fixture and by bench/. ``log`` is its
+    logging config (YAML; default: everything at INFO on its stdout, kept in ``Synapse.log``);
+    whatever it keeps on stdout must include ``synapse.app._base`` at INFO (the "now
+    listening" lines tell that it is ready).
 
     Raises:
         RuntimeError: it did not start within 120 s (the message holds its last log lines).
@@ -166,7 +169,7 @@ def running_synapse(
     cert.private_key_pem.write_to_path(str(directory / "tls.key"))
     cert.cert_chain_pems[0].write_to_path(str(directory / "tls.crt"))
     ca.cert_pem.write_to_path(str(directory / "ca.pem"))
-    (directory / "log.yaml").write_text(LOG)
+    (directory / "log.yaml").write_text(log)
     (directory / "homeserver.yaml").write_text(
         CONFIG.format(d=directory, http_port=http_port, tls_port=tls_port)
     )

@@ -15,7 +15,7 @@ from tests.synapse import synapse_python
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
-_FANOUT = ["--devices", "10", "--rooms", "10", "--peeks", "50"]
+_FANOUT = ["--devices", "10", "--rounds", "2", "--rooms", "10", "--peeks", "50"]
 #: Each run: (id, script, arguments, what its output must show besides a ratio).
 SMALL = [
     ("fanout", "fanout.py", [*_FANOUT, "--backend", "sqlite"], ["sqlite, 1 process"]),
@@ -24,6 +24,12 @@ SMALL = [
         "fanout.py",
         [*_FANOUT, "--backend", "postgres", "--instances", "1,2"],
         ["memory on postgres", "postgres, 1 process", "postgres, 2 processes"],
+    ),
+    (
+        "fanout-synapse",
+        "fanout.py",
+        ["--devices", "5,10", "--rounds", "2", "--no-memory", "--synapse", "--backend", "sqlite"],
+        ["send answer p99: with 10 devices", "ratio p99 peekproxy/synapse"],
     ),
     ("send_ingest", "send_ingest.py", ["--events", "60", "--backend", "sqlite"], []),
     (
@@ -48,7 +54,7 @@ def test_a_benchmark_runs(script: str, arguments: list[str], shows: list[str]) -
     if script == "front_overhead.py":  # a real Synapse and nginx (skipped without, failed in CI)
         synapse_python()
         proxy_binary("nginx")
-    if script == "first_view.py":  # two real Synapses
+    if script == "first_view.py" or "--synapse" in arguments:  # real Synapses
         synapse_python()
     result = subprocess.run(
         [sys.executable, str(BENCH / script), *arguments],
