@@ -111,12 +111,17 @@ async def quiet(pids: list[int], limit: float = 60) -> None:
 
 
 async def time_fan_out(
-    polls: list[Poll], trigger: Callable[[], Awaitable[float]], servers: list[int]
+    polls: list[Poll],
+    trigger: Callable[[], Awaitable[float]],
+    servers: list[int],
+    cpu: list[float] | None = None,
 ) -> list[tuple[float, bytes]]:
     """Park every long-poll, wait until the server processes ``servers`` (PIDs) are
     quiet (:func:`quiet`: every request has reached its server and parked), then call
     ``trigger`` (it returns the ``time.perf_counter()`` moment it fired) and wait
     for all: ``(latency after that moment in ms, body)`` per poll, in the order of ``polls``.
+    ``cpu`` (if given) gets the CPU seconds the server processes used from the trigger
+    until the last answer: what a fan-out costs the server, whatever else runs beside it.
 
     Raises:
         RuntimeError: a poll answered with a status other than 200.
@@ -144,7 +149,11 @@ async def time_fan_out(
         await quiet(servers)
         if os.environ.get("FANOUT_PAUSE"):  # time to attach a profiler
             await trio.sleep(float(os.environ["FANOUT_PAUSE"]))
+        ticks = sum(_cpu_ticks(pid) for pid in servers)
         fired_at = await trigger()
+    if cpu is not None:
+        used = sum(_cpu_ticks(pid) for pid in servers) - ticks
+        cpu.append(used / os.sysconf("SC_CLK_TCK"))
     return [((at - fired_at) * 1000, body) for at, body in answered]
 
 
@@ -161,17 +170,25 @@ async def fan_out_rounds(
     ``after_round()`` returned (say, the trigger's own answer arrived): every answer's
     latency in ms, all rounds pooled, sorted."""
     latencies: list[float] = []
+    cpu: list[float] = []
     for n in range(rounds):
-        answers = await time_fan_out(polls, trigger, servers)
+        answers = await time_fan_out(polls, trigger, servers, cpu)
         latencies += [latency for latency, _ in answers]
         polls = [follow(poll, body) for poll, (_, body) in zip(polls, answers, strict=True)]
         if after_round is not None:
             await after_round()
         worst = max(latency for latency, _ in answers)
         print(
-            f"  round {n + 1}: {len(polls)} long-polls answered, the last after {worst:.1f} ms",
+            f"  round {n + 1}: {len(polls)} long-polls answered, the last after {worst:.1f} ms, "
+            f"server CPU {cpu[-1] * 1e6 / len(polls):.0f} us per answer",
             flush=True,
         )
+    print(
+        f"  server CPU per answer, all rounds: {sum(cpu) * 1e6 / (len(polls) * rounds):.0f} us "
+        "(the server processes' CPU from the trigger to the last answer; the h11 client's "
+        "own CPU is not in it)",
+        flush=True,
+    )
     return sorted(latencies)
 
 
