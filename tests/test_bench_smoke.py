@@ -56,12 +56,22 @@ def test_a_benchmark_runs(script: str, arguments: list[str], shows: list[str]) -
         proxy_binary("nginx")
     if script == "first_view.py" or "--synapse" in arguments:  # real Synapses
         synapse_python()
-    result = subprocess.run(
-        [sys.executable, str(BENCH / script), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    try:
+        result = subprocess.run(
+            [sys.executable, str(BENCH / script), *arguments],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except subprocess.TimeoutExpired as e:  # say where it stalled
+        raise AssertionError(f"{script} ran over 300 s: {_text(e.stdout)}{_text(e.stderr)}") from e
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     for expected in ["ratio", *shows]:
         assert expected in result.stdout, result.stdout[-2000:]
+
+
+def _text(output: bytes | str | None) -> str:
+    """The tail of a timed-out run's output (bytes from TimeoutExpired, whatever ``text``)."""
+    if isinstance(output, bytes):
+        output = output.decode(errors="replace")
+    return (output or "")[-3000:]
