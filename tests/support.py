@@ -158,8 +158,10 @@ async def serve_app(
     *,
     bind: str = "127.0.0.1:0",
     tls: tuple[Path, Path] | None = None,
+    keep_alive_timeout: float | None = None,
 ) -> str:
-    """Serve an ASGI ``app`` with hypercorn in ``nursery``; returns its base URL."""
+    """Serve an ASGI ``app`` with hypercorn in ``nursery``; returns its base URL.
+    ``keep_alive_timeout``: seconds an idle connection stays open (hypercorn's default: 5)."""
     from hypercorn.config import Config as HypercornConfig
     from hypercorn.trio import serve
 
@@ -168,6 +170,8 @@ async def serve_app(
     config.accesslog = None
     config.errorlog = "-" if os.environ.get("PEEKPROXY_TEST_DEBUG") else None
     config.graceful_timeout = 0.1
+    if keep_alive_timeout is not None:
+        config.keep_alive_timeout = keep_alive_timeout
     if tls is not None:
         config.certfile, config.keyfile = str(tls[0]), str(tls[1])
     binds: list[str] = await nursery.start(partial(serve, app, config))

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from peekproxy.serving import install_guards
 from tests.support import serve_app
@@ -24,6 +25,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b"one", "more_body": True})
         await send({"type": "http.response.body", "body": b"two"})
         return
+    if scope["path"] == "/slow":  # longer than the keep-alive timeout of the test below
+        await trio.sleep(1.0)
     if scope["path"] == "/empty":
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
@@ -65,3 +68,55 @@ async def test_an_answer_is_one_socket_write(
 
         stream = await http.get("/stream")  # chunked answers still stream, correctly framed
         assert stream.status_code == 200 and stream.content == b"onetwo"
+
+
+async def test_the_keep_alive_task_restarts_without_a_lock_or_a_handshake() -> None:
+    from peekproxy.serving.guards import QuickSingleTask
+
+    ran: list[str] = []
+
+    def action(name: str, wait: trio.Event) -> Any:
+        async def run() -> None:
+            ran.append(f"{name} started")
+            await wait.wait()
+            ran.append(f"{name} done")
+
+        return run
+
+    class Group:  # hypercorn's TaskGroup, as far as the task uses it
+        def __init__(self, nursery: trio.Nursery) -> None:
+            self._nursery = nursery
+
+    first, second, third = trio.Event(), trio.Event(), trio.Event()
+    async with trio.open_nursery() as nursery:
+        task = QuickSingleTask()
+        await task.restart(Group(nursery), action("a", first))
+        await trio.testing.wait_all_tasks_blocked()
+        await task.restart(Group(nursery), action("b", second))  # cancels a
+        await task.stop()  # cancels b before it ever ran
+        await task.restart(Group(nursery), action("c", third))
+        await trio.testing.wait_all_tasks_blocked()
+        first.set()
+        third.set()
+    assert ran == ["a started", "c started", "c done"]
+
+
+async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    install_guards()
+    base = await serve_app(nursery, app, keep_alive_timeout=0.3)
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    request = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+    started = trio.current_time()
+    await stream.send_all(request)
+    received = b""
+    with trio.fail_after(5):
+        while not received.endswith(BODY):  # a request in progress is not cut by the timer
+            received += await stream.receive_some(65536)
+        assert received.startswith(b"HTTP/1.1 200")
+        assert trio.current_time() - started >= 1.0
+        idle_from = trio.current_time()
+        assert await stream.receive_some(65536) == b""  # then closed once idle
+    assert 0.25 <= trio.current_time() - idle_from < 2.0
