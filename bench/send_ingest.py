@@ -13,7 +13,8 @@ Where the CPU went during the clock is printed beside it: the daemon's (``/proc/
 all its threads) and this process's (the testbed's sender and the devices' client), in cores;
 and the daemon's CPU per event (µs), the figure that does not depend on the testbed or on
 the other load of the machine. ``--profile FILE`` runs ``py-spy record`` (raw, collapsed
-stacks) on the daemon while the clock runs.
+stacks) on the daemon while the clock runs (``SPY_EXTRA="--gil"`` adds py-spy arguments: with
+``--gil``, only the thread holding the GIL is sampled, i.e. where the daemon's Python CPU goes).
 
 The run is made on each backend asked for (``--backend sqlite|postgres|both``, default
 both): SQLite in the data directory, PostgreSQL in a throwaway cluster
@@ -58,8 +59,9 @@ from peekproxy.demo import (
 )
 
 PY_SPY = str(Path(sys.executable).parent / "py-spy")
-#: py-spy's arguments: sampled 200 times a second without stopping the daemon, raw output.
-SPY_ARGS = ("-r", "200", "--nonblocking", "-f", "raw")
+#: py-spy's arguments: sampled 200 times a second without stopping the daemon, raw output,
+#: and those of ``SPY_EXTRA``.
+SPY_ARGS = ("-r", "200", "--nonblocking", "-f", "raw", *os.environ.get("SPY_EXTRA", "").split())
 
 
 @dataclass(frozen=True)
