@@ -134,11 +134,11 @@ class SyncOps(EventOps, DevicePeekOps, SubscriptionOps):
         A device that already has the room still meets it (decision 4: ``limited`` after a
         re-peek).
 
-        Only the PDUs a timeline can show are read (the newest ``limit`` events after the
-        last gap, of the range a fresh view, an incremental one and, for a peek that ended at
-        ``ended_at``, its leave entry show; :func:`~peekproxy.core.sync.timeline_event_ids`)
-        and those of the current state: a transaction of 50 events woken 100 long-polls that
-        each showed 10 of them."""
+        Of the events, only the PDUs a timeline can show are read
+        (:func:`~peekproxy.core.sync.timeline_event_ids`: the newest ``limit`` events after
+        the last gap, for a view afresh, an incremental one and, for a peek that ended at
+        ``ended_at``, its leave entry), besides those of the current state: a 50-event
+        ``/send`` wakes every long-poll, and each shows 10 of them."""
         floor = since if since is not None else upto
         rows = (
             "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
