@@ -46,6 +46,7 @@ __all__ = [
     "client_event",
     "decode_token",
     "encode_token",
+    "timeline_event_ids",
 ]
 
 SYNC_TOKEN_PREFIX = "pp1_"
@@ -117,7 +118,8 @@ class RoomView:
     has_earlier: bool
     #: Current state: (type, state_key) -> event ID.
     state_ids: Mapping[tuple[str, str], str]
-    #: PDUs as stored, for every event ID referenced by ``recent`` and ``state_ids``.
+    #: PDUs as stored, for every event ID of ``state_ids`` and every event ID of ``recent``
+    #: that a timeline can show (:func:`timeline_event_ids`); others may be left out.
     events: Mapping[str, Mapping[str, Any]]
     #: Event IDs stored redacted (their content hash did not match).
     redacted: Set[str]
@@ -248,7 +250,7 @@ def build_sync(
 
 def _new_room(view: RoomView, upto: int, limit: int, now_ms: int) -> dict[str, Any]:
     """A room the device has not seen (or must see afresh): full state, latest events."""
-    items = _items(view, None, upto)
+    items = _items(view.recent, None, upto)
     timeline, cut = _tail(items, limit)
     return _room_entry(
         view,
@@ -265,7 +267,7 @@ def _live_room(
     view: RoomView, since: int, upto: int, limit: int, full_state: bool, now_ms: int
 ) -> dict[str, Any] | None:
     """A room the device already has: the news in ``(since, upto]``, or ``None``."""
-    items = _items(view, since, upto)
+    items = _items(view.recent, since, upto)
     ephemeral = _ephemeral(view, since, upto)
     if not items and not ephemeral and not full_state:
         return None
@@ -285,7 +287,7 @@ def _left_room(
     view: RoomView, since: int, ended_pos: int, limit: int, now_ms: int
 ) -> dict[str, Any]:
     """A room whose peek ended at ``ended_pos``: the events since the last sync, or ``{}``."""
-    items = _items(view, since, ended_pos)
+    items = _items(view.recent, since, ended_pos)
     if not any(item.kind == "event" for item in items):
         return {}
     timeline, limited = _tail(items, limit)
@@ -327,12 +329,24 @@ def _room_entry(
     }
 
 
-def _items(view: RoomView, after: int | None, upto: int) -> list[StreamItem]:
-    """The room's events and gaps with ``after < pos <= upto``, in stream order."""
+def timeline_event_ids(
+    recent: Iterable[StreamItem], after: int | None, upto: int, limit: int
+) -> list[str]:
+    """The event IDs of the timeline :func:`build_sync` shows for a room's stream items
+    ``recent`` over ``(after, upto]`` (``after`` ``None``: a room shown afresh) with the
+    timeline limit ``limit``: the newest ``limit`` events after the last gap. A store needs
+    the PDUs of these only (and of the current state) to build the view."""
+    timeline, _ = _tail(_items(recent, after, upto), max(0, limit))
+    return [item.event_id for item in timeline if item.event_id is not None]
+
+
+def _items(recent: Iterable[StreamItem], after: int | None, upto: int) -> list[StreamItem]:
+    """The room's events and gaps among ``recent`` with ``after < pos <= upto``, in stream
+    order."""
     return sorted(
         (
             item
-            for item in view.recent
+            for item in recent
             if item.kind in ("event", "gap")
             and item.pos <= upto
             and (after is None or item.pos > after)

@@ -7,7 +7,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from peekproxy.core.live import StreamChange
-from peekproxy.core.sync import DevicePeek, RoomView, StreamItem, SyncSnapshot
+from peekproxy.core.sync import (
+    DevicePeek,
+    RoomView,
+    StreamItem,
+    SyncSnapshot,
+    timeline_event_ids,
+)
 from peekproxy.core.sync_rules import (
     active_rooms,
     peeks_changed,
@@ -117,6 +123,7 @@ class SyncOps(EventOps, DevicePeekOps, SubscriptionOps):
         ephemeral_since: int | None = None,
         *,
         afresh: bool = False,
+        ended_at: int | None = None,
     ) -> dict[str, Any]:
         """What the sync builder needs of one room, read in one go (see core/sync.py). The
         EDU rows are those after ``ephemeral_since`` (all when ``None``) plus the typing ones
@@ -125,7 +132,13 @@ class SyncOps(EventOps, DevicePeekOps, SubscriptionOps):
         nothing is missing (closed at once, no fetched events of its own: the first view's
         history joined what was held) is left out; its timeline runs on past it, as on a join.
         A device that already has the room still meets it (decision 4: ``limited`` after a
-        re-peek)."""
+        re-peek).
+
+        Of the events, only the PDUs a timeline can show are read
+        (:func:`~peekproxy.core.sync.timeline_event_ids`: the newest ``limit`` events after
+        the last gap, for a view afresh, an incremental one and, for a peek that ended at
+        ``ended_at``, its leave entry), besides those of the current state: a 50-event
+        ``/send`` wakes every long-poll, and each shows 10 of them."""
         floor = since if since is not None else upto
         rows = (
             "SELECT stream_pos, kind, event_id FROM room_stream WHERE room_id = ? AND "
@@ -148,9 +161,12 @@ class SyncOps(EventOps, DevicePeekOps, SubscriptionOps):
                 ).fetchone()
                 is not None
             )
-        recent = [(int(p), str(k), e) for p, k, e in (*older, *newer)]
+        recent = [StreamItem(int(p), str(k), e) for p, k, e in (*older, *newer)]
         state_ids = self.current_state_ids(room_id)
-        wanted = {e for _, _, e in recent if e} | set(state_ids.values())
+        wanted = set(state_ids.values())
+        for after, until in ((None, upto), (since, upto), (since, ended_at)):
+            if until is not None:
+                wanted.update(timeline_event_ids(recent, after, until, limit))
         events: dict[str, Any] = {}
         redacted: set[str] = set()
         for event_id, pdu_json, is_redacted in self._select_in(
@@ -207,11 +223,12 @@ class SyncOps(EventOps, DevicePeekOps, SubscriptionOps):
                         limit,
                         ephemeral_since=None if afresh else since,
                         afresh=afresh,
+                        ended_at=peek.changed_pos if peek.state != "active" else None,
                     )
                     views[peek.room_id] = RoomView(
                         room_id=peek.room_id,
                         room_version=rows["room_version"],
-                        recent=[StreamItem(p, k, e) for p, k, e in rows["recent"]],
+                        recent=rows["recent"],
                         has_earlier=rows["has_earlier"],
                         state_ids=rows["state_ids"],
                         events=rows["events"],
