@@ -46,7 +46,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fanout import SECRET, _peek_devices, long_poll
+from fanout import SECRET, _peek_devices
+from fanout_client import long_poll
 from pdu_verify import floor_inputs, load, time_floor
 from throwaway_pg import BACKENDS, backends_of, store_env, throwaway_database
 
@@ -146,7 +147,7 @@ async def run(
             )
         response.raise_for_status()
         syncs = [0]
-        for poll in await _peek_devices(16, devices, room_id, [client_port]):
+        for poll in await _peek_devices(16, devices, room_id, [client_port], "u"):
             nursery.start_soon(keep_polling, *poll, syncs)
         await trio.sleep(1)  # every long-poll parked
         peekproxy_name = f"localhost:{pp_port}"
