@@ -230,12 +230,14 @@ class QuickSingleTask(TrioSingleTask):
     before it first ran never runs its action. Issue 17; candidate for upstreaming."""
 
     async def restart(self, task_group: Any, action: Callable[[], Awaitable[None]]) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # as the lock did: cancelled, nothing
         if self._handle is not None:
             self._handle.cancel()
         scope = self._handle = trio.CancelScope()
         task_group._nursery.start_soon(_in_scope, scope, action)
 
     async def stop(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._handle is not None:
             self._handle.cancel()
         self._handle = None
@@ -276,7 +278,9 @@ class IsolatedTCPServer(TCPServer):
         """hypercorn's write of ``data`` (under the send lock, shielded), minus the
         scheduler pass that ``trio.Lock.acquire`` takes even when the lock is free: the
         write itself checkpoints. A fan-out writes thousands of answers at once, each
-        paying every pass (issue 17)."""
+        paying every pass (issue 17). As ``acquire`` does, a cancelled task raises before
+        it writes (a request cut at shutdown's deadline gets no answer, not a 500)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         self.send_lock.acquire_nowait()
         try:
             with trio.CancelScope(shield=True):
