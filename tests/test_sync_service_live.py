@@ -3,11 +3,13 @@ and shares stays equal to what the store would answer (regressions from a review
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from peekproxy.core.sync import build_sync, decode_token
 from peekproxy.services.assembly import PeekSettings, Services, build_services
@@ -189,3 +191,75 @@ async def test_several_users_typing_from_memory_equal_the_store(tmp_path: Path) 
         [["@dave:other.test", "@erin:third.test"]],
         [["@dave:other.test", "@erin:third.test"]],
     ]
+
+
+def _peek_of(device: tuple[str, str], tx: Any) -> int:
+    position: int = tx.set_device_peek(device[0], device[1], ROOM, "active", 0)
+    return position
+
+
+def _snapshot_of(device: tuple[str, str], since: int, tx: Any) -> Any:
+    return tx.sync_snapshot(
+        user_id=device[0], device_id=device[1], since=since, full_state=False, limit=10
+    )
+
+
+async def test_devices_woken_into_a_limited_timeline_share_one_store_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17: more new events than the timeline limit (a 50-PDU /send) make every woken
+    device's timeline limited, which needs the room's current state: one device reads the
+    store, the others wait for it and are answered from memory with its view, each equal to
+    what the store answers that device."""
+    store, service = await _service(tmp_path)
+    devices = [("@alice:local.test", f"D{n}") for n in range(5)]
+    for device in devices:
+        await store.write(partial(_peek_of, device))
+    await _event(store, 0, ROOM)
+    tokens = {}
+    for device in devices:
+        tokens[device] = (await service.syncing.sync(*device, since=None, timeout_ms=0))[
+            "next_batch"
+        ]
+    reads = [0]
+    real_snapshot = SqliteTransaction.sync_snapshot
+
+    def counted(tx: SqliteTransaction, **kwargs: Any) -> Any:
+        reads[0] += 1
+        return real_snapshot(tx, **kwargs)
+
+    monkeypatch.setattr(SqliteTransaction, "sync_snapshot", counted)
+    answers: dict[tuple[str, str], dict[str, Any]] = {}
+
+    async def long_poll(device: tuple[str, str]) -> None:
+        answers[device] = await service.syncing.sync(
+            *device, since=tokens[device], timeout_ms=30_000
+        )
+
+    async with trio.open_nursery() as nursery:
+        for device in devices:
+            nursery.start_soon(long_poll, device)
+        await trio.testing.wait_all_tasks_blocked()
+
+        def twenty(tx: Any) -> None:
+            for n in range(1, 21):
+                tx.append_event(
+                    room_id=ROOM, event_id=f"$e{n}", pdu=_pdu(n, ROOM), redacted=False, now_ms=0
+                )
+
+        await store.write(twenty)
+    assert reads[0] == 1  # one store read for the five woken devices
+    for device in devices:
+        room = answers[device]["rooms"]["peek"][ROOM]
+        assert room["timeline"]["limited"] is True and len(room["timeline"]["events"]) == 10
+        monkeypatch.setattr(SqliteTransaction, "sync_snapshot", real_snapshot)
+        since = decode_token(tokens[device])
+        snap = await store.read(partial(_snapshot_of, device, since))
+        assert answers[device] == build_sync(
+            since=since,
+            upto=snap.upto,
+            peeks=snap.peeks,
+            rooms=snap.views,
+            timeline_limit=10,
+            now_ms=5_000,
+        )

@@ -261,6 +261,51 @@ class LiveWindow:
             key=(upto, tuple(key)),
         )
 
+    def limited_views(
+        self, device: tuple[str, str], since: int, timeline_limit: int
+    ) -> tuple[tuple[str, int, int], ...] | None:
+        """When :meth:`answer` gave ``None`` for this device only because rooms' timelines
+        would be limited (a gap, or more new events than the limit: such a view needs the
+        room's current state, which only the store has): those views' keys, which the
+        devices woken by the same change share. ``None`` for any other reason (then every
+        such device reads the store on its own)."""
+        upto = self.watermark
+        peeks = self._devices.get(device)
+        if upto is None or self.broken or peeks is None or not self.complete_after <= since <= upto:
+            return None
+        limit = max(0, timeline_limit)
+        limited = []
+        for peek in peeks:
+            if peek.changed_pos > since or peek.state not in ("active", "ended", "joined"):
+                return None
+            newer = self._newer(peek.room_id, since) if peek.state == "active" else []
+            if newer:
+                memo = (peek.room_id, newer[0].pos, limit)
+                if memo not in self._views:
+                    return None
+                if self._views[memo] is None:
+                    limited.append(memo)
+        return tuple(limited) or None
+
+    def remember_views(
+        self, views: Mapping[str, RoomView], since: int, timeline_limit: int, *, as_of: int
+    ) -> None:
+        """Keep the store's views of rooms whose timelines :meth:`answer` found limited,
+        read for a device's incremental sync from ``since`` as of stream position
+        ``as_of``: the other devices woken by the same change are then answered from
+        memory with them. Only while nothing was applied since (``as_of`` is the
+        watermark), and only in place of a limited view of the same key."""
+        if as_of != self.watermark or self.broken:
+            return
+        limit = max(0, timeline_limit)
+        for room_id, view in views.items():
+            newer = self._newer(room_id, since)
+            if not newer:
+                continue
+            memo = (room_id, newer[0].pos, limit)
+            if memo in self._views and self._views[memo] is None:
+                self._views[memo] = view
+
     def _newer(self, room_id: str, since: int) -> list[StreamChange]:
         """The room's rows after ``since``, oldest first."""
         items = self._rooms.get(room_id)

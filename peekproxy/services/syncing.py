@@ -23,7 +23,7 @@ import trio
 from peekproxy.core.identifiers import InvalidIdentifier, RoomId
 from peekproxy.core.live import LiveAnswer, LiveWindow, StreamChange
 from peekproxy.core.outcomes import candidate_servers
-from peekproxy.core.sync import InvalidToken, build_sync, decode_token
+from peekproxy.core.sync import InvalidToken, SyncSnapshot, build_sync, decode_token
 from peekproxy.metrics import SYNC_ANSWERS, WAKE_SECONDS
 from peekproxy.outage import OUTAGE, retry_store_errors, store_unavailable_in
 from peekproxy.services.directory import RoomDirectory
@@ -77,6 +77,9 @@ class Syncing(IdleReaper):
         self._built: dict[str, Any] = {}
         #: When the last write that brought stream rows committed (perf_counter, s).
         self._committed_at = 0.0
+        #: Store reads in flight of limited room views that woken devices share, by the
+        #: views' keys (:meth:`_read_snapshot`).
+        self._reading: dict[tuple[tuple[str, int, int], ...], trio.Event] = {}
 
     async def open_live_window(self) -> None:
         """Feed the live window from every write's new stream rows (the store's commit
@@ -373,17 +376,18 @@ class Syncing(IdleReaper):
                         timeline_limit=timeline_limit,
                         room_version_of=self.subscriptions.room_version_of,
                     )
+                shared = None
+                if live is None and position is not None and not full_state:
+                    shared = self.live.limited_views(device, position, timeline_limit)
+                    reading = self._reading.get(shared) if shared is not None else None
+                    if reading is not None:  # another woken device reads these views:
+                        await reading.wait()  # then look again (in memory now, mostly)
+                        continue
                 if live is not None:
                     active, changed = live.active, live.changed
                 else:
-                    snapshot = await self.store.read(
-                        lambda tx: tx.sync_snapshot(
-                            user_id=user_id,
-                            device_id=device_id,
-                            since=position,
-                            full_state=full_state,
-                            limit=timeline_limit,
-                        )
+                    snapshot = await self._read_snapshot(
+                        user_id, device_id, position, full_state, timeline_limit, shared
                     )
                     dormant = [p.room_id for p in snapshot.peeks if p.state == "dormant"]
                     if dormant and not restored and not self.notifier.draining:
@@ -429,6 +433,41 @@ class Syncing(IdleReaper):
             section=self.settings.sync_section,
         )
         return _woken(woke, answer)
+
+    async def _read_snapshot(
+        self,
+        user_id: str,
+        device_id: str,
+        since: int | None,
+        full_state: bool,
+        timeline_limit: int,
+        shared: tuple[tuple[str, int, int], ...] | None,
+    ) -> SyncSnapshot:
+        """The device's sync snapshot from the store. ``shared``: the keys of the limited
+        room views it reads for every device woken by the same change
+        (:meth:`LiveWindow.limited_views`): they wait for this read, which leaves the views
+        in the live window (issue 17: a 50-event transaction woke 100 devices, and each read
+        the store and built its answer alone)."""
+        if shared is not None:
+            self._reading[shared] = trio.Event()
+        try:
+            snapshot = await self.store.read(
+                lambda tx: tx.sync_snapshot(
+                    user_id=user_id,
+                    device_id=device_id,
+                    since=since,
+                    full_state=full_state,
+                    limit=timeline_limit,
+                )
+            )
+            if shared is not None and since is not None:
+                rooms = {room_id for room_id, _, _ in shared}
+                views = {r: v for r, v in snapshot.views.items() if r in rooms}
+                self.live.remember_views(views, since, timeline_limit, as_of=snapshot.upto)
+            return snapshot
+        finally:
+            if shared is not None:
+                self._reading.pop(shared).set()
 
     def _built_answer(self, live: LiveAnswer, since: int, timeline_limit: int) -> dict[str, Any]:
         """The sync response for a window answer. The devices woken by one change get the
