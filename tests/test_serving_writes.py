@@ -9,7 +9,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-import trio.testing
 
 from peekproxy.serving import install_guards
 from tests.support import serve_app
@@ -68,37 +67,6 @@ async def test_an_answer_is_one_socket_write(
 
         stream = await http.get("/stream")  # chunked answers still stream, correctly framed
         assert stream.status_code == 200 and stream.content == b"onetwo"
-
-
-async def test_the_keep_alive_task_restarts_without_a_lock_or_a_handshake() -> None:
-    from peekproxy.serving.guards import QuickSingleTask
-
-    ran: list[str] = []
-
-    def action(name: str, wait: trio.Event) -> Any:
-        async def run() -> None:
-            ran.append(f"{name} started")
-            await wait.wait()
-            ran.append(f"{name} done")
-
-        return run
-
-    class Group:  # hypercorn's TaskGroup, as far as the task uses it
-        def __init__(self, nursery: trio.Nursery) -> None:
-            self._nursery = nursery
-
-    first, second, third = trio.Event(), trio.Event(), trio.Event()
-    async with trio.open_nursery() as nursery:
-        task = QuickSingleTask()
-        await task.restart(Group(nursery), action("a", first))
-        await trio.testing.wait_all_tasks_blocked()
-        await task.restart(Group(nursery), action("b", second))  # cancels a
-        await task.stop()  # cancels b before it ever ran
-        await task.restart(Group(nursery), action("c", third))
-        await trio.testing.wait_all_tasks_blocked()
-        first.set()
-        third.set()
-    assert ran == ["a started", "c started", "c done"]
 
 
 async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(

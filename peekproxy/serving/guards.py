@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from time import time
 from typing import Any
@@ -67,7 +66,6 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import TrioSingleTask
 
 from peekproxy.serving.errors import exception_leaves
 
@@ -77,7 +75,6 @@ __all__ = [
     "GuardedH11Protocol",
     "IsolatedTCPServer",
     "OneAccessLine",
-    "QuickSingleTask",
     "QuietProtocolErrors",
     "install_guards",
 ]
@@ -221,35 +218,6 @@ class OneAccessLine(HTTPStream):
             await self.config.log.access(self.scope, self.response, time() - self.start_time)
 
 
-class QuickSingleTask(TrioSingleTask):
-    """hypercorn's one-at-a-time task (a connection's keep-alive timeout, restarted after
-    each answer), minus its lock and its start handshake: restarting cancels the running
-    one and spawns the next with a cancel scope made beforehand, in one step with no
-    ``await``, so no lock is needed and no scheduler pass is taken (hypercorn's took two
-    or three per answer: ``trio.Lock.acquire`` and ``Nursery.start``). A task cancelled
-    before it first ran never runs its action. Issue 17; candidate for upstreaming."""
-
-    async def restart(self, task_group: Any, action: Callable[[], Awaitable[None]]) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()  # as the lock did: cancelled, nothing
-        if self._handle is not None:
-            self._handle.cancel()
-        scope = self._handle = trio.CancelScope()
-        task_group._nursery.start_soon(_in_scope, scope, action)
-
-    async def stop(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self._handle is not None:
-            self._handle.cancel()
-        self._handle = None
-
-
-async def _in_scope(scope: trio.CancelScope, action: Callable[[], Awaitable[None]]) -> None:
-    if scope.cancel_called:  # restarted or stopped before this task first ran
-        return
-    with scope:
-        await action()
-
-
 class IsolatedTCPServer(TCPServer):
     """hypercorn's per-connection handler; an error ends that connection, not the server.
 
@@ -261,34 +229,11 @@ class IsolatedTCPServer(TCPServer):
     treats a broken one.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.idle_task = QuickSingleTask()
-
     async def protocol_send(self, event: Event) -> None:
         try:
-            if isinstance(event, RawData) and not self.send_lock.locked():
-                await self._send_unlocked(event.data)
-            else:
-                await super().protocol_send(event)
+            await super().protocol_send(event)
         except trio.BusyResourceError:
             await self.protocol.handle(Closed())
-
-    async def _send_unlocked(self, data: bytes) -> None:
-        """hypercorn's write of ``data`` (under the send lock, shielded), minus the
-        scheduler pass that ``trio.Lock.acquire`` takes even when the lock is free: the
-        write itself checkpoints. A fan-out writes thousands of answers at once, each
-        paying every pass (issue 17). As ``acquire`` does, a cancelled task raises before
-        it writes (a request cut at shutdown's deadline gets no answer, not a 500)."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self.send_lock.acquire_nowait()
-        try:
-            with trio.CancelScope(shield=True):
-                await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.protocol.handle(Closed())
-        finally:
-            self.send_lock.release()
 
     async def run(self) -> None:
         peer = _peer(self.stream)
