@@ -223,16 +223,10 @@ class LiveWindow:
         room's version (``None``: unknown, shown with ``FALLBACK_ROOM_VERSION`` as the store
         does), for showing redacted events."""
         upto = self.watermark
-        peeks = self._devices.get(device)
-        if upto is None or self.broken or peeks is None or not self.complete_after <= since <= upto:
+        peeks = self._unchanged_peeks(device, since)
+        if upto is None or peeks is None:
             return None
-        active = []
-        for peek in peeks:
-            if peek.changed_pos > since or peek.state not in ("active", "ended", "joined"):
-                return None
-            if peek.state == "active":
-                active.append(peek.room_id)
-        active.sort()
+        active = sorted(peek.room_id for peek in peeks if peek.state == "active")
         limit = max(0, timeline_limit)
         views: dict[str, RoomView] = {}
         key: list[tuple[str, int]] = []
@@ -269,15 +263,12 @@ class LiveWindow:
         room's current state, which only the store has): those views' keys, which the
         devices woken by the same change share. ``None`` for any other reason (then every
         such device reads the store on its own)."""
-        upto = self.watermark
-        peeks = self._devices.get(device)
-        if upto is None or self.broken or peeks is None or not self.complete_after <= since <= upto:
+        peeks = self._unchanged_peeks(device, since)
+        if peeks is None:
             return None
         limit = max(0, timeline_limit)
         limited = []
         for peek in peeks:
-            if peek.changed_pos > since or peek.state not in ("active", "ended", "joined"):
-                return None
             newer = self._newer(peek.room_id, since) if peek.state == "active" else []
             if newer:
                 memo = (peek.room_id, newer[0].pos, limit)
@@ -288,23 +279,38 @@ class LiveWindow:
         return tuple(limited) or None
 
     def remember_views(
-        self, views: Mapping[str, RoomView], since: int, timeline_limit: int, *, as_of: int
+        self,
+        memos: Iterable[tuple[str, int, int]],
+        views: Mapping[str, RoomView],
+        *,
+        as_of: int,
     ) -> None:
-        """Keep the store's views of rooms whose timelines :meth:`answer` found limited,
-        read for a device's incremental sync from ``since`` as of stream position
-        ``as_of``: the other devices woken by the same change are then answered from
-        memory with them. Only while nothing was applied since (``as_of`` is the
-        watermark), and only in place of a limited view of the same key."""
+        """Keep the store's ``views`` (by room ID) in place of the limited views of
+        ``memos`` (:meth:`limited_views`' keys), read as of stream position ``as_of``: the
+        other devices woken by the same change are then answered from memory with them.
+        Only while nothing was applied since (``as_of`` is the watermark: the memo is
+        cleared by every apply)."""
         if as_of != self.watermark or self.broken:
             return
-        limit = max(0, timeline_limit)
-        for room_id, view in views.items():
-            newer = self._newer(room_id, since)
-            if not newer:
-                continue
-            memo = (room_id, newer[0].pos, limit)
-            if memo in self._views and self._views[memo] is None:
+        for memo in memos:
+            view = views.get(memo[0])
+            if view is not None and memo in self._views and self._views[memo] is None:
                 self._views[memo] = view
+
+    def _unchanged_peeks(
+        self, device: tuple[str, str], since: int
+    ) -> tuple[DevicePeek, ...] | None:
+        """The device's peeks when memory can answer its sync from ``since``: the window
+        knows the device and holds every row after ``since``, and no peek changed after it
+        or is dormant; else ``None``."""
+        upto = self.watermark
+        peeks = self._devices.get(device)
+        if upto is None or self.broken or peeks is None or not self.complete_after <= since <= upto:
+            return None
+        for peek in peeks:
+            if peek.changed_pos > since or peek.state not in ("active", "ended", "joined"):
+                return None
+        return peeks
 
     def _newer(self, room_id: str, since: int) -> list[StreamChange]:
         """The room's rows after ``since``, oldest first."""

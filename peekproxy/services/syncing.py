@@ -460,10 +460,8 @@ class Syncing(IdleReaper):
                     limit=timeline_limit,
                 )
             )
-            if shared is not None and since is not None:
-                rooms = {room_id for room_id, _, _ in shared}
-                views = {r: v for r, v in snapshot.views.items() if r in rooms}
-                self.live.remember_views(views, since, timeline_limit, as_of=snapshot.upto)
+            if shared is not None:
+                self.live.remember_views(shared, snapshot.views, as_of=snapshot.upto)
             return snapshot
         finally:
             if shared is not None:
