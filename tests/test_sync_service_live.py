@@ -3,7 +3,6 @@ and shares stays equal to what the store would answer (regressions from a review
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from peekproxy.services.assembly import PeekSettings, Services, build_services
 from peekproxy.services.settings import LiveSettings
 from peekproxy.store import Storage
 from peekproxy.store.sqlite import SqliteTransaction, open_sqlite
+from tests.test_live_window import set_peek, snapshot_of
 
 ROOM = "!room:remote.test"
 OTHER = "!other:remote.test"
@@ -73,16 +73,10 @@ async def _event(store: Storage, n: int, room_id: str) -> None:
     )
 
 
-async def _store_answer(store: Storage, since: int) -> dict[str, Any]:
-    snap = await store.read(
-        lambda tx: tx.sync_snapshot(
-            user_id=ALICE[0],
-            device_id=ALICE[1],
-            since=since,
-            full_state=False,
-            limit=10,
-        )
-    )
+async def _store_answer(
+    store: Storage, since: int, device: tuple[str, str] = ALICE
+) -> dict[str, Any]:
+    snap = await snapshot_of(store, device, since, 10)
     return build_sync(
         since=since,
         upto=snap.upto,
@@ -193,17 +187,6 @@ async def test_several_users_typing_from_memory_equal_the_store(tmp_path: Path) 
     ]
 
 
-def _peek_of(device: tuple[str, str], tx: Any) -> int:
-    position: int = tx.set_device_peek(device[0], device[1], ROOM, "active", 0)
-    return position
-
-
-def _snapshot_of(device: tuple[str, str], since: int, tx: Any) -> Any:
-    return tx.sync_snapshot(
-        user_id=device[0], device_id=device[1], since=since, full_state=False, limit=10
-    )
-
-
 async def test_devices_woken_into_a_limited_timeline_share_one_store_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -214,7 +197,7 @@ async def test_devices_woken_into_a_limited_timeline_share_one_store_read(
     store, service = await _service(tmp_path)
     devices = [("@alice:local.test", f"D{n}") for n in range(5)]
     for device in devices:
-        await store.write(partial(_peek_of, device))
+        await set_peek(store, device, ROOM, "active")
     await _event(store, 0, ROOM)
     tokens = {}
     for device in devices:
@@ -253,13 +236,4 @@ async def test_devices_woken_into_a_limited_timeline_share_one_store_read(
         room = answers[device]["rooms"]["peek"][ROOM]
         assert room["timeline"]["limited"] is True and len(room["timeline"]["events"]) == 10
         monkeypatch.setattr(SqliteTransaction, "sync_snapshot", real_snapshot)
-        since = decode_token(tokens[device])
-        snap = await store.read(partial(_snapshot_of, device, since))
-        assert answers[device] == build_sync(
-            since=since,
-            upto=snap.upto,
-            peeks=snap.peeks,
-            rooms=snap.views,
-            timeline_limit=10,
-            now_ms=5_000,
-        )
+        assert answers[device] == await _store_answer(store, decode_token(tokens[device]), device)

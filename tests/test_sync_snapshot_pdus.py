@@ -17,6 +17,7 @@ from peekproxy.core.sync import (
     DevicePeek,
     RoomView,
     StreamItem,
+    SyncSnapshot,
     build_sync,
     timeline_event_ids,
 )
@@ -33,6 +34,18 @@ def _message(n: int) -> dict[str, Any]:
         "origin_server_ts": 1_000 + n,
         "room_id": ROOM,
     }
+
+
+def _built(snapshot: SyncSnapshot, since: int) -> dict[str, Any]:
+    """The sync the store's ``snapshot`` gives (timeline limit 10)."""
+    return build_sync(
+        since=since,
+        upto=snapshot.upto,
+        peeks=snapshot.peeks,
+        rooms=snapshot.views,
+        timeline_limit=10,
+        now_ms=5_000,
+    )
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -80,14 +93,7 @@ async def test_a_limited_sync_reads_only_the_shown_pdus_and_the_state(
     snapshot = await snapshot_of(store, ALICE, since, 10)
     view = snapshot.views[ROOM]
     assert set(view.events) == {"$create", *(f"$m{n}" for n in range(45, 55))}
-    built = build_sync(
-        since=since,
-        upto=snapshot.upto,
-        peeks=snapshot.peeks,
-        rooms=snapshot.views,
-        timeline_limit=10,
-        now_ms=5_000,
-    )
+    built = _built(snapshot, since)
     room = built["rooms"]["peek"][ROOM]
     assert room["timeline"]["limited"] is True
     assert [e["event_id"] for e in room["timeline"]["events"]] == [f"$m{n}" for n in range(45, 55)]
@@ -97,14 +103,7 @@ async def test_a_limited_sync_reads_only_the_shown_pdus_and_the_state(
     await set_peek(store, ALICE, ROOM, "ended")
     await store.write(lambda tx: append(tx, 55, 20))
     snapshot = await snapshot_of(store, ALICE, since, 10)
-    built = build_sync(
-        since=since,
-        upto=snapshot.upto,
-        peeks=snapshot.peeks,
-        rooms=snapshot.views,
-        timeline_limit=10,
-        now_ms=5_000,
-    )
+    built = _built(snapshot, since)
     left = built["rooms"]["leave"][ROOM]["timeline"]["events"]
     assert [e["event_id"] for e in left] == [f"$m{n}" for n in range(45, 55)]
     assert len(snapshot.views[ROOM].events) < 30
